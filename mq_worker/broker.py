@@ -1,0 +1,158 @@
+"""Connecting to RabbitMQ: several addresses, TLS, connection names, masked credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import aio_pika.abc
+import aiormq.abc
+import aiormq.exceptions
+from yarl import URL
+
+from mq_worker.errors import BrokerError, ConfigurationError
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+# Seconds between AMQP heartbeats; a silent peer is declared dead after about two.
+DEFAULT_HEARTBEAT = 10
+
+_URL_PASSWORD = re.compile(r"(amqps?://[^:/@\s]*:)([^@\s]*)(@)")
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password replaced by '****'."""
+    return _URL_PASSWORD.sub(r"\1****\3", url)
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the password of every AMQP URL in it replaced by '****'."""
+    return _URL_PASSWORD.sub(r"\1****\3", text)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Files for TLS connections (`amqps://`): a CA bundle and an optional client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file else None
+            )
+            if self.cert_file:
+                context.load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"cannot load TLS files: {exc}") from exc
+        return context
+
+
+def split_urls(values: str | Sequence[str]) -> list[str]:
+    """Broker addresses from repeated options and/or comma-separated lists."""
+    items = [values] if isinstance(values, str) else list(values)
+    urls = [u.strip() for item in items for u in item.split(",") if u.strip()]
+    for url in urls:
+        if URL(url).scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(f"not an AMQP URL: {mask_url(url)}")
+    return urls or [DEFAULT_URL]
+
+
+def _with_heartbeat(url: str, heartbeat: int) -> str:
+    parsed = URL(url)
+    if "heartbeat" in parsed.query:
+        return url
+    return str(parsed.update_query(heartbeat=str(heartbeat)))
+
+
+async def connect(
+    urls: Sequence[str],
+    *,
+    name: str,
+    tls: TlsOptions | None = None,
+    timeout: float = 10.0,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+    start: int = 0,
+) -> tuple[aio_pika.abc.AbstractConnection, int]:
+    """Connect to the first address that answers, trying them in order from `start`.
+
+    Returns the connection and the index of the address used, so that a caller
+    reconnecting after a failure can begin with the next one.
+    """
+    errors: list[str] = []
+    context = None
+    for offset in range(len(urls)):
+        index = (start + offset) % len(urls)
+        url = urls[index]
+        if URL(url).scheme == "amqps" and context is None:
+            context = (tls or TlsOptions()).context()
+        try:
+            connection = await aio_pika.connect(
+                _with_heartbeat(url, heartbeat),
+                client_properties={"connection_name": name},
+                ssl_context=context if URL(url).scheme == "amqps" else None,
+                timeout=timeout,
+            )
+        except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            errors.append(f"{mask_url(url)}: {mask_secrets(str(exc)) or type(exc).__name__}")
+            continue
+        return connection, index
+    raise BrokerError("cannot connect to RabbitMQ: " + "; ".join(errors))
+
+
+class Link:
+    """A connection with one channel, re-established (on the next address first) when lost.
+
+    The publisher and the subscriber use it; the worker manages its own sessions.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        name: str,
+        tls: TlsOptions | None = None,
+        publisher_confirms: bool = True,
+    ) -> None:
+        self.urls = list(urls)
+        self.name = name
+        self.tls = tls
+        self.publisher_confirms = publisher_confirms
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._index = 0
+
+    async def channel(self) -> aiormq.abc.AbstractChannel:
+        """The live channel, connecting first if needed."""
+        if self._channel is None or self._channel.is_closed or self.connection is None \
+                or self.connection.is_closed:
+            await self.close()
+            self.connection, self._index = await connect(
+                self.urls, name=self.name, tls=self.tls, start=self._index
+            )
+            self._channel = await self.connection.channel(
+                publisher_confirms=self.publisher_confirms,
+                on_return_raises=self.publisher_confirms,
+            )
+        return await self._channel.get_underlay_channel()
+
+    async def reset(self) -> None:
+        """Drop the connection; the next `channel()` tries the next address first."""
+        await self.close()
+        self._index += 1
+
+    async def close(self) -> None:
+        connection, self.connection, self._channel = self.connection, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except (aiormq.exceptions.AMQPError, OSError, RuntimeError):
+                pass

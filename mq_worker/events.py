@@ -1,0 +1,223 @@
+"""Lifecycle events: CloudEvents 1.0 in structured JSON mode on `mq_worker.events`.
+
+The routing key of every event is its type. Workers build events as plain
+dicts (the hot path); the models below describe them for subscribers and for
+the published JSON Schemas, and the contract tests hold the two together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID, uuid4
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+class EventType(StrEnum):
+    WORKER_STARTED = "mq_worker.worker.started"
+    WORKER_STOPPED = "mq_worker.worker.stopped"
+    WORKER_HEARTBEAT = "mq_worker.worker.heartbeat"
+    WORKER_LOST = "mq_worker.worker.lost"
+    RUN_PENDING = "mq_worker.run.pending"
+    RUN_SUBMITTED = "mq_worker.run.submitted"
+    RUN_COMPLETED = "mq_worker.run.completed"
+    RUN_CRASHED = "mq_worker.run.crashed"
+    RUN_CANCELLED = "mq_worker.run.cancelled"
+    RUN_REJECTED = "mq_worker.run.rejected"
+
+
+TERMINAL_TYPES = frozenset(
+    {
+        EventType.RUN_COMPLETED,
+        EventType.RUN_CRASHED,
+        EventType.RUN_CANCELLED,
+        EventType.RUN_REJECTED,
+    }
+)
+
+
+def worker_source(worker: str) -> str:
+    """The CloudEvents `source` of a worker's events."""
+    return f"/mq_worker/workers/{worker}"
+
+
+@dataclass(slots=True)
+class OutgoingEvent:
+    """An event serialized and ready to publish."""
+
+    id: str
+    type: str
+    body: bytes
+    run_id: str | None = None
+
+
+def build_event(
+    event_type: str, *, source: str, subject: str | None, data: dict[str, Any]
+) -> OutgoingEvent:
+    event_id = str(uuid4())
+    envelope: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": event_id,
+        "source": source,
+        "type": event_type,
+        "time": datetime.now(UTC),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    if subject is not None:
+        envelope["subject"] = subject
+    body = orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
+    run_id = subject if event_type.startswith("mq_worker.run.") else None
+    return OutgoingEvent(event_id, event_type, body, run_id)
+
+
+# Models of what workers send, for subscribers and the JSON Schemas.
+
+
+class _EventData(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class RelatedResource(BaseModel):
+    """A resource a run relates to: its flow, deployment, pool, queue or a tag."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(description="flow, deployment, work-pool, work-queue or tag")
+    id: str | None = None
+    name: str | None = None
+
+
+class RunEventData(_EventData):
+    """Fields every run event carries."""
+
+    run_id: UUID | None
+    run_name: str | None = None
+    pool: str
+    queue: str
+    worker: str = Field(description="Name of the worker that holds or held the run.")
+    related: list[RelatedResource] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    follows: str | None = Field(
+        default=None, description="Id of the previous event of the same run on this worker."
+    )
+
+
+class PendingData(RunEventData):
+    redelivered: bool = Field(description="The message was delivered before, maybe started.")
+    delivery_count: int | None = None
+    scheduled_start_time: datetime | None = None
+    late_by_seconds: float = Field(ge=0, description="How late the run is at this moment.")
+
+
+class SubmittedData(RunEventData):
+    infrastructure_pid: str = Field(description="'<hostname>:<pid>' for process runs.")
+    late_by_seconds: float = Field(ge=0, description="Start time minus scheduled start time.")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class CompletedData(RunEventData):
+    status_code: int
+    infrastructure_pid: str | None = None
+    duration_seconds: float | None = None
+
+
+class CrashedData(RunEventData):
+    status_code: int | None = None
+    message: str | None = None
+    reason: str | None = Field(
+        default=None, description="exit-code, submission-failed, kill-failed or worker-lost."
+    )
+    infrastructure_pid: str | None = None
+
+
+class CancelledData(RunEventData):
+    reason: str | None = None
+    status_code: int | None = Field(default=None, description="Set when a process was stopped.")
+    message: str | None = None
+    infrastructure_pid: str | None = None
+
+
+class RejectedData(RunEventData):
+    reason: str
+
+
+class WorkerData(_EventData):
+    worker: str
+    pool: str
+    queues: list[str]
+    type: str
+    limit: int
+    hostname: str
+    pid: int
+    version: str
+    heartbeat_seconds: float
+    follows: str | None = None
+
+
+class HeartbeatData(WorkerData):
+    free_slots: int
+    in_flight: list[UUID] = Field(description="Runs this worker holds: waiting or running.")
+    outbox_depth: int = 0
+
+
+class WorkerLostData(_EventData):
+    worker: str
+    pool: str
+    last_seen: datetime
+    in_flight: list[UUID]
+    reported_by: str
+
+
+DATA_MODELS: dict[str, type[BaseModel]] = {
+    EventType.WORKER_STARTED: WorkerData,
+    EventType.WORKER_STOPPED: WorkerData,
+    EventType.WORKER_HEARTBEAT: HeartbeatData,
+    EventType.WORKER_LOST: WorkerLostData,
+    EventType.RUN_PENDING: PendingData,
+    EventType.RUN_SUBMITTED: SubmittedData,
+    EventType.RUN_COMPLETED: CompletedData,
+    EventType.RUN_CRASHED: CrashedData,
+    EventType.RUN_CANCELLED: CancelledData,
+    EventType.RUN_REJECTED: RejectedData,
+}
+
+
+class Event(BaseModel):
+    """A CloudEvent as received by a subscriber."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: str = SPECVERSION
+    id: str
+    source: str
+    type: str
+    subject: str | None = None
+    time: datetime
+    datacontenttype: str = "application/json"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def run_id(self) -> UUID | None:
+        value = self.data.get("run_id")
+        return UUID(value) if isinstance(value, str) else None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def typed_data(self) -> BaseModel:
+        """`data` validated by the model of this event's type."""
+        model = DATA_MODELS.get(self.type, _EventData)
+        return model.model_validate(self.data)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Event:
+        return cls.model_validate_json(body)

@@ -1,0 +1,272 @@
+"""Process infrastructure: start a run's process, stream its output, wait for it, stop it.
+
+Each run gets its own process group, so a cancel reaches everything the run
+started. Exits are noticed through a pidfd as they happen (no polling, no
+thread per child). A guardian process terminates the worker's runs if the
+worker itself dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.abc
+import psutil
+import structlog
+
+from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound
+
+_GUARDIAN = Path(__file__).with_name("_guardian.py")
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+# How long output may still arrive after the process exited (a background child
+# may hold the pipe open forever).
+_OUTPUT_DRAIN_SECONDS = 1.0
+
+
+class Guardian:
+    """The process that terminates this worker's runs if the worker dies."""
+
+    def __init__(self, grace: float = 5.0) -> None:
+        self._grace = grace
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pipe: IO[bytes] | None = None
+        self._log = structlog.get_logger("mq_worker.guardian")
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(_GUARDIAN), str(self._grace)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._pipe = self._process.stdin
+
+    def _send(self, line: str) -> None:
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.write(line.encode())
+            self._pipe.flush()
+        except OSError:
+            self._log.error("the guardian process is gone: runs will outlive a crash of this worker")
+            self._pipe = None
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def stop(self) -> None:
+        """Stop the guardian; groups still listed are terminated as if the worker died."""
+        if self._pipe is not None:
+            with contextlib.suppress(OSError):
+                self._pipe.close()
+            self._pipe = None
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=self._grace + 5)
+            self._process = None
+
+
+@dataclass
+class ProcessHandle:
+    """A started run process."""
+
+    popen: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.time)
+    signalled: bool = False
+    _exited: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; return its exit code (negative: killed by a signal)."""
+        if self.popen.returncode is None:
+            if _HAS_PIDFD:
+                try:
+                    fd = os.pidfd_open(self.popen.pid)
+                except ProcessLookupError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        await anyio.wait_readable(fd)
+                    finally:
+                        os.close(fd)
+                self.popen.wait()
+            else:  # pragma: no cover - non-Linux
+                await anyio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
+        self._exited.set()
+        return self.popen.returncode  # type: ignore[return-value]
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the run's process group; raise InfrastructureNotFound if it is gone."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            raise InfrastructureNotFound(f"process group {self.pid} no longer exists") from None
+        except PermissionError as exc:
+            raise InfrastructureNotAvailable(
+                f"not allowed to signal process group {self.pid}: {exc}"
+            ) from None
+        self.signalled = True
+
+
+def start_process(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    capture_output: bool,
+) -> ProcessHandle:
+    """Start `argv` (never through a shell) in a new process group.
+
+    Raises OSError when it cannot start: a missing executable, a bad working directory.
+    """
+    output = subprocess.PIPE if capture_output else subprocess.DEVNULL
+    popen = subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        close_fds=True,
+        process_group=0,
+    )
+    return ProcessHandle(popen)
+
+
+async def stream_output(handle: ProcessHandle, logger: Any) -> None:
+    """Log every line the process writes, until its pipes close or soon after it exits."""
+    pipes = [(p, name) for p, name in ((handle.popen.stdout, "stdout"),
+                                       (handle.popen.stderr, "stderr")) if p is not None]
+    if not pipes:
+        return
+    async with anyio.create_task_group() as tg:
+        for pipe, name in pipes:
+            tg.start_soon(_pump, pipe, name, logger, handle)
+
+
+async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) -> None:
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    pending = b""
+    try:
+        while True:
+            if handle._exited.is_set():
+                with anyio.move_on_after(_OUTPUT_DRAIN_SECONDS) as scope:
+                    await anyio.wait_readable(fd)
+                if scope.cancelled_caught:
+                    break
+            else:
+                async with anyio.create_task_group() as race:
+                    async def _until_exit() -> None:
+                        await handle._exited.wait()
+                        race.cancel_scope.cancel()
+
+                    async def _until_readable() -> None:
+                        await anyio.wait_readable(fd)
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(_until_exit)
+                    race.start_soon(_until_readable)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                logger.info(line.decode(errors="replace").rstrip("\r"), stream=name)
+    finally:
+        if pending:
+            logger.info(pending.decode(errors="replace"), stream=name)
+        pipe.close()
+
+
+async def terminate(handle: ProcessHandle, grace_seconds: float) -> int:
+    """SIGTERM the run's process group, SIGKILL what is left after `grace_seconds`.
+
+    The run's descendants are listed first, so those that left its process group
+    (setsid, setpgid) are stopped too. Returns the run's exit code. Raises
+    InfrastructureNotFound if the run was already gone, InfrastructureNotAvailable
+    if it cannot be signalled or survives SIGKILL.
+    """
+    tree = handle.descendants()
+    strays = [p for p in tree if _pgid(p) not in (None, handle.pid)]
+    handle.signal_group(signal.SIGTERM)
+    _signal_each(strays, signal.SIGTERM)
+    with anyio.move_on_after(grace_seconds) as graceful:
+        await _all_exited(handle, tree)
+    if graceful.cancelled_caught:
+        with contextlib.suppress(InfrastructureNotFound):
+            handle.signal_group(signal.SIGKILL)
+        _signal_each(tree, signal.SIGKILL)
+        with anyio.move_on_after(5.0) as forced:
+            await _all_exited(handle, tree)
+        if forced.cancelled_caught:
+            raise InfrastructureNotAvailable(
+                f"process group {handle.pid} still has processes 5 s after SIGKILL"
+            )
+    assert handle.returncode is not None
+    return handle.returncode
+
+
+def _pgid(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except ProcessLookupError:
+        return None
+
+
+def _signal_each(processes: list[psutil.Process], sig: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(sig)
+
+
+async def _all_exited(handle: ProcessHandle, tree: list[psutil.Process]) -> None:
+    await handle._exited.wait()
+    for process in tree:
+        await _exited(process)
+
+
+async def _exited(process: psutil.Process) -> None:
+    """Wait until `process` (not necessarily our child) has terminated."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    try:
+        # is_running() compares start times: the pid may meanwhile belong to another process.
+        if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+            await anyio.wait_readable(fd)
+    except psutil.Error:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,132 @@
+"""Run and cancel messages: the wire models and their parsing.
+
+Workers accept any message that validates against these models and ignore
+unknown fields, so publishers can move ahead of workers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from mq_worker.errors import InvalidMessage
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+SCHEMA_VERSION = 1
+
+Text = Annotated[str, StringConstraints(max_length=1024)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A time without offset is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class FlowRef(_WireModel):
+    """The flow a run belongs to."""
+
+    id: Identifier | None = None
+    name: Text | None = None
+
+
+class DeploymentRef(_WireModel):
+    """The deployment a run was created from, with its job variables."""
+
+    id: Identifier | None = None
+    name: Text | None = None
+    job_variables: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunMessage(_WireModel):
+    """A scheduled run, as published to `mq_worker.runs` with key `run.scheduled.<pool>.<queue>`."""
+
+    id: UUID = Field(description="Run id; a worker never runs the same id twice at once.")
+    name: Text | None = None
+    flow: FlowRef | None = None
+    deployment: DeploymentRef | None = None
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job variables; a key here replaces the deployment's.",
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    tags: list[Text] = Field(default_factory=list, max_length=256)
+    scheduled_start_time: UtcDatetime | None = Field(
+        default=None,
+        description="RFC 3339; a time without offset is UTC. Absent means now.",
+    )
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+
+    def merged_job_variables(self) -> dict[str, Any]:
+        """The deployment's job variables shallow-merged with the run's (the run's win)."""
+        base = self.deployment.job_variables if self.deployment else {}
+        return {**base, **self.job_variables}
+
+    @property
+    def display_name(self) -> str:
+        return self.name or str(self.id)
+
+
+class CancelMessage(_WireModel):
+    """A cancel, as published to `mq_worker.runs` with key `run.cancel.<pool>`."""
+
+    id: UUID
+    reason: Text | None = None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    location = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{location}: {first['msg']}{more}"
+
+
+def _readable_id(body: bytes) -> UUID | None:
+    """The run id of a body that failed validation, when one can still be read."""
+    try:
+        value = orjson.loads(body)
+        return UUID(str(value["id"])) if isinstance(value, dict) else None
+    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+        return None
+
+
+M = TypeVar("M", bound=_WireModel)
+
+
+def _parse(model: type[M], body: bytes, max_bytes: int) -> M:
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"message of {len(body)} bytes exceeds the cap of {max_bytes} bytes")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise InvalidMessage(f"body is not valid JSON: {_describe(exc)}") from None
+        raise InvalidMessage(_describe(exc), run_id=_readable_id(body)) from None
+
+
+def parse_run(body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RunMessage:
+    """Validate a run message body; raise InvalidMessage with a one-line reason."""
+    return _parse(RunMessage, body, max_bytes)
+
+
+def parse_cancel(body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> CancelMessage:
+    """Validate a cancel message body; raise InvalidMessage with a one-line reason."""
+    return _parse(CancelMessage, body, max_bytes)

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one worker (each worker has its own registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("pool", "queue")
+
+        def runs(name: str, doc: str) -> Counter:
+            return Counter(f"mq_worker_runs_{name}", doc, labels, registry=self.registry)
+
+        self.pending = runs("pending", "Runs taken by this worker.")
+        self.started = runs("started", "Runs whose process started.")
+        self.completed = runs("completed", "Runs that exited with 0.")
+        self.crashed = runs("crashed", "Runs that failed to start or exited non-zero.")
+        self.cancelled = runs("cancelled", "Runs stopped or dropped by a cancel.")
+        self.rejected = runs("rejected", "Messages rejected as invalid.")
+        self.parked = runs("parked", "Runs parked in the broker until due.")
+        self.in_flight = Gauge(
+            "mq_worker_runs_in_flight", "Runs held or running.", registry=self.registry
+        )
+        self.free_slots = Gauge("mq_worker_free_slots", "Free run slots.", registry=self.registry)
+        self.start_latency = Histogram(
+            "mq_worker_publish_to_start_seconds",
+            "From publish (message timestamp) or due time to process start.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "mq_worker_run_duration_seconds",
+            "From process start to exit.",
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.outbox_depth = Gauge(
+            "mq_worker_outbox_depth", "Events waiting for the broker.", registry=self.registry
+        )
+        self.reconnects = Counter(
+            "mq_worker_reconnects", "Connections re-established.", registry=self.registry
+        )
+        self.connected = Gauge(
+            "mq_worker_connected", "1 while connected to the broker.", registry=self.registry
+        )
+
+    def bind_gauges(
+        self, *, in_flight: Callable[[], float], free: Callable[[], float],
+        outbox: Callable[[], float],
+    ) -> None:
+        self.in_flight.set_function(in_flight)
+        self.free_slots.set_function(free)
+        self.outbox_depth.set_function(outbox)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

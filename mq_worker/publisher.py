@@ -1,0 +1,184 @@
+"""Publishing runs and cancels, for orchestrators: confirmed, mandatory, optionally signed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID, uuid4
+
+import aiormq.abc
+import aiormq.exceptions
+from pamqp import commands as spec
+
+from mq_worker import topology
+from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, split_urls
+from mq_worker.delay import park_seconds, ladder_routing_key
+from mq_worker.errors import PublishError, UnroutableError
+from mq_worker.messages import CancelMessage, RunMessage
+from mq_worker.signing import Signer
+
+# Runs due further ahead than this are parked in the broker by the publisher itself.
+DEFAULT_PARK_AFTER_SECONDS = 60.0
+
+
+def new_run(
+    command: str | None = None,
+    *,
+    name: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+    scheduled_start_time: datetime | None = None,
+    **fields: Any,
+) -> RunMessage:
+    """A run message with a fresh id; `command` is a shorthand for the job variable."""
+    variables = dict(job_variables or {})
+    if command is not None:
+        variables["command"] = command
+    return RunMessage(
+        id=fields.pop("id", None) or uuid4(),
+        name=name,
+        job_variables=variables,
+        scheduled_start_time=scheduled_start_time,
+        **fields,
+    )
+
+
+class Publisher:
+    """Publishes runs and cancels to `mq_worker.runs`.
+
+    Every publish is confirmed by the broker and mandatory: a run that no queue
+    would receive raises UnroutableError instead of vanishing. By default the
+    publisher declares the work queue it publishes to, so runs wait for workers
+    that have not started yet.
+
+        async with Publisher("amqp://guest:guest@localhost/") as publisher:
+            run = await publisher.submit(new_run("echo hello"), pool="default")
+            await publisher.cancel(run.id, pool="default", reason="not needed")
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str] = DEFAULT_URL,
+        *,
+        name: str = "mq_worker publisher",
+        tls: TlsOptions | None = None,
+        signing_key_file: Path | None = None,
+        declare: bool = True,
+        queue_options: topology.QueueOptions | None = None,
+        park_after_seconds: float | None = DEFAULT_PARK_AFTER_SECONDS,
+    ) -> None:
+        self._link = Link(split_urls(url), name=name, tls=tls)
+        self._signer = Signer.from_file(signing_key_file) if signing_key_file else None
+        self._declare = declare
+        self._options = queue_options or topology.QueueOptions()
+        self._park_after = park_after_seconds
+        self._declared: set[tuple[str, ...]] = set()
+
+    async def __aenter__(self) -> Self:
+        await self._link.channel()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    async def submit(
+        self, run: RunMessage, *, pool: str = topology.DEFAULT_POOL,
+        queue: str = topology.DEFAULT_QUEUE,
+    ) -> RunMessage:
+        """Publish `run` to (pool, queue); return it once the broker has confirmed it."""
+        topology.check_name("pool", pool)
+        topology.check_name("queue", queue)
+        body = run.model_dump_json(exclude_none=True).encode()
+        routing_key = topology.scheduled_routing_key(pool, queue)
+        exchange = topology.RUNS_EXCHANGE
+        due = run.scheduled_start_time
+        parked = (
+            due is not None
+            and self._park_after is not None
+            and due.timestamp() - time.time() > self._park_after
+        )
+
+        async def declare(channel: aiormq.abc.AbstractChannel) -> None:
+            if self._declare and ("pool", pool, queue) not in self._declared:
+                await topology.declare_exchanges(channel)
+                await topology.declare_dead_queue(channel)
+                await topology.declare_delay_ladder(channel)
+                await topology.declare_work_queue(channel, pool, queue, self._options)
+                self._declared.add(("pool", pool, queue))
+
+        if parked:
+            assert due is not None
+            seconds = park_seconds(due.timestamp() - time.time(), 1.0)
+            exchange = topology.delay_name(topology.DELAY_LEVELS - 1)
+            routing_key = ladder_routing_key(seconds, routing_key)
+        await self._publish(exchange, routing_key, body, str(run.id), declare)
+        return run
+
+    async def cancel(
+        self, run_id: UUID | str, *, pool: str = topology.DEFAULT_POOL, reason: str | None = None
+    ) -> None:
+        """Publish a cancel for `run_id` to every worker of `pool`."""
+        topology.check_name("pool", pool)
+        message = CancelMessage(id=UUID(str(run_id)), reason=reason)
+        body = message.model_dump_json(exclude_none=True).encode()
+
+        async def declare(channel: aiormq.abc.AbstractChannel) -> None:
+            if self._declare and ("cancels",) not in self._declared:
+                await topology.declare_exchanges(channel)
+                await topology.declare_cancel_stream(channel, self._options)
+                self._declared.add(("cancels",))
+
+        await self._publish(
+            topology.RUNS_EXCHANGE, topology.cancel_routing_key(pool), body, None, declare
+        )
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None,
+        declare: Any,
+    ) -> None:
+        properties = spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id or uuid4().hex,
+            timestamp=datetime.now(UTC),
+            headers=self._signer.headers(body) if self._signer else None,
+        )
+        # One retry on another connection (and node) if the first one breaks.
+        for attempt in (1, 2):
+            try:
+                channel = await self._link.channel()
+                await declare(channel)
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+                return
+            except aiormq.exceptions.PublishError:
+                raise UnroutableError(
+                    f"no queue is bound to {routing_key!r} on {exchange!r}"
+                ) from None
+            except aiormq.exceptions.DeliveryError as exc:
+                raise PublishError(f"the broker refused the message: {exc}") from None
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError):
+                self._declared.clear()
+                await self._link.reset()
+                if attempt == 2:
+                    raise

@@ -1,0 +1,209 @@
+"""Names and declarations of every exchange and queue mq_worker uses.
+
+This module is the wire contract's single source of names. Declarations are
+idempotent and never destructive: declaring what exists with the same
+arguments is a no-op, declaring it with other arguments is a `TopologyMismatch`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+import aiormq.exceptions
+
+from mq_worker.errors import ConfigurationError, TopologyMismatch
+
+RUNS_EXCHANGE = "mq_worker.runs"
+EVENTS_EXCHANGE = "mq_worker.events"
+DEAD_QUEUE = "mq_worker.dead"
+CANCELS_STREAM = "mq_worker.cancels"
+DUE_EXCHANGE = "mq_worker.due"
+
+DEFAULT_POOL = "default"
+DEFAULT_QUEUE = "default"
+DEFAULT_DELIVERY_LIMIT = 20
+
+# Pool and queue names become words of routing keys and parts of queue names,
+# so they may not contain dots or wildcards.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Every internal name has two dot-separated words, every work queue three, so
+# no pool or queue name can collide with an internal one.
+DELAY_LEVELS = 25
+MAX_PARK_SECONDS = 2**DELAY_LEVELS - 1
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return `value` if it is a valid pool or queue name, else raise ConfigurationError."""
+    if not _NAME.match(value):
+        raise ConfigurationError(
+            f"invalid {kind} name {value!r}: use 1-64 letters, digits, '_' or '-'"
+        )
+    return value
+
+
+def work_queue_name(pool: str, queue: str) -> str:
+    return f"mq_worker.{pool}.{queue}"
+
+
+def scheduled_routing_key(pool: str, queue: str) -> str:
+    return f"run.scheduled.{pool}.{queue}"
+
+
+def cancel_routing_key(pool: str) -> str:
+    return f"run.cancel.{pool}"
+
+
+def monitor_queue_name(pool: str) -> str:
+    """The single-active-consumer queue that elects a pool's lost-worker reporter."""
+    return f"mq_worker.monitor-{pool}"
+
+
+def delay_name(level: int) -> str:
+    """Exchange and queue of delay level `level`; its messages wait 2**level seconds."""
+    return f"mq_worker.delay-{level:02d}"
+
+
+def due_binding_key(pool: str, queue: str) -> str:
+    """How a work queue is bound to DUE_EXCHANGE: any delay bits, then its routing key."""
+    return "*." * DELAY_LEVELS + scheduled_routing_key(pool, queue)
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """Broker-side arguments of the durable structures a worker declares."""
+
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    cancel_max_age: str = "30D"
+    cancel_max_bytes: int = 256 * 1024 * 1024
+
+
+def quorum_arguments(*, dead_letter: bool, delivery_limit: int | None = None) -> dict[str, Any]:
+    args: dict[str, Any] = {"x-queue-type": "quorum"}
+    if delivery_limit is not None:
+        args["x-delivery-limit"] = delivery_limit
+    if dead_letter:
+        args.update(
+            {
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": DEAD_QUEUE,
+                # At-least-once dead-lettering needs reject-publish overflow.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        )
+    return args
+
+
+def work_queue_arguments(options: QueueOptions) -> dict[str, Any]:
+    return quorum_arguments(dead_letter=True, delivery_limit=options.delivery_limit)
+
+
+def cancel_stream_arguments(options: QueueOptions) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": options.cancel_max_age,
+        "x-max-length-bytes": options.cancel_max_bytes,
+        "x-stream-max-segment-size-bytes": min(options.cancel_max_bytes // 8, 16 * 1024 * 1024),
+    }
+
+
+def delay_queue_arguments(level: int) -> dict[str, Any]:
+    next_exchange = delay_name(level - 1) if level else DUE_EXCHANGE
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": 1000 * 2**level,
+        "x-dead-letter-exchange": next_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def monitor_queue_arguments() -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        # Only fresh heartbeats matter to the elected monitor.
+        "x-message-ttl": 5 * 60 * 1000,
+        "x-max-length": 10_000,
+    }
+
+
+async def _declare_queue(
+    channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
+) -> None:
+    try:
+        await channel.queue_declare(name, durable=True, arguments=dict(arguments))
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"queue {name!r} exists with other arguments than {dict(arguments)!r} ({exc}); "
+            "delete it or align its arguments (see docs/operations.md)"
+        ) from exc
+
+
+async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
+    """Declare the runs and events exchanges."""
+    for name in (RUNS_EXCHANGE, EVENTS_EXCHANGE):
+        await channel.exchange_declare(name, exchange_type="topic", durable=True)
+
+
+async def declare_dead_queue(channel: aiormq.abc.AbstractChannel) -> None:
+    await _declare_queue(channel, DEAD_QUEUE, quorum_arguments(dead_letter=False))
+
+
+async def declare_work_queue(
+    channel: aiormq.abc.AbstractChannel, pool: str, queue: str, options: QueueOptions
+) -> str:
+    """Declare the work queue of (pool, queue) with its bindings; return its name."""
+    name = work_queue_name(pool, queue)
+    await _declare_queue(channel, name, work_queue_arguments(options))
+    await channel.queue_bind(name, RUNS_EXCHANGE, routing_key=scheduled_routing_key(pool, queue))
+    await channel.queue_bind(name, DUE_EXCHANGE, routing_key=due_binding_key(pool, queue))
+    return name
+
+
+async def declare_cancel_stream(
+    channel: aiormq.abc.AbstractChannel, options: QueueOptions
+) -> None:
+    await _declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
+    await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key="run.cancel.*")
+
+
+async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:
+    """Declare the delay levels and the exchange that parked runs reach when due.
+
+    A parked message's routing key starts with DELAY_LEVELS words, the bits of
+    its delay in seconds, highest first. At level N the exchange sends a message
+    whose bit N is 1 into queue N (which holds it 2**N seconds, then
+    dead-letters it to level N-1) and one whose bit is 0 straight on to level N-1.
+    """
+    await channel.exchange_declare(DUE_EXCHANGE, exchange_type="topic", durable=True)
+    for level in range(DELAY_LEVELS):
+        await channel.exchange_declare(delay_name(level), exchange_type="topic", durable=True)
+    for level in range(DELAY_LEVELS):
+        name = delay_name(level)
+        skip = "*." * (DELAY_LEVELS - 1 - level)
+        await _declare_queue(channel, name, delay_queue_arguments(level))
+        await channel.queue_bind(name, name, routing_key=f"{skip}1.#")
+        next_exchange = delay_name(level - 1) if level else DUE_EXCHANGE
+        await channel.exchange_bind(
+            destination=next_exchange, source=name, routing_key=f"{skip}0.#"
+        )
+
+
+async def declare_pool(
+    channel: aiormq.abc.AbstractChannel,
+    pool: str,
+    queues: list[str],
+    options: QueueOptions,
+) -> list[str]:
+    """Declare everything a worker of `pool` serving `queues` needs; return the work queue names."""
+    await declare_exchanges(channel)
+    await declare_dead_queue(channel)
+    await declare_delay_ladder(channel)
+    await declare_cancel_stream(channel, options)
+    return [await declare_work_queue(channel, pool, q, options) for q in queues]

@@ -1,0 +1,120 @@
+"""The `process` worker: each run is a local OS process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, ClassVar
+
+import anyio
+import anyio.abc
+from pydantic import Field
+
+from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound, InvalidMessage
+from mq_worker.infrastructure import (
+    Guardian,
+    ProcessHandle,
+    start_process,
+    stream_output,
+    terminate,
+)
+from mq_worker.job_configuration import BaseJobConfiguration
+from mq_worker.messages import RunMessage
+from mq_worker.workers.base import BaseWorker, WorkerResult
+
+
+class ProcessJobConfiguration(BaseJobConfiguration):
+    working_dir: str | None = Field(default=None, description="Directory the run starts in.")
+    stream_output: bool = Field(
+        default=True, description="Log the run's stdout and stderr through the worker."
+    )
+    grace_seconds: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds between SIGTERM and SIGKILL on cancel."
+    )
+
+
+class ProcessWorker(BaseWorker):
+    """Runs each run's command as a process of its own process group on this host."""
+
+    type: ClassVar[str] = "process"
+    job_configuration: ClassVar[type[BaseJobConfiguration]] = ProcessJobConfiguration
+    description: ClassVar[str] = "Runs each run as a local process."
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handles: dict[int, ProcessHandle] = {}
+        self._guardian = Guardian()
+        self._allowed = [
+            os.path.join(os.path.normpath(p), "") for p in self.settings.allow_command_prefix
+        ]
+
+    async def setup(self) -> None:
+        self._guardian.start()
+
+    async def teardown(self) -> None:
+        await anyio.to_thread.run_sync(self._guardian.stop)
+
+    def check_configuration(self, configuration: BaseJobConfiguration) -> None:
+        argv = configuration.argv()
+        if not self._allowed:
+            return
+        assert isinstance(configuration, ProcessJobConfiguration)
+        executable = argv[0]
+        if os.sep not in executable:
+            found = shutil.which(executable, path=configuration.env.get("PATH"))
+            if found is None:
+                raise InvalidMessage(f"command {executable!r} is not allowed: not found on PATH")
+            executable = found
+        cwd = configuration.working_dir or os.getcwd()
+        resolved = os.path.normpath(os.path.join(cwd, executable))
+        if not any(resolved.startswith(prefix) for prefix in self._allowed):
+            raise InvalidMessage(
+                f"command {resolved!r} is not allowed: it is outside "
+                + ", ".join(self._allowed)
+            )
+
+    async def run(
+        self,
+        run: RunMessage,
+        configuration: BaseJobConfiguration,
+        task_status: anyio.abc.TaskStatus[str],
+    ) -> WorkerResult:
+        assert isinstance(configuration, ProcessJobConfiguration)
+        handle = start_process(
+            configuration.argv(),
+            env={k: v for k, v in configuration.env.items() if v is not None},
+            cwd=configuration.working_dir,
+            capture_output=configuration.stream_output,
+        )
+        identifier = f"{self.hostname}:{handle.pid}"
+        self._handles[handle.pid] = handle
+        self._guardian.watch(handle.pid)
+        task_status.started(identifier)
+        try:
+            if configuration.stream_output:
+                logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stream_output, handle, logger)
+                    status = await handle.wait()
+            else:
+                status = await handle.wait()
+        finally:
+            self._guardian.forget(handle.pid)
+            del self._handles[handle.pid]
+        return WorkerResult(identifier, status)
+
+    async def kill_infrastructure(
+        self,
+        infrastructure_pid: str,
+        configuration: BaseJobConfiguration,
+        grace_seconds: float = 30.0,
+    ) -> int:
+        host, _, pid_text = infrastructure_pid.rpartition(":")
+        if host != self.hostname:
+            raise InfrastructureNotAvailable(
+                f"run process {infrastructure_pid} is on another host than this worker's"
+            )
+        handle = self._handles.get(int(pid_text))
+        if handle is None or handle.returncode is not None:
+            raise InfrastructureNotFound(f"run process {infrastructure_pid} has already exited")
+        return await terminate(handle, grace_seconds)
