@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import re
 import ssl
 from collections.abc import Sequence
@@ -101,7 +101,7 @@ async def connect(
                 ssl_context=context if URL(url).scheme == "amqps" else None,
                 timeout=timeout,
             )
-        except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             errors.append(f"{mask_url(url)}: {mask_secrets(str(exc)) or type(exc).__name__}")
             continue
         return connection, index
@@ -152,7 +152,5 @@ class Link:
     async def close(self) -> None:
         connection, self.connection, self._channel = self.connection, None, None
         if connection is not None and not connection.is_closed:
-            try:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
                 await connection.close()
-            except (aiormq.exceptions.AMQPError, OSError, RuntimeError):
-                pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -307,7 +308,9 @@ def format_event(event: Event, *, color: bool = False) -> str:
     """One readable line for an event."""
     short = event.type.removeprefix("mq_worker.")
     kind = short.rsplit(".", 1)[-1]
-    label = click.style(f"{short:<17}", fg=_COLORS.get(kind), bold=True) if color else f"{short:<17}"
+    label = f"{short:<17}"
+    if color:
+        label = click.style(label, fg=_COLORS.get(kind), bold=True)
     when = event.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
     data = event.data
     parts = [when, label, event.subject or "-"]
@@ -345,10 +348,8 @@ def events(urls: tuple[str, ...], run_id: UUID | None, types: tuple[str, ...],
                 line = event.model_dump_json() if as_json else format_event(event, color=color)
                 click.echo(line)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _run(_tail)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

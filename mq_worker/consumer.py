@@ -25,6 +25,7 @@ windows are only re-sized when capacity forces it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -318,10 +319,9 @@ class RunConsumer:
             self._consumers.pop(consumer.tag, None)
 
     async def _cancel_quietly(self, consumer: _Consumer) -> None:
-        try:
+        # If the channel is going away, so is the session: nothing to undo.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
             await self._cancel(consumer)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
-            pass  # the channel is going away; the session restarts
         self.wake()
 
     def _on_server_cancel(self, frame: Any) -> None:

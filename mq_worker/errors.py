@@ -21,7 +21,7 @@ class MqWorkerError(Exception):
     """Base class of every error raised by mq_worker."""
 
 
-class ConfigurationError(MqWorkerError):
+class ConfigurationError(MqWorkerError, ValueError):
     """Settings, a job template or a worker type are invalid."""
 
 

@@ -58,7 +58,8 @@ class Guardian:
             self._pipe.write(line.encode())
             self._pipe.flush()
         except OSError:
-            self._log.error("the guardian process is gone: runs will outlive a crash of this worker")
+            self._log.error("the guardian process is gone: "
+                            "runs would outlive a crash of this worker")
             self._pipe = None
 
     def watch(self, pgid: int) -> None:

@@ -84,7 +84,9 @@ class BaseJobTemplate:
         try:
             jsonschema.Draft202012Validator.check_schema(variables)
         except jsonschema.exceptions.SchemaError as exc:
-            raise ConfigurationError(f"'variables' is not a valid JSON Schema: {exc.message}")
+            raise ConfigurationError(
+                f"'variables' is not a valid JSON Schema: {exc.message}"
+            ) from None
         properties = variables.get("properties", {})
         undeclared = placeholders(job_configuration) - set(properties)
         if undeclared:
@@ -164,6 +166,15 @@ class BaseJobConfiguration(BaseModel):
 
     # Fields that are not variables in the default template.
     template_exclude: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _scalars_as_text(cls, env: Any) -> Any:
+        """Numbers and booleans (from typed placeholders) become their JSON text."""
+        if isinstance(env, dict):
+            return {k: json.dumps(v) if isinstance(v, bool | int | float) else v
+                    for k, v in env.items()}
+        return env
 
     @field_validator("env")
     @classmethod

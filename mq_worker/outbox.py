@@ -51,9 +51,12 @@ class Spool:
                 try:
                     record = orjson.loads(line)
                     body = orjson.dumps(record["event"])
-                    events.append(OutgoingEvent(record["id"], record["type"], body, record["run_id"]))
+                    events.append(
+                        OutgoingEvent(record["id"], record["type"], body, record["run_id"])
+                    )
                 except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.warning("skipping an unreadable line of the outbox spool", path=str(self.path))
+                    log.warning("skipping an unreadable line of the outbox spool",
+                                path=str(self.path))
         return events
 
     def append(self, event: OutgoingEvent) -> None:

@@ -16,7 +16,7 @@ from pamqp import commands as spec
 
 from mq_worker import topology
 from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, split_urls
-from mq_worker.delay import park_seconds, ladder_routing_key
+from mq_worker.delay import ladder_routing_key, park_seconds
 from mq_worker.errors import PublishError, UnroutableError
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.signing import Signer

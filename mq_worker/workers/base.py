@@ -565,7 +565,8 @@ class BaseWorker(abc.ABC):
         message = f"the run could not be started: {exc}"
         active.log.error("run failed to start", error=str(exc))
         self.metrics.crashed.labels(self.pool, active.queue).inc()
-        self._finish(active, EventType.RUN_CRASHED, reason="submission-failed", message=message)
+        self._finish(active, EventType.RUN_CRASHED, reason="submission-failed", message=message,
+                     status_code=None)
 
     async def _started(self, active: ActiveRun, due: float) -> None:
         active.state = "running"

@@ -1,0 +1,3 @@
+from mq_worker.cli import main
+
+main()

@@ -1,0 +1,43 @@
+"""A run command for tests: records its start and end, sleeps, exits with a given code.
+
+    probe.py DIR [--sleep S] [--exit N] [--ignore-term] [--term-marker FILE]
+
+Writes DIR/<run id>.start (with its pid, start time and environment) and
+DIR/<run id>.end, so tests can see which runs really ran, when, and with what.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    directory = args[0]
+    sleep = float(args[args.index("--sleep") + 1]) if "--sleep" in args else 0.0
+    code = int(args[args.index("--exit") + 1]) if "--exit" in args else 0
+    if "--ignore-term" in args:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "--term-marker" in args:
+        marker = args[args.index("--term-marker") + 1]
+
+        def on_term(signum: int, frame: object) -> None:
+            with open(marker, "w") as f:
+                f.write(repr(time.time()))
+            os._exit(143)
+
+        signal.signal(signal.SIGTERM, on_term)
+    run_id = os.environ.get("MQ_WORKER_RUN_ID", "unknown")
+    with open(os.path.join(directory, f"{run_id}.start"), "w") as f:
+        json.dump({"pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(),
+                   "env": dict(os.environ)}, f)
+    time.sleep(sleep)
+    with open(os.path.join(directory, f"{run_id}.end"), "w") as f:
+        json.dump({"t": time.time()}, f)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
