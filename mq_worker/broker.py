@@ -13,6 +13,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
+from pamqp import commands as spec
 from yarl import URL
 
 from mq_worker.errors import BrokerError, ConfigurationError
@@ -154,3 +155,16 @@ class Link:
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
                 await connection.close()
+
+
+def deliver_frame(message: aiormq.abc.DeliveredMessage) -> spec.Basic.Deliver:
+    """The basic.deliver frame of a consumed message (its tag, routing key, flags)."""
+    frame = message.delivery
+    assert isinstance(frame, spec.Basic.Deliver), frame
+    return frame
+
+
+def delivery_tag(message: aiormq.abc.DeliveredMessage) -> int:
+    tag = deliver_frame(message).delivery_tag
+    assert tag is not None
+    return tag

@@ -26,6 +26,7 @@ import anyio.abc
 import structlog
 from pamqp import commands as spec
 
+from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.errors import InvalidMessage
 from mq_worker.messages import parse_cancel
 from mq_worker.topology import CANCELS_STREAM, cancel_routing_key
@@ -144,7 +145,8 @@ class CancelFollower:
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             self._next_offset = offset + 1
-        await message.channel.basic_ack(message.delivery.delivery_tag, wait=False)
+        frame = deliver_frame(message)
+        await message.channel.basic_ack(delivery_tag(message), wait=False)
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
             if isinstance(marker, bytes):
@@ -152,7 +154,7 @@ class CancelFollower:
             if marker == self._marker:
                 self._caught_up.set()
             return
-        if message.delivery.routing_key != self._routing_key:
+        if frame.routing_key != self._routing_key:
             return
         live = self._caught_up.is_set()
         try:

@@ -50,7 +50,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]], loop: str = "auto") -> An
 
 def _client_settings(urls: tuple[str, ...]) -> WorkerSettings:
     try:
-        return WorkerSettings(**({"url": list(urls)} if urls else {}))
+        overrides: dict[str, Any] = {"url": list(urls)} if urls else {}
+        return WorkerSettings(**overrides)
     except ValidationError as exc:
         _fail(_validation_message(exc), 2)
 

@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +119,7 @@ class Delivery:
             self._consumer._release_slot(self)
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 
 class RunConsumer:
@@ -221,7 +221,7 @@ class RunConsumer:
         return sum(c.window for c in self._consumers.values())
 
     def _room(self) -> int:
-        return self._limiter.total_tokens - self._limiter.borrowed_tokens - self._outstanding()
+        return int(self._limiter.total_tokens) - self._limiter.borrowed_tokens - self._outstanding()
 
     async def _reconcile(self) -> None:
         channel = self._channel
@@ -310,7 +310,7 @@ class RunConsumer:
             return
         was_active = consumer.active
         consumer.active = False
-        if consumer.tag in self._channel.consumers:
+        if consumer.tag in getattr(self._channel, "consumers", {}):
             await self._channel.basic_cancel(consumer.tag)
             self.stats["cancels"] += 1
         if was_active or consumer.queue not in self._waiting_since:

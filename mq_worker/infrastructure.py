@@ -114,11 +114,13 @@ class ProcessHandle:
             else:  # pragma: no cover - non-Linux
                 await anyio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
         self._exited.set()
-        return self.popen.returncode  # type: ignore[return-value]
+        assert self.popen.returncode is not None
+        return self.popen.returncode
 
     def descendants(self) -> list[psutil.Process]:
         try:
-            return psutil.Process(self.pid).children(recursive=True)
+            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
+            return children
         except psutil.Error:
             return []
 

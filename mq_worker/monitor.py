@@ -22,6 +22,7 @@ import anyio
 import orjson
 import structlog
 
+from mq_worker.broker import deliver_frame
 from mq_worker.events import EventType
 from mq_worker.topology import EVENTS_EXCHANGE, monitor_queue_arguments, monitor_queue_name
 
@@ -74,7 +75,7 @@ class PoolMonitor:
     async def run(self, channel: aiormq.abc.AbstractChannel, heartbeat_seconds: float) -> None:
         """Follow worker events and check for lost workers until cancelled."""
         private = await channel.queue_declare("", exclusive=True, auto_delete=True)
-        assert private is not None
+        assert private is not None and private.queue
         await channel.queue_bind(private.queue, EVENTS_EXCHANGE, routing_key="mq_worker.worker.*")
         await channel.basic_consume(private.queue, self._on_event, no_ack=True)
 
@@ -131,7 +132,7 @@ class PoolMonitor:
         return lost
 
     async def _on_event(self, message: aiormq.abc.DeliveredMessage) -> None:
-        if message.delivery.routing_key == PING:
+        if deliver_frame(message).routing_key == PING:
             if self._on_ping:
                 self._on_ping()
             return

@@ -156,7 +156,7 @@ class Publisher:
             delivery_mode=2,
             message_id=message_id or uuid4().hex,
             timestamp=datetime.now(UTC),
-            headers=self._signer.headers(body) if self._signer else None,
+            headers=dict(self._signer.headers(body)) if self._signer else None,
         )
         # One retry on another connection (and node) if the first one breaks.
         for attempt in (1, 2):

@@ -15,7 +15,7 @@ import structlog
 from pydantic import ValidationError
 
 from mq_worker import topology
-from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, split_urls
+from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, delivery_tag, split_urls
 from mq_worker.errors import BrokerError
 from mq_worker.events import Event, EventType
 
@@ -80,7 +80,7 @@ class EventSubscriber:
             name = self._queue_name
         else:
             declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
-            assert declared is not None
+            assert declared is not None and declared.queue
             name = declared.queue
         for routing_key in self._types:
             await channel.queue_bind(name, topology.EVENTS_EXCHANGE, routing_key=routing_key)
@@ -94,7 +94,7 @@ class EventSubscriber:
     async def __anext__(self) -> Event:
         while True:
             message = await self._next_message()
-            await message.channel.basic_ack(message.delivery.delivery_tag, wait=False)
+            await message.channel.basic_ack(delivery_tag(message), wait=False)
             try:
                 event = Event.from_body(message.body)
             except ValidationError as exc:

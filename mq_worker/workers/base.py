@@ -15,6 +15,7 @@ The life of a run on a worker:
 from __future__ import annotations
 
 import abc
+import builtins
 import os
 import socket
 import time
@@ -124,9 +125,9 @@ class BaseWorker(abc.ABC):
     """A worker of one pool, serving one or more of its queues."""
 
     type: ClassVar[str]
-    job_configuration: ClassVar[type[BaseJobConfiguration]] = BaseJobConfiguration
+    job_configuration: ClassVar[builtins.type[BaseJobConfiguration]] = BaseJobConfiguration
     # A model declaring the job variables, when they differ from the configuration's fields.
-    job_configuration_variables: ClassVar[type[BaseModel] | None] = None
+    job_configuration_variables: ClassVar[builtins.type[BaseModel] | None] = None
     description: ClassVar[str] = ""
 
     def __init__(
@@ -188,11 +189,11 @@ class BaseWorker(abc.ABC):
     # -- worker types ------------------------------------------------------------
 
     @staticmethod
-    def get_worker_class_from_type(worker_type: str) -> type[BaseWorker] | None:
+    def get_worker_class_from_type(worker_type: str) -> builtins.type[BaseWorker] | None:
         """The worker class registered for `worker_type`, or None."""
         for entry_point in entry_points(group=ENTRY_POINT_GROUP):
             if entry_point.name == worker_type:
-                cls = entry_point.load()
+                cls: Any = entry_point.load()
                 if not (isinstance(cls, type) and issubclass(cls, BaseWorker)):
                     raise ConfigurationError(f"{entry_point.value} is not a BaseWorker")
                 return cls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ class ProcessWorker(BaseWorker):
     """Runs each run's command as a process of its own process group on this host."""
 
     type: ClassVar[str] = "process"
-    job_configuration: ClassVar[type[BaseJobConfiguration]] = ProcessJobConfiguration
+    job_configuration: ClassVar[builtins.type[BaseJobConfiguration]] = ProcessJobConfiguration
     description: ClassVar[str] = "Runs each run as a local process."
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
