@@ -353,5 +353,80 @@ def events(urls: tuple[str, ...], run_id: UUID | None, types: tuple[str, ...],
         _run(_tail)
 
 
+# -- status ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--url", "urls", multiple=True, help=_URL_HELP)
+@click.option("--pool", help="Only this pool's workers.")
+@click.option("--watch", is_flag=True, help="Keep the table up to date until interrupted.")
+@click.option("--listen", type=float, default=1.5, show_default=True,
+              help="Without --watch: seconds to wait for workers to answer.")
+@click.option("--json", "as_json", is_flag=True, help="JSON (one object per line with --watch).")
+def status(urls: tuple[str, ...], pool: str | None, watch: bool, listen: float,
+           as_json: bool) -> None:
+    """Show the live workers: name, pool, queues, limit, runs in flight, last seen, state.
+
+    Exits 1 when no live worker answers (without --watch).
+    """
+    from mq_worker import status as worker_status
+
+    logs.configure("console", "WARNING")
+    settings = _client_settings(urls)
+    if pool is not None:
+        topology.check_name("pool", pool)
+    terminal = sys.stdout.isatty() and not as_json
+
+    def show(table: worker_status.WorkerTable) -> None:
+        if as_json:
+            click.echo(json.dumps(table.snapshot()))
+            return
+        if terminal:
+            click.clear()
+        click.echo(table.render())
+        if not terminal:
+            click.echo()
+
+    if watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(lambda: worker_status.watch(settings.url, show, pool=pool, tls=settings.tls))
+        return
+    table = _run(lambda: worker_status.collect(settings.url, pool=pool, tls=settings.tls,
+                                               listen=listen))
+    if as_json:
+        click.echo(json.dumps(table.snapshot()))
+    elif table.workers:
+        click.echo(table.render())
+    else:
+        click.echo("no workers answered", err=True)
+    sys.exit(0 if any(r.state == "live" for r in table.rows()) else 1)
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--asyncapi", "as_asyncapi", is_flag=True,
+              help="Print the whole AsyncAPI 3.0 document (YAML).")
+@click.option("--list", "as_list", is_flag=True, help="List the schema names.")
+def schema(name: str | None, as_asyncapi: bool, as_list: bool) -> None:
+    """Print the JSON Schemas of the wire messages (all, or NAME: run, cancel, event, or an
+    event type such as run.completed)."""
+    from mq_worker import schema as contract
+
+    if as_asyncapi:
+        click.echo(contract.asyncapi_yaml(), nl=False)
+    elif as_list:
+        click.echo("\n".join(contract.schema_names()))
+    elif name is None:
+        click.echo(json.dumps(contract.json_schemas(), indent=2))
+    else:
+        try:
+            click.echo(json.dumps(contract.json_schema(name), indent=2))
+        except KeyError:
+            _fail(f"no schema named {name!r}; known: {', '.join(contract.schema_names())}", 2)
+
+
 if __name__ == "__main__":
     main()

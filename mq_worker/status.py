@@ -1,0 +1,235 @@
+"""Which workers are alive: a table built from worker events, for `mq-worker status`.
+
+The table follows `worker.started`, `worker.heartbeat`, `worker.stopped` and
+`worker.lost` events. A worker is *lost* when a `worker.lost` event names it
+or when it has missed `missed` heartbeats (by the interval its own events
+announce), *stopped* after `worker.stopped`, and *live* otherwise. A ping on
+`mq_worker.events` (routing key `mq_worker.worker.ping`) makes every worker
+send a heartbeat at once, so a fresh table fills in milliseconds.
+
+`mq_worker.monitor.PoolMonitor` keeps a similar table inside workers, but for
+a different purpose: one pool only, peers dropped when they stop or are lost
+(the table here keeps them, marked), and monotonic times only (the table here
+shows when a worker was last seen).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import anyio
+from pamqp import commands as spec
+
+from mq_worker import topology
+from mq_worker.broker import Link, TlsOptions
+from mq_worker.events import Event, EventType, build_event
+from mq_worker.monitor import PING
+from mq_worker.subscriber import EventSubscriber
+
+State = Literal["live", "lost", "stopped"]
+WORKER_EVENTS = (
+    EventType.WORKER_STARTED,
+    EventType.WORKER_HEARTBEAT,
+    EventType.WORKER_STOPPED,
+    EventType.WORKER_LOST,
+)
+
+
+@dataclass
+class WorkerStatus:
+    """One row of the table: what a worker last said about itself."""
+
+    name: str
+    pool: str
+    queues: list[str] = field(default_factory=list)
+    limit: int | None = None
+    in_flight: list[str] = field(default_factory=list)
+    free_slots: int | None = None
+    hostname: str | None = None
+    heartbeat_seconds: float = 30.0
+    last_seen: float = 0.0  # time.time() of its last event
+    state: State = "live"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pool": self.pool,
+            "queues": self.queues,
+            "limit": self.limit,
+            "in_flight": self.in_flight,
+            "free_slots": self.free_slots,
+            "hostname": self.hostname,
+            "heartbeat_seconds": self.heartbeat_seconds,
+            "last_seen": datetime.fromtimestamp(self.last_seen, UTC).isoformat(),
+            "state": self.state,
+        }
+
+
+class WorkerTable:
+    """Workers seen on the events exchange, optionally of one pool."""
+
+    def __init__(self, pool: str | None = None, missed: int = 3) -> None:
+        self.pool = pool
+        self.missed = missed
+        self.workers: dict[str, WorkerStatus] = {}
+
+    def observe(self, event: Event, now: float | None = None) -> bool:
+        """Update the table from one event; True if it was a worker event of interest."""
+        data = event.data
+        name, pool = data.get("worker"), data.get("pool")
+        if not isinstance(name, str) or not isinstance(pool, str):
+            return False
+        if self.pool is not None and pool != self.pool:
+            return False
+        now = time.time() if now is None else now
+        if event.type == EventType.WORKER_LOST:
+            lost = self.workers.setdefault(name, WorkerStatus(name=name, pool=pool))
+            lost.state = "lost"
+            return True
+        if event.type not in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT,
+                              EventType.WORKER_STOPPED):
+            return False
+        row = self.workers.setdefault(name, WorkerStatus(name=name, pool=pool))
+        row.pool = pool
+        row.queues = [str(q) for q in data.get("queues") or []]
+        row.limit = data.get("limit")
+        row.hostname = data.get("hostname")
+        row.heartbeat_seconds = float(data.get("heartbeat_seconds") or 30.0)
+        row.last_seen = now
+        if event.type == EventType.WORKER_HEARTBEAT:
+            row.in_flight = [str(r) for r in data.get("in_flight") or []]
+            row.free_slots = data.get("free_slots")
+        elif event.type == EventType.WORKER_STARTED:
+            row.in_flight, row.free_slots = [], row.limit
+        row.state = "stopped" if event.type == EventType.WORKER_STOPPED else "live"
+        return True
+
+    def check(self, now: float | None = None) -> bool:
+        """Mark live workers silent for `missed` heartbeats lost; True if any changed."""
+        now = time.time() if now is None else now
+        changed = False
+        for row in self.workers.values():
+            if row.state == "live" and now - row.last_seen > self.missed * row.heartbeat_seconds:
+                row.state = "lost"
+                changed = True
+        return changed
+
+    def rows(self) -> list[WorkerStatus]:
+        return sorted(self.workers.values(), key=lambda r: (r.pool, r.name))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The table as JSON-ready data."""
+        return {"time": datetime.now(UTC).isoformat(),
+                "workers": [row.as_dict() for row in self.rows()]}
+
+    def signature(self) -> tuple[Any, ...]:
+        """What a reader would notice changing (not the ages)."""
+        return tuple((r.name, r.pool, tuple(r.queues), r.limit, tuple(r.in_flight), r.state)
+                     for r in self.rows())
+
+    def render(self, now: float | None = None) -> str:
+        """The table as aligned text."""
+        now = time.time() if now is None else now
+        header = ("WORKER", "POOL", "QUEUES", "LIMIT", "IN FLIGHT", "LAST SEEN", "STATE")
+        lines = [header] + [
+            (r.name, r.pool, ",".join(r.queues) or "-", "-" if r.limit is None else str(r.limit),
+             str(len(r.in_flight)), _ago(now - r.last_seen) if r.last_seen else "-", r.state)
+            for r in self.rows()
+        ]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+async def send_ping(urls: Sequence[str], tls: TlsOptions | None = None) -> None:
+    """Ask every worker on the broker for a heartbeat now."""
+    link = Link(urls, name="mq_worker status", tls=tls)
+    try:
+        channel = await link.channel()
+        await channel.exchange_declare(
+            topology.EVENTS_EXCHANGE, exchange_type="topic", durable=True
+        )
+        event = build_event(PING, source=f"/mq_worker/status/{socket.gethostname()}-{os.getpid()}",
+                            subject=None, data={})
+        await channel.basic_publish(
+            event.body, exchange=topology.EVENTS_EXCHANGE, routing_key=PING,
+            properties=spec.Basic.Properties(content_type="application/cloudevents+json",
+                                             message_id=event.id),
+        )
+    finally:
+        await link.close()
+
+
+async def watch(
+    urls: Sequence[str],
+    on_change: Callable[[WorkerTable], None],
+    *,
+    pool: str | None = None,
+    tls: TlsOptions | None = None,
+    tick: float = 0.5,
+) -> None:
+    """Call `on_change(table)` each time the table changes, until cancelled."""
+    table = WorkerTable(pool)
+    changed = anyio.Event()
+    async with EventSubscriber(urls, types=WORKER_EVENTS, tls=tls,
+                               name="mq_worker status") as events, \
+            anyio.create_task_group() as tg:
+
+        async def _follow() -> None:
+            nonlocal changed
+            async for event in events:
+                if table.observe(event):
+                    changed.set()
+
+        async def _tick() -> None:
+            while True:
+                await anyio.sleep(tick)
+                if table.check():
+                    changed.set()
+
+        tg.start_soon(_follow)
+        tg.start_soon(_tick)
+        await send_ping(urls, tls)
+        last: tuple[Any, ...] | None = None
+        while True:
+            await changed.wait()
+            changed = anyio.Event()
+            if table.signature() != last:
+                last = table.signature()
+                on_change(table)
+
+
+async def collect(
+    urls: Sequence[str],
+    *,
+    pool: str | None = None,
+    tls: TlsOptions | None = None,
+    listen: float = 1.5,
+) -> WorkerTable:
+    """The table of the workers that answer a ping within `listen` seconds."""
+    seen = WorkerTable(pool)
+
+    def _keep(table: WorkerTable) -> None:
+        nonlocal seen
+        seen = table
+
+    with anyio.move_on_after(listen):
+        await watch(urls, _keep, pool=pool, tls=tls)
+    return seen
