@@ -146,11 +146,13 @@ async def test_metrics_count_the_runs_that_were_really_published(
         for run in [*completed, exit_code, no_executable, long]:
             await publisher.submit(run)
         await publish_raw(vhost.url, b"not a run at all")
+        await publish_raw(vhost.url, {"id": "not-a-uuid"}, routing_key="run.cancel.default")
         await wait_until(lambda: str(long.id) in started_runs(tmp_path))
         await publisher.cancel(long.id, reason="metrics test")
         runs = [*completed, exit_code, no_executable, long]
         await events.wait_terminal([r.id for r in runs], timeout=30)
-        await events.wait_for(lambda evs: any(e.type == "mq_worker.run.rejected" for e in evs))
+        await events.wait_for(lambda evs: len(
+            [e for e in evs if e.type == "mq_worker.run.rejected"]) == 2)
         await wait_until(lambda: worker.free_slots == 4 and not worker.in_flight)
         status, _, text = await get(port, "/metrics")
 
@@ -166,7 +168,8 @@ async def test_metrics_count_the_runs_that_were_really_published(
     assert count("completed") == 5
     assert count("crashed") == 2
     assert count("cancelled") == 1
-    assert count("rejected") == 1
+    assert count("rejected") == 1  # the invalid run; the invalid cancel has no queue:
+    assert values[("mq_worker_runs_rejected_total", (("pool", "default"), ("queue", "")))] == 1
     assert count("pending") == 8  # every valid run was taken
     assert count("started") == 7  # all but the one that could not start
     assert count("parked") == 0

@@ -652,6 +652,7 @@ class BaseWorker(abc.ABC):
     def _on_invalid_cancel(self, exc: InvalidMessage, live: bool) -> None:
         self.log.warning("invalid cancel message ignored", reason=exc.reason, live=live)
         if live:
+            self.metrics.rejected.labels(self.pool, "").inc()
             self._emit_rejected(None, f"invalid cancel: {exc.reason}", exc.run_id, kind="cancel")
 
     # -- settling without running ----------------------------------------------------
@@ -662,8 +663,8 @@ class BaseWorker(abc.ABC):
         run_id = run.id if run else exc.run_id
         self.log.warning("run message rejected", reason=exc.reason,
                          run_id=str(run_id) if run_id else None, queue=queue)
-        self.metrics.rejected.labels(self.pool, queue).inc()
         if await self._dead_letter(delivery, exc.reason):
+            self.metrics.rejected.labels(self.pool, queue).inc()
             self._emit_rejected(queue, exc.reason, run_id, run=run)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
