@@ -48,6 +48,7 @@ class _Consumer:
     tag: str
     prefetch: int
     unacked: int = 0
+    held: int = 0
     active: bool = True
     since: float = field(default_factory=time.monotonic)
 
@@ -62,6 +63,7 @@ class Delivery:
     __slots__ = (
         "_consumer",
         "_deadline",
+        "_held",
         "_slot_held",
         "body",
         "channel",
@@ -95,6 +97,7 @@ class Delivery:
         self.settled = False
         self.lost = anyio.Event()
         self._slot_held = True
+        self._held = False
         self._deadline = 0.0
 
     @property
@@ -103,13 +106,25 @@ class Delivery:
         value = self.headers.get("x-delivery-count", 0)
         return value if isinstance(value, int) else 0
 
+    def hold(self) -> None:
+        """Say this message will stay unacknowledged a while (its run waits for its start
+        time), so that it does not keep the window closed for runs that could start now."""
+        if not self._held and not self.settled:
+            self._held = True
+            self._consumer._on_hold(self)
+
     async def ack_started(self) -> None:
         """Acknowledge a run whose process has started; it keeps its slot."""
         await self._consumer._ack_started(self)
 
-    async def settle(self, *, requeue: bool = False) -> None:
-        """Acknowledge (or give back) a message whose run will not run here; free its slot."""
-        await self._consumer._settle(self, requeue=requeue)
+    async def settle(self, *, requeue: bool = False, failed: bool = False) -> None:
+        """Acknowledge (or give back) a message whose run will not run here; free its slot.
+
+        A message given back because handling it failed (`failed`) counts towards
+        its queue's delivery limit; one given back for any other reason does not
+        (on brokers that tell the two apart: RabbitMQ 4.3 and later).
+        """
+        await self._consumer._settle(self, requeue=requeue, failed=failed)
         self.release_slot()
 
     def release_slot(self) -> None:
@@ -248,10 +263,17 @@ class RunConsumer:
             current = self._active_on(queue)
             share = max(1, self._max_window // len(self._queues))
             if current is not None:
-                if current.prefetch >= share or room < share - current.prefetch:
+                if current.window == 0 and current.held:
+                    # Its window is closed by runs waiting for their start time: retire it
+                    # (they stay unacknowledged on the channel) and open a new one.
+                    await self._cancel(current)
+                elif current.prefetch >= share or room < share - current.prefetch:
                     continue
-                await self._cancel(current)  # grow a window shrunk by a capacity crunch
+                else:
+                    await self._cancel(current)  # grow a window shrunk by a capacity crunch
                 room = self._room()
+                if room <= 0:
+                    break
             await self._consume(queue, min(share, room))
         if self.active_consumers:
             self.consuming.set()
@@ -397,7 +419,7 @@ class RunConsumer:
         except (aiormq.exceptions.AMQPError, RuntimeError):
             delivery.lost.set()
 
-    async def _settle(self, delivery: Delivery, *, requeue: bool) -> None:
+    async def _settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
         if not self._usable(delivery):
             return
         if delivery in self._deferred:
@@ -405,18 +427,28 @@ class RunConsumer:
         consumer = self._consumers.get(delivery.consumer_tag)
         self._finish(delivery, consumer)
         try:
-            if requeue:
+            if requeue and failed:
+                await delivery.channel.basic_reject(delivery.delivery_tag, requeue=True, wait=False)
+            elif requeue:
                 await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True, wait=False)
             else:
                 await delivery.channel.basic_ack(delivery.delivery_tag, wait=False)
         except (aiormq.exceptions.AMQPError, RuntimeError):
             delivery.lost.set()
 
+    def _on_hold(self, delivery: Delivery) -> None:
+        consumer = self._consumers.get(delivery.consumer_tag)
+        if consumer is not None:
+            consumer.held += 1
+            self.wake()
+
     def _finish(self, delivery: Delivery, consumer: _Consumer | None) -> None:
         delivery.settled = True
         self._unsettled.discard(delivery)
         if consumer is not None:
             consumer.unacked -= 1
+            if delivery._held:
+                consumer.held -= 1
             if not consumer.active and consumer.unacked == 0:
                 self._consumers.pop(consumer.tag, None)
 

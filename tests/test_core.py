@@ -303,11 +303,8 @@ async def test_run_published_with_the_amqp_publish_tool_runs(
 
 async def test_connections_are_named_after_the_worker(vhost: VHost) -> None:
     async with running_worker(vhost.url, name="named-worker-7"):
-        names = [
-            dict((p[0], p[2]) for p in c["client_properties"]).get("connection_name", "")
-            for c in vhost.connections()
-        ]
-    assert any("named-worker-7" in n for n in names)
+        properties = [props for _, props in vhost.connections()]
+    assert any('"connection_name","mq_worker named-worker-7"' in p for p in properties)
 
 
 async def test_worker_started_and_stopped_events(vhost: VHost, events: EventLog) -> None:

@@ -426,9 +426,10 @@ class BaseWorker(abc.ABC):
         try:
             await self._take(delivery)
         except Exception:
-            self.log.exception("unexpected error while handling a run message; giving it back")
+            self.log.exception("unexpected error while handling a run message; giving it back",
+                               delivery_count=delivery.delivery_count)
             if not delivery.settled:
-                await delivery.settle(requeue=True)
+                await delivery.settle(requeue=True, failed=True)
             delivery.release_slot()
 
     async def _take(self, delivery: Delivery) -> None:
@@ -522,6 +523,7 @@ class BaseWorker(abc.ABC):
         )
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
+            delivery.hold()
             await _wait_any((active.wake, delivery.lost), timeout=due - now)
         if delivery.lost.is_set() and not delivery.settled:
             active.log.warning("connection lost before the run started; the broker redelivers it")

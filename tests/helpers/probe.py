@@ -30,13 +30,18 @@ def main() -> None:
 
         signal.signal(signal.SIGTERM, on_term)
     run_id = os.environ.get("MQ_WORKER_RUN_ID", "unknown")
-    with open(os.path.join(directory, f"{run_id}.start"), "w") as f:
-        json.dump({"pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(),
-                   "env": dict(os.environ)}, f)
+    _write(os.path.join(directory, f"{run_id}.start"),
+           {"pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(), "env": dict(os.environ)})
     time.sleep(sleep)
-    with open(os.path.join(directory, f"{run_id}.end"), "w") as f:
-        json.dump({"t": time.time()}, f)
+    _write(os.path.join(directory, f"{run_id}.end"), {"t": time.time()})
     sys.exit(code)
+
+
+def _write(path: str, record: dict) -> None:
+    """Write atomically: readers never see half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
