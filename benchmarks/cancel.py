@@ -1,0 +1,131 @@
+"""Cancel latency: cancel published -> SIGTERM delivered to the run's process.
+
+    .venv/bin/python -m benchmarks.cancel [--cancels 100] [--background 4]
+
+One worker process (`python -m mq_worker start --limit 8`). `background` long runs keep the
+worker busy; then, one at a time, a run of the probe (benchmarks/probe.c, which records the
+moment SIGTERM reaches it) is published; once its process has started, its cancel is
+published with plain aio-pika. Per cancel:
+
+* sigterm: cancel published -> SIGTERM received by the run's process (its own clock);
+* cancelled: cancel published -> the `cancelled` event received by this subscriber.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    FAILURES,
+    RUN_CANCELLED,
+    RUN_SUBMITTED,
+    WORKER_STARTED,
+    CpuMeter,
+    EventWatch,
+    ProbeLog,
+    Publisher,
+    banner,
+    new_id,
+    print_table,
+    probe_command,
+    summarize_ms,
+    vhost,
+    wait_for_quiet,
+    wait_workers_started,
+    workers,
+    write_results,
+)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    background_before = wait_for_quiet(timeout=args.quiet)
+    probe = probe_command()
+    sigterm: list[float] = []
+    cancelled: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="mqw-cancel-") as tmp, vhost("cancel") as host:
+        log = ProbeLog(Path(tmp) / "probe.log")
+        command = f"{probe} {log.path} 120"
+        types = [WORKER_STARTED, RUN_SUBMITTED, RUN_CANCELLED, *FAILURES]
+        async with EventWatch(host.url, types) as watch, Publisher(host.url) as publisher:
+            with workers(host.url, 1, limit=args.limit, prefix="cancel",
+                         loop=args.loop) as started:
+                await wait_workers_started(watch, [w.name for w in started], started)
+                background = [new_id() for _ in range(args.background)]
+                for run_id in background:
+                    await publisher.publish_run(run_id, command)
+                for run_id in background:
+                    await log.wait_started(run_id)
+                meter = CpuMeter(started)
+                meter.start()
+                for i in range(args.warmup + args.cancels):
+                    run_id = new_id()
+                    await publisher.publish_run(run_id, command, grace_seconds=5)
+                    await log.wait_started(run_id)
+                    await asyncio.sleep(args.pause)
+                    sent = await publisher.cancel(run_id)
+                    event = await watch.wait_for(RUN_CANCELLED, run_id, timeout=30)
+                    deadline = time.monotonic() + 5
+                    while run_id not in log.terminated and time.monotonic() < deadline:
+                        await asyncio.sleep(0.001)
+                        log.read()
+                    if i < args.warmup:
+                        continue
+                    if run_id in log.terminated:
+                        sigterm.append(log.terminated[run_id] - sent)
+                    cancelled.append(event.received - sent)
+                cpu = meter.stop()
+                for run_id in background:
+                    await publisher.cancel(run_id)
+                for run_id in background:
+                    await watch.wait_for(RUN_CANCELLED, run_id, timeout=30)
+                failures = sum(watch.counts[t] for t in FAILURES)
+    return {
+        "limit": args.limit,
+        "background_runs": args.background,
+        "cancels": args.cancels,
+        "failures": failures,
+        "sigterm": summarize_ms(sigterm),
+        "cancelled_event": summarize_ms(cancelled),
+        "cpu": cpu,
+        "background_cores_before": background_before,
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    rows = [[f"cancel published -> {label}", s["n"], s["p50"], s["p90"], s["p99"], s["max"]]
+            for label, s in (("SIGTERM received by the run", result["sigterm"]),
+                             ("cancelled event received", result["cancelled_event"]))]
+    print_table(f"cancel latency, one worker (limit {result['limit']}, "
+                f"{result['background_runs']} other runs running), ms",
+                ["measure", "cancels", "p50", "p90", "p99", "max"], rows)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cancels", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--background", type=int, default=4, help="other runs kept running")
+    parser.add_argument("--pause", type=float, default=0.02,
+                        help="seconds between a run's start and its cancel")
+    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--quiet", type=float, default=60.0,
+                        help="seconds to wait for other processes to calm down")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    banner("cancel")
+    result = asyncio.run(main_async(args))
+    report(result)
+    write_results("cancel", result)
+
+
+if __name__ == "__main__":
+    main()
