@@ -165,7 +165,8 @@ def cpu_seconds(process: psutil.Process | None) -> float:
 
 class CpuMeter:
     """CPU seconds spent between `start()` and `stop()`: by this process, the workers (with
-    the runs they reaped), the broker, and everything else on the machine."""
+    their live children: the guardian), the runs they reaped, the broker, and everything else
+    on the machine."""
 
     def __init__(self, workers: Sequence[WorkerProcess] = ()) -> None:
         self.workers = list(workers)
@@ -176,16 +177,21 @@ class CpuMeter:
     def _sample(self) -> dict[str, float]:
         system = psutil.cpu_times()
         own = psutil.Process().cpu_times()
-        worker_total = 0.0
+        own_time = runs = helpers = 0.0
         for worker in self.workers:
             with contextlib.suppress(psutil.Error):
-                t = worker.process.cpu_times()
-                worker_total += t.user + t.system + t.children_user + t.children_system
+                process = worker.process
+                t = process.cpu_times()
+                own_time += t.user + t.system
+                runs += t.children_user + t.children_system  # reaped: the runs
+                helpers += sum(cpu_seconds(c) for c in process.children(recursive=True))
         return {
             "wall": time.monotonic(),
             "system": system.user + system.system + system.nice + system.irq + system.softirq,
             "measurer": own.user + own.system,
-            "workers": worker_total,
+            "workers": own_time + helpers,
+            "workers_self": own_time,
+            "runs": runs,
             "broker": cpu_seconds(self._broker),
         }
 
@@ -196,7 +202,8 @@ class CpuMeter:
         end = self._sample()
         delta = {k: end[k] - self._start[k] for k in end}
         wall = delta.pop("wall")
-        delta["others"] = delta["system"] - delta["measurer"] - delta["workers"] - delta["broker"]
+        delta["others"] = (delta["system"] - delta["measurer"] - delta["workers"] - delta["runs"]
+                           - delta["broker"])
         self.result = {f"{k}_cpu_s": round(v, 3) for k, v in delta.items()}
         self.result["wall_s"] = round(wall, 3)
         self.result["others_cores"] = round(delta["others"] / wall, 2) if wall else math.nan

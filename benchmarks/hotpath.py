@@ -1,0 +1,135 @@
+"""The per-run steps of a worker's hot path, timed one by one in this process (no broker).
+
+    .venv/bin/python -m benchmarks.hotpath [--seconds 0.5]
+
+Each step is what `BaseWorker._take` and `ProcessWorker.run` do for one run of
+{"command": "/bin/true", "stream_output": false}, called on a ProcessWorker that is not
+serving. It shows what a run costs before any I/O: parsing, job variables (jsonschema),
+the configuration model (pydantic), the environment, events, logging, metrics and the spawn.
+Private methods are used as they are today; a step whose method has changed is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import structlog
+
+from benchmarks.common import banner, print_table, write_results
+from mq_worker import logs
+from mq_worker.events import EventType, build_event
+from mq_worker.infrastructure import start_process
+from mq_worker.job_configuration import RunContext
+from mq_worker.messages import parse_run
+from mq_worker.settings import WorkerSettings
+from mq_worker.workers import base
+from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
+
+BODY = orjson.dumps({"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20",
+                     "job_variables": {"command": "/bin/true", "stream_output": False}})
+
+
+def per_call_us(step: Callable[[], Any], seconds: float) -> float:
+    """Microseconds per call, the best of 3 rounds of about `seconds` each."""
+    step()
+    count = 1
+    while True:
+        began = time.perf_counter()
+        for _ in range(count):
+            step()
+        elapsed = time.perf_counter() - began
+        if elapsed > seconds / 10:
+            break
+        count *= 4
+    best = float("inf")
+    for _ in range(3):
+        n = max(1, int(count * seconds / 10 / elapsed * 10 / 3))
+        began = time.perf_counter()
+        for _ in range(n):
+            step()
+        best = min(best, (time.perf_counter() - began) / n)
+    return best * 1e6
+
+
+def steps() -> list[tuple[str, str, Callable[[], Any]]]:
+    logs.configure("json", "WARNING")
+    worker = ProcessWorker(WorkerSettings(name="hotpath", limit=8))
+    run = parse_run(BODY)
+    variables = run.merged_job_variables()
+    template = worker.template
+    rendered = template.render(variables)
+    configuration = worker._configure(run, "default")
+    data = {**worker._run_data(run, "default", base._related(run, "default", "default"), None),
+            "infrastructure_pid": "host:1234", "late_by_seconds": 0.0,
+            "labels": configuration.labels}
+    env = {k: v for k, v in configuration.env.items() if v is not None}
+    counter = worker.metrics.started
+
+    def spawn() -> None:
+        handle = start_process(["/bin/true"], env=env, cwd=None, capture_output=False)
+        handle.popen.wait()
+
+    def spawn_plain() -> None:
+        subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL).wait()
+
+    return [
+        ("parse", "messages.parse_run (pydantic, JSON)", lambda: parse_run(BODY)),
+        ("configure", "BaseWorker._configure (all of the below)",
+         lambda: worker._configure(run, "default")),
+        ("configure", "  BaseJobTemplate.resolve_variables (jsonschema)",
+         lambda: template.resolve_variables(variables)),
+        ("configure", "  BaseJobTemplate.render (placeholders)",
+         lambda: template.render(variables)),
+        ("configure", "  ProcessJobConfiguration.model_validate",
+         lambda: ProcessJobConfiguration.model_validate(rendered)),
+        ("configure", "  BaseWorker.base_environment (os.environ copy)",
+         worker.base_environment),
+        ("configure", "  RunContext(...) with the environment",
+         lambda: RunContext(pool="default", queue="default", worker="w",
+                            base_env=worker.base_environment())),
+        ("configure", "  configuration.argv (shlex)", configuration.argv),
+        ("events", "build_event (one event)",
+         lambda: build_event(EventType.RUN_SUBMITTED, source=worker.source,
+                             subject=str(run.id), data=data)),
+        ("events", "_related + _run_data",
+         lambda: worker._run_data(run, "default", base._related(run, "default", "default"),
+                                  None)),
+        ("logging", "log.bind(run_id, queue)",
+         lambda: worker.log.bind(run_id=str(run.id), queue="default")),
+        ("logging", "filtered log.info (level WARNING)",
+         lambda: worker.log.info("run started", infrastructure_pid="x")),
+        ("metrics", "counter.labels(pool, queue).inc()",
+         lambda: counter.labels("default", "default").inc()),
+        ("spawn", "start_process(/bin/true) + wait", spawn),
+        ("spawn", "subprocess.Popen(/bin/true) + wait, inherited env", spawn_plain),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=0.5, help="per step")
+    args = parser.parse_args()
+    banner("hotpath")
+    rows = []
+    for group, label, step in steps():
+        try:
+            us = per_call_us(step, args.seconds)
+        except (AttributeError, TypeError) as exc:  # a private method changed
+            print(f"skipped {label}: {exc}")
+            continue
+        rows.append({"group": group, "step": label, "us": round(us, 2)})
+    structlog.reset_defaults()
+    print_table("per-run steps, microseconds per call (best of 3)", ["step", "µs"],
+                [[r["step"], r["us"]] for r in rows])
+    write_results("hotpath", {"steps": rows, "environment_size": len(os.environ)})
+
+
+if __name__ == "__main__":
+    main()
