@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -144,3 +146,24 @@ async def test_sample_runs(sample: Sample, world: DocWorld, tmp_path: Path) -> N
         result = await anyio.run_process(command, cwd=ROOT, env=env, check=False)
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 0, f"{sample.id} failed ({result.returncode}):\n{output}"
+
+
+def test_systemd_unit_in_operations_passes_systemd_analyze(tmp_path: Path) -> None:
+    """The unit file in docs/operations.md is one systemd accepts without a warning."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = (ROOT / "docs" / "operations.md").read_text()
+    found = re.search(r"mq-worker\.service`:\n\n```ini\n(.*?)```", text, re.S)
+    assert found is not None
+    unit = found.group(1)
+    # Only what must exist on this machine changes: the program, the user, the env file.
+    unit = unit.replace("/opt/mq-worker/.venv/bin/mq-worker", str(Path(sys.executable).parent
+                                                                  / "mq-worker"))
+    unit = re.sub(r"^(User|Group)=.*$", r"\1=root", unit, flags=re.M)
+    unit = unit.replace("EnvironmentFile=/etc/mq-worker/", f"EnvironmentFile=-{tmp_path}/")
+    path = tmp_path / "mq-worker.service"
+    path.write_text(unit)
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
