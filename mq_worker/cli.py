@@ -374,7 +374,10 @@ def status(urls: tuple[str, ...], pool: str | None, watch: bool, listen: float,
     logs.configure("console", "WARNING")
     settings = _client_settings(urls)
     if pool is not None:
-        topology.check_name("pool", pool)
+        try:
+            topology.check_name("pool", pool)
+        except ConfigurationError as exc:
+            _fail(str(exc), 2)
     terminal = sys.stdout.isatty() and not as_json
 
     def show(table: worker_status.WorkerTable) -> None:

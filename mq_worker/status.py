@@ -53,7 +53,7 @@ class WorkerStatus:
     free_slots: int | None = None
     hostname: str | None = None
     heartbeat_seconds: float = 30.0
-    last_seen: float = 0.0  # time.time() of its last event
+    last_seen: float | None = None  # time.time() of its last own event
     state: State = "live"
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,7 +66,8 @@ class WorkerStatus:
             "free_slots": self.free_slots,
             "hostname": self.hostname,
             "heartbeat_seconds": self.heartbeat_seconds,
-            "last_seen": datetime.fromtimestamp(self.last_seen, UTC).isoformat(),
+            "last_seen": (datetime.fromtimestamp(self.last_seen, UTC).isoformat()
+                          if self.last_seen is not None else None),
             "state": self.state,
         }
 
@@ -115,7 +116,9 @@ class WorkerTable:
         now = time.time() if now is None else now
         changed = False
         for row in self.workers.values():
-            if row.state == "live" and now - row.last_seen > self.missed * row.heartbeat_seconds:
+            if row.state != "live" or row.last_seen is None:
+                continue
+            if now - row.last_seen > self.missed * row.heartbeat_seconds:
                 row.state = "lost"
                 changed = True
         return changed
@@ -139,7 +142,8 @@ class WorkerTable:
         header = ("WORKER", "POOL", "QUEUES", "LIMIT", "IN FLIGHT", "LAST SEEN", "STATE")
         lines = [header] + [
             (r.name, r.pool, ",".join(r.queues) or "-", "-" if r.limit is None else str(r.limit),
-             str(len(r.in_flight)), _ago(now - r.last_seen) if r.last_seen else "-", r.state)
+             str(len(r.in_flight)), "-" if r.last_seen is None else _ago(now - r.last_seen),
+             r.state)
             for r in self.rows()
         ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -289,3 +289,38 @@ async def test_status_lists_live_workers_then_marks_a_killed_one_lost(
     assert events.terminal(busy.id)[0].data["reason"] == "worker-lost"
     # Those events, like every other the workers sent, follow the contract.
     assert "mq_worker.worker.lost" in assert_events_conform(events.raw)
+
+
+def test_status_table_marks_workers_by_their_own_heartbeat_interval() -> None:
+    from datetime import UTC, datetime
+
+    from mq_worker.events import Event
+    from mq_worker.status import WorkerTable
+
+    def event(kind: str, worker: str, pool: str = "p", **data: Any) -> Event:
+        return Event(id="e", source="s", type=f"mq_worker.worker.{kind}", subject=worker,
+                     time=datetime.now(UTC), data={"worker": worker, "pool": pool, **data})
+
+    table = WorkerTable(pool="p")
+    assert table.observe(event("heartbeat", "fast", queues=["a"], limit=2, in_flight=["r1"],
+                               heartbeat_seconds=1), now=100.0)
+    assert table.observe(event("started", "slow", queues=["a"], limit=2,
+                               heartbeat_seconds=30), now=100.0)
+    assert not table.observe(event("heartbeat", "other", pool="q", heartbeat_seconds=1), now=100)
+    assert not table.check(now=102.9)
+    assert table.check(now=103.1)
+    assert {r.name: r.state for r in table.rows()} == {"fast": "lost", "slow": "live"}
+    assert table.observe(event("heartbeat", "fast", heartbeat_seconds=1), now=104.0)
+    assert table.workers["fast"].state == "live"  # it came back
+    assert table.observe(event("stopped", "slow", heartbeat_seconds=30), now=105.0)
+    assert table.observe(event("lost", "ghost", last_seen="x", in_flight=[], reported_by="y"))
+    assert {r.name: r.state for r in table.rows()} == {
+        "fast": "live", "slow": "stopped", "ghost": "lost"}
+    assert table.check(now=10_000.0) and table.workers["fast"].state == "lost"
+    assert table.workers["slow"].state == "stopped"  # stopped stays stopped
+    rendered = table.render(now=10_000.0).splitlines()
+    assert rendered[0].split() == ["WORKER", "POOL", "QUEUES", "LIMIT", "IN", "FLIGHT", "LAST",
+                                   "SEEN", "STATE"]
+    ghost = next(line for line in rendered if line.startswith("ghost"))
+    assert ghost.split() == ["ghost", "p", "-", "-", "0", "-", "lost"]
+    assert table.snapshot()["workers"][0]["name"] == "fast"
