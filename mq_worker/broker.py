@@ -22,7 +22,11 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 # Seconds between AMQP heartbeats; a silent peer is declared dead after about two.
 DEFAULT_HEARTBEAT = 10
 
-_URL_PASSWORD = re.compile(r"(amqps?://[^:/@\s]*:)([^@\s]*)(@)")
+# The password of an AMQP or HTTP URL (any case) runs to the last '@' before the
+# path, as a URL parser reads it: it may contain an unescaped '@'. The pattern
+# starts with a literal scheme and never scans past a '/', so it stays linear
+# on long log lines.
+_URL_PASSWORD = re.compile(r"((?:amqps?|https?)://[^:/@\s]*:)([^/\s]*)(@)", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
@@ -31,7 +35,7 @@ def mask_url(url: str) -> str:
 
 
 def mask_secrets(text: str) -> str:
-    """`text` with the password of every AMQP URL in it replaced by '****'."""
+    """`text` with the password of every URL in it replaced by '****'."""
     return _URL_PASSWORD.sub(r"\1****\3", text)
 
 
