@@ -31,7 +31,10 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 def _as_utc(value: datetime) -> datetime:
     """A time without offset is UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        raise ValueError("time is out of range in UTC") from None
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
