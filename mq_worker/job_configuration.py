@@ -28,7 +28,7 @@ from mq_worker.errors import ConfigurationError, InvalidMessage
 from mq_worker.messages import RunMessage
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _Missing:
@@ -180,7 +180,7 @@ class BaseJobConfiguration(BaseModel):
     @classmethod
     def _valid_env(cls, env: dict[str, str | None]) -> dict[str, str | None]:
         for key, value in env.items():
-            if not _ENV_NAME.match(key):
+            if not _ENV_NAME.fullmatch(key):
                 raise ValueError(f"invalid environment variable name {key!r}")
             if value is not None and "\x00" in value:
                 raise ValueError(f"environment variable {key} contains a NUL byte")
