@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import builtins
 import os
-import shutil
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound, InvalidMessage
 from mq_worker.infrastructure import (
@@ -33,6 +33,13 @@ class ProcessJobConfiguration(BaseJobConfiguration):
         default=30.0, ge=0, le=3600, description="Seconds between SIGTERM and SIGKILL on cancel."
     )
 
+    @field_validator("working_dir")
+    @classmethod
+    def _no_nul(cls, working_dir: str | None) -> str | None:
+        if working_dir is not None and "\x00" in working_dir:
+            raise ValueError("working_dir contains a NUL byte")
+        return working_dir
+
 
 class ProcessWorker(BaseWorker):
     """Runs each run's command as a process of its own process group on this host."""
@@ -46,7 +53,7 @@ class ProcessWorker(BaseWorker):
         self._handles: dict[int, ProcessHandle] = {}
         self._guardian = Guardian()
         self._allowed = [
-            os.path.join(os.path.normpath(p), "") for p in self.settings.allow_command_prefix
+            os.path.join(os.path.realpath(p), "") for p in self.settings.allow_command_prefix
         ]
 
     async def setup(self) -> None:
@@ -60,14 +67,10 @@ class ProcessWorker(BaseWorker):
         if not self._allowed:
             return
         assert isinstance(configuration, ProcessJobConfiguration)
-        executable = argv[0]
-        if os.sep not in executable:
-            found = shutil.which(executable, path=configuration.env.get("PATH"))
-            if found is None:
-                raise InvalidMessage(f"command {executable!r} is not allowed: not found on PATH")
-            executable = found
         cwd = configuration.working_dir or os.getcwd()
-        resolved = os.path.normpath(os.path.join(cwd, executable))
+        resolved = executable_path(argv[0], configuration.env, cwd)
+        if resolved is None:
+            raise InvalidMessage(f"command {argv[0]!r} is not allowed: not found on PATH")
         if not any(resolved.startswith(prefix) for prefix in self._allowed):
             raise InvalidMessage(
                 f"command {resolved!r} is not allowed: it is outside "
@@ -119,3 +122,25 @@ class ProcessWorker(BaseWorker):
         if handle is None or handle.returncode is not None:
             raise InfrastructureNotFound(f"run process {infrastructure_pid} has already exited")
         return await terminate(handle, grace_seconds)
+
+
+def executable_path(name: str, env: Mapping[str, str | None], cwd: str) -> str | None:
+    """The file that executing `name` with `env` in `cwd` runs, with its directory resolved.
+
+    A name without '/' is looked up in the PATH of `env` (the default path when
+    it has none) as exec does; relative paths are relative to `cwd`. Symbolic
+    links and '..' in the directory are resolved as the kernel resolves them;
+    the file itself may be a link. None when a bare name is found nowhere.
+    """
+    path = os.path.join(cwd, name) if os.sep in name else None
+    if path is None:
+        search = env.get("PATH")
+        for directory in os.get_exec_path({} if search is None else {"PATH": search}):
+            candidate = os.path.join(cwd, directory, name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                path = candidate
+                break
+        else:
+            return None
+    directory, base = os.path.split(path)
+    return os.path.join(os.path.realpath(directory), base)
