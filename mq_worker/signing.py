@@ -47,9 +47,10 @@ class Signer:
             value = value.decode(errors="replace")
         if not isinstance(value, str) or not value.startswith(_PREFIX):
             raise InvalidMessage(f"unsigned message: no valid {SIGNATURE_HEADER} header")
-        given = value[len(_PREFIX) :]
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+        given = value[len(_PREFIX) :].encode("utf-8", "replace")
         for key in self._keys:
-            expected = hmac.new(key, body, hashlib.sha256).hexdigest()
+            expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
             if hmac.compare_digest(expected, given):
                 return
         raise InvalidMessage("forged message: signature does not match the body")
