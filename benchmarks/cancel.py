@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from benchmarks.ceiling import run_ceiling
 from benchmarks.common import (
     FAILURES,
     RUN_CANCELLED,
@@ -42,8 +45,25 @@ from benchmarks.common import (
 )
 
 
+def process_scan_ms(rounds: int = 20) -> dict[str, float]:
+    """What listing a process's descendants with psutil costs on this host (the worker's
+    `terminate` does it before it sends SIGTERM): psutil reads every process of the host."""
+    me = psutil.Process()
+    samples = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        me.children(recursive=True)
+        samples.append(time.perf_counter() - began)
+    return {**summarize_ms(samples), "processes_on_host": len(psutil.pids())}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     background_before = wait_for_quiet(timeout=args.quiet)
+    floors = {
+        "stream": run_ceiling(["amqp-latency", "--queue-type", "stream", "--rate", "20",
+                               "--count", "100"])["latency"],
+        "psutil_scan": process_scan_ms(),
+    }
     probe = probe_command()
     sigterm: list[float] = []
     cancelled: list[float] = []
@@ -92,6 +112,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "sigterm": summarize_ms(sigterm),
         "cancelled_event": summarize_ms(cancelled),
         "cpu": cpu,
+        "floors": floors,
         "background_cores_before": background_before,
     }
 
@@ -100,6 +121,16 @@ def report(result: dict[str, Any]) -> None:
     rows = [[f"cancel published -> {label}", s["n"], s["p50"], s["p90"], s["p99"], s["max"]]
             for label, s in (("SIGTERM received by the run", result["sigterm"]),
                              ("cancelled event received", result["cancelled_event"]))]
+    floors = result["floors"]
+    rows += [
+        [f"floor: {label}", s["n"], s["p50"], s["p90"], s["p99"], s["max"]]
+        for label, s in (
+            ("bare aio-pika publish -> consumed, stream queue", floors["stream"]),
+            ("psutil children(recursive=True) with "
+             f"{floors['psutil_scan']['processes_on_host']} processes on the host",
+             floors["psutil_scan"]),
+        )
+    ]
     print_table(f"cancel latency, one worker (limit {result['limit']}, "
                 f"{result['background_runs']} other runs running), ms",
                 ["measure", "cancels", "p50", "p90", "p99", "max"], rows)

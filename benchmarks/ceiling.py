@@ -16,7 +16,13 @@
 acknowledges them with plain aio-pika under uvloop; with `--events N` it also publishes N
 confirmed events per message, as a worker does (pending, submitted, completed).
 
-Each prints one JSON line; `throughput` runs them in subprocesses of their own.
+`amqp-latency` publishes one message at a time at `rate` per second to a quorum (classic,
+stream) queue and times publish -> delivered to a plain aio-pika consumer (prefetch 8, under
+uvloop): the broker's part of a run's start (or, for a stream, of a cancel). `spawn-latency`
+starts the probe (benchmarks/probe.c) at `rate` per second with subprocess.Popen from an event
+loop and times the call -> the probe's first instruction: the operating system's part.
+
+Each prints one JSON line; `throughput` and `latency` run them in processes of their own.
 """
 
 from __future__ import annotations
@@ -28,19 +34,30 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
 import uvloop
 
-from benchmarks.common import PYTHON, ROOT, new_id, run_body, vhost
+from benchmarks.common import (
+    PYTHON,
+    ROOT,
+    ProbeLog,
+    new_id,
+    probe_command,
+    run_body,
+    summarize_ms,
+    vhost,
+)
 
 TRUE = "/bin/true"
-WORK_QUEUE_ARGUMENTS = {
+WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
     "x-queue-type": "quorum",
     "x-delivery-limit": 20,
     "x-dead-letter-exchange": "",
@@ -77,20 +94,10 @@ async def _asyncio_spawn() -> None:
 
 async def _popen_pidfd_spawn() -> None:
     # Deliberately blocking, as mq_worker's start_process is: Popen returns once exec'd.
-    popen = subprocess.Popen(  # noqa: ASYNC220
+    await _popen_pidfd(subprocess.Popen(  # noqa: ASYNC220
         [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         close_fds=True, process_group=0,
-    )
-    fd = os.pidfd_open(popen.pid)
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(fd, exited.set_result, None)
-    try:
-        await exited
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    popen.wait()
+    ))
 
 
 def spawn_rate(method: str, concurrency: int, count: int) -> float:
@@ -182,6 +189,86 @@ async def amqp_rate(url: str, prefetch: int, count: int, events: int) -> dict[st
                 "rate_with_events_confirmed": count / (finished - first)}
 
 
+async def amqp_latency(url: str, queue_type: str, rate: float, count: int) -> list[float]:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        publish = await connection.channel(publisher_confirms=True)
+        arguments: dict[str, Any] = {
+            "quorum": WORK_QUEUE_ARGUMENTS, "classic": {}, "stream": {"x-queue-type": "stream"},
+        }[queue_type]
+        queue = await publish.declare_queue(f"ceiling.latency.{queue_type}", durable=True,
+                                            arguments=arguments)
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=8)
+        received: dict[str, float] = {}
+        waiters: dict[str, asyncio.Future[None]] = {}
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            key = message.body.decode()
+            received[key] = time.time()
+            await message.ack()
+            waiter = waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        await (await consume.get_queue(queue.name)).consume(
+            on_message, arguments={"x-stream-offset": "next"} if queue_type == "stream" else None)
+        sent: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        start = time.monotonic() + 0.05
+        for i in range(count + 20):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            key = new_id()
+            waiters[key] = loop.create_future()
+            sent[key] = time.time()
+            await publish.default_exchange.publish(
+                aio_pika.Message(key.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue.name)
+        await asyncio.wait_for(asyncio.gather(*waiters.values()), 30)
+        return [received[k] - sent[k] for k in list(sent)[20:]]
+
+
+def spawn_latency(rate: float, count: int) -> list[float]:
+    probe = probe_command()
+    with tempfile.TemporaryDirectory(prefix="mqw-spawn-") as tmp:
+        log = ProbeLog(Path(tmp) / "probe.log")
+        sent: dict[str, float] = {}
+
+        async def main() -> None:
+            start = time.monotonic() + 0.05
+            for i in range(count + 20):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                key = new_id()
+                env = {**os.environ, "MQ_WORKER_RUN_ID": key}
+                sent[key] = time.time()
+                await _popen_pidfd(subprocess.Popen(  # noqa: ASYNC220
+                    [probe, str(log.path)], env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                    process_group=0,
+                ))
+
+        uvloop.run(main())
+        log.read()
+        return [log.started[k] - sent[k] for k in list(sent)[20:]]
+
+
+async def _popen_pidfd(popen: subprocess.Popen[bytes]) -> None:
+    fd = os.pidfd_open(popen.pid)
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, exited.set_result, None)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    popen.wait()
+
+
 def run_ceiling(args: list[str], timeout: float = 300.0) -> dict[str, Any]:
     """Run `python -m benchmarks.ceiling ARGS` in a process of its own; its JSON result."""
     out = subprocess.run([PYTHON, "-m", "benchmarks.ceiling", *args], cwd=ROOT, check=True,
@@ -203,7 +290,26 @@ def main() -> None:
     amqp.add_argument("--count", type=int, default=5000)
     amqp.add_argument("--events", type=int, default=0)
     amqp.add_argument("--url", help="a vhost to use (default: a new one)")
+    amqp_lat = sub.add_parser("amqp-latency")
+    amqp_lat.add_argument("--queue-type", choices=["quorum", "classic", "stream"],
+                          default="quorum")
+    amqp_lat.add_argument("--rate", type=float, default=50.0)
+    amqp_lat.add_argument("--count", type=int, default=500)
+    spawn_lat = sub.add_parser("spawn-latency")
+    spawn_lat.add_argument("--rate", type=float, default=50.0)
+    spawn_lat.add_argument("--count", type=int, default=500)
     args = parser.parse_args()
+    if args.kind == "amqp-latency":
+        with vhost("ceiling") as host:
+            samples = uvloop.run(amqp_latency(host.url, args.queue_type, args.rate, args.count))
+        print(json.dumps({"kind": "amqp-latency", "queue_type": args.queue_type,
+                          "rate": args.rate, "latency": summarize_ms(samples)}))
+        return
+    if args.kind == "spawn-latency":
+        samples = spawn_latency(args.rate, args.count)
+        print(json.dumps({"kind": "spawn-latency", "rate": args.rate,
+                          "latency": summarize_ms(samples)}))
+        return
     if args.kind == "spawn":
         rate = spawn_rate(args.method, args.concurrency, args.count)
         print(json.dumps({"kind": "spawn", "method": args.method,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ceiling import run_ceiling
 from benchmarks.common import (
     FAILURES,
     RUN_PENDING,
@@ -153,11 +154,23 @@ async def measure_latency(
     return phases
 
 
+def floors(rate: float, count: int) -> list[dict[str, Any]]:
+    """The broker's and the operating system's parts alone, measured by bare loops."""
+    return [
+        run_ceiling(["amqp-latency", "--queue-type", "quorum", "--rate", str(rate),
+                     "--count", str(count)]),
+        run_ceiling(["amqp-latency", "--queue-type", "classic", "--rate", str(rate),
+                     "--count", str(count)]),
+        run_ceiling(["spawn-latency", "--rate", str(rate), "--count", str(count)]),
+    ]
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     background = wait_for_quiet(timeout=args.quiet)
+    floor = floors(50.0, 500) if args.floors else []
     phases = await measure_latency(args.rates, args.seconds, args.burst_count, args.burst_size,
                                    limit=args.limit, loop=args.loop)
-    return {"limit": args.limit, "loop": args.loop, "phases": phases,
+    return {"limit": args.limit, "loop": args.loop, "floors": floor, "phases": phases,
             "background_cores_before": background}
 
 
@@ -173,7 +186,20 @@ def _merge_bursts(bursts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+FLOOR_LABELS = {
+    ("amqp-latency", "quorum"): "bare aio-pika: publish -> consumed, quorum queue",
+    ("amqp-latency", "classic"): "bare aio-pika: publish -> consumed, classic queue",
+    ("spawn-latency", None): "bare loop: Popen(probe) called -> probe's main()",
+}
+
+
 def report(result: dict[str, Any]) -> None:
+    if result.get("floors"):
+        print_table("floors at 50/s, ms",
+                    ["measure", "n", "p50", "p90", "p99", "max"],
+                    [[FLOOR_LABELS[(f["kind"], f.get("queue_type"))], f["latency"]["n"],
+                      f["latency"]["p50"], f["latency"]["p90"], f["latency"]["p99"],
+                      f["latency"]["max"]] for f in result["floors"]])
     rows = []
     for phase in result["phases"]:
         for metric in METRICS:
@@ -191,11 +217,14 @@ def report(result: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="50,500", help="paced rates, runs/s (comma-separated)")
+    parser.add_argument("--rates", default="50,100,500",
+                        help="paced rates, runs/s (comma-separated)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each paced phase")
     parser.add_argument("--bursts", default="3x200", help="COUNTxSIZE bursts ('0x0': none)")
     parser.add_argument("--limit", type=int, default=8, help="the worker's --limit")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--no-floors", dest="floors", action="store_false",
+                        help="skip the bare AMQP and spawn latency floors")
     parser.add_argument("--quiet", type=float, default=60.0,
                         help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
