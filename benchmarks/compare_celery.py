@@ -38,6 +38,7 @@ from benchmarks.common import (
     BENCH,
     PYTHON,
     RESULTS,
+    CpuMeter,
     banner,
     percentile,
     print_table,
@@ -66,7 +67,8 @@ def ensure_venv() -> Path:
 
 
 def celery_version(bin_dir: Path) -> str:
-    out = subprocess.run([str(bin_dir / "celery"), "--version"], capture_output=True, text=True,
+    code = "import celery; print(celery.__version__)"
+    out = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True,
                          check=True)
     return out.stdout.strip()
 
@@ -161,12 +163,15 @@ def measure_celery(bin_dir: Path, queue_type: str, tasks: int, seconds: float
             client(bin_dir, host.url, queue_type, "burst", "300", "0")
             log.wait(range(300), 120, worker)
             root = psutil.Process(worker.pid)
+            meter = CpuMeter()
+            meter.start()
             cpu_before = tree_cpu(root)
             first = 100_000
             client(bin_dir, host.url, queue_type, "burst", str(tasks), str(first))
             batch = range(first, first + tasks)
             log.wait(batch, 120 + tasks / 20, worker)
             cpu = tree_cpu(root) - cpu_before
+            load = meter.stop()
             paced_first, paced = 1_000_000, int(50 * seconds)
             client(bin_dir, host.url, queue_type, "paced", "50", str(paced), str(paced_first))
             paced_range = range(paced_first, paced_first + paced)
@@ -182,6 +187,8 @@ def measure_celery(bin_dir: Path, queue_type: str, tasks: int, seconds: float
         "rate": round(tasks / (ends[-1] - sent), 1),
         "steady_rate": round(in_window / (high - low), 1) if high > low else None,
         "worker_cpu_ms_per_task": round(cpu * 1000 / tasks, 3),
+        "broker_cpu_ms_per_task": round(load["broker_cpu_s"] * 1000 / tasks, 3),
+        "others_cores": round((load["others_cpu_s"] - cpu) / load["wall_s"], 2),
         "latency_50": summarize_ms(log.tasks[i][1] - log.tasks[i][0] for i in paced_range),
         "latency_50_task_end": summarize_ms(
             log.tasks[i][2] - log.tasks[i][0] for i in paced_range),
@@ -208,18 +215,21 @@ def report(result: dict[str, Any]) -> None:
     for run in result["celery_runs"]:
         lat = run["latency_50"]
         rows.append([run["label"], run["rate"], run["steady_rate"],
-                     run["worker_cpu_ms_per_task"], "publish -> task started",
-                     lat["p50"], lat["p99"]])
+                     run["worker_cpu_ms_per_task"], run["broker_cpu_ms_per_task"],
+                     "publish -> task started", lat["p50"], lat["p99"], run["others_cores"]])
     lat = result["mq_worker_latency"]["exec"]
     for run in result["mq_worker_throughput"]:
         one = run["workers"] == 1
         rows.append([f"{run['label']}, limit {run['limit']}", run["rate"], run["steady_rate"],
-                     run["worker_cpu_ms_per_run"],
+                     round(run["worker_cpu_ms_per_run"] + run["run_process_cpu_ms_per_run"], 3),
+                     run["broker_cpu_ms_per_run"],
                      "publish -> process started" if one else "",
-                     lat["p50"] if one else None, lat["p99"] if one else None])
-    print_table(f"mq_worker and {result['celery']}, /bin/true, concurrency {CONCURRENCY}",
-                ["", "per s", "steady per s", "worker CPU ms each", "latency at 50/s",
-                 "p50 ms", "p99 ms"], rows)
+                     lat["p50"] if one else None, lat["p99"] if one else None,
+                     run["others_cores"]])
+    print_table(f"mq_worker and Celery {result['celery']}, /bin/true, concurrency {CONCURRENCY}",
+                ["", "per s", "steady per s", "worker CPU ms each (with /bin/true)",
+                 "broker CPU ms each", "latency at 50/s", "p50 ms", "p99 ms",
+                 "other load (cores)"], rows)
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,11 +1,12 @@
 """Memory: a worker process's RSS idle, with runs in flight, and per run.
 
-    .venv/bin/python -m benchmarks.memory [--limits 32,256] [--churn 2000]
+    .venv/bin/python -m benchmarks.memory [--limits 32,256] [--churn 1500] [--rounds 3]
 
 For each limit, a fresh worker process (`python -m mq_worker start`): RSS once it is idle,
 then with `limit` runs in flight (the probe, sleeping; stream_output false, then true), after
 they are cancelled, and after `churn` short runs (/bin/true). Per-run overhead = (RSS with
-the runs in flight - RSS idle before them) / runs. The guardian process (a separate small
+the runs in flight - RSS idle before them) / runs. RSS after each round of short runs shows
+whether memory keeps growing with the number of runs done. The guardian process (a separate small
 interpreter that every worker starts) is reported apart. For reference: the RSS of an
 interpreter that only imports the worker's main dependencies, and one that imports mq_worker.
 """
@@ -75,7 +76,8 @@ async def settle() -> None:
     await asyncio.sleep(1.5)
 
 
-async def measure_limit(limit: int, churn: int) -> dict[str, Any]:
+async def measure_limit(limit: int, churn: int, rounds: int, loop: str = "auto"
+                        ) -> dict[str, Any]:
     probe = probe_command()
     samples: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="mqw-memory-") as tmp, vhost(f"mem-{limit}") as host:
@@ -83,7 +85,8 @@ async def measure_limit(limit: int, churn: int) -> dict[str, Any]:
         command = f"{probe} {log.path} 300"
         types = [WORKER_STARTED, RUN_SUBMITTED, RUN_CANCELLED, RUN_COMPLETED, *FAILURES]
         async with EventWatch(host.url, types) as watch, Publisher(host.url) as publisher:
-            with workers(host.url, 1, limit=limit, prefix=f"mem-{limit}") as started:
+            with workers(host.url, 1, limit=limit, prefix=f"mem-{limit}",
+                         loop=loop) as started:
                 worker = started[0]
                 await wait_workers_started(watch, [worker.name], started)
                 await asyncio.sleep(3)
@@ -106,28 +109,31 @@ async def measure_limit(limit: int, churn: int) -> dict[str, Any]:
                         await watch.wait_for(RUN_CANCELLED, run_id, timeout=60)
                     await settle()
                     samples[f"after_{label}"] = worker.rss_bytes()
-                if churn:
+                for round_ in range(1, rounds + 1 if churn else 1):
                     before = watch.counts[RUN_COMPLETED]
                     await publisher.publish_many(
                         run_body(new_id(), "/bin/true") for _ in range(churn))
                     await watch.wait_count(RUN_COMPLETED, before + churn, 60 + churn / 20,
                                            worker.check_alive)
                     await settle()
-                    samples["after_churn"] = worker.rss_bytes()
+                    samples[f"after_churn_{round_}"] = worker.rss_bytes()
                 failures = sum(watch.counts[t] for t in FAILURES)
     per_run = {
         label: (samples[f"in_flight_{label}"] - samples[f"idle_before_{label}"]) / limit
         for label in ("no_stream", "streaming")
     }
-    return {"limit": limit, "churn": churn, "failures": failures, "rss_bytes": samples,
+    return {"limit": limit, "churn": churn, "rounds": rounds, "failures": failures,
+            "rss_bytes": samples,
             "per_run_bytes": {k: round(v) for k, v in per_run.items()}}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     background = wait_for_quiet(timeout=args.quiet)
     references = {label: import_rss(statement) for label, statement in IMPORTS.items()}
-    limits = [await measure_limit(limit, args.churn) for limit in args.limits]
-    return {"references": references, "limits": limits, "background_cores_before": background}
+    limits = [await measure_limit(limit, args.churn, args.rounds, args.loop)
+              for limit in args.limits]
+    return {"references": references, "limits": limits, "loop": args.loop,
+            "background_cores_before": background}
 
 
 def report(result: dict[str, Any]) -> None:
@@ -144,9 +150,10 @@ def report(result: dict[str, Any]) -> None:
              round(s["in_flight_streaming"] / MIB, 1)],
             ["worker, after those runs were cancelled", round(s["after_streaming"] / MIB, 1)],
         ]
-        if "after_churn" in s:
-            rows.append([f"worker, after {entry['churn']:,} more runs of /bin/true",
-                         round(s["after_churn"] / MIB, 1)])
+        for round_ in range(1, entry["rounds"] + 1):
+            if f"after_churn_{round_}" in s:
+                rows.append([f"worker, after {round_ * entry['churn']:,} more runs of /bin/true",
+                             round(s[f"after_churn_{round_}"] / MIB, 1)])
     print_table("memory (RSS, MiB)", ["process", "RSS MiB"], rows)
     print_table("per run in flight (KiB)",
                 ["limit", "stream_output false", "stream_output true"],
@@ -157,7 +164,10 @@ def report(result: dict[str, Any]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limits", default="32,256")
-    parser.add_argument("--churn", type=int, default=2000, help="short runs after the others")
+    parser.add_argument("--churn", type=int, default=1500,
+                        help="short runs (/bin/true) per round after the others")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of short runs")
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--quiet", type=float, default=30.0,
                         help="seconds to wait for other processes to calm down")
     args = parser.parse_args()

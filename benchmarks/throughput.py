@@ -12,8 +12,9 @@ the 10th and the 90th percentile of completions), and CPU per run of the workers
 included), the broker and this process.
 
 The ceilings (benchmarks/ceiling.py, each in a process of its own): a bare asyncio loop that
-spawns /bin/true with the same concurrency, with the default child watcher and with pidfds,
-and a bare aio-pika consume+ack loop on a quorum queue.
+spawns /bin/true with the same concurrency, with the default child watcher and with pidfds
+(measured again right before each worker measurement; the ratios use those), and a bare
+aio-pika consume+ack loop on a quorum queue.
 """
 
 from __future__ import annotations
@@ -100,39 +101,42 @@ async def measure_workers(
     }
 
 
-def ceilings(concurrencies: list[int], spawns: int, messages: int) -> dict[str, Any]:
-    spawn: list[dict[str, Any]] = []
-    for concurrency in concurrencies:
-        for method in SPAWN_METHODS:
-            count = spawns if method != "uvloop" else max(200, spawns // 6)
-            spawn.append(run_ceiling(["spawn", "--method", method, "--concurrency",
-                                      str(concurrency), "--count", str(count)]))
-    amqp = [
+def spawn_ceilings(concurrency: int, spawns: int, methods: tuple[str, ...]
+                   ) -> list[dict[str, Any]]:
+    return [
+        run_ceiling(["spawn", "--method", method, "--concurrency", str(concurrency),
+                     "--count", str(spawns if method != "uvloop" else max(200, spawns // 6))])
+        for method in methods
+    ]
+
+
+def amqp_ceilings(messages: int) -> list[dict[str, Any]]:
+    return [
         run_ceiling(["amqp", "--prefetch", str(prefetch), "--count", str(messages),
                      "--events", str(events)])
         for prefetch in (2, 8) for events in (0, 3)
     ]
-    return {"spawn": spawn, "amqp": amqp}
-
-
-def spawn_ceiling(result: dict[str, Any], method: str, concurrency: int) -> float | None:
-    for row in result["ceilings"]["spawn"]:
-        if row["method"] == method and row["concurrency"] == concurrency:
-            return float(row["rate"])
-    return None
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"background_cores_before": wait_for_quiet(timeout=args.quiet)}
-    result["ceilings"] = ceilings(args.limits, args.spawns, args.messages)
+    spawn: list[dict[str, Any]] = []
+    for limit in args.limits:
+        spawn += spawn_ceilings(limit, args.spawns, SPAWN_METHODS)
+    result["ceilings"] = {"spawn": spawn, "amqp": amqp_ceilings(args.messages)}
     rows = []
     for count in args.workers:
         for limit in args.limits:
             runs = args.runs if limit > 1 else max(200, args.runs // 4)
-            rows.append(await measure_workers(limit, count, runs, loop=args.loop))
+            # The same ceilings again right before each measurement, so that a ratio never
+            # compares moments of different background load.
+            adjacent = spawn_ceilings(limit, args.spawns, ("default", "pidfd"))
+            row = await measure_workers(limit, count, runs, loop=args.loop)
+            row["adjacent_ceilings"] = {c["method"]: c["rate"] for c in adjacent}
+            rows.append(row)
     if args.window_variant:
         # The consumer's prefetch window is limit // 4 by default; this row shows what a
-        # window as large as the limit would give (MQ_WORKER_WINDOW is a worker setting).
+        # window as large as the limit gives (MQ_WORKER_WINDOW is a worker setting).
         rows.append(await measure_workers(8, 1, args.runs, loop=args.loop,
                                           env={"MQ_WORKER_WINDOW": "8"},
                                           label="mq_worker, 1 worker, window 8"))
@@ -142,6 +146,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result["workers"] = rows
     result["background_cores_after"] = wait_for_quiet(timeout=0)
     return result
+
+
+def spawn_ceiling(result: dict[str, Any], method: str, concurrency: int) -> float | None:
+    for row in result["ceilings"]["spawn"]:
+        if row["method"] == method and row["concurrency"] == concurrency:
+            return float(row["rate"])
+    return None
 
 
 def report(result: dict[str, Any]) -> None:
@@ -156,10 +167,12 @@ def report(result: dict[str, Any]) -> None:
     rows = []
     for row in result["workers"]:
         concurrency = row["limit"]
-        default = spawn_ceiling(result, "default", concurrency)
-        pidfd = spawn_ceiling(result, "pidfd", concurrency)
+        adjacent = row.get("adjacent_ceilings", {})
+        default = adjacent.get("default") or spawn_ceiling(result, "default", concurrency)
+        pidfd = adjacent.get("pidfd") or spawn_ceiling(result, "pidfd", concurrency)
         rows.append([
             row["label"], row["limit"], row["rate"], row["steady_rate"],
+            f"{default:.0f} / {pidfd:.0f}" if default and pidfd else "-",
             f"{row['rate'] / default:.0%}" if default else "-",
             f"{row['rate'] / pidfd:.0%}" if pidfd else "-",
             row["worker_cpu_ms_per_run"], row["run_process_cpu_ms_per_run"],
@@ -167,9 +180,9 @@ def report(result: dict[str, Any]) -> None:
         ])
     print_table(
         "throughput, /bin/true end to end: publish -> spawn -> exit -> completed received",
-        ["workers", "limit", "runs/s", "steady runs/s", "of default-watcher ceiling",
-         "of pidfd ceiling", "worker CPU ms/run", "/bin/true CPU ms/run", "broker CPU ms/run",
-         "failures", "other load (cores)"],
+        ["workers", "limit", "runs/s", "steady runs/s", "spawn ceiling default / pidfd",
+         "of default", "of pidfd", "worker CPU ms/run", "/bin/true CPU ms/run",
+         "broker CPU ms/run", "failures", "other load (cores)"],
         rows,
     )
 
