@@ -43,7 +43,7 @@ class Signer:
     def verify(self, body: bytes, headers: Mapping[str, Any]) -> None:
         """Raise InvalidMessage unless `headers` carry a valid signature of `body`."""
         value = headers.get(SIGNATURE_HEADER)
-        if isinstance(value, bytes):
+        if isinstance(value, bytes | bytearray):  # a long string that is not UTF-8, a byte array
             value = value.decode(errors="replace")
         if not isinstance(value, str) or not value.startswith(_PREFIX):
             raise InvalidMessage(f"unsigned message: no valid {SIGNATURE_HEADER} header")
