@@ -226,6 +226,7 @@ signature_values = (
     | st.lists(any_text, max_size=3) | st.dictionaries(any_text, any_text, max_size=3)
     | any_text.map(lambda s: "sha256=" + s)
     | st.binary(max_size=70).map(lambda b: b"sha256=" + b)
+    | st.binary(max_size=70).map(lambda b: bytearray(b"sha256=" + b))
 )
 KEYS = [b"k" * 16, b"another key of 32 bytes, rotated"]
 
@@ -240,7 +241,7 @@ def test_signature_check_of_random_headers_accepts_only_a_valid_signature(
     headers = {k: v for k, v in extra.items() if k != SIGNATURE_HEADER}
     if present:
         headers[SIGNATURE_HEADER] = value
-    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    text = value.decode(errors="replace") if isinstance(value, bytes | bytearray) else value
     genuine = present and isinstance(text, str) and text in {
         Signer([k]).signature(body) for k in KEYS}
     try:
@@ -259,6 +260,7 @@ def test_any_change_to_a_signed_body_or_signature_is_refused(body: bytes, flip: 
     signature = signer.signature(body)
     signer.verify(body, {SIGNATURE_HEADER: signature})
     signer.verify(body, {SIGNATURE_HEADER: signature.encode()})
+    signer.verify(body, {SIGNATURE_HEADER: bytearray(signature.encode())})  # AMQP byte array
     Signer(KEYS[::-1]).verify(body, {SIGNATURE_HEADER: signature})  # rotation: any key verifies
     assume(body)
     index = flip % len(body)
