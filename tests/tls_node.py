@@ -111,8 +111,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port(preferred: int, taken: set[int]) -> int:
-    if preferred not in taken and _port_free(preferred):
+def _free_port(preferred: int | None, taken: set[int]) -> int:
+    if preferred is not None and preferred not in taken and _port_free(preferred):
         return preferred
     while True:
         with socket.socket() as probe:
@@ -255,19 +255,32 @@ class TlsNode:
 
 
 @contextlib.contextmanager
-def tls_node(directory: Path) -> Iterator[TlsNode]:
-    """A booted TLS node in `directory`, stopped on exit."""
+def tls_node(directory: Path, attempts: int = 2) -> Iterator[TlsNode]:
+    """A booted TLS node in `directory`, stopped on exit.
+
+    The preferred ports are tried first; if the node cannot boot (another
+    session may have taken a port in the meantime), it is tried again on
+    ports the system picks.
+    """
     pki = make_pki(directory / "pki")
-    taken: set[int] = set()
-    ports = []
-    for preferred in (DEFAULT_AMQP_PORT, DEFAULT_TLS_PORT, DEFAULT_DIST_PORT):
-        ports.append(_free_port(preferred, taken))
-        taken.add(ports[-1])
-    node = TlsNode(
-        name=f"mqwtls{os.getpid()}@localhost", directory=directory, pki=pki,
-        amqp_port=ports[0], tls_port=ports[1], dist_port=ports[2],
-    )
-    node.start()
+    for attempt in range(1, attempts + 1):
+        taken: set[int] = set()
+        ports = []
+        for preferred in (DEFAULT_AMQP_PORT, DEFAULT_TLS_PORT, DEFAULT_DIST_PORT):
+            ports.append(_free_port(preferred if attempt == 1 else None, taken))
+            taken.add(ports[-1])
+        home = directory / f"node-{attempt}"
+        home.mkdir()
+        node = TlsNode(
+            name=f"mqwtls{os.getpid()}x{attempt}@localhost", directory=home, pki=pki,
+            amqp_port=ports[0], tls_port=ports[1], dist_port=ports[2],
+        )
+        try:
+            node.start()
+            break
+        except NodeUnavailable:
+            if attempt == attempts:
+                raise
     try:
         yield node
     finally:
