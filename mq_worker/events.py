@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import orjson
@@ -136,6 +136,9 @@ class CrashedData(RunEventData):
         default=None, description="exit-code, submission-failed, kill-failed or worker-lost."
     )
     infrastructure_pid: str | None = None
+    reported_by: str | None = Field(
+        default=None, description="For worker-lost: the peer that reported the lost worker."
+    )
 
 
 class CancelledData(RunEventData):
@@ -147,6 +150,9 @@ class CancelledData(RunEventData):
 
 class RejectedData(RunEventData):
     reason: str
+    message_kind: Literal["run", "cancel"] = Field(
+        default="run", description="Whether a run or a cancel message was rejected."
+    )
 
 
 class WorkerData(_EventData):
@@ -162,9 +168,22 @@ class WorkerData(_EventData):
     follows: str | None = None
 
 
+class HeartbeatRun(BaseModel):
+    """A run a worker holds, as its heartbeat lists it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: UUID
+    name: str | None = None
+    queue: str | None = None
+    state: str = Field(description="held, starting or running.")
+    infrastructure_pid: str | None = None
+
+
 class HeartbeatData(WorkerData):
     free_slots: int
     in_flight: list[UUID] = Field(description="Runs this worker holds: waiting or running.")
+    runs: list[HeartbeatRun] = Field(default_factory=list, description="The same runs, in detail.")
     outbox_depth: int = 0
 
 

@@ -62,7 +62,8 @@ def payload_validator(document: dict[str, Any], message: dict[str, Any]) -> json
 
 
 def assert_events_conform(messages: list[aio_pika.abc.AbstractIncomingMessage]) -> set[str]:
-    """Every message validates against the document's message for its routing key.
+    """Every message validates against the document's message for its routing key, and
+    declares every field it carries (the document hides nothing workers send).
 
     Returns the event types seen.
     """
@@ -75,5 +76,10 @@ def assert_events_conform(messages: list[aio_pika.abc.AbstractIncomingMessage]) 
         body = json.loads(raw.body)
         errors = sorted(payload_validator(document, message).iter_errors(body), key=str)
         assert not errors, f"{raw.routing_key}: {errors[0].message} at {list(errors[0].path)}"
+        envelope = _resolve(document, message["payload"]["$ref"])
+        data = _resolve(document, envelope["properties"]["data"]["$ref"])
+        assert set(body) <= set(envelope["properties"]), f"{raw.routing_key}: undocumented field"
+        undocumented = set(body["data"]) - set(data["properties"])
+        assert not undocumented, f"{raw.routing_key}: undocumented data {sorted(undocumented)}"
         seen.add(raw.routing_key)
     return seen
