@@ -228,6 +228,18 @@ def _message(name: str, title: str, summary: str, content_type: str, schema: str
     }
 
 
+_RUN_EXAMPLE = {
+    "id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20",
+    "name": "nightly-etl-2026-11-28",
+    "flow": {"id": "etl", "name": "ETL"},
+    "deployment": {"id": "d-7", "name": "nightly", "job_variables": {"env": {"TIER": "prod"}}},
+    "job_variables": {"command": "/opt/flows/etl --day 2026-11-28"},
+    "tags": ["etl", "nightly"],
+    "scheduled_start_time": "2026-11-29T02:00:00Z",
+}
+_CANCEL_EXAMPLE = {"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20", "reason": "not needed"}
+
+
 def _messages(names: dict[str, str]) -> dict[str, Any]:
     signature = {
         "type": "object",
@@ -242,9 +254,11 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
     }
     messages: dict[str, Any] = {
         "run": _message("run", "Run", "A run to start now or at its scheduled start time.",
-                        "application/json", names["run"], headers=signature),
+                        "application/json", names["run"], headers=signature,
+                        examples=[{"name": "nightly", "payload": _RUN_EXAMPLE}]),
         "cancel": _message("cancel", "Cancel", "Cancel a run wherever it is.",
-                           "application/json", names["cancel"], headers=signature),
+                           "application/json", names["cancel"], headers=signature,
+                           examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
     }
     for event_type in [*EVENT_TYPES, PING]:
         key = _camel(event_type)

@@ -16,7 +16,7 @@ import yaml
 
 from mq_worker import schema
 from mq_worker.events import EventType
-from mq_worker.messages import RunMessage
+from mq_worker.messages import RunMessage, parse_run
 from mq_worker.monitor import PING
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.status import send_ping
@@ -58,6 +58,14 @@ def test_document_is_valid_asyncapi_3() -> None:
     validator = asyncapi_validator()
     errors = list(validator.iter_errors(document))
     assert not errors, errors[0].message
+
+    # Examples are valid messages, for the document's schemas and for the worker's parser.
+    for name in ("run", "cancel"):
+        message = document["components"]["messages"][name]
+        for example in message["examples"]:
+            assert payload_validator(document, message).is_valid(example["payload"])
+    assert parse_run(json.dumps(
+        document["components"]["messages"]["run"]["examples"][0]["payload"]).encode())
 
     # The validator does look inside: a bad binding and a bad payload schema are caught.
     broken = copy.deepcopy(document)
