@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import aio_pika
 import jsonschema
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 
 from mq_worker import schema
+from mq_worker.cli import main
 from mq_worker.events import EventType
 from mq_worker.messages import RunMessage, parse_run
 from mq_worker.monitor import PING
@@ -22,7 +23,6 @@ from mq_worker.publisher import Publisher, new_run
 from mq_worker.status import send_ping
 from mq_worker.topology import EVENTS_EXCHANGE, RUNS_EXCHANGE
 from tests.conftest import (
-    PYTHON,
     EventLog,
     VHost,
     probe,
@@ -103,9 +103,8 @@ def test_document_covers_every_routing_key_and_message() -> None:
 
 
 def test_schema_command_prints_the_schemas() -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PYTHON, "-m", "mq_worker", "schema", *args], capture_output=True,
-                              text=True, timeout=60, check=False)
+    def run(*args: str) -> Result:
+        return CliRunner().invoke(main, ["schema", *args])
 
     everything = json.loads(run().stdout)
     assert set(everything) == set(schema.schema_names())
@@ -116,7 +115,7 @@ def test_schema_command_prints_the_schemas() -> None:
     assert json.loads(run("run.completed").stdout) == everything["mq_worker.run.completed"]
     assert run("--asyncapi").stdout == ASYNCAPI_FILE.read_text()
     missing = run("nothing")
-    assert missing.returncode == 2 and "no schema named 'nothing'" in missing.stderr
+    assert missing.exit_code == 2 and "no schema named 'nothing'" in missing.stderr
 
     # The standalone schemas accept real messages and refuse malformed ones.
     run_schema = jsonschema.Draft202012Validator(one)
