@@ -392,7 +392,8 @@ def status(urls: tuple[str, ...], pool: str | None, watch: bool, listen: float,
 
     if watch:
         with contextlib.suppress(KeyboardInterrupt):
-            _run(lambda: worker_status.watch(settings.url, show, pool=pool, tls=settings.tls))
+            _run(lambda: worker_status.watch(settings.url, show, pool=pool, tls=settings.tls,
+                                             refresh=1.0 if terminal else None))
         return
     table = _run(lambda: worker_status.collect(settings.url, pool=pool, tls=settings.tls,
                                                listen=listen))

@@ -188,10 +188,13 @@ async def watch(
     pool: str | None = None,
     tls: TlsOptions | None = None,
     tick: float = 0.5,
+    refresh: float | None = None,
 ) -> None:
-    """Call `on_change(table)` each time the table changes, until cancelled."""
+    """Call `on_change(table)` each time the table changes (and at least every `refresh`
+    seconds, if given, so that ages shown stay current), until cancelled."""
     table = WorkerTable(pool)
     changed = anyio.Event()
+    last: tuple[Any, ...] | None = None
     async with EventSubscriber(urls, types=WORKER_EVENTS, tls=tls,
                                name="mq_worker status") as events, \
             anyio.create_task_group() as tg:
@@ -203,15 +206,20 @@ async def watch(
                     changed.set()
 
         async def _tick() -> None:
+            nonlocal last
+            since = 0.0
             while True:
                 await anyio.sleep(tick)
+                since += tick
+                if refresh is not None and since >= refresh:
+                    since, last = 0.0, None
+                    changed.set()
                 if table.check():
                     changed.set()
 
         tg.start_soon(_follow)
         tg.start_soon(_tick)
         await send_ping(urls, tls)
-        last: tuple[Any, ...] | None = None
         while True:
             await changed.wait()
             changed = anyio.Event()
