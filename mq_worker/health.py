@@ -16,6 +16,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mq_worker.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from mq_worker.workers.base import BaseWorker
 
@@ -59,13 +61,19 @@ async def serve_health(
 ) -> None:
     """Serve `/health` and `/metrics` on `port` (0: any free port) until cancelled.
 
-    Reports the port actually bound through `task_status`.
+    Reports the port actually bound through `task_status`; a port that cannot be
+    bound is a ConfigurationError.
     """
     runner = web.AppRunner(make_app(worker), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve the health endpoint on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         bound = _bound_port(runner, port)
         log.info("health endpoint listening", host=host, port=bound,
                  paths=["/health", "/metrics"])

@@ -324,3 +324,18 @@ def test_status_table_marks_workers_by_their_own_heartbeat_interval() -> None:
     ghost = next(line for line in rendered if line.startswith("ghost"))
     assert ghost.split() == ["ghost", "p", "-", "-", "0", "-", "lost"]
     assert table.snapshot()["workers"][0]["name"] == "fast"
+
+
+def test_a_health_port_in_use_fails_clearly(vhost: VHost) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "mq_worker", "start", "--url", vhost.url, "--health-port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"cannot serve the health endpoint on 0.0.0.0:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
