@@ -48,16 +48,31 @@ class TlsOptions:
     key_file: Path | None = None
 
     def context(self) -> ssl.SSLContext:
+        """A client context that checks the broker's certificate and host name.
+
+        Raises ConfigurationError naming the file that cannot be used.
+        """
+        if self.key_file and not self.cert_file:
+            raise ConfigurationError("cannot load TLS files: a key file needs a certificate file")
         try:
             context = ssl.create_default_context(
                 cafile=str(self.ca_file) if self.ca_file else None
             )
-            if self.cert_file:
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"cannot load TLS files: CA file {self.ca_file}: {exc}"
+            ) from exc
+        if self.cert_file:
+            try:
                 context.load_cert_chain(
                     str(self.cert_file), str(self.key_file) if self.key_file else None
                 )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(f"cannot load TLS files: {exc}") from exc
+            except (OSError, ssl.SSLError) as exc:
+                files = f"{self.cert_file}" + (f" and key file {self.key_file}"
+                                               if self.key_file else "")
+                raise ConfigurationError(
+                    f"cannot load TLS files: certificate file {files}: {exc}"
+                ) from exc
         return context
 
 
