@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -230,6 +230,28 @@ def wait_for_quiet(threshold: float = 0.2, timeout: float = 120.0) -> float:
         print(f"warning: measuring on a busy machine (others use {load:.2f} cores)",
               file=sys.stderr)
     return load
+
+
+async def least_disturbed(
+    measure: Callable[[], Awaitable[dict[str, Any]]], *, attempts: int = 3,
+    threshold: float = 0.3, quiet: float = 60.0,
+) -> dict[str, Any]:
+    """Run `measure` (whose result has "others_cores") after waiting for a quiet machine;
+    again, up to `attempts` times, while other processes used more than `threshold` cores
+    during it. The least disturbed attempt is returned, with the number of attempts."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1, attempts + 1):
+        await asyncio.to_thread(wait_for_quiet, threshold * 2 / 3, quiet)
+        result = await measure()
+        result["attempts"] = attempt
+        if best is None or result["others_cores"] < best["others_cores"]:
+            best = result
+        if result["others_cores"] <= threshold:
+            break
+        print(f"other processes used {result['others_cores']:.2f} cores during the "
+              f"measurement: measuring again", file=sys.stderr)
+    assert best is not None
+    return best
 
 
 # -- the probe command -------------------------------------------------------------------

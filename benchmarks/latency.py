@@ -126,7 +126,7 @@ class Bench:
 
 async def measure_latency(
     rates: list[float], seconds: float, burst_count: int = 0, burst_size: int = 0, *,
-    limit: int = 8, loop: str = "auto",
+    limit: int = 8, loop: str = "auto", env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The phases (paced rates, then bursts) measured on one fresh worker process."""
     command_path = probe_command()
@@ -137,7 +137,8 @@ async def measure_latency(
         probe = ProbeLog(log_path)
         types = [WORKER_STARTED, RUN_PENDING, RUN_SUBMITTED, *FAILURES]
         async with EventWatch(host.url, types) as watch, Publisher(host.url) as publisher:
-            with workers(host.url, 1, limit=limit, prefix="latency", loop=loop) as started:
+            with workers(host.url, 1, limit=limit, prefix="latency", loop=loop,
+                         env=env) as started:
                 await wait_workers_started(watch, [w.name for w in started], started)
                 bench = Bench(publisher, watch, probe, command, started[0])
                 await bench.phase("warm-up", 100, 50.0)
@@ -169,9 +170,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     background = wait_for_quiet(timeout=args.quiet)
     floor = floors(50.0, 500) if args.floors else []
     phases = await measure_latency(args.rates, args.seconds, args.burst_count, args.burst_size,
-                                   limit=args.limit, loop=args.loop)
-    return {"limit": args.limit, "loop": args.loop, "floors": floor, "phases": phases,
-            "background_cores_before": background}
+                                   limit=args.limit, loop=args.loop, env=args.env)
+    return {"limit": args.limit, "loop": args.loop, "worker_env": args.env, "floors": floor,
+            "phases": phases, "background_cores_before": background}
 
 
 def _merge_bursts(bursts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -206,7 +207,8 @@ def report(result: dict[str, Any]) -> None:
             s = phase[metric]
             rows.append([phase["phase"], f"publish -> {metric}", s["n"], s["p50"], s["p90"],
                          s["p99"], s["max"]])
-    print_table(f"publish -> started, one worker (limit {result['limit']}), ms",
+    settings = "".join(f", {k}={v}" for k, v in result.get("worker_env", {}).items())
+    print_table(f"publish -> started, one worker (limit {result['limit']}{settings}), ms",
                 ["phase", "measure", "runs", "p50", "p90", "p99", "max"], rows)
     print_table("load", ["phase", "published/s", "failures", "worker CPU ms/run",
                          "broker CPU ms/run", "burst makespan ms", "other load (cores)"],
@@ -223,12 +225,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bursts", default="3x200", help="COUNTxSIZE bursts ('0x0': none)")
     parser.add_argument("--limit", type=int, default=8, help="the worker's --limit")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="worker environment, e.g. MQ_WORKER_WINDOW=8 (repeatable)")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip the bare AMQP and spawn latency floors")
     parser.add_argument("--quiet", type=float, default=60.0,
                         help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.env = dict(item.split("=", 1) for item in args.env)
     count, _, size = args.bursts.partition("x")
     args.burst_count, args.burst_size = int(count), int(size or 0)
     return args

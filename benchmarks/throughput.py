@@ -11,6 +11,10 @@ runs/s over the whole batch (first publish -> last completed) and in steady stat
 the 10th and the 90th percentile of completions), and CPU per run of the workers (runs
 included), the broker and this process.
 
+Other processes' load spoils such figures on a small machine: each measurement waits for a
+quiet machine and is repeated (up to 3 times) when other processes used more than 0.3 cores
+while it ran; the least disturbed attempt is kept and its "other load" reported.
+
 The ceilings (benchmarks/ceiling.py, each in a process of its own): a bare asyncio loop that
 spawns /bin/true with the same concurrency, with the default child watcher and with pidfds
 (measured again right before each worker measurement; the ratios use those), and a bare
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -33,6 +38,7 @@ from benchmarks.common import (
     EventWatch,
     Publisher,
     banner,
+    least_disturbed,
     new_id,
     percentile,
     print_table,
@@ -122,27 +128,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"background_cores_before": wait_for_quiet(timeout=args.quiet)}
     spawn: list[dict[str, Any]] = []
     for limit in args.limits:
+        wait_for_quiet(timeout=args.quiet)
         spawn += spawn_ceilings(limit, args.spawns, SPAWN_METHODS)
     result["ceilings"] = {"spawn": spawn, "amqp": amqp_ceilings(args.messages)}
     rows = []
+
+    async def adjacent(limit: int, count: int, runs: int, **options: Any) -> dict[str, Any]:
+        # The same ceilings again right before each measurement, so that a ratio never
+        # compares moments of different background load.
+        ceilings = spawn_ceilings(limit, args.spawns, ("default", "pidfd"))
+        row = await measure_workers(limit, count, runs, **options)
+        row["adjacent_ceilings"] = {c["method"]: c["rate"] for c in ceilings}
+        return row
+
     for count in args.workers:
         for limit in args.limits:
             runs = args.runs if limit > 1 else max(200, args.runs // 4)
-            # The same ceilings again right before each measurement, so that a ratio never
-            # compares moments of different background load.
-            adjacent = spawn_ceilings(limit, args.spawns, ("default", "pidfd"))
-            row = await measure_workers(limit, count, runs, loop=args.loop)
-            row["adjacent_ceilings"] = {c["method"]: c["rate"] for c in adjacent}
-            rows.append(row)
+            rows.append(await least_disturbed(
+                functools.partial(adjacent, limit, count, runs, loop=args.loop),
+                quiet=args.quiet))
     if args.window_variant:
         # The consumer's prefetch window is limit // 4 by default; this row shows what a
         # window as large as the limit gives (MQ_WORKER_WINDOW is a worker setting).
-        rows.append(await measure_workers(8, 1, args.runs, loop=args.loop,
-                                          env={"MQ_WORKER_WINDOW": "8"},
-                                          label="mq_worker, 1 worker, window 8"))
+        rows.append(await least_disturbed(functools.partial(
+            adjacent, 8, 1, args.runs, loop=args.loop, env={"MQ_WORKER_WINDOW": "8"},
+            label="mq_worker, 1 worker, window 8"), quiet=args.quiet))
     if args.asyncio_variant:
-        rows.append(await measure_workers(8, 1, args.runs, loop="asyncio",
-                                          label="mq_worker, 1 worker, --loop asyncio"))
+        rows.append(await least_disturbed(functools.partial(
+            adjacent, 8, 1, args.runs, loop="asyncio",
+            label="mq_worker, 1 worker, --loop asyncio"), quiet=args.quiet))
     result["workers"] = rows
     result["background_cores_after"] = wait_for_quiet(timeout=0)
     return result
