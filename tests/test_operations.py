@@ -24,7 +24,6 @@ from tests.conftest import (
     VHost,
     probe,
     publish_raw,
-    rabbitmqctl,
     running_worker,
     started_runs,
     wait_until,
@@ -70,22 +69,6 @@ async def health_endpoint(worker: BaseWorker) -> AsyncIterator[int]:
             tg.cancel_scope.cancel()
 
 
-def close_connections(vhost: VHost, name: str) -> int:
-    """Close, from the broker side, the vhost's connections named `name`.
-
-    rabbitmqctl's tab-separated listing gives the pid in the form close_connection takes.
-    """
-    listing = rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "vhost",
-                          "client_properties")
-    closed = 0
-    for line in listing.splitlines():
-        pid, where, properties = line.split("\t", 2)
-        if where == vhost.name and f'{{"connection_name","{name}"}}' in properties:
-            rabbitmqctl("close_connection", pid, "closed by a test")
-            closed += 1
-    return closed
-
-
 # -- health ------------------------------------------------------------------------
 
 
@@ -103,7 +86,7 @@ async def test_health_is_503_while_the_broker_connection_is_down_then_200_again(
     assert up["status"] == "ok" and up["reason"] == "consuming"
     assert up["free_slots"] == 4 and up["in_flight"] == 0
 
-    assert close_connections(vhost, f"mq_worker {worker.name}") == 1
+    assert vhost.close_connections(f"mq_worker {worker.name}") == 1
     down = await wait_health(port, 503, timeout=5)
     assert down["status"] == "unavailable"
     assert "reconnecting" in down["reason"] or "consuming" in down["reason"]
