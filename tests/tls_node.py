@@ -10,6 +10,7 @@ client certificate, and a client certificate from a second, untrusted CA.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ DEFAULT_AMQP_PORT = 5691
 DEFAULT_TLS_PORT = 5692
 DEFAULT_DIST_PORT = 25691
 BOOT_TIMEOUT = 90.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class NodeUnavailable(Exception):
@@ -120,6 +122,17 @@ def _free_port(preferred: int | None, taken: set[int]) -> int:
             port = int(probe.getsockname()[1])
         if port not in taken:
             return port
+
+
+def _terminate_with_parent() -> None:
+    """In the child: get SIGTERM when the test session's process dies, however it dies.
+
+    rabbitmq-server's wrapper script stops the node gracefully on SIGTERM, so a
+    killed test run leaves no node behind.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _amqp_answers(port: int, context: ssl.SSLContext | None = None) -> bool:
@@ -221,6 +234,7 @@ class TlsNode:
         self.process = subprocess.Popen(
             [str(server)], cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         log.close()
         context = self.client_context()
