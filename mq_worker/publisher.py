@@ -113,9 +113,11 @@ class Publisher:
             if self._declare and ("pool", pool, queue) not in self._declared:
                 await topology.declare_exchanges(channel)
                 await topology.declare_dead_queue(channel)
-                await topology.declare_delay_ladder(channel)
                 await topology.declare_work_queue(channel, pool, queue, self._options)
                 self._declared.add(("pool", pool, queue))
+            if parked and self._declare and ("ladder",) not in self._declared:
+                await topology.declare_delay_ladder(channel)
+                self._declared.add(("ladder",))
 
         if parked:
             assert due is not None

@@ -146,8 +146,8 @@ async def _declare_queue(
 
 
 async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
-    """Declare the runs and events exchanges."""
-    for name in (RUNS_EXCHANGE, EVENTS_EXCHANGE):
+    """Declare the runs, events and due exchanges."""
+    for name in (RUNS_EXCHANGE, EVENTS_EXCHANGE, DUE_EXCHANGE):
         await channel.exchange_declare(name, exchange_type="topic", durable=True)
 
 
@@ -201,9 +201,12 @@ async def declare_pool(
     queues: list[str],
     options: QueueOptions,
 ) -> list[str]:
-    """Declare everything a worker of `pool` serving `queues` needs; return the work queue names."""
+    """Declare what a worker of `pool` serving `queues` needs; return the work queue names.
+
+    The delay ladder is declared when a run is first parked (`declare_delay_ladder`):
+    its 25 queues are not needed by deployments that never schedule ahead.
+    """
     await declare_exchanges(channel)
     await declare_dead_queue(channel)
-    await declare_delay_ladder(channel)
     await declare_cancel_stream(channel, options)
     return [await declare_work_queue(channel, pool, q, options) for q in queues]

@@ -162,7 +162,7 @@ class EventLog:
 async def event_log(url: str) -> AsyncIterator[EventLog]:
     log = EventLog()
     connection = await aio_pika.connect(url)
-    async with connection:
+    try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         queue = await channel.declare_queue(exclusive=True)
@@ -173,6 +173,9 @@ async def event_log(url: str) -> AsyncIterator[EventLog]:
 
         await queue.consume(on_message, no_ack=True)
         yield log
+    finally:
+        with anyio.move_on_after(10, shield=True):
+            await connection.close()
 
 
 @pytest.fixture

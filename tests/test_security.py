@@ -770,8 +770,10 @@ async def test_a_client_without_a_needed_permission_fails_at_once_with_a_clear_e
     else:
         permissions = {**NON_DECLARING_PUBLISHER_PERMISSIONS, "write": r"^mq_worker\.runs$"}
         resource = "exchange 'mq_worker.delay-24'"
-    async with running_worker(vhost.url):  # the topology exists
-        pass
+    # The topology exists, the delay ladder included.
+    async with running_worker(vhost.url), Publisher(vhost.url) as admin:
+        await admin.submit(new_run("true", scheduled_start_time=datetime.now(UTC)
+                                   + timedelta(hours=1)))
     with broker_user(vhost, password=password, **permissions) as user:
         url = vhost.url_for(user, password)
         with anyio.fail_after(15), pytest.raises((BrokerError, aiormq.exceptions.AMQPError)) \

@@ -119,6 +119,8 @@ class _Session:
         self.runs = runs
         self.publish = publish
         self.aux = aux
+        self.ladder_declared = False
+        self.ladder_lock = anyio.Lock()
 
 
 class BaseWorker(abc.ABC):
@@ -698,6 +700,10 @@ class BaseWorker(abc.ABC):
         if session is None:
             return
         assert run.scheduled_start_time is not None
+        async with session.ladder_lock:
+            if not session.ladder_declared:
+                await topology.declare_delay_ladder(session.publish)
+                session.ladder_declared = True
         until_due = run.scheduled_start_time.timestamp() - time.time()
         seconds = park_seconds(until_due, self.settings.prefetch_seconds)
         await park(
