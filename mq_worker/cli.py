@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 import shlex
@@ -33,19 +34,19 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, Any]], loop: str = "auto") -> Any:
-    use_uvloop = False
-    if loop != "asyncio":
-        try:
-            import uvloop  # noqa: F401
-
-            use_uvloop = True
-        except ImportError:
-            if loop == "uvloop":
-                _fail("--loop uvloop needs the 'speed' extra: pip install 'mq-worker[speed]'", 2)
+    use_uvloop = loop != "asyncio" and importlib.util.find_spec("uvloop") is not None
+    if loop == "uvloop" and not use_uvloop:
+        _fail("--loop uvloop needs the 'speed' extra: pip install 'mq-worker[speed]'", 2)
     try:
         return anyio.run(main, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
     except* MqWorkerError as group:
-        _fail(str(group.exceptions[0]))
+        _fail(str(_first_leaf(group)))
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception of a (possibly nested) group: the one to tell the user."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _client_settings(urls: tuple[str, ...]) -> WorkerSettings:
