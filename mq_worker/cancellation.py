@@ -158,9 +158,11 @@ class CancelFollower:
             return
         live = self._caught_up.is_set()
         try:
-            if self._verify is not None:
-                self._verify(message.body, headers)
-            cancel = parse_cancel(message.body, max_bytes=self._max_bytes)
+            verify = self._verify
+            cancel = parse_cancel(
+                message.body, max_bytes=self._max_bytes,
+                verify=(lambda body: verify(body, headers)) if verify else None,
+            )
         except InvalidMessage as exc:
             self._on_invalid(exc, live)
             return

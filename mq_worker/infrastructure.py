@@ -173,6 +173,9 @@ async def stream_output(handle: ProcessHandle, logger: Any) -> None:
             tg.start_soon(_pump, pipe, name, logger, handle)
 
 
+_MAX_LINE_BYTES = 65536
+
+
 async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) -> None:
     fd = pipe.fileno()
     os.set_blocking(fd, False)
@@ -204,6 +207,9 @@ async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) 
                 break
             pending += chunk
             *lines, pending = pending.split(b"\n")
+            if len(pending) >= _MAX_LINE_BYTES:  # output without newlines must not grow memory
+                lines.append(pending)
+                pending = b""
             for line in lines:
                 logger.info(line.decode(errors="replace").rstrip("\r"), stream=name)
     finally:

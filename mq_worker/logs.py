@@ -18,11 +18,22 @@ LogFormat = Literal["auto", "console", "json"]
 def mask_secrets_processor(
     logger: Any, method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Replace the password of any AMQP URL in any string value by '****'."""
+    """Replace the password of any URL, anywhere in the event (tracebacks included), by '****'."""
     for key, value in event_dict.items():
-        if isinstance(value, str) and "amqp" in value:
-            event_dict[key] = mask_secrets(value)
+        event_dict[key] = _masked(value)
     return event_dict
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_secrets(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(item) for item in value)
+    if isinstance(value, BaseException):
+        return _masked(f"{type(value).__name__}: {value}")
+    return value
 
 
 def _json_dumps(value: Any, **_: Any) -> str:
@@ -42,13 +53,13 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        mask_secrets_processor,
     ]
     structlog.configure(
         processors=[
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            mask_secrets_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
@@ -61,6 +72,7 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                mask_secrets_processor,
                 renderer,
             ],
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

@@ -6,6 +6,7 @@ unknown fields, so publishers can move ahead of workers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -114,9 +115,13 @@ def _readable_id(body: bytes) -> UUID | None:
 M = TypeVar("M", bound=_WireModel)
 
 
-def _parse(model: type[M], body: bytes, max_bytes: int) -> M:
+def _parse(
+    model: type[M], body: bytes, max_bytes: int, verify: Callable[[bytes], None] | None
+) -> M:
     if len(body) > max_bytes:
         raise InvalidMessage(f"message of {len(body)} bytes exceeds the cap of {max_bytes} bytes")
+    if verify is not None:  # after the size cap: never hash an oversized body
+        verify(body)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -125,11 +130,20 @@ def _parse(model: type[M], body: bytes, max_bytes: int) -> M:
         raise InvalidMessage(_describe(exc), run_id=_readable_id(body)) from None
 
 
-def parse_run(body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RunMessage:
-    """Validate a run message body; raise InvalidMessage with a one-line reason."""
-    return _parse(RunMessage, body, max_bytes)
+def parse_run(
+    body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    verify: Callable[[bytes], None] | None = None,
+) -> RunMessage:
+    """Validate a run message body; raise InvalidMessage with a one-line reason.
+
+    `verify` (a signature check that raises InvalidMessage) runs once the size is known good.
+    """
+    return _parse(RunMessage, body, max_bytes, verify)
 
 
-def parse_cancel(body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> CancelMessage:
+def parse_cancel(
+    body: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    verify: Callable[[bytes], None] | None = None,
+) -> CancelMessage:
     """Validate a cancel message body; raise InvalidMessage with a one-line reason."""
-    return _parse(CancelMessage, body, max_bytes)
+    return _parse(CancelMessage, body, max_bytes, verify)

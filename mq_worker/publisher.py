@@ -17,7 +17,7 @@ from pamqp import commands as spec
 from mq_worker import topology
 from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, split_urls
 from mq_worker.delay import ladder_routing_key, park_seconds
-from mq_worker.errors import PublishError, UnroutableError
+from mq_worker.errors import BrokerError, PublishError, UnroutableError
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.signing import Signer
 
@@ -44,6 +44,10 @@ def new_run(
         scheduled_start_time=scheduled_start_time,
         **fields,
     )
+
+
+class _NotDeclared(BrokerError):
+    """The exchange to publish to does not exist."""
 
 
 class Publisher:
@@ -122,8 +126,15 @@ class Publisher:
         if parked:
             assert due is not None
             seconds = park_seconds(due.timestamp() - time.time(), 1.0)
-            exchange = topology.delay_name(topology.DELAY_LEVELS - 1)
-            routing_key = ladder_routing_key(seconds, routing_key)
+            try:
+                await self._publish(topology.delay_name(topology.DELAY_LEVELS - 1),
+                                    ladder_routing_key(seconds, routing_key), body,
+                                    str(run.id), declare)
+                return run
+            except _NotDeclared:
+                # No worker has parked a run yet, so the ladder does not exist and this
+                # publisher may not declare it: hand the run to the pool, whose worker parks it.
+                pass
         await self._publish(exchange, routing_key, body, str(run.id), declare)
         return run
 
@@ -179,8 +190,16 @@ class Publisher:
                 ) from None
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishError(f"the broker refused the message: {exc}") from None
-            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError):
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                await self._link.reset()
+                raise _NotDeclared(
+                    f"{exc}: declare it by starting a worker, or publish with declare=True"
+                ) from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                await self._link.reset()
+                raise BrokerError(f"the broker refused access: {exc}") from None
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
                 self._declared.clear()
                 await self._link.reset()
                 if attempt == 2:
-                    raise
+                    raise BrokerError(f"cannot publish: {type(exc).__name__}: {exc}") from exc

@@ -98,7 +98,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _WORKER_NAME.match(value):
+        if not _WORKER_NAME.fullmatch(value):
             raise ValueError(
                 "a worker name has 1-128 letters, digits or '.', '_', '@', ':', '-'"
             )

@@ -54,7 +54,14 @@ class EventSubscriber:
         self._channel: aiormq.abc.AbstractChannel | None = None
 
     async def __aenter__(self) -> Self:
-        await self._subscribe()
+        try:
+            await self._subscribe()
+        except aiormq.exceptions.AMQPError as exc:
+            await self.close()
+            raise BrokerError(f"cannot subscribe: {exc}") from None
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(

@@ -39,7 +39,7 @@ MAX_PARK_SECONDS = 2**DELAY_LEVELS - 1
 
 def check_name(kind: str, value: str) -> str:
     """Return `value` if it is a valid pool or queue name, else raise ConfigurationError."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ConfigurationError(
             f"invalid {kind} name {value!r}: use 1-64 letters, digits, '_' or '-'"
         )

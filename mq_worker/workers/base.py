@@ -74,6 +74,9 @@ _SESSION_ERRORS = (
 )
 
 
+_STABLE_SESSION_SECONDS = 10.0
+
+
 class WorkerResult(NamedTuple):
     """What a run's infrastructure reported when it ended."""
 
@@ -355,10 +358,10 @@ class BaseWorker(abc.ABC):
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            backoff = 0.2
             if not first:
                 self.metrics.reconnects.inc()
             first = False
+            session_began = time.monotonic()
             try:
                 await self._serve_session(connection)
             except* (TopologyMismatch, ConfigurationError) as group:
@@ -379,6 +382,13 @@ class BaseWorker(abc.ABC):
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await connection.close()
             index += 1  # on a cluster, try another node first
+            # A session refused at once (no permission, a queue declared with other
+            # arguments by someone else) must not turn into a reconnect storm.
+            if time.monotonic() - session_began < _STABLE_SESSION_SECONDS:
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.2
 
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
         channels = [await connection.channel(publisher_confirms=c) for c in (False, True, False)]
@@ -440,9 +450,11 @@ class BaseWorker(abc.ABC):
             await delivery.settle(requeue=True)
             return
         try:
-            if self._signer is not None:
-                self._signer.verify(delivery.body, delivery.headers)
-            run = parse_run(delivery.body, max_bytes=self.settings.max_message_bytes)
+            signer = self._signer
+            run = parse_run(
+                delivery.body, max_bytes=self.settings.max_message_bytes,
+                verify=(lambda body: signer.verify(body, delivery.headers)) if signer else None,
+            )
         except InvalidMessage as exc:
             await self._reject(delivery, queue, exc)
             return
