@@ -8,6 +8,7 @@ worker itself dies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -28,9 +29,14 @@ from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound
 
 _GUARDIAN = Path(__file__).with_name("_guardian.py")
 _HAS_PIDFD = hasattr(os, "pidfd_open")
+# Linux lists a thread's children in /proc when built with CONFIG_PROC_CHILDREN.
+_HAS_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 # How long output may still arrive after the process exited (a background child
 # may hold the pipe open forever).
 _OUTPUT_DRAIN_SECONDS = 1.0
+# How long the guardian may go on listing a group that has ended: a dead worker's
+# guardian signals a group id that is, at worst, this stale.
+_FORGET_DELAY_SECONDS = 0.5
 
 
 class Guardian:
@@ -41,6 +47,9 @@ class Guardian:
         self._process: subprocess.Popen[bytes] | None = None
         self._pipe: IO[bytes] | None = None
         self._log = structlog.get_logger("mq_worker.guardian")
+        self._lines: list[str] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_urgent = False
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -51,25 +60,50 @@ class Guardian:
         )
         self._pipe = self._process.stdin
 
-    def _send(self, line: str) -> None:
-        if self._pipe is None:
+    def watch(self, pgid: int) -> None:
+        """Tell the guardian about a new process group, within this turn of the event loop."""
+        self._lines.append(f"+{pgid}\n")
+        self._schedule_flush(0.0)
+
+    def forget(self, pgid: int) -> None:
+        """Tell the guardian a group is gone; not urgent, so batched with later lines."""
+        self._lines.append(f"-{pgid}\n")
+        self._schedule_flush(_FORGET_DELAY_SECONDS)
+
+    def _schedule_flush(self, delay: float) -> None:
+        # Each write wakes the guardian's process: write what a loop turn produced at once.
+        if self._flush_handle is not None and (delay > 0 or self._flush_urgent):
             return
         try:
-            self._pipe.write(line.encode())
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_urgent = delay == 0
+        self._flush_handle = (loop.call_soon(self.flush) if delay == 0
+                              else loop.call_later(delay, self.flush))
+
+    def flush(self) -> None:
+        """Write the lines waiting for the guardian."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        lines, self._lines = self._lines, []
+        if self._pipe is None or not lines:
+            return
+        try:
+            self._pipe.write("".join(lines).encode())
             self._pipe.flush()
         except OSError:
             self._log.error("the guardian process is gone: "
                             "runs would outlive a crash of this worker")
             self._pipe = None
 
-    def watch(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
-
-    def forget(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
-
     def stop(self) -> None:
         """Stop the guardian; groups still listed are terminated as if the worker died."""
+        self.flush()
         if self._pipe is not None:
             with contextlib.suppress(OSError):
                 self._pipe.close()
@@ -118,6 +152,12 @@ class ProcessHandle:
         return self.popen.returncode
 
     def descendants(self) -> list[psutil.Process]:
+        if _HAS_PROC_CHILDREN:
+            processes = []
+            for pid in _descendant_pids(self.pid):
+                with contextlib.suppress(psutil.Error):
+                    processes.append(psutil.Process(pid))
+            return processes
         try:
             children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
             return children
@@ -244,6 +284,27 @@ async def terminate(handle: ProcessHandle, grace_seconds: float) -> int:
             )
     assert handle.returncode is not None
     return handle.returncode
+
+
+def _descendant_pids(pid: int) -> list[int]:
+    """Descendants of `pid` from /proc/<pid>/task/*/children: no scan of every process."""
+    found: list[int] = []
+    parents = [pid]
+    while parents:
+        parent = parents.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for thread in threads:
+            try:
+                with open(f"/proc/{parent}/task/{thread}/children") as children:
+                    pids = [int(p) for p in children.read().split()]
+            except OSError:
+                continue
+            found.extend(pids)
+            parents.extend(pids)
+    return found
 
 
 def _pgid(process: psutil.Process) -> int | None:

@@ -16,17 +16,22 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import jsonschema
 import jsonschema.exceptions
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from mq_worker.errors import ConfigurationError, InvalidMessage
 from mq_worker.messages import RunMessage
 
+# Runs of one deployment share their job variables: their rendering is kept, bounded.
+_RENDER_CACHE_SIZE = 256
+_RENDER_CACHE_MAX_KEY = 4096
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -98,6 +103,7 @@ class BaseJobTemplate:
         self.names = frozenset(properties)
         self.defaults = {k: v["default"] for k, v in properties.items() if "default" in v}
         self._validator = jsonschema.Draft202012Validator(variables)
+        self._rendered: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
@@ -132,8 +138,28 @@ class BaseJobTemplate:
         return resolved
 
     def render(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`job_configuration` with `values` substituted; raise InvalidMessage when refused."""
         rendered = apply_values(self.job_configuration, self.resolve_variables(values))
         assert isinstance(rendered, dict)
+        return rendered
+
+    def _render_shared(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """As `render`, but possibly the cached result itself: the caller must not change it."""
+        try:
+            key = orjson.dumps(values, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            key = b""
+        if len(key) > _RENDER_CACHE_MAX_KEY:
+            key = b""
+        cached = self._rendered.get(key) if key else None
+        if cached is not None:
+            self._rendered.move_to_end(key)
+            return cached
+        rendered = self.render(values)
+        if key:
+            self._rendered[key] = rendered
+            if len(self._rendered) > _RENDER_CACHE_SIZE:
+                self._rendered.popitem(last=False)
         return rendered
 
 
@@ -166,6 +192,7 @@ class BaseJobConfiguration(BaseModel):
 
     # Fields that are not variables in the default template.
     template_exclude: ClassVar[frozenset[str]] = frozenset()
+    _argv: tuple[str, list[str]] | None = PrivateAttr(default=None)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -205,7 +232,7 @@ class BaseJobConfiguration(BaseModel):
         cls, template: BaseJobTemplate, values: Mapping[str, Any]
     ) -> Self:
         """Render `template` with `values` and validate the result; InvalidMessage if refused."""
-        rendered = template.render(values)
+        rendered = template._render_shared(values)  # validation copies what it keeps
         try:
             return cls.model_validate(rendered)
         except ValidationError as exc:
@@ -236,6 +263,8 @@ class BaseJobConfiguration(BaseModel):
         """The command split into arguments, never through a shell."""
         if self.command is None:
             raise InvalidMessage("the job has no command")
+        if self._argv is not None and self._argv[0] == self.command:
+            return list(self._argv[1])
         try:
             argv = shlex.split(self.command)
         except ValueError as exc:
@@ -244,7 +273,8 @@ class BaseJobConfiguration(BaseModel):
             raise InvalidMessage("the job has no command")
         if any("\x00" in arg for arg in argv):
             raise InvalidMessage("command contains a NUL byte")
-        return argv
+        self._argv = (self.command, argv)
+        return list(argv)
 
 
 def _labels(kind: str, id_: str | None, name: str | None) -> dict[str, str]:

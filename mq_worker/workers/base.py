@@ -163,6 +163,7 @@ class BaseWorker(abc.ABC):
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
         self._finished: OrderedDict[UUID, str] = OrderedDict()
+        self._contexts: dict[str, RunContext] = {}
         self._queue_of = {topology.work_queue_name(self.pool, q): q for q in self.queues}
         self._session: _Session | None = None
         self._stop = anyio.Event()
@@ -515,9 +516,11 @@ class BaseWorker(abc.ABC):
         configuration = self.job_configuration.from_template_and_values(
             self.template, run.merged_job_variables()
         )
-        context = RunContext(
-            pool=self.pool, queue=queue, worker=self.name, base_env=self.base_environment()
-        )
+        context = self._contexts.get(queue)
+        if context is None:  # the environment is the worker's: read once, not per run
+            context = self._contexts[queue] = RunContext(
+                pool=self.pool, queue=queue, worker=self.name, base_env=self.base_environment()
+            )
         configuration.prepare_for_run(run, context)
         self.check_configuration(configuration)
         return configuration
