@@ -145,8 +145,16 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"aio-pika {packages['aio-pika']}, uvloop {packages['uvloop']}")
 
 
-def broker_process() -> psutil.Process | None:
-    """The local RabbitMQ node's Erlang VM, to account for its CPU time."""
+def broker_process(port: int = 5672) -> psutil.Process | None:
+    """The Erlang VM of the RabbitMQ node listening on `port`, to account for its CPU time.
+
+    Other nodes (a test cluster, a TLS test node) may run beside it.
+    """
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port \
+                and connection.pid is not None:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(connection.pid)
     for process in psutil.process_iter(["name"]):
         if process.info["name"] == "beam.smp":
             return process

@@ -32,11 +32,15 @@ def ladder_routing_key(delay_seconds: int, target_routing_key: str) -> str:
 def park_seconds(seconds_until_due: float, prefetch_seconds: float) -> int:
     """Whole seconds to park a run that is due in `seconds_until_due`.
 
-    It comes back at most min(1 s, prefetch) before it is due, so the worker that
-    takes it holds it briefly and starts it exactly on time.
+    With a prefetch window of 2 s or more the run comes back 1-2 s before it is due,
+    a margin that covers the ladder's own transit (milliseconds), and the worker that
+    takes it holds it and starts it exactly on time. A smaller window leaves less
+    margin; with none the run comes back up to 1 s after it is due.
     """
-    lead = min(1.0, prefetch_seconds)
-    return max(0, math.ceil(seconds_until_due - lead))
+    if prefetch_seconds >= 1.0:
+        lead = min(1.0, prefetch_seconds - 1.0)
+        return max(0, math.floor(seconds_until_due - lead))
+    return max(0, math.ceil(seconds_until_due - prefetch_seconds))
 
 
 async def park(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +21,9 @@ from mq_worker.errors import BrokerError, PublishError, UnroutableError
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.signing import Signer
 
+# A worker holds runs due within this many seconds (its default window is larger):
+# parked runs come back that early, to be held and started on time.
+_WORKER_PREFETCH_SECONDS = 2.0
 # Runs due further ahead than this are parked in the broker by the publisher itself.
 DEFAULT_PARK_AFTER_SECONDS = 60.0
 
@@ -125,11 +128,15 @@ class Publisher:
 
         if parked:
             assert due is not None
-            seconds = park_seconds(due.timestamp() - time.time(), 1.0)
+            start = due.timestamp()
+
+            def ladder_key() -> str:  # after declaring, which may take a while
+                seconds = park_seconds(start - time.time(), _WORKER_PREFETCH_SECONDS)
+                return ladder_routing_key(seconds, routing_key)
+
             try:
                 await self._publish(topology.delay_name(topology.DELAY_LEVELS - 1),
-                                    ladder_routing_key(seconds, routing_key), body,
-                                    str(run.id), declare)
+                                    ladder_key, body, str(run.id), declare)
                 return run
             except _NotDeclared:
                 # No worker has parked a run yet, so the ladder does not exist and this
@@ -159,7 +166,7 @@ class Publisher:
     async def _publish(
         self,
         exchange: str,
-        routing_key: str,
+        routing_key: str | Callable[[], str],
         body: bytes,
         message_id: str | None,
         declare: Any,
@@ -176,17 +183,18 @@ class Publisher:
             try:
                 channel = await self._link.channel()
                 await declare(channel)
+                key = routing_key if isinstance(routing_key, str) else routing_key()
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
-                    routing_key=routing_key,
+                    routing_key=key,
                     properties=properties,
                     mandatory=True,
                 )
                 return
             except aiormq.exceptions.PublishError:
                 raise UnroutableError(
-                    f"no queue is bound to {routing_key!r} on {exchange!r}"
+                    f"no queue is bound to {key!r} on {exchange!r}"
                 ) from None
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishError(f"the broker refused the message: {exc}") from None

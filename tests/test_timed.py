@@ -40,10 +40,19 @@ def test_ladder_routing_key_spells_the_delay_in_binary() -> None:
     assert ladder_routing_key(10**12, "x").split(".")[:DELAY_LEVELS] == ["1"] * DELAY_LEVELS
     assert int("".join(ladder_routing_key(MAX_PARK_SECONDS, "x").split(".")[:DELAY_LEVELS]),
                2) == MAX_PARK_SECONDS
-    # Back at most one second early (then held), never late on account of the ladder.
-    assert park_seconds(100.2, prefetch_seconds=10) == 100
+    # Back 1-2 s early (then held): never late on account of the ladder's transit.
+    assert park_seconds(100.2, prefetch_seconds=10) == 99
     assert park_seconds(100.0, prefetch_seconds=10) == 99
+    assert park_seconds(100.9, prefetch_seconds=10) == 99
+    # A window of 1.5 s: back 0.5-1.5 s early, still inside the window.
+    assert park_seconds(100.2, prefetch_seconds=1.5) == 99
+    assert park_seconds(100.6, prefetch_seconds=1.5) == 100
+    # No window: back up to a second late rather than early.
     assert park_seconds(100.2, prefetch_seconds=0) == 101
+    for until_due in (3.0, 3.5, 61.99, 3600.0):
+        for prefetch in (1.0, 2.0, 10.0):
+            early = until_due - park_seconds(until_due, prefetch)
+            assert 0 <= early < prefetch, (until_due, prefetch)
 
 
 async def test_ten_runs_across_a_worker_handover_start_on_time(
