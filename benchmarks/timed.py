@@ -20,9 +20,9 @@ Per run:
 * back before due: the scheduled start time minus the `pending` event's own `time` (when the
   worker took the run: at once when held, when it came out of the ladder when parked);
 * ladder transit (runs parked by the publisher): the `pending` event's `time` minus (the time
-  `submit` was called + the whole seconds the run was parked for, ceil(seconds ahead - 1) as in
-  `mq_worker.delay`): what publishing, the hops through the ladder's queues and the delivery
-  to the worker add to the parked seconds.
+  `submit` was called + the whole seconds the run was parked for, `mq_worker.delay.park_seconds`
+  with the publisher's assumed 2 s window): what publishing, the hops through the ladder's
+  queues and the delivery to the worker add to the parked seconds.
 
 Per delay the table gives the count, how many started, how many started early (must be 0),
 and min/p50/p90/max lateness. The command exits 1 when a run started early, started twice or
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import random
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from benchmarks.common import (
     wait_workers_started,
     write_results,
 )
+from mq_worker.delay import park_seconds
 from mq_worker.publisher import DEFAULT_PARK_AFTER_SECONDS, Publisher, new_run
 
 DEFAULT_DELAYS = "1,5,30,120,600"
@@ -144,9 +144,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         run["late_by_seconds"] = (submitted[run_id][0].data.get("late_by_seconds")
                                   if submitted.get(run_id) else None)
         run["back_before_due"] = run["due"] - pending.produced if pending is not None else None
-        # The publisher parks for ceil(seconds ahead - 1 s) when it publishes. (The worker
-        # parks when it has taken the run and declared the ladder: not known from outside.)
-        run["parked_seconds"] = (max(0, math.ceil(run["due"] - run["sent"] - 1.0))
+        # As the publisher computes it when it publishes. (The worker parks when it has
+        # taken the run and declared the ladder: not known from outside.)
+        run["parked_seconds"] = (park_seconds(run["due"] - run["sent"], 2.0)
                                  if run["path"] == "parked by the publisher" else None)
         run["transit"] = (pending.produced - run["sent"] - run["parked_seconds"]
                           if pending is not None and run["parked_seconds"] is not None else None)
