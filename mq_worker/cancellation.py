@@ -36,6 +36,9 @@ log = structlog.get_logger("mq_worker.cancellation")
 MARKER_HEADER = "x-mq-worker-marker"
 DEFAULT_WINDOW_SECONDS = 30 * 24 * 3600
 DEFAULT_MAX_ENTRIES = 1_000_000
+# The marker's confirmation can be lost when the stream's leader fails; without it
+# the session could wait forever. A TimeoutError ends the session: the worker reconnects.
+MARKER_CONFIRM_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ class CancelFollower:
             exchange="",
             routing_key=CANCELS_STREAM,
             properties=spec.Basic.Properties(headers={MARKER_HEADER: self._marker}),
+            timeout=MARKER_CONFIRM_TIMEOUT,
         )
         await self._caught_up.wait()
         log.debug("cancel stream caught up", registry=len(self._registry))

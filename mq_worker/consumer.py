@@ -360,6 +360,13 @@ class RunConsumer:
     # -- deliveries ------------------------------------------------------------
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage, consumer: _Consumer) -> None:
+        if message.channel is not self._channel or message.channel.is_closed:
+            # Its channel closed before this callback ran (a lost connection, a broker
+            # node going down): the broker has taken the message back and delivers it
+            # again, here or to a peer. Running it now could start the run twice.
+            log.info("delivery on a closed channel ignored; the broker delivers it again",
+                     queue=consumer.queue)
+            return
         delivery = Delivery(self, message, consumer.queue)
         consumer.unacked += 1
         try:

@@ -26,6 +26,9 @@ from mq_worker.signing import Signer
 _WORKER_PREFETCH_SECONDS = 2.0
 # Runs due further ahead than this are parked in the broker by the publisher itself.
 DEFAULT_PARK_AFTER_SECONDS = 60.0
+# A confirm that has not come after this long is treated like a broken connection:
+# on a cluster, a publish caught by a node failure may never be confirmed.
+DEFAULT_CONFIRM_TIMEOUT = 15.0
 
 
 def new_run(
@@ -59,7 +62,9 @@ class Publisher:
     Every publish is confirmed by the broker and mandatory: a run that no queue
     would receive raises UnroutableError instead of vanishing. By default the
     publisher declares the work queue it publishes to, so runs wait for workers
-    that have not started yet.
+    that have not started yet. A publish whose connection breaks, or whose
+    confirmation has not come after `confirm_timeout` seconds, is published once
+    more on a new connection (the next address first); then BrokerError.
 
         async with Publisher("amqp://guest:guest@localhost/") as publisher:
             run = await publisher.submit(new_run("echo hello"), pool="default")
@@ -76,12 +81,14 @@ class Publisher:
         declare: bool = True,
         queue_options: topology.QueueOptions | None = None,
         park_after_seconds: float | None = DEFAULT_PARK_AFTER_SECONDS,
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ) -> None:
         self._link = Link(split_urls(url), name=name, tls=tls)
         self._signer = Signer.from_file(signing_key_file) if signing_key_file else None
         self._declare = declare
         self._options = queue_options or topology.QueueOptions()
         self._park_after = park_after_seconds
+        self._confirm_timeout = confirm_timeout
         self._declared: set[tuple[str, ...]] = set()
 
     async def __aenter__(self) -> Self:
@@ -190,6 +197,7 @@ class Publisher:
                     routing_key=key,
                     properties=properties,
                     mandatory=True,
+                    timeout=self._confirm_timeout,
                 )
                 return
             except aiormq.exceptions.PublishError:

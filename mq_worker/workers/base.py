@@ -690,7 +690,8 @@ class BaseWorker(abc.ABC):
         """Copy the message to mq_worker.dead with `reason`, then settle it."""
         session = self._session
         if session is None or delivery.lost.is_set():
-            return False  # gone with its connection: the broker delivers it again
+            await delivery.settle()  # frees its slot; the broker delivers it again
+            return False
         properties = delivery.properties
         properties.headers = {
             **delivery.headers,
@@ -712,7 +713,10 @@ class BaseWorker(abc.ABC):
 
     async def _park(self, delivery: Delivery, run: RunMessage, queue: str) -> None:
         session = self._session
-        if session is None:
+        if session is None or delivery.lost.is_set():
+            # Gone with its connection: parking a copy now would let the broker's
+            # redelivery park a second one.
+            await delivery.settle()  # frees its slot; the broker delivers it again
             return
         assert run.scheduled_start_time is not None
         async with session.ladder_lock:
