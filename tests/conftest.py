@@ -184,17 +184,20 @@ async def events(vhost: VHost) -> AsyncIterator[EventLog]:
         yield log
 
 
-def worker_settings(url: str, **overrides: Any) -> WorkerSettings:
+def worker_settings(url: str | list[str], **overrides: Any) -> WorkerSettings:
     defaults: dict[str, Any] = {
-        "url": [url], "name": f"w-{uuid.uuid4().hex[:6]}", "heartbeat_seconds": 30.0,
-        "prefetch_seconds": 10.0,
+        "url": url if isinstance(url, list) else [url], "name": f"w-{uuid.uuid4().hex[:6]}",
+        "heartbeat_seconds": 30.0, "prefetch_seconds": 10.0,
     }
     return WorkerSettings(**{**defaults, **overrides})
 
 
 @asynccontextmanager
-async def running_worker(url: str, **overrides: Any) -> AsyncIterator[ProcessWorker]:
-    """A worker serving in this test's event loop, stopped (and drained) at exit."""
+async def running_worker(
+    url: str | list[str], **overrides: Any
+) -> AsyncIterator[ProcessWorker]:
+    """A worker serving in this test's event loop (with these broker addresses, in order),
+    stopped (and drained) at exit."""
     worker = ProcessWorker(worker_settings(url, **overrides))
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.serve)

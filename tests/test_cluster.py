@@ -19,8 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +31,6 @@ import pytest
 
 from mq_worker import Publisher, new_run
 from mq_worker.events import Event
-from mq_worker.settings import WorkerSettings
 from mq_worker.topology import (
     CANCELS_STREAM,
     DEAD_QUEUE,
@@ -44,7 +42,7 @@ from mq_worker.topology import (
     work_queue_name,
 )
 from mq_worker.workers.process import ProcessWorker
-from tests.conftest import WorkerProcess, event_log, probe, started_runs
+from tests.conftest import WorkerProcess, event_log, probe, running_worker, started_runs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -197,21 +195,6 @@ def cvhost(cluster: Cluster) -> Iterator[ClusterVHost]:
     finally:
         cluster.restore()
         cluster.ctl("delete_vhost", name)
-
-
-@asynccontextmanager
-async def cluster_worker(urls: list[str], **overrides: Any) -> AsyncIterator[ProcessWorker]:
-    """A worker serving in this test's event loop with these broker addresses, in order."""
-    worker = ProcessWorker(WorkerSettings(url=urls, name=f"w-{uuid.uuid4().hex[:6]}",
-                                          **overrides))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.serve)
-        with anyio.fail_after(30):
-            await worker.ready.wait()
-        try:
-            yield worker
-        finally:
-            worker.stop(force=True)
 
 
 async def in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -368,7 +351,7 @@ async def test_declared_queues_and_stream_are_replicated_on_every_node(
     cluster: Cluster, cvhost: ClusterVHost, tmp_path: Path
 ) -> None:
     urls = [cvhost.url(2), cvhost.url(3), cvhost.url(1)]
-    async with cluster_worker(urls, prefetch_seconds=1.0) as worker:
+    async with running_worker(urls, prefetch_seconds=1.0) as worker:
         # A run due later is parked: the worker declares the delay ladder then.
         async with Publisher(cvhost.url(3)) as publisher:
             began = time.monotonic()
@@ -706,8 +689,8 @@ async def test_worker_consumes_again_after_its_node_restarts(
 ) -> None:
     node, other = 3, 1
     async with event_log(cvhost.url(other)) as events, \
-            cluster_worker([cvhost.url(node)]) as alone, \
-            cluster_worker([cvhost.url(node), cvhost.url(other)]) as peer, \
+            running_worker(cvhost.url(node)) as alone, \
+            running_worker([cvhost.url(node), cvhost.url(other)]) as peer, \
             anyio.create_task_group() as watching:
         watches = {w.name: HealthWatch.of_worker(w) for w in (alone, peer)}
         for watch in watches.values():
