@@ -158,6 +158,17 @@ class EventLog:
         await self.wait_for(lambda _: all(self.terminal(r) for r in ids), timeout)
 
 
+def unique(events: list[Event]) -> list[Event]:
+    """Events without the copies a reconnection may publish again (same id)."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            kept.append(event)
+    return kept
+
+
 @asynccontextmanager
 async def event_log(url: str) -> AsyncIterator[EventLog]:
     log = EventLog()

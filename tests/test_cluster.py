@@ -42,7 +42,14 @@ from mq_worker.topology import (
     work_queue_name,
 )
 from mq_worker.workers.process import ProcessWorker
-from tests.conftest import WorkerProcess, event_log, probe, running_worker, started_runs
+from tests.conftest import (
+    WorkerProcess,
+    event_log,
+    probe,
+    running_worker,
+    started_runs,
+    unique,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -300,17 +307,6 @@ def health_port(worker: WorkerProcess) -> int | None:
     return None
 
 
-def unique(events: list[Event]) -> list[Event]:
-    """Events without the copies a reconnection may publish again (same id)."""
-    seen: set[str] = set()
-    kept = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            kept.append(event)
-    return kept
-
-
 def disconnected(worker: WorkerProcess) -> list[tuple[float, float]]:
     """(lost, connected again) from a worker's log: when it had no session, by its own clock."""
     spans, lost = [], None
@@ -540,24 +536,22 @@ async def test_workers_survive_the_loss_of_a_node(
 
         async def faults_sequence() -> None:
             await eventually(lambda: len(load.runs) >= 50, 60, "50 runs are published")
-            progress["faults"] = f"killing node {leader} at {clock()}"
-            await take_down(leader, "kill")
-            progress["faults"] = f"starting node {leader} at {clock()}"
-            await in_thread(cluster.start, leader)
-            progress["faults"] = f"waiting for node {leader} in the queues since {clock()}"
-            await eventually(lambda: fully_online(cluster, cvhost.name), 60,
-                             f"node {leader} is back in the queues")
+            await outage(leader, "kill")
             connected_now = await in_thread(cluster.connection_nodes, cvhost.name)
             for name in workers:
                 node_of[name] = connected_now[f"mq_worker {name}"]
-            progress["faults"] = f"stopping node {victim_2} at {clock()}"
-            await take_down(victim_2, "stop")
-            progress["faults"] = f"starting node {victim_2} at {clock()}"
-            await in_thread(cluster.start, victim_2)
-            progress["faults"] = f"waiting for node {victim_2} in the queues since {clock()}"
-            await eventually(lambda: fully_online(cluster, cvhost.name), 60,
-                             f"node {victim_2} is back in the queues")
+            await outage(victim_2, "stop")
             progress["faults"] = f"done at {clock()}"
+
+        async def outage(node: int, how: str) -> None:
+            """Take `node` down (`kill` or `stop`), start it again, wait until it is back."""
+            progress["faults"] = f"{how} node {node} at {clock()}"
+            await take_down(node, how)
+            progress["faults"] = f"starting node {node} at {clock()}"
+            await in_thread(cluster.start, node)
+            progress["faults"] = f"waiting for node {node} in the queues since {clock()}"
+            await eventually(lambda: fully_online(cluster, cvhost.name), 60,
+                             f"node {node} is back in the queues")
 
         watches = {name: HealthWatch.of_process(port) for name, port in ports.items()}
         async with anyio.create_task_group() as watching:

@@ -27,6 +27,7 @@ from tests.conftest import (
     run_body,
     running_worker,
     started_runs,
+    unique,
     wait_until,
     worker_settings,
 )
@@ -37,13 +38,7 @@ pytestmark = pytest.mark.anyio
 
 def in_order(events: list[Event]) -> list[str]:
     """Event types in order of first appearance, duplicates (same id) removed."""
-    seen: set[str] = set()
-    types = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            types.append(event.type.removeprefix("mq_worker."))
-    return types
+    return [event.type.removeprefix("mq_worker.") for event in unique(events)]
 
 
 def _soon(seconds: float) -> str:
