@@ -16,7 +16,10 @@ import aiormq.exceptions
 from pamqp import commands as spec
 from yarl import URL
 
+from mq_worker import wire_decoding
 from mq_worker.errors import BrokerError, ConfigurationError
+
+wire_decoding.install()
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 # Seconds between AMQP heartbeats; a silent peer is declared dead after about two.

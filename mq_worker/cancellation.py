@@ -108,7 +108,9 @@ class CancelFollower:
         self._next_offset: int | None = None
         self._marker: str | None = None
         self._caught_up = anyio.Event()
+        self._unreadable_at: int | None = None
         self.replayed = 0
+        self.skipped_offsets = 0
 
     async def follow(
         self,
@@ -143,6 +145,25 @@ class CancelFollower:
         log.debug("cancel stream caught up", registry=len(self._registry))
         task_status.started()
         await anyio.sleep_forever()
+
+    def connection_broke_on_an_undecodable_frame(self) -> None:
+        """Step past the next offset if the connection died twice on a frame at that offset.
+
+        A message whose properties cannot be decoded ends the connection, and the
+        stream would deliver it again at every reconnect, forever. Called when a
+        session ends that way: the second time at the same position, the
+        follower resumes one offset further (a cancel there is lost, and logged).
+        """
+        position = self._next_offset
+        if position is None:
+            return
+        if self._unreadable_at != position:
+            self._unreadable_at = position
+            return
+        log.error("skipping a cancel stream message that cannot be decoded", offset=position)
+        self._next_offset = position + 1
+        self._unreadable_at = None
+        self.skipped_offsets += 1
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         headers: dict[str, Any] = dict(message.header.properties.headers or {})

@@ -374,6 +374,8 @@ class BaseWorker(abc.ABC):
                     "connection lost; reconnecting",
                     error="; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
                 )
+                if group.subgroup(aiormq.exceptions.InvalidFrameError) is not None:
+                    self._cancels.connection_broke_on_an_undecodable_frame()
             except* Exception:
                 self.log.exception("unexpected error in the connection; reconnecting")
             finally:
