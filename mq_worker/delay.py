@@ -50,6 +50,7 @@ async def park(
     properties: spec.Basic.Properties,
     target_routing_key: str,
     delay_seconds: int,
+    timeout: float | None = None,
 ) -> None:
     """Publish a run into the ladder (confirmed), keeping its body and properties."""
     properties.delivery_mode = 2
@@ -59,4 +60,5 @@ async def park(
         routing_key=ladder_routing_key(delay_seconds, target_routing_key),
         properties=properties,
         mandatory=True,
+        timeout=timeout,
     )

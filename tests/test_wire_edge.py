@@ -7,6 +7,7 @@ One bad message must cost at most that message: no connection loop, no lost run.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +17,14 @@ import aiormq
 import pytest
 from pamqp import commands as spec
 
-from mq_worker.topology import RUNS_EXCHANGE
+from mq_worker.topology import DEAD_QUEUE, DELAY_LEVELS, RUNS_EXCHANGE, delay_name
 from mq_worker.workers.process import ProcessWorker
 from tests.conftest import (
     EventLog,
     VHost,
+    management,
     probe,
+    publish_raw,
     run_body,
     running_worker,
     started_runs,
@@ -140,3 +143,102 @@ async def test_the_cancel_follower_steps_past_an_offset_it_cannot_decode(
         await publish_amqp(vhost.url, cancel_body(after), routing_key="run.cancel.default")
         await wait_until(lambda: worker._registry.get(after) is not None, timeout=30)
         assert worker._cancels.skipped_offsets == 1
+
+
+# -- 2. returned hand-offs ---------------------------------------------------------------
+
+
+def _due_in(seconds: float) -> str:
+    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat()
+
+
+def queue_exists(vhost: VHost, name: str) -> bool:
+    return name in vhost.queue_counts()
+
+
+async def test_a_run_parked_while_the_ladder_is_deleted_is_not_lost(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    first = run_body(probe(tmp_path), scheduled_start_time=_due_in(4))
+    second = run_body(probe(tmp_path), scheduled_start_time=_due_in(5))
+    async with running_worker(vhost.url, prefetch_seconds=2) as worker:
+        await publish_raw(vhost.url, first)
+        await events.wait_terminal([first["id"]], timeout=30)
+        # An operator deletes the ladder (as for a TopologyMismatch): the next park is returned.
+        for level in range(DELAY_LEVELS):
+            management("DELETE", f"/queues/{vhost.name}/{delay_name(level)}")
+        await wait_until(lambda: not queue_exists(vhost, delay_name(DELAY_LEVELS - 1)))
+        second["scheduled_start_time"] = _due_in(5)
+        await publish_raw(vhost.url, second)
+        await events.wait_terminal([second["id"]], timeout=30)
+        assert reconnects(worker) == 0
+    assert events.types(second["id"]) == ["run.pending", "run.submitted", "run.completed"]
+    assert second["id"] in started_runs(tmp_path)
+
+
+async def test_a_message_rejected_while_the_dead_queue_is_deleted_still_reaches_it(
+    vhost: VHost, events: EventLog
+) -> None:
+    bad = {"id": str(uuid.uuid4()), "job_variables": {"undeclared": 1}}
+    async with running_worker(vhost.url):
+        management("DELETE", f"/queues/{vhost.name}/{DEAD_QUEUE}")
+        await wait_until(lambda: not queue_exists(vhost, DEAD_QUEUE))
+        await publish_raw(vhost.url, bad)
+        await events.wait_for(lambda _: events.types(bad["id"]) == ["run.rejected"], timeout=30)
+        await wait_until(lambda: vhost.queue_counts().get(DEAD_QUEUE, (0, 0))[0] == 1,
+                         timeout=15)
+        assert vhost.queue_counts()["mq_worker.default.default"] == (0, 0)
+
+
+# -- 12. headers near frame_max ----------------------------------------------------------
+
+
+async def dead_letters(url: str) -> list[Any]:
+    """Everything in mq_worker.dead right now (taken out of it)."""
+    import aio_pika
+
+    messages = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(DEAD_QUEUE, passive=True)
+        while (message := await dead.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+    return messages
+
+
+def huge_headers(frame_max: int = 131_072, spare: int = 200) -> dict[str, Any]:
+    """Headers whose content header frame is `spare` bytes short of `frame_max`."""
+    from mq_worker.handoff import header_frame_size
+
+    headers = {"note": "", "trace": "t" * 1000}
+    size = header_frame_size(spec.Basic.Properties(headers=headers), 100)
+    assert size is not None
+    headers["note"] = "n" * (frame_max - spare - size)
+    return headers
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned-worker", "signing-worker"])
+async def test_a_message_with_headers_near_the_frame_size_is_rejected_cleanly(
+    vhost: VHost, events: EventLog, tmp_path: Path, signed: bool
+) -> None:
+    settings: dict[str, Any] = {}
+    if signed:
+        key = tmp_path / "key"
+        key.write_text("0123456789abcdef0123456789abcdef\n")
+        settings["signing_key_file"] = key
+    bad = {"id": str(uuid.uuid4()), "job_variables": {"undeclared": 1}}
+    async with running_worker(vhost.url, **settings) as worker:
+        await publish_amqp(vhost.url, orjson_dumps(bad),
+                           properties=spec.Basic.Properties(headers=huge_headers()))
+        # (a signing worker rejects it before reading its id)
+        await events.wait_for(
+            lambda evs: [e for e in evs if e.type == "mq_worker.run.rejected"], timeout=30)
+        await wait_until(lambda: vhost.queue_counts()["mq_worker.default.default"] == (0, 0))
+        assert reconnects(worker) == 0
+    [letter] = await dead_letters(vhost.url)
+    assert letter.body == orjson_dumps(bad)
+    assert letter.headers["x-mq-worker-reason"]
+    assert letter.headers["x-mq-worker-dropped-headers"] == 1
+    assert letter.headers["trace"] == "t" * 1000
+    assert "note" not in letter.headers

@@ -50,6 +50,13 @@ from mq_worker.errors import (
     TopologyMismatch,
 )
 from mq_worker.events import EventType, build_event, worker_source
+from mq_worker.handoff import (
+    CONFIRM_TIMEOUT,
+    HandoffReturned,
+    fit_headers,
+    frame_max_of,
+    hand_off,
+)
 from mq_worker.job_configuration import (
     BaseJobConfiguration,
     BaseJobTemplate,
@@ -65,6 +72,7 @@ from mq_worker.signing import Signer
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
+_MAX_REASON_CHARS = 2048
 _SESSION_ERRORS = (
     aiormq.exceptions.AMQPError,
     ConnectionError,
@@ -394,7 +402,9 @@ class BaseWorker(abc.ABC):
                 backoff = 0.2
 
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        channels = [await connection.channel(publisher_confirms=c) for c in (False, True, False)]
+        # Returned mandatory publishes (a park or dead letter to a deleted queue) must fail.
+        channels = [await connection.channel(publisher_confirms=c, on_return_raises=c)
+                    for c in (False, True, False)]
         raw = [await c.get_underlay_channel() for c in channels]
         session = _Session(connection, raw[0], raw[1], raw[2])
         await topology.declare_pool(raw[1], self.pool, self.queues, self.settings.queue_options)
@@ -689,27 +699,44 @@ class BaseWorker(abc.ABC):
             self._emit_rejected(queue, exc.reason, run_id, run=run)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        """Copy the message to mq_worker.dead with `reason`, then settle it."""
+        """Copy the message to mq_worker.dead with `reason`, then settle it.
+
+        False if it was not copied: it is given back to its queue (or gone with its connection).
+        """
         session = self._session
         if session is None or delivery.lost.is_set():
             await delivery.settle()  # frees its slot; the broker delivers it again
             return False
-        properties = delivery.properties
-        properties.headers = {
-            **delivery.headers,
-            "x-mq-worker-reason": reason,
-            "x-mq-worker-worker": self.name,
-            "x-mq-worker-queue": delivery.queue,
-            "x-mq-worker-routing-key": delivery.routing_key,
-            "x-mq-worker-dead-lettered-at": datetime.now(UTC).isoformat(),
-        }
-        await session.publish.basic_publish(
-            delivery.body,
-            exchange="",
-            routing_key=topology.DEAD_QUEUE,
-            properties=properties,
-            mandatory=True,
+        channel = session.publish
+        properties, dropped = fit_headers(
+            delivery.properties,
+            delivery.headers,
+            {
+                "x-mq-worker-reason": reason[:_MAX_REASON_CHARS],
+                "x-mq-worker-worker": self.name,
+                "x-mq-worker-queue": delivery.queue,
+                "x-mq-worker-routing-key": delivery.routing_key,
+                "x-mq-worker-dead-lettered-at": datetime.now(UTC).isoformat(),
+            },
+            body_size=len(delivery.body),
+            frame_max=frame_max_of(channel),
         )
+        if dropped:
+            self.log.warning("dead letter too large for one frame: received headers left out",
+                             dropped=len(dropped), queue=delivery.queue)
+
+        async def publish() -> None:
+            await channel.basic_publish(
+                delivery.body, exchange="", routing_key=topology.DEAD_QUEUE,
+                properties=properties, mandatory=True, timeout=CONFIRM_TIMEOUT,
+            )
+
+        try:
+            await hand_off(publish, lambda: topology.declare_dead_queue(channel),
+                           what="dead letter", log=self.log)
+        except HandoffReturned:
+            await delivery.settle(requeue=True, failed=True)
+            return False
         await delivery.settle()
         return True
 
@@ -721,19 +748,33 @@ class BaseWorker(abc.ABC):
             await delivery.settle()  # frees its slot; the broker delivers it again
             return
         assert run.scheduled_start_time is not None
-        async with session.ladder_lock:
-            if not session.ladder_declared:
-                await topology.declare_delay_ladder(session.publish)
-                session.ladder_declared = True
+        channel = session.publish
+
+        async def declare_ladder(again: bool = True) -> None:
+            async with session.ladder_lock:
+                if again or not session.ladder_declared:
+                    await topology.declare_delay_ladder(channel)
+                    session.ladder_declared = True
+
+        await declare_ladder(again=False)
         until_due = run.scheduled_start_time.timestamp() - time.time()
         seconds = park_seconds(until_due, self.settings.prefetch_seconds)
-        await park(
-            session.publish,
-            body=delivery.body,
-            properties=delivery.properties,
-            target_routing_key=topology.scheduled_routing_key(self.pool, queue),
-            delay_seconds=seconds,
-        )
+
+        async def publish() -> None:
+            await park(
+                channel,
+                body=delivery.body,
+                properties=delivery.properties,
+                target_routing_key=topology.scheduled_routing_key(self.pool, queue),
+                delay_seconds=seconds,
+                timeout=CONFIRM_TIMEOUT,
+            )
+
+        try:
+            await hand_off(publish, declare_ladder, what="parked run", log=self.log)
+        except HandoffReturned:
+            await delivery.settle(requeue=True, failed=True)
+            return
         await delivery.settle()
         self.metrics.parked.labels(self.pool, queue).inc()
         self.log.info("run parked until due", run_id=str(run.id), queue=queue,
