@@ -19,7 +19,7 @@ from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, split_urls
 from mq_worker.delay import ladder_routing_key, park_seconds
 from mq_worker.errors import BrokerError, PublishError, UnroutableError
 from mq_worker.messages import CancelMessage, RunMessage
-from mq_worker.signing import Signer
+from mq_worker.signing import MessageKind, Signer
 
 # A worker holds runs due within this many seconds (its default window is larger):
 # parked runs come back that early, to be held and started on time.
@@ -82,9 +82,12 @@ class Publisher:
         queue_options: topology.QueueOptions | None = None,
         park_after_seconds: float | None = DEFAULT_PARK_AFTER_SECONDS,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        legacy_signature: bool = False,
     ) -> None:
         self._link = Link(split_urls(url), name=name, tls=tls)
         self._signer = Signer.from_file(signing_key_file) if signing_key_file else None
+        # Also sign with the v1 scheme, for workers of an older version (see security.md).
+        self._legacy_signature = legacy_signature
         self._declare = declare
         self._options = queue_options or topology.QueueOptions()
         self._park_after = park_after_seconds
@@ -143,13 +146,15 @@ class Publisher:
 
             try:
                 await self._publish(topology.delay_name(topology.DELAY_LEVELS - 1),
-                                    ladder_key, body, str(run.id), declare)
+                                    ladder_key, body, str(run.id), declare,
+                                    self._signature("run", pool, body))
                 return run
             except _NotDeclared:
                 # No worker has parked a run yet, so the ladder does not exist and this
                 # publisher may not declare it: hand the run to the pool, whose worker parks it.
                 pass
-        await self._publish(exchange, routing_key, body, str(run.id), declare)
+        await self._publish(exchange, routing_key, body, str(run.id), declare,
+                            self._signature("run", pool, body))
         return run
 
     async def cancel(
@@ -167,8 +172,15 @@ class Publisher:
                 self._declared.add(("cancels",))
 
         await self._publish(
-            topology.RUNS_EXCHANGE, topology.cancel_routing_key(pool), body, None, declare
+            topology.RUNS_EXCHANGE, topology.cancel_routing_key(pool), body, None, declare,
+            self._signature("cancel", pool, body),
         )
+
+    def _signature(self, kind: MessageKind, pool: str, body: bytes) -> dict[str, Any] | None:
+        if self._signer is None:
+            return None
+        return dict(self._signer.headers(body, kind=kind, pool=pool,
+                                         legacy=self._legacy_signature))
 
     async def _publish(
         self,
@@ -177,13 +189,14 @@ class Publisher:
         body: bytes,
         message_id: str | None,
         declare: Any,
+        headers: dict[str, Any] | None,
     ) -> None:
         properties = spec.Basic.Properties(
             content_type="application/json",
             delivery_mode=2,
             message_id=message_id or uuid4().hex,
             timestamp=datetime.now(UTC),
-            headers=dict(self._signer.headers(body)) if self._signer else None,
+            headers=headers,
         )
         # One retry on another connection (and node) if the first one breaks.
         for attempt in (1, 2):

@@ -18,7 +18,7 @@ from mq_worker import topology
 from mq_worker.events import CONTENT_TYPE, DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.monitor import PING
-from mq_worker.signing import SIGNATURE_HEADER
+from mq_worker.signing import SIGNATURE_HEADER, SIGNATURE_V2_HEADER
 
 ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1"
@@ -244,12 +244,20 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
     signature = {
         "type": "object",
         "properties": {
+            SIGNATURE_V2_HEADER: {
+                "type": "string",
+                "pattern": "^t=[0-9]{1,12},sha256=[0-9a-f]{64}$",
+                "description": "Signature v2: t is the issued-at time (Unix seconds), sha256 "
+                "the hex HMAC-SHA256 under a shared key of 'mq_worker.v2', the message kind "
+                "(run or cancel), the pool, t and the exact body, joined by LF; required by "
+                "workers started with --signing-key-file.",
+            },
             SIGNATURE_HEADER: {
                 "type": "string",
                 "pattern": "^sha256=[0-9a-f]{64}$",
-                "description": "HMAC-SHA256 of the exact body under a shared key; required "
-                "by workers started with --signing-key-file.",
-            }
+                "description": "Signature v1 (legacy): HMAC-SHA256 of the body only. Workers "
+                "ignore it; publishers may add it for workers of older versions.",
+            },
         },
     }
     messages: dict[str, Any] = {

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from mq_worker.broker import DEFAULT_URL, TlsOptions, mask_url, split_urls
 from mq_worker.messages import DEFAULT_MAX_MESSAGE_BYTES
 from mq_worker.outbox import DEFAULT_CAPACITY
+from mq_worker.signing import DEFAULT_MAX_AGE_SECONDS
 from mq_worker.topology import DEFAULT_DELIVERY_LIMIT, QueueOptions, check_name
 
 _WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
@@ -57,6 +58,10 @@ class WorkerSettings(BaseSettings):
     )
     job_template: Path | None = Field(default=None, description="A base job template JSON file.")
     signing_key_file: Path | None = None
+    signature_max_age_seconds: float = Field(
+        default=DEFAULT_MAX_AGE_SECONDS, gt=0,
+        description="Refuse signed runs issued longer ago than this (or due longer ago).",
+    )
     allow_command_prefix: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     outbox_size: int = Field(default=DEFAULT_CAPACITY, ge=10)

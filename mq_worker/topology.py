@@ -23,6 +23,10 @@ DEAD_QUEUE = "mq_worker.dead"
 CANCELS_STREAM = "mq_worker.cancels"
 DUE_EXCHANGE = "mq_worker.due"
 
+# Signature headers of run and cancel messages (see mq_worker.signing).
+SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accepted by workers
+SIGNATURE_V2_HEADER = "x-mq-worker-signature-v2"  # v2: kind, pool, issued-at and body
+
 DEFAULT_POOL = "default"
 DEFAULT_QUEUE = "default"
 DEFAULT_DELIVERY_LIMIT = 20

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from mq_worker.errors import InvalidMessage
 from mq_worker.job_configuration import BaseJobTemplate, RunContext
 from mq_worker.messages import RunMessage, parse_cancel, parse_run
-from mq_worker.signing import SIGNATURE_HEADER, Signer
+from mq_worker.signing import SIGNATURE_V2_HEADER, Signer
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker, executable_path
 from tests.conftest import worker_settings
 
@@ -224,11 +224,16 @@ def test_allow_list_check_of_random_commands_allows_only_the_prefix_or_rejects_c
 signature_values = (
     st.none() | st.integers() | st.floats() | st.booleans() | any_text | st.binary(max_size=80)
     | st.lists(any_text, max_size=3) | st.dictionaries(any_text, any_text, max_size=3)
-    | any_text.map(lambda s: "sha256=" + s)
-    | st.binary(max_size=70).map(lambda b: b"sha256=" + b)
-    | st.binary(max_size=70).map(lambda b: bytearray(b"sha256=" + b))
+    | any_text.map(lambda s: "t=1,sha256=" + s)
+    | st.binary(max_size=70).map(lambda b: b"t=1,sha256=" + b)
+    | st.binary(max_size=70).map(lambda b: bytearray(b"t=1,sha256=" + b))
 )
 KEYS = [b"k" * 16, b"another key of 32 bytes, rotated"]
+ISSUED = 1_764_450_000
+
+
+def _v2(signer: Signer, body: bytes) -> str:
+    return signer.headers(body, kind="run", pool="p", issued_at=ISSUED)[SIGNATURE_V2_HEADER]
 
 
 @FUZZ
@@ -238,14 +243,14 @@ def test_signature_check_of_random_headers_accepts_only_a_valid_signature(
     body: bytes, value: Any, extra: dict[str, Any], present: bool
 ) -> None:
     signer = Signer(KEYS)
-    headers = {k: v for k, v in extra.items() if k != SIGNATURE_HEADER}
+    headers = {k: v for k, v in extra.items() if k != SIGNATURE_V2_HEADER}
     if present:
-        headers[SIGNATURE_HEADER] = value
+        headers[SIGNATURE_V2_HEADER] = value
     text = value.decode(errors="replace") if isinstance(value, bytes | bytearray) else value
     genuine = present and isinstance(text, str) and text in {
-        Signer([k]).signature(body) for k in KEYS}
+        _v2(Signer([k]), body) for k in KEYS}
     try:
-        signer.verify(body, headers)
+        signer.verify(body, headers, kind="run", pool="p", now=ISSUED)
     except InvalidMessage as exc:
         assert exc.reason.startswith(("unsigned message", "forged message"))
         assert not genuine
@@ -257,22 +262,32 @@ def test_signature_check_of_random_headers_accepts_only_a_valid_signature(
 @given(body=st.binary(max_size=300), flip=st.integers(min_value=0))
 def test_any_change_to_a_signed_body_or_signature_is_refused(body: bytes, flip: int) -> None:
     signer = Signer(KEYS)
-    signature = signer.signature(body)
-    signer.verify(body, {SIGNATURE_HEADER: signature})
-    signer.verify(body, {SIGNATURE_HEADER: signature.encode()})
-    signer.verify(body, {SIGNATURE_HEADER: bytearray(signature.encode())})  # AMQP byte array
-    Signer(KEYS[::-1]).verify(body, {SIGNATURE_HEADER: signature})  # rotation: any key verifies
+    signature = _v2(signer, body)
+
+    def verify(value: Any, raw: bytes = body, kind: Any = "run", pool: str = "p") -> None:
+        signer.verify(raw, {SIGNATURE_V2_HEADER: value}, kind=kind, pool=pool, now=ISSUED)
+
+    verify(signature)
+    verify(signature.encode())
+    verify(bytearray(signature.encode()))  # AMQP byte array
+    Signer(KEYS[::-1]).verify(body, {SIGNATURE_V2_HEADER: signature}, kind="run", pool="p",
+                              now=ISSUED)  # rotation: any key verifies
+    for kind, pool in (("cancel", "p"), ("run", "q")):  # bound to the kind and the pool
+        with pytest.raises(InvalidMessage, match="forged"):
+            verify(signature, kind=kind, pool=pool)
+    with pytest.raises(InvalidMessage, match="forged"):  # and to the issued-at time
+        verify(signature.replace(f"t={ISSUED}", f"t={ISSUED + 1}"))
     assume(body)
     index = flip % len(body)
     tampered = body[:index] + bytes([body[index] ^ 1]) + body[index + 1:]
     with pytest.raises(InvalidMessage, match="forged"):
-        signer.verify(tampered, {SIGNATURE_HEADER: signature})
-    digits = signature.removeprefix("sha256=")
+        verify(signature, raw=tampered)
+    digits = signature.split("sha256=")[1]
     position = flip % len(digits)
     other = "0" if digits[position] != "0" else "1"
-    forged = "sha256=" + digits[:position] + other + digits[position + 1:]
+    forged = f"t={ISSUED},sha256=" + digits[:position] + other + digits[position + 1:]
     with pytest.raises(InvalidMessage, match="forged"):
-        signer.verify(body, {SIGNATURE_HEADER: forged})
+        verify(forged)
 
 
 def test_nan_and_infinite_job_variables_are_rejected_not_run() -> None:

@@ -30,7 +30,7 @@ from mq_worker import EventSubscriber, EventType, Publisher, logs, new_run
 from mq_worker.broker import TlsOptions, mask_secrets, mask_url
 from mq_worker.errors import BrokerError, ConfigurationError, InvalidMessage
 from mq_worker.job_configuration import BaseJobTemplate
-from mq_worker.signing import SIGNATURE_HEADER, Signer
+from mq_worker.signing import SIGNATURE_HEADER, SIGNATURE_V2_HEADER, Signer
 from mq_worker.topology import DEAD_QUEUE
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
 from tests.conftest import (
@@ -500,29 +500,31 @@ async def test_unsigned_and_forged_runs_are_dead_lettered(
     cases: list[tuple[dict[str, Any], dict[str, Any] | None, str]] = []
     for headers, reason in (
         (None, "unsigned message"),
-        ({SIGNATURE_HEADER: "md5=abc"}, "unsigned message"),
-        ({SIGNATURE_HEADER: 42}, "unsigned message"),
-        ({SIGNATURE_HEADER: "sha256=é"}, "forged message"),
-        ({SIGNATURE_HEADER: "sha256="}, "forged message"),
-        ({SIGNATURE_HEADER: bytearray(b"sha256=\xff")}, "forged message"),
+        ({SIGNATURE_V2_HEADER: "md5=abc"}, "unsigned message"),
+        ({SIGNATURE_V2_HEADER: 42}, "unsigned message"),
+        ({SIGNATURE_V2_HEADER: "t=1,sha256=é"}, "forged message"),
+        ({SIGNATURE_V2_HEADER: "t=1,sha256="}, "forged message"),
+        ({SIGNATURE_V2_HEADER: bytearray(b"t=1,sha256=\xff")}, "forged message"),
         ("stranger", "forged message"),
         ("other body", "forged message"),
     ):
         body = run_body(probe(tmp_path))
         raw = json.dumps(body).encode()
         if headers == "stranger":
-            headers = stranger.headers(raw)
+            headers = stranger.headers(raw, kind="run", pool="default")
         elif headers == "other body":
-            headers = signer.headers(raw + b" ")
+            headers = signer.headers(raw + b" ", kind="run", pool="default")
         cases.append((body, headers, reason))
     good, as_bytes = run_body(probe(tmp_path)), run_body(probe(tmp_path))
     async with running_worker(vhost.url, signing_key_file=keys):
         for body, headers, _ in cases:
             await publish_raw(vhost.url, json.dumps(body).encode(), headers=headers)
         raw_good, raw_as_bytes = json.dumps(good).encode(), json.dumps(as_bytes).encode()
-        await publish_raw(vhost.url, raw_good, headers=signer.headers(raw_good))
+        await publish_raw(vhost.url, raw_good,
+                          headers=signer.headers(raw_good, kind="run", pool="default"))
         await publish_raw(vhost.url, raw_as_bytes, headers={  # an AMQP byte array header
-            SIGNATURE_HEADER: bytearray(signer.signature(raw_as_bytes).encode())})
+            SIGNATURE_V2_HEADER: bytearray(signer.headers(
+                raw_as_bytes, kind="run", pool="default")[SIGNATURE_V2_HEADER].encode())})
         await events.wait_terminal([good["id"], as_bytes["id"]])
         await events.wait_for(lambda _: len(rejected(events)) == len(cases))
     assert set(started_runs(tmp_path)) == {good["id"], as_bytes["id"]}
@@ -551,7 +553,7 @@ async def test_forged_or_unsigned_cancels_are_ignored_and_reported(
         forged = json.dumps({"id": str(run.id), "reason": "forged"}).encode()
         await publish_raw(vhost.url, unsigned, routing_key="run.cancel.default")
         await publish_raw(vhost.url, forged, routing_key="run.cancel.default",
-                          headers=stranger.headers(forged))
+                          headers=stranger.headers(forged, kind="cancel", pool="default"))
         await events.wait_for(lambda _: len(rejected(events, "cancel")) == 2)
         assert not events.terminal(run.id)
         # The stream keeps order: the signed cancel comes after the forged ones.

@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import anyio
 import pytest
 from pamqp import commands as spec
 
-from mq_worker.topology import DEAD_QUEUE, DELAY_LEVELS, RUNS_EXCHANGE, delay_name
+from mq_worker.topology import (
+    CANCELS_STREAM,
+    DEAD_QUEUE,
+    DELAY_LEVELS,
+    RUNS_EXCHANGE,
+    delay_name,
+)
 from mq_worker.workers.process import ProcessWorker
 from tests.conftest import (
     EventLog,
@@ -242,3 +249,120 @@ async def test_a_message_with_headers_near_the_frame_size_is_rejected_cleanly(
     assert letter.headers["x-mq-worker-dropped-headers"] == 1
     assert letter.headers["trace"] == "t" * 1000
     assert "note" not in letter.headers
+
+
+# -- 10. signatures bound to kind, pool and time -----------------------------------------
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+async def stream_messages(url: str, count: int) -> list[Any]:
+    """The first `count` messages of the cancel stream, as a client reads them."""
+    import aio_pika
+
+    taken: list[Any] = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        stream = await channel.declare_queue(CANCELS_STREAM, passive=True)
+        done = anyio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            if len(taken) < count:
+                taken.append(message)
+            if len(taken) == count:
+                done.set()
+
+        await stream.consume(on_message, arguments={"x-stream-offset": "first"})
+        with anyio.fail_after(15):
+            await done.wait()
+    return taken
+
+
+async def test_a_signed_cancel_replayed_as_a_run_and_a_run_as_a_cancel_are_refused(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from mq_worker.publisher import Publisher, new_run
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    async with running_worker(vhost.url, signing_key_file=key), \
+            Publisher(vhost.url, signing_key_file=key) as publisher:
+        victim = await publisher.submit(new_run(probe(tmp_path, sleep=60)))
+        await wait_until(lambda: str(victim.id) in started_runs(tmp_path), timeout=30)
+        await publisher.cancel(uuid.uuid4(), reason="a cancel someone will replay")
+        [cancel] = [m for m in await stream_messages(vhost.url, 2) if m.body]
+        # The signed cancel, body and headers untouched, published as a run.
+        await publish_raw(vhost.url, cancel.body, headers=dict(cancel.headers))
+        await events.wait_for(lambda evs: [e for e in evs if e.type == "mq_worker.run.rejected"],
+                              timeout=30)
+        # A signed run's body and headers published as a cancel of that very run.
+        run_body_bytes = victim.model_dump_json(exclude_none=True).encode()
+        from mq_worker.signing import Signer
+
+        as_run = Signer([KEY.encode()]).headers(run_body_bytes, kind="run", pool="default")
+        await publish_raw(vhost.url, run_body_bytes, routing_key="run.cancel.default",
+                          headers=as_run)
+        await events.wait_for(
+            lambda evs: [e for e in evs if e.type == "mq_worker.run.rejected"
+                         and e.data["message_kind"] == "cancel"], timeout=30)
+        assert not events.terminal(victim.id)
+        await publisher.cancel(victim.id, reason="the real one")
+        await events.wait_terminal([victim.id], timeout=30)
+    [replayed] = [e for e in events.events if e.type == "mq_worker.run.rejected"
+                  and e.data["message_kind"] == "run"]
+    assert replayed.data["reason"].startswith("forged message")
+    assert set(started_runs(tmp_path)) == {str(victim.id)}
+    assert events.terminal(victim.id)[0].data["reason"] == "the real one"
+    assert len(await dead_letters(vhost.url)) == 1
+
+
+async def test_signatures_for_another_pool_too_old_or_v1_only_are_refused(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from mq_worker.signing import Signer
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    signer = Signer([KEY.encode()])
+    cases: dict[str, tuple[bytes, dict[str, Any], str]] = {}
+    for case, reason in (("other pool", "forged message"), ("old", "expired signature"),
+                         ("future", "expired signature"), ("v1 only", "unsigned message"),
+                         ("good", ""), ("due later", "")):
+        body = run_body(probe(tmp_path))
+        if case == "due later":  # issued long ago, but due soon: its age counts from then
+            body["scheduled_start_time"] = _due_in(1)
+        raw = orjson_dumps(body)
+        now = int(time.time())
+        headers: dict[str, Any] = {
+            "other pool": signer.headers(raw, kind="run", pool="another"),
+            "old": signer.headers(raw, kind="run", pool="default", issued_at=now - 8 * 86400),
+            "future": signer.headers(raw, kind="run", pool="default", issued_at=now + 3600),
+            "v1 only": {"x-mq-worker-signature": signer.signature(raw)},
+            "good": signer.headers(raw, kind="run", pool="default"),
+            "due later": signer.headers(raw, kind="run", pool="default",
+                                        issued_at=now - 30 * 86400),
+        }[case]
+        cases[case] = (raw, headers, reason)
+    ids = {case: orjson_loads(raw)["id"] for case, (raw, _, _) in cases.items()}
+    async with running_worker(vhost.url, signing_key_file=key, prefetch_seconds=5):
+        for raw, headers, _ in cases.values():
+            await publish_raw(vhost.url, raw, headers=headers)
+        await events.wait_terminal([ids["good"], ids["due later"]], timeout=30)
+        await events.wait_for(lambda evs: len(
+            [e for e in evs if e.type == "mq_worker.run.rejected"]) == 4, timeout=30)
+    reasons = sorted(e.data["reason"] for e in events.events
+                     if e.type == "mq_worker.run.rejected")
+    expected = sorted(reason for _, _, reason in cases.values() if reason)
+    assert [r.split(":")[0] for r in reasons] == expected, reasons
+    assert "v1" in next(r for r in reasons if r.startswith("unsigned"))
+    assert set(started_runs(tmp_path)) == {ids["good"], ids["due later"]}
+    assert len(await dead_letters(vhost.url)) == 4
+
+
+def orjson_loads(raw: bytes) -> Any:
+    import json
+
+    return json.loads(raw)

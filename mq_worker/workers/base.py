@@ -63,12 +63,12 @@ from mq_worker.job_configuration import (
     RunContext,
     variables_schema,
 )
-from mq_worker.messages import RunMessage, parse_run
+from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.settings import WorkerSettings
-from mq_worker.signing import Signer
+from mq_worker.signing import Signer, parse_signed_run
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
@@ -165,7 +165,9 @@ class BaseWorker(abc.ABC):
         self._check_template_fields()
         self.log = structlog.get_logger("mq_worker.worker").bind(worker=self.name, pool=self.pool)
         self.metrics = WorkerMetrics()
-        self._signer = Signer.from_file(s.signing_key_file) if s.signing_key_file else None
+        self._signer = Signer.from_file(
+            s.signing_key_file, max_age_seconds=s.signature_max_age_seconds
+        ) if s.signing_key_file else None
         self._limiter = anyio.CapacityLimiter(s.limit)
         self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
@@ -188,7 +190,8 @@ class BaseWorker(abc.ABC):
             registry=self._registry,
             on_cancel=self._on_cancel,
             on_invalid=self._on_invalid_cancel,
-            verify=self._signer.verify if self._signer else None,
+            verify=self._signer.cancel_verifier(self.pool, s.cancel_window_seconds)
+            if self._signer else None,
             max_bytes=s.max_message_bytes,
         )
         self.connected = False
@@ -463,11 +466,8 @@ class BaseWorker(abc.ABC):
             await delivery.settle(requeue=True)
             return
         try:
-            signer = self._signer
-            run = parse_run(
-                delivery.body, max_bytes=self.settings.max_message_bytes,
-                verify=(lambda body: signer.verify(body, delivery.headers)) if signer else None,
-            )
+            run = parse_signed_run(delivery.body, delivery.headers, signer=self._signer,
+                                   pool=self.pool, max_bytes=self.settings.max_message_bytes)
         except InvalidMessage as exc:
             await self._reject(delivery, queue, exc)
             return
