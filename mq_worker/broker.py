@@ -8,11 +8,13 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
+import anyio
 from pamqp import commands as spec
 from yarl import URL
 
@@ -177,6 +179,33 @@ class Link:
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
                 await connection.close()
+
+
+class ConsumerCancelledByBroker(ConnectionError):
+    """The broker cancelled one of our consumers (its queue was deleted, for example)."""
+
+
+async def raise_on_server_cancel(channel: aiormq.abc.AbstractChannel, what: str) -> None:
+    """Raise ConsumerCancelledByBroker when the broker cancels a consumer of `channel`.
+
+    Run as a task of a session, it turns a consumer the broker dropped into a
+    session error, so the session starts again and declares and consumes anew
+    instead of silently receiving nothing.
+    """
+    cancelled: list[str] = []
+    event = anyio.Event()
+
+    def on_cancel(frame: Any) -> None:
+        cancelled.append(str(frame.consumer_tag))
+        event.set()
+
+    channel.on_consumer_cancel_callbacks.add(on_cancel)
+    try:
+        await event.wait()
+        raise ConsumerCancelledByBroker(
+            f"the broker cancelled the consumer {cancelled[0]} of {what} (queue deleted?)")
+    finally:
+        channel.on_consumer_cancel_callbacks.discard(on_cancel)
 
 
 def deliver_frame(message: aiormq.abc.DeliveredMessage) -> spec.Basic.Deliver:

@@ -39,6 +39,13 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 # The marker's confirmation can be lost when the stream's leader fails; without it
 # the session could wait forever. A TimeoutError ends the session: the worker reconnects.
 MARKER_CONFIRM_TIMEOUT = 15.0
+# Catching up, a follower that receives nothing at all for this long (not even its
+# marker) reads from a position past the stream's end, and starts again from the window.
+MARKER_STALL_SECONDS = 5.0
+
+
+class StreamConsumerCancelled(ConnectionError):
+    """The broker cancelled the cancel stream's consumer: the session must start again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,8 @@ class CancelFollower:
         self._next_offset: int | None = None
         self._marker: str | None = None
         self._caught_up = anyio.Event()
+        self._consumer_tag: str | None = None
+        self._received = 0
         self._unreadable_at: int | None = None
         self.replayed = 0
         self.skipped_offsets = 0
@@ -119,9 +128,50 @@ class CancelFollower:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume the stream; report started once every earlier cancel has been read."""
+        """Consume the stream; report started once every earlier cancel has been read.
+
+        Raises StreamConsumerCancelled when the broker cancels the consumer (the
+        stream was deleted): the session ends, and the next one reads the stream
+        declared again from the start of the window.
+        """
+        cancelled = anyio.Event()
+
+        def on_server_cancel(frame: Any) -> None:
+            if frame.consumer_tag == self._consumer_tag:
+                # The stream is gone; offsets of a new one start again at 0.
+                self._next_offset = None
+                cancelled.set()
+
+        channel.on_consumer_cancel_callbacks.add(on_server_cancel)
+        try:
+            await channel.basic_qos(prefetch_count=1000)
+            await self._consume(channel, publisher, resume=True)
+            if not await self._wait_caught_up():
+                # Nothing at all came from the stored offset: it is past the end of the
+                # stream (one deleted and declared again while we were away).
+                log.warning("cancel stream silent at the stored offset; "
+                            "reading it again from the start of the window",
+                            offset=self._next_offset)
+                if self._consumer_tag is not None:
+                    await channel.basic_cancel(self._consumer_tag)
+                self._next_offset = None
+                await self._consume(channel, publisher, resume=False)
+                if not await self._wait_caught_up():
+                    raise TimeoutError("the cancel stream sent nothing, not even our marker")
+            log.debug("cancel stream caught up", registry=len(self._registry))
+            task_status.started()
+            await cancelled.wait()
+            raise StreamConsumerCancelled(
+                "the broker cancelled the consumer of the cancel stream (stream deleted?)")
+        finally:
+            channel.on_consumer_cancel_callbacks.discard(on_server_cancel)
+
+    async def _consume(
+        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel,
+        *, resume: bool,
+    ) -> None:
         offset: Any
-        if self._next_offset is None:
+        if self._next_offset is None or not resume:
             offset = datetime.fromtimestamp(
                 time.time() - self._registry.window_seconds, tz=UTC
             )
@@ -129,10 +179,10 @@ class CancelFollower:
             offset = self._next_offset
         self._marker = uuid.uuid4().hex
         self._caught_up = anyio.Event()
-        await channel.basic_qos(prefetch_count=1000)
-        await channel.basic_consume(
+        ok = await channel.basic_consume(
             CANCELS_STREAM, self._on_message, arguments={"x-stream-offset": offset}
         )
+        self._consumer_tag = ok.consumer_tag
         # A marker published now comes after every cancel already in the stream.
         await publisher.basic_publish(
             b"",
@@ -141,10 +191,16 @@ class CancelFollower:
             properties=spec.Basic.Properties(headers={MARKER_HEADER: self._marker}),
             timeout=MARKER_CONFIRM_TIMEOUT,
         )
-        await self._caught_up.wait()
-        log.debug("cancel stream caught up", registry=len(self._registry))
-        task_status.started()
-        await anyio.sleep_forever()
+
+    async def _wait_caught_up(self) -> bool:
+        """Wait for our marker while messages keep coming; False if none came for a while."""
+        while not self._caught_up.is_set():
+            seen = self._received
+            with anyio.move_on_after(MARKER_STALL_SECONDS):
+                await self._caught_up.wait()
+            if not self._caught_up.is_set() and self._received == seen:
+                return False
+        return True
 
     def connection_broke_on_an_undecodable_frame(self) -> None:
         """Step past the next offset if the connection died twice on a frame at that offset.
@@ -166,6 +222,7 @@ class CancelFollower:
         self.skipped_offsets += 1
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._received += 1
         headers: dict[str, Any] = dict(message.header.properties.headers or {})
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):

@@ -366,3 +366,53 @@ def orjson_loads(raw: bytes) -> Any:
     import json
 
     return json.loads(raw)
+
+
+# -- 5. the cancel stream's consumer -------------------------------------------------------
+
+
+async def test_a_deleted_cancel_stream_is_declared_and_followed_again(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from mq_worker.publisher import Publisher, new_run
+
+    async with running_worker(vhost.url) as worker, Publisher(vhost.url) as publisher:
+        run = await publisher.submit(new_run(probe(tmp_path, sleep=60)))
+        await wait_until(lambda: str(run.id) in started_runs(tmp_path), timeout=30)
+        management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
+        await wait_until(lambda: not queue_exists(vhost, CANCELS_STREAM))
+        # The worker notices that the broker cancelled its consumer, declares the stream
+        # again and follows it.
+        await wait_until(lambda: queue_exists(vhost, CANCELS_STREAM), timeout=30)
+        await wait_until(lambda: worker.connected, timeout=30)
+        await publisher.cancel(run.id, reason="after the stream came back")
+        await events.wait_terminal([run.id], timeout=30)
+    [outcome] = events.terminal(run.id)
+    assert outcome.type == "mq_worker.run.cancelled"
+
+
+async def test_a_stream_recreated_while_disconnected_does_not_stall_the_worker(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from mq_worker.publisher import Publisher, new_run
+    from tests.conftest import HOST, PORT
+    from tests.proxy import link_proxy
+
+    async with link_proxy(HOST, PORT) as proxy, Publisher(vhost.url) as publisher:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url) as worker:
+            run = await publisher.submit(new_run(probe(tmp_path, sleep=60)))
+            await wait_until(lambda: str(run.id) in started_runs(tmp_path), timeout=30)
+            for _ in range(5):  # the worker's position in the stream moves past offset 5
+                await publisher.cancel(uuid.uuid4())
+            await wait_until(lambda: len(worker._registry) == 5)
+            proxy.cut()
+            management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
+            async with Publisher(vhost.url) as fresh:  # declares the stream again: one message
+                await fresh.cancel(uuid.uuid4())
+            await proxy.restore()
+            await publisher.cancel(run.id, reason="in the new stream")
+            await events.wait_terminal([run.id], timeout=60)
+    [outcome] = events.terminal(run.id)
+    assert outcome.type == "mq_worker.run.cancelled"
+

@@ -37,7 +37,7 @@ import structlog
 from pydantic import BaseModel
 
 from mq_worker import topology
-from mq_worker.broker import connect
+from mq_worker.broker import connect, raise_on_server_cancel
 from mq_worker.cancellation import CancelFollower, CancelRecord, CancelRegistry
 from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.delay import park, park_seconds
@@ -422,6 +422,8 @@ class BaseWorker(abc.ABC):
             for channel in channels:
                 tg.start_soon(_watch, channel.closed())
             tg.start_soon(self._outbox.publish_forever, session.publish)
+            # A consumer of the cancel stream or the monitor dropped by the broker ends the session.
+            tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
             await tg.start(self._cancels.follow, session.aux, session.publish)
             self._session = session
             self.connected = True
