@@ -21,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 import aiormq.abc
+import aiormq.exceptions
 import anyio
 import anyio.abc
 import structlog
@@ -224,19 +225,27 @@ class CancelFollower:
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._received += 1
         headers: dict[str, Any] = dict(message.header.properties.headers or {})
+        # Record first, then advance the offset, then acknowledge: an acknowledgement
+        # that fails (its channel closing) must not lose the cancel for good.
+        self._handle(message, headers)
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             self._next_offset = offset + 1
-        frame = deliver_frame(message)
-        await message.channel.basic_ack(delivery_tag(message), wait=False)
+        try:
+            await message.channel.basic_ack(delivery_tag(message), wait=False)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # Stream acknowledgements only grant credit; the session ends on its own.
+            log.debug("cancel stream acknowledgement failed", error=str(exc))
+
+    def _handle(self, message: aiormq.abc.DeliveredMessage, headers: dict[str, Any]) -> None:
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
             if isinstance(marker, bytes):
-                marker = marker.decode()
+                marker = marker.decode(errors="replace")
             if marker == self._marker:
                 self._caught_up.set()
             return
-        if frame.routing_key != self._routing_key:
+        if deliver_frame(message).routing_key != self._routing_key:
             return
         live = self._caught_up.is_set()
         try:

@@ -416,3 +416,41 @@ async def test_a_stream_recreated_while_disconnected_does_not_stall_the_worker(
     [outcome] = events.terminal(run.id)
     assert outcome.type == "mq_worker.run.cancelled"
 
+
+
+# -- 9. a cancel whose acknowledgement fails -------------------------------------------------
+
+
+async def test_a_cancel_whose_ack_fails_is_still_recorded(vhost: VHost) -> None:
+    from mq_worker.cancellation import CancelFollower, CancelRecord, CancelRegistry
+    from mq_worker.publisher import Publisher
+
+    run_id = uuid.uuid4()
+    async with Publisher(vhost.url) as publisher:
+        await publisher.cancel(run_id, reason="acked on a closing channel")
+    connection = await aiormq.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=10)
+        received: list[aiormq.abc.DeliveredMessage] = []
+        got = anyio.Event()
+
+        async def keep(message: aiormq.abc.DeliveredMessage) -> None:
+            received.append(message)
+            got.set()
+
+        await channel.basic_consume(CANCELS_STREAM, keep,
+                                    arguments={"x-stream-offset": "first"})
+        with anyio.fail_after(15):
+            await got.wait()
+        await channel.close()  # the delivery's channel closes before it is handled
+        reported: list[CancelRecord] = []
+        follower = CancelFollower(pool="default", registry=CancelRegistry(),
+                                  on_cancel=reported.append, on_invalid=lambda *_: None,
+                                  max_bytes=1 << 20)
+        follower._caught_up.set()
+        await follower._on_message(received[0])
+    finally:
+        await connection.close()
+    assert [r.run_id for r in reported] == [run_id]
+    assert follower._next_offset == 1
