@@ -32,6 +32,8 @@ from mq_worker.topology import EVENTS_EXCHANGE
 log = structlog.get_logger("mq_worker.outbox")
 
 DEFAULT_CAPACITY = 10_000
+# Seconds to wait for the broker's confirmation of an event (as for parks and dead letters).
+CONFIRM_TIMEOUT = 15.0
 _BATCH = 512
 
 
@@ -200,6 +202,9 @@ class Outbox:
             routing_key=event.type,
             properties=properties,
             wait=False,
+            # A confirm lost on an open channel must not stall every later event:
+            # the TimeoutError ends the session and the event is published again.
+            timeout=CONFIRM_TIMEOUT,
         )
 
     def close(self) -> None:

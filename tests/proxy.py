@@ -19,6 +19,7 @@ class LinkProxy:
         self.connections = 0
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._open: list[_Link] = []
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         listener = await anyio.create_tcp_listener(
@@ -38,9 +39,18 @@ class LinkProxy:
                 upstream = await anyio.connect_tcp(*self.upstream)
             except OSError:
                 return
+            link = _Link()
+            self._open.append(link)
             async with upstream, anyio.create_task_group() as tg:
                 tg.start_soon(_pump, client, upstream, tg)
-                tg.start_soon(_pump, upstream, client, tg)
+                tg.start_soon(_pump, upstream, client, tg, link)
+
+    def freeze(self) -> None:
+        """From now on, drop what the broker sends on the open connections (they stay open).
+
+        Connections made later are not affected: a lost confirm on an open channel."""
+        for link in self._open:
+            link.frozen = True
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
@@ -58,11 +68,17 @@ class LinkProxy:
         await self._tg.start(self._serve)
 
 
-async def _pump(source: SocketStream, sink: SocketStream, tg: anyio.abc.TaskGroup) -> None:
+class _Link:
+    frozen = False
+
+
+async def _pump(source: SocketStream, sink: SocketStream, tg: anyio.abc.TaskGroup,
+                link: _Link | None = None) -> None:
     with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
                              anyio.ClosedResourceError, OSError):
         async for chunk in source:
-            await sink.send(chunk)
+            if link is None or not link.frozen:
+                await sink.send(chunk)
     tg.cancel_scope.cancel()
 
 

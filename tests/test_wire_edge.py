@@ -454,3 +454,25 @@ async def test_a_cancel_whose_ack_fails_is_still_recorded(vhost: VHost) -> None:
         await connection.close()
     assert [r.run_id for r in reported] == [run_id]
     assert follower._next_offset == 1
+
+
+# -- 17. confirms that never come -----------------------------------------------------------
+
+
+async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_connection(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from tests.conftest import HOST, PORT
+    from tests.proxy import link_proxy
+
+    body = run_body(probe(tmp_path, sleep=2))
+    async with link_proxy(HOST, PORT) as proxy:
+        # AMQP heartbeats far apart: only a confirm timeout can notice the silence.
+        url = vhost.url_for("guest", "guest", port=proxy.port) + "?heartbeat=600"
+        async with running_worker(url) as worker:
+            await publish_raw(vhost.url, body)
+            await wait_until(lambda: body["id"] in started_runs(tmp_path), timeout=30)
+            proxy.freeze()  # the broker still receives, the worker hears nothing back
+            await events.wait_terminal([body["id"]], timeout=30)
+            await wait_until(lambda: len(worker._outbox) == 0, timeout=60)
+            assert reconnects(worker) >= 1
