@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import anyio
 import pytest
 import structlog
@@ -779,6 +780,34 @@ async def test_each_role_works_with_exactly_the_documented_permissions(
     assert "mq_worker.monitor-etl" in queues and "mq_worker.delay-24" in queues
     [dead] = await dead_letters(vhost.url)
     assert json.loads(dead.body)["id"] == str(invalid.id)
+
+
+async def test_only_a_publisher_that_declares_work_queues_needs_read_on_them(
+    vhost: VHost, tmp_path: Path
+) -> None:
+    # RabbitMQ checks read on a queue declared with a dead-letter exchange, which every
+    # work queue has: a publisher that creates work queues can also consume them.
+    password = secrets.token_hex(8)
+    without_read = {**PUBLISHER_PERMISSIONS, "read": r"^mq_worker\.(runs|due|delay-[0-9]{2})$"}
+    with broker_user(vhost, password=password, **without_read) as declaring, \
+            broker_user(vhost, password=password,
+                        **NON_DECLARING_PUBLISHER_PERMISSIONS) as plain_user:
+        async with Publisher(vhost.url_for(declaring, password)) as publisher:
+            with pytest.raises(BrokerError, match="ACCESS_REFUSED - access to queue "
+                                                  f"'mq_worker.{POOL}.high'"):
+                await publisher.submit(new_run("true"), pool=POOL, queue="high")
+        async with running_worker(vhost.url, pool=POOL, queue=["high"], limit=1):
+            pass  # the workers declare the queue
+        async with Publisher(vhost.url_for(plain_user, password), declare=False,
+                             park_after_seconds=None) as plain:
+            await plain.submit(new_run("true"), pool=POOL, queue="high")
+        connection = await aio_pika.connect(vhost.url_for(plain_user, password))
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"mq_worker.{POOL}.high", ensure=False)
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="ACCESS_REFUSED"):
+                await queue.get(no_ack=True, fail=False)
+    assert vhost.queue_counts()[f"mq_worker.{POOL}.high"] == (1, 0)
 
 
 @pytest.mark.parametrize("role", ["publisher", "non-declaring publisher", "subscriber"])
