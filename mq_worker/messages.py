@@ -6,6 +6,7 @@ unknown fields, so publishers can move ahead of workers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -15,10 +16,12 @@ import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
 )
 
 from mq_worker.errors import InvalidMessage
@@ -39,6 +42,40 @@ def _as_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _start_time(value: Any) -> Any:
+    """A start time is an RFC 3339 string or a JSON number of Unix seconds, nothing else.
+
+    (Left to pydantic, a number above 2e10 would be read as milliseconds, and a
+    number in a string as either: 253402300799, the last second of year 9999,
+    would start in 1978.)
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be an RFC 3339 string or a number of Unix seconds")
+    if isinstance(value, int | float):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError("Unix seconds out of range (years 1 to 9999)") from None
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
+        raise ValueError(
+            "a number in a string is ambiguous: send RFC 3339 or a JSON number of Unix seconds")
+    return value
+
+
+StartTime = Annotated[
+    UtcDatetime,
+    BeforeValidator(_start_time),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "format": "date-time"},
+            {"type": "number", "description": "Unix seconds"},
+        ]
+    }),
+]
 
 
 class _WireModel(BaseModel):
@@ -73,9 +110,10 @@ class RunMessage(_WireModel):
     )
     parameters: dict[str, Any] = Field(default_factory=dict)
     tags: list[Text] = Field(default_factory=list, max_length=256)
-    scheduled_start_time: UtcDatetime | None = Field(
+    scheduled_start_time: StartTime | None = Field(
         default=None,
-        description="RFC 3339; a time without offset is UTC. Absent means now.",
+        description="RFC 3339 (a time without offset is UTC) or a number of Unix seconds. "
+        "Absent means now.",
     )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
 

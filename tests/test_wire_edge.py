@@ -476,3 +476,30 @@ async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_conne
             await events.wait_terminal([body["id"]], timeout=30)
             await wait_until(lambda: len(worker._outbox) == 0, timeout=60)
             assert reconnects(worker) >= 1
+
+
+# -- 18. numeric start times ------------------------------------------------------------------
+
+
+async def test_a_numeric_start_time_is_unix_seconds_and_anything_ambiguous_is_rejected(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    far = run_body(probe(tmp_path), scheduled_start_time=253402300799)  # 9999-12-31, not 1978
+    soon_at = time.time() + 3
+    soon = run_body(probe(tmp_path), scheduled_start_time=soon_at)
+    as_text = run_body(probe(tmp_path), scheduled_start_time="253402300799")
+    as_bool = run_body(probe(tmp_path), scheduled_start_time=True)
+    async with running_worker(vhost.url, prefetch_seconds=10) as worker:
+        for body in (far, soon, as_text, as_bool):
+            await publish_raw(vhost.url, body)
+        await events.wait_terminal([soon["id"], as_text["id"], as_bool["id"]], timeout=30)
+        await wait_until(lambda: worker.metrics.parked.labels("default", "default")._value.get()
+                         == 1, timeout=15)
+    assert far["id"] not in started_runs(tmp_path)
+    assert not events.of(far["id"])  # parked until year 9999
+    assert events.types(soon["id"]) == ["run.pending", "run.submitted", "run.completed"]
+    assert started_runs(tmp_path)[soon["id"]]["t"] >= soon_at
+    for body in (as_text, as_bool):
+        [rejected] = events.terminal(body["id"])
+        assert rejected.type == "mq_worker.run.rejected"
+        assert rejected.data["reason"].startswith("scheduled_start_time"), rejected.data
