@@ -27,9 +27,10 @@ from pamqp import commands as spec
 from pamqp import encode
 from pamqp.header import ContentHeader
 
+from mq_worker.topology import DROPPED_HEADERS_HEADER
+
 # Seconds to wait for the broker's confirmation of a hand-off or an event.
 CONFIRM_TIMEOUT = 15.0
-DROPPED_HEADERS_HEADER = "x-mq-worker-dropped-headers"
 DEFAULT_FRAME_MAX = 131_072
 _FRAME_ENVELOPE = 8  # type, channel, size, end marker
 # Room left for what the broker adds when it delivers the copy (x-delivery-count, x-death...).

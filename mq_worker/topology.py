@@ -26,6 +26,8 @@ DUE_EXCHANGE = "mq_worker.due"
 # Signature headers of run and cancel messages (see mq_worker.signing).
 SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accepted by workers
 SIGNATURE_V2_HEADER = "x-mq-worker-signature-v2"  # v2: kind, pool, issued-at and body
+# On a dead letter: how many received headers were left out to fit in one frame.
+DROPPED_HEADERS_HEADER = "x-mq-worker-dropped-headers"
 
 DEFAULT_POOL = "default"
 DEFAULT_QUEUE = "default"
