@@ -183,14 +183,18 @@ def start_process(
     env: Mapping[str, str],
     cwd: str | None,
     capture_output: bool,
+    executable: str | None = None,
 ) -> ProcessHandle:
     """Start `argv` (never through a shell) in a new process group.
 
-    Raises OSError when it cannot start: a missing executable, a bad working directory.
+    With `executable` (an absolute path), exactly that file is executed, with no
+    PATH search. Raises OSError when it cannot start: a missing executable, a bad
+    working directory.
     """
     output = subprocess.PIPE if capture_output else subprocess.DEVNULL
     popen = subprocess.Popen(
         list(argv),
+        executable=executable,
         env=dict(env),
         cwd=cwd,
         stdin=subprocess.DEVNULL,

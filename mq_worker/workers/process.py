@@ -63,9 +63,17 @@ class ProcessWorker(BaseWorker):
         await anyio.to_thread.run_sync(self._guardian.stop)
 
     def check_configuration(self, configuration: BaseJobConfiguration) -> None:
+        self._allowed_executable(configuration)
+
+    def _allowed_executable(self, configuration: BaseJobConfiguration) -> str | None:
+        """The file the allow-list admits for this run (None without an allow-list).
+
+        That exact file is executed: exec must not go on to the next PATH entry
+        when the checked file cannot be executed (no shebang, a missing interpreter).
+        """
         argv = configuration.argv()
         if not self._allowed:
-            return
+            return None
         assert isinstance(configuration, ProcessJobConfiguration)
         cwd = configuration.working_dir or os.getcwd()
         resolved = executable_path(argv[0], configuration.env, cwd)
@@ -76,6 +84,7 @@ class ProcessWorker(BaseWorker):
                 f"command {resolved!r} is not allowed: it is outside "
                 + ", ".join(self._allowed)
             )
+        return resolved
 
     async def run(
         self,
@@ -86,6 +95,7 @@ class ProcessWorker(BaseWorker):
         assert isinstance(configuration, ProcessJobConfiguration)
         handle = start_process(
             configuration.argv(),
+            executable=self._allowed_executable(configuration),
             env={k: v for k, v in configuration.env.items() if v is not None},
             cwd=configuration.working_dir,
             capture_output=configuration.stream_output,
