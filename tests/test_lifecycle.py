@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
 from tests.conftest import (
     EventLog,
     VHost,
+    probe,
     publish_raw,
     run_body,
     running_worker,
+    started_runs,
+    wait_until,
 )
+from tests.test_reliability import started_event
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +73,17 @@ async def test_an_allowed_file_that_cannot_be_executed_never_falls_through_to_pa
 # -- stopping the worker ----------------------------------------------------------------------
 
 
+async def test_sighup_drains_like_sigterm(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path
+) -> None:
+    worker = worker_processes(vhost.url)
+    await started_event(events, worker.name)
+    body = run_body(probe(tmp_path, sleep=2))
+    await publish_raw(vhost.url, body)
+    await wait_until(lambda: body["id"] in started_runs(tmp_path))
+    worker.signal(signal.SIGHUP)
+    assert await anyio.to_thread.run_sync(lambda: worker.wait(30)) == 0
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.stopped" and e.subject == worker.name for e in evs))
+    assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
+    assert (tmp_path / f"{body['id']}.end").exists()
