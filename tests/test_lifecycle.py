@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
+import time
 from pathlib import Path
 
 import anyio
@@ -10,6 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import (
+    PYTHON,
     EventLog,
     VHost,
     probe,
@@ -70,7 +73,98 @@ async def test_an_allowed_file_that_cannot_be_executed_never_falls_through_to_pa
 # -- background children ------------------------------------------------------------------------
 
 
+async def test_background_children_are_stopped_before_the_run_ends(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "background.pid"
+    script = f"sleep 120 & echo $! > {shlex.quote(str(pid_file))}; echo done"
+    body = run_body(shlex.join(["sh", "-c", script]))
+    async with running_worker(vhost.url, limit=1) as worker:
+        await publish_raw(vhost.url, body)
+        await events.wait_terminal([body["id"]])
+        background = int(pid_file.read_text())
+        # When the run's terminal event is out, nothing of the run is left running.
+        assert not alive(background)
+        terminal = events.terminal(body["id"])
+        assert [e.type for e in terminal] == ["mq_worker.run.completed"]
+        assert worker.free_slots == 1
+
+
+async def test_background_children_count_against_the_limit_until_they_are_gone(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    marker = tmp_path / "term-received"
+    # The main process exits at once; its background child takes 2 s to honour SIGTERM.
+    child = (f"import signal, time\n"
+             f"def on_term(*_):\n"
+             f"    time.sleep(2); open({str(marker)!r}, 'w').close(); raise SystemExit(0)\n"
+             f"signal.signal(signal.SIGTERM, on_term)\n"
+             f"time.sleep(120)\n")
+    script = f"{shlex.quote(PYTHON)} -c {shlex.quote(child)} & sleep 0.5"
+    first = run_body(shlex.join(["sh", "-c", script]))
+    second = run_body(probe(tmp_path))
+    async with running_worker(vhost.url, limit=1):
+        await publish_raw(vhost.url, first)
+        await publish_raw(vhost.url, second)
+        await events.wait_terminal([first["id"], second["id"]])
+    # The second run took the only slot after the first run's child was gone.
+    assert marker.exists()
+    assert started_runs(tmp_path)[second["id"]]["t"] >= marker.stat().st_mtime - 0.05
+
+
 # -- stopping the worker ----------------------------------------------------------------------
+
+
+async def test_second_sigterm_after_the_drain_timeout_stops_at_once(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path
+) -> None:
+    worker = worker_processes(vhost.url, "--drain-timeout", "1")
+    await started_event(events, worker.name)
+    body = run_body(job_variables={"command": probe(tmp_path, sleep=600, extra="--ignore-term"),
+                                   "grace_seconds": 3600})
+    await publish_raw(vhost.url, body)
+    await wait_until(lambda: body["id"] in started_runs(tmp_path))
+    pid = started_runs(tmp_path)[body["id"]]["pid"]
+    worker.signal(signal.SIGTERM)
+    # The drain timeout has passed: the run was sent SIGTERM, which it ignores.
+    await wait_until(lambda: any(line.get("event") == "cancelling runs still running"
+                                 for line in worker.log_lines()), timeout=15)
+    began = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(lambda: worker.wait(30)) == 0
+    assert time.monotonic() - began < 10
+    assert not alive(pid)
+    terminal = await events.wait_for(lambda _: events.terminal(body["id"]))
+    assert [e.type for e in terminal] == ["mq_worker.run.cancelled"]
+
+
+async def test_second_signal_shortens_the_grace_of_a_cancel_in_progress(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path
+) -> None:
+    from mq_worker import Publisher
+
+    worker = worker_processes(vhost.url)
+    await started_event(events, worker.name)
+    body = run_body(job_variables={"command": probe(tmp_path, sleep=600, extra="--ignore-term"),
+                                   "grace_seconds": 3600})
+    await publish_raw(vhost.url, body)
+    await wait_until(lambda: body["id"] in started_runs(tmp_path))
+    pid = started_runs(tmp_path)[body["id"]]["pid"]
+    async with Publisher(vhost.url) as publisher:
+        await publisher.cancel(body["id"], pool="default", reason="by a test")
+    await wait_until(lambda: any(line.get("event") == "cancel received"
+                                 for line in worker.log_lines()))
+    worker.signal(signal.SIGINT)
+    await wait_until(lambda: any(line.get("event") == "waiting for running runs"
+                                 for line in worker.log_lines()))
+    began = time.monotonic()
+    worker.signal(signal.SIGINT)
+    assert await anyio.to_thread.run_sync(lambda: worker.wait(30)) == 0
+    assert time.monotonic() - began < 10
+    assert not alive(pid)
+    terminal = await events.wait_for(lambda _: events.terminal(body["id"]))
+    assert [e.type for e in terminal] == ["mq_worker.run.cancelled"]
+    assert terminal[0].data["reason"] == "by a test"
 
 
 async def test_sighup_drains_like_sigterm(

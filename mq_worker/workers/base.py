@@ -75,6 +75,8 @@ _SESSION_ERRORS = (
 
 
 _STABLE_SESSION_SECONDS = 10.0
+# The longest grace a run still gets once the worker is told to stop at once.
+FORCED_GRACE_SECONDS = 5.0
 
 
 class WorkerResult(NamedTuple):
@@ -246,6 +248,12 @@ class BaseWorker(abc.ABC):
         """Stop a run's infrastructure; return its exit status. Optional for worker types."""
         raise NotImplementedError("this worker type cannot stop infrastructure")
 
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
+        """Shorten a stop in progress: SIGKILL (or the like) within `longest` seconds.
+
+        Optional for worker types; called when the worker is told to stop at once.
+        """
+
     def check_configuration(self, configuration: BaseJobConfiguration) -> None:
         """Refuse a prepared configuration by raising InvalidMessage (hook for worker types)."""
 
@@ -326,11 +334,12 @@ class BaseWorker(abc.ABC):
             reason = "worker stopping" + (" at once" if self._force.is_set() else ": drain timeout")
             self.log.warning("cancelling runs still running", count=len(self._active))
             for active in list(self._active.values()):
-                self._request_cancel(active, CancelRecord(active.id, reason, time.time()),
-                                     grace=min(active_grace(active), 5.0)
-                                     if self._force.is_set() else None)
-            while self._active:
-                await self._wait_runs_change()
+                self._request_cancel(active, CancelRecord(active.id, reason, time.time()))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._hurry_when_forced)
+                while self._active:
+                    await self._wait_runs_change()
+                tg.cancel_scope.cancel()
         self._emit_worker(EventType.WORKER_STOPPED)
         with anyio.move_on_after(10 if self.connected else 2):
             await self._outbox.wait_empty()
@@ -338,6 +347,13 @@ class BaseWorker(abc.ABC):
             self.log.error("events not yet published when stopping", count=len(self._outbox),
                            spooled=self.settings.spool_dir is not None)
         self.log.info("stopped")
+
+    async def _hurry_when_forced(self) -> None:
+        """A second signal shortens every grace, also of stops already under way."""
+        await self._force.wait()
+        for active in list(self._active.values()):
+            if active.infrastructure_pid is not None:
+                self.hurry_infrastructure(active.infrastructure_pid, FORCED_GRACE_SECONDS)
 
     async def _wait_runs_change(self) -> None:
         self._runs_changed = anyio.Event()
@@ -650,6 +666,8 @@ class BaseWorker(abc.ABC):
 
     async def _kill(self, active: ActiveRun, grace: float | None) -> None:
         grace_seconds = grace if grace is not None else active_grace(active)
+        if self._force.is_set():
+            grace_seconds = min(grace_seconds, FORCED_GRACE_SECONDS)
         assert active.infrastructure_pid is not None
         try:
             active.killed = True

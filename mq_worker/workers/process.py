@@ -16,6 +16,7 @@ from mq_worker.infrastructure import (
     Guardian,
     ProcessHandle,
     start_process,
+    stop_leftovers,
     stream_output,
     terminate,
 )
@@ -104,18 +105,41 @@ class ProcessWorker(BaseWorker):
         self._handles[handle.pid] = handle
         self._guardian.watch(handle.pid)
         task_status.started(identifier)
+        logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
+        empty = False
         try:
-            if configuration.stream_output:
-                logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
-                async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
+                if configuration.stream_output:
                     tg.start_soon(stream_output, handle, logger)
-                    status = await handle.wait()
-            else:
                 status = await handle.wait()
+                empty = await self._stop_leftovers(handle, configuration, logger)
         finally:
-            self._guardian.forget(handle.pid)
-            del self._handles[handle.pid]
+            # A group that still has processes stays with the guardian, which stops
+            # it if the worker ends: it is never forgotten while alive.
+            if empty or not handle.group_alive():
+                self._guardian.forget(handle.pid)
+                del self._handles[handle.pid]
+            else:
+                logger.error("the run's processes are still running; "
+                             "they are stopped when the worker exits")
         return WorkerResult(identifier, status)
+
+    async def _stop_leftovers(
+        self, handle: ProcessHandle, configuration: ProcessJobConfiguration, logger: Any
+    ) -> bool:
+        if not handle.group_alive():
+            return True
+        logger.info("the run's main process exited; stopping the processes it left "
+                    "in its process group", grace_seconds=configuration.grace_seconds)
+        empty = await stop_leftovers(handle, configuration.grace_seconds)
+        if not empty:
+            logger.error("processes of the run survived SIGKILL")
+        return empty
+
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
+        handle = self._handles.get(int(infrastructure_pid.rpartition(":")[2]))
+        if handle is not None:
+            handle.hurry(longest)
 
     async def kill_infrastructure(
         self,
