@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -181,3 +183,42 @@ async def test_sighup_drains_like_sigterm(
         e.type == "mq_worker.worker.stopped" and e.subject == worker.name for e in evs))
     assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
     assert (tmp_path / f"{body['id']}.end").exists()
+
+
+# -- a worker whose surroundings fail -------------------------------------------------------
+
+
+def start_with_a_closed_log_pipe(url: str, name: str) -> subprocess.Popen[bytes]:
+    """`mq-worker start 2>&1 | head -c 100`: the reader goes away after the first line."""
+    read, write = os.pipe()
+    worker = subprocess.Popen(
+        [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", name],
+        stdout=write, stderr=write,
+    )
+    os.close(write)
+    os.read(read, 100)
+    os.close(read)  # from now on every log write fails (EPIPE)
+    return worker
+
+
+async def test_a_broken_log_pipe_does_not_stop_the_worker_or_its_runs(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    worker = await anyio.to_thread.run_sync(start_with_a_closed_log_pipe, vhost.url, "piped")
+    try:
+        await events.wait_for(lambda evs: any(
+            e.type == "mq_worker.worker.started" and e.subject == "piped" for e in evs),
+            timeout=30)
+        bodies = [run_body(probe(tmp_path)) for _ in range(5)]
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        await events.wait_terminal([b["id"] for b in bodies], timeout=30)
+        for body in bodies:
+            assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        assert await anyio.to_thread.run_sync(lambda: worker.wait(30)) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
