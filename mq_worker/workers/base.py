@@ -60,8 +60,9 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
-from mq_worker.settings import WorkerSettings
+from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer
+from mq_worker.spool import open_spool
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
@@ -161,7 +162,9 @@ class BaseWorker(abc.ABC):
         self.metrics = WorkerMetrics()
         self._signer = Signer.from_file(s.signing_key_file) if s.signing_key_file else None
         self._limiter = anyio.CapacityLimiter(s.limit)
-        self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
+        spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
+                 if s.spool_dir else None)
+        self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
         self._finished: OrderedDict[UUID, str] = OrderedDict()
