@@ -59,9 +59,14 @@ class OutgoingEvent:
 
 
 def build_event(
-    event_type: str, *, source: str, subject: str | None, data: dict[str, Any]
+    event_type: str,
+    *,
+    source: str,
+    subject: str | None,
+    data: dict[str, Any],
+    event_id: str | None = None,
 ) -> OutgoingEvent:
-    event_id = str(uuid4())
+    event_id = event_id or str(uuid4())
     envelope: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": event_id,

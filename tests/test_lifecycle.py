@@ -222,3 +222,82 @@ async def test_a_broken_log_pipe_does_not_stop_the_worker_or_its_runs(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+# -- a stalled worker reported lost by a peer ----------------------------------------------
+
+
+async def _two_workers_one_run_each(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path, *, run_seconds: float,
+    stalled_is_elected: bool,
+) -> tuple[object, object, dict[str, object]]:
+    """A worker about to be stalled runs `body`; a peer runs another long run.
+
+    The worker started first is the pool's elected reporter of lost workers. The
+    stalled one's connection has AMQP heartbeats every 2 s, so the broker closes it
+    after a few seconds of stall."""
+    body = run_body(probe(tmp_path, sleep=run_seconds))
+    other = run_body(probe(tmp_path, sleep=600))
+    stalled_url = vhost.url + "?heartbeat=2" if stalled_is_elected else vhost.url
+    order = [("stalled", stalled_url, body), ("peer", vhost.url, other)]
+    if not stalled_is_elected:
+        order.reverse()
+    workers = {}
+    for role, url, run in order:
+        worker = worker_processes(url, "--heartbeat-seconds", "1", "--limit", "1")
+        await started_event(events, worker.name)
+        await publish_raw(vhost.url, run)
+        await wait_until(lambda run=run: run["id"] in started_runs(tmp_path))
+        workers[role] = worker
+    stalled, peer = workers["stalled"], workers["peer"]
+    assert [e.data["worker"] for e in events.of(body["id"])
+            if e.type == "mq_worker.run.submitted"] == [stalled.name]
+    # Each has seen the other's heartbeats, and the last ones list the run.
+    for worker in (stalled, peer):
+        await events.wait_for(lambda evs, w=worker: sum(
+            e.type == "mq_worker.worker.heartbeat" and e.subject == w.name for e in evs) >= 3)
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.heartbeat" and e.subject == stalled.name
+        and body["id"] in e.data["in_flight"] for e in evs))
+    return stalled, peer, body
+
+
+@pytest.mark.parametrize(("stalled_is_elected", "run_seconds"), [(False, 3), (True, 600)],
+                         ids=["peer-elected-run-ends-while-stalled",
+                              "stalled-elected-run-still-running"])
+async def test_a_stalled_worker_reported_lost_gives_its_runs_one_terminal_event(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path,
+    stalled_is_elected: bool, run_seconds: float,
+) -> None:
+    stalled, peer, body = await _two_workers_one_run_each(
+        vhost, events, worker_processes, tmp_path, run_seconds=run_seconds,
+        stalled_is_elected=stalled_is_elected)
+    pid = started_runs(tmp_path)[body["id"]]["pid"]
+
+    stalled.signal(signal.SIGSTOP)  # a paused VM, a blocked event loop
+    try:
+        lost = await events.wait_for(lambda evs: [
+            e for e in evs if e.type == "mq_worker.worker.lost" and e.subject == stalled.name],
+            timeout=30)
+        assert lost[0].data["reported_by"] == peer.name
+        await events.wait_terminal([body["id"]], timeout=10)
+        if run_seconds < 600:
+            await wait_until(lambda: (tmp_path / f"{body['id']}.end").exists(), timeout=15)
+    finally:
+        stalled.signal(signal.SIGCONT)
+    # Back, the worker stops the run the pool was told had crashed, and publishes no
+    # other terminal event for it.
+    resumed = time.time()
+    await wait_until(lambda: not alive(pid), timeout=15)
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.heartbeat" and e.subject == stalled.name
+        and e.time.timestamp() > resumed + 5 for e in evs), timeout=30)
+    terminal = events.terminal(body["id"])
+    assert len(terminal) == 1, [(e.type, e.source, e.data) for e in terminal]
+    assert terminal[0].type == "mq_worker.run.crashed"
+    assert terminal[0].data["reason"] == "worker-lost"
+    # The worker goes on serving.
+    after = run_body(probe(tmp_path))
+    await publish_raw(vhost.url, after)
+    await events.wait_terminal([after["id"]], timeout=30)
+    assert [e.type for e in events.terminal(after["id"])] == ["mq_worker.run.completed"]

@@ -50,6 +50,12 @@ from mq_worker.errors import (
     TopologyMismatch,
 )
 from mq_worker.events import EventType, build_event, worker_source
+from mq_worker.fencing import (
+    REPORTED_STATES,
+    HeartbeatLease,
+    follow_own_reports,
+    worker_lost_event_id,
+)
 from mq_worker.job_configuration import (
     BaseJobConfiguration,
     BaseJobTemplate,
@@ -102,6 +108,10 @@ class ActiveRun:
     started_at: float | None = None
     cancel: CancelRecord | None = None
     killed: bool = False
+    kill_started: bool = False
+    # Its worker may have been reported lost with it: it ends as `crashed` (worker-lost).
+    fenced: bool = False
+    fenced_since: float = 0.0
     terminal: bool = False
     last_event_id: str | None = None
     wake: anyio.Event = field(default_factory=anyio.Event)
@@ -188,6 +198,13 @@ class BaseWorker(abc.ABC):
             verify=self._signer.verify if self._signer else None,
             max_bytes=s.max_message_bytes,
         )
+        # Margin: the lease breaks a little before a peer's report can come.
+        missed = self._monitor.missed
+        self._lease = HeartbeatLease(
+            missed * s.heartbeat_seconds - min(1.0, 0.1 * s.heartbeat_seconds)
+        )
+        self._reported_lost: OrderedDict[str, None] = OrderedDict()
+        self._disconnected_at = 0.0
         self.connected = False
         self.ready = anyio.Event()
         self._runs_changed = anyio.Event()
@@ -301,9 +318,17 @@ class BaseWorker(abc.ABC):
                         await self._sessions_forever()
 
                 tg.start_soon(_sessions)
+                lease = anyio.CancelScope()
+
+                async def _lease() -> None:
+                    with lease:
+                        await self._lease_loop()
+
+                tg.start_soon(_lease)
                 await self._stop.wait()
                 await self._shutdown()
                 sessions.cancel()
+                lease.cancel()
         finally:
             self._outbox.close()
             await self.teardown()
@@ -397,6 +422,7 @@ class BaseWorker(abc.ABC):
                 self.log.exception("unexpected error in the connection; reconnecting")
             finally:
                 self.connected = False
+                self._disconnected_at = time.monotonic()
                 self.metrics.connected.set(0)
                 self._session = None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -427,6 +453,7 @@ class BaseWorker(abc.ABC):
                 tg.start_soon(_watch, channel.closed())
             tg.start_soon(self._outbox.publish_forever, session.publish)
             await tg.start(self._cancels.follow, session.aux, session.publish)
+            await follow_own_reports(session.aux, self.name, self._on_reported_lost)
             self._session = session
             self.connected = True
             self.metrics.connected.set(1)
@@ -590,7 +617,9 @@ class BaseWorker(abc.ABC):
                     await active.delivery.settle()
                     return
                 await self._started(active, due)
-                if active.cancel is not None:
+                if active.fenced:
+                    tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
+                elif active.cancel is not None:
                     tg.start_soon(self._kill, active, None)
         except Exception as exc:
             active.log.exception("error while watching the run")
@@ -668,6 +697,11 @@ class BaseWorker(abc.ABC):
         # "starting": the run is killed as soon as it has started.
 
     async def _kill(self, active: ActiveRun, grace: float | None) -> None:
+        if active.kill_started:  # a cancel during the start's acknowledgement, or a fence
+            if grace is not None and active.infrastructure_pid is not None:
+                self.hurry_infrastructure(active.infrastructure_pid, grace)
+            return
+        active.kill_started = True
         grace_seconds = grace if grace is not None else active_grace(active)
         if self._force.is_set():
             grace_seconds = min(grace_seconds, FORCED_GRACE_SECONDS)
@@ -799,6 +833,13 @@ class BaseWorker(abc.ABC):
         """Publish the run's one terminal event; False if it already had one."""
         if active.terminal:
             return False
+        self._check_lease()
+        if active.fenced:
+            active.terminal = True
+            self._remember(active.id, EventType.RUN_CRASHED)
+            self.metrics.crashed.labels(self.pool, active.queue).inc()
+            self._end_fenced(active, extra.get("status_code"))
+            return True
         active.terminal = True
         self._emit_run(active, event_type, **extra)
         counter = {
@@ -882,6 +923,11 @@ class BaseWorker(abc.ABC):
             runs=runs,
             outbox_depth=len(self._outbox),
         )
+        self._lease.emitted(
+            self._outbox.published + len(self._outbox) - 1,
+            [str(r["id"]) for r in runs if r["state"] in REPORTED_STATES],
+            has_peers=self._has_peers(),
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -907,6 +953,8 @@ class BaseWorker(abc.ABC):
             queue = run.get("queue") or ""
             self._outbox.put(build_event(
                 EventType.RUN_CRASHED, source=self.source, subject=str(run["id"]),
+                event_id=worker_lost_event_id(peer.name, str(run["id"]),
+                                              run.get("infrastructure_pid")),
                 data={
                     "run_id": str(run["id"]),
                     "run_name": run.get("name"),
@@ -923,6 +971,90 @@ class BaseWorker(abc.ABC):
                     "reported_by": self.name,
                 },
             ))
+
+    # -- self-fencing (see mq_worker.fencing) -----------------------------------------
+
+    def _has_peers(self) -> bool:
+        """Whether another worker of the pool is known, who would report this one lost."""
+        return any(name != self.name and not peer.lost
+                   for name, peer in self._monitor.peers.items())
+
+    async def _lease_loop(self) -> None:
+        while True:
+            self._check_lease()
+            await anyio.sleep(min(1.0, self.settings.heartbeat_seconds / 4))
+
+    def _check_lease(self) -> None:
+        at_risk = self._lease.at_risk(self._outbox.published)
+        if at_risk:
+            silence = time.monotonic() - self._lease.silent_since
+            self._fence(at_risk, f"no heartbeat of this worker confirmed for {silence:.1f} s "
+                                 "(stalled or cut off)", since=self._lease.silent_since)
+
+    def _on_reported_lost(self, run_ids: list[str]) -> None:
+        self.log.warning("a peer reported this worker lost", runs=len(run_ids))
+        for run_id in run_ids:
+            self._reported_lost[run_id] = None
+        while len(self._reported_lost) > _FINISHED_MEMORY:
+            self._reported_lost.popitem(last=False)
+        self._fence(self._lease.confirmed_runs & set(run_ids), "a peer reported this worker lost",
+                    since=time.monotonic())
+
+    def _fence(self, run_ids: Iterable[str], why: str, *, since: float) -> None:
+        """Stop runs peers may have reported lost with this worker; they end as reported."""
+        for run_id in run_ids:
+            active = self._active.get(UUID(run_id))
+            if active is None or active.fenced or active.terminal:
+                continue
+            active.fenced = True
+            active.fenced_since = since
+            active.log.warning("peers may have reported this run crashed with its worker; "
+                               "stopping it", why=why)
+            if active.state == "running" and self._tg is not None:
+                self._tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
+            # "starting": killed as soon as it has started (see _start_and_watch).
+
+    def _end_fenced(self, active: ActiveRun, status_code: Any) -> None:
+        event = build_event(
+            EventType.RUN_CRASHED, source=self.source, subject=str(active.id),
+            event_id=worker_lost_event_id(self.name, str(active.id), active.infrastructure_pid),
+            data={
+                **self._run_data(active.run, active.queue, active.related, active.last_event_id),
+                "status_code": status_code,
+                "reason": "worker-lost",
+                "message": f"worker {self.name} stopped the run: its heartbeats were not "
+                           "confirmed long enough for peers to report it lost",
+                "infrastructure_pid": active.infrastructure_pid,
+                "reported_by": self.name,
+            },
+        )
+
+        async def _publish_unless_reported() -> None:
+            # A peer's report may still be on its way: wait until this worker's
+            # heartbeats are confirmed again, and a little more.
+            settle = min(2.0, self.settings.heartbeat_seconds)
+            with anyio.move_on_after(self._lease.threshold + 2 * settle):
+                while True:
+                    if self._lease.silent_for < self.settings.heartbeat_seconds + settle:
+                        break
+                    await anyio.sleep(0.1)
+                await anyio.sleep(settle)
+            if str(active.id) in self._reported_lost:
+                active.log.info("run ended; a peer's worker-lost report is its terminal event")
+            elif self._disconnected_at > active.fenced_since:
+                # The broker closed this worker's connection during the silence: that is
+                # what hands the election to a peer, which then reports the run. Its
+                # report reached no queue of this worker.
+                active.log.info("run ended; a peer has reported it with this worker "
+                                "(worker-lost) while this worker was cut off")
+            else:
+                self._outbox.put(event)
+                active.log.info("run ended", outcome="crashed", reason="worker-lost")
+
+        if self._tg is None:
+            self._outbox.put(event)
+        else:
+            self._tg.start_soon(_publish_unless_reported)
 
     # -- status ------------------------------------------------------------------
 
