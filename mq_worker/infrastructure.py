@@ -165,18 +165,23 @@ class ProcessHandle:
     async def wait(self) -> int:
         """Wait for the process to exit; return its exit code (negative: killed by a signal)."""
         if self.popen.returncode is None:
+            fd = -1
             if _HAS_PIDFD:
                 try:
                     fd = os.pidfd_open(self.popen.pid)
                 except ProcessLookupError:
                     fd = -1
-                if fd >= 0:
-                    try:
-                        await anyio.wait_readable(fd)
-                    finally:
-                        os.close(fd)
+                except OSError:  # no descriptor left (EMFILE): wait in a thread instead
+                    fd = -2
+            if fd >= 0:
+                try:
+                    await anyio.wait_readable(fd)
+                finally:
+                    os.close(fd)
                 self.popen.wait()
-            else:  # pragma: no cover - non-Linux
+            elif fd == -1 and _HAS_PIDFD:
+                self.popen.wait()
+            else:
                 await anyio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
         self._exited.set()
         assert self.popen.returncode is not None

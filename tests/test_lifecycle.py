@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import resource
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -301,3 +305,61 @@ async def test_a_stalled_worker_reported_lost_gives_its_runs_one_terminal_event(
     await publish_raw(vhost.url, after)
     await events.wait_terminal([after["id"]], timeout=30)
     assert [e.type for e in events.terminal(after["id"])] == ["mq_worker.run.completed"]
+
+
+# -- descriptors exhausted at spawn -------------------------------------------------------------
+
+
+def start_with_few_descriptors(
+    url: str, name: str, log: Path, limit: int
+) -> subprocess.Popen[bytes]:
+    def few() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", name,
+             "--log-format", "json", "--health-port", "0"],
+            stdout=output, stderr=subprocess.STDOUT, preexec_fn=few,
+        )
+
+
+def log_lines(path: Path) -> list[dict[str, object]]:
+    lines = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            lines.append(json.loads(line))
+    return lines
+
+
+async def test_runs_started_while_descriptors_are_exhausted_are_not_crashed(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    worker = await anyio.to_thread.run_sync(start_with_few_descriptors, vhost.url, "few", log, 96)
+    idle: list[socket.socket] = []
+    try:
+        await events.wait_for(lambda evs: any(
+            e.type == "mq_worker.worker.started" and e.subject == "few" for e in evs), timeout=30)
+        port = await wait_until(lambda: next(
+            (line["port"] for line in log_lines(log)
+             if line.get("event") == "health endpoint listening"), None))
+        # Idle connections to the health port until the worker has no descriptor left.
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", int(port))))
+        bodies = [run_body(probe(tmp_path)) for _ in range(3)]
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        await wait_until(lambda: any(line.get("event") == "run given back: resources exhausted "
+                                     "at spawn" for line in log_lines(log)), timeout=15)
+        assert not [e for e in events.events if e.type == "mq_worker.run.crashed"]
+        for connection in idle:
+            connection.close()
+        await events.wait_terminal([b["id"] for b in bodies], timeout=60)
+        for body in bodies:
+            assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
+    finally:
+        for connection in idle:
+            connection.close()
+        worker.kill()
+        worker.wait()

@@ -66,6 +66,7 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer
 from mq_worker.spool import open_spool
@@ -82,6 +83,7 @@ _SESSION_ERRORS = (
 
 
 _STABLE_SESSION_SECONDS = 10.0
+_SPAWN_PAUSE = "resources exhausted at spawn"
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
 
@@ -205,6 +207,7 @@ class BaseWorker(abc.ABC):
         )
         self._reported_lost: OrderedDict[str, None] = OrderedDict()
         self._disconnected_at = 0.0
+        self._spawn_backoff = SpawnBackoff()
         self.connected = False
         self.ready = anyio.Event()
         self._runs_changed = anyio.Event()
@@ -613,9 +616,13 @@ class BaseWorker(abc.ABC):
                 try:
                     active.infrastructure_pid = await tg.start(_run)
                 except Exception as exc:
+                    if is_transient_spawn_error(exc):
+                        await self._give_back_for_now(active, exc)
+                        return
                     self._start_failed(active, exc)
                     await active.delivery.settle()
                     return
+                self._spawn_backoff.succeeded()
                 await self._started(active, due)
                 if active.fenced:
                     tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
@@ -628,6 +635,21 @@ class BaseWorker(abc.ABC):
                          infrastructure_pid=active.infrastructure_pid)
             return
         self._ended(active, result[0] if result else None)
+
+    async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
+        """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
+        delay = self._spawn_backoff.failed()
+        active.log.warning("run given back: resources exhausted at spawn", error=str(exc),
+                           intake_paused_for=delay)
+        await active.delivery.settle(requeue=True)
+        if self._consumer is not None and self._tg is not None:
+            self._consumer.pause(_SPAWN_PAUSE)
+            self._tg.start_soon(self._resume_intake_after, delay)
+
+    async def _resume_intake_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        if self._consumer is not None:
+            self._consumer.resume(_SPAWN_PAUSE)
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         message = f"the run could not be started: {exc}"

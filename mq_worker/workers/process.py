@@ -22,6 +22,7 @@ from mq_worker.infrastructure import (
 )
 from mq_worker.job_configuration import BaseJobConfiguration
 from mq_worker.messages import RunMessage
+from mq_worker.resources import raise_descriptor_limit
 from mq_worker.workers.base import BaseWorker, WorkerResult
 
 
@@ -58,6 +59,9 @@ class ProcessWorker(BaseWorker):
         ]
 
     async def setup(self) -> None:
+        before, after = raise_descriptor_limit()
+        if after > before:
+            self.log.info("raised the limit on open descriptors", before=before, after=after)
         self._guardian.start()
 
     async def teardown(self) -> None:
