@@ -21,6 +21,7 @@ from tests.conftest import (
     PYTHON,
     EventLog,
     VHost,
+    management,
     probe,
     publish_raw,
     run_body,
@@ -363,3 +364,34 @@ async def test_runs_started_while_descriptors_are_exhausted_are_not_crashed(
             connection.close()
         worker.kill()
         worker.wait()
+
+
+# -- a fatal error while runs are running -------------------------------------------------------
+
+
+async def test_a_fatal_error_at_reconnect_stops_the_runs_first_and_keeps_their_events(
+    vhost: VHost, events: EventLog, worker_processes, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    worker = worker_processes(vhost.url, "--spool-dir", str(spool), name="fatal")
+    await started_event(events, "fatal")
+    body = run_body(probe(tmp_path, sleep=600))
+    await publish_raw(vhost.url, body)
+    await wait_until(lambda: body["id"] in started_runs(tmp_path))
+    pid = started_runs(tmp_path)[body["id"]]["pid"]
+    # An operator recreates the dead-letter queue with other arguments; at its next
+    # connection the worker finds a TopologyMismatch, which it cannot serve with.
+    management("DELETE", f"/queues/{vhost.name}/mq_worker.dead")
+    management("PUT", f"/queues/{vhost.name}/mq_worker.dead", {"durable": True, "arguments": {}})
+    assert vhost.close_connections("fatal") >= 1
+    assert await anyio.to_thread.run_sync(lambda: worker.wait(60)) != 0
+    assert not alive(pid)
+    assert any(line.get("event") == "cannot serve" for line in worker.log_lines())
+
+    # Once the queue is fixed, the restarted worker publishes the run's terminal event.
+    management("DELETE", f"/queues/{vhost.name}/mq_worker.dead")
+    worker_processes(vhost.url, "--spool-dir", str(spool), name="fatal")
+    await events.wait_terminal([body["id"]], timeout=30)
+    terminal = events.terminal(body["id"])
+    assert [e.type for e in terminal] == ["mq_worker.run.cancelled"]
+    assert "cannot serve" in terminal[0].data["reason"]

@@ -208,6 +208,7 @@ class BaseWorker(abc.ABC):
         self._reported_lost: OrderedDict[str, None] = OrderedDict()
         self._disconnected_at = 0.0
         self._spawn_backoff = SpawnBackoff()
+        self._fatal_error: BaseException | None = None
         self.connected = False
         self.ready = anyio.Event()
         self._runs_changed = anyio.Event()
@@ -335,6 +336,8 @@ class BaseWorker(abc.ABC):
         finally:
             self._outbox.close()
             await self.teardown()
+        if self._fatal_error is not None:
+            raise self._fatal_error
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -363,6 +366,8 @@ class BaseWorker(abc.ABC):
                 tg.cancel_scope.cancel()
         if self._active:
             reason = "worker stopping" + (" at once" if self._force.is_set() else ": drain timeout")
+            if self._fatal_error is not None:
+                reason = f"worker stopping: it cannot serve: {self._fatal_error}"
             self.log.warning("cancelling runs still running", count=len(self._active))
             for active in list(self._active.values()):
                 self._request_cancel(active, CancelRecord(active.id, reason, time.time()))
@@ -406,16 +411,25 @@ class BaseWorker(abc.ABC):
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except ConfigurationError as exc:  # the TLS files cannot be used
+                if first:
+                    self._fatal(exc)
+                    return
+                # Mid-rotation, most likely: runs are going on; retry like a broker error.
+                self.log.warning("cannot use the TLS files; retrying", error=str(exc),
+                                 retry_in=backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if not first:
                 self.metrics.reconnects.inc()
             first = False
             session_began = time.monotonic()
+            fatal: BaseException | None = None
             try:
                 await self._serve_session(connection)
             except* (TopologyMismatch, ConfigurationError) as group:
-                self.log.error("cannot serve", error=str(group.exceptions[0]))
-                self.stop(force=True)
-                raise
+                fatal = group.exceptions[0]
             except* _SESSION_ERRORS as group:
                 self.log.warning(
                     "connection lost; reconnecting",
@@ -430,6 +444,9 @@ class BaseWorker(abc.ABC):
                 self._session = None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await connection.close()
+            if fatal is not None:
+                self._fatal(fatal)
+                return
             index += 1  # on a cluster, try another node first
             # A session refused at once (no permission, a queue declared with other
             # arguments by someone else) must not turn into a reconnect storm.
@@ -438,6 +455,12 @@ class BaseWorker(abc.ABC):
                 backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.2
+
+    def _fatal(self, error: BaseException) -> None:
+        """An error no reconnection can fix: stop the runs (as on a second signal), then fail."""
+        self.log.error("cannot serve", error=str(error))
+        self._fatal_error = error
+        self.stop(force=True)
 
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
         channels = [await connection.channel(publisher_confirms=c) for c in (False, True, False)]
