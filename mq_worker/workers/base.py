@@ -614,7 +614,9 @@ class BaseWorker(abc.ABC):
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
             delivery.hold()
             await _wait_any((active.wake, delivery.lost), timeout=due - now)
-        if delivery.lost.is_set() and not delivery.settled:
+        if (delivery.lost.is_set() or delivery.channel.is_closed) and not delivery.settled:
+            # Checked just before exec: the broker has taken the message back and
+            # delivers it again, so starting it here could start it twice.
             active.log.warning("connection lost before the run started; the broker redelivers it")
             return
         if active.cancel is not None:
