@@ -142,7 +142,9 @@ class CrashedData(RunEventData):
     )
     infrastructure_pid: str | None = None
     reported_by: str | None = Field(
-        default=None, description="For worker-lost: the peer that reported the lost worker."
+        default=None,
+        description="For worker-lost: the peer that reported the lost worker, or the worker "
+                    "itself when it stopped the run after its heartbeats went unconfirmed.",
     )
 
 
