@@ -333,6 +333,7 @@ async def stop_leftovers(handle: ProcessHandle, grace_seconds: float) -> bool:
     the worker's limit. They get SIGTERM, then SIGKILL after `grace_seconds`.
     Returns True if the group is empty afterwards.
     """
+    _reap_group(handle.pid)
     if not handle.group_alive():
         return True
     with contextlib.suppress(InfrastructureNotFound, InfrastructureNotAvailable):
@@ -350,9 +351,22 @@ async def stop_leftovers(handle: ProcessHandle, grace_seconds: float) -> bool:
 async def _group_empty(handle: ProcessHandle) -> None:
     # A process group has no descriptor to wait on; its members are not our children.
     while True:
+        _reap_group(handle.pid)
         if not handle.group_alive():
             return
         await anyio.sleep(0.05)
+
+
+def _reap_group(pgid: int) -> None:
+    """Reap the group's processes that ended as children of this process.
+
+    When the worker is PID 1 (a container without an init), orphaned processes
+    of runs become its children: unreaped, they would keep the group alive.
+    Called only once the run's main process has been reaped.
+    """
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0] != 0:
+            pass
 
 
 def _descendant_pids(pid: int) -> list[int]:

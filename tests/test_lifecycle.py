@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -395,3 +396,38 @@ async def test_a_fatal_error_at_reconnect_stops_the_runs_first_and_keeps_their_e
     terminal = events.terminal(body["id"])
     assert [e.type for e in terminal] == ["mq_worker.run.cancelled"]
     assert "cannot serve" in terminal[0].data["reason"]
+
+
+def start_as_subreaper(url: str, name: str, log: Path) -> subprocess.Popen[bytes]:
+    """A worker that inherits orphaned processes, as PID 1 of a container without an init."""
+    def subreaper() -> None:
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", name,
+             "--log-format", "json"],
+            stdout=output, stderr=subprocess.STDOUT, preexec_fn=subreaper,
+        )
+
+
+async def test_background_processes_orphaned_to_the_worker_are_reaped(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    worker = await anyio.to_thread.run_sync(start_as_subreaper, vhost.url, "reaper",
+                                            tmp_path / "worker.log")
+    try:
+        await events.wait_for(lambda evs: any(
+            e.type == "mq_worker.worker.started" and e.subject == "reaper" for e in evs),
+            timeout=30)
+        # The background process ends by itself; the worker, its new parent, must reap it.
+        body = run_body(job_variables={"command": "sh -c 'sleep 0.3 & exit 0'",
+                                       "grace_seconds": 60})
+        published = time.monotonic()
+        await publish_raw(vhost.url, body)
+        await events.wait_terminal([body["id"]], timeout=30)
+        assert time.monotonic() - published < 20
+        assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
+    finally:
+        worker.kill()
+        worker.wait()
