@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import anyio
@@ -431,3 +432,38 @@ async def test_background_processes_orphaned_to_the_worker_are_reaped(
     finally:
         worker.kill()
         worker.wait()
+
+
+# -- a cancel racing the start ------------------------------------------------------------------
+
+
+async def test_a_cancel_during_the_acknowledgement_of_a_start_stops_the_run_once(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mq_worker import Publisher
+    from mq_worker.consumer import Delivery
+
+    terms = tmp_path / "terms"
+    script = (f"import signal, time\n"
+              f"def on_term(*_):\n"
+              f"    with open({str(terms)!r}, 'a') as f: f.write('TERM\\n')\n"
+              f"signal.signal(signal.SIGTERM, on_term)\n"
+              f"time.sleep(3)\n")
+    body = run_body(shlex.join([PYTHON, "-c", script]))
+    run_id = uuid.UUID(body["id"])
+    acknowledged = Delivery.ack_started
+
+    async def ack_while_the_cancel_arrives(delivery: Delivery) -> None:
+        await acknowledged(delivery)
+        # The broker is slow to take the acknowledgement; meanwhile the cancel comes.
+        await wait_until(lambda: worker._registry.get(run_id) is not None)
+
+    monkeypatch.setattr(Delivery, "ack_started", ack_while_the_cancel_arrives)
+    async with running_worker(vhost.url) as worker, Publisher(vhost.url) as publisher:
+        await publish_raw(vhost.url, body)
+        await wait_until(lambda: worker._active.get(run_id) is not None
+                         and worker._active[run_id].state == "running")
+        await publisher.cancel(body["id"], pool="default")
+        await events.wait_terminal([body["id"]])
+    assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.cancelled"]
+    assert terms.read_text() == "TERM\n"  # one stop, one SIGTERM
