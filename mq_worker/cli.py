@@ -124,7 +124,7 @@ async def _serve(settings: WorkerSettings) -> None:
         _fail(str(exc), 2)
 
     async def _signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
             async for _ in received:
                 worker.stop()
 

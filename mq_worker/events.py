@@ -59,9 +59,14 @@ class OutgoingEvent:
 
 
 def build_event(
-    event_type: str, *, source: str, subject: str | None, data: dict[str, Any]
+    event_type: str,
+    *,
+    source: str,
+    subject: str | None,
+    data: dict[str, Any],
+    event_id: str | None = None,
 ) -> OutgoingEvent:
-    event_id = str(uuid4())
+    event_id = event_id or str(uuid4())
     envelope: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": event_id,
@@ -137,7 +142,9 @@ class CrashedData(RunEventData):
     )
     infrastructure_pid: str | None = None
     reported_by: str | None = Field(
-        default=None, description="For worker-lost: the peer that reported the lost worker."
+        default=None,
+        description="For worker-lost: the peer that reported the lost worker, or the worker "
+                    "itself when it stopped the run after its heartbeats went unconfirmed.",
     )
 
 

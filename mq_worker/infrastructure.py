@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -122,6 +122,37 @@ class ProcessHandle:
     started_at: float = field(default_factory=time.time)
     signalled: bool = False
     _exited: anyio.Event = field(default_factory=anyio.Event)
+    # The most a grace period may still last, once the worker was told to stop at once.
+    _hurried: float | None = None
+    _graces: list[anyio.CancelScope] = field(default_factory=list)
+
+    def hurry(self, longest: float) -> None:
+        """Shorten the grace this run gets before SIGKILL, now and later, to `longest` seconds."""
+        self._hurried = longest if self._hurried is None else min(self._hurried, longest)
+        for scope in self._graces:
+            scope.deadline = min(scope.deadline, anyio.current_time() + longest)
+
+    @contextlib.contextmanager
+    def grace(self, seconds: float) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that ends after `seconds`, or sooner if the run is hurried."""
+        if self._hurried is not None:
+            seconds = min(seconds, self._hurried)
+        with anyio.CancelScope(deadline=anyio.current_time() + seconds) as scope:
+            self._graces.append(scope)
+            try:
+                yield scope
+            finally:
+                self._graces.remove(scope)
+
+    def group_alive(self) -> bool:
+        """True while any process is left in the run's process group."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     @property
     def pid(self) -> int:
@@ -134,18 +165,23 @@ class ProcessHandle:
     async def wait(self) -> int:
         """Wait for the process to exit; return its exit code (negative: killed by a signal)."""
         if self.popen.returncode is None:
+            fd = -1
             if _HAS_PIDFD:
                 try:
                     fd = os.pidfd_open(self.popen.pid)
                 except ProcessLookupError:
                     fd = -1
-                if fd >= 0:
-                    try:
-                        await anyio.wait_readable(fd)
-                    finally:
-                        os.close(fd)
+                except OSError:  # no descriptor left (EMFILE): wait in a thread instead
+                    fd = -2
+            if fd >= 0:
+                try:
+                    await anyio.wait_readable(fd)
+                finally:
+                    os.close(fd)
                 self.popen.wait()
-            else:  # pragma: no cover - non-Linux
+            elif fd == -1 and _HAS_PIDFD:
+                self.popen.wait()
+            else:
                 await anyio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
         self._exited.set()
         assert self.popen.returncode is not None
@@ -183,14 +219,18 @@ def start_process(
     env: Mapping[str, str],
     cwd: str | None,
     capture_output: bool,
+    executable: str | None = None,
 ) -> ProcessHandle:
     """Start `argv` (never through a shell) in a new process group.
 
-    Raises OSError when it cannot start: a missing executable, a bad working directory.
+    With `executable` (an absolute path), exactly that file is executed, with no
+    PATH search. Raises OSError when it cannot start: a missing executable, a bad
+    working directory.
     """
     output = subprocess.PIPE if capture_output else subprocess.DEVNULL
     popen = subprocess.Popen(
         list(argv),
+        executable=executable,
         env=dict(env),
         cwd=cwd,
         stdin=subprocess.DEVNULL,
@@ -270,7 +310,7 @@ async def terminate(handle: ProcessHandle, grace_seconds: float) -> int:
     strays = [p for p in tree if _pgid(p) not in (None, handle.pid)]
     handle.signal_group(signal.SIGTERM)
     _signal_each(strays, signal.SIGTERM)
-    with anyio.move_on_after(grace_seconds) as graceful:
+    with handle.grace(grace_seconds) as graceful:
         await _all_exited(handle, tree)
     if graceful.cancelled_caught:
         with contextlib.suppress(InfrastructureNotFound):
@@ -284,6 +324,49 @@ async def terminate(handle: ProcessHandle, grace_seconds: float) -> int:
             )
     assert handle.returncode is not None
     return handle.returncode
+
+
+async def stop_leftovers(handle: ProcessHandle, grace_seconds: float) -> bool:
+    """After the run's main process exited, stop what is left of its process group.
+
+    Background processes (`cmd &`) would otherwise outlive the run, its cancel and
+    the worker's limit. They get SIGTERM, then SIGKILL after `grace_seconds`.
+    Returns True if the group is empty afterwards.
+    """
+    _reap_group(handle.pid)
+    if not handle.group_alive():
+        return True
+    with contextlib.suppress(InfrastructureNotFound, InfrastructureNotAvailable):
+        handle.signal_group(signal.SIGTERM)
+    with handle.grace(grace_seconds):
+        await _group_empty(handle)
+    if handle.group_alive():
+        with contextlib.suppress(InfrastructureNotFound, InfrastructureNotAvailable):
+            handle.signal_group(signal.SIGKILL)
+        with anyio.move_on_after(5.0):
+            await _group_empty(handle)
+    return not handle.group_alive()
+
+
+async def _group_empty(handle: ProcessHandle) -> None:
+    # A process group has no descriptor to wait on; its members are not our children.
+    while True:
+        _reap_group(handle.pid)
+        if not handle.group_alive():
+            return
+        await anyio.sleep(0.05)
+
+
+def _reap_group(pgid: int) -> None:
+    """Reap the group's processes that ended as children of this process.
+
+    When the worker is PID 1 (a container without an init), orphaned processes
+    of runs become its children: unreaped, they would keep the group alive.
+    Called only once the run's main process has been reaped.
+    """
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0] != 0:
+            pass
 
 
 def _descendant_pids(pid: int) -> list[int]:

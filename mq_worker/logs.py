@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
@@ -36,6 +37,27 @@ def _masked(value: Any) -> Any:
     return value
 
 
+class _UnfailingStream:
+    """A stream whose writes never raise: a log line that cannot be written is lost,
+    but the worker and its runs go on (a closed pipe, `| head`, a full disk)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
 def _json_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
@@ -44,6 +66,7 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
     """Configure structlog and the standard library's logging (used by aio-pika) alike."""
     stream = sys.stderr
     console = log_format == "console" or (log_format == "auto" and stream.isatty())
+    safe: Any = _UnfailingStream(stream)
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if console
@@ -63,10 +86,10 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(safe),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(safe)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -14,19 +14,17 @@ spool file, events also survive a restart of the worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
 import anyio
-import orjson
 import structlog
 from pamqp import commands as spec
 
 from mq_worker.events import CONTENT_TYPE, OutgoingEvent
+from mq_worker.spool import Spool
 from mq_worker.topology import EVENTS_EXCHANGE
 
 log = structlog.get_logger("mq_worker.outbox")
@@ -37,72 +35,6 @@ CONFIRM_TIMEOUT = 15.0
 _BATCH = 512
 
 
-class Spool:
-    """An append-only file of the events not yet confirmed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
-        self._confirmed_in_file = 0
-
-    def load(self) -> list[OutgoingEvent]:
-        events = []
-        with self.path.open("rb") as file:
-            for line in file:
-                try:
-                    record = orjson.loads(line)
-                    body = orjson.dumps(record["event"])
-                    events.append(
-                        OutgoingEvent(record["id"], record["type"], body, record["run_id"])
-                    )
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.warning("skipping an unreadable line of the outbox spool",
-                                path=str(self.path))
-        return events
-
-    def append(self, event: OutgoingEvent) -> None:
-        record = {
-            "id": event.id,
-            "type": event.type,
-            "run_id": event.run_id,
-            "event": orjson.Fragment(event.body),
-        }
-        self._file.write(orjson.dumps(record) + b"\n")
-        self._file.flush()
-
-    def confirmed(self, count: int, pending: deque[OutgoingEvent]) -> None:
-        self._confirmed_in_file += count
-        if not pending:
-            self._file.truncate(0)
-            self._confirmed_in_file = 0
-        elif self._confirmed_in_file > 10_000 and self._confirmed_in_file > len(pending):
-            self.rewrite(pending)
-
-    def rewrite(self, pending: deque[OutgoingEvent]) -> None:
-        self._file.close()
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("wb") as file:
-            for event in pending:
-                file.write(
-                    orjson.dumps(
-                        {
-                            "id": event.id,
-                            "type": event.type,
-                            "run_id": event.run_id,
-                            "event": orjson.Fragment(event.body),
-                        }
-                    )
-                    + b"\n"
-                )
-        os.replace(tmp, self.path)
-        self._file = self.path.open("ab")
-        self._confirmed_in_file = 0
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class Outbox:
     """Ordered, bounded-intake, never-dropping queue of events to publish."""
 
@@ -111,6 +43,8 @@ class Outbox:
         capacity: int = DEFAULT_CAPACITY,
         spool_path: Path | None = None,
         on_pressure: Callable[[bool], None] | None = None,
+        *,
+        spool: Spool | None = None,
     ) -> None:
         self.capacity = capacity
         self._events: deque[OutgoingEvent] = deque()
@@ -119,7 +53,7 @@ class Outbox:
         self._empty.set()
         self._on_pressure = on_pressure
         self._pressure = False
-        self._spool = Spool(spool_path) if spool_path else None
+        self._spool = spool or (Spool(spool_path) if spool_path else None)
         self.published = 0
         if self._spool:
             for event in self._spool.load():
@@ -209,5 +143,4 @@ class Outbox:
 
     def close(self) -> None:
         if self._spool:
-            with contextlib.suppress(OSError):
-                self._spool.close()
+            self._spool.close()

@@ -50,6 +50,12 @@ from mq_worker.errors import (
     TopologyMismatch,
 )
 from mq_worker.events import EventType, build_event, worker_source
+from mq_worker.fencing import (
+    REPORTED_STATES,
+    HeartbeatLease,
+    follow_own_reports,
+    worker_lost_event_id,
+)
 from mq_worker.handoff import (
     CONFIRM_TIMEOUT,
     HandoffReturned,
@@ -67,8 +73,10 @@ from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
-from mq_worker.settings import WorkerSettings
+from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
+from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer, parse_signed_run
+from mq_worker.spool import open_spool
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
@@ -83,6 +91,9 @@ _SESSION_ERRORS = (
 
 
 _STABLE_SESSION_SECONDS = 10.0
+_SPAWN_PAUSE = "resources exhausted at spawn"
+# The longest grace a run still gets once the worker is told to stop at once.
+FORCED_GRACE_SECONDS = 5.0
 
 
 class WorkerResult(NamedTuple):
@@ -107,6 +118,10 @@ class ActiveRun:
     started_at: float | None = None
     cancel: CancelRecord | None = None
     killed: bool = False
+    kill_started: bool = False
+    # Its worker may have been reported lost with it: it ends as `crashed` (worker-lost).
+    fenced: bool = False
+    fenced_since: float = 0.0
     terminal: bool = False
     last_event_id: str | None = None
     wake: anyio.Event = field(default_factory=anyio.Event)
@@ -169,7 +184,9 @@ class BaseWorker(abc.ABC):
             s.signing_key_file, max_age_seconds=s.signature_max_age_seconds
         ) if s.signing_key_file else None
         self._limiter = anyio.CapacityLimiter(s.limit)
-        self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
+        spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
+                 if s.spool_dir else None)
+        self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
         self._finished: OrderedDict[UUID, str] = OrderedDict()
@@ -194,6 +211,15 @@ class BaseWorker(abc.ABC):
             if self._signer else None,
             max_bytes=s.max_message_bytes,
         )
+        # Margin: the lease breaks a little before a peer's report can come.
+        missed = self._monitor.missed
+        self._lease = HeartbeatLease(
+            missed * s.heartbeat_seconds - min(1.0, 0.1 * s.heartbeat_seconds)
+        )
+        self._reported_lost: OrderedDict[str, None] = OrderedDict()
+        self._disconnected_at = 0.0
+        self._spawn_backoff = SpawnBackoff()
+        self._fatal_error: BaseException | None = None
         self.connected = False
         self.ready = anyio.Event()
         self._runs_changed = anyio.Event()
@@ -257,6 +283,12 @@ class BaseWorker(abc.ABC):
         """Stop a run's infrastructure; return its exit status. Optional for worker types."""
         raise NotImplementedError("this worker type cannot stop infrastructure")
 
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
+        """Shorten a stop in progress: SIGKILL (or the like) within `longest` seconds.
+
+        Optional for worker types; called when the worker is told to stop at once.
+        """
+
     def check_configuration(self, configuration: BaseJobConfiguration) -> None:
         """Refuse a prepared configuration by raising InvalidMessage (hook for worker types)."""
 
@@ -301,12 +333,22 @@ class BaseWorker(abc.ABC):
                         await self._sessions_forever()
 
                 tg.start_soon(_sessions)
+                lease = anyio.CancelScope()
+
+                async def _lease() -> None:
+                    with lease:
+                        await self._lease_loop()
+
+                tg.start_soon(_lease)
                 await self._stop.wait()
                 await self._shutdown()
                 sessions.cancel()
+                lease.cancel()
         finally:
             self._outbox.close()
             await self.teardown()
+        if self._fatal_error is not None:
+            raise self._fatal_error
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -335,13 +377,16 @@ class BaseWorker(abc.ABC):
                 tg.cancel_scope.cancel()
         if self._active:
             reason = "worker stopping" + (" at once" if self._force.is_set() else ": drain timeout")
+            if self._fatal_error is not None:
+                reason = f"worker stopping: it cannot serve: {self._fatal_error}"
             self.log.warning("cancelling runs still running", count=len(self._active))
             for active in list(self._active.values()):
-                self._request_cancel(active, CancelRecord(active.id, reason, time.time()),
-                                     grace=min(active_grace(active), 5.0)
-                                     if self._force.is_set() else None)
-            while self._active:
-                await self._wait_runs_change()
+                self._request_cancel(active, CancelRecord(active.id, reason, time.time()))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._hurry_when_forced)
+                while self._active:
+                    await self._wait_runs_change()
+                tg.cancel_scope.cancel()
         self._emit_worker(EventType.WORKER_STOPPED)
         with anyio.move_on_after(10 if self.connected else 2):
             await self._outbox.wait_empty()
@@ -349,6 +394,13 @@ class BaseWorker(abc.ABC):
             self.log.error("events not yet published when stopping", count=len(self._outbox),
                            spooled=self.settings.spool_dir is not None)
         self.log.info("stopped")
+
+    async def _hurry_when_forced(self) -> None:
+        """A second signal shortens every grace, also of stops already under way."""
+        await self._force.wait()
+        for active in list(self._active.values()):
+            if active.infrastructure_pid is not None:
+                self.hurry_infrastructure(active.infrastructure_pid, FORCED_GRACE_SECONDS)
 
     async def _wait_runs_change(self) -> None:
         self._runs_changed = anyio.Event()
@@ -370,16 +422,25 @@ class BaseWorker(abc.ABC):
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except ConfigurationError as exc:  # the TLS files cannot be used
+                if first:
+                    self._fatal(exc)
+                    return
+                # Mid-rotation, most likely: runs are going on; retry like a broker error.
+                self.log.warning("cannot use the TLS files; retrying", error=str(exc),
+                                 retry_in=backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if not first:
                 self.metrics.reconnects.inc()
             first = False
             session_began = time.monotonic()
+            fatal: BaseException | None = None
             try:
                 await self._serve_session(connection)
             except* (TopologyMismatch, ConfigurationError) as group:
-                self.log.error("cannot serve", error=str(group.exceptions[0]))
-                self.stop(force=True)
-                raise
+                fatal = group.exceptions[0]
             except* _SESSION_ERRORS as group:
                 self.log.warning(
                     "connection lost; reconnecting",
@@ -391,10 +452,14 @@ class BaseWorker(abc.ABC):
                 self.log.exception("unexpected error in the connection; reconnecting")
             finally:
                 self.connected = False
+                self._disconnected_at = time.monotonic()
                 self.metrics.connected.set(0)
                 self._session = None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await connection.close()
+            if fatal is not None:
+                self._fatal(fatal)
+                return
             index += 1  # on a cluster, try another node first
             # A session refused at once (no permission, a queue declared with other
             # arguments by someone else) must not turn into a reconnect storm.
@@ -403,6 +468,12 @@ class BaseWorker(abc.ABC):
                 backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.2
+
+    def _fatal(self, error: BaseException) -> None:
+        """An error no reconnection can fix: stop the runs (as on a second signal), then fail."""
+        self.log.error("cannot serve", error=str(error))
+        self._fatal_error = error
+        self.stop(force=True)
 
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
         # Returned mandatory publishes (a park or dead letter to a deleted queue) must fail.
@@ -425,6 +496,7 @@ class BaseWorker(abc.ABC):
             # A consumer of the cancel stream or the monitor dropped by the broker ends the session.
             tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
             await tg.start(self._cancels.follow, session.aux, session.publish)
+            await follow_own_reports(session.aux, self.name, self._on_reported_lost)
             self._session = session
             self.connected = True
             self.metrics.connected.set(1)
@@ -556,7 +628,9 @@ class BaseWorker(abc.ABC):
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
             delivery.hold()
             await _wait_any((active.wake, delivery.lost), timeout=due - now)
-        if delivery.lost.is_set() and not delivery.settled:
+        if (delivery.lost.is_set() or delivery.channel.is_closed) and not delivery.settled:
+            # Checked just before exec: the broker has taken the message back and
+            # delivers it again, so starting it here could start it twice.
             active.log.warning("connection lost before the run started; the broker redelivers it")
             return
         if active.cancel is not None:
@@ -581,11 +655,17 @@ class BaseWorker(abc.ABC):
                 try:
                     active.infrastructure_pid = await tg.start(_run)
                 except Exception as exc:
+                    if is_transient_spawn_error(exc):
+                        await self._give_back_for_now(active, exc)
+                        return
                     self._start_failed(active, exc)
                     await active.delivery.settle()
                     return
+                self._spawn_backoff.succeeded()
                 await self._started(active, due)
-                if active.cancel is not None:
+                if active.fenced:
+                    tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
+                elif active.cancel is not None:
                     tg.start_soon(self._kill, active, None)
         except Exception as exc:
             active.log.exception("error while watching the run")
@@ -594,6 +674,21 @@ class BaseWorker(abc.ABC):
                          infrastructure_pid=active.infrastructure_pid)
             return
         self._ended(active, result[0] if result else None)
+
+    async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
+        """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
+        delay = self._spawn_backoff.failed()
+        active.log.warning("run given back: resources exhausted at spawn", error=str(exc),
+                           intake_paused_for=delay)
+        await active.delivery.settle(requeue=True)
+        if self._consumer is not None and self._tg is not None:
+            self._consumer.pause(_SPAWN_PAUSE)
+            self._tg.start_soon(self._resume_intake_after, delay)
+
+    async def _resume_intake_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        if self._consumer is not None:
+            self._consumer.resume(_SPAWN_PAUSE)
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         message = f"the run could not be started: {exc}"
@@ -663,7 +758,14 @@ class BaseWorker(abc.ABC):
         # "starting": the run is killed as soon as it has started.
 
     async def _kill(self, active: ActiveRun, grace: float | None) -> None:
+        if active.kill_started:  # a cancel during the start's acknowledgement, or a fence
+            if grace is not None and active.infrastructure_pid is not None:
+                self.hurry_infrastructure(active.infrastructure_pid, grace)
+            return
+        active.kill_started = True
         grace_seconds = grace if grace is not None else active_grace(active)
+        if self._force.is_set():
+            grace_seconds = min(grace_seconds, FORCED_GRACE_SECONDS)
         assert active.infrastructure_pid is not None
         try:
             active.killed = True
@@ -823,6 +925,13 @@ class BaseWorker(abc.ABC):
         """Publish the run's one terminal event; False if it already had one."""
         if active.terminal:
             return False
+        self._check_lease()
+        if active.fenced:
+            active.terminal = True
+            self._remember(active.id, EventType.RUN_CRASHED)
+            self.metrics.crashed.labels(self.pool, active.queue).inc()
+            self._end_fenced(active, extra.get("status_code"))
+            return True
         active.terminal = True
         self._emit_run(active, event_type, **extra)
         counter = {
@@ -906,6 +1015,11 @@ class BaseWorker(abc.ABC):
             runs=runs,
             outbox_depth=len(self._outbox),
         )
+        self._lease.emitted(
+            self._outbox.published + len(self._outbox) - 1,
+            [str(r["id"]) for r in runs if r["state"] in REPORTED_STATES],
+            has_peers=self._has_peers(),
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -931,6 +1045,8 @@ class BaseWorker(abc.ABC):
             queue = run.get("queue") or ""
             self._outbox.put(build_event(
                 EventType.RUN_CRASHED, source=self.source, subject=str(run["id"]),
+                event_id=worker_lost_event_id(peer.name, str(run["id"]),
+                                              run.get("infrastructure_pid")),
                 data={
                     "run_id": str(run["id"]),
                     "run_name": run.get("name"),
@@ -947,6 +1063,90 @@ class BaseWorker(abc.ABC):
                     "reported_by": self.name,
                 },
             ))
+
+    # -- self-fencing (see mq_worker.fencing) -----------------------------------------
+
+    def _has_peers(self) -> bool:
+        """Whether another worker of the pool is known, who would report this one lost."""
+        return any(name != self.name and not peer.lost
+                   for name, peer in self._monitor.peers.items())
+
+    async def _lease_loop(self) -> None:
+        while True:
+            self._check_lease()
+            await anyio.sleep(min(1.0, self.settings.heartbeat_seconds / 4))
+
+    def _check_lease(self) -> None:
+        at_risk = self._lease.at_risk(self._outbox.published)
+        if at_risk:
+            silence = time.monotonic() - self._lease.silent_since
+            self._fence(at_risk, f"no heartbeat of this worker confirmed for {silence:.1f} s "
+                                 "(stalled or cut off)", since=self._lease.silent_since)
+
+    def _on_reported_lost(self, run_ids: list[str]) -> None:
+        self.log.warning("a peer reported this worker lost", runs=len(run_ids))
+        for run_id in run_ids:
+            self._reported_lost[run_id] = None
+        while len(self._reported_lost) > _FINISHED_MEMORY:
+            self._reported_lost.popitem(last=False)
+        self._fence(self._lease.confirmed_runs & set(run_ids), "a peer reported this worker lost",
+                    since=time.monotonic())
+
+    def _fence(self, run_ids: Iterable[str], why: str, *, since: float) -> None:
+        """Stop runs peers may have reported lost with this worker; they end as reported."""
+        for run_id in run_ids:
+            active = self._active.get(UUID(run_id))
+            if active is None or active.fenced or active.terminal:
+                continue
+            active.fenced = True
+            active.fenced_since = since
+            active.log.warning("peers may have reported this run crashed with its worker; "
+                               "stopping it", why=why)
+            if active.state == "running" and self._tg is not None:
+                self._tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
+            # "starting": killed as soon as it has started (see _start_and_watch).
+
+    def _end_fenced(self, active: ActiveRun, status_code: Any) -> None:
+        event = build_event(
+            EventType.RUN_CRASHED, source=self.source, subject=str(active.id),
+            event_id=worker_lost_event_id(self.name, str(active.id), active.infrastructure_pid),
+            data={
+                **self._run_data(active.run, active.queue, active.related, active.last_event_id),
+                "status_code": status_code,
+                "reason": "worker-lost",
+                "message": f"worker {self.name} stopped the run: its heartbeats were not "
+                           "confirmed long enough for peers to report it lost",
+                "infrastructure_pid": active.infrastructure_pid,
+                "reported_by": self.name,
+            },
+        )
+
+        async def _publish_unless_reported() -> None:
+            # A peer's report may still be on its way: wait until this worker's
+            # heartbeats are confirmed again, and a little more.
+            settle = min(2.0, self.settings.heartbeat_seconds)
+            with anyio.move_on_after(self._lease.threshold + 2 * settle):
+                while True:
+                    if self._lease.silent_for < self.settings.heartbeat_seconds + settle:
+                        break
+                    await anyio.sleep(0.1)
+                await anyio.sleep(settle)
+            if str(active.id) in self._reported_lost:
+                active.log.info("run ended; a peer's worker-lost report is its terminal event")
+            elif self._disconnected_at > active.fenced_since:
+                # The broker closed this worker's connection during the silence: that is
+                # what hands the election to a peer, which then reports the run. Its
+                # report reached no queue of this worker.
+                active.log.info("run ended; a peer has reported it with this worker "
+                                "(worker-lost) while this worker was cut off")
+            else:
+                self._outbox.put(event)
+                active.log.info("run ended", outcome="crashed", reason="worker-lost")
+
+        if self._tg is None:
+            self._outbox.put(event)
+        else:
+            self._tg.start_soon(_publish_unless_reported)
 
     # -- status ------------------------------------------------------------------
 

@@ -16,11 +16,13 @@ from mq_worker.infrastructure import (
     Guardian,
     ProcessHandle,
     start_process,
+    stop_leftovers,
     stream_output,
     terminate,
 )
 from mq_worker.job_configuration import BaseJobConfiguration
 from mq_worker.messages import RunMessage
+from mq_worker.resources import raise_descriptor_limit
 from mq_worker.workers.base import BaseWorker, WorkerResult
 
 
@@ -57,15 +59,26 @@ class ProcessWorker(BaseWorker):
         ]
 
     async def setup(self) -> None:
+        before, after = raise_descriptor_limit()
+        if after > before:
+            self.log.info("raised the limit on open descriptors", before=before, after=after)
         self._guardian.start()
 
     async def teardown(self) -> None:
         await anyio.to_thread.run_sync(self._guardian.stop)
 
     def check_configuration(self, configuration: BaseJobConfiguration) -> None:
+        self._allowed_executable(configuration)
+
+    def _allowed_executable(self, configuration: BaseJobConfiguration) -> str | None:
+        """The file the allow-list admits for this run (None without an allow-list).
+
+        That exact file is executed: exec must not go on to the next PATH entry
+        when the checked file cannot be executed (no shebang, a missing interpreter).
+        """
         argv = configuration.argv()
         if not self._allowed:
-            return
+            return None
         assert isinstance(configuration, ProcessJobConfiguration)
         cwd = configuration.working_dir or os.getcwd()
         resolved = executable_path(argv[0], configuration.env, cwd)
@@ -76,6 +89,7 @@ class ProcessWorker(BaseWorker):
                 f"command {resolved!r} is not allowed: it is outside "
                 + ", ".join(self._allowed)
             )
+        return resolved
 
     async def run(
         self,
@@ -86,6 +100,7 @@ class ProcessWorker(BaseWorker):
         assert isinstance(configuration, ProcessJobConfiguration)
         handle = start_process(
             configuration.argv(),
+            executable=self._allowed_executable(configuration),
             env={k: v for k, v in configuration.env.items() if v is not None},
             cwd=configuration.working_dir,
             capture_output=configuration.stream_output,
@@ -94,18 +109,41 @@ class ProcessWorker(BaseWorker):
         self._handles[handle.pid] = handle
         self._guardian.watch(handle.pid)
         task_status.started(identifier)
+        logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
+        empty = False
         try:
-            if configuration.stream_output:
-                logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
-                async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
+                if configuration.stream_output:
                     tg.start_soon(stream_output, handle, logger)
-                    status = await handle.wait()
-            else:
                 status = await handle.wait()
+                empty = await self._stop_leftovers(handle, configuration, logger)
         finally:
-            self._guardian.forget(handle.pid)
-            del self._handles[handle.pid]
+            # A group that still has processes stays with the guardian, which stops
+            # it if the worker ends: it is never forgotten while alive.
+            if empty or not handle.group_alive():
+                self._guardian.forget(handle.pid)
+                del self._handles[handle.pid]
+            else:
+                logger.error("the run's processes are still running; "
+                             "they are stopped when the worker exits")
         return WorkerResult(identifier, status)
+
+    async def _stop_leftovers(
+        self, handle: ProcessHandle, configuration: ProcessJobConfiguration, logger: Any
+    ) -> bool:
+        if not handle.group_alive():
+            return True
+        logger.info("the run's main process exited; stopping the processes it left "
+                    "in its process group", grace_seconds=configuration.grace_seconds)
+        empty = await stop_leftovers(handle, configuration.grace_seconds)
+        if not empty:
+            logger.error("processes of the run survived SIGKILL")
+        return empty
+
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
+        handle = self._handles.get(int(infrastructure_pid.rpartition(":")[2]))
+        if handle is not None:
+            handle.hurry(longest)
 
     async def kill_infrastructure(
         self,
