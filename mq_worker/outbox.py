@@ -26,7 +26,7 @@ import orjson
 import structlog
 from pamqp import commands as spec
 
-from mq_worker.events import CONTENT_TYPE, OutgoingEvent
+from mq_worker.events import CONTENT_TYPE, OutgoingEvent, extra_routing_keys
 from mq_worker.topology import EVENTS_EXCHANGE
 
 log = structlog.get_logger("mq_worker.outbox")
@@ -52,9 +52,11 @@ class Spool:
                     record = orjson.loads(line)
                     body = orjson.dumps(record["event"])
                     events.append(
-                        OutgoingEvent(record["id"], record["type"], body, record["run_id"])
+                        OutgoingEvent(record["id"], record["type"], body, record["run_id"],
+                                      extra_routing_keys(record["type"],
+                                                         record["event"].get("data")))
                     )
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     log.warning("skipping an unreadable line of the outbox spool",
                                 path=str(self.path))
         return events
@@ -193,6 +195,7 @@ class Outbox:
             content_type=CONTENT_TYPE,
             delivery_mode=2,
             message_id=event.id,
+            headers={"BCC": list(event.also_routed_to)} if event.also_routed_to else None,
         )
         await channel.basic_publish(  # type: ignore[attr-defined]
             event.body,
