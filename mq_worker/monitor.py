@@ -112,18 +112,32 @@ class PoolMonitor:
         """Answer pings, take part in the election and, once elected, report lost
         peers, until cancelled."""
         await declare_monitor(publisher, self.pool)
-        await channel.basic_qos(prefetch_count=_PREFETCH)
         self.peers.clear()
         self._election = ReporterElection(self.pool, self.me)
         self._caught_up = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            await tg.start(self._pings.run, channel)
-            await tg.start(self._election.run, channel, publisher)
-            await self._election.won.wait()
-            await self._take_over(channel, publisher, heartbeat_seconds)
-            while True:
-                self.check()
-                await anyio.sleep(max(0.2, heartbeat_seconds / 2))
+        # A channel of its own: the held token must not be caught by another
+        # consumer's acknowledgement of many deliveries at once.
+        own = await channel.connection.channel()
+        try:
+            await own.basic_qos(prefetch_count=_PREFETCH)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, own)
+                await tg.start(self._pings.run, channel)
+                await tg.start(self._election.run, own, publisher)
+                await self._election.won.wait()
+                await self._take_over(own, publisher, heartbeat_seconds)
+                while True:
+                    self.check()
+                    await anyio.sleep(max(0.2, heartbeat_seconds / 2))
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if not own.is_closed:
+                    await own.close()
+
+    @staticmethod
+    async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
+        await channel.closing
+        raise ConnectionError("the broker closed the monitor's channel")
 
     async def _take_over(
         self,
