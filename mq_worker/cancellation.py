@@ -39,6 +39,7 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 # The marker's confirmation can be lost when the stream's leader fails; without it
 # the session could wait forever. A TimeoutError ends the session: the worker reconnects.
 MARKER_CONFIRM_TIMEOUT = 15.0
+_REPLAY_ACK_EVERY = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class CancelFollower:
         self._next_offset: int | None = None
         self._marker: str | None = None
         self._caught_up = anyio.Event()
+        self._unacked = 0
         self.replayed = 0
 
     async def follow(
@@ -127,6 +129,7 @@ class CancelFollower:
             offset = self._next_offset
         self._marker = uuid.uuid4().hex
         self._caught_up = anyio.Event()
+        self._unacked = 0
         await channel.basic_qos(prefetch_count=1000)
         await channel.basic_consume(
             CANCELS_STREAM, self._on_message, arguments={"x-stream-offset": offset}
@@ -150,8 +153,13 @@ class CancelFollower:
         if isinstance(offset, int):
             self._next_offset = offset + 1
         frame = deliver_frame(message)
-        await message.channel.basic_ack(delivery_tag(message), wait=False)
         marker = headers.get(MARKER_HEADER)
+        # One ack frame per message costs as much as the rest of a replay: while
+        # catching up, acknowledge many at once (always well inside the prefetch).
+        self._unacked += 1
+        if self._caught_up.is_set() or marker is not None or self._unacked >= _REPLAY_ACK_EVERY:
+            await message.channel.basic_ack(delivery_tag(message), multiple=True, wait=False)
+            self._unacked = 0
         if marker is not None:
             if isinstance(marker, bytes):
                 marker = marker.decode()
