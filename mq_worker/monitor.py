@@ -117,22 +117,18 @@ class PoolMonitor:
         self._caught_up = anyio.Event()
         # A channel of its own: the held token must not be caught by another
         # consumer's acknowledgement of many deliveries at once.
+        # It ends with the session's connection, which the worker closes.
         own = await channel.connection.channel()
-        try:
-            await own.basic_qos(prefetch_count=_PREFETCH)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch, own)
-                await tg.start(self._pings.run, channel)
-                await tg.start(self._election.run, own, publisher)
-                await self._election.won.wait()
-                await self._take_over(own, publisher, heartbeat_seconds)
-                while True:
-                    self.check()
-                    await anyio.sleep(max(0.2, heartbeat_seconds / 2))
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                if not own.is_closed:
-                    await own.close()
+        await own.basic_qos(prefetch_count=_PREFETCH)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, own)
+            await tg.start(self._pings.run, channel)
+            await tg.start(self._election.run, own, publisher)
+            await self._election.won.wait()
+            await self._take_over(own, publisher, heartbeat_seconds)
+            while True:
+                self.check()
+                await anyio.sleep(max(0.2, heartbeat_seconds / 2))
 
     @staticmethod
     async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
