@@ -43,6 +43,7 @@ MARKER_CONFIRM_TIMEOUT = 15.0
 # Catching up, a follower that receives nothing at all for this long (not even its
 # marker) reads from a position past the stream's end, and starts again from the window.
 MARKER_STALL_SECONDS = 5.0
+_REPLAY_ACK_EVERY = 200
 
 
 class StreamConsumerCancelled(ConnectionError):
@@ -119,6 +120,7 @@ class CancelFollower:
         self._consumer_tag: str | None = None
         self._received = 0
         self._unreadable_at: int | None = None
+        self._unacked = 0
         self.replayed = 0
         self.skipped_offsets = 0
 
@@ -180,6 +182,8 @@ class CancelFollower:
             offset = self._next_offset
         self._marker = uuid.uuid4().hex
         self._caught_up = anyio.Event()
+        self._unacked = 0
+        await channel.basic_qos(prefetch_count=1000)
         ok = await channel.basic_consume(
             CANCELS_STREAM, self._on_message, arguments={"x-stream-offset": offset}
         )
@@ -232,7 +236,13 @@ class CancelFollower:
         if isinstance(offset, int):
             self._next_offset = offset + 1
         try:
-            await message.channel.basic_ack(delivery_tag(message), wait=False)
+            # One ack frame per message costs as much as the rest of a replay: while
+            # catching up, acknowledge many at once (always well inside the prefetch).
+            self._unacked += 1
+            if (self._caught_up.is_set() or MARKER_HEADER in headers
+                    or self._unacked >= _REPLAY_ACK_EVERY):
+                self._unacked = 0
+                await message.channel.basic_ack(delivery_tag(message), multiple=True, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # Stream acknowledgements only grant credit; the session ends on its own.
             log.debug("cancel stream acknowledgement failed", error=str(exc))

@@ -56,6 +56,17 @@ class OutgoingEvent:
     type: str
     body: bytes
     run_id: str | None = None
+    # Routing keys it also takes on the events exchange (sent as a `BCC` header).
+    also_routed_to: tuple[str, ...] = ()
+
+
+def extra_routing_keys(event_type: str, data: object) -> tuple[str, ...]:
+    """A worker event also goes to its pool's heartbeat stream (`workers.<pool>`)."""
+    if event_type.startswith("mq_worker.worker.") and isinstance(data, dict):
+        pool = data.get("pool")
+        if isinstance(pool, str):
+            return (f"workers.{pool}",)
+    return ()
 
 
 def build_event(
@@ -80,7 +91,8 @@ def build_event(
         envelope["subject"] = subject
     body = orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
     run_id = subject if event_type.startswith("mq_worker.run.") else None
-    return OutgoingEvent(event_id, event_type, body, run_id)
+    return OutgoingEvent(event_id, event_type, body, run_id,
+                         extra_routing_keys(event_type, data))
 
 
 # Models of what workers send, for subscribers and the JSON Schemas.
@@ -157,8 +169,10 @@ class CancelledData(RunEventData):
 
 class RejectedData(RunEventData):
     reason: str
-    message_kind: Literal["run", "cancel"] = Field(
-        default="run", description="Whether a run or a cancel message was rejected."
+    message_kind: Literal["run", "cancel", "worker-event"] = Field(
+        default="run",
+        description="Whether a run, a cancel or a worker event (refused by the elected "
+        "reporter of lost workers) was rejected."
     )
 
 

@@ -1,34 +1,56 @@
 """Who is alive: heartbeats of a pool's workers, and reporting the ones that are lost.
 
-Every worker follows the worker events of its pool (started, heartbeat,
-stopped, lost) on a private queue, so each keeps the table of its peers and
-their runs. Exactly one of them reports lost workers: the single active
-consumer of the pool's monitor queue, which receives the heartbeats and so
-knows it is elected. When a worker misses `missed` heartbeats, the elected
-one publishes `worker.lost` and a `run.crashed` (reason `worker-lost`) for
-each run of its last heartbeat. If the elected worker dies, the broker hands
-the queue to another, whose table is already complete.
+Exactly one worker of a pool, the elected reporter (`mq_worker.election`),
+follows its pool's worker events (started, heartbeat, stopped, lost); the
+others receive none of them, so an idle worker's cost does not grow with the
+number of its peers, and per heartbeat interval the broker delivers one message
+per worker of the pool to the reporter.
+
+Workers publish their worker events once, on `mq_worker.events` (routing key =
+event type, for subscribers) with the extra routing key `workers.<pool>` (a
+`BCC` header), which puts them in the pool's stream `mq_worker.heartbeats-<pool>`.
+A newly elected reporter replays that stream from a few heartbeat intervals
+back (up to a marker of its own, so it knows where the present begins), so it
+needs no table of its own beforehand: it finds a peer that died before it was
+elected, and skips peers that stopped or were already reported. When a peer
+misses `missed` heartbeats, the reporter publishes `worker.lost` and a
+`run.crashed` (reason `worker-lost`) for each run of its last heartbeat.
+
+Peers' times come from arrival for live events; for replayed ones, from the
+event's own time, but never less than `missed - 1.5` intervals before the
+takeover, so a peer whose clock lags gets time to be heard live before it is
+judged.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq.abc
 import anyio
-import orjson
+import anyio.abc
 import structlog
+from pamqp import commands as spec
 
-from mq_worker.broker import deliver_frame
+from mq_worker.broker import delivery_tag
+from mq_worker.election import ReporterElection
 from mq_worker.events import EventType
-from mq_worker.topology import EVENTS_EXCHANGE, monitor_queue_arguments, monitor_queue_name
+from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
+from mq_worker.pings import PingAnswerer
+from mq_worker.topology import LEGACY_PING_ROUTING_KEY, declare_monitor, heartbeat_stream_name
 
 log = structlog.get_logger("mq_worker.monitor")
 
-PING = "mq_worker.worker.ping"
+# Kept for the contract: the routing key of a ping on the events exchange.
+PING = LEGACY_PING_ROUTING_KEY
+MARKER_HEADER = "x-mq-worker-marker"
+_MARKER_CONFIRM_TIMEOUT = 15.0
+_PREFETCH = 1000
 
 
 @dataclass
@@ -37,17 +59,17 @@ class PeerRecord:
 
     name: str
     pool: str
-    last_seen: float
+    last_seen: float  # time.monotonic()
     heartbeat_seconds: float
-    data: dict[str, Any] = field(default_factory=dict)
+    event: WorkerEvent
     lost: bool = False
+    # An earlier run of this worker that held runs when it restarted.
+    restarted_from: PeerRecord | None = None
+    restart_reported: bool = False
 
     @property
     def runs(self) -> list[dict[str, Any]]:
-        runs = self.data.get("runs")
-        if isinstance(runs, list):
-            return runs
-        return [{"id": run_id} for run_id in self.data.get("in_flight", [])]
+        return self.event.report.run_list()
 
 
 class PoolMonitor:
@@ -59,65 +81,157 @@ class PoolMonitor:
         missed: int = 3,
         on_lost: Callable[[PeerRecord], None],
         on_ping: Callable[[], None] | None = None,
+        on_invalid: Callable[[InvalidWorkerEvent, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
         self.me = me
         self.missed = missed
         self.peers: dict[str, PeerRecord] = {}
         self._on_lost = on_lost
-        self._on_ping = on_ping
-        self._elected_until = 0.0
+        self._on_invalid = on_invalid
+        self._pings = PingAnswerer(pool, on_ping or (lambda: None))
+        self._election = ReporterElection(pool, me)
+        self._marker = ""
+        self._caught_up = anyio.Event()
+        self._takeover = 0.0
 
     @property
     def elected(self) -> bool:
-        return time.monotonic() < self._elected_until
+        return self._election.elected
 
-    async def run(self, channel: aiormq.abc.AbstractChannel, heartbeat_seconds: float) -> None:
-        """Follow worker events and check for lost workers until cancelled."""
-        private = await channel.queue_declare("", exclusive=True, auto_delete=True)
-        assert private is not None and private.queue
-        await channel.queue_bind(private.queue, EVENTS_EXCHANGE, routing_key="mq_worker.worker.*")
-        await channel.basic_consume(private.queue, self._on_event, no_ack=True)
+    @property
+    def replaying(self) -> bool:
+        return self.elected and not self._caught_up.is_set()
 
-        election = monitor_queue_name(self.pool)
-        await channel.queue_declare(election, durable=True, arguments=monitor_queue_arguments())
-        await channel.queue_bind(election, EVENTS_EXCHANGE, routing_key=EventType.WORKER_HEARTBEAT)
+    async def run(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        heartbeat_seconds: float,
+        publisher: aiormq.abc.AbstractChannel,
+    ) -> None:
+        """Answer pings, take part in the election and, once elected, report lost
+        peers, until cancelled."""
+        await declare_monitor(publisher, self.pool)
+        self.peers.clear()
+        self._election = ReporterElection(self.pool, self.me)
+        self._caught_up = anyio.Event()
+        # A channel of its own: the held token must not be caught by another
+        # consumer's acknowledgement of many deliveries at once.
+        # It ends with the session's connection, which the worker closes.
+        own = await channel.connection.channel()
+        await own.basic_qos(prefetch_count=_PREFETCH)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, own)
+            await tg.start(self._pings.run, channel)
+            await tg.start(self._election.run, own, publisher)
+            await self._election.won.wait()
+            await self._take_over(own, publisher, heartbeat_seconds)
+            while True:
+                self.check()
+                await anyio.sleep(max(0.2, heartbeat_seconds / 2))
 
-        async def on_elected_delivery(message: aiormq.abc.DeliveredMessage) -> None:
-            self._elected_until = time.monotonic() + 2.5 * heartbeat_seconds
+    @staticmethod
+    async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
+        await channel.closing
+        raise ConnectionError("the broker closed the monitor's channel")
 
-        await channel.basic_consume(election, on_elected_delivery, no_ack=True)
-        while True:
-            await anyio.sleep(max(0.2, heartbeat_seconds / 2))
-            self.check()
+    async def _take_over(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: aiormq.abc.AbstractChannel,
+        heartbeat_seconds: float,
+    ) -> None:
+        """Replay the pool's recent worker events, then follow them live."""
+        self._takeover = time.monotonic()
+        lookback = min(max(60.0, (self.missed + 1) * heartbeat_seconds), 3000.0)
+        stream = heartbeat_stream_name(self.pool)
+        self._marker = uuid.uuid4().hex
+        offset = datetime.fromtimestamp(time.time() - lookback, tz=UTC)
+        await channel.basic_consume(
+            stream, self._on_stream_message, arguments={"x-stream-offset": offset}
+        )
+        # Published now, the marker comes after every event already in the stream.
+        await publisher.basic_publish(
+            b"", exchange="", routing_key=stream,
+            properties=spec.Basic.Properties(headers={MARKER_HEADER: self._marker}),
+            timeout=_MARKER_CONFIRM_TIMEOUT,
+        )
+        with anyio.move_on_after(max(10.0, 2 * heartbeat_seconds)):
+            await self._caught_up.wait()
+        self._caught_up.set()
+        log.info("reporter has caught up with its pool's heartbeats", peers=len(self.peers),
+                 seconds=round(time.monotonic() - self._takeover, 3))
+        for record in list(self.peers.values()):
+            if record.restarted_from is not None and not record.restart_reported:
+                record.restart_reported = True
+                self._on_lost(record.restarted_from)
 
-    def observe(self, event: dict[str, Any], now: float | None = None) -> None:
-        """Update the table from one worker event."""
-        data = event.get("data") or {}
-        name, pool = data.get("worker"), data.get("pool")
-        if not isinstance(name, str) or pool != self.pool:
+    async def _on_stream_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        await message.channel.basic_ack(delivery_tag(message), wait=False)
+        headers = message.header.properties.headers or {}
+        marker = headers.get(MARKER_HEADER)
+        if marker is not None:
+            if (marker.decode() if isinstance(marker, bytes) else marker) == self._marker:
+                self._caught_up.set()
             return
-        kind = event.get("type")
+        live = self._caught_up.is_set()
+        try:
+            event = parse_worker_event(message.body)
+            if event.report.pool != self.pool:
+                raise InvalidWorkerEvent(
+                    f"an event of pool {event.report.pool!r} on the stream of pool "
+                    f"{self.pool!r}", event.report.worker)
+        except InvalidWorkerEvent as exc:
+            # Replayed ones were reported by whoever was elected when they came.
+            if live and self._on_invalid is not None:
+                await self._on_invalid(exc, message.body)
+            return
+        self.observe(event, live=live)
+
+    def observe(self, event: WorkerEvent, now: float | None = None, live: bool = True) -> None:
+        """Update the table from one validated worker event of this pool."""
+        report = event.report
+        name = report.worker
+        if report.pool != self.pool:
+            return
         now = time.monotonic() if now is None else now
-        if kind in (EventType.WORKER_STOPPED, EventType.WORKER_LOST):
+        if event.type == EventType.WORKER_STOPPED:
             self.peers.pop(name, None)
-        elif kind in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT):
+        elif event.type == EventType.WORKER_LOST:
+            record = self.peers.get(name)
+            if record is not None and record.restarted_from is not None:
+                # The report was about its earlier run, not about this one.
+                record.restarted_from, record.restart_reported = None, False
+            else:
+                self.peers.pop(name, None)
+        elif event.type in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT):
             previous = self.peers.get(name)
-            if kind == EventType.WORKER_STARTED and previous and previous.runs and name != self.me:
+            record = PeerRecord(
+                name=name, pool=report.pool, heartbeat_seconds=report.heartbeat_seconds,
+                last_seen=now if live else self._replayed_time(event, now), event=event,
+            )
+            if previous is not None and previous.restarted_from is not None:
+                record.restarted_from = previous.restarted_from
+                record.restart_reported = previous.restart_reported
+            if (event.type == EventType.WORKER_STARTED and previous is not None
+                    and previous.runs and name != self.me):
                 # It restarted before anyone noticed it was gone: its runs are lost all the same.
                 previous.lost = True
-                if self.elected:
+                record.restarted_from = previous
+                if live and self.elected:
+                    record.restart_reported = True
                     self._on_lost(previous)
-            self.peers[name] = PeerRecord(
-                name=name,
-                pool=pool,
-                last_seen=now,
-                heartbeat_seconds=float(data.get("heartbeat_seconds") or 30.0),
-                data=data,
-            )
+            self.peers[name] = record
+
+    def _replayed_time(self, event: WorkerEvent, now: float) -> float:
+        age = max(0.0, time.time() - event.time.timestamp())
+        floor = self._takeover - (self.missed - 1.5) * event.report.heartbeat_seconds
+        return max(now - age, floor)
 
     def check(self, now: float | None = None) -> list[PeerRecord]:
-        """Mark peers silent for `missed` heartbeats lost; report them if elected."""
+        """Report peers silent for `missed` heartbeats (only once elected and caught up)."""
+        if not self.elected or self.replaying:
+            return []
         now = time.monotonic() if now is None else now
         lost = []
         for record in list(self.peers.values()):
@@ -125,20 +239,7 @@ class PoolMonitor:
                 continue
             if now - record.last_seen > self.missed * record.heartbeat_seconds:
                 record.lost = True
-                if self.elected:
-                    del self.peers[record.name]
-                    lost.append(record)
-                    self._on_lost(record)
+                del self.peers[record.name]
+                lost.append(record)
+                self._on_lost(record)
         return lost
-
-    async def _on_event(self, message: aiormq.abc.DeliveredMessage) -> None:
-        if deliver_frame(message).routing_key == PING:
-            if self._on_ping:
-                self._on_ping()
-            return
-        try:
-            event = orjson.loads(message.body)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict):
-            self.observe(event)

@@ -129,6 +129,7 @@ class Outbox:
             content_type=CONTENT_TYPE,
             delivery_mode=2,
             message_id=event.id,
+            headers={"BCC": list(event.also_routed_to)} if event.also_routed_to else None,
         )
         await channel.basic_publish(  # type: ignore[attr-defined]
             event.body,

@@ -81,7 +81,7 @@ _WHEN = {
 }
 
 
-_PING_SUMMARY = "Ask every worker for a heartbeat now."
+_PING_SUMMARY = "Ask workers for a heartbeat now (not a lifecycle event)."
 
 
 def _models() -> dict[str, type[BaseModel]]:
@@ -179,9 +179,39 @@ def _channels() -> dict[str, Any]:
             "bindings": _exchange(topology.EVENTS_EXCHANGE),
         }
     channels[_camel(PING)]["description"] = (
-        f"Any message published to `{topology.EVENTS_EXCHANGE}` with this routing key makes "
-        f"every worker publish a heartbeat at once (`mq-worker status` sends one)."
+        f"Earlier form of a ping, still answered: any message published to "
+        f"`{topology.EVENTS_EXCHANGE}` with this routing key makes every worker publish a "
+        f"heartbeat (at most one per second). `mq-worker status` now pings on "
+        f"`{topology.PING_EXCHANGE}` instead, which needs no right to publish events."
     )
+    channels["pings"] = {
+        "address": "ping.{pool}",
+        "title": "Pings",
+        "description": (
+            f"Published to `{topology.PING_EXCHANGE}` (topic exchange, declared by workers) "
+            f"with routing key `ping.<pool>` (the workers of one pool) or "
+            f"`{topology.PING_ALL_ROUTING_KEY}` (every worker). Not a lifecycle event: "
+            f"subscribers of `{topology.EVENTS_EXCHANGE}` never see it. The body is ignored."
+        ),
+        "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
+        "messages": {_camel(PING): _ref("components", "messages", _camel(PING))},
+        "bindings": _exchange(topology.PING_EXCHANGE),
+    }
+    channels["poolWorkerEvents"] = {
+        "address": "workers.{pool}",
+        "title": "Worker events of one pool",
+        "description": (
+            f"The worker events (started, heartbeat, stopped, lost) of one pool also carry "
+            f"this routing key on `{topology.EVENTS_EXCHANGE}` (a `BCC` header, removed by "
+            f"the broker), which puts them in the pool's stream "
+            f"`mq_worker.heartbeats-<pool>`. Bind it to follow one pool's workers only; a "
+            f"queue bound with both keys receives each event once."
+        ),
+        "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
+        "messages": {_camel(t): _ref("components", "messages", _camel(t))
+                     for t in EVENT_TYPES if t.startswith("mq_worker.worker.")},
+        "bindings": _exchange(topology.EVENTS_EXCHANGE),
+    }
     return channels
 
 
@@ -206,7 +236,11 @@ def _operations() -> dict[str, Any]:
             "Every worker of the pool receives every cancel of the pool.", {"ack": True}),
         "answerPing": _operation(
             "receive", _camel(PING), _camel(PING),
-            "Every worker answers with a heartbeat at once.", {"ack": False}),
+            "Every worker answers with a heartbeat, at most one per second.", {"ack": False}),
+        "answerPoolPing": _operation(
+            "receive", "pings", _camel(PING),
+            "Every worker the ping reaches answers with a heartbeat, at most one per second.",
+            {"ack": False}),
     }
     for event_type in EVENT_TYPES:
         key = _camel(event_type)

@@ -29,7 +29,7 @@ from typing import IO
 import orjson
 import structlog
 
-from mq_worker.events import OutgoingEvent
+from mq_worker.events import OutgoingEvent, extra_routing_keys
 
 log = structlog.get_logger("mq_worker.outbox")
 
@@ -81,9 +81,11 @@ class Spool:
                     record = orjson.loads(line)
                     body = orjson.dumps(record["event"])
                     events.append(
-                        OutgoingEvent(record["id"], record["type"], body, record["run_id"])
+                        OutgoingEvent(record["id"], record["type"], body, record["run_id"],
+                                      extra_routing_keys(record["type"],
+                                                         record["event"].get("data")))
                     )
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                     log.warning("skipping an unreadable line of the outbox spool",
                                 path=str(self.path))
         return events

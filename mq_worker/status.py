@@ -4,13 +4,18 @@ The table follows `worker.started`, `worker.heartbeat`, `worker.stopped` and
 `worker.lost` events. A worker is *lost* when a `worker.lost` event names it
 or when it has missed `missed` heartbeats (by the interval its own events
 announce), *stopped* after `worker.stopped`, and *live* otherwise. A ping on
-`mq_worker.events` (routing key `mq_worker.worker.ping`) makes every worker
-send a heartbeat at once, so a fresh table fills in milliseconds.
+the `mq_worker.ping` exchange (routing key `ping`, or `ping.<pool>` for one
+pool) makes every worker it reaches send a heartbeat at once, so a fresh table
+fills in milliseconds. Pinging needs no right to publish events, and a ping is
+not an event: subscribers never see one.
 
-`mq_worker.monitor.PoolMonitor` keeps a similar table inside workers, but for
-a different purpose: one pool only, peers dropped when they stop or are lost
-(the table here keeps them, marked), and monotonic times only (the table here
-shows when a worker was last seen).
+Worker events are validated before they reach the table (`mq_worker.peer_events`):
+one that does not follow the contract is logged and skipped.
+
+`mq_worker.monitor.PoolMonitor` keeps a similar table inside the elected
+worker of a pool, but for a different purpose: peers dropped when they stop or
+are lost (the table here keeps them, marked), and monotonic times only (the
+table here shows when a worker was last seen).
 """
 
 from __future__ import annotations
@@ -23,14 +28,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import aiormq.exceptions
 import anyio
+import structlog
 from pamqp import commands as spec
 
 from mq_worker import topology
 from mq_worker.broker import Link, TlsOptions
 from mq_worker.events import Event, EventType, build_event
 from mq_worker.monitor import PING
+from mq_worker.peer_events import InvalidWorkerEvent, worker_event_from
 from mq_worker.subscriber import EventSubscriber
+
+log = structlog.get_logger("mq_worker.status")
 
 State = Literal["live", "lost", "stopped"]
 WORKER_EVENTS = (
@@ -82,10 +92,15 @@ class WorkerTable:
 
     def observe(self, event: Event, now: float | None = None) -> bool:
         """Update the table from one event; True if it was a worker event of interest."""
-        data = event.data
-        name, pool = data.get("worker"), data.get("pool")
-        if not isinstance(name, str) or not isinstance(pool, str):
+        if event.type not in WORKER_EVENTS:
             return False
+        try:
+            report = worker_event_from(event).report
+        except InvalidWorkerEvent as exc:
+            log.warning("worker event skipped: it does not follow the contract",
+                        reason=exc.reason, from_worker=exc.worker, event_id=event.id)
+            return False
+        name, pool = report.worker, report.pool
         if self.pool is not None and pool != self.pool:
             return False
         now = time.time() if now is None else now
@@ -93,19 +108,16 @@ class WorkerTable:
             lost = self.workers.setdefault(name, WorkerStatus(name=name, pool=pool))
             lost.state = "lost"
             return True
-        if event.type not in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT,
-                              EventType.WORKER_STOPPED):
-            return False
         row = self.workers.setdefault(name, WorkerStatus(name=name, pool=pool))
         row.pool = pool
-        row.queues = [str(q) for q in data.get("queues") or []]
-        row.limit = data.get("limit")
-        row.hostname = data.get("hostname")
-        row.heartbeat_seconds = float(data.get("heartbeat_seconds") or 30.0)
+        row.queues = list(report.queues)
+        row.limit = report.limit
+        row.hostname = report.hostname
+        row.heartbeat_seconds = report.heartbeat_seconds
         row.last_seen = now
         if event.type == EventType.WORKER_HEARTBEAT:
-            row.in_flight = [str(r) for r in data.get("in_flight") or []]
-            row.free_slots = data.get("free_slots")
+            row.in_flight = [str(r) for r in report.in_flight]
+            row.free_slots = report.free_slots
         elif event.type == EventType.WORKER_STARTED:
             row.in_flight, row.free_slots = [], row.limit
         row.state = "stopped" if event.type == EventType.WORKER_STOPPED else "live"
@@ -162,21 +174,23 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-async def send_ping(urls: Sequence[str], tls: TlsOptions | None = None) -> None:
-    """Ask every worker on the broker for a heartbeat now."""
+async def send_ping(urls: Sequence[str], tls: TlsOptions | None = None,
+                    pool: str | None = None) -> None:
+    """Ask every worker on the broker (or of `pool`) for a heartbeat now."""
     link = Link(urls, name="mq_worker status", tls=tls)
     try:
         channel = await link.channel()
-        await channel.exchange_declare(
-            topology.EVENTS_EXCHANGE, exchange_type="topic", durable=True
-        )
-        event = build_event(PING, source=f"/mq_worker/status/{socket.gethostname()}-{os.getpid()}",
-                            subject=None, data={})
+        ping = build_event(PING, source=f"/mq_worker/status/{socket.gethostname()}-{os.getpid()}",
+                           subject=None, data={})
         await channel.basic_publish(
-            event.body, exchange=topology.EVENTS_EXCHANGE, routing_key=PING,
+            ping.body, exchange=topology.PING_EXCHANGE,
+            routing_key=topology.ping_routing_key(pool),
             properties=spec.Basic.Properties(content_type="application/cloudevents+json",
-                                             message_id=event.id),
+                                             message_id=ping.id),
         )
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        # No worker of this version has declared the ping exchange: nobody to ask.
+        log.debug("no ping exchange yet", exchange=topology.PING_EXCHANGE)
     finally:
         await link.close()
 
@@ -219,7 +233,7 @@ async def watch(
 
         tg.start_soon(_follow)
         tg.start_soon(_tick)
-        await send_ping(urls, tls)
+        await send_ping(urls, tls, pool)
         while True:
             await changed.wait()
             changed = anyio.Event()

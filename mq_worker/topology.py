@@ -22,6 +22,12 @@ EVENTS_EXCHANGE = "mq_worker.events"
 DEAD_QUEUE = "mq_worker.dead"
 CANCELS_STREAM = "mq_worker.cancels"
 DUE_EXCHANGE = "mq_worker.due"
+# Pings (`mq-worker status` asking workers for a heartbeat now) have an exchange of
+# their own, so that asking needs no right to publish events.
+PING_EXCHANGE = "mq_worker.ping"
+PING_ALL_ROUTING_KEY = "ping"
+# What `mq-worker status` of earlier versions sends on EVENTS_EXCHANGE; still answered.
+LEGACY_PING_ROUTING_KEY = "mq_worker.worker.ping"
 
 # Signature headers of run and cancel messages (see mq_worker.signing).
 SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accepted by workers
@@ -67,6 +73,21 @@ def cancel_routing_key(pool: str) -> str:
 def monitor_queue_name(pool: str) -> str:
     """The single-active-consumer queue that elects a pool's lost-worker reporter."""
     return f"mq_worker.monitor-{pool}"
+
+
+def heartbeat_stream_name(pool: str) -> str:
+    """The stream of a pool's worker events, replayed by a newly elected reporter."""
+    return f"mq_worker.heartbeats-{pool}"
+
+
+def pool_routing_key(pool: str) -> str:
+    """The extra routing key (a `BCC` header) of a pool's worker events on EVENTS_EXCHANGE."""
+    return f"workers.{pool}"
+
+
+def ping_routing_key(pool: str | None) -> str:
+    """Routing key on PING_EXCHANGE of a ping to one pool's workers, or to all of them."""
+    return PING_ALL_ROUTING_KEY if pool is None else f"{PING_ALL_ROUTING_KEY}.{pool}"
 
 
 def delay_name(level: int) -> str:
@@ -139,6 +160,16 @@ def monitor_queue_arguments() -> dict[str, Any]:
     }
 
 
+def heartbeat_stream_arguments() -> dict[str, Any]:
+    # A new reporter replays minutes, not hours; small segments let retention work.
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": "1h",
+        "x-max-length-bytes": 256 * 1024 * 1024,
+        "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+    }
+
+
 async def _declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
 ) -> None:
@@ -177,6 +208,19 @@ async def declare_cancel_stream(
 ) -> None:
     await _declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
     await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key="run.cancel.*")
+
+
+async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> None:
+    """Declare what a pool's workers use to watch each other: the ping exchange,
+    the pool's heartbeat stream and its election queue."""
+    await channel.exchange_declare(PING_EXCHANGE, exchange_type="topic", durable=True)
+    stream = heartbeat_stream_name(pool)
+    await _declare_queue(channel, stream, heartbeat_stream_arguments())
+    await channel.queue_bind(stream, EVENTS_EXCHANGE, routing_key=pool_routing_key(pool))
+    election = monitor_queue_name(pool)
+    await _declare_queue(channel, election, monitor_queue_arguments())
+    # Earlier versions fed every heartbeat of every pool to this queue.
+    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key="mq_worker.worker.heartbeat")
 
 
 async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:

@@ -21,7 +21,7 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.monitor import PING
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.status import send_ping
-from mq_worker.topology import EVENTS_EXCHANGE, RUNS_EXCHANGE
+from mq_worker.topology import EVENTS_EXCHANGE, PING_EXCHANGE, RUNS_EXCHANGE
 from tests.conftest import (
     EventLog,
     VHost,
@@ -89,11 +89,13 @@ def test_document_covers_every_routing_key_and_message() -> None:
                  for c in document["channels"].values()}
     assert addresses["run.scheduled.{pool}.{queue}"] == RUNS_EXCHANGE
     assert addresses["run.cancel.{pool}"] == RUNS_EXCHANGE
+    assert addresses["ping.{pool}"] == PING_EXCHANGE
+    assert addresses["workers.{pool}"] == EVENTS_EXCHANGE
     for event_type in [*EventType, PING]:
         assert addresses[str(event_type)] == EVENTS_EXCHANGE
     for operation in document["operations"].values():
         expected = "receive" if operation["channel"]["$ref"].split("/")[-1] in (
-            "runs", "cancels", "workerPing") else "send"
+            "runs", "cancels", "workerPing", "pings") else "send"
         assert operation["action"] == expected
     schemas = document["components"]["schemas"]
     assert set(schemas["RunMessage"]["properties"]) == set(RunMessage.model_fields)
@@ -196,4 +198,5 @@ async def test_messages_really_sent_follow_the_contract(
                                        EventType.RUN_COMPLETED)
     assert not payload_validator(committed_document(), declared).is_valid(tampered)
     # worker.lost is checked where a worker is really lost (test_operations).
-    assert seen == {str(t) for t in EventType} - {EventType.WORKER_LOST} | {PING}
+    # The ping went to its own exchange: subscribers of events never see it.
+    assert seen == {str(t) for t in EventType} - {EventType.WORKER_LOST}

@@ -63,6 +63,7 @@ from mq_worker.handoff import (
     frame_max_of,
     hand_off,
 )
+from mq_worker.invalid_events import InvalidWorkerEvents
 from mq_worker.job_configuration import (
     BaseJobConfiguration,
     BaseJobTemplate,
@@ -200,7 +201,12 @@ class BaseWorker(abc.ABC):
         self._tg: anyio.abc.TaskGroup | None = None
         self._consumer: RunConsumer | None = None
         self._monitor = PoolMonitor(
-            pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat
+            pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat,
+            on_invalid=InvalidWorkerEvents(
+                pool=self.pool, me=self.name,
+                publisher=lambda: self._session.publish if self._session else None,
+                emit=lambda reason: self._emit_rejected(None, reason, None, kind="worker-event"),
+            ),
         )
         self._cancels = CancelFollower(
             pool=self.pool,
@@ -500,7 +506,8 @@ class BaseWorker(abc.ABC):
             self._session = session
             self.connected = True
             self.metrics.connected.set(1)
-            tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds)
+            tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds,
+                          session.publish)
             if self._started_event_id is None:
                 self._started_event_id = self._emit_worker(EventType.WORKER_STARTED)
             tg.start_soon(self._heartbeat_loop)

@@ -1,0 +1,344 @@
+"""Scaling out on a real broker: what idle workers cost, who hears whose heartbeats,
+reporter failover without a warm table, and a worker starting behind many cancels.
+
+Costs are counted by the broker itself (its management API), from outside the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import anyio
+import pytest
+
+from mq_worker.topology import RUNS_EXCHANGE
+from tests.conftest import (
+    EventLog,
+    VHost,
+    management,
+    probe,
+    publish_raw,
+    run_body,
+    started_runs,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+# Samples of the broker's statistics are 5 s apart (collect_statistics_interval).
+SAMPLE_SECONDS = 5
+
+
+def _rate(stats: dict[str, Any] | None) -> float | None:
+    """Deliveries per second between the oldest and newest sample of `stats`."""
+    samples = ((stats or {}).get("deliver_get_details") or {}).get("samples") or []
+    if len(samples) < 2:
+        return None
+    newest, oldest = samples[0], samples[-1]
+    seconds = (newest["timestamp"] - oldest["timestamp"]) / 1000
+    return (newest["sample"] - oldest["sample"]) / seconds if seconds > 0 else None
+
+
+async def vhost_delivery_rate(vhost: VHost, window: int = 15) -> float:
+    """Broker deliveries per second in `vhost` over the last `window` seconds."""
+    path = (f"/vhosts/{urllib.parse.quote(vhost.name, safe='')}"
+            f"?msg_rates_age={window}&msg_rates_incr={SAMPLE_SECONDS}")
+    # Measuring, not synchronising: the broker needs `window` seconds of samples.
+    await anyio.sleep(window + SAMPLE_SECONDS)
+    rate = _rate(management("GET", path).get("message_stats"))
+    assert rate is not None, "the management API has no samples of deliveries"
+    return rate
+
+
+async def connection_delivery_rate(vhost: VHost, connection_name: str, window: int = 15
+                                   ) -> float:
+    """Broker deliveries per second to the channels of the connection named
+    `connection_name` (its client-provided name) over the last `window` seconds."""
+    quoted = urllib.parse.quote(vhost.name, safe="")
+    await anyio.sleep(window + SAMPLE_SECONDS)
+    connections = [c["name"] for c in management("GET", f"/vhosts/{quoted}/connections")
+                   if c.get("user_provided_name") == connection_name]
+    assert len(connections) == 1, connections
+    total = 0.0
+    for channel in management("GET", f"/vhosts/{quoted}/channels"):
+        if channel["connection_details"]["name"] != connections[0]:
+            continue
+        detail = management(
+            "GET", f"/channels/{urllib.parse.quote(channel['name'], safe='')}"
+                   f"?msg_rates_age={window}&msg_rates_incr={SAMPLE_SECONDS}")
+        total += _rate(detail.get("message_stats")) or 0.0
+    return total
+
+
+async def start_idle_pool(vhost: VHost, worker_processes: Any, count: int, pool: str,
+                          *extra: str) -> list[Any]:
+    workers = [worker_processes(vhost.url, "--heartbeat-seconds", "1", "--pool", pool,
+                                "--log-level", "WARNING", *extra) for _ in range(count)]
+    queue = f"mq_worker.{pool}.default"
+    await wait_until(lambda: len(vhost.consumers(queue)) == count, timeout=60 + 5 * count,
+                     interval=0.5)
+    return workers
+
+
+async def _idle_pool_costs_at_most_3n_plus_10(
+    vhost: VHost, worker_processes: Any, count: int
+) -> None:
+    await start_idle_pool(vhost, worker_processes, count, "idle")
+    # Let the start (one election token per worker, the reporter's replay) settle.
+    await anyio.sleep(3)
+    rate = await vhost_delivery_rate(vhost)
+    print(f"{count} idle workers at --heartbeat-seconds 1: {rate:.1f} deliveries/s")
+    # Quadratic designs (every worker hearing every heartbeat) give count**2 + count.
+    assert rate <= 3 * count + 10, rate
+
+
+@pytest.mark.parametrize("count", [4, 8])
+async def test_idle_pool_broker_deliveries_grow_linearly(
+    vhost: VHost, worker_processes: Any, count: int
+) -> None:
+    await _idle_pool_costs_at_most_3n_plus_10(vhost, worker_processes, count)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [12, 24])
+async def test_idle_pool_broker_deliveries_grow_linearly_large(
+    vhost: VHost, worker_processes: Any, count: int
+) -> None:
+    await _idle_pool_costs_at_most_3n_plus_10(vhost, worker_processes, count)
+
+
+async def test_a_worker_receives_no_heartbeat_of_another_pool(
+    vhost: VHost, worker_processes: Any
+) -> None:
+    alone = worker_processes(vhost.url, "--heartbeat-seconds", "1", "--pool", "alone")
+    await wait_until(lambda: len(vhost.consumers("mq_worker.alone.default")) == 1, timeout=60)
+    await start_idle_pool(vhost, worker_processes, 6, "crowd")
+    await anyio.sleep(3)
+    rate = await connection_delivery_rate(vhost, f"mq_worker {alone.name}")
+    print(f"deliveries/s to the only worker of its pool, next to 6 of another: {rate:.1f}")
+    # Its own heartbeat (it is its pool's reporter) and an election token now and then;
+    # the other pool's 6 heartbeats per second must not reach it.
+    assert rate < 2.5, rate
+
+
+async def test_a_new_reporter_reports_a_worker_that_died_before_it_started(
+    vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
+) -> None:
+    """The reporter that takes over has never seen the dead worker's heartbeats."""
+    interval = "4"
+    reporter = worker_processes(vhost.url, "--heartbeat-seconds", interval, "--limit", "1")
+    await wait_until(lambda: len(vhost.consumers("mq_worker.default.default")) == 1, timeout=60)
+    doomed = worker_processes(vhost.url, "--heartbeat-seconds", interval, "--limit", "1")
+    await wait_until(lambda: len(vhost.consumers("mq_worker.default.default")) == 2, timeout=60)
+    runs = [run_body(probe(tmp_path, sleep=120)) for _ in range(2)]
+    for body in runs:
+        await publish_raw(vhost.url, body)
+    await wait_until(lambda: len(started_runs(tmp_path)) == 2, timeout=30)
+    on_doomed = [b["id"] for b in runs if any(
+        e.type == "mq_worker.run.submitted" and e.data["worker"] == doomed.name
+        for e in events.of(b["id"]))]
+    assert len(on_doomed) == 1
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.heartbeat" and e.subject == doomed.name
+        and e.data["in_flight"] == on_doomed for e in evs))
+
+    doomed.kill()
+    successor = worker_processes(vhost.url, "--heartbeat-seconds", interval, "--limit", "1")
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.started" and e.subject == successor.name for e in evs),
+        timeout=30)
+    assert not [e for e in events.events if e.type == "mq_worker.worker.lost"], \
+        "the first reporter was too quick: the test could not kill it in time"
+    reporter.kill()
+
+    lost = await events.wait_for(lambda evs: [
+        e for e in evs if e.type == "mq_worker.worker.lost" and e.subject == doomed.name],
+        timeout=30)
+    await events.wait_terminal(on_doomed, timeout=10)
+    terminal = events.terminal(on_doomed[0])
+    assert [e.type for e in terminal] == ["mq_worker.run.crashed"]
+    assert terminal[0].data["reason"] == "worker-lost"
+    assert lost[0].data["reported_by"] == successor.name
+    # The first reporter, killed too, is reported by its successor as well, and nobody twice.
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.lost" and e.subject == reporter.name for e in evs),
+        timeout=30)
+    reports = [e.subject for e in events.events if e.type == "mq_worker.worker.lost"]
+    assert sorted(reports) == sorted([doomed.name, reporter.name])
+
+
+async def test_a_ping_flood_is_answered_at_a_bounded_rate(
+    vhost: VHost, events: EventLog, worker_processes: Any
+) -> None:
+    worker = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.started" and e.subject == worker.name for e in evs),
+        timeout=60)
+    ping = {"specversion": "1.0", "id": "x", "source": "/flood", "type": "mq_worker.worker.ping",
+            "time": "2026-11-29T00:00:00Z", "data": {}}
+    connection = await aio_pika.connect(vhost.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("mq_worker.events")
+        began = anyio.current_time()
+        for _ in range(2000):
+            await exchange.publish(aio_pika.Message(json.dumps(ping).encode()),
+                                   routing_key="mq_worker.worker.ping")
+        flooded_for = anyio.current_time() - began
+
+    def heartbeats() -> list[Any]:
+        return [e for e in events.events
+                if e.type == "mq_worker.worker.heartbeat" and e.subject == worker.name]
+
+    # At least one answer comes, then the answers stop well short of the 2000 pings.
+    await events.wait_for(lambda _: heartbeats(), timeout=10)
+    await wait_until(lambda: worker.process.poll() is None, timeout=1)
+    answered = len(heartbeats())
+    await anyio.sleep(2)  # measuring: late answers would show up here
+    assert len(heartbeats()) <= flooded_for + 6, (len(heartbeats()), answered, flooded_for)
+    assert worker.process.poll() is None
+
+
+async def test_status_ping_is_not_a_lifecycle_event(
+    vhost: VHost, events: EventLog, worker_processes: Any
+) -> None:
+    worker = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.started" and e.subject == worker.name for e in evs),
+        timeout=60)
+    status = await anyio.run_process(
+        [*_mq_worker(), "status", "--url", vhost.url, "--json"], check=False)
+    assert status.returncode == 0, status.stderr
+    assert [w["name"] for w in json.loads(status.stdout)["workers"]] == [worker.name]
+    assert not [e.type for e in events.events if "ping" in e.type]
+
+
+def _mq_worker() -> list[str]:
+    from tests.conftest import PYTHON
+
+    return [PYTHON, "-m", "mq_worker"]
+
+
+# The role security.md gives `mq-worker status`: a subscriber that may also ping.
+STATUS_PERMISSIONS = {
+    "configure": r"^(mq_worker\.events|amq\.gen-.*)$",
+    "write": r"^(amq\.gen-.*|mq_worker\.ping)$",
+    "read": r"^(mq_worker\.events|amq\.gen-.*)$",
+}
+
+
+def test_the_documented_status_permissions_are_the_tested_ones() -> None:
+    docs = Path(__file__).parent.parent / "docs" / "security.md"
+    words = " ".join(docs.read_text().replace("\\\n", " ").split())
+    quoted = " ".join(f"'{STATUS_PERMISSIONS[k]}'" for k in ("configure", "write", "read"))
+    assert quoted in words
+
+
+async def test_status_needs_no_write_permission_on_the_events_exchange(
+    vhost: VHost, worker_processes: Any
+) -> None:
+    worker = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await wait_until(lambda: len(vhost.consumers("mq_worker.default.default")) == 1, timeout=60)
+    user, password = f"status-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    management("PUT", f"/users/{user}", {"password": password, "tags": ""})
+    try:
+        management("PUT", f"/permissions/{urllib.parse.quote(vhost.name, safe='')}/{user}",
+                   STATUS_PERMISSIONS)
+        status = await anyio.run_process(
+            [*_mq_worker(), "status", "--url", vhost.url_for(user, password), "--json"],
+            check=False)
+    finally:
+        management("DELETE", f"/users/{user}")
+    assert status.returncode == 0, status.stderr.decode()
+    assert [w["name"] for w in json.loads(status.stdout)["workers"]] == [worker.name]
+
+
+async def test_malformed_worker_events_end_no_session_and_crash_no_status(
+    vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
+) -> None:
+    reporter = worker_processes(vhost.url, "--heartbeat-seconds", "1")
+    await wait_until(lambda: len(vhost.consumers("mq_worker.default.default")) == 1, timeout=60)
+    connections_before = [pid for pid, props in vhost.connections() if reporter.name in props]
+    async with await anyio.open_process(
+        [*_mq_worker(), "status", "--url", vhost.url, "--watch", "--json"]
+    ) as watch:
+        assert watch.stdout is not None
+        with anyio.fail_after(30):
+            first = await watch.stdout.receive()
+        assert reporter.name.encode() in first
+        for data in (
+            {"heartbeat_seconds": "abc", "runs": [1, "x"], "in_flight": "nope"},
+            {"heartbeat_seconds": -1, "runs": [{"id": "not-a-uuid"}]},
+            {"heartbeat_seconds": 1e308, "queues": 7, "limit": "many"},
+        ):
+            forged = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/forged",
+                      "type": "mq_worker.worker.heartbeat", "subject": "forged",
+                      "time": "2026-11-29T00:00:00Z",
+                      "data": {"worker": "forged", "pool": "default", **data}}
+            # As a worker routes its heartbeats: to subscribers and to its pool's reporter.
+            await publish_raw(vhost.url, forged, routing_key="mq_worker.worker.heartbeat",
+                              exchange="mq_worker.events", headers={"BCC": ["workers.default"]})
+        # The reporter keeps its session and still does its job.
+        body = run_body(probe(tmp_path))
+        await publish_raw(vhost.url, body)
+        await events.wait_terminal([body["id"]], timeout=30)
+        assert events.terminal(body["id"])[0].type == "mq_worker.run.completed"
+        assert [pid for pid, props in vhost.connections() if reporter.name in props] \
+            == connections_before, "the reporter's session ended"
+        assert watch.returncode is None, "mq-worker status exited on a malformed heartbeat"
+        # Refused, said so, and kept.
+        rejected = await events.wait_for(lambda evs: [
+            e for e in evs if e.type == "mq_worker.run.rejected"
+            and e.data.get("message_kind") == "worker-event"], timeout=15)
+        assert "heartbeat_seconds" in rejected[0].data["reason"]
+        watch.terminate()
+    assert "mq_worker.dead" in vhost.queue_counts()
+    assert vhost.queue_counts()["mq_worker.dead"][0] >= 1
+    assert reporter.process.poll() is None
+
+
+@pytest.mark.slow
+async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
+    vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
+) -> None:
+    cancelled = [str(uuid.uuid4()) for _ in range(100_000)]
+    await publish_cancels(vhost.url, cancelled)
+    worker = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    # How fast is for `benchmarks.scale --cancels`; here: it serves and knows every cancel.
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.started" and e.subject == worker.name for e in evs),
+        timeout=300)
+    first, last = run_body(probe(tmp_path)), run_body(probe(tmp_path))
+    first["id"], last["id"] = cancelled[0], cancelled[-1]
+    fresh = run_body(probe(tmp_path))
+    for body in (first, last, fresh):
+        await publish_raw(vhost.url, body)
+    await events.wait_terminal([first["id"], last["id"], fresh["id"]], timeout=30)
+    assert events.terminal(first["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(last["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(fresh["id"])[0].type == "mq_worker.run.completed"
+    assert set(started_runs(tmp_path)) == {fresh["id"]}
+    worker.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(worker.wait) == 0
+
+
+async def publish_cancels(url: str, run_ids: list[str], pool: str = "default") -> None:
+    """Publish one cancel per run id; return once the broker has confirmed the last."""
+    from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        raw = await channel.get_underlay_channel()
+        await declare_exchanges(raw)
+        await declare_cancel_stream(raw, QueueOptions())
+        for index, run_id in enumerate(run_ids):
+            last = index == len(run_ids) - 1
+            await raw.basic_publish(json.dumps({"id": run_id}).encode(), exchange=RUNS_EXCHANGE,
+                                    routing_key=f"run.cancel.{pool}", wait=last)
