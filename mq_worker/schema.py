@@ -75,7 +75,9 @@ _WHEN = {
     EventType.RUN_PENDING: "A worker has taken the run.",
     EventType.RUN_SUBMITTED: "The run's process started.",
     EventType.RUN_COMPLETED: "The run's process exited with 0.",
-    EventType.RUN_CRASHED: "Non-zero exit, failed start, failed kill or lost worker.",
+    EventType.RUN_CRASHED: "Non-zero exit, failed start, timeout, failed kill or lost worker "
+                           "(after the last attempt).",
+    EventType.RUN_RETRYING: "An attempt failed and the next one is parked until its start time.",
     EventType.RUN_CANCELLED: "A cancel stopped or dropped the run.",
     EventType.RUN_REJECTED: "An invalid run or cancel message was dead-lettered.",
 }
