@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from importlib.metadata import version as package_version
 from typing import Any, ClassVar, NamedTuple
@@ -49,7 +49,7 @@ from mq_worker.errors import (
     InvalidMessage,
     TopologyMismatch,
 )
-from mq_worker.events import EventType, build_event, worker_source
+from mq_worker.events import CrashReason, EventType, build_event, worker_source
 from mq_worker.job_configuration import (
     BaseJobConfiguration,
     BaseJobTemplate,
@@ -60,6 +60,8 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
+from mq_worker.retrying import park_next_attempt
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
 
@@ -75,6 +77,8 @@ _SESSION_ERRORS = (
 
 
 _STABLE_SESSION_SECONDS = 10.0
+# How long a retry waits for a connection to park its next attempt before giving up.
+_RETRY_SESSION_WAIT_SECONDS = 30.0
 
 
 class WorkerResult(NamedTuple):
@@ -102,6 +106,9 @@ class ActiveRun:
     terminal: bool = False
     last_event_id: str | None = None
     wake: anyio.Event = field(default_factory=anyio.Event)
+    policy: RunPolicy = NO_POLICY
+    timed_out: bool = False
+    timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
     @property
     def id(self) -> UUID:
@@ -484,12 +491,14 @@ class BaseWorker(abc.ABC):
             configuration=configuration,
             log=self.log.bind(run_id=str(run.id), queue=queue),
             related=_related(run, self.pool, queue),
+            policy=RunPolicy.from_configuration(configuration),
         )
         self._active[run.id] = active
         try:
             await self._hold_and_run(active)
         finally:
-            del self._active[run.id]
+            if self._active.get(run.id) is active:  # a retried run has left already
+                del self._active[run.id]
             delivery.release_slot()
             self._notify_runs_changed()
 
@@ -561,16 +570,20 @@ class BaseWorker(abc.ABC):
 
         async def _run(*, task_status: anyio.abc.TaskStatus[str]) -> None:
             result.append(await self.run(active.run, active.configuration, task_status))
+            active.timeout_timer.cancel()
 
         try:
             async with anyio.create_task_group() as tg:
                 try:
                     active.infrastructure_pid = await tg.start(_run)
                 except Exception as exc:
-                    self._start_failed(active, exc)
+                    if not await self._retry_failed_attempt(active, None, str(exc)):
+                        self._start_failed(active, exc)
                     await active.delivery.settle()
                     return
                 await self._started(active, due)
+                if active.policy.timeout_seconds is not None:
+                    tg.start_soon(self._time_out, active, active.policy.timeout_seconds)
                 if active.cancel is not None:
                     tg.start_soon(self._kill, active, None)
         except Exception as exc:
@@ -579,7 +592,8 @@ class BaseWorker(abc.ABC):
                          message=f"error while watching the run: {exc}",
                          infrastructure_pid=active.infrastructure_pid)
             return
-        self._ended(active, result[0] if result else None)
+        if not await self._retry_failed_attempt(active, result[0] if result else None):
+            self._ended(active, result[0] if result else None)
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         message = f"the run could not be started: {exc}"
@@ -617,6 +631,10 @@ class BaseWorker(abc.ABC):
         if active.cancel is not None and active.killed:
             self._finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
                          status_code=code, **common)
+        elif active.timed_out and active.killed:
+            self._finish(active, EventType.RUN_CRASHED, status_code=code,
+                         reason=CrashReason.TIMEOUT, message=_timeout_message(active, code),
+                         **common)
         elif code == 0:
             self._finish(active, EventType.RUN_COMPLETED, status_code=0,
                          duration_seconds=round(duration or 0.0, 6), **common)
@@ -627,6 +645,79 @@ class BaseWorker(abc.ABC):
             )
             self._finish(active, EventType.RUN_CRASHED, status_code=code, reason="exit-code",
                          message=message, **common)
+
+    # -- run policies: timeouts and retries -----------------------------------------
+
+    async def _time_out(self, active: ActiveRun, seconds: float) -> None:
+        """Stop a run still running `seconds` after its start, as a cancel would."""
+        started = active.started_at or time.time()
+        with active.timeout_timer:
+            await anyio.sleep(max(0.0, started + seconds - time.time()))
+        if active.timeout_timer.cancel_called or active.terminal or active.cancel is not None:
+            return
+        active.timed_out = True
+        active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)
+        self.metrics.timeouts.labels(self.pool, active.queue).inc()
+        await self._kill(active, None)
+
+    async def _retry_failed_attempt(
+        self, active: ActiveRun, result: WorkerResult | None, start_error: str | None = None
+    ) -> bool:
+        """Park the next attempt of a failed one when its policy asks for it.
+
+        True once the next attempt is confirmed in the delay ladder and `run.retrying`
+        is published: the run then has no terminal event from this attempt.
+        """
+        code = result.status_code if result else None
+        reason = failure_reason(code, started=start_error is None,
+                                cancelled=active.cancel is not None,
+                                timed_out=active.timed_out and active.killed)
+        attempt = active.run.attempt
+        if reason is None or not active.policy.should_retry(reason, attempt):
+            return False
+        delay = active.policy.retry_delay(attempt)
+        start_at = datetime.now(UTC) + timedelta(seconds=delay)
+        # Out of the in-flight runs first: the next attempt may come back to this worker
+        # before the broker's confirmation does, and must not look like a duplicate.
+        if self._active.get(active.id) is active:
+            del self._active[active.id]
+            self._notify_runs_changed()
+        try:
+            with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS):
+                # Rare (a reconnection at the end of an attempt): polling keeps the
+                # session code free of a hook for it.
+                while self._session is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            session = self._session
+            if session is None:
+                raise ConnectionError("not connected to the broker")
+            async with session.ladder_lock:
+                if not session.ladder_declared:
+                    await topology.declare_delay_ladder(session.publish)
+                    session.ladder_declared = True
+            parked = await park_next_attempt(
+                session.publish, body=active.delivery.body, properties=active.delivery.properties,
+                signer=self._signer,
+                target_routing_key=topology.scheduled_routing_key(self.pool, active.queue),
+                attempt=attempt + 1, start_at=start_at,
+                prefetch_seconds=self.settings.prefetch_seconds,
+            )
+        except (*_SESSION_ERRORS, BrokerError) as exc:
+            active.log.error("the next attempt could not be scheduled; the run ends here",
+                             error=f"{type(exc).__name__}: {exc}")
+            return False
+        message = failure_message(reason, code, timeout_seconds=active.policy.timeout_seconds,
+                                  error=start_error)
+        active.state = "retrying"
+        self.metrics.retries.labels(self.pool, active.queue).inc()
+        self._emit_run(active, EventType.RUN_RETRYING, status_code=code, message=message,
+                       reason=reason, infrastructure_pid=active.infrastructure_pid,
+                       next_attempt=attempt + 1, next_start_time=start_at,
+                       delay_seconds=round(delay, 6))
+        active.log.warning("attempt failed; the next one is parked until its start time",
+                           attempt=attempt, reason=str(reason), status_code=code,
+                           next_start_time=start_at.isoformat(), parked_seconds=parked)
+        return True
 
     # -- cancels -----------------------------------------------------------------
 
@@ -765,6 +856,7 @@ class BaseWorker(abc.ABC):
             "related": related,
             "tags": run.tags,
             "follows": follows,
+            "attempt": run.attempt,
         }
 
     def _emit_run(self, active: ActiveRun, event_type: EventType, **extra: Any) -> None:
@@ -928,6 +1020,10 @@ class BaseWorker(abc.ABC):
     @property
     def free_slots(self) -> int:
         return int(self._limiter.available_tokens)
+
+
+def _timeout_message(active: ActiveRun, code: int | None) -> str:
+    return failure_message(CrashReason.TIMEOUT, code, timeout_seconds=active.policy.timeout_seconds)
 
 
 def active_grace(active: ActiveRun) -> float:
