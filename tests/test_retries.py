@@ -169,20 +169,20 @@ async def test_a_failed_start_is_retried_and_a_timeout_only_when_asked(
     assert events.types(timeout_default["id"]) == [
         "run.pending", "run.submitted", "run.crashed"]
     assert events.terminal(timeout_default["id"])[0].data["reason"] == "timeout"
-    assert len(attempts(tmp_path, timeout_default["id"])) == 1
 
+    assert events.types(timeout_retried["id"]) == [
+        "run.pending", "run.submitted", "run.retrying", "run.pending", "run.submitted",
+        "run.crashed"]
     assert of_type(events.of(timeout_retried["id"]), "run.retrying")[0].data["reason"] == "timeout"
-    crashed = events.terminal(timeout_retried["id"])
-    assert len(crashed) == 1 and crashed[0].data["reason"] == "timeout"
-    assert crashed[0].data["attempt"] == 2
-    assert [a["attempt"] for a in attempts(tmp_path, timeout_retried["id"])] == [1, 2]
+    crashed = events.terminal(timeout_retried["id"])[0]
+    assert crashed.data["reason"] == "timeout" and crashed.data["attempt"] == 2
 
 
-async def test_a_cancel_during_the_retry_wait_ends_the_run_with_no_further_attempt(
+async def test_a_cancel_during_the_retry_wait_ends_the_run_at_once_with_no_further_attempt(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
     body = run_body(job_variables={"command": attempts_command(tmp_path),
-                                   "retries": 3, "retry_delay_seconds": 8})
+                                   "retries": 3, "retry_delay_seconds": 12})
     async with running_worker(vhost.url) as worker:
         await publish_raw(vhost.url, body)
         await events.wait_for(lambda _: "run.retrying" in events.types(body["id"]))
@@ -192,13 +192,51 @@ async def test_a_cancel_during_the_retry_wait_ends_the_run_with_no_further_attem
         await events.wait_terminal([body["id"]], timeout=30)
         # The parked attempt comes back and is dropped: nothing is left anywhere.
         await wait_until(lambda: _messages_in_queues(vhost) == 0, timeout=30)
-        await wait_until(lambda: worker.free_slots == 4)
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
 
     assert events.types(body["id"]) == [
         "run.pending", "run.submitted", "run.retrying", "run.cancelled"]
-    cancelled = events.terminal(body["id"])[0]
+    retrying, cancelled = events.of(body["id"])[2:]
     assert cancelled.data["reason"] == "stop retrying"
+    assert cancelled.data["attempt"] == 2 and cancelled.data["follows"] == retrying.id
+    next_start = datetime.fromisoformat(retrying.data["next_start_time"])
+    assert (next_start - cancelled.time).total_seconds() > 8  # at once, not when it is due
     assert [a["attempt"] for a in attempts(tmp_path, body["id"])] == [1]
+
+
+async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Cancelled at every point: parked, coming back, held by a worker or running again."""
+    bodies = [run_body(job_variables={"command": attempts_command(tmp_path, sleep=0.5),
+                                      "retries": 20, "retry_delay_seconds": delay / 2})
+              for delay in range(10)]
+    ids = [b["id"] for b in bodies]
+    async with running_worker(vhost.url, limit=10, prefetch_seconds=2):
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        for body in bodies:
+            await events.wait_for(lambda _, b=body: "run.retrying" in events.types(b["id"]),
+                                  timeout=30)
+            await publish_raw(vhost.url, {"id": body["id"]}, routing_key="run.cancel.default")
+        await events.wait_terminal(ids, timeout=30)
+        await wait_until(lambda: _messages_in_queues(vhost) == 0, timeout=30)
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
+
+    for run_id in ids:
+        run_events = events.of(run_id)
+        assert [e.type for e in events.terminal(run_id)] == ["mq_worker.run.cancelled"]
+        cancelled = run_events[-1]
+        assert cancelled.is_terminal
+        started = [e.data["attempt"] for e in run_events if e.type == "mq_worker.run.submitted"]
+        # Stopped while running (a status code): its attempt started. Dropped, or ended
+        # during the wait: its attempt never started. Either way no attempt follows it.
+        ran_last = cancelled.data.get("status_code") is not None
+        last = cancelled.data["attempt"] if ran_last else cancelled.data["attempt"] - 1
+        assert started == list(range(1, last + 1)), (cancelled.data, started)
+        # A process stopped at once may not have recorded itself; none recorded more.
+        recorded = [a["attempt"] for a in attempts(tmp_path, run_id)]
+        assert recorded == started[:len(recorded)] and len(recorded) >= last - 1
 
 
 async def test_a_worker_killed_during_the_wait_loses_nothing_and_the_retry_runs_once(

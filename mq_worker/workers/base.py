@@ -61,7 +61,12 @@ from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
-from mq_worker.retrying import park_next_attempt
+from mq_worker.retrying import (
+    WaitingRetries,
+    WaitingRetry,
+    park_next_attempt,
+    publish_cancel_reported,
+)
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
 
@@ -169,6 +174,7 @@ class BaseWorker(abc.ABC):
         self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
+        self._retry_waits = WaitingRetries()
         self._finished: OrderedDict[UUID, str] = OrderedDict()
         self._contexts: dict[str, RunContext] = {}
         self._queue_of = {topology.work_queue_name(self.pool, q): q for q in self.queues}
@@ -695,6 +701,7 @@ class BaseWorker(abc.ABC):
                 if not session.ladder_declared:
                     await topology.declare_delay_ladder(session.publish)
                     session.ladder_declared = True
+            parking_began = time.time()
             parked = await park_next_attempt(
                 session.publish, body=active.delivery.body, properties=active.delivery.properties,
                 signer=self._signer,
@@ -717,7 +724,38 @@ class BaseWorker(abc.ABC):
         active.log.warning("attempt failed; the next one is parked until its start time",
                            attempt=attempt, reason=str(reason), status_code=code,
                            next_start_time=start_at.isoformat(), parked_seconds=parked)
+        waiting_data = self._run_data(active.run, active.queue, active.related,
+                                      active.last_event_id)
+        waiting_data["attempt"] = attempt + 1
+        self._retry_waits.add(WaitingRetry(active.id, active.queue, waiting_data,
+                                           back_at=parking_began + parked))
+        cancel = self._registry.get(active.id)
+        if cancel is not None:  # it came while the next attempt was being parked
+            self._on_cancel(cancel)
         return True
+
+    async def _cancel_waiting_retry(self, waiting: WaitingRetry, record: CancelRecord) -> None:
+        """End at once a run cancelled while its next attempt waits in the ladder."""
+        session = self._session
+        if session is None or not waiting.reportable():
+            return  # the worker that takes the parked attempt reports the cancel
+        try:
+            await publish_cancel_reported(
+                session.publish, run_id=waiting.run_id, reason=record.reason, pool=self.pool,
+                worker=self.name, signer=self._signer,
+            )
+        except (*_SESSION_ERRORS, BrokerError) as exc:
+            self.log.warning("could not mark the cancel as reported; the worker that takes "
+                             "the parked attempt reports it", run_id=str(waiting.run_id),
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
+                                     subject=str(waiting.run_id),
+                                     data={**waiting.event_data, "reason": record.reason}))
+        self.metrics.cancelled.labels(self.pool, waiting.queue).inc()
+        self._remember(waiting.run_id, EventType.RUN_CANCELLED)
+        self.log.info("run cancelled while waiting for its next attempt",
+                      run_id=str(waiting.run_id), attempt=waiting.event_data["attempt"])
 
     # -- cancels -----------------------------------------------------------------
 
@@ -725,6 +763,8 @@ class BaseWorker(abc.ABC):
         active = self._active.get(record.run_id)
         if active is not None:
             self._request_cancel(active, record)
+        elif (waiting := self._retry_waits.pop(record.run_id)) is not None and self._tg:
+            self._tg.start_soon(self._cancel_waiting_retry, waiting, record)
 
     def _request_cancel(
         self, active: ActiveRun, record: CancelRecord, grace: float | None = None
@@ -831,6 +871,10 @@ class BaseWorker(abc.ABC):
     def _emit_dropped(self, run: RunMessage, queue: str, cancel: CancelRecord) -> None:
         """A run cancelled before it reached this worker: it never starts."""
         if run.id in self._finished:
+            return
+        if cancel.reported:
+            self.log.info("run was cancelled while waiting for its next attempt; its "
+                          "cancelled event is published already", run_id=str(run.id))
             return
         self.log.info("run was cancelled before it started", run_id=str(run.id))
         data = {
