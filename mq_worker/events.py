@@ -208,6 +208,7 @@ class HeartbeatRun(BaseModel):
     queue: str | None = None
     state: str = Field(description="held, starting or running.")
     infrastructure_pid: str | None = None
+    attempt: int = Field(default=1, ge=1, description="Which attempt of the run, from 1.")
 
 
 class HeartbeatData(WorkerData):

@@ -243,15 +243,24 @@ _CANCEL_EXAMPLE = {"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20", "reason": "not 
 
 
 def _messages(names: dict[str, str]) -> dict[str, Any]:
-    signature = {
+    signature_header = {
+        "type": "string",
+        "pattern": "^sha256=[0-9a-f]{64}$",
+        "description": "HMAC-SHA256 of the exact body under a shared key; required "
+        "by workers started with --signing-key-file.",
+    }
+    signature = {"type": "object", "properties": {SIGNATURE_HEADER: signature_header}}
+    cancel_headers = {
         "type": "object",
         "properties": {
-            SIGNATURE_HEADER: {
+            SIGNATURE_HEADER: signature_header,
+            topology.CANCEL_REPORTED_HEADER: {
                 "type": "string",
-                "pattern": "^sha256=[0-9a-f]{64}$",
-                "description": "HMAC-SHA256 of the exact body under a shared key; required "
-                "by workers started with --signing-key-file.",
-            }
+                "description": "Set only by a worker that copies a cancel back into the "
+                "stream after publishing the run's cancelled event itself (the run was "
+                "waiting for a retry): other workers then drop its parked attempt silently. "
+                "Publishers never set it.",
+            },
         },
     }
     messages: dict[str, Any] = {
@@ -259,7 +268,7 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
                         "application/json", names["run"], headers=signature,
                         examples=[{"name": "nightly", "payload": _RUN_EXAMPLE}]),
         "cancel": _message("cancel", "Cancel", "Cancel a run wherever it is.",
-                           "application/json", names["cancel"], headers=signature,
+                           "application/json", names["cancel"], headers=cancel_headers,
                            examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
     }
     for event_type in [*EVENT_TYPES, PING]:

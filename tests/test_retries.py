@@ -4,6 +4,7 @@ during the wait, a worker lost during the wait."""
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import signal
 from datetime import datetime
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from mq_worker.events import Event
+from mq_worker.signing import Signer
 from tests.conftest import (
     PYTHON,
     EventLog,
@@ -262,3 +264,27 @@ async def test_a_worker_killed_during_the_wait_loses_nothing_and_the_retry_runs_
     assert terminal[0].type == "mq_worker.run.completed"
     assert terminal[0].data["worker"] == second.name and terminal[0].data["attempt"] == 2
     assert ran[1]["t"] - ran[0]["t"] >= 4.0
+
+
+async def test_with_signed_messages_the_next_attempt_and_the_reported_cancel_are_signed(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    key = "retry-key-" + secrets.token_hex(16)
+    keys = tmp_path / "keys"
+    keys.write_text(key + "\n")
+    signer = Signer([key.encode()])
+    body = run_body(job_variables={"command": attempts_command(tmp_path),
+                                   "retries": 3, "retry_delay_seconds": [0.2, 30]})
+    raw = json.dumps(body).encode()
+    async with running_worker(vhost.url, signing_key_file=keys):
+        await publish_raw(vhost.url, raw, headers=signer.headers(raw))
+        await events.wait_for(lambda _: events.types(body["id"]).count("run.retrying") == 2)
+        cancel = json.dumps({"id": body["id"], "reason": "signed"}).encode()
+        await publish_raw(vhost.url, cancel, routing_key="run.cancel.default",
+                          headers=signer.headers(cancel))
+        await events.wait_terminal([body["id"]])
+
+    assert not [e for e in events.events if e.type == "mq_worker.run.rejected"]
+    assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.cancelled"]
+    assert events.terminal(body["id"])[0].data["attempt"] == 3
+    assert [a["attempt"] for a in attempts(tmp_path, body["id"])] == [1, 2]

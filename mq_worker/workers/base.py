@@ -951,6 +951,7 @@ class BaseWorker(abc.ABC):
             "related": _related(run, self.pool, queue) if run and queue else [],
             "tags": run.tags if run else [],
             "follows": None,
+            "attempt": run.attempt if run else 1,
             "reason": reason,
             "message_kind": kind,
         }
@@ -987,6 +988,7 @@ class BaseWorker(abc.ABC):
                 "queue": a.queue,
                 "state": a.state,
                 "infrastructure_pid": a.infrastructure_pid,
+                "attempt": a.run.attempt,
             }
             for a in self._active.values()
         ]
@@ -1031,7 +1033,8 @@ class BaseWorker(abc.ABC):
                     "related": [],
                     "tags": [],
                     "follows": None,
-                    "reason": "worker-lost",
+                    "attempt": run.get("attempt", 1),
+                    "reason": CrashReason.WORKER_LOST,
                     "message": f"worker {peer.name} stopped sending heartbeats while the run "
                                "was running",
                     "infrastructure_pid": run.get("infrastructure_pid"),
