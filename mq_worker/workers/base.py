@@ -114,6 +114,7 @@ class ActiveRun:
     policy: RunPolicy = NO_POLICY
     timed_out: bool = False
     timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    retry_settled: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def id(self) -> UUID:
@@ -473,6 +474,7 @@ class BaseWorker(abc.ABC):
             await self._reject(delivery, queue, exc)
             return
 
+        await self._after_previous_attempt(run)
         if await self._is_duplicate(run, delivery):
             return
         cancel = self._registry.get(run.id)
@@ -683,11 +685,35 @@ class BaseWorker(abc.ABC):
             return False
         delay = active.policy.retry_delay(attempt)
         start_at = datetime.now(UTC) + timedelta(seconds=delay)
-        # Out of the in-flight runs first: the next attempt may come back to this worker
-        # before the broker's confirmation does, and must not look like a duplicate.
-        if self._active.get(active.id) is active:
-            del self._active[active.id]
-            self._notify_runs_changed()
+        # Still in flight while the next attempt is parked (a stopping worker waits for
+        # it); that attempt, should it come back here first, waits for the end of this.
+        active.state = "retrying"
+        try:
+            scheduled = await self._park_next_attempt(active, reason, code, start_error, delay,
+                                                      start_at)
+        finally:
+            if self._active.get(active.id) is active:
+                del self._active[active.id]
+                self._notify_runs_changed()
+            active.retry_settled.set()
+        cancel = self._registry.get(active.id)
+        if scheduled and cancel is not None:  # it came while the next attempt was parked
+            self._on_cancel(cancel)
+        return scheduled
+
+    async def _after_previous_attempt(self, run: RunMessage) -> None:
+        """Let the attempt before `run`, if this worker is still parking it, finish that."""
+        previous = self._active.get(run.id)
+        if previous is not None and previous.state == "retrying" \
+                and run.attempt > previous.run.attempt:
+            with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS + 30):
+                await previous.retry_settled.wait()
+
+    async def _park_next_attempt(
+        self, active: ActiveRun, reason: CrashReason, code: int | None,
+        start_error: str | None, delay: float, start_at: datetime,
+    ) -> bool:
+        attempt = active.run.attempt
         try:
             with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS):
                 # Rare (a reconnection at the end of an attempt): polling keeps the
@@ -715,7 +741,6 @@ class BaseWorker(abc.ABC):
             return False
         message = failure_message(reason, code, timeout_seconds=active.policy.timeout_seconds,
                                   error=start_error)
-        active.state = "retrying"
         self.metrics.retries.labels(self.pool, active.queue).inc()
         self._emit_run(active, EventType.RUN_RETRYING, status_code=code, message=message,
                        reason=reason, infrastructure_pid=active.infrastructure_pid,
@@ -729,9 +754,6 @@ class BaseWorker(abc.ABC):
         waiting_data["attempt"] = attempt + 1
         self._retry_waits.add(WaitingRetry(active.id, active.queue, waiting_data,
                                            back_at=parking_began + parked))
-        cancel = self._registry.get(active.id)
-        if cancel is not None:  # it came while the next attempt was being parked
-            self._on_cancel(cancel)
         return True
 
     async def _cancel_waiting_retry(self, waiting: WaitingRetry, record: CancelRecord) -> None:
