@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from importlib.metadata import version as package_version
 from typing import Any, ClassVar, NamedTuple
@@ -684,13 +684,11 @@ class BaseWorker(abc.ABC):
         if reason is None or not active.policy.should_retry(reason, attempt):
             return False
         delay = active.policy.retry_delay(attempt)
-        start_at = datetime.now(UTC) + timedelta(seconds=delay)
         # Still in flight while the next attempt is parked (a stopping worker waits for
         # it); that attempt, should it come back here first, waits for the end of this.
         active.state = "retrying"
         try:
-            scheduled = await self._park_next_attempt(active, reason, code, start_error, delay,
-                                                      start_at)
+            scheduled = await self._park_next_attempt(active, reason, code, start_error, delay)
         finally:
             if self._active.get(active.id) is active:
                 del self._active[active.id]
@@ -711,7 +709,7 @@ class BaseWorker(abc.ABC):
 
     async def _park_next_attempt(
         self, active: ActiveRun, reason: CrashReason, code: int | None,
-        start_error: str | None, delay: float, start_at: datetime,
+        start_error: str | None, delay: float,
     ) -> bool:
         attempt = active.run.attempt
         try:
@@ -727,7 +725,10 @@ class BaseWorker(abc.ABC):
                 if not session.ladder_declared:
                     await topology.declare_delay_ladder(session.publish)
                     session.ladder_declared = True
+            # The wait counts from here: declaring the ladder (the first time) does not eat
+            # into it, and the announced start time is one the next attempt can keep.
             parking_began = time.time()
+            start_at = datetime.fromtimestamp(parking_began + delay, UTC)
             parked = await park_next_attempt(
                 session.publish, body=active.delivery.body, properties=active.delivery.properties,
                 signer=self._signer,
