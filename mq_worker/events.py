@@ -206,7 +206,8 @@ class HeartbeatRun(BaseModel):
     id: UUID
     name: str | None = None
     queue: str | None = None
-    state: str = Field(description="held, starting or running.")
+    state: str = Field(description="held, starting, running, or retrying (its next attempt "
+                                   "is being parked).")
     infrastructure_pid: str | None = None
     attempt: int = Field(default=1, ge=1, description="Which attempt of the run, from 1.")
 

@@ -681,8 +681,8 @@ class BaseWorker(abc.ABC):
                                 cancelled=active.cancel is not None,
                                 timed_out=active.timed_out and active.killed)
         attempt = active.run.attempt
-        if reason is None or not active.policy.should_retry(reason, attempt):
-            return False
+        if reason is None or active.terminal or not active.policy.should_retry(reason, attempt):
+            return False  # (terminal: a stop that failed was reported as kill-failed)
         delay = active.policy.retry_delay(attempt)
         # Still in flight while the next attempt is parked (a stopping worker waits for
         # it); that attempt, should it come back here first, waits for the end of this.
