@@ -125,3 +125,19 @@ def test_the_next_attempt_is_the_same_run_due_later() -> None:
 
 def test_a_worker_type_without_policy_variables_has_no_policy() -> None:
     assert RunPolicy.from_configuration(object()) is NO_POLICY
+
+
+def test_the_events_command_shows_the_attempt_of_retried_runs() -> None:
+    from mq_worker.cli import format_event
+    from mq_worker.events import Event
+
+    def line(event_type: str, **data: object) -> str:
+        return format_event(Event(id="e", source="s", type=event_type, subject="r",
+                                  time=datetime(2030, 1, 1, tzinfo=UTC),
+                                  data={"worker": "w", **data}))
+
+    retrying = line("mq_worker.run.retrying", attempt=1, status_code=3, reason="exit-code",
+                    next_start_time="2030-01-01T00:00:05Z")
+    assert "attempt=1" in retrying and "next_start_time=2030-01-01T00:00:05Z" in retrying
+    assert "attempt=2" in line("mq_worker.run.pending", attempt=2)
+    assert "attempt" not in line("mq_worker.run.pending", attempt=1)
