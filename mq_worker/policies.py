@@ -9,13 +9,13 @@ and parks the next attempt in the delay ladder itself.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, Field, field_validator
 
 from mq_worker.events import CrashReason
@@ -173,11 +173,15 @@ def failure_reason(
 
 def next_attempt_body(body: bytes, attempt: int, start_at: datetime) -> bytes:
     """The run message of attempt `attempt`: the same run (unknown fields kept), due at
-    `start_at`."""
-    message = orjson.loads(body)
+    `start_at`.
+
+    The standard library's json, not orjson: it round-trips whatever the run's parser
+    accepted (integers beyond 64 bits, 1e400, NaN) where orjson refuses or rounds.
+    """
+    message = json.loads(body)
     message["attempt"] = attempt
     message["scheduled_start_time"] = start_at.isoformat()
-    return orjson.dumps(message)
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def next_attempt_headers(headers: dict[str, Any]) -> dict[str, Any]:

@@ -141,3 +141,17 @@ def test_the_events_command_shows_the_attempt_of_retried_runs() -> None:
     assert "attempt=1" in retrying and "next_start_time=2030-01-01T00:00:05Z" in retrying
     assert "attempt=2" in line("mq_worker.run.pending", attempt=2)
     assert "attempt" not in line("mq_worker.run.pending", attempt=1)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"id":"6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20","parameters":{"a":123456789012345678901234567890}}',
+    b'{"id":"6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20","parameters":{"b":1e400,"c":NaN}}',
+    b'{"id":"6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20","name":"\xc3\xa9\\u00e9\xf0\x9f\x98\x80"}',
+])
+def test_the_next_attempt_keeps_every_value_the_parser_accepted(body: bytes) -> None:
+    run = parse_run(body)
+    again = parse_run(next_attempt_body(body, 2, datetime(2030, 1, 1, tzinfo=UTC)))
+    assert again.model_dump(exclude={"attempt", "scheduled_start_time", "parameters"}) == \
+        run.model_dump(exclude={"attempt", "scheduled_start_time", "parameters"})
+    assert repr(again.parameters) == repr(run.parameters)  # nan != nan, reprs are equal
+    assert len(next_attempt_body(body, 2, datetime(2030, 1, 1, tzinfo=UTC))) < len(body) + 80

@@ -736,7 +736,7 @@ class BaseWorker(abc.ABC):
                 attempt=attempt + 1, start_at=start_at,
                 prefetch_seconds=self.settings.prefetch_seconds,
             )
-        except (*_SESSION_ERRORS, BrokerError) as exc:
+        except (*_SESSION_ERRORS, BrokerError, ValueError) as exc:
             active.log.error("the next attempt could not be scheduled; the run ends here",
                              error=f"{type(exc).__name__}: {exc}")
             return False
