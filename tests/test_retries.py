@@ -206,6 +206,31 @@ async def test_a_cancel_during_the_retry_wait_ends_the_run_at_once_with_no_furth
     assert [a["attempt"] for a in attempts(tmp_path, body["id"])] == [1]
 
 
+async def test_a_cancel_shortly_before_the_next_attempt_comes_back_is_reported_by_its_taker(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Within the margin the parking worker leaves the cancel to the worker that takes the
+    attempt: still exactly one cancelled event, and no attempt."""
+    body = run_body(job_variables={"command": attempts_command(tmp_path),
+                                   "retries": 3, "retry_delay_seconds": 4})
+    async with running_worker(vhost.url):
+        await publish_raw(vhost.url, body)
+        await events.wait_for(lambda _: "run.retrying" in events.types(body["id"]))
+        await publish_raw(vhost.url, {"id": body["id"], "reason": "late"},
+                          routing_key="run.cancel.default")
+        await events.wait_terminal([body["id"]], timeout=30)
+        await wait_until(lambda: _messages_in_queues(vhost) == 0, timeout=30)
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
+
+    assert events.types(body["id"]) == [
+        "run.pending", "run.submitted", "run.retrying", "run.cancelled"]
+    retrying, cancelled = events.of(body["id"])[2:]
+    assert cancelled.data["attempt"] == 2 and cancelled.data["reason"] == "late"
+    # Dropped when it came back from the ladder (parked 3 s), not at once.
+    assert (cancelled.time - retrying.time).total_seconds() > 2
+    assert [a["attempt"] for a in attempts(tmp_path, body["id"])] == [1]
+
+
 async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
