@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -30,7 +30,7 @@ from pamqp import commands as spec
 from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.errors import InvalidMessage
 from mq_worker.messages import parse_cancel
-from mq_worker.topology import CANCELS_STREAM, cancel_routing_key
+from mq_worker.topology import CANCEL_REPORTED_HEADER, CANCELS_STREAM, cancel_routing_key
 
 log = structlog.get_logger("mq_worker.cancellation")
 
@@ -55,6 +55,7 @@ class CancelRecord:
     run_id: UUID
     reason: str | None
     at: float
+    reported: bool = False  # a worker has published the run's `cancelled` event already
 
 
 class CancelRegistry:
@@ -82,6 +83,11 @@ class CancelRegistry:
 
     def get(self, run_id: UUID) -> CancelRecord | None:
         return self._records.get(run_id)
+
+    def mark_reported(self, run_id: UUID) -> None:
+        record = self._records.get(run_id)
+        if record is not None:
+            self._records[run_id] = replace(record, reported=True)
 
     def _expire(self) -> None:
         horizon = time.time() - self.window_seconds
@@ -266,6 +272,9 @@ class CancelFollower:
             )
         except InvalidMessage as exc:
             self._on_invalid(exc, live)
+            return
+        if headers.get(CANCEL_REPORTED_HEADER) is not None:
+            self._registry.mark_reported(cancel.id)
             return
         timestamp = message.header.properties.timestamp
         at = timestamp.timestamp() if isinstance(timestamp, datetime) else time.time()

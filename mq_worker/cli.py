@@ -300,10 +300,10 @@ def cancel(
 
 _COLORS = {
     "pending": "blue", "submitted": "cyan", "completed": "green", "crashed": "red",
-    "cancelled": "yellow", "rejected": "magenta", "lost": "red",
+    "cancelled": "yellow", "rejected": "magenta", "lost": "red", "retrying": "yellow",
 }
 _DETAILS = ("status_code", "reason", "message", "infrastructure_pid", "late_by_seconds",
-            "free_slots", "in_flight")
+            "next_start_time", "free_slots", "in_flight")
 
 
 def format_event(event: Event, *, color: bool = False) -> str:
@@ -320,6 +320,8 @@ def format_event(event: Event, *, color: bool = False) -> str:
         parts.append(f"name={data['run_name']}")
     if short.startswith("run."):
         parts.append(f"worker={data.get('worker')}")
+        if data.get("attempt", 1) != 1 or kind == "retrying":
+            parts.append(f"attempt={data.get('attempt')}")
     for key in _DETAILS:
         value = data.get(key)
         if value not in (None, [], ""):

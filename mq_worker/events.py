@@ -29,8 +29,21 @@ class EventType(StrEnum):
     RUN_SUBMITTED = "mq_worker.run.submitted"
     RUN_COMPLETED = "mq_worker.run.completed"
     RUN_CRASHED = "mq_worker.run.crashed"
+    RUN_RETRYING = "mq_worker.run.retrying"
     RUN_CANCELLED = "mq_worker.run.cancelled"
     RUN_REJECTED = "mq_worker.run.rejected"
+
+
+class CrashReason(StrEnum):
+    """Why a run crashed (`reason` of `run.crashed`), or why an attempt is retried
+    (`reason` of `run.retrying`)."""
+
+    EXIT_CODE = "exit-code"  # the process exited non-zero or was killed by a signal
+    SUBMISSION_FAILED = "submission-failed"  # the process could not be started
+    TIMEOUT = "timeout"  # it ran longer than its timeout_seconds and was stopped
+    KILL_FAILED = "kill-failed"  # a cancel or timeout could not stop it
+    MONITORING_FAILED = "monitoring-failed"  # the worker failed while watching it
+    WORKER_LOST = "worker-lost"  # its worker stopped sending heartbeats
 
 
 TERMINAL_TYPES = frozenset(
@@ -125,6 +138,9 @@ class RunEventData(_EventData):
     follows: str | None = Field(
         default=None, description="Id of the previous event of the same run on this worker."
     )
+    attempt: int = Field(
+        default=1, ge=1, description="Which attempt of the run this is about, from 1."
+    )
 
 
 class PendingData(RunEventData):
@@ -149,8 +165,8 @@ class CompletedData(RunEventData):
 class CrashedData(RunEventData):
     status_code: int | None = None
     message: str | None = None
-    reason: str | None = Field(
-        default=None, description="exit-code, submission-failed, kill-failed or worker-lost."
+    reason: CrashReason | None = Field(
+        default=None, description="Why it crashed: " + ", ".join(CrashReason) + "."
     )
     infrastructure_pid: str | None = None
     reported_by: str | None = Field(
@@ -158,6 +174,20 @@ class CrashedData(RunEventData):
         description="For worker-lost: the peer that reported the lost worker, or the worker "
                     "itself when it stopped the run after its heartbeats went unconfirmed.",
     )
+
+
+class RetryingData(RunEventData):
+    status_code: int | None = Field(
+        default=None, description="Exit status of the failed attempt (null if it never ran)."
+    )
+    message: str | None = None
+    reason: CrashReason = Field(
+        description="Why the attempt failed: exit-code, submission-failed or timeout."
+    )
+    infrastructure_pid: str | None = None
+    next_attempt: int = Field(ge=2, description="The attempt that will run, from 1.")
+    next_start_time: datetime = Field(description="When the next attempt starts, at the earliest.")
+    delay_seconds: float = Field(ge=0, description="The wait before it, jitter included.")
 
 
 class CancelledData(RunEventData):
@@ -197,8 +227,10 @@ class HeartbeatRun(BaseModel):
     id: UUID
     name: str | None = None
     queue: str | None = None
-    state: str = Field(description="held, starting or running.")
+    state: str = Field(description="held, starting, running, or retrying (its next attempt "
+                                   "is being parked).")
     infrastructure_pid: str | None = None
+    attempt: int = Field(default=1, ge=1, description="Which attempt of the run, from 1.")
 
 
 class HeartbeatData(WorkerData):
@@ -225,6 +257,7 @@ DATA_MODELS: dict[str, type[BaseModel]] = {
     EventType.RUN_SUBMITTED: SubmittedData,
     EventType.RUN_COMPLETED: CompletedData,
     EventType.RUN_CRASHED: CrashedData,
+    EventType.RUN_RETRYING: RetryingData,
     EventType.RUN_CANCELLED: CancelledData,
     EventType.RUN_REJECTED: RejectedData,
 }

@@ -245,6 +245,7 @@ class BaseJobConfiguration(BaseModel):
         run_env = {
             "MQ_WORKER_RUN_ID": str(run.id),
             "MQ_WORKER_RUN_NAME": run.display_name,
+            "MQ_WORKER_RUN_ATTEMPT": str(run.attempt),
             "MQ_WORKER_POOL": context.pool,
             "MQ_WORKER_QUEUE": context.queue,
             "MQ_WORKER_WORKER": context.worker,

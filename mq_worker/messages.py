@@ -116,6 +116,11 @@ class RunMessage(_WireModel):
         "Absent means now.",
     )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    attempt: int = Field(
+        default=1, ge=1, le=100_000,
+        description="Which attempt of the run this is, from 1; set by the worker that "
+                    "schedules a retry.",
+    )
 
     def merged_job_variables(self) -> dict[str, Any]:
         """The deployment's job variables shallow-merged with the run's (the run's win)."""

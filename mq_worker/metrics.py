@@ -25,6 +25,8 @@ class WorkerMetrics:
         self.cancelled = runs("cancelled", "Runs stopped or dropped by a cancel.")
         self.rejected = runs("rejected", "Messages rejected as invalid.")
         self.parked = runs("parked", "Runs parked in the broker until due.")
+        self.retries = runs("retries", "Failed attempts whose next attempt was scheduled.")
+        self.timeouts = runs("timeouts", "Attempts stopped for running past timeout_seconds.")
         self.in_flight = Gauge(
             "mq_worker_runs_in_flight", "Runs held or running.", registry=self.registry
         )

@@ -75,7 +75,9 @@ _WHEN = {
     EventType.RUN_PENDING: "A worker has taken the run.",
     EventType.RUN_SUBMITTED: "The run's process started.",
     EventType.RUN_COMPLETED: "The run's process exited with 0.",
-    EventType.RUN_CRASHED: "Non-zero exit, failed start, failed kill or lost worker.",
+    EventType.RUN_CRASHED: "Non-zero exit, failed start, timeout, failed kill or lost worker "
+                           "(after the last attempt).",
+    EventType.RUN_RETRYING: "An attempt failed and the next one is parked until its start time.",
     EventType.RUN_CANCELLED: "A cancel stopped or dropped the run.",
     EventType.RUN_REJECTED: "An invalid run or cancel message was dead-lettered.",
 }
@@ -275,22 +277,33 @@ _CANCEL_EXAMPLE = {"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20", "reason": "not 
 
 
 def _messages(names: dict[str, str]) -> dict[str, Any]:
-    signature = {
+    signature_headers = {
+        SIGNATURE_V2_HEADER: {
+            "type": "string",
+            "pattern": "^t=[0-9]{1,12},sha256=[0-9a-f]{64}$",
+            "description": "Signature v2: t is the issued-at time (Unix seconds), sha256 "
+            "the hex HMAC-SHA256 under a shared key of 'mq_worker.v2', the message kind "
+            "(run or cancel), the pool, t and the exact body, joined by LF; required by "
+            "workers started with --signing-key-file.",
+        },
+        SIGNATURE_HEADER: {
+            "type": "string",
+            "pattern": "^sha256=[0-9a-f]{64}$",
+            "description": "Signature v1 (legacy): HMAC-SHA256 of the body only. Workers "
+            "ignore it; publishers may add it for workers of older versions.",
+        },
+    }
+    signature = {"type": "object", "properties": signature_headers}
+    cancel_headers = {
         "type": "object",
         "properties": {
-            SIGNATURE_V2_HEADER: {
+            **signature_headers,
+            topology.CANCEL_REPORTED_HEADER: {
                 "type": "string",
-                "pattern": "^t=[0-9]{1,12},sha256=[0-9a-f]{64}$",
-                "description": "Signature v2: t is the issued-at time (Unix seconds), sha256 "
-                "the hex HMAC-SHA256 under a shared key of 'mq_worker.v2', the message kind "
-                "(run or cancel), the pool, t and the exact body, joined by LF; required by "
-                "workers started with --signing-key-file.",
-            },
-            SIGNATURE_HEADER: {
-                "type": "string",
-                "pattern": "^sha256=[0-9a-f]{64}$",
-                "description": "Signature v1 (legacy): HMAC-SHA256 of the body only. Workers "
-                "ignore it; publishers may add it for workers of older versions.",
+                "description": "Set only by a worker that copies a cancel back into the "
+                "stream after publishing the run's cancelled event itself (the run was "
+                "waiting for a retry): other workers then drop its parked attempt silently. "
+                "Publishers never set it.",
             },
         },
     }
@@ -299,7 +312,7 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
                         "application/json", names["run"], headers=signature,
                         examples=[{"name": "nightly", "payload": _RUN_EXAMPLE}]),
         "cancel": _message("cancel", "Cancel", "Cancel a run wherever it is.",
-                           "application/json", names["cancel"], headers=signature,
+                           "application/json", names["cancel"], headers=cancel_headers,
                            examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
     }
     for event_type in [*EVENT_TYPES, PING]:

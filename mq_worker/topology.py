@@ -49,6 +49,12 @@ DELAY_LEVELS = 25
 MAX_PARK_SECONDS = 2**DELAY_LEVELS - 1
 
 
+# On a cancel that a worker copies back into the cancel stream: it has published the
+# run's `cancelled` event itself (the run was waiting for a retry), so the worker that
+# later takes the parked attempt drops it without a second event.
+CANCEL_REPORTED_HEADER = "x-mq-worker-cancel-reported-by"
+
+
 def check_name(kind: str, value: str) -> str:
     """Return `value` if it is a valid pool or queue name, else raise ConfigurationError."""
     if not _NAME.fullmatch(value):

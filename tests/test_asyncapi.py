@@ -145,9 +145,10 @@ async def test_messages_really_sent_follow_the_contract(
         held = new_run(probe(tmp_path),
                        scheduled_start_time=datetime.now(UTC) + timedelta(seconds=8))
         dropped = new_run(probe(tmp_path))
+        retried = new_run(probe(tmp_path, exit_code=4), job_variables={"retries": 1})
         async with running_worker(vhost.url, heartbeat_seconds=1, limit=8), \
                 Publisher(vhost.url) as publisher:
-            for run in (ok, crash, unstartable, running, held):
+            for run in (ok, crash, unstartable, running, held, retried):
                 await publisher.submit(run)
             await wait_until(lambda: str(running.id) in started_runs(tmp_path))
             await publisher.cancel(running.id, reason="contract test")
@@ -157,7 +158,7 @@ async def test_messages_really_sent_follow_the_contract(
             await publish_raw(vhost.url, b"{not json")
             await publish_raw(vhost.url, {"id": "not-a-uuid"}, routing_key="run.cancel.default")
             await send_ping([vhost.url])
-            runs = (ok, crash, unstartable, running, held, dropped)
+            runs = (ok, crash, unstartable, running, held, dropped, retried)
             await events.wait_terminal([r.id for r in runs], timeout=30)
             await events.wait_for(lambda evs: len(
                 [e for e in evs if e.type == EventType.RUN_REJECTED]) == 2)
@@ -167,7 +168,7 @@ async def test_messages_really_sent_follow_the_contract(
 
         # What publishers send: runs and cancels as the document describes them.
         document = committed_document()
-        ours = {str(r.id) for r in (ok, crash, unstartable, running, held, dropped)}
+        ours = {str(r.id) for r in runs}
         sent = 0
         while (message := await wire.get(fail=False, no_ack=True)) is not None:
             assert message.routing_key is not None
@@ -184,12 +185,13 @@ async def test_messages_really_sent_follow_the_contract(
             payload = payload_validator(document, declared)
             assert payload.is_valid(body), (message.routing_key, body)
             sent += 1
-        assert sent == 9  # 6 runs and 3 cancels
+        assert sent == 10  # 7 runs and 3 cancels (a retry goes through the delay ladder)
 
     outcomes = {str(r.id): events.terminal(r.id)[0].type for r in runs}
     assert list(outcomes.values()) == [
         EventType.RUN_COMPLETED, EventType.RUN_CRASHED, EventType.RUN_CRASHED,
-        EventType.RUN_CANCELLED, EventType.RUN_CANCELLED, EventType.RUN_CANCELLED]
+        EventType.RUN_CANCELLED, EventType.RUN_CANCELLED, EventType.RUN_CANCELLED,
+        EventType.RUN_CRASHED]
     seen = assert_events_conform(events.raw)
     completed = next(m for m in events.raw if m.routing_key == EventType.RUN_COMPLETED)
     tampered = json.loads(completed.body)

@@ -33,7 +33,8 @@ def test_whole_value_placeholder_keeps_its_type_and_embedded_ones_become_text() 
 def test_default_template_declares_every_process_variable_with_defaults() -> None:
     template = default_template()
     assert template.names == {"command", "env", "labels", "name", "working_dir",
-                              "stream_output", "grace_seconds"}
+                              "stream_output", "grace_seconds", "timeout_seconds", "retries",
+                              "retry_delay_seconds", "retry_jitter_factor", "retry_on"}
     assert template.defaults["stream_output"] is True
     assert template.defaults["grace_seconds"] == 30.0
     assert ProcessWorker.get_default_base_job_template(grace_seconds=7)["variables"][

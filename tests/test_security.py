@@ -52,8 +52,8 @@ from tests.tls_node import TlsNode, rabbitmq_tls  # noqa: F401  (a fixture)
 pytestmark = pytest.mark.anyio
 
 DOCS = Path(__file__).parent.parent / "docs" / "security.md"
-RUN_VARIABLES = {"MQ_WORKER_RUN_ID", "MQ_WORKER_RUN_NAME", "MQ_WORKER_POOL", "MQ_WORKER_QUEUE",
-                 "MQ_WORKER_WORKER"}
+RUN_VARIABLES = {"MQ_WORKER_RUN_ID", "MQ_WORKER_RUN_NAME", "MQ_WORKER_RUN_ATTEMPT",
+                 "MQ_WORKER_POOL", "MQ_WORKER_QUEUE", "MQ_WORKER_WORKER"}
 
 
 # -- helpers ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ from mq_worker.errors import (
     InvalidMessage,
     TopologyMismatch,
 )
-from mq_worker.events import EventType, build_event, worker_source
+from mq_worker.events import CrashReason, EventType, build_event, worker_source
 from mq_worker.fencing import (
     REPORTED_STATES,
     HeartbeatLease,
@@ -74,7 +74,14 @@ from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
 from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
+from mq_worker.retrying import (
+    WaitingRetries,
+    WaitingRetry,
+    park_next_attempt,
+    publish_cancel_reported,
+)
 from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer, parse_signed_run
 from mq_worker.spool import open_spool
@@ -95,6 +102,8 @@ _STABLE_SESSION_SECONDS = 10.0
 _SPAWN_PAUSE = "resources exhausted at spawn"
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
+# How long a retry waits for a connection to park its next attempt before giving up.
+_RETRY_SESSION_WAIT_SECONDS = 30.0
 
 
 class WorkerResult(NamedTuple):
@@ -126,6 +135,10 @@ class ActiveRun:
     terminal: bool = False
     last_event_id: str | None = None
     wake: anyio.Event = field(default_factory=anyio.Event)
+    policy: RunPolicy = NO_POLICY
+    timed_out: bool = False
+    timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    retry_settled: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def id(self) -> UUID:
@@ -190,6 +203,7 @@ class BaseWorker(abc.ABC):
         self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
+        self._retry_waits = WaitingRetries()
         self._finished: OrderedDict[UUID, str] = OrderedDict()
         self._contexts: dict[str, RunContext] = {}
         self._queue_of = {topology.work_queue_name(self.pool, q): q for q in self.queues}
@@ -553,6 +567,7 @@ class BaseWorker(abc.ABC):
             await self._reject(delivery, queue, exc)
             return
 
+        await self._after_previous_attempt(run)
         if await self._is_duplicate(run, delivery):
             return
         cancel = self._registry.get(run.id)
@@ -577,12 +592,14 @@ class BaseWorker(abc.ABC):
             configuration=configuration,
             log=self.log.bind(run_id=str(run.id), queue=queue),
             related=_related(run, self.pool, queue),
+            policy=RunPolicy.from_configuration(configuration),
         )
         self._active[run.id] = active
         try:
             await self._hold_and_run(active)
         finally:
-            del self._active[run.id]
+            if self._active.get(run.id) is active:  # a retried run has left already
+                del self._active[run.id]
             delivery.release_slot()
             self._notify_runs_changed()
 
@@ -656,6 +673,7 @@ class BaseWorker(abc.ABC):
 
         async def _run(*, task_status: anyio.abc.TaskStatus[str]) -> None:
             result.append(await self.run(active.run, active.configuration, task_status))
+            active.timeout_timer.cancel()
 
         try:
             async with anyio.create_task_group() as tg:
@@ -665,11 +683,14 @@ class BaseWorker(abc.ABC):
                     if is_transient_spawn_error(exc):
                         await self._give_back_for_now(active, exc)
                         return
-                    self._start_failed(active, exc)
+                    if not await self._retry_failed_attempt(active, None, str(exc)):
+                        self._start_failed(active, exc)
                     await active.delivery.settle()
                     return
                 self._spawn_backoff.succeeded()
                 await self._started(active, due)
+                if active.policy.timeout_seconds is not None:
+                    tg.start_soon(self._time_out, active, active.policy.timeout_seconds)
                 if active.fenced:
                     tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
                 elif active.cancel is not None:
@@ -680,7 +701,8 @@ class BaseWorker(abc.ABC):
                          message=f"error while watching the run: {exc}",
                          infrastructure_pid=active.infrastructure_pid)
             return
-        self._ended(active, result[0] if result else None)
+        if not await self._retry_failed_attempt(active, result[0] if result else None):
+            self._ended(active, result[0] if result else None)
 
     async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
         """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
@@ -733,6 +755,10 @@ class BaseWorker(abc.ABC):
         if active.cancel is not None and active.killed:
             self._finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
                          status_code=code, **common)
+        elif active.timed_out and active.killed:
+            self._finish(active, EventType.RUN_CRASHED, status_code=code,
+                         reason=CrashReason.TIMEOUT, message=_timeout_message(active, code),
+                         **common)
         elif code == 0:
             self._finish(active, EventType.RUN_COMPLETED, status_code=0,
                          duration_seconds=round(duration or 0.0, 6), **common)
@@ -744,12 +770,141 @@ class BaseWorker(abc.ABC):
             self._finish(active, EventType.RUN_CRASHED, status_code=code, reason="exit-code",
                          message=message, **common)
 
+    # -- run policies: timeouts and retries -----------------------------------------
+
+    async def _time_out(self, active: ActiveRun, seconds: float) -> None:
+        """Stop a run still running `seconds` after its start, as a cancel would."""
+        started = active.started_at or time.time()
+        with active.timeout_timer:
+            await anyio.sleep(max(0.0, started + seconds - time.time()))
+        if active.timeout_timer.cancel_called or active.terminal or active.cancel is not None:
+            return
+        active.timed_out = True
+        active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)
+        self.metrics.timeouts.labels(self.pool, active.queue).inc()
+        await self._kill(active, None)
+
+    async def _retry_failed_attempt(
+        self, active: ActiveRun, result: WorkerResult | None, start_error: str | None = None
+    ) -> bool:
+        """Park the next attempt of a failed one when its policy asks for it.
+
+        True once the next attempt is confirmed in the delay ladder and `run.retrying`
+        is published: the run then has no terminal event from this attempt.
+        """
+        code = result.status_code if result else None
+        reason = failure_reason(code, started=start_error is None,
+                                cancelled=active.cancel is not None,
+                                timed_out=active.timed_out and active.killed)
+        attempt = active.run.attempt
+        if reason is None or active.terminal or not active.policy.should_retry(reason, attempt):
+            return False  # (terminal: a stop that failed was reported as kill-failed)
+        delay = active.policy.retry_delay(attempt)
+        # Still in flight while the next attempt is parked (a stopping worker waits for
+        # it); that attempt, should it come back here first, waits for the end of this.
+        active.state = "retrying"
+        try:
+            scheduled = await self._park_next_attempt(active, reason, code, start_error, delay)
+        finally:
+            if self._active.get(active.id) is active:
+                del self._active[active.id]
+                self._notify_runs_changed()
+            active.retry_settled.set()
+        cancel = self._registry.get(active.id)
+        if scheduled and cancel is not None:  # it came while the next attempt was parked
+            self._on_cancel(cancel)
+        return scheduled
+
+    async def _after_previous_attempt(self, run: RunMessage) -> None:
+        """Let the attempt before `run`, if this worker is still parking it, finish that."""
+        previous = self._active.get(run.id)
+        if previous is not None and previous.state == "retrying" \
+                and run.attempt > previous.run.attempt:
+            with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS + 30):
+                await previous.retry_settled.wait()
+
+    async def _park_next_attempt(
+        self, active: ActiveRun, reason: CrashReason, code: int | None,
+        start_error: str | None, delay: float,
+    ) -> bool:
+        attempt = active.run.attempt
+        try:
+            with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS):
+                # Rare (a reconnection at the end of an attempt): polling keeps the
+                # session code free of a hook for it.
+                while self._session is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            session = self._session
+            if session is None:
+                raise ConnectionError("not connected to the broker")
+            async with session.ladder_lock:
+                if not session.ladder_declared:
+                    await topology.declare_delay_ladder(session.publish)
+                    session.ladder_declared = True
+            # The wait counts from here: declaring the ladder (the first time) does not eat
+            # into it, and the announced start time is one the next attempt can keep.
+            parking_began = time.time()
+            start_at = datetime.fromtimestamp(parking_began + delay, UTC)
+            parked = await park_next_attempt(
+                session.publish, body=active.delivery.body, properties=active.delivery.properties,
+                signer=self._signer,
+                pool=self.pool,
+                target_routing_key=topology.scheduled_routing_key(self.pool, active.queue),
+                attempt=attempt + 1, start_at=start_at,
+                prefetch_seconds=self.settings.prefetch_seconds,
+            )
+        except (*_SESSION_ERRORS, BrokerError, ValueError) as exc:
+            active.log.error("the next attempt could not be scheduled; the run ends here",
+                             error=f"{type(exc).__name__}: {exc}")
+            return False
+        message = failure_message(reason, code, timeout_seconds=active.policy.timeout_seconds,
+                                  error=start_error)
+        self.metrics.retries.labels(self.pool, active.queue).inc()
+        self._emit_run(active, EventType.RUN_RETRYING, status_code=code, message=message,
+                       reason=reason, infrastructure_pid=active.infrastructure_pid,
+                       next_attempt=attempt + 1, next_start_time=start_at,
+                       delay_seconds=round(delay, 6))
+        active.log.warning("attempt failed; the next one is parked until its start time",
+                           attempt=attempt, reason=str(reason), status_code=code,
+                           next_start_time=start_at.isoformat(), parked_seconds=parked)
+        waiting_data = self._run_data(active.run, active.queue, active.related,
+                                      active.last_event_id)
+        waiting_data["attempt"] = attempt + 1
+        self._retry_waits.add(WaitingRetry(active.id, active.queue, waiting_data,
+                                           back_at=parking_began + parked))
+        return True
+
+    async def _cancel_waiting_retry(self, waiting: WaitingRetry, record: CancelRecord) -> None:
+        """End at once a run cancelled while its next attempt waits in the ladder."""
+        session = self._session
+        if session is None or not waiting.reportable():
+            return  # the worker that takes the parked attempt reports the cancel
+        try:
+            await publish_cancel_reported(
+                session.publish, run_id=waiting.run_id, reason=record.reason, pool=self.pool,
+                worker=self.name, signer=self._signer,
+            )
+        except (*_SESSION_ERRORS, BrokerError) as exc:
+            self.log.warning("could not mark the cancel as reported; the worker that takes "
+                             "the parked attempt reports it", run_id=str(waiting.run_id),
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
+                                     subject=str(waiting.run_id),
+                                     data={**waiting.event_data, "reason": record.reason}))
+        self.metrics.cancelled.labels(self.pool, waiting.queue).inc()
+        self._remember(waiting.run_id, EventType.RUN_CANCELLED)
+        self.log.info("run cancelled while waiting for its next attempt",
+                      run_id=str(waiting.run_id), attempt=waiting.event_data["attempt"])
+
     # -- cancels -----------------------------------------------------------------
 
     def _on_cancel(self, record: CancelRecord) -> None:
         active = self._active.get(record.run_id)
         if active is not None:
             self._request_cancel(active, record)
+        elif (waiting := self._retry_waits.pop(record.run_id)) is not None and self._tg:
+            self._tg.start_soon(self._cancel_waiting_retry, waiting, record)
 
     def _request_cancel(
         self, active: ActiveRun, record: CancelRecord, grace: float | None = None
@@ -895,6 +1050,10 @@ class BaseWorker(abc.ABC):
         """A run cancelled before it reached this worker: it never starts."""
         if run.id in self._finished:
             return
+        if cancel.reported:
+            self.log.info("run was cancelled while waiting for its next attempt; its "
+                          "cancelled event is published already", run_id=str(run.id))
+            return
         self.log.info("run was cancelled before it started", run_id=str(run.id))
         data = {
             **self._run_data(run, queue, _related(run, self.pool, queue), None),
@@ -919,6 +1078,7 @@ class BaseWorker(abc.ABC):
             "related": related,
             "tags": run.tags,
             "follows": follows,
+            "attempt": run.attempt,
         }
 
     def _emit_run(self, active: ActiveRun, event_type: EventType, **extra: Any) -> None:
@@ -976,6 +1136,7 @@ class BaseWorker(abc.ABC):
             "related": _related(run, self.pool, queue) if run and queue else [],
             "tags": run.tags if run else [],
             "follows": None,
+            "attempt": run.attempt if run else 1,
             "reason": reason,
             "message_kind": kind,
         }
@@ -1012,6 +1173,7 @@ class BaseWorker(abc.ABC):
                 "queue": a.queue,
                 "state": a.state,
                 "infrastructure_pid": a.infrastructure_pid,
+                "attempt": a.run.attempt,
             }
             for a in self._active.values()
         ]
@@ -1063,7 +1225,8 @@ class BaseWorker(abc.ABC):
                     "related": [],
                     "tags": [],
                     "follows": None,
-                    "reason": "worker-lost",
+                    "attempt": run.get("attempt", 1),
+                    "reason": CrashReason.WORKER_LOST,
                     "message": f"worker {peer.name} stopped sending heartbeats while the run "
                                "was running",
                     "infrastructure_pid": run.get("infrastructure_pid"),
@@ -1180,6 +1343,10 @@ class BaseWorker(abc.ABC):
     @property
     def free_slots(self) -> int:
         return int(self._limiter.available_tokens)
+
+
+def _timeout_message(active: ActiveRun, code: int | None) -> str:
+    return failure_message(CrashReason.TIMEOUT, code, timeout_seconds=active.policy.timeout_seconds)
 
 
 def active_grace(active: ActiveRun) -> float:

@@ -22,17 +22,19 @@ from mq_worker.infrastructure import (
 )
 from mq_worker.job_configuration import BaseJobConfiguration
 from mq_worker.messages import RunMessage
+from mq_worker.policies import PolicyVariables
 from mq_worker.resources import raise_descriptor_limit
 from mq_worker.workers.base import BaseWorker, WorkerResult
 
 
-class ProcessJobConfiguration(BaseJobConfiguration):
+class ProcessJobConfiguration(PolicyVariables, BaseJobConfiguration):
     working_dir: str | None = Field(default=None, description="Directory the run starts in.")
     stream_output: bool = Field(
         default=True, description="Log the run's stdout and stderr through the worker."
     )
     grace_seconds: float = Field(
-        default=30.0, ge=0, le=3600, description="Seconds between SIGTERM and SIGKILL on cancel."
+        default=30.0, ge=0, le=3600,
+        description="Seconds between SIGTERM and SIGKILL on cancel or timeout.",
     )
 
     @field_validator("working_dir")
