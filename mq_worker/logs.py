@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal
@@ -40,12 +41,45 @@ def _json_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
-    """Configure structlog and the standard library's logging (used by aio-pika) alike."""
+class NamedPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that knows the name it was asked for (`structlog.get_logger(name)`)."""
+
+    def __init__(self, file: Any, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class NamedPrintLoggerFactory:
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> NamedPrintLogger:
+        return NamedPrintLogger(self._file, str(args[0]) if args else "mq_worker")
+
+
+def add_logger_name(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every record says which part of the worker wrote it (`logger`)."""
+    name = getattr(logger, "name", None)
+    if name:
+        event_dict.setdefault("logger", name)
+    return event_dict
+
+
+def colors_wanted(stream: Any) -> bool:
+    """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return bool(stream.isatty()) and not os.environ.get("NO_COLOR")
+
+
+def configure(log_format: LogFormat = "auto", level: str = "INFO",
+              colors: bool | None = None) -> None:
+    """Configure structlog and the standard library's logging (used by aio-pika) alike.
+    `colors`: colour console lines (default: on a terminal without NO_COLOR)."""
     stream = sys.stderr
     console = log_format == "console" or (log_format == "auto" and stream.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.dev.ConsoleRenderer(colors=colors_wanted(stream) if colors is None else colors)
         if console
         else structlog.processors.JSONRenderer(serializer=_json_dumps)
     )
@@ -57,13 +91,14 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
     structlog.configure(
         processors=[
             *shared,
+            add_logger_name,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             mask_secrets_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=NamedPrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)

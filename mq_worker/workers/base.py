@@ -156,7 +156,7 @@ class BaseWorker(abc.ABC):
             )
         self._check_template_fields()
         self.log = structlog.get_logger("mq_worker.worker").bind(worker=self.name, pool=self.pool)
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(self.pool, self.queues)
         self._signer = Signer.from_file(s.signing_key_file) if s.signing_key_file else None
         self._limiter = anyio.CapacityLimiter(s.limit)
         self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
@@ -595,7 +595,8 @@ class BaseWorker(abc.ABC):
         published = active.delivery.properties.timestamp
         since = published.timestamp() if isinstance(published, datetime) else None
         if since is not None:
-            self.metrics.start_latency.observe(max(0.0, active.started_at - max(since, due)))
+            self.metrics.start_latency.labels(self.pool, active.queue).observe(
+                max(0.0, active.started_at - max(since, due)))
         self.metrics.started.labels(self.pool, active.queue).inc()
         self._emit_run(
             active,
@@ -610,7 +611,7 @@ class BaseWorker(abc.ABC):
         code = result.status_code if result else None
         duration = time.time() - active.started_at if active.started_at else None
         if duration is not None:
-            self.metrics.duration.observe(duration)
+            self.metrics.duration.labels(self.pool, active.queue).observe(duration)
         common = {
             "infrastructure_pid": active.infrastructure_pid,
         }
