@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -273,3 +276,41 @@ async def test_a_connection_error_is_told_once() -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot connect" in lines[0], result.stderr
     assert "secret" not in result.stderr
+
+
+# -- the worker's log and systemd ------------------------------------------------------------
+
+
+async def test_run_output_is_a_field_of_a_run_output_record(
+    vhost: VHost, events: EventLog, worker_processes: Any
+) -> None:
+    worker = worker_processes(vhost.url)
+    result = await mq_worker("submit", "--url", vhost.url, "--wait", "--",
+                             "sh", "-c", "echo hello; echo oops >&2")
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    lines = await wait_until(lambda: [
+        line for line in worker.log_lines()
+        if line.get("run_id") == run_id and line.get("event") == "run output"], timeout=30)
+    assert {(line["line"], line["stream"]) for line in lines} == {
+        ("hello", "stdout"), ("oops", "stderr")}
+    assert not any(line.get("event") in ("hello", "oops") for line in worker.log_lines())
+    own = [line for line in worker.log_lines() if line.get("level")]
+    assert own and all(str(line.get("logger", "")).startswith("mq_worker") for line in own)
+
+
+async def test_start_tells_systemd_when_it_is_ready_and_stopping(
+    vhost: VHost, worker_processes: Any, tmp_path: Path
+) -> None:
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(address)
+        notify.settimeout(30)
+        worker = worker_processes(vhost.url, env={"NOTIFY_SOCKET": address})
+        ready = await anyio.to_thread.run_sync(notify.recv, 4096)
+        assert b"READY=1" in ready.split(b"\n")
+        assert vhost.consumers(), "READY=1 came before the worker consumed"
+        worker.signal(signal.SIGTERM)
+        stopping = await anyio.to_thread.run_sync(notify.recv, 4096)
+        assert b"STOPPING=1" in stopping.split(b"\n")
+        assert await anyio.to_thread.run_sync(worker.wait) == 0
