@@ -314,3 +314,25 @@ async def test_start_tells_systemd_when_it_is_ready_and_stopping(
         stopping = await anyio.to_thread.run_sync(notify.recv, 4096)
         assert b"STOPPING=1" in stopping.split(b"\n")
         assert await anyio.to_thread.run_sync(worker.wait) == 0
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+
+async def test_new_run_accepts_an_argv_list_end_to_end(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from mq_worker.publisher import Publisher, new_run
+
+    # Completes only if each argument arrives as given, spaces and quotes included.
+    argv = ["sh", "-c", 'test "$1" = "two words" && test "$2" = "it\'s"', "sh", "two words",
+            "it's"]
+    run = new_run(argv, name="argv")
+    async with running_worker(vhost.url), Publisher(vhost.url) as publisher:
+        await publisher.submit(run)
+        await events.wait_terminal([run.id], timeout=30)
+    assert events.types(run.id) == ["run.pending", "run.submitted", "run.completed"]
+    with pytest.raises(TypeError, match="command"):
+        new_run(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="command"):
+        new_run([])

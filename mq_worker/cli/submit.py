@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -160,7 +159,7 @@ def submit(
     )
     try:
         message = new_run(
-            shlex.join(command), name=name, job_variables=job_variables,
+            list(command), name=name, job_variables=job_variables,
             scheduled_start_time=start_time, **({"id": run_id} if run_id else {}),
         )
     except ValidationError as exc:
