@@ -336,3 +336,42 @@ async def test_new_run_accepts_an_argv_list_end_to_end(
         new_run(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="command"):
         new_run([])
+
+
+def test_every_option_the_docs_mention_exists() -> None:
+    """protocol.md once told users to pass an option `start` did not have."""
+    import re
+
+    import click
+
+    from mq_worker.cli import main
+
+    known = {"--help", "--version"}
+
+    def collect(command: click.Command) -> None:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                known.update(param.opts + param.secondary_opts)
+        for sub in getattr(command, "commands", {}).values():
+            collect(sub)
+
+    collect(main)
+    root = Path(__file__).resolve().parent.parent
+    mentioned = {(path.name, flag) for path in [root / "README.md", *root.glob("docs/*.md")]
+                 for flag in re.findall(r"`(--[a-z][a-z-]*)", path.read_text())}
+    assert len(mentioned) > 10
+    assert {(name, flag) for name, flag in mentioned if flag not in known} == set()
+
+
+async def test_interrupting_a_follower_exits_quietly(vhost: VHost) -> None:
+    for command in (["events", "--url", vhost.url], ["status", "--url", vhost.url, "--watch"]):
+        async with await anyio.open_process([*CLI, *command], env=_environment({})) as follower:
+            await wait_until(lambda: vhost.consumers(), timeout=30)
+            follower.send_signal(signal.SIGINT)
+            assert follower.stderr is not None
+            with anyio.fail_after(30):
+                stderr = b"".join([chunk async for chunk in follower.stderr]).decode()
+                code = await follower.wait()
+        assert code == 0, stderr
+        assert not any(word in stderr for word in NOISE), stderr
+        await wait_until(lambda: not vhost.consumers(), timeout=30)
