@@ -254,6 +254,8 @@ async def test_durations_are_strict_and_errors_name_the_option(vhost: VHost) -> 
         assert result.returncode == 2, (bad, result.stderr)
         assert "'--in'" in result.stderr and "not a duration" in result.stderr
     assert work_queues(vhost) == {}
+    at = await mq_worker("submit", "--url", vhost.url, "--at", "tomorrow", "--", "true")
+    assert at.returncode == 2 and "'--at'" in at.stderr
     ok = await mq_worker("submit", "--url", vhost.url, "--in", "1h30m", "--", "true")
     assert ok.returncode == 0, ok.stderr
 

@@ -46,7 +46,8 @@ def parse_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"not an RFC 3339 time: {text!r}") from None
+        raise click.BadParameter(f"not an RFC 3339 time: {text!r}",
+                                 param_hint="'--at'") from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
