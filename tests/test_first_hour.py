@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mq_worker.cli.common import duration_seconds
 from mq_worker.settings import WorkerSettings
 from tests.conftest import PYTHON, EventLog, VHost, probe, running_worker, wait_until
 
@@ -249,7 +250,12 @@ async def test_submit_help_explains_pool_queue_and_exit_codes() -> None:
 
 
 async def test_durations_are_strict_and_errors_name_the_option(vhost: VHost) -> None:
-    for bad in ("30s30s", "", "5m1h", "1x", "-5s"):
+    for bad in ("30s30s", "5m1h", "1x", "-5s", "1.5.2s", "s"):
+        with pytest.raises(ValueError, match="not a duration"):
+            duration_seconds(bad)
+    assert duration_seconds("1h30m") == 5400 and duration_seconds(" 90 ") == 90
+    assert duration_seconds("2d1.5s") == 172801.5
+    for bad in ("30s30s", ""):
         result = await mq_worker("submit", "--url", vhost.url, "--in", bad, "--", "true")
         assert result.returncode == 2, (bad, result.stderr)
         assert "'--in'" in result.stderr and "not a duration" in result.stderr
@@ -377,3 +383,30 @@ async def test_interrupting_a_follower_exits_quietly(vhost: VHost) -> None:
         assert code == 0, stderr
         assert not any(word in stderr for word in NOISE), stderr
         await wait_until(lambda: not vhost.consumers(), timeout=30)
+
+
+def _worker_log_on_a_terminal(url: str, env: dict[str, str]) -> str:
+    """The console log of `mq-worker start` on a pseudo-terminal, until it is connected."""
+    import pty
+
+    leader, follower = pty.openpty()
+    with subprocess.Popen([*CLI, "start", "--url", url, "--log-format", "console"],
+                          stdout=follower, stderr=follower, env=env) as worker:
+        os.close(follower)
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"connected" not in seen and time.monotonic() < deadline:
+            seen += os.read(leader, 65536)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    os.close(leader)
+    return seen.decode(errors="replace")
+
+
+async def test_the_console_log_honours_no_color(vhost: VHost) -> None:
+    colored = await anyio.to_thread.run_sync(_worker_log_on_a_terminal, vhost.url,
+                                             _environment({}))
+    assert "connected" in colored and "\x1b[" in colored
+    plain = await anyio.to_thread.run_sync(_worker_log_on_a_terminal, vhost.url,
+                                           _environment({"NO_COLOR": "1"}))
+    assert "connected" in plain and "\x1b[" not in plain
