@@ -5,8 +5,9 @@
 * `GET /readyz` (and `/health`, its older name): 200 while the worker is connected and
   consuming, 503 with the reason otherwise (reconnecting, outbox full, not consuming,
   stopping). A readiness probe. The body is a small JSON object either way.
-* `GET /metrics`: the worker's Prometheus registry, in the text format or OpenMetrics as
-  the scraper's `Accept` header asks (prometheus-client's own negotiation and encoders).
+* `GET /metrics`: the worker's Prometheus registry, served by prometheus-client's own
+  handler (its ASGI app): the text format or OpenMetrics as the scraper's `Accept` header
+  asks, gzip when accepted, `name[]` filtering.
 
 The port binds 127.0.0.1 unless told otherwise (`--health-host`). It is a deliberately
 small HTTP/1.1 server, one request per connection, that cannot be made to hold the
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import orjson
 import structlog
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import make_asgi_app
 
 from mq_worker.errors import ConfigurationError
 
@@ -46,16 +48,18 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class _Response:
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json",
+                 headers: list[tuple[str, str]] | None = None) -> None:
         self.status = status
         self.body = body
-        self.content_type = content_type
+        self.headers = [("Content-Type", content_type), *(headers or [])]
 
     def encode(self, head_only: bool = False) -> bytes:
-        head = (f"HTTP/1.1 {self.status} {_REASONS.get(self.status, '')}\r\n"
-                f"Content-Type: {self.content_type}\r\n"
-                f"Content-Length: {len(self.body)}\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode()
+        lines = [f"HTTP/1.1 {self.status} {_REASONS.get(self.status, '')}",
+                 *(f"{name}: {value}" for name, value in self.headers),
+                 f"Content-Length: {len(self.body)}", "Cache-Control: no-store",
+                 "Connection: close"]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         return head if head_only else head + self.body
 
 
@@ -73,21 +77,21 @@ class HealthServer:
         self.header_timeout = header_timeout
         self.refused = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._metrics_app = make_asgi_app(worker.metrics.registry)
 
     @property
     def open_connections(self) -> int:
         return len(self._writers)
 
-    def respond(self, method: str, path: str, headers: dict[str, str]) -> _Response:
-        path = path.split("?", 1)[0]
+    async def respond(self, method: str, target: str, headers: dict[str, str]) -> _Response:
+        path, _, query = target.partition("?")
         if path not in PATHS:
             return _json(404, {"status": "not found", "paths": list(PATHS)})
         if method not in ("GET", "HEAD"):
             return _json(405, {"status": "method not allowed"})
         worker = self.worker
         if path == "/metrics":
-            encoder, content_type = choose_encoder(headers.get("accept", ""))
-            return _Response(200, encoder(worker.metrics.registry), content_type)
+            return await self._metrics(method, path, query, headers)
         if path == "/livez":
             return _json(200, {"status": "ok", "worker": worker.name})
         healthy, reason = worker.health()
@@ -98,6 +102,32 @@ class HealthServer:
             "in_flight": len(worker.in_flight),
             "free_slots": worker.free_slots,
         })
+
+    async def _metrics(self, method: str, path: str, query: str,
+                       headers: dict[str, str]) -> _Response:
+        """prometheus-client's ASGI app, called for one request."""
+        scope = {"type": "http", "method": method, "path": path,
+                 "query_string": query.encode("latin-1"),
+                 "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                             for k, v in headers.items()]}
+        sent: list[MutableMapping[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        await self._metrics_app(scope, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        response_headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                            for k, v in start.get("headers", [])]
+        content_type = next((v for k, v in response_headers if k.lower() == "content-type"),
+                            "text/plain")
+        others = [(k, v) for k, v in response_headers
+                  if k.lower() not in ("content-type", "content-length")]
+        return _Response(int(start["status"]), body, content_type, others)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= self.max_connections:
@@ -131,7 +161,7 @@ class HealthServer:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        return self.respond(method, path, headers), method == "HEAD"
+        return await self.respond(method, path, headers), method == "HEAD"
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import socket
@@ -111,6 +112,16 @@ async def test_metrics_follow_prometheus_conventions(vhost: VHost) -> None:
             port, "/metrics", accept="application/openmetrics-text; version=1.0.0")
         assert content_type.startswith("application/openmetrics-text")
         assert body.rstrip().endswith(b"# EOF")
+
+        def gzipped() -> tuple[str, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                             headers={"Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.headers["Content-Encoding"], response.read()
+
+        encoding, packed = await anyio.to_thread.run_sync(gzipped)
+        assert encoding == "gzip"
+        assert b"mq_worker_build_info" in gzip.decompress(packed)
 
 
 async def test_slow_headers_are_timed_out_and_excess_connections_refused(
