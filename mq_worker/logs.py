@@ -72,6 +72,18 @@ def colors_wanted(stream: Any) -> bool:
     return bool(stream.isatty()) and not os.environ.get("NO_COLOR")
 
 
+class _DuplicateConnectErrors(logging.Filter):
+    """aiormq logs every failed connection attempt as an error; the worker and the client
+    commands report the same failure themselves, with the masked address and what they do
+    next (retry, or exit), so aiormq's copy goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("error when creating transport")
+
+
+_CONNECT_ERRORS = _DuplicateConnectErrors()
+
+
 def configure(log_format: LogFormat = "auto", level: str = "INFO",
               colors: bool | None = None) -> None:
     """Configure structlog and the standard library's logging (used by aio-pika) alike.
@@ -113,6 +125,9 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO",
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         )
     )
+    connection_logger = logging.getLogger("aiormq.connection")
+    if _CONNECT_ERRORS not in connection_logger.filters:
+        connection_logger.addFilter(_CONNECT_ERRORS)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.WARNING, logging.getLevelName(level)))

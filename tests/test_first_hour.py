@@ -410,3 +410,13 @@ async def test_the_console_log_honours_no_color(vhost: VHost) -> None:
     plain = await anyio.to_thread.run_sync(_worker_log_on_a_terminal, vhost.url,
                                            _environment({"NO_COLOR": "1"}))
     assert "connected" in plain and "\x1b[" not in plain
+
+
+async def test_an_unreachable_broker_is_logged_once_per_attempt(worker_processes: Any) -> None:
+    worker = worker_processes("amqp://u:secret@127.0.0.1:1/")
+    await wait_until(lambda: len([line for line in worker.log_lines()
+                                  if line.get("event") == "broker unreachable; retrying"]) >= 2,
+                     timeout=30)
+    lines = worker.log_lines()
+    assert not [line for line in lines if "creating transport" in str(line.get("event"))]
+    assert "secret" not in json.dumps(lines)
