@@ -28,8 +28,8 @@ from mq_worker.settings import (
 )
 
 URL_HELP = "Broker address; repeat for a cluster. [env: MQ_WORKER_URL, comma-separated]"
-# Reserved for the project's own test suite (broker host and port of the tests).
-_TEST_PREFIX = ENV_PREFIX + "TEST_"
+# Reserved for the project's own tests and benchmarks (their broker's host and port).
+_RESERVED_PREFIXES = (ENV_PREFIX + "TEST_", ENV_PREFIX + "BENCH_")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -114,7 +114,7 @@ def warn_unknown_environment(environ: dict[str, str] | None = None) -> list[str]
     known = known_environment()
     unknown = sorted(k for k in environ
                      if k.startswith(ENV_PREFIX) and k not in known
-                     and not k.startswith(_TEST_PREFIX))
+                     and not k.startswith(_RESERVED_PREFIXES))
     for name in unknown:
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""
