@@ -1,20 +1,33 @@
-"""The health and metrics endpoint of a worker: `GET /health` and `GET /metrics` over HTTP.
+"""The probe and metrics port of a worker: `/livez`, `/readyz` (alias `/health`), `/metrics`.
 
-`/health` answers 200 while the worker is connected and consuming, and 503
-with the reason otherwise (reconnecting, outbox full, not consuming,
-stopping); the body is a small JSON object either way. `/metrics` is the
-worker's Prometheus registry in the text exposition format.
+* `GET /livez`: 200 while the worker's event loop answers. A liveness probe: it stays
+  200 during a broker outage, so an orchestrator does not restart every worker then.
+* `GET /readyz` (and `/health`, its older name): 200 while the worker is connected and
+  consuming, 503 with the reason otherwise (reconnecting, outbox full, not consuming,
+  stopping). A readiness probe. The body is a small JSON object either way.
+* `GET /metrics`: the worker's Prometheus registry, served by prometheus-client's own
+  handler (its ASGI app): the text format or OpenMetrics as the scraper's `Accept` header
+  asks, gzip when accepted, `name[]` filtering.
+
+The port binds 127.0.0.1 unless told otherwise (`--health-host`). It is a deliberately
+small HTTP/1.1 server, one request per connection, that cannot be made to hold the
+worker's file descriptors: at most `max_connections` connections are served at once
+(the excess is answered 503 and closed at once), a request's headers must arrive within
+`header_timeout` seconds and fit in 8 KiB.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import contextlib
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import orjson
 import structlog
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import make_asgi_app
 
 from mq_worker.errors import ConfigurationError
 
@@ -23,69 +36,179 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mq_worker.health")
 
-# Every interface: a container's health check and a Prometheus scraper both reach it.
-DEFAULT_HOST = "0.0.0.0"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_HEADER_TIMEOUT = 5.0
+MAX_HEADER_BYTES = 8192
+PATHS = ("/livez", "/readyz", "/health", "/metrics")
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
 
 
-def make_app(worker: BaseWorker) -> web.Application:
-    """The aiohttp application serving `worker`'s health and metrics."""
+class _Response:
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json",
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = [("Content-Type", content_type), *(headers or [])]
 
-    async def health(request: web.Request) -> web.Response:
+    def encode(self, head_only: bool = False) -> bytes:
+        lines = [f"HTTP/1.1 {self.status} {_REASONS.get(self.status, '')}",
+                 *(f"{name}: {value}" for name, value in self.headers),
+                 f"Content-Length: {len(self.body)}", "Cache-Control: no-store",
+                 "Connection: close"]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if head_only else head + self.body
+
+
+def _json(status: int, body: dict[str, object]) -> _Response:
+    return _Response(status, orjson.dumps(body))
+
+
+class HealthServer:
+    """Answers the probes and /metrics of one worker."""
+
+    def __init__(self, worker: BaseWorker, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT) -> None:
+        self.worker = worker
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.refused = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._metrics_app = make_asgi_app(worker.metrics.registry)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
+
+    async def respond(self, method: str, target: str, headers: dict[str, str]) -> _Response:
+        path, _, query = target.partition("?")
+        if path not in PATHS:
+            return _json(404, {"status": "not found", "paths": list(PATHS)})
+        if method not in ("GET", "HEAD"):
+            return _json(405, {"status": "method not allowed"})
+        worker = self.worker
+        if path == "/metrics":
+            return await self._metrics(method, path, query, headers)
+        if path == "/livez":
+            return _json(200, {"status": "ok", "worker": worker.name})
         healthy, reason = worker.health()
-        body = {
+        return _json(200 if healthy else 503, {
             "status": "ok" if healthy else "unavailable",
             "reason": reason,
             "worker": worker.name,
             "in_flight": len(worker.in_flight),
             "free_slots": worker.free_slots,
-        }
-        return web.json_response(body, status=200 if healthy else 503)
+        })
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=worker.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    async def _metrics(self, method: str, path: str, query: str,
+                       headers: dict[str, str]) -> _Response:
+        """prometheus-client's ASGI app, called for one request."""
+        scope = {"type": "http", "method": method, "path": path,
+                 "query_string": query.encode("latin-1"),
+                 "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                             for k, v in headers.items()]}
+        sent: list[MutableMapping[str, Any]] = []
 
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    return app
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        await self._metrics_app(scope, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        response_headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                            for k, v in start.get("headers", [])]
+        content_type = next((v for k, v in response_headers if k.lower() == "content-type"),
+                            "text/plain")
+        others = [(k, v) for k, v in response_headers
+                  if k.lower() not in ("content-type", "content-length")]
+        return _Response(int(start["status"]), body, content_type, others)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= self.max_connections:
+            self.refused += 1
+            await self._send(writer, _json(503, {"status": "busy"}).encode())
+            return
+        self._writers.add(writer)
+        try:
+            response, head_only = await self._read_request(reader)
+            await self._send(writer, response.encode(head_only))
+        finally:
+            self._writers.discard(writer)
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[_Response, bool]:
+        try:
+            async with asyncio.timeout(self.header_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            return _json(408, {"status": "headers too slow"}), False
+        except asyncio.LimitOverrunError:
+            return _json(431, {"status": "headers too large"}), False
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return _json(400, {"status": "incomplete request"}), False
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _json(400, {"status": "bad request line"}), False
+        method, path, _ = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return await self.respond(method, path, headers), method == "HEAD"
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            writer.write(data)
+            async with asyncio.timeout(self.header_timeout):
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close_all(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
 
 
 async def serve_health(
     worker: BaseWorker,
     port: int,
-    *,
     host: str = DEFAULT_HOST,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `/health` and `/metrics` on `port` (0: any free port) until cancelled.
+    """Serve the probes and /metrics on host:port (port 0: any free port) until cancelled.
 
     Reports the port actually bound through `task_status`; a port that cannot be
     bound is a ConfigurationError.
     """
-    runner = web.AppRunner(make_app(worker), access_log=None, handle_signals=False)
-    await runner.setup()
+    handler = HealthServer(worker, max_connections=max_connections,
+                           header_timeout=header_timeout)
     try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot serve the health endpoint on {host}:{port}: {exc.strerror or exc}"
-            ) from exc
-        bound = _bound_port(runner, port)
-        log.info("health endpoint listening", host=host, port=bound,
-                 paths=["/health", "/metrics"])
+        server = await asyncio.start_server(handler.handle, host, port,
+                                            limit=MAX_HEADER_BYTES, backlog=128)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve the health endpoint on {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        bound = int(server.sockets[0].getsockname()[1]) if server.sockets else port
+        log.info("health endpoint listening", host=host, port=bound, paths=list(PATHS))
         task_status.started(bound)
         await anyio.sleep_forever()
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await runner.cleanup()
-
-
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return requested
+        server.close()
+        handler.close_all()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
+                contextlib.suppress(Exception):
+            await server.wait_closed()

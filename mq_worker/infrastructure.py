@@ -291,10 +291,11 @@ async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) 
                 lines.append(pending)
                 pending = b""
             for line in lines:
-                logger.info(line.decode(errors="replace").rstrip("\r"), stream=name)
+                logger.info("run output", line=line.decode(errors="replace").rstrip("\r"),
+                            stream=name)
     finally:
         if pending:
-            logger.info(pending.decode(errors="replace"), stream=name)
+            logger.info("run output", line=pending.decode(errors="replace"), stream=name)
         pipe.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
@@ -62,13 +63,58 @@ def _json_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
-    """Configure structlog and the standard library's logging (used by aio-pika) alike."""
+class NamedPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that knows the name it was asked for (`structlog.get_logger(name)`)."""
+
+    def __init__(self, file: Any, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class NamedPrintLoggerFactory:
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> NamedPrintLogger:
+        return NamedPrintLogger(self._file, str(args[0]) if args else "mq_worker")
+
+
+def add_logger_name(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every record says which part of the worker wrote it (`logger`)."""
+    name = getattr(logger, "name", None)
+    if name:
+        event_dict.setdefault("logger", name)
+    return event_dict
+
+
+def colors_wanted(stream: Any) -> bool:
+    """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return bool(stream.isatty()) and not os.environ.get("NO_COLOR")
+
+
+class _DuplicateConnectErrors(logging.Filter):
+    """aiormq logs every failed connection attempt as an error; the worker and the client
+    commands report the same failure themselves, with the masked address and what they do
+    next (retry, or exit), so aiormq's copy goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("error when creating transport")
+
+
+_CONNECT_ERRORS = _DuplicateConnectErrors()
+
+
+def configure(log_format: LogFormat = "auto", level: str = "INFO",
+              colors: bool | None = None) -> None:
+    """Configure structlog and the standard library's logging (used by aio-pika) alike.
+    `colors`: colour console lines (default: on a terminal without NO_COLOR)."""
     stream = sys.stderr
     console = log_format == "console" or (log_format == "auto" and stream.isatty())
     safe: Any = _UnfailingStream(stream)
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.dev.ConsoleRenderer(colors=colors_wanted(stream) if colors is None else colors)
         if console
         else structlog.processors.JSONRenderer(serializer=_json_dumps)
     )
@@ -80,13 +126,14 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
     structlog.configure(
         processors=[
             *shared,
+            add_logger_name,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             mask_secrets_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(safe),
+        logger_factory=NamedPrintLoggerFactory(safe),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(safe)
@@ -101,6 +148,9 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         )
     )
+    connection_logger = logging.getLogger("aiormq.connection")
+    if _CONNECT_ERRORS not in connection_logger.filters:
+        connection_logger.addFilter(_CONNECT_ERRORS)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,18 +1,52 @@
-"""Prometheus metrics of one worker (each worker has its own registry)."""
+"""Prometheus metrics of one worker (each worker has its own registry).
+
+Besides the worker's own metrics the registry has prometheus-client's process, platform
+and GC collectors (`process_resident_memory_bytes`, `python_info`, ...) and
+`mq_worker_build_info`. Every labelled counter and histogram has its children for the
+worker's pool and queues from the start, at zero, so that `rate(...)` sees a series on a
+fresh worker.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import platform
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+
+def package_version() -> str:
+    try:
+        return version("mq-worker")
+    except PackageNotFoundError:
+        return "unknown"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, pool: str | None = None, queues: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        if GC_COLLECTOR is not None:
+            GCCollector(registry=self.registry)
+        self.build = Info("mq_worker_build", "The running mq_worker.", registry=self.registry)
+        self.build.info({"version": package_version(),
+                         "python_version": platform.python_version()})
         labels = ("pool", "queue")
 
         def runs(name: str, doc: str) -> Counter:
@@ -34,12 +68,14 @@ class WorkerMetrics:
         self.start_latency = Histogram(
             "mq_worker_publish_to_start_seconds",
             "From publish (message timestamp) or due time to process start.",
+            labels,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.duration = Histogram(
             "mq_worker_run_duration_seconds",
             "From process start to exit.",
+            labels,
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
@@ -52,6 +88,17 @@ class WorkerMetrics:
         self.connected = Gauge(
             "mq_worker_connected", "1 while connected to the broker.", registry=self.registry
         )
+
+        if pool is not None:
+            self._create_children(pool, queues)
+
+    def _create_children(self, pool: str, queues: Sequence[str]) -> None:
+        labelled = (self.pending, self.started, self.completed, self.crashed, self.cancelled,
+                    self.rejected, self.parked, self.start_latency, self.duration)
+        for queue in queues:
+            for metric in labelled:
+                metric.labels(pool, queue)
+        self.rejected.labels(pool, "")  # messages rejected before their queue is known
 
     def bind_gauges(
         self, *, in_flight: Callable[[], float], free: Callable[[], float],

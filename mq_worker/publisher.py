@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -32,17 +33,18 @@ DEFAULT_CONFIRM_TIMEOUT = 15.0
 
 
 def new_run(
-    command: str | None = None,
+    command: str | Sequence[str] | None = None,
     *,
     name: str | None = None,
     job_variables: dict[str, Any] | None = None,
     scheduled_start_time: datetime | None = None,
     **fields: Any,
 ) -> RunMessage:
-    """A run message with a fresh id; `command` is a shorthand for the job variable."""
+    """A run message with a fresh id; `command` is a shorthand for the job variable: a
+    command line, or an argv list (quoted into one, so each item stays one argument)."""
     variables = dict(job_variables or {})
     if command is not None:
-        variables["command"] = command
+        variables["command"] = command_line(command)
     return RunMessage(
         id=fields.pop("id", None) or uuid4(),
         name=name,
@@ -50,6 +52,17 @@ def new_run(
         scheduled_start_time=scheduled_start_time,
         **fields,
     )
+
+
+def command_line(command: str | Sequence[str]) -> str:
+    """The wire form of a command: a string as given, an argv list quoted (shlex.join)."""
+    if isinstance(command, str):
+        return command
+    if not isinstance(command, Sequence) or not all(isinstance(a, str) for a in command):
+        raise TypeError(f"command must be a string or a list of strings, not {command!r}")
+    if not command:
+        raise ValueError("command must not be an empty list")
+    return shlex.join(command)
 
 
 class _NotDeclared(BrokerError):

@@ -30,53 +30,124 @@ def _split(value: Any) -> Any:
     return value
 
 
+ENV_PREFIX = "MQ_WORKER_"
+# Variables the worker gives its runs (besides MQ_WORKER_POOL and MQ_WORKER_QUEUE): known
+# names, so a run that calls `mq-worker` is not warned about them.
+RUN_ENVIRONMENT = frozenset({"MQ_WORKER_RUN_ID", "MQ_WORKER_RUN_NAME", "MQ_WORKER_WORKER"})
+
+
 class WorkerSettings(BaseSettings):
     """Everything a worker can be told. Each field `x` is also `MQ_WORKER_X`."""
 
-    model_config = SettingsConfigDict(env_prefix="MQ_WORKER_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     url: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_URL],
-        description="Broker addresses, tried in order; several for a cluster.",
+        description="Broker addresses, tried in order; several for a cluster (comma-separated).",
     )
-    pool: str = "default"
-    queue: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
+    pool: str = Field(default="default", description="Work pool to serve.")
+    queue: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["default"],
+        description="Work queues of the pool to consume (comma-separated).",
+    )
     limit: int = Field(default=4, ge=1, le=10_000, description="Most runs in flight at once.")
-    name: str = Field(default_factory=default_worker_name)
-    type: str = "process"
+    name: str = Field(
+        default_factory=default_worker_name, description="Worker name, unique per broker.",
+        json_schema_extra={"shown_default": "<hostname>-<pid>"},
+    )
+    type: str = Field(
+        default="process",
+        description="Worker type: an entry point of the mq_worker.workers group.",
+    )
     prefetch_seconds: float = Field(
         default=10.0, ge=0, le=600,
         description="Runs due within this many seconds are taken and held; later ones parked.",
     )
-    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+    heartbeat_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="Seconds between heartbeat events."
+    )
     drain_timeout: float | None = Field(
         default=None, ge=0,
-        description="On stop, cancel runs still running after this many seconds (default: wait).",
+        description="On stop, cancel runs still running after this many seconds.",
+        json_schema_extra={"shown_default": "wait for every run"},
     )
     grace_seconds: float = Field(
         default=30.0, ge=0, le=3600, description="Default SIGTERM-to-SIGKILL grace on cancel."
     )
-    job_template: Path | None = Field(default=None, description="A base job template JSON file.")
-    signing_key_file: Path | None = None
+    job_template: Path | None = Field(
+        default=None, description="A base job template JSON file.",
+        json_schema_extra={"shown_default": "the worker type's own template"},
+    )
+    signing_key_file: Path | None = Field(
+        default=None, description="Accept only messages signed with a key from this file.",
+        json_schema_extra={"shown_default": "unsigned messages accepted"},
+    )
     signature_max_age_seconds: float = Field(
         default=DEFAULT_MAX_AGE_SECONDS, gt=0,
         description="Refuse signed runs issued longer ago than this (or due longer ago).",
     )
-    allow_command_prefix: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
-    outbox_size: int = Field(default=DEFAULT_CAPACITY, ge=10)
-    spool_dir: Path | None = None
-    cancel_window_seconds: float = Field(default=30 * 24 * 3600, gt=0)
-    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)
-    ack_grace: float = Field(default=1.0, ge=0, le=60)
-    window: int | None = Field(default=None, ge=1, description="Largest prefetch per queue.")
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    health_port: int | None = Field(default=None, ge=0, le=65535)
-    log_format: Literal["auto", "console", "json"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    allow_command_prefix: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Run only commands under these directories (comma-separated).",
+        json_schema_extra={"shown_default": "any command"},
+    )
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="Larger messages are rejected."
+    )
+    outbox_size: int = Field(
+        default=DEFAULT_CAPACITY, ge=10, description="Events waiting before intake stops."
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="Keep unpublished events in a file here, across restarts.",
+        json_schema_extra={"shown_default": "memory only"},
+    )
+    cancel_window_seconds: float = Field(
+        default=30 * 24 * 3600, gt=0,
+        description="Seconds a cancel is remembered for a run not yet seen.",
+    )
+    delivery_limit: int = Field(
+        default=DEFAULT_DELIVERY_LIMIT, ge=1,
+        description="Deliveries of a message before it is dead-lettered.",
+    )
+    ack_grace: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Near full capacity, seconds a started run's acknowledgement may wait for a "
+        "free slot before the consumer is re-sized.",
+    )
+    window: int | None = Field(
+        default=None, ge=1, description="Largest prefetch per queue.",
+        json_schema_extra={"shown_default": "limit / 4, at least 1"},
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the broker's certificate (amqps://).",
+        json_schema_extra={"shown_default": "the system's CAs"},
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate for TLS authentication.",
+        json_schema_extra={"shown_default": "none"},
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="Private key of the client certificate.",
+        json_schema_extra={"shown_default": "none"},
+    )
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /livez, /readyz and /metrics on this port (0: any free port).",
+        json_schema_extra={"shown_default": "not served"},
+    )
+    health_host: str = Field(
+        default="127.0.0.1",
+        description="Address the health port binds; 0.0.0.0 for every interface.",
+    )
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="Log format; auto: console on a terminal, else JSON lines."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Least severe log level shown."
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto", description="Event loop; auto: uvloop when installed."
+    )
 
     @field_validator("url", mode="before")
     @classmethod
@@ -134,3 +205,44 @@ class WorkerSettings(BaseSettings):
 
     def masked_urls(self) -> list[str]:
         return [mask_url(u) for u in self.url]
+
+
+class ClientSettings(BaseSettings):
+    """What `submit`, `cancel`, `events` and `status` read from `MQ_WORKER_*`: where the
+    broker is and which pool and queue, but none of a worker's own settings."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_URL])
+    pool: str = "default"
+    # A worker's MQ_WORKER_QUEUE may list several queues; a client publishes to the first.
+    queue: Annotated[str, NoDecode] = "default"
+    signing_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> list[str]:
+        return split_urls(value if value else [DEFAULT_URL])
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _first_queue(cls, value: Any) -> Any:
+        items = _split(value)
+        return items[0] if isinstance(items, list) and items else value or "default"
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        return check_name("pool", value)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str) -> str:
+        return check_name("queue", value)
+
+    @property
+    def tls(self) -> TlsOptions:
+        return TlsOptions(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)

@@ -248,14 +248,28 @@ async def collect(
     pool: str | None = None,
     tls: TlsOptions | None = None,
     listen: float = 1.5,
+    settle: float = 0.3,
 ) -> WorkerTable:
-    """The table of the workers that answer a ping within `listen` seconds."""
+    """The table of the workers that answer a ping: returned once answers have stopped
+    coming for `settle` seconds (workers answer a ping within milliseconds), or after
+    `listen` seconds at most."""
     seen = WorkerTable(pool)
+    changed = anyio.Event()
 
     def _keep(table: WorkerTable) -> None:
         nonlocal seen
         seen = table
+        changed.set()
 
     with anyio.move_on_after(listen):
-        await watch(urls, _keep, pool=pool, tls=tls)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: watch(urls, _keep, pool=pool, tls=tls))
+            await changed.wait()
+            while True:
+                changed = anyio.Event()
+                with anyio.move_on_after(settle) as quiet:
+                    await changed.wait()
+                if quiet.cancelled_caught:
+                    break
+            tg.cancel_scope.cancel()
     return seen

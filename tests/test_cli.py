@@ -40,7 +40,8 @@ async def test_start_from_environment_then_submit_wait_and_sigterm(
     run_id = ok.stdout.strip()
     assert uuid.UUID(run_id)
     assert "run.completed" in ok.stderr
-    assert any(line.get("event") == "hello from submit" and line.get("run_id") == run_id
+    assert any(line.get("event") == "run output" and line.get("line") == "hello from submit"
+               and line.get("run_id") == run_id
                for line in worker.log_lines())
 
     failing = await mq_worker("submit", "--url", vhost.url, "--pool", "envpool", "--queue", "q1",

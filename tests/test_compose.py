@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     assert worker["environment"]["MQ_WORKER_POOL"] == "default"
     assert worker["environment"]["MQ_WORKER_URL"].startswith("amqp://")
     assert "--health-port" in worker["command"]
-    assert "/health" in " ".join(worker["healthcheck"]["test"])
+    assert "/readyz" in " ".join(worker["healthcheck"]["test"])
     assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
 
     demo = services["demo"]
@@ -82,3 +83,59 @@ def test_docker_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=60, check=False)
     assert result.returncode != 0
     assert "depends_onn" in result.stderr
+
+
+def dockerfile_instructions(path: Path = ROOT / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            rows.append((word.upper(), rest.strip()))
+    return rows
+
+
+def dockerfile_env(rows: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in rows:
+        if word == "ENV":
+            for key, value in re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", rest):
+                env[key] = value.strip('"')
+    return env
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration ('60s', '1m30s') in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration))
+
+
+def test_the_image_runs_as_a_user_under_an_init_and_drains_before_docker_kills_it() -> None:
+    rows = dockerfile_instructions()
+    users = [rest for word, rest in rows if word == "USER"]
+    assert users, "the image runs as root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    entrypoint = json.loads(next(rest for word, rest in rows if word == "ENTRYPOINT"))
+    assert entrypoint[0] in ("tini", "/usr/bin/tini", "/sbin/tini"), entrypoint
+    assert entrypoint[-1] == "mq-worker"
+    env = dockerfile_env(rows)
+    # `docker stop` waits 10 s by default before SIGKILL; the drain must end first.
+    assert 0 < float(env["MQ_WORKER_DRAIN_TIMEOUT"]) < 10
+    assert env["MQ_WORKER_SPOOL_DIR"]
+
+
+def test_compose_drains_workers_within_their_stop_grace_period(tmp_path: Path) -> None:
+    command, env = compose_command(tmp_path)
+    result = subprocess.run(
+        [*command, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
+         "config", "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    worker = json.loads(result.stdout)["services"]["worker"]
+    drain = float(worker["environment"]["MQ_WORKER_DRAIN_TIMEOUT"])
+    grace = seconds(worker["stop_grace_period"])
+    assert 0 < drain < grace, (drain, grace)
+    assert worker.get("init") is True
+    assert "/readyz" in " ".join(worker["healthcheck"]["test"])

@@ -350,11 +350,12 @@ async def test_run_output_is_streamed_into_the_worker_log(
     await publish_raw(vhost.url, quiet)
     await events.wait_terminal([body["id"], quiet["id"]])
     lines = worker.log_lines()
-    out = [line for line in lines if line.get("event") == marker]
-    err = [line for line in lines if line.get("event") == f"err-{marker}"]
+    output = [line for line in lines if line.get("event") == "run output"]
+    out = [line for line in output if line.get("line") == marker]
+    err = [line for line in output if line.get("line") == f"err-{marker}"]
     assert out and out[0]["run_id"] == body["id"] and out[0]["stream"] == "stdout"
     assert err and err[0]["stream"] == "stderr"
-    assert not [line for line in lines if line.get("event") == f"quiet-{marker}"]
+    assert not [line for line in output if line.get("line") == f"quiet-{marker}"]
     assert all("guest:guest" not in json.dumps(line) for line in lines)
 
 

@@ -159,8 +159,8 @@ async def test_metrics_count_the_runs_that_were_really_published(
     assert values[("mq_worker_runs_in_flight", ())] == 0
     assert values[("mq_worker_free_slots", ())] == 4
     assert values[("mq_worker_outbox_depth", ())] == 0
-    assert values[("mq_worker_publish_to_start_seconds_count", ())] == 7
-    assert values[("mq_worker_run_duration_seconds_count", ())] == 7
+    assert values[("mq_worker_publish_to_start_seconds_count", labels)] == 7
+    assert values[("mq_worker_run_duration_seconds_count", labels)] == 7
     assert values[("mq_worker_reconnects_total", ())] == 0
     assert values[("mq_worker_connected", ())] == 1
 
@@ -320,5 +320,5 @@ def test_a_health_port_in_use_fails_clearly(vhost: VHost) -> None:
             [PYTHON, "-m", "mq_worker", "start", "--url", vhost.url, "--health-port", str(port)],
             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
-    assert f"cannot serve the health endpoint on 0.0.0.0:{port}" in result.stderr
+    assert f"cannot serve the health endpoint on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

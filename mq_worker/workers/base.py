@@ -193,7 +193,7 @@ class BaseWorker(abc.ABC):
             )
         self._check_template_fields()
         self.log = structlog.get_logger("mq_worker.worker").bind(worker=self.name, pool=self.pool)
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(self.pool, self.queues)
         self._signer = Signer.from_file(
             s.signing_key_file, max_age_seconds=s.signature_max_age_seconds
         ) if s.signing_key_file else None
@@ -733,7 +733,8 @@ class BaseWorker(abc.ABC):
         published = active.delivery.properties.timestamp
         since = published.timestamp() if isinstance(published, datetime) else None
         if since is not None:
-            self.metrics.start_latency.observe(max(0.0, active.started_at - max(since, due)))
+            self.metrics.start_latency.labels(self.pool, active.queue).observe(
+                max(0.0, active.started_at - max(since, due)))
         self.metrics.started.labels(self.pool, active.queue).inc()
         self._emit_run(
             active,
@@ -748,7 +749,7 @@ class BaseWorker(abc.ABC):
         code = result.status_code if result else None
         duration = time.time() - active.started_at if active.started_at else None
         if duration is not None:
-            self.metrics.duration.observe(duration)
+            self.metrics.duration.labels(self.pool, active.queue).observe(duration)
         common = {
             "infrastructure_pid": active.infrastructure_pid,
         }
