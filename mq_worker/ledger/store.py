@@ -1,0 +1,450 @@
+"""The ledger's database: its schema, its writes and a small read API.
+
+One SQL code path serves both databases through DB-API connections: the
+stdlib `sqlite3` (the embedded default, in WAL mode so readers never block
+the writer) and psycopg 3 for PostgreSQL (a ledger shared by several
+instances). Calls are synchronous; `AsyncLedgerStore` runs them in a thread
+so an event loop never waits on the database.
+
+Writes are idempotent: an event is keyed by its id and an output batch by
+(run, worker, sequence), and a run's row changes only when one of them is
+new, so redeliveries and several ledgers on one database never count twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import orjson
+
+from mq_worker.errors import ConfigurationError
+from mq_worker.ledger import migrations
+from mq_worker.ledger.migrations import POSTGRESQL, SQLITE, Dialect
+from mq_worker.ledger.records import (
+    RUN_COLUMNS,
+    EventRecord,
+    EventRow,
+    OutputLine,
+    OutputRow,
+    RunChange,
+    RunPage,
+    RunRecord,
+    WriteResult,
+)
+from mq_worker.ledger.upsert import run_upsert_sql
+
+DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
+_MIGRATION_LOCK = 0x6D71775F6C6467  # pg_advisory_xact_lock key: "mqw_ldg"
+_T = TypeVar("_T")
+
+
+def default_sqlite_path() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return Path(base) / "mq-worker" / "ledger.db"
+
+
+def default_db_url() -> str:
+    """MQ_WORKER_LEDGER_DB, else an SQLite file in the user's data directory."""
+    return os.environ.get("MQ_WORKER_LEDGER_DB") or f"sqlite:///{default_sqlite_path()}"
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class Connection(Protocol):
+    def begin(self, write: bool) -> Any: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def connect(url: str) -> tuple[Connection, Dialect]:
+    """Open the database at `url`: `sqlite:///PATH` (or a bare path) or `postgresql://...`."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigurationError(
+                "a PostgreSQL ledger needs the 'ledger' extra: pip install 'mq-worker[ledger]'"
+            ) from None
+        try:
+            connection: Any = psycopg.connect(url, autocommit=False, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"cannot open {redact(url)}: {exc}") from None
+        return _PostgresConnection(connection), POSTGRESQL
+    if "://" in url and not url.startswith("sqlite://"):
+        raise ConfigurationError(
+            f"unsupported ledger database {redact(url)!r}: use sqlite:///PATH or postgresql://..."
+        )
+    path = url.removeprefix("sqlite://").removeprefix("/") if url.startswith("sqlite://") else url
+    if path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        connection = sqlite3.connect(os.path.expanduser(path), timeout=30,
+                                     check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # FULL: a transaction the ledger acknowledged survives a power cut, not only a crash.
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"cannot open SQLite database {path!r}: {exc}") from None
+    return _SqliteConnection(connection), SQLITE
+
+
+class _SqliteConnection:
+    """sqlite3 in autocommit mode with explicit BEGIN, so every write batch is one transaction."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.raw = connection
+        self._open = False
+
+    def begin(self, write: bool) -> Any:
+        # A reader takes no lock: in WAL mode it never waits for the writer.
+        self.raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        self._open = True
+        return self.raw.cursor()
+
+    def commit(self) -> None:
+        if self._open:
+            self.raw.execute("COMMIT")
+            self._open = False
+
+    def rollback(self) -> None:
+        if self._open:
+            self.raw.execute("ROLLBACK")
+            self._open = False
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _PostgresConnection:
+    def __init__(self, connection: Any) -> None:
+        self.raw = connection
+
+    def begin(self, write: bool) -> Any:
+        return self.raw.cursor()
+
+    def commit(self) -> None:
+        self.raw.commit()
+
+    def rollback(self) -> None:
+        self.raw.rollback()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class LedgerStore:
+    """The ledger database. Not thread-safe: use one per thread, or `AsyncLedgerStore`."""
+
+    def __init__(self, url: str, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+        self.url = url
+        self.max_output_bytes = max_output_bytes
+        self._connection, self.dialect = connect(url)
+        self._upsert = self.dialect.sql(run_upsert_sql(self.dialect))
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> LedgerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _sql(self, statement: str) -> str:
+        return self.dialect.sql(statement)
+
+    def _transaction(self, work: Callable[[Any], _T], *, write: bool = True) -> _T:
+        cursor = self._connection.begin(write)
+        try:
+            result = work(cursor)
+            self._connection.commit()
+            return result
+        except BaseException:
+            self._connection.rollback()
+            raise
+
+    # -- schema --------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        def read(cursor: Any) -> int:
+            cursor.execute(migrations.SCHEMA_TABLE)
+            cursor.execute("SELECT MAX(version) FROM ledger_schema")
+            row = cursor.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        return self._transaction(read, write=False)
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema; return the version it is now at."""
+
+        def upgrade(cursor: Any) -> int:
+            if self.dialect is POSTGRESQL:  # two ledgers starting together migrate once
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cursor.execute(migrations.SCHEMA_TABLE)
+            cursor.execute("SELECT MAX(version) FROM ledger_schema")
+            row = cursor.fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > migrations.LATEST_VERSION:
+                raise ConfigurationError(
+                    f"the ledger database has schema version {current}, newer than this "
+                    f"mq-worker knows ({migrations.LATEST_VERSION}): upgrade mq-worker"
+                )
+            for version in range(current + 1, migrations.LATEST_VERSION + 1):
+                for statement in migrations.MIGRATIONS[version - 1](self.dialect):
+                    cursor.execute(statement)
+                cursor.execute(self._sql("INSERT INTO ledger_schema VALUES (?, ?)"),
+                               (version, time.time()))
+            return migrations.LATEST_VERSION
+
+        return self._transaction(upgrade)
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(self, rows: Iterable[EventRow | OutputRow]) -> WriteResult:
+        """Record events and output batches in one transaction; duplicates change nothing."""
+        # One order for every writer, so two ledgers on one database lock rows alike.
+        ordered = sorted(rows, key=lambda r: (r.run_id, isinstance(r, OutputRow)))
+        now = time.time()
+        insert_event = self._sql(
+            "INSERT INTO events (id, run_id, type, time, rank, source, data, recorded_at, size) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
+
+        def work(cursor: Any) -> WriteResult:
+            events = duplicates = batches = 0
+            for row in ordered:
+                if isinstance(row, EventRow):
+                    cursor.execute(insert_event, (row.id, row.run_id, row.type, row.time,
+                                                  row.rank, row.source, row.data, now, row.size))
+                    if cursor.rowcount != 1:
+                        duplicates += 1
+                        continue
+                    events += 1
+                    if row.run is not None:
+                        cursor.execute(self._upsert, row.run.values())
+                elif self._write_output(cursor, row, now):
+                    batches += 1
+                else:
+                    duplicates += 1
+            return WriteResult(events, duplicates, batches)
+
+        return self._transaction(work)
+
+    def _write_output(self, cursor: Any, row: OutputRow, now: float) -> bool:
+        cursor.execute(self._sql("SELECT output_bytes FROM runs WHERE id = ?"), (row.run_id,))
+        found = cursor.fetchone()
+        room = self.max_output_bytes - (int(found[0]) if found else 0)
+        lines, size, truncated = row.lines, row.bytes, row.truncated
+        if size > room:
+            lines, size = _fit(lines, max(room, 0))
+            truncated = True
+        cursor.execute(self._sql(
+            "INSERT INTO output (run_id, worker, sequence, started_at, first_line, lines, bytes, "
+            "dropped_lines, truncated, eof, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (run_id, worker, sequence) DO NOTHING"),
+            (row.run_id, row.worker, row.sequence, row.started_at, row.first_line,
+             orjson.dumps(lines).decode(), size, row.dropped_lines, int(truncated), int(row.eof),
+             now))
+        if cursor.rowcount != 1:
+            return False
+        change = RunChange(**{**row.run.__dict__, "output_bytes": size, "output_lines": len(lines),
+                              "output_dropped_lines": row.dropped_lines,
+                              "output_truncated": int(truncated)})
+        cursor.execute(self._upsert, change.values())
+        return True
+
+    def prune(self, older_than: float, *, chunk: int = 1000) -> int:
+        """Delete runs that ended (or, never ending, began) before `older_than`; return how many."""
+        pruned = 0
+        while True:
+            def delete_some(cursor: Any) -> int:
+                cursor.execute(self._sql(
+                    "SELECT id FROM runs WHERE COALESCE(ended_at, created_at) < ? LIMIT ?"),
+                    (older_than, chunk))
+                ids = [r[0] for r in cursor.fetchall()]
+                if not ids:
+                    cursor.execute(self._sql(
+                        "DELETE FROM events WHERE time < ? AND NOT EXISTS "
+                        "(SELECT 1 FROM runs WHERE runs.id = events.run_id)"), (older_than,))
+                    return 0
+                marks = ", ".join("?" * len(ids))
+                for table, column in (("events", "run_id"), ("output", "run_id"), ("runs", "id")):
+                    cursor.execute(self._sql(f"DELETE FROM {table} WHERE {column} IN ({marks})"),
+                                   ids)
+                return len(ids)
+
+            deleted = self._transaction(delete_some)
+            pruned += deleted
+            if deleted < chunk:
+                return pruned
+
+    # -- reading -------------------------------------------------------------------
+
+    def list_runs(
+        self,
+        *,
+        state: str | Sequence[str] | None = None,
+        pool: str | None = None,
+        queue: str | None = None,
+        worker: str | None = None,
+        deployment: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> RunPage:
+        """Runs newest first (by their first event), filtered; `before` is a page's cursor."""
+        where: list[str] = []
+        args: list[Any] = []
+        if state:
+            states = [state] if isinstance(state, str) else list(state)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        for column, value in (("pool", pool), ("queue", queue), ("worker", worker),
+                              ("deployment_id", deployment)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until)
+        if before:
+            created, _, run_id = before.partition("/")
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args.extend([float(created), float(created), run_id])
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        statement = (f"SELECT {', '.join(_READ_COLUMNS)} FROM runs {clause} "
+                     "ORDER BY created_at DESC, id DESC LIMIT ?")
+        rows = self._transaction(lambda c: _fetch(c, self._sql(statement), [*args, limit + 1]),
+                                 write=False)
+        runs = [_run_record(r) for r in rows[:limit]]
+        cursor = f"{runs[-1].created_at!r}/{runs[-1].id}" if len(rows) > limit else None
+        return RunPage(runs, cursor)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with its events in order, or None."""
+
+        def read(cursor: Any) -> tuple[list[Any], list[Any]]:
+            runs = _fetch(cursor, self._sql(
+                f"SELECT {', '.join(_READ_COLUMNS)} FROM runs WHERE id = ?"), [run_id])
+            events = _fetch(cursor, self._sql(
+                "SELECT id, type, time, source, data FROM events WHERE run_id = ? "
+                "ORDER BY time, rank, recorded_at, id"), [run_id])
+            return runs, events
+
+        runs, events = self._transaction(read, write=False)
+        if not runs:
+            return None
+        records = [EventRecord(e[0], e[1], e[2], e[3], orjson.loads(e[4])) for e in events]
+        return _run_record(runs[0], records)
+
+    def get_output(self, run_id: str) -> list[OutputLine]:
+        """The run's stored output in order, with a marker where some was truncated or dropped."""
+        rows = self._transaction(lambda c: _fetch(c, self._sql(
+            "SELECT worker, sequence, lines, dropped_lines, truncated FROM output "
+            "WHERE run_id = ? ORDER BY started_at, worker, sequence"), [run_id]), write=False)
+        result: list[OutputLine] = []
+        dropped_seen: dict[str, int] = {}
+        truncated_marked = False
+        for worker, _sequence, lines, dropped, truncated in rows:
+            if dropped > dropped_seen.get(worker, 0):
+                result.append(OutputLine("ledger", f"[{dropped - dropped_seen.get(worker, 0)} "
+                                         "lines dropped while the broker was busy]"))
+                dropped_seen[worker] = dropped
+            result.extend(OutputLine(stream, text) for stream, text in orjson.loads(lines))
+            if truncated and not truncated_marked:
+                result.append(OutputLine("ledger", "[output truncated: the run printed more "
+                                         "than its output cap]"))
+                truncated_marked = True
+        return result
+
+    def count_runs(self) -> int:
+        rows = self._transaction(lambda c: _fetch(c, "SELECT COUNT(*) FROM runs", []),
+                                 write=False)
+        return int(rows[0][0])
+
+
+def _fetch(cursor: Any, statement: str, args: Sequence[Any]) -> list[Any]:
+    cursor.execute(statement, tuple(args))
+    return list(cursor.fetchall())
+
+
+def _fit(lines: list[list[str]], room: int) -> tuple[list[list[str]], int]:
+    kept: list[list[str]] = []
+    size = 0
+    for stream, text in lines:
+        cost = len(text.encode(errors="replace")) + 1
+        if size + cost > room:
+            break
+        kept.append([stream, text])
+        size += cost
+    return kept, size
+
+
+_READ_COLUMNS = [c for c in RUN_COLUMNS if c not in ("state_time", "state_rank")]
+
+
+def _run_record(row: Sequence[Any], events: list[EventRecord] | None = None) -> RunRecord:
+    values = dict(zip(_READ_COLUMNS, row, strict=True))
+    values["tags"] = orjson.loads(values["tags"] or "[]")
+    values["output_truncated"] = bool(values["output_truncated"])
+    if values["duration_seconds"] is None and values["ended_at"] and values["submitted_at"]:
+        values["duration_seconds"] = values["ended_at"] - values["submitted_at"]
+    return RunRecord(**values, events=events or [])
+
+
+class AsyncLedgerStore:
+    """A `LedgerStore` for an event loop: every call runs in one thread of its own."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self._thread = anyio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> AsyncLedgerStore:
+        store = await anyio.to_thread.run_sync(lambda: LedgerStore(url, **options))
+        return cls(store)
+
+    async def call(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        return await anyio.to_thread.run_sync(lambda: method(*args, **kwargs),
+                                              limiter=self._thread)
+
+    async def migrate(self) -> int:
+        return await self.call(self.store.migrate)
+
+    async def write(self, rows: list[EventRow | OutputRow]) -> WriteResult:
+        return await self.call(self.store.write, rows)
+
+    async def list_runs(self, **filters: Any) -> RunPage:
+        return await self.call(self.store.list_runs, **filters)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self.call(self.store.get_run, run_id)
+
+    async def get_output(self, run_id: str) -> list[OutputLine]:
+        return await self.call(self.store.get_output, run_id)
+
+    async def prune(self, older_than: float) -> int:
+        return await self.call(self.store.prune, older_than)
+
+    async def close(self) -> None:
+        await self.call(self.store.close)
