@@ -23,6 +23,7 @@ from mq_worker import logs, topology
 from mq_worker.broker import mask_secrets
 from mq_worker.errors import ConfigurationError, MqWorkerError
 from mq_worker.events import Event, EventType
+from mq_worker.ledger import commands as ledger_commands
 from mq_worker.settings import WorkerSettings
 
 _URL_HELP = "Broker address; repeat for a cluster. [env: MQ_WORKER_URL, comma-separated]"
@@ -188,13 +189,15 @@ def _exit_code(event: Event) -> int:
 @click.option("--in", "in_", help="Start after this long (90s, 5m, 1h30m, 2d).")
 @click.option("--wait", is_flag=True, help="Follow the run; exit with its exit code.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+@click.option("--logs", "show_logs", is_flag=True,
+              help="With --wait: print the run's output to stderr as it comes.")
 @click.option("--signing-key-file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(
     urls: tuple[str, ...], pool: str, queue: str, name: str | None, run_id: UUID | None,
     env: tuple[str, ...], cwd: str | None, variables: tuple[str, ...], at: str | None,
-    in_: str | None, wait: bool, timeout: float | None, signing_key_file: Path | None,
-    command: tuple[str, ...],
+    in_: str | None, wait: bool, timeout: float | None, show_logs: bool,
+    signing_key_file: Path | None, command: tuple[str, ...],
 ) -> None:
     """Publish a run of COMMAND (given after --) and print its id."""
     from mq_worker.publisher import new_run
@@ -231,6 +234,7 @@ def submit(
         _fail(_validation_message(exc), 2)
 
     async def _submit() -> int:
+        from mq_worker.ledger.follow import printing_output
         from mq_worker.publisher import Publisher
         from mq_worker.subscriber import EventSubscriber
 
@@ -240,7 +244,9 @@ def submit(
                 await publisher.submit(run, pool=pool, queue=queue)
                 click.echo(str(run.id))
                 return 0
-            async with EventSubscriber(settings.url, tls=settings.tls, run_id=run.id) as events:
+            async with EventSubscriber(settings.url, tls=settings.tls, run_id=run.id) as events, \
+                    printing_output(settings.url, run.id, ledger_commands.output_printer(err=True),
+                                    enabled=show_logs, tls=settings.tls):
                 await publisher.submit(run, pool=pool, queue=queue)
                 click.echo(str(run.id))
                 with anyio.fail_after(timeout if timeout is not None else float("inf")):
@@ -432,6 +438,8 @@ def schema(name: str | None, as_asyncapi: bool, as_list: bool) -> None:
         except KeyError:
             _fail(f"no schema named {name!r}; known: {', '.join(contract.schema_names())}", 2)
 
+
+ledger_commands.register(main)
 
 if __name__ == "__main__":
     main()

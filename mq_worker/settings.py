@@ -60,6 +60,10 @@ class WorkerSettings(BaseSettings):
     allow_command_prefix: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     outbox_size: int = Field(default=DEFAULT_CAPACITY, ge=10)
+    output_max_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=0,
+        description="Output bytes of a run shipped to mq_worker.output; then one marker.",
+    )
     spool_dir: Path | None = None
     cancel_window_seconds: float = Field(default=30 * 24 * 3600, gt=0)
     delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1)

@@ -22,6 +22,8 @@ EVENTS_EXCHANGE = "mq_worker.events"
 DEAD_QUEUE = "mq_worker.dead"
 CANCELS_STREAM = "mq_worker.cancels"
 DUE_EXCHANGE = "mq_worker.due"
+OUTPUT_EXCHANGE = "mq_worker.output"
+LEDGER_QUEUE = "mq_worker.ledger"
 
 DEFAULT_POOL = "default"
 DEFAULT_QUEUE = "default"
@@ -56,6 +58,11 @@ def scheduled_routing_key(pool: str, queue: str) -> str:
 
 def cancel_routing_key(pool: str) -> str:
     return f"run.cancel.{pool}"
+
+
+def output_routing_key(pool: str, run_id: str) -> str:
+    """How a run's output batches are published to OUTPUT_EXCHANGE."""
+    return f"output.{pool}.{run_id}"
 
 
 def monitor_queue_name(pool: str) -> str:
@@ -149,6 +156,11 @@ async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
     """Declare the runs, events and due exchanges."""
     for name in (RUNS_EXCHANGE, EVENTS_EXCHANGE, DUE_EXCHANGE):
         await channel.exchange_declare(name, exchange_type="topic", durable=True)
+
+
+async def declare_output_exchange(channel: aiormq.abc.AbstractChannel) -> None:
+    """Declared by those who publish or follow run output, not by every publisher."""
+    await channel.exchange_declare(OUTPUT_EXCHANGE, exchange_type="topic", durable=True)
 
 
 async def declare_dead_queue(channel: aiormq.abc.AbstractChannel) -> None:

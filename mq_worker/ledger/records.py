@@ -7,6 +7,7 @@ fields are recorded as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -316,3 +317,59 @@ class WriteResult:
     events: int = 0
     duplicates: int = 0
     output_batches: int = 0
+
+
+@dataclass(frozen=True)
+class OutputBatch:
+    """One stored or received batch of a run's output."""
+
+    worker: str
+    sequence: int
+    lines: list[OutputLine]
+    dropped_lines: int = 0
+    truncated: bool = False
+    eof: bool = False
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> OutputBatch:
+        """From an `mq_worker.output` message body (parsed); raises KeyError/ValueError."""
+        lines = [OutputLine(str(line.get("stream", "stdout")), str(line.get("text", "")))
+                 for line in message.get("lines") or [] if isinstance(line, dict)]
+        return cls(str(message["worker"]), int(message["sequence"]), lines,
+                   int(message.get("dropped_lines") or 0), bool(message.get("truncated")),
+                   bool(message.get("eof")))
+
+
+class OutputAssembler:
+    """Turns a run's batches into lines, once each, with a marker where output is missing.
+
+    Batches of one worker arrive in order (one channel to one queue); a batch
+    already seen (a redelivery, or stored output printed before live output)
+    is skipped.
+    """
+
+    def __init__(self, emit: Callable[[OutputLine], None]) -> None:
+        self._emit = emit
+        self._next: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        self._truncated = False
+        self.eof: set[str] = set()
+
+    def add(self, batch: OutputBatch) -> None:
+        worker = batch.worker
+        if batch.sequence < self._next.get(worker, 0):
+            return
+        self._next[worker] = batch.sequence + 1
+        seen = self._dropped.get(worker, 0)
+        if batch.dropped_lines > seen:
+            self._emit(OutputLine("ledger", f"[{batch.dropped_lines - seen} lines dropped "
+                                  "while the broker was busy]"))
+            self._dropped[worker] = batch.dropped_lines
+        for line in batch.lines:
+            self._emit(line)
+        if batch.truncated and not self._truncated:
+            self._truncated = True
+            self._emit(OutputLine("ledger", "[output truncated: the run printed more than "
+                                  "its output cap]"))
+        if batch.eof:
+            self.eof.add(worker)

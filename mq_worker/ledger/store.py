@@ -13,23 +13,23 @@ new, so redeliveries and several ledgers on one database never count twice.
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import orjson
 
 from mq_worker.errors import ConfigurationError
 from mq_worker.ledger import migrations
-from mq_worker.ledger.migrations import POSTGRESQL, SQLITE, Dialect
+from mq_worker.ledger.database import connect, default_db_url, redact
+from mq_worker.ledger.migrations import POSTGRESQL
 from mq_worker.ledger.records import (
     RUN_COLUMNS,
     EventRecord,
     EventRow,
+    OutputAssembler,
+    OutputBatch,
     OutputLine,
     OutputRow,
     RunChange,
@@ -39,114 +39,11 @@ from mq_worker.ledger.records import (
 )
 from mq_worker.ledger.upsert import run_upsert_sql
 
+__all__ = ["AsyncLedgerStore", "LedgerStore", "default_db_url", "redact"]
+
 DEFAULT_MAX_OUTPUT_BYTES = 10 * 1024 * 1024
 _MIGRATION_LOCK = 0x6D71775F6C6467  # pg_advisory_xact_lock key: "mqw_ldg"
 _T = TypeVar("_T")
-
-
-def default_sqlite_path() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return Path(base) / "mq-worker" / "ledger.db"
-
-
-def default_db_url() -> str:
-    """MQ_WORKER_LEDGER_DB, else an SQLite file in the user's data directory."""
-    return os.environ.get("MQ_WORKER_LEDGER_DB") or f"sqlite:///{default_sqlite_path()}"
-
-
-def redact(url: str) -> str:
-    """`url` without its password, for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
-class Connection(Protocol):
-    def begin(self, write: bool) -> Any: ...
-    def commit(self) -> None: ...
-    def rollback(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def connect(url: str) -> tuple[Connection, Dialect]:
-    """Open the database at `url`: `sqlite:///PATH` (or a bare path) or `postgresql://...`."""
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            import psycopg
-        except ImportError:
-            raise ConfigurationError(
-                "a PostgreSQL ledger needs the 'ledger' extra: pip install 'mq-worker[ledger]'"
-            ) from None
-        try:
-            connection: Any = psycopg.connect(url, autocommit=False, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise ConfigurationError(f"cannot open {redact(url)}: {exc}") from None
-        return _PostgresConnection(connection), POSTGRESQL
-    if "://" in url and not url.startswith("sqlite://"):
-        raise ConfigurationError(
-            f"unsupported ledger database {redact(url)!r}: use sqlite:///PATH or postgresql://..."
-        )
-    path = url.removeprefix("sqlite://").removeprefix("/") if url.startswith("sqlite://") else url
-    if path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    try:
-        connection = sqlite3.connect(os.path.expanduser(path), timeout=30,
-                                     check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        # FULL: a transaction the ledger acknowledged survives a power cut, not only a crash.
-        connection.execute("PRAGMA synchronous=FULL")
-        connection.execute("PRAGMA busy_timeout=30000")
-    except sqlite3.Error as exc:
-        raise ConfigurationError(f"cannot open SQLite database {path!r}: {exc}") from None
-    return _SqliteConnection(connection), SQLITE
-
-
-class _SqliteConnection:
-    """sqlite3 in autocommit mode with explicit BEGIN, so every write batch is one transaction."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.raw = connection
-        self._open = False
-
-    def begin(self, write: bool) -> Any:
-        # A reader takes no lock: in WAL mode it never waits for the writer.
-        self.raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        self._open = True
-        return self.raw.cursor()
-
-    def commit(self) -> None:
-        if self._open:
-            self.raw.execute("COMMIT")
-            self._open = False
-
-    def rollback(self) -> None:
-        if self._open:
-            self.raw.execute("ROLLBACK")
-            self._open = False
-
-    def close(self) -> None:
-        self.raw.close()
-
-
-class _PostgresConnection:
-    def __init__(self, connection: Any) -> None:
-        self.raw = connection
-
-    def begin(self, write: bool) -> Any:
-        return self.raw.cursor()
-
-    def commit(self) -> None:
-        self.raw.commit()
-
-    def rollback(self) -> None:
-        self.raw.rollback()
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 class LedgerStore:
@@ -357,24 +254,22 @@ class LedgerStore:
         records = [EventRecord(e[0], e[1], e[2], e[3], orjson.loads(e[4])) for e in events]
         return _run_record(runs[0], records)
 
+    def get_output_batches(self, run_id: str) -> list[OutputBatch]:
+        """The run's stored output batches in order."""
+        rows = self._transaction(lambda c: _fetch(c, self._sql(
+            "SELECT worker, sequence, lines, dropped_lines, truncated, eof FROM output "
+            "WHERE run_id = ? ORDER BY started_at, worker, sequence"), [run_id]), write=False)
+        return [OutputBatch(worker, sequence,
+                            [OutputLine(stream, text) for stream, text in orjson.loads(lines)],
+                            dropped, bool(truncated), bool(eof))
+                for worker, sequence, lines, dropped, truncated, eof in rows]
+
     def get_output(self, run_id: str) -> list[OutputLine]:
         """The run's stored output in order, with a marker where some was truncated or dropped."""
-        rows = self._transaction(lambda c: _fetch(c, self._sql(
-            "SELECT worker, sequence, lines, dropped_lines, truncated FROM output "
-            "WHERE run_id = ? ORDER BY started_at, worker, sequence"), [run_id]), write=False)
         result: list[OutputLine] = []
-        dropped_seen: dict[str, int] = {}
-        truncated_marked = False
-        for worker, _sequence, lines, dropped, truncated in rows:
-            if dropped > dropped_seen.get(worker, 0):
-                result.append(OutputLine("ledger", f"[{dropped - dropped_seen.get(worker, 0)} "
-                                         "lines dropped while the broker was busy]"))
-                dropped_seen[worker] = dropped
-            result.extend(OutputLine(stream, text) for stream, text in orjson.loads(lines))
-            if truncated and not truncated_marked:
-                result.append(OutputLine("ledger", "[output truncated: the run printed more "
-                                         "than its output cap]"))
-                truncated_marked = True
+        assembler = OutputAssembler(result.append)
+        for batch in self.get_output_batches(run_id):
+            assembler.add(batch)
         return result
 
     def count_runs(self) -> int:
@@ -439,6 +334,9 @@ class AsyncLedgerStore:
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self.call(self.store.get_run, run_id)
+
+    async def get_output_batches(self, run_id: str) -> list[OutputBatch]:
+        return await self.call(self.store.get_output_batches, run_id)
 
     async def get_output(self, run_id: str) -> list[OutputLine]:
         return await self.call(self.store.get_output, run_id)

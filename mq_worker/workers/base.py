@@ -60,6 +60,7 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.output import OutputShipper
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
 
@@ -160,6 +161,9 @@ class BaseWorker(abc.ABC):
         self._signer = Signer.from_file(s.signing_key_file) if s.signing_key_file else None
         self._limiter = anyio.CapacityLimiter(s.limit)
         self._outbox = Outbox(s.outbox_size, s.spool_path, on_pressure=self._on_outbox_pressure)
+        self.output = OutputShipper(pool=self.pool, worker=self.name,
+                                    max_run_bytes=s.output_max_bytes,
+                                    registry=self.metrics.registry)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
         self._finished: OrderedDict[UUID, str] = OrderedDict()
@@ -407,6 +411,7 @@ class BaseWorker(abc.ABC):
             for channel in channels:
                 tg.start_soon(_watch, channel.closed())
             tg.start_soon(self._outbox.publish_forever, session.publish)
+            tg.start_soon(self.output.ship_forever, connection)
             await tg.start(self._cancels.follow, session.aux, session.publish)
             self._session = session
             self.connected = True

@@ -97,9 +97,13 @@ class ProcessWorker(BaseWorker):
         try:
             if configuration.stream_output:
                 logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(stream_output, handle, logger)
-                    status = await handle.wait()
+                output = self.output.open(str(run.id), configuration.env.get("MQ_WORKER_QUEUE"))
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stream_output, handle, logger, output.line)
+                        status = await handle.wait()
+                finally:
+                    output.close()
             else:
                 status = await handle.wait()
         finally:
