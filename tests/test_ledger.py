@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import anyio
+import anyio.abc
+import psutil
 import pytest
 
 from mq_worker.ledger import LedgerStore
 from mq_worker.publisher import Publisher, new_run
+from mq_worker.topology import OUTPUT_EXCHANGE
 from tests.conftest import (
     PYTHON,
     EventLog,
@@ -33,6 +37,7 @@ from tests.conftest import (
     unique,
     wait_until,
 )
+from tests.contract import committed_document, message_for_routing_key, payload_validator
 from tests.helpers.ledger import ledger_database
 
 pytestmark = pytest.mark.anyio
@@ -337,3 +342,102 @@ async def test_submit_wait_logs_shows_the_output_and_keeps_the_run_id_first_on_s
     lines = result.stderr.splitlines()
     assert "hello" in lines and "to stderr" in lines
     assert lines.index("hello") < next(i for i, x in enumerate(lines) if "run.crashed" in x)
+
+
+async def _collect_output(url: str, into: list[aio_pika.abc.AbstractIncomingMessage],
+                          *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(OUTPUT_EXCHANGE, "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "output.#")
+        task_status.started()
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                into.append(message)
+
+
+async def test_output_batches_on_the_wire_follow_the_contract(
+    vhost: VHost, events: EventLog,
+) -> None:
+    received: list[aio_pika.abc.AbstractIncomingMessage] = []
+    script = "import sys\nfor i in range(3000):\n    print('line', i, 'x' * 40)\n"
+    async with anyio.create_task_group() as tg:
+        await tg.start(_collect_output, vhost.url, received)
+        async with running_worker(vhost.url, pool="p1", output_max_bytes=100_000), \
+                Publisher(vhost.url) as publisher:
+            run = await publisher.submit(new_run(shlex.join([PYTHON, "-c", script])), pool="p1")
+            await events.wait_terminal([run.id], timeout=60)
+            await wait_until(lambda: any(json.loads(m.body)["eof"] for m in received))
+        tg.cancel_scope.cancel()
+    document = committed_document()
+    declared = message_for_routing_key(document, OUTPUT_EXCHANGE, "output.{pool}.{runId}")
+    validator = payload_validator(document, declared)
+    bodies = []
+    for message in received:
+        assert message.routing_key == f"output.p1.{run.id}"
+        assert message.content_type == declared["contentType"]
+        body = json.loads(message.body)
+        assert validator.is_valid(body), list(validator.iter_errors(body))[:1]
+        bodies.append(body)
+    assert [b["sequence"] for b in bodies] == list(range(len(bodies)))
+    assert [b["eof"] for b in bodies] == [False] * (len(bodies) - 1) + [True]
+    assert [b["truncated"] for b in bodies].count(True) >= 1
+    texts = [line["text"] for b in bodies for line in b["lines"]]
+    shipped = len(texts)
+    assert texts == [f"line {i} {'x' * 40}" for i in range(shipped)]
+    assert 0 < sum(len(t) for t in texts) <= 100_000 < 3000 * 48  # capped, in order
+    assert all(b["first_line"] <= shipped for b in bodies)
+
+
+def _rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+@pytest.mark.slow
+async def test_a_60_mb_output_flood_is_capped_and_neither_grows_the_worker_nor_slows_others(
+    vhost: VHost, events: EventLog, ledgers: Callable[..., LedgerProcess], sqlite_url: str,
+    worker_processes: Callable[..., Any], tmp_path: Path,
+) -> None:
+    ledger = ledgers(sqlite_url)
+    worker = worker_processes(vhost.url, "--limit", "4", "--log-level", "WARNING")
+    await wait_until(ledger.ready, timeout=30)
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs),
+                          timeout=30)
+    flood = ("import sys\nline = 'f' * 99 + '\\n'\nw = sys.stdout.write\n"
+             "for _ in range(600_000):\n    w(line)\n")
+    baseline = _rss(worker.process.pid)
+    peak = baseline
+    async with Publisher(vhost.url) as publisher:
+        quiet = [await publisher.submit(new_run("echo quiet")) for _ in range(5)]
+        await events.wait_terminal([r.id for r in quiet], timeout=60)
+        before = [_start_delay(events, r.id) for r in quiet]
+        big = await publisher.submit(new_run(shlex.join([PYTHON, "-c", flood])))
+        await events.wait_for(lambda _: "run.submitted" in events.types(big.id), timeout=60)
+        during = []
+        while not events.terminal(big.id):
+            run = await publisher.submit(new_run("echo during"))
+            await events.wait_terminal([run.id], timeout=60)
+            during.append(_start_delay(events, run.id))
+            peak = max(peak, _rss(worker.process.pid))
+        await events.wait_terminal([big.id], timeout=120)
+    await wait_recorded(sqlite_url, {str(big.id): len(unique(events.of(big.id)))})
+    await wait_until(lambda: output_lines(sqlite_url, str(big.id)) > 0, timeout=30)
+    with LedgerStore(sqlite_url) as store:
+        record = store.get_run(str(big.id))
+        lines = store.get_output(str(big.id))
+    print(f"worker RSS {baseline / 2**20:.1f} MiB -> peak {peak / 2**20:.1f} MiB; "
+          f"start delay before {max(before):.3f} s, during the flood max {max(during):.3f} s "
+          f"over {len(during)} runs; {len(lines)} lines stored")
+    assert record is not None and record.state == "completed" and record.output_truncated
+    assert sum(line.stream == "ledger" and "truncated" in line.text for line in lines) == 1
+    assert 10 * 2**20 * 0.9 < sum(len(line.text) + 1 for line in lines) <= 10 * 2**20 + 200
+    assert peak - baseline < 40 * 2**20  # far from the 60 MB printed
+    assert during and all(d < 1.0 for d in during)
+
+
+def _start_delay(events: EventLog, run_id: Any) -> float:
+    pending = next(e for e in events.of(run_id) if e.type == "mq_worker.run.pending")
+    submitted = next(e for e in events.of(run_id) if e.type == "mq_worker.run.submitted")
+    return (submitted.time - pending.time).total_seconds()
