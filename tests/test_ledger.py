@@ -39,6 +39,9 @@ from tests.conftest import (
 )
 from tests.contract import committed_document, message_for_routing_key, payload_validator
 from tests.helpers.ledger import ledger_database
+from tests.test_security import broker_user
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.anyio
 
@@ -441,3 +444,33 @@ def _start_delay(events: EventLog, run_id: Any) -> float:
     pending = next(e for e in events.of(run_id) if e.type == "mq_worker.run.pending")
     submitted = next(e for e in events.of(run_id) if e.type == "mq_worker.run.submitted")
     return (submitted.time - pending.time).total_seconds()
+
+
+LEDGER_PERMISSIONS = {
+    "configure": r"^mq_worker\.(runs|events|output|due|dead|ledger)$",
+    "write": r"^(amq\.default|mq_worker\.ledger)$",
+    "read": r"^mq_worker\.(events|output|ledger)$",
+}
+
+
+async def test_a_ledger_works_with_exactly_the_documented_permissions(
+    vhost: VHost, events: EventLog, sqlite_url: str, tmp_path: Path,
+) -> None:
+    documented = " ".join((ROOT / "docs" / "ledger.md").read_text().replace("\\\n", " ").split())
+    assert " ".join(f"'{LEDGER_PERMISSIONS[k]}'" for k in ("configure", "write", "read")) \
+        in documented
+    password = uuid.uuid4().hex
+    with broker_user(vhost, password=password, **LEDGER_PERMISSIONS) as user:
+        env = {**cli_env(vhost, tmp_path), "MQ_WORKER_URL": vhost.url_for(user, password)}
+        ledger = LedgerProcess(env, sqlite_url, tmp_path / "ledger.log")
+        try:
+            await wait_until(ledger.ready, timeout=30)
+            async with running_worker(vhost.url), Publisher(vhost.url) as publisher:
+                run = await publisher.submit(new_run("echo allowed"))
+                await events.wait_terminal([run.id], timeout=60)
+            await wait_recorded(sqlite_url, {str(run.id): len(unique(events.of(run.id)))})
+            await wait_until(lambda: output_lines(sqlite_url, str(run.id)) == 1, timeout=30)
+            assert ledger.process.poll() is None
+        finally:
+            ledger.stop()
+    assert "ACCESS_REFUSED" not in ledger.log.read_text()
