@@ -14,6 +14,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -474,3 +475,28 @@ async def test_a_ledger_works_with_exactly_the_documented_permissions(
         finally:
             ledger.stop()
     assert "ACCESS_REFUSED" not in ledger.log.read_text()
+
+
+async def test_runs_older_than_keep_days_are_pruned_with_their_events_and_output(
+    vhost: VHost, events: EventLog, ledgers: Callable[..., LedgerProcess], db_url: str,
+) -> None:
+    keep_seconds = 6.0
+    ledger = ledgers(db_url, "--keep-days", str(keep_seconds / 86400), "--prune-interval", "0.5")
+    await wait_until(ledger.ready, timeout=30)
+    async with running_worker(vhost.url), Publisher(vhost.url) as publisher:
+        old = await publisher.submit(new_run("echo old"))
+        await events.wait_terminal([old.id], timeout=60)
+        await wait_recorded(db_url, {str(old.id): len(unique(events.of(old.id)))})
+        await wait_until(lambda: output_lines(db_url, str(old.id)) == 1, timeout=30)
+        # Long enough after the old run ended that it is due, the new one is not.
+        await wait_until(lambda: (datetime.now(UTC) - events.terminal(old.id)[0].time
+                                  ).total_seconds() > keep_seconds - 2, timeout=30)
+        new = await publisher.submit(new_run("echo new"))
+        await events.wait_terminal([new.id], timeout=60)
+    await wait_recorded(db_url, {str(new.id): len(unique(events.of(new.id)))})
+    await wait_until(lambda: str(old.id) not in recorded(db_url), timeout=30)
+    with LedgerStore(db_url) as store:
+        assert store.get_output(str(old.id)) == []
+        assert store.get_run(str(old.id)) is None
+        assert store.get_run(str(new.id)) is not None
+    assert ledger.stop() == 0
