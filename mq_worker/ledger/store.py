@@ -185,8 +185,9 @@ class LedgerStore:
             args.append(until)
         if before:
             created, _, run_id = before.partition("/")
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args.extend([float(created), float(created), run_id])
+            # A row-value comparison: both databases walk the (created_at, id) index with it.
+            where.append("(created_at, id) < (?, ?)")
+            args.extend([float(created), run_id])
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         statement = (f"SELECT {', '.join(_READ_COLUMNS)} FROM runs {clause} "
                      "ORDER BY created_at DESC, id DESC LIMIT ?")
