@@ -9,7 +9,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mq_worker ./mq_worker
-RUN pip install --no-cache-dir '.[speed]'
+RUN pip install --no-cache-dir '.[speed,ledger]'
 
 # Runs are processes of this container: never root. A numeric id lets Kubernetes'
 # runAsNonRoot verify it.

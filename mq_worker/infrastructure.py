@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -242,21 +242,27 @@ def start_process(
     return ProcessHandle(popen)
 
 
-async def stream_output(handle: ProcessHandle, logger: Any) -> None:
-    """Log every line the process writes, until its pipes close or soon after it exits."""
+async def stream_output(
+    handle: ProcessHandle, logger: Any, on_line: Callable[[str, str], None] | None = None
+) -> None:
+    """Log every line the process writes, until its pipes close or soon after it exits.
+
+    `on_line(stream, text)` also gets each line; it must not block.
+    """
     pipes = [(p, name) for p, name in ((handle.popen.stdout, "stdout"),
                                        (handle.popen.stderr, "stderr")) if p is not None]
     if not pipes:
         return
     async with anyio.create_task_group() as tg:
         for pipe, name in pipes:
-            tg.start_soon(_pump, pipe, name, logger, handle)
+            tg.start_soon(_pump, pipe, name, logger, handle, on_line)
 
 
 _MAX_LINE_BYTES = 65536
 
 
-async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) -> None:
+async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle,
+                on_line: Callable[[str, str], None] | None) -> None:
     fd = pipe.fileno()
     os.set_blocking(fd, False)
     pending = b""
@@ -291,11 +297,16 @@ async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle) 
                 lines.append(pending)
                 pending = b""
             for line in lines:
-                logger.info("run output", line=line.decode(errors="replace").rstrip("\r"),
-                            stream=name)
+                text = line.decode(errors="replace").rstrip("\r")
+                logger.info("run output", line=text, stream=name)
+                if on_line is not None:
+                    on_line(name, text)
     finally:
         if pending:
-            logger.info("run output", line=pending.decode(errors="replace"), stream=name)
+            text = pending.decode(errors="replace")
+            logger.info("run output", line=text, stream=name)
+            if on_line is not None:
+                on_line(name, text)
         pipe.close()
 
 

@@ -97,6 +97,10 @@ class WorkerSettings(BaseSettings):
     outbox_size: int = Field(
         default=DEFAULT_CAPACITY, ge=10, description="Events waiting before intake stops."
     )
+    output_max_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=0,
+        description="Output bytes of a run shipped to mq_worker.output; then one marker.",
+    )
     spool_dir: Path | None = Field(
         default=None, description="Keep unpublished events in a file here, across restarts.",
         json_schema_extra={"shown_default": "memory only"},

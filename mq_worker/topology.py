@@ -34,6 +34,8 @@ SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accep
 SIGNATURE_V2_HEADER = "x-mq-worker-signature-v2"  # v2: kind, pool, issued-at and body
 # On a dead letter: how many received headers were left out to fit in one frame.
 DROPPED_HEADERS_HEADER = "x-mq-worker-dropped-headers"
+OUTPUT_EXCHANGE = "mq_worker.output"
+LEDGER_QUEUE = "mq_worker.ledger"
 
 DEFAULT_POOL = "default"
 DEFAULT_QUEUE = "default"
@@ -74,6 +76,11 @@ def scheduled_routing_key(pool: str, queue: str) -> str:
 
 def cancel_routing_key(pool: str) -> str:
     return f"run.cancel.{pool}"
+
+
+def output_routing_key(pool: str, run_id: str) -> str:
+    """How a run's output batches are published to OUTPUT_EXCHANGE."""
+    return f"output.{pool}.{run_id}"
 
 
 def monitor_queue_name(pool: str) -> str:
@@ -192,6 +199,11 @@ async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
     """Declare the runs, events and due exchanges."""
     for name in (RUNS_EXCHANGE, EVENTS_EXCHANGE, DUE_EXCHANGE):
         await channel.exchange_declare(name, exchange_type="topic", durable=True)
+
+
+async def declare_output_exchange(channel: aiormq.abc.AbstractChannel) -> None:
+    """Declared by those who publish or follow run output, not by every publisher."""
+    await channel.exchange_declare(OUTPUT_EXCHANGE, exchange_type="topic", durable=True)
 
 
 async def declare_dead_queue(channel: aiormq.abc.AbstractChannel) -> None:

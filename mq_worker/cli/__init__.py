@@ -57,6 +57,9 @@ def _register() -> None:
 
     for command in (start, submit, cancel, events, status, schema):
         main.add_command(command)
+    from mq_worker.ledger import commands as ledger_commands
+
+    ledger_commands.register(main)
 
 
 _register()

@@ -131,6 +131,8 @@ async def tell_if_unserved(settings: ClientSettings, pool: str, queue: str) -> N
               help="Follow the run's events; exit with its outcome (see below).")
 @click.option("--timeout", type=DURATION, default=None,
               help="With --wait: give up after this long (exit 124). [default: none]")
+@click.option("--logs", "show_logs", is_flag=True,
+              help="With --wait: print the run's output to stderr as it comes.")
 @click.option("--signing-key-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Sign the run with this key. [env: MQ_WORKER_SIGNING_KEY_FILE]")
 @color_option
@@ -138,7 +140,7 @@ async def tell_if_unserved(settings: ClientSettings, pool: str, queue: str) -> N
 def submit(
     urls: tuple[str, ...], pool: str | None, queue: str | None, name: str | None,
     run_id: UUID | None, env: tuple[str, ...], cwd: str | None, variables: tuple[str, ...],
-    at: str | None, in_: float | None, wait: bool, timeout: float | None,
+    at: str | None, in_: float | None, wait: bool, timeout: float | None, show_logs: bool,
     signing_key_file: Path | None, color: bool | None, command: tuple[str, ...],
 ) -> None:
     """Publish a run of COMMAND and print its id.
@@ -168,6 +170,8 @@ def submit(
     stderr_color = color_wanted(color, sys.stderr)
 
     async def _submit() -> int:
+        from mq_worker.ledger import commands as ledger_commands
+        from mq_worker.ledger.follow import printing_output
         from mq_worker.publisher import Publisher
         from mq_worker.subscriber import EventSubscriber
 
@@ -179,7 +183,10 @@ def submit(
                 await tell_if_unserved(settings, settings.pool, settings.queue)
                 return 0
             async with EventSubscriber(settings.url, tls=settings.tls,
-                                       run_id=message.id) as events:
+                                       run_id=message.id) as events, \
+                    printing_output(settings.url, message.id,
+                                    ledger_commands.output_printer(err=True),
+                                    enabled=show_logs, tls=settings.tls):
                 await publisher.submit(message, pool=settings.pool, queue=settings.queue)
                 click.echo(str(message.id))
                 await tell_if_unserved(settings, settings.pool, settings.queue)

@@ -74,6 +74,7 @@ from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.output import OutputShipper
 from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
 from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.retrying import (
@@ -201,6 +202,9 @@ class BaseWorker(abc.ABC):
         spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
                  if s.spool_dir else None)
         self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
+        self.output = OutputShipper(pool=self.pool, worker=self.name,
+                                    max_run_bytes=s.output_max_bytes,
+                                    registry=self.metrics.registry)
         self._registry = CancelRegistry(window_seconds=s.cancel_window_seconds)
         self._active: dict[UUID, ActiveRun] = {}
         self._retry_waits = WaitingRetries()
@@ -515,6 +519,7 @@ class BaseWorker(abc.ABC):
             tg.start_soon(self._outbox.publish_forever, session.publish)
             # A consumer of the cancel stream or the monitor dropped by the broker ends the session.
             tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
+            tg.start_soon(self.output.ship_forever, connection)
             await tg.start(self._cancels.follow, session.aux, session.publish)
             await follow_own_reports(session.aux, self.name, self._on_reported_lost)
             self._session = session

@@ -114,11 +114,17 @@ class ProcessWorker(BaseWorker):
         logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
         empty = False
         try:
-            async with anyio.create_task_group() as tg:
-                if configuration.stream_output:
-                    tg.start_soon(stream_output, handle, logger)
-                status = await handle.wait()
-                empty = await self._stop_leftovers(handle, configuration, logger)
+            output = (self.output.open(str(run.id), configuration.env.get("MQ_WORKER_QUEUE"))
+                      if configuration.stream_output else None)
+            try:
+                async with anyio.create_task_group() as tg:
+                    if output is not None:
+                        tg.start_soon(stream_output, handle, logger, output.line)
+                    status = await handle.wait()
+                    empty = await self._stop_leftovers(handle, configuration, logger)
+            finally:
+                if output is not None:
+                    output.close()
         finally:
             # A group that still has processes stays with the guardian, which stops
             # it if the worker ends: it is never forgotten while alive.
