@@ -1243,9 +1243,13 @@ class BaseWorker(abc.ABC):
     # -- self-fencing (see mq_worker.fencing) -----------------------------------------
 
     def _has_peers(self) -> bool:
-        """Whether another worker of the pool is known, who would report this one lost."""
-        return any(name != self.name and not peer.lost
-                   for name, peer in self._monitor.peers.items())
+        """Whether another worker of the pool could report this one lost.
+
+        Only the elected reporter watches heartbeats, so it knows its peers; any other
+        worker knows that the elected one (another worker) would report it.
+        """
+        return not self._monitor.elected or any(
+            name != self.name and not peer.lost for name, peer in self._monitor.peers.items())
 
     async def _lease_loop(self) -> None:
         while True:
