@@ -503,3 +503,31 @@ async def test_a_numeric_start_time_is_unix_seconds_and_anything_ambiguous_is_re
         [rejected] = events.terminal(body["id"])
         assert rejected.type == "mq_worker.run.rejected"
         assert rejected.data["reason"].startswith("scheduled_start_time"), rejected.data
+
+
+async def test_a_legacy_signing_publisher_signs_for_old_and_new_workers(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    import hashlib
+    import hmac
+
+    from mq_worker.publisher import Publisher, new_run
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    async with Publisher(vhost.url, signing_key_file=key, legacy_signature=True) as publisher:
+        run = await publisher.submit(new_run(probe(tmp_path)))
+    import aio_pika
+
+    connection = await aio_pika.connect(vhost.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("mq_worker.default.default", passive=True)
+        message = await queue.get(no_ack=True)
+    # What a worker of an earlier version checks: the HMAC of the body alone.
+    legacy = "sha256=" + hmac.new(KEY.encode(), message.body, hashlib.sha256).hexdigest()
+    assert message.headers["x-mq-worker-signature"] == legacy
+    async with running_worker(vhost.url, signing_key_file=key):
+        await publish_raw(vhost.url, message.body, headers=dict(message.headers))
+        await events.wait_terminal([run.id], timeout=30)
+    assert events.types(run.id)[-1] == "run.completed"
