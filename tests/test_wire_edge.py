@@ -531,3 +531,26 @@ async def test_a_legacy_signing_publisher_signs_for_old_and_new_workers(
         await publish_raw(vhost.url, message.body, headers=dict(message.headers))
         await events.wait_terminal([run.id], timeout=30)
     assert events.types(run.id)[-1] == "run.completed"
+
+
+async def test_a_publisher_parking_into_a_deleted_ladder_hands_the_run_to_its_pool(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from mq_worker.publisher import Publisher, new_run
+
+    async with running_worker(vhost.url, prefetch_seconds=2), \
+            Publisher(vhost.url, park_after_seconds=1) as publisher:
+        # Parked by the publisher, which declares the ladder for it.
+        first = await publisher.submit(new_run(
+            probe(tmp_path), scheduled_start_time=datetime.now(UTC) + timedelta(seconds=3)))
+        await events.wait_terminal([first.id], timeout=30)
+        for level in range(DELAY_LEVELS):
+            management("DELETE", f"/queues/{vhost.name}/{delay_name(level)}")
+        await wait_until(lambda: not queue_exists(vhost, delay_name(DELAY_LEVELS - 1)))
+        due = datetime.now(UTC) + timedelta(seconds=6)
+        run = await publisher.submit(new_run(probe(tmp_path), scheduled_start_time=due))
+        await events.wait_terminal([run.id], timeout=30)
+    assert events.types(run.id) == ["run.pending", "run.submitted", "run.completed"]
+    assert started_runs(tmp_path)[str(run.id)]["t"] >= due.timestamp()
