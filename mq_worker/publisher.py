@@ -166,6 +166,10 @@ class Publisher:
                 # No worker has parked a run yet, so the ladder does not exist and this
                 # publisher may not declare it: hand the run to the pool, whose worker parks it.
                 pass
+            except UnroutableError:
+                # The ladder's queues were deleted: the pool's worker that takes the run
+                # declares them again and parks it (as would this publisher, next time).
+                self._declared.discard(("ladder",))
         await self._publish(exchange, routing_key, body, str(run.id), declare,
                             self._signature("run", pool, body))
         return run

@@ -503,3 +503,54 @@ async def test_a_numeric_start_time_is_unix_seconds_and_anything_ambiguous_is_re
         [rejected] = events.terminal(body["id"])
         assert rejected.type == "mq_worker.run.rejected"
         assert rejected.data["reason"].startswith("scheduled_start_time"), rejected.data
+
+
+async def test_a_legacy_signing_publisher_signs_for_old_and_new_workers(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    import hashlib
+    import hmac
+
+    from mq_worker.publisher import Publisher, new_run
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    async with Publisher(vhost.url, signing_key_file=key, legacy_signature=True) as publisher:
+        run = await publisher.submit(new_run(probe(tmp_path)))
+    import aio_pika
+
+    connection = await aio_pika.connect(vhost.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("mq_worker.default.default", passive=True)
+        message = await queue.get(no_ack=True)
+    # What a worker of an earlier version checks: the HMAC of the body alone.
+    legacy = "sha256=" + hmac.new(KEY.encode(), message.body, hashlib.sha256).hexdigest()
+    assert message.headers["x-mq-worker-signature"] == legacy
+    async with running_worker(vhost.url, signing_key_file=key):
+        await publish_raw(vhost.url, message.body, headers=dict(message.headers))
+        await events.wait_terminal([run.id], timeout=30)
+    assert events.types(run.id)[-1] == "run.completed"
+
+
+async def test_a_publisher_parking_into_a_deleted_ladder_hands_the_run_to_its_pool(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from mq_worker.publisher import Publisher, new_run
+
+    async with running_worker(vhost.url, prefetch_seconds=2), \
+            Publisher(vhost.url, park_after_seconds=1) as publisher:
+        # Parked by the publisher, which declares the ladder for it.
+        first = await publisher.submit(new_run(
+            probe(tmp_path), scheduled_start_time=datetime.now(UTC) + timedelta(seconds=3)))
+        await events.wait_terminal([first.id], timeout=30)
+        for level in range(DELAY_LEVELS):
+            management("DELETE", f"/queues/{vhost.name}/{delay_name(level)}")
+        await wait_until(lambda: not queue_exists(vhost, delay_name(DELAY_LEVELS - 1)))
+        due = datetime.now(UTC) + timedelta(seconds=6)
+        run = await publisher.submit(new_run(probe(tmp_path), scheduled_start_time=due))
+        await events.wait_terminal([run.id], timeout=30)
+    assert events.types(run.id) == ["run.pending", "run.submitted", "run.completed"]
+    assert started_runs(tmp_path)[str(run.id)]["t"] >= due.timestamp()
