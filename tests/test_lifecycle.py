@@ -443,11 +443,12 @@ async def test_a_cancel_during_the_acknowledgement_of_a_start_stops_the_run_once
     from mq_worker import Publisher
     from mq_worker.consumer import Delivery
 
-    terms = tmp_path / "terms"
+    terms, ready = tmp_path / "terms", tmp_path / "ready"
     script = (f"import signal, time\n"
               f"def on_term(*_):\n"
               f"    with open({str(terms)!r}, 'a') as f: f.write('TERM\\n')\n"
               f"signal.signal(signal.SIGTERM, on_term)\n"
+              f"open({str(ready)!r}, 'w').close()\n"
               f"time.sleep(3)\n")
     body = run_body(shlex.join([PYTHON, "-c", script]))
     run_id = uuid.UUID(body["id"])
@@ -461,8 +462,7 @@ async def test_a_cancel_during_the_acknowledgement_of_a_start_stops_the_run_once
     monkeypatch.setattr(Delivery, "ack_started", ack_while_the_cancel_arrives)
     async with running_worker(vhost.url) as worker, Publisher(vhost.url) as publisher:
         await publish_raw(vhost.url, body)
-        await wait_until(lambda: worker._active.get(run_id) is not None
-                         and worker._active[run_id].state == "running")
+        await wait_until(ready.exists)  # running, its SIGTERM handler installed
         await publisher.cancel(body["id"], pool="default")
         await events.wait_terminal([body["id"]])
     assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.cancelled"]
