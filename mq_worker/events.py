@@ -59,7 +59,8 @@ class OutgoingEvent:
 
 
 def build_event(
-    event_type: str, *, source: str, subject: str | None, data: dict[str, Any]
+    event_type: str, *, source: str, subject: str | None, data: dict[str, Any],
+    traceparent: str | None = None,
 ) -> OutgoingEvent:
     event_id = str(uuid4())
     envelope: dict[str, Any] = {
@@ -73,6 +74,8 @@ def build_event(
     }
     if subject is not None:
         envelope["subject"] = subject
+    if traceparent is not None:  # the CloudEvents distributed tracing extension
+        envelope["traceparent"] = traceparent
     body = orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
     run_id = subject if event_type.startswith("mq_worker.run.") else None
     return OutgoingEvent(event_id, event_type, body, run_id)
@@ -221,6 +224,9 @@ class Event(BaseModel):
     subject: str | None = None
     time: datetime
     datacontenttype: str = "application/json"
+    traceparent: str | None = Field(
+        default=None, description="Distributed tracing extension: the run's traceparent."
+    )
     data: dict[str, Any] = Field(default_factory=dict)
 
     @property

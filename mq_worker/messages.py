@@ -60,6 +60,9 @@ class DeploymentRef(_WireModel):
     job_variables: dict[str, Any] = Field(default_factory=dict)
 
 
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
 class RunMessage(_WireModel):
     """A scheduled run, as published to `mq_worker.runs` with key `run.scheduled.<pool>.<queue>`."""
 
@@ -78,6 +81,12 @@ class RunMessage(_WireModel):
         description="RFC 3339; a time without offset is UTC. Absent means now.",
     )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    traceparent: str | None = Field(
+        default=None, pattern=TRACEPARENT_PATTERN,
+        description="W3C Trace Context `traceparent` of the publisher's span: copied to the "
+                    "run's events (CloudEvents distributed tracing extension) and to its "
+                    "process's TRACEPARENT environment variable.",
+    )
 
     def merged_job_variables(self) -> dict[str, Any]:
         """The deployment's job variables shallow-merged with the run's (the run's win)."""
