@@ -89,6 +89,7 @@ def build_event(
     subject: str | None,
     data: dict[str, Any],
     event_id: str | None = None,
+    traceparent: str | None = None,
 ) -> OutgoingEvent:
     event_id = event_id or str(uuid4())
     envelope: dict[str, Any] = {
@@ -102,6 +103,8 @@ def build_event(
     }
     if subject is not None:
         envelope["subject"] = subject
+    if traceparent is not None:  # the CloudEvents distributed tracing extension
+        envelope["traceparent"] = traceparent
     body = orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
     run_id = subject if event_type.startswith("mq_worker.run.") else None
     return OutgoingEvent(event_id, event_type, body, run_id,
@@ -275,6 +278,9 @@ class Event(BaseModel):
     subject: str | None = None
     time: datetime
     datacontenttype: str = "application/json"
+    traceparent: str | None = Field(
+        default=None, description="Distributed tracing extension: the run's traceparent."
+    )
     data: dict[str, Any] = Field(default_factory=dict)
 
     @property

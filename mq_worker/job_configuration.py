@@ -249,6 +249,7 @@ class BaseJobConfiguration(BaseModel):
             "MQ_WORKER_POOL": context.pool,
             "MQ_WORKER_QUEUE": context.queue,
             "MQ_WORKER_WORKER": context.worker,
+            "TRACEPARENT": run.traceparent,
         }
         env: dict[str, str | None] = {**context.base_env, **self.env, **run_env}
         self.env = {k: v for k, v in env.items() if v is not None}

@@ -97,6 +97,9 @@ class DeploymentRef(_WireModel):
     job_variables: dict[str, Any] = Field(default_factory=dict)
 
 
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
 class RunMessage(_WireModel):
     """A scheduled run, as published to `mq_worker.runs` with key `run.scheduled.<pool>.<queue>`."""
 
@@ -120,6 +123,12 @@ class RunMessage(_WireModel):
         default=1, ge=1, le=100_000,
         description="Which attempt of the run this is, from 1; set by the worker that "
                     "schedules a retry.",
+    )
+    traceparent: str | None = Field(
+        default=None, pattern=TRACEPARENT_PATTERN,
+        description="W3C Trace Context `traceparent` of the publisher's span: copied to the "
+                    "run's events (CloudEvents distributed tracing extension) and to its "
+                    "process's TRACEPARENT environment variable.",
     )
 
     def merged_job_variables(self) -> dict[str, Any]:

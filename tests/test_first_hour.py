@@ -17,7 +17,15 @@ import pytest
 
 from mq_worker.cli.common import duration_seconds
 from mq_worker.settings import WorkerSettings
-from tests.conftest import PYTHON, EventLog, VHost, probe, running_worker, wait_until
+from tests.conftest import (
+    PYTHON,
+    EventLog,
+    VHost,
+    probe,
+    running_worker,
+    started_runs,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -420,3 +428,26 @@ async def test_an_unreachable_broker_is_logged_once_per_attempt(worker_processes
     lines = worker.log_lines()
     assert not [line for line in lines if "creating transport" in str(line.get("event"))]
     assert "secret" not in json.dumps(lines)
+
+
+async def test_a_runs_traceparent_reaches_its_events_and_its_process(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """W3C Trace Context: an orchestrator's span id follows the run across systems."""
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running_worker(vhost.url):
+        result = await mq_worker("submit", "--url", vhost.url, "--traceparent", traceparent,
+                                 "--wait", "--", *probe(tmp_path).split())
+        assert result.returncode == 0, result.stderr
+        run_id = result.stdout.strip()
+        inherited = await mq_worker("submit", "--url", vhost.url, "--wait", "--", "true",
+                                    env={"TRACEPARENT": traceparent})
+        assert inherited.returncode == 0, inherited.stderr
+        bad = await mq_worker("submit", "--url", vhost.url, "--traceparent", "nope", "--",
+                              "true")
+        assert bad.returncode == 2 and "traceparent" in bad.stderr
+    for run in (run_id, inherited.stdout.strip()):
+        raw = [json.loads(m.body) for m in events.raw if json.loads(m.body).get("subject") == run]
+        assert [e["type"] for e in raw][-1] == "mq_worker.run.completed"
+        assert {e.get("traceparent") for e in raw} == {traceparent}
+    assert started_runs(tmp_path)[run_id]["env"]["TRACEPARENT"] == traceparent

@@ -135,13 +135,17 @@ async def tell_if_unserved(settings: ClientSettings, pool: str, queue: str) -> N
               help="With --wait: print the run's output to stderr as it comes.")
 @click.option("--signing-key-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Sign the run with this key. [env: MQ_WORKER_SIGNING_KEY_FILE]")
+@click.option("--traceparent", envvar="TRACEPARENT",
+              help="W3C traceparent carried to the run's events and process. "
+                   "[env: TRACEPARENT, so a run that submits runs passes its own on]")
 @color_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(
     urls: tuple[str, ...], pool: str | None, queue: str | None, name: str | None,
     run_id: UUID | None, env: tuple[str, ...], cwd: str | None, variables: tuple[str, ...],
     at: str | None, in_: float | None, wait: bool, timeout: float | None, show_logs: bool,
-    signing_key_file: Path | None, color: bool | None, command: tuple[str, ...],
+    signing_key_file: Path | None, traceparent: str | None, color: bool | None,
+    command: tuple[str, ...],
 ) -> None:
     """Publish a run of COMMAND and print its id.
 
@@ -163,7 +167,8 @@ def submit(
     try:
         message = new_run(
             list(command), name=name, job_variables=job_variables,
-            scheduled_start_time=start_time, **({"id": run_id} if run_id else {}),
+            scheduled_start_time=start_time, traceparent=traceparent or None,
+            **({"id": run_id} if run_id else {}),
         )
     except ValidationError as exc:
         fail(validation_message(exc), 2)

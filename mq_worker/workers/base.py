@@ -1066,7 +1066,8 @@ class BaseWorker(abc.ABC):
             "reason": cancel.reason,
         }
         self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
-                                     subject=str(run.id), data=data))
+                                     subject=str(run.id), data=data,
+                                     traceparent=run.traceparent))
         self.metrics.cancelled.labels(self.pool, queue).inc()
         self._remember(run.id, EventType.RUN_CANCELLED)
 
@@ -1090,7 +1091,8 @@ class BaseWorker(abc.ABC):
     def _emit_run(self, active: ActiveRun, event_type: EventType, **extra: Any) -> None:
         data = self._run_data(active.run, active.queue, active.related, active.last_event_id)
         data.update(extra)
-        event = build_event(event_type, source=self.source, subject=str(active.id), data=data)
+        event = build_event(event_type, source=self.source, subject=str(active.id), data=data,
+                            traceparent=active.run.traceparent)
         active.last_event_id = event.id
         self._outbox.put(event)
 
