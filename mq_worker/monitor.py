@@ -128,7 +128,10 @@ class PoolMonitor:
             await self._take_over(own, publisher, heartbeat_seconds)
             while True:
                 self.check()
-                await anyio.sleep(max(0.2, heartbeat_seconds / 2))
+                # Peers may beat faster than this worker: check at their pace.
+                fastest = min((p.heartbeat_seconds for p in self.peers.values()),
+                              default=heartbeat_seconds)
+                await anyio.sleep(max(0.2, min(heartbeat_seconds, fastest) / 2))
 
     @staticmethod
     async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
