@@ -17,7 +17,7 @@ one connection. For each N, in a vhost of its own:
 * the cancel window (`--cancels`, first): a worker starting behind 100,000 cancels:
   time to `worker.started` against an empty window, RSS (MiB per 100k cancels), and
   the median start latency of runs while a burst of 10,000 cancels is published;
-* cancel fan-out: one cancel, read by min(N, --max-readers) stream readers
+* cancel fan-out: one cancel, read by min(N, --max-readers: 100) stream readers
   (simulated workers: `x-stream-offset: next`, 100 per channel) and by the real
   worker, which stops its run: delay until the last reader has it, and until the
   real worker's `run.cancelled`.
@@ -324,8 +324,9 @@ async def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="heartbeat interval of every worker, seconds (default 10)")
     parser.add_argument("--window", type=int, default=20, help="measuring window, seconds")
-    parser.add_argument("--max-readers", type=int, default=1000,
-                        help="simulated cancel-stream readers at most (default 1000)")
+    parser.add_argument("--max-readers", type=int, default=100,
+                        help="simulated cancel-stream readers at most (default 100; 1000 stream "
+                        "consumers on one connection made the broker close it)")
     parser.add_argument("--cancels", type=int, default=100_000,
                         help="cancels a worker starts behind (0: skip that part)")
     parser.add_argument("--burst", type=int, default=10_000,

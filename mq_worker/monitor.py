@@ -34,6 +34,7 @@ from typing import Any
 import aiormq.abc
 import anyio
 import anyio.abc
+import orjson
 import structlog
 from pamqp import commands as spec
 
@@ -94,6 +95,7 @@ class PoolMonitor:
         self._marker = ""
         self._caught_up = anyio.Event()
         self._takeover = 0.0
+        self._replayed: dict[str, list[tuple[str, bytes]]] = {}
 
     @property
     def elected(self) -> bool:
@@ -113,6 +115,7 @@ class PoolMonitor:
         peers, until cancelled."""
         await declare_monitor(publisher, self.pool)
         self.peers.clear()
+        self._replayed.clear()
         self._election = ReporterElection(self.pool, self.me)
         self._caught_up = anyio.Event()
         # A channel of its own: the held token must not be caught by another
@@ -128,7 +131,10 @@ class PoolMonitor:
             await self._take_over(own, publisher, heartbeat_seconds)
             while True:
                 self.check()
-                await anyio.sleep(max(0.2, heartbeat_seconds / 2))
+                # Peers may beat faster than this worker: check at their pace.
+                fastest = min((p.heartbeat_seconds for p in self.peers.values()),
+                              default=heartbeat_seconds)
+                await anyio.sleep(max(0.2, min(heartbeat_seconds, fastest) / 2))
 
     @staticmethod
     async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
@@ -158,7 +164,7 @@ class PoolMonitor:
         )
         with anyio.move_on_after(max(10.0, 2 * heartbeat_seconds)):
             await self._caught_up.wait()
-        self._caught_up.set()
+        self._finish_replay()
         log.info("reporter has caught up with its pool's heartbeats", peers=len(self.peers),
                  seconds=round(time.monotonic() - self._takeover, 3))
         for record in list(self.peers.values()):
@@ -172,9 +178,12 @@ class PoolMonitor:
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
             if (marker.decode() if isinstance(marker, bytes) else marker) == self._marker:
-                self._caught_up.set()
+                self._finish_replay()
             return
         live = self._caught_up.is_set()
+        if not live:
+            self._buffer_replayed(message.body)
+            return
         try:
             event = parse_worker_event(message.body)
             if event.report.pool != self.pool:
@@ -187,6 +196,38 @@ class PoolMonitor:
                 await self._on_invalid(exc, message.body)
             return
         self.observe(event, live=live)
+
+    def _buffer_replayed(self, body: bytes) -> None:
+        """Keep a replayed event for the end of the replay; of a worker's consecutive
+        heartbeats only the last, so that a long replay validates few of them."""
+        try:
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        data = raw.get("data") if isinstance(raw, dict) else None
+        worker = data.get("worker") if isinstance(data, dict) else None
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if not isinstance(worker, str) or not isinstance(kind, str):
+            return  # reported, if at all, by whoever was elected when it came
+        events = self._replayed.setdefault(worker, [])
+        if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
+            events[-1] = (kind, body)
+        else:
+            events.append((kind, body))
+
+    def _finish_replay(self) -> None:
+        """Apply the replayed events, then follow live ones (no await in between)."""
+        if self._caught_up.is_set():
+            return
+        for events in self._replayed.values():
+            for _, body in events:
+                try:
+                    event = parse_worker_event(body)
+                except InvalidWorkerEvent:
+                    continue
+                self.observe(event, live=False)
+        self._replayed.clear()
+        self._caught_up.set()
 
     def observe(self, event: WorkerEvent, now: float | None = None, live: bool = True) -> None:
         """Update the table from one validated worker event of this pool."""

@@ -304,6 +304,7 @@ async def test_malformed_worker_events_end_no_session_and_crash_no_status(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # publishing 100,000 confirmed cancels takes minutes
 async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
     vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
 ) -> None:
