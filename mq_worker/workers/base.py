@@ -61,6 +61,7 @@ from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.output import OutputShipper
+from mq_worker.redaction import masked_job_variables
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
 
@@ -542,6 +543,8 @@ class BaseWorker(abc.ABC):
             delivery_count=delivery.delivery_count,
             scheduled_start_time=run.scheduled_start_time,
             late_by_seconds=round(max(0.0, now - due), 6),
+            job_variables=masked_job_variables({**self.template.defaults,
+                                                **run.merged_job_variables()}),
         )
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
