@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from mq_worker import logs, topology
 from mq_worker.broker import mask_secrets
+from mq_worker.dashboard.commands import dashboard as dashboard_command
 from mq_worker.errors import ConfigurationError, MqWorkerError
 from mq_worker.events import Event, EventType
 from mq_worker.ledger import commands as ledger_commands
@@ -440,6 +441,7 @@ def schema(name: str | None, as_asyncapi: bool, as_list: bool) -> None:
 
 
 ledger_commands.register(main)
+main.add_command(dashboard_command)
 
 if __name__ == "__main__":
     main()
