@@ -29,8 +29,10 @@ from mq_worker.redaction import masked
 
 routes = web.RouteTableDef()
 KEEPALIVE_SECONDS = 15.0
-# After a run ended, the ledger is read once more for output a page may have missed.
-LATE_OUTPUT_SECONDS = 2.0
+# While a run has not ended, its page's stream also reads the run from the ledger this often:
+# an event published while the page (re)connected is then shown all the same, and the output
+# the ledger recorded after the page read it (the ledger writes in batches) too.
+LEDGER_POLL_SECONDS = 1.0
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -187,24 +189,33 @@ async def _stream(request: web.Request, run_id: str | None) -> web.StreamRespons
                 assembler.add(batch)
             await flush()
 
+    last_state: str | None = None
+
+    async def ledger_state() -> None:
+        """The run's state as the ledger has it: events a page missed while it (re)connected."""
+        nonlocal last_state
+        record = await dashboard.store.get_run(run_id) if run_id is not None else None
+        if record is not None and record.state != last_state:
+            if last_state not in TERMINAL_STATES:
+                await stored()  # the output the run printed before it ended, all of it
+            last_state = record.state
+            await _send(response, {"kind": "state", "id": run_id, "state": record.state,
+                                   "status_code": record.status_code})
+
     async with dashboard.feed.subscribe(run_id) as subscription:
         await _send(response, {"kind": "hello", "connected": dashboard.feed.connected,
                                "workers": dashboard.feed.worker_rows()})
         await stored()  # after subscribing: what is printed from now on comes live
-        reread_at: float | None = None
+        await ledger_state()
         while not subscription.overflowed:
-            timeout = KEEPALIVE_SECONDS
-            if reread_at is not None:
-                timeout = max(0.0, reread_at - anyio.current_time())
+            timeout = KEEPALIVE_SECONDS if run_id is None else LEDGER_POLL_SECONDS
             message = None
             with anyio.move_on_after(timeout):
                 message = await subscription.messages.get()
             if message is None:
-                if reread_at is not None and anyio.current_time() >= reread_at:
-                    reread_at = None
-                    await stored()
-                else:
-                    await response.write(b": keepalive\n\n")
+                if run_id is not None and last_state not in TERMINAL_STATES:
+                    await ledger_state()
+                await response.write(b": keepalive\n\n")
                 continue
             if message["kind"] == "output":
                 try:
@@ -218,8 +229,6 @@ async def _stream(request: web.Request, run_id: str | None) -> web.StreamRespons
                 message = {**message, "event": {**message["event"],
                                                 "data": masked(message["event"]["data"])}}
                 await _send(response, message)
-                if run_id is not None and message["state"] in TERMINAL_STATES:
-                    reread_at = anyio.current_time() + LATE_OUTPUT_SECONDS
             elif run_id is None:
                 await _send(response, message)
     return response

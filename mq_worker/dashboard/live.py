@@ -37,7 +37,7 @@ BINDINGS = ("mq_worker.run.*", "mq_worker.worker.started", "mq_worker.worker.hea
 SUBSCRIBER_BACKLOG = 2000
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     """One open page's stream: run and worker events, and the output of `run_id` if set."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -45,7 +46,13 @@ def ago(value: float | None) -> str:
 TEMPLATE_GLOBALS: dict[str, Any] = {"STATES": STATES, "TERMINAL_STATES": TERMINAL_STATES,
                                     "CSRF_FIELD": CSRF_FIELD, "outcome_bars": charts.outcome_bars,
                                     "percentile_lines": charts.percentile_lines}
-TEMPLATE_FILTERS: dict[str, Any] = {"when": when, "ago": ago, "seconds": charts.seconds}
+def pretty(value: Any) -> str:
+    """JSON for people: indented, non-ASCII as it is (the template escapes it for HTML)."""
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+TEMPLATE_FILTERS: dict[str, Any] = {"when": when, "ago": ago, "seconds": charts.seconds,
+                                    "pretty": pretty}
 
 
 def _dashboard(request: web.Request) -> Dashboard:

@@ -106,6 +106,16 @@
     const output = document.getElementById("output");
     const timeline = document.getElementById("timeline");
     let shown = parseInt(box.dataset.lines, 10) || 0;
+    function showState(message) {
+      const state = document.getElementById("run-state");
+      const current = state.querySelector("[data-state]");
+      if (current && TERMINAL.includes(current.textContent.trim()) && !TERMINAL.includes(message.state)) return;
+      state.replaceChildren(stateBadge(message.state));
+      if (message.status_code !== null && message.status_code !== undefined) {
+        state.appendChild(document.createTextNode(" (exit " + message.status_code + ")"));
+      }
+      if (TERMINAL.includes(message.state)) document.getElementById("cancel").hidden = true;
+    }
     follow("/api/runs/" + encodeURIComponent(runId) + "/stream", (message) => {
       if (message.kind === "lines") {
         const atBottom = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
@@ -116,16 +126,10 @@
           shown = message.from + offset + 1;
         });
         if (atBottom) output.scrollTop = output.scrollHeight;
+      } else if (message.kind === "state") {
+        showState(message);
       } else if (message.kind === "run" && message.id === runId) {
-        const state = document.getElementById("run-state");
-        const current = state.querySelector("[data-state]");
-        if (!current || !TERMINAL.includes(current.textContent.trim()) || TERMINAL.includes(message.state)) {
-          state.replaceChildren(stateBadge(message.state));
-          if (message.status_code !== null && message.status_code !== undefined) {
-            state.appendChild(document.createTextNode(" (exit " + message.status_code + ")"));
-          }
-        }
-        if (TERMINAL.includes(message.state)) document.getElementById("cancel").hidden = true;
+        showState(message);
         const item = el("li");
         item.appendChild(el("time", {}, message.event.time));
         item.appendChild(document.createTextNode(" "));
