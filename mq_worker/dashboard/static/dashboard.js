@@ -44,9 +44,9 @@
     let row = tbody.querySelector('tr[data-run="' + CSS.escape(run.id) + '"]');
     if (!row) {
       row = el("tr", { "data-run": run.id, class: "flash" });
-      const link = el("a", { class: "mono", href: "/runs/" + encodeURIComponent(run.id) }, run.id);
-      const first = el("td"); first.appendChild(link); row.appendChild(first);
-      for (const col of ["name", "state", "where", "worker", "time", "duration"]) row.appendChild(el("td", { "data-col": col }));
+      const link = el("a", { class: "mono", href: "/runs/" + encodeURIComponent(run.id), title: run.id }, run.id);
+      const first = el("td", { class: "run-id" }); first.appendChild(link); row.appendChild(first);
+      for (const col of ["state", "name", "where", "worker", "time", "duration"]) row.appendChild(el("td", { "data-col": col }));
       row.querySelector('[data-col="time"]').textContent = utc(run.time);
       row.querySelector('[data-col="duration"]').textContent = "-";
       const empty = tbody.querySelector("tr.empty"); if (empty) empty.remove();
