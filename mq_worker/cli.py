@@ -93,6 +93,8 @@ def main() -> None:
               help="Run only commands under this directory; repeatable.")
 @click.option("--max-message-bytes", type=int, help="Larger messages are rejected. [1 MiB]")
 @click.option("--outbox-size", type=int, help="Events waiting before intake stops. [10000]")
+@click.option("--output-max-bytes", type=int,
+              help="Output of a run shipped to mq_worker.output. [10 MiB]")
 @click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep unpublished events in a file here, across restarts.")
 @click.option("--delivery-limit", type=int, help="Deliveries before a message is dead-lettered.")

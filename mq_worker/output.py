@@ -24,6 +24,7 @@ import orjson
 import structlog
 from pamqp import commands as spec
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, ConfigDict, Field
 
 from mq_worker.topology import OUTPUT_EXCHANGE, declare_output_exchange, output_routing_key
 
@@ -36,6 +37,34 @@ DEFAULT_MAX_PENDING_BYTES = 8 * 1024 * 1024
 # Room for the small batches that must not be dropped (eof, truncation marker).
 _CONTROL_ROOM = 1024 * 1024
 _LINE_OVERHEAD = 32  # JSON around one line's text
+
+
+class OutputLineModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    stream: str = Field(description="stdout or stderr.")
+    text: str = Field(description="The line, without its newline; invalid UTF-8 replaced.")
+
+
+class OutputMessage(BaseModel):
+    """A batch of a run's output lines, in order (routing key `output.<pool>.<run id>`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str = Field(description="The run's id.")
+    pool: str
+    queue: str | None = None
+    worker: str = Field(description="The worker that runs it; sequences are per worker.")
+    sequence: int = Field(ge=0, description="0, 1, 2... per run and worker, without gaps.")
+    started_at: datetime = Field(description="When the worker started the run's process.")
+    time: datetime = Field(description="When the batch was published.")
+    first_line: int = Field(ge=0, description="Number of the batch's first line in the run's "
+                            "output, from 0, counting dropped and truncated lines.")
+    lines: list[OutputLineModel]
+    dropped_lines: int = Field(ge=0, description="Lines of this run dropped so far because "
+                               "the broker was slow or away (cumulative).")
+    truncated: bool = Field(description="The run reached its output cap: no more lines follow.")
+    eof: bool = Field(description="The run's last batch: its output is complete.")
 
 
 @dataclass(frozen=True)
@@ -92,11 +121,13 @@ class RunOutput:
         if self._closed:
             return
         self._line_number += 1
-        cost = len(text) + _LINE_OVERHEAD
         if self._truncated:
             self.shipper._count("truncated", 1)
             return
-        if self._shipped_bytes + cost > self.shipper.max_run_bytes:
+        # The cap counts what a reader gets (the text and its newline), buffers the JSON too.
+        shipped = len(text) + 1
+        cost = len(text) + _LINE_OVERHEAD
+        if self._shipped_bytes + shipped > self.shipper.max_run_bytes:
             self._truncated = True
             self.shipper._count("truncated", 1)
             self._seal()
@@ -107,7 +138,7 @@ class RunOutput:
                 self.shipper.batch_seconds, self._seal)
         self._lines.append({"stream": stream, "text": text})
         self._size += cost
-        self._shipped_bytes += cost
+        self._shipped_bytes += shipped
         if self._size >= self.shipper.batch_bytes:
             self._seal()
 

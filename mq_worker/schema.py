@@ -18,6 +18,7 @@ from mq_worker import topology
 from mq_worker.events import CONTENT_TYPE, DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.monitor import PING
+from mq_worker.output import OutputMessage
 from mq_worker.signing import SIGNATURE_HEADER
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -90,6 +91,7 @@ def _models() -> dict[str, type[BaseModel]]:
         "run": RunMessage,
         "cancel": CancelMessage,
         "event": EventEnvelope,
+        "output": OutputMessage,
     }
     for event_type in [*EVENT_TYPES, PING]:
         models[event_type] = event_model(event_type)
@@ -167,6 +169,20 @@ def _channels() -> dict[str, Any]:
             "bindings": _exchange(topology.RUNS_EXCHANGE),
         },
     }
+    channels["runOutput"] = {
+        "address": "output.{pool}.{runId}",
+        "title": "Run output",
+        "description": (
+            f"Batches of a run's stdout/stderr lines, published to `{topology.OUTPUT_EXCHANGE}` "
+            f"by the worker that runs it when `stream_output` is on. Bind `output.*.<run id>` "
+            f"to follow one run, `output.#` for all. Best effort: capped per run, dropped (and "
+            f"counted) rather than ever slowing a run."
+        ),
+        "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."},
+                       "runId": {"description": "The run's id."}},
+        "messages": {"output": _ref("components", "messages", "output")},
+        "bindings": _exchange(topology.OUTPUT_EXCHANGE),
+    }
     for event_type in [*EVENT_TYPES, PING]:
         key = _camel(event_type)
         channels[key] = {
@@ -212,6 +228,10 @@ def _operations() -> dict[str, Any]:
         key = _camel(event_type)
         operations["send" + key[0].upper() + key[1:]] = _operation(
             "send", key, key, _WHEN[EventType(event_type)], {"deliveryMode": 2})
+    operations["sendRunOutput"] = _operation(
+        "send", "runOutput", "output",
+        "A worker publishes a running run's output lines in numbered batches.",
+        {"deliveryMode": 2})
     return operations
 
 
@@ -260,6 +280,9 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
                            "application/json", names["cancel"], headers=signature,
                            examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
     }
+    messages["output"] = _message(
+        "output", "Run output", "A batch of a run's output lines.", "application/json",
+        names["output"])
     for event_type in [*EVENT_TYPES, PING]:
         key = _camel(event_type)
         summary = _WHEN[EventType(event_type)] if event_type != PING else _PING_SUMMARY

@@ -55,7 +55,7 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
 
-    assert set(services) == {"rabbitmq", "worker", "demo"}
+    assert set(services) == {"rabbitmq", "worker", "demo", "postgres", "ledger"}
     assert services["rabbitmq"]["image"].endswith("-management")
     assert {p["target"] for p in services["rabbitmq"]["ports"]} == {5672, 15672}
 
@@ -66,6 +66,11 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     assert "--health-port" in worker["command"]
     assert "/health" in " ".join(worker["healthcheck"]["test"])
     assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+    ledger = services["ledger"]
+    assert ledger["command"][0] == "ledger"
+    assert ledger["environment"]["MQ_WORKER_LEDGER_DB"].startswith("postgresql://")
+    assert ledger["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     demo = services["demo"]
     assert "mq-worker submit" in " ".join(demo["command"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -127,3 +129,15 @@ def test_pruning_deletes_old_runs_with_their_events_and_output(db_url: str) -> N
         assert store.prune(cutoff) == 1
         assert store.get_run(old) is None and store.get_output(old) == []
         assert store.get_run(new) is not None
+
+
+def test_postgresql_without_the_extra_fails_clearly(tmp_path: Path) -> None:
+    hide_psycopg = ("import sys; sys.modules['psycopg'] = None; sys.argv[0] = 'mq-worker'; "
+                    "from mq_worker.cli import main; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", hide_psycopg, "runs", "--db",
+         "postgresql://postgres@127.0.0.1:5432/postgres"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "pip install 'mq-worker[ledger]'" in result.stderr
+    assert "Traceback" not in result.stderr

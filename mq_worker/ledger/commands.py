@@ -82,11 +82,13 @@ def register(main: click.Group) -> None:
 @click.option("--url", "urls", multiple=True, help=_URL_HELP)
 @click.option("--db", help=_DB_HELP)
 @click.option("--keep-days", type=float, default=30.0, show_default=True,
+              envvar="MQ_WORKER_LEDGER_KEEP_DAYS",
               help="Delete runs that ended longer ago than this; 0 keeps everything.")
 @click.option("--max-output-bytes", type=int, default=10 * 1024 * 1024, show_default=True,
               help="Output kept per run; then one truncation marker.")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
-@click.option("--log-level", default="INFO",
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto",
+              envvar="MQ_WORKER_LOG_FORMAT")
+@click.option("--log-level", default="INFO", envvar="MQ_WORKER_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @http_options()
 def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, max_output_bytes: int,

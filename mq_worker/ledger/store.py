@@ -32,12 +32,12 @@ from mq_worker.ledger.records import (
     OutputBatch,
     OutputLine,
     OutputRow,
-    RunChange,
     RunPage,
     RunRecord,
     WriteResult,
 )
 from mq_worker.ledger.upsert import run_upsert_sql
+from mq_worker.ledger.writer import write_rows
 
 __all__ = ["AsyncLedgerStore", "LedgerStore", "default_db_url", "redact"]
 
@@ -116,55 +116,10 @@ class LedgerStore:
 
     def write(self, rows: Iterable[EventRow | OutputRow]) -> WriteResult:
         """Record events and output batches in one transaction; duplicates change nothing."""
-        # One order for every writer, so two ledgers on one database lock rows alike.
-        ordered = sorted(rows, key=lambda r: (r.run_id, isinstance(r, OutputRow)))
+        batch = list(rows)
         now = time.time()
-        insert_event = self._sql(
-            "INSERT INTO events (id, run_id, type, time, rank, source, data, recorded_at, size) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
-
-        def work(cursor: Any) -> WriteResult:
-            events = duplicates = batches = 0
-            for row in ordered:
-                if isinstance(row, EventRow):
-                    cursor.execute(insert_event, (row.id, row.run_id, row.type, row.time,
-                                                  row.rank, row.source, row.data, now, row.size))
-                    if cursor.rowcount != 1:
-                        duplicates += 1
-                        continue
-                    events += 1
-                    if row.run is not None:
-                        cursor.execute(self._upsert, row.run.values())
-                elif self._write_output(cursor, row, now):
-                    batches += 1
-                else:
-                    duplicates += 1
-            return WriteResult(events, duplicates, batches)
-
-        return self._transaction(work)
-
-    def _write_output(self, cursor: Any, row: OutputRow, now: float) -> bool:
-        cursor.execute(self._sql("SELECT output_bytes FROM runs WHERE id = ?"), (row.run_id,))
-        found = cursor.fetchone()
-        room = self.max_output_bytes - (int(found[0]) if found else 0)
-        lines, size, truncated = row.lines, row.bytes, row.truncated
-        if size > room:
-            lines, size = _fit(lines, max(room, 0))
-            truncated = True
-        cursor.execute(self._sql(
-            "INSERT INTO output (run_id, worker, sequence, started_at, first_line, lines, bytes, "
-            "dropped_lines, truncated, eof, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (run_id, worker, sequence) DO NOTHING"),
-            (row.run_id, row.worker, row.sequence, row.started_at, row.first_line,
-             orjson.dumps(lines).decode(), size, row.dropped_lines, int(truncated), int(row.eof),
-             now))
-        if cursor.rowcount != 1:
-            return False
-        change = RunChange(**{**row.run.__dict__, "output_bytes": size, "output_lines": len(lines),
-                              "output_dropped_lines": row.dropped_lines,
-                              "output_truncated": int(truncated)})
-        cursor.execute(self._upsert, change.values())
-        return True
+        return self._transaction(lambda cursor: write_rows(
+            cursor, self.dialect, self._upsert, batch, now, self.max_output_bytes))
 
     def prune(self, older_than: float, *, chunk: int = 1000) -> int:
         """Delete runs that ended (or, never ending, began) before `older_than`; return how many."""
@@ -281,18 +236,6 @@ class LedgerStore:
 def _fetch(cursor: Any, statement: str, args: Sequence[Any]) -> list[Any]:
     cursor.execute(statement, tuple(args))
     return list(cursor.fetchall())
-
-
-def _fit(lines: list[list[str]], room: int) -> tuple[list[list[str]], int]:
-    kept: list[list[str]] = []
-    size = 0
-    for stream, text in lines:
-        cost = len(text.encode(errors="replace")) + 1
-        if size + cost > room:
-            break
-        kept.append([stream, text])
-        size += cost
-    return kept, size
 
 
 _READ_COLUMNS = [c for c in RUN_COLUMNS if c not in ("state_time", "state_rank")]
