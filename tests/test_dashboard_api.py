@@ -253,3 +253,13 @@ def test_serves_beyond_loopback_only_with_an_auth_file(vhost: VHost, tmp_path: P
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "only with --auth-file" in result.stderr
+
+
+async def test_live_view_comes_back_after_the_broker_closed_its_connection(
+        dashboard: DashboardProcess, vhost: VHost) -> None:
+    await wait_until(lambda: vhost.close_connections("mq_worker dashboard") > 0)
+    name = f"back-{uuid.uuid4().hex[:6]}"
+    async with running_worker(vhost.url, name=name):
+        await wait_until(lambda: any(w["name"] == name and w["state"] == "live" for w in
+                                     _json(dashboard, "/api/workers")["workers"]), timeout=20)
+    assert dashboard.process.poll() is None

@@ -123,18 +123,19 @@ class LiveFeed:
         """Follow the broker until cancelled, reconnecting when it goes away."""
         backoff = 0.2
         while True:
+            began = time.monotonic()
             try:
                 await self._session()
-            except (BrokerError, aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-                log.warning("dashboard lost the broker; reconnecting", error=str(exc),
-                            retry_in=backoff)
+            except* (BrokerError, aiormq.exceptions.AMQPError, ConnectionError, OSError) as group:
+                log.warning("dashboard lost the broker; reconnecting", retry_in=backoff,
+                            error="; ".join(str(e) for e in group.exceptions))
             finally:
                 self.connected = False
                 self._queue = None
                 with anyio.CancelScope(shield=True):
                     await self._link.close()
+            backoff = 0.2 if time.monotonic() - began > 30 else min(backoff * 2, 5.0)
             await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
     async def _session(self) -> None:
         channel = await self._link.channel()
@@ -153,11 +154,11 @@ class LiveFeed:
         self.connected = True
         self.ready.set()
         await send_ping(self.urls, self.tls)  # every live worker answers with a heartbeat now
-        closed = self._link.connection.closed() if self._link.connection else None
         async with anyio.create_task_group() as tg:
             async def _watch() -> None:
-                if closed is not None:
-                    await closed
+                # The channel's closing future ends when the channel or its connection does,
+                # also when the broker closed them (aio-pika's own `closed()` does not then).
+                await asyncio.wait({channel.closing})
                 raise ConnectionError("the broker closed the dashboard's connection")
 
             tg.start_soon(_watch)
