@@ -173,3 +173,21 @@ async def test_runs_filter_by_state(dashboard: DashboardProcess, vhost: VHost,
         assert ids == [str(bad.id)]
         await screenshot(page, "runs-filtered")
 
+
+
+async def test_submit_form_runs_a_command_and_shows_its_page(
+        dashboard: DashboardProcess, vhost: VHost, tmp_path: Path) -> None:
+    async with running_worker(vhost.url) as _, browser() as chromium:
+        page = await _open(chromium, dashboard.base + "/submit", viewport=PHONE)
+        await page.fill("input[name=name]", "tried-from-the-form")
+        await page.fill("input[name=command]", probe(tmp_path))
+        await page.fill("textarea[name=job_variables]", '{"env": {"TIER": "form"}}')
+        await screenshot(page, "submit-phone-light")
+        await page.click("#submit-form button[type=submit]")
+        await page.wait_for_url("**/runs/*?message=submitted")
+        run_id = page.url.split("/runs/")[1].split("?")[0]
+        await page.wait_for_selector("#run-state >> text=completed", timeout=15 * SECONDS)
+        assert started_runs(tmp_path)[run_id]["env"]["TIER"] == "form"
+        await page.reload()
+        assert "tried-from-the-form" in await page.inner_text(".facts")
+        assert '"TIER": "form"' in await page.inner_text("#configuration")
