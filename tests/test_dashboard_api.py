@@ -263,3 +263,20 @@ async def test_live_view_comes_back_after_the_broker_closed_its_connection(
         await wait_until(lambda: any(w["name"] == name and w["state"] == "live" for w in
                                      _json(dashboard, "/api/workers")["workers"]), timeout=20)
     assert dashboard.process.poll() is None
+
+
+async def test_queue_depths_without_the_management_api(vhost: VHost, tmp_path: Path) -> None:
+    dashboard = DashboardProcess(vhost.url, f"sqlite:///{tmp_path / 'ledger.db'}",
+                                 "--management-url", "http://127.0.0.1:9/")
+    try:
+        dashboard.wait_serving()
+        async with Publisher(vhost.url) as publisher:  # no worker: the runs wait in the queue
+            for _ in range(3):
+                await publisher.submit(new_run("true"))
+        overview = _json(dashboard, "/api/overview")
+        assert overview["queue_source"] == "passive declares"
+        queues = {q["name"]: q for q in overview["queues"]}
+        assert queues["mq_worker.default.default"]["ready"] == 3
+        assert queues["mq_worker.default.default"]["consumers"] == 0
+    finally:
+        dashboard.stop()

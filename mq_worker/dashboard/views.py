@@ -63,6 +63,7 @@ async def overview_data(dashboard: Dashboard) -> dict[str, Any]:
     page = await dashboard.call(dashboard.queries.search_runs, RunFilter(), limit=RECENT_RUNS)
     stats = await dashboard.call(dashboard.queries.overview)
     known = await dashboard.call(dashboard.queries.known_queues, time.time() - 7 * 86400)
+    known.append((topology.DEFAULT_POOL, topology.DEFAULT_QUEUE))
     for row in dashboard.feed.worker_rows():
         known.extend((row["pool"], q) for q in row["queues"])
     try:
