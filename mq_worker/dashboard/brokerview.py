@@ -11,7 +11,7 @@ are serialised, since a browse hides the messages it holds from another one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,13 +155,20 @@ class BrokerView:
 
     # -- queues ------------------------------------------------------------------------
 
-    async def queue_depths(self, known: Sequence[tuple[str, str]]) -> tuple[str, list[QueueDepth]]:
-        """(where from, the work queues and the dead-letter queue with their depths)."""
+    async def queue_depths(
+        self, known: Callable[[], Awaitable[Sequence[tuple[str, str]]]]
+    ) -> tuple[str, list[QueueDepth]]:
+        """(where from, the work queues and the dead-letter queue with their depths).
+
+        `known` gives the (pool, queue) pairs to declare passively when the management
+        API does not answer.
+        """
         try:
             return "management API", await self._from_management()
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
             log.debug("management API unavailable; passive declares", error=str(exc))
-        names = sorted({topology.work_queue_name(p, q) for p, q in known} | {topology.DEAD_QUEUE})
+        names = sorted({topology.work_queue_name(p, q) for p, q in await known()}
+                       | {topology.DEAD_QUEUE})
         return "passive declares", await self._passive(names)
 
     async def _from_management(self) -> list[QueueDepth]:

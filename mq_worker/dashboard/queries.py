@@ -9,7 +9,6 @@ names, for the search box) and one table (the actions taken from it).
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -75,11 +74,11 @@ class Overview:
 
 
 def _percentile(values: list[float], q: float) -> float | None:
+    """The `q`th percentile by nearest rank (cheap enough for every minute of an hour)."""
     if not values:
         return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 class DashboardStore(LedgerStore):
@@ -144,24 +143,26 @@ class DashboardStore(LedgerStore):
         minute_expr = ("CAST((ended_at - ?) / 60 AS INTEGER)" if self.dialect is SQLITE
                        else "CAST(FLOOR((ended_at - ?) / 60) AS INTEGER)")
 
-        def read(cursor: Any) -> tuple[list[Any], list[Any], list[Any]]:
+        # Both read only the runs that ended in the window, through the index on ended_at.
+        def read(cursor: Any) -> tuple[list[Any], list[Any]]:
             counts = _fetch(cursor, self._sql(
-                f"SELECT {minute_expr}, state, COUNT(*) FROM runs WHERE ended_at >= ? "
-                "GROUP BY 1, 2"), [start, start])
-            reasons = _fetch(cursor, self._sql(
-                "SELECT COALESCE(reason, '-'), COUNT(*) FROM runs "
-                "WHERE ended_at >= ? AND state = 'crashed' GROUP BY 1"), [start])
+                f"SELECT {minute_expr}, state, "
+                "CASE WHEN state = 'crashed' THEN COALESCE(reason, '-') END, COUNT(*) "
+                "FROM runs WHERE ended_at >= ? GROUP BY 1, 2, 3"), [start, start])
             sample = _fetch(cursor, self._sql(
                 "SELECT ended_at, start_delay_seconds, duration_seconds, submitted_at FROM runs "
                 "WHERE ended_at >= ? ORDER BY ended_at DESC LIMIT ?"), [start, PERCENTILE_SAMPLE])
-            return counts, reasons, sample
+            return counts, sample
 
-        counts, reasons, sample = self._transaction(read, write=False)
-        outcomes: dict[int, dict[str, int]] = defaultdict(dict)
+        counts, sample = self._transaction(read, write=False)
+        outcomes: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         totals: dict[str, int] = defaultdict(int)
-        for minute, state, count in counts:
-            outcomes[int(minute)][state] = int(count)
+        reasons: dict[str, int] = defaultdict(int)
+        for minute, state, reason, count in counts:
+            outcomes[int(minute)][state] += int(count)
             totals[state] += int(count)
+            if reason is not None:
+                reasons[str(reason)] += int(count)
         delays: dict[int, list[float]] = defaultdict(list)
         durations: dict[int, list[float]] = defaultdict(list)
         for ended_at, delay, duration, submitted_at in sample:
@@ -173,22 +174,24 @@ class DashboardStore(LedgerStore):
             if duration is not None:
                 durations[minute].append(float(duration))
         minutes = [
-            MinuteStats(m, outcomes.get(m, {}),
+            MinuteStats(m, dict(outcomes.get(m, {})),
                         _percentile(delays[m], 50), _percentile(delays[m], 99),
                         _percentile(durations[m], 50), _percentile(durations[m], 99))
             for m in range(int(window // 60))
         ]
         all_delays = [d for values in delays.values() for d in values]
         all_durations = [d for values in durations.values() for d in values]
-        return Overview(start, minutes, {str(r): int(c) for r, c in reasons}, dict(totals),
+        return Overview(start, minutes, dict(reasons), dict(totals),
                         _percentile(all_delays, 50), _percentile(all_delays, 99),
                         _percentile(all_durations, 50), _percentile(all_durations, 99))
 
-    def known_queues(self, since: float) -> list[tuple[str, str]]:
-        """(pool, queue) of runs seen since `since`, for queue depths without the management API."""
+    def known_queues(self, since: float, limit: int = 100_000) -> list[tuple[str, str]]:
+        """(pool, queue) of the newest runs since `since`, for queue depths without the
+        management API; at most `limit` runs are read."""
         rows = self._transaction(lambda c: _fetch(c, self._sql(
-            "SELECT DISTINCT pool, queue FROM runs WHERE created_at >= ? AND pool IS NOT NULL "
-            "AND queue IS NOT NULL"), [since]), write=False)
+            "SELECT DISTINCT pool, queue FROM (SELECT pool, queue FROM runs "
+            "WHERE created_at >= ? ORDER BY created_at DESC LIMIT ?) AS recent "
+            "WHERE pool IS NOT NULL AND queue IS NOT NULL"), [since, limit]), write=False)
         return [(str(p), str(q)) for p, q in rows]
 
     def record_action(self, action: str, target: str, detail: dict[str, Any],

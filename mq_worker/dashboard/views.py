@@ -62,12 +62,17 @@ def _dashboard(request: web.Request) -> Dashboard:
 async def overview_data(dashboard: Dashboard) -> dict[str, Any]:
     page = await dashboard.call(dashboard.queries.search_runs, RunFilter(), limit=RECENT_RUNS)
     stats = await dashboard.call(dashboard.queries.overview)
-    known = await dashboard.call(dashboard.queries.known_queues, time.time() - 7 * 86400)
-    known.append((topology.DEFAULT_POOL, topology.DEFAULT_QUEUE))
-    for row in dashboard.feed.worker_rows():
-        known.extend((row["pool"], q) for q in row["queues"])
+
+    async def known() -> list[tuple[str, str]]:
+        """The work queues to look at when the management API cannot list them."""
+        found = await dashboard.call(dashboard.queries.known_queues, time.time() - 86400)
+        found.append((topology.DEFAULT_POOL, topology.DEFAULT_QUEUE))
+        for row in dashboard.feed.worker_rows():
+            found.extend((row["pool"], q) for q in row["queues"])
+        return list(found)
+
     try:
-        with anyio.fail_after(3):
+        with anyio.fail_after(5):
             source, queues = await dashboard.broker.queue_depths(known)
     except Exception as exc:  # the broker away must not take the page down
         log.warning("queue depths unavailable", error=str(exc))
