@@ -35,6 +35,7 @@ BINDINGS = ("mq_worker.run.*", "mq_worker.worker.started", "mq_worker.worker.hea
             "mq_worker.worker.stopped", "mq_worker.worker.lost")
 # A page that cannot keep up loses its stream (and reconnects) instead of growing memory.
 SUBSCRIBER_BACKLOG = 2000
+WORKERS_INTERVAL = 0.25
 
 
 @dataclass(eq=False)
@@ -75,6 +76,7 @@ class LiveFeed:
         self._link = Link(self.urls, name="mq_worker dashboard", tls=tls,
                           publisher_confirms=False)
         self._queue: str | None = None
+        self._workers_changed = anyio.Event()
 
     # -- pages -------------------------------------------------------------------
 
@@ -162,6 +164,7 @@ class LiveFeed:
                 raise ConnectionError("the broker closed the dashboard's connection")
 
             tg.start_soon(_watch)
+            tg.start_soon(self._send_workers)
             while True:
                 self._handle(await inbox.get())
 
@@ -190,7 +193,7 @@ class LiveFeed:
             return  # not an event of ours; the ledger dead-letters what it cannot read
         if event.type.startswith("mq_worker.worker."):
             self._observe_worker(event)
-            self._broadcast({"kind": "workers", "workers": self.worker_rows()})
+            self._workers_changed.set()
         elif event.type.startswith("mq_worker.run."):
             self._observe_run(event)
             summary = run_summary(event)
@@ -219,7 +222,16 @@ class LiveFeed:
             self.extras[worker].in_flight.discard(run_id)
         else:
             self.extras[worker].in_flight.add(run_id)
-        self._broadcast({"kind": "workers", "workers": self.worker_rows()})
+        self._workers_changed.set()
+
+    async def _send_workers(self) -> None:
+        """The worker table to every page when it changed, at most every WORKERS_INTERVAL:
+        a busy fleet changes it with every run."""
+        while True:
+            await self._workers_changed.wait()
+            self._workers_changed = anyio.Event()
+            self._broadcast({"kind": "workers", "workers": self.worker_rows()})
+            await anyio.sleep(WORKERS_INTERVAL)
 
     def _handle_output(self, body: bytes) -> None:
         try:
