@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from mq_worker.broker import TlsOptions
 from mq_worker.dashboard.access import Access
 from mq_worker.dashboard.brokerview import BrokerView
 from mq_worker.dashboard.live import LiveFeed
-from mq_worker.dashboard.queries import DashboardStore
+from mq_worker.dashboard.queries import DashboardStore, Overview
 from mq_worker.ledger.database import redact
 from mq_worker.ledger.store import AsyncLedgerStore
 
@@ -25,6 +26,7 @@ log = structlog.get_logger("mq_worker.dashboard")
 
 HERE = Path(__file__).parent
 APP_KEY: web.AppKey[Dashboard] = web.AppKey("dashboard")
+LAST_HOUR_CACHE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Dashboard:
         self.broker = BrokerView(options.urls, tls=options.tls,
                                  signing_key_file=options.signing_key_file,
                                  management_url=options.management_url)
+        self._last_hour: tuple[float, Overview] | None = None
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True, undefined=jinja2.StrictUndefined, enable_async=False)
@@ -59,6 +62,14 @@ class Dashboard:
 
         self.templates.globals.update(views.TEMPLATE_GLOBALS)
         self.templates.filters.update(views.TEMPLATE_FILTERS)
+
+    async def last_hour(self) -> Overview:
+        """The last hour's statistics, shared by the pages that ask within a few seconds:
+        each open overview refreshes them, and they read every run of the hour."""
+        now = time.monotonic()
+        if self._last_hour is None or now - self._last_hour[0] > LAST_HOUR_CACHE_SECONDS:
+            self._last_hour = (now, await self.call(self.queries.overview))
+        return self._last_hour[1]
 
     async def call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         return await self.store.call(method, *args, **kwargs)

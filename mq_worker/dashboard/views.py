@@ -61,7 +61,7 @@ def _dashboard(request: web.Request) -> Dashboard:
 
 async def overview_data(dashboard: Dashboard) -> dict[str, Any]:
     page = await dashboard.call(dashboard.queries.search_runs, RunFilter(), limit=RECENT_RUNS)
-    stats = await dashboard.call(dashboard.queries.overview)
+    stats = await dashboard.last_hour()
 
     async def known() -> list[tuple[str, str]]:
         """The work queues to look at when the management API cannot list them."""
