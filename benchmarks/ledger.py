@@ -9,6 +9,10 @@ and two worker processes on one queue of a vhost of their own. `runs` runs of `/
 allow. Reported: the workers' runs/s, the ledger's lag per event (the time it wrote the event
 minus the event's own time: p50, p99, max), the rows it wrote per second (events and output
 batches), and how long after the last run ended it had recorded everything.
+
+With --backlog the ledger is stopped while the runs happen (its queue keeps their events and
+output) and started after the last one: the rows/s it then writes is its own capacity, not
+the workers' pace.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import time
 import urllib.parse
@@ -95,16 +100,28 @@ def _query(db: str, statement: str) -> list[Any]:
                                   write=False)
 
 
-async def measure(kind: str, runs: int, limit: int) -> dict[str, Any]:
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+async def _wait_ledger_consuming(vhost_name: str, ledger: subprocess.Popen[bytes],
+                                 log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while _ledger_consumers(vhost_name) < 1:
+        if time.monotonic() > deadline or ledger.poll() is not None:
+            raise RuntimeError(f"the ledger did not start: {_tail(log)}")
+        await asyncio.sleep(0.2)
+
+
+async def measure(kind: str, runs: int, limit: int, backlog: bool = False) -> dict[str, Any]:
     with vhost(f"ledger-{kind}") as space, database(kind) as db:
         log = RESULTS / "logs" / f"ledger-{kind}.log"
         ledger = start_ledger(space.url, db, log)
         try:
-            deadline = time.monotonic() + 60
-            while _ledger_consumers(space.name) < 1:
-                if time.monotonic() > deadline or ledger.poll() is not None:
-                    raise RuntimeError(f"the ledger did not start: {log.read_text()[-2000:]}")
-                await asyncio.sleep(0.2)
+            await _wait_ledger_consuming(space.name, ledger, log)
+            if backlog:  # its queue exists now; let the runs pile up in it
+                ledger.terminate()
+                ledger.wait(60)
             async with EventWatch(space.url, [WORKER_STARTED, RUN_COMPLETED]) as watch, \
                     Publisher(space.url) as publisher:
                 with workers(space.url, 2, limit=limit, prefix=f"ledger-{kind}") as started:
@@ -115,6 +132,8 @@ async def measure(kind: str, runs: int, limit: int) -> dict[str, Any]:
                     await publisher.publish_many(bodies)
                     await watch.wait_count(RUN_COMPLETED, runs, timeout=1800)
                     ended = time.time()
+            if backlog:
+                ledger = start_ledger(space.url, db, log)
             expected_events = 3 * runs
             deadline = time.monotonic() + 600
             while True:
@@ -134,7 +153,8 @@ async def measure(kind: str, runs: int, limit: int) -> dict[str, Any]:
         (run_rows,), = _query(db, "SELECT COUNT(*) FROM runs WHERE state = 'completed'")
     rows = len(lags) + batches
     return {
-        "db": kind, "runs": runs, "runs_recorded": run_rows, "events": len(lags),
+        "db": kind, "mode": "backlog" if backlog else "live", "runs": runs,
+        "runs_recorded": run_rows, "events": len(lags), "load_average": os.getloadavg()[0],
         "output_batches": batches,
         "workers_runs_per_s": runs / (ended - began),
         "lag_p50_ms": 1000 * percentile(lags, 50), "lag_p99_ms": 1000 * percentile(lags, 99),
@@ -149,17 +169,22 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--db", default="sqlite,postgresql")
+    parser.add_argument("--backlog", action="store_true",
+                        help="Start the ledger only after the runs: its own capacity.")
     args = parser.parse_args()
     banner("ledger")
-    results = [await measure(kind, args.runs, args.limit) for kind in args.db.split(",")]
+    results = [await measure(kind, args.runs, args.limit, args.backlog)
+               for kind in args.db.split(",")]
+    mode = "backlog: ledger started after the runs" if args.backlog else "live"
     print_table(
-        f"Ledger: {args.runs} runs of /bin/echo through 2 workers (limit {args.limit})",
+        f"Ledger ({mode}): {args.runs} runs of /bin/echo through 2 workers (limit {args.limit})",
         ["db", "runs/s (workers)", "recorded", "events", "lag p50 ms", "lag p99 ms",
-         "lag max ms", "rows/s", "caught up after (s)"],
+         "lag max ms", "rows/s", "caught up after (s)", "load avg (1 min)"],
         [[r["db"], r["workers_runs_per_s"], r["runs_recorded"], r["events"], r["lag_p50_ms"],
-          r["lag_p99_ms"], r["lag_max_ms"], r["rows_per_s"], r["caught_up_after_last_run_s"]]
+          r["lag_p99_ms"], r["lag_max_ms"], r["rows_per_s"], r["caught_up_after_last_run_s"],
+          r["load_average"]]
          for r in results])
-    write_results("ledger", {"results": results})
+    write_results("ledger-backlog" if args.backlog else "ledger", {"results": results})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,8 @@ from mq_worker.ledger import LedgerStore
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.topology import OUTPUT_EXCHANGE
 from tests.conftest import (
+    HOST,
+    PORT,
     PYTHON,
     EventLog,
     VHost,
@@ -39,6 +42,7 @@ from tests.conftest import (
 )
 from tests.contract import committed_document, message_for_routing_key, payload_validator
 from tests.helpers.ledger import ledger_database
+from tests.proxy import link_proxy
 from tests.test_security import broker_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -474,3 +478,73 @@ async def test_a_ledger_works_with_exactly_the_documented_permissions(
         finally:
             ledger.stop()
     assert "ACCESS_REFUSED" not in ledger.log.read_text()
+
+
+async def test_runs_older_than_keep_days_are_pruned_with_their_events_and_output(
+    vhost: VHost, events: EventLog, ledgers: Callable[..., LedgerProcess], db_url: str,
+) -> None:
+    keep_seconds = 6.0
+    ledger = ledgers(db_url, "--keep-days", str(keep_seconds / 86400), "--prune-interval", "0.5")
+    await wait_until(ledger.ready, timeout=30)
+    async with running_worker(vhost.url), Publisher(vhost.url) as publisher:
+        old = await publisher.submit(new_run("echo old"))
+        await events.wait_terminal([old.id], timeout=60)
+        await wait_recorded(db_url, {str(old.id): len(unique(events.of(old.id)))})
+        await wait_until(lambda: output_lines(db_url, str(old.id)) == 1, timeout=30)
+        # Long enough after the old run ended that it is due, the new one is not.
+        await wait_until(lambda: (datetime.now(UTC) - events.terminal(old.id)[0].time
+                                  ).total_seconds() > keep_seconds - 2, timeout=30)
+        new = await publisher.submit(new_run("echo new"))
+        await events.wait_terminal([new.id], timeout=60)
+    await wait_recorded(db_url, {str(new.id): len(unique(events.of(new.id)))})
+    await wait_until(lambda: str(old.id) not in recorded(db_url), timeout=30)
+    with LedgerStore(db_url) as store:
+        assert store.get_output(str(old.id)) == []
+        assert store.get_run(str(old.id)) is None
+        assert store.get_run(str(new.id)) is not None
+    assert ledger.stop() == 0
+
+
+@pytest.mark.slow
+async def test_output_is_dropped_and_counted_while_the_broker_is_away_never_blocking_the_run(
+    vhost: VHost, events: EventLog, tmp_path: Path,
+) -> None:
+    """The run prints 30 MB while its worker cannot reach the broker: the run is not held up
+    (it ends while the link is still cut), the worker keeps only a bounded buffer, and once
+    the link is back the output says how many lines were dropped."""
+    go, done = tmp_path / "go", tmp_path / "done"
+    script = ("import os, sys, time\n"
+              "print('before', flush=True)\n"
+              f"while not os.path.exists({str(go)!r}):\n"
+              "    time.sleep(0.02)\n"
+              "line = 'd' * 99 + '\\n'\n"
+              "for _ in range(300_000):\n"
+              "    sys.stdout.write(line)\n"
+              "sys.stdout.flush()\n"
+              f"open({str(done)!r}, 'w').close()\n")
+    received: list[aio_pika.abc.AbstractIncomingMessage] = []
+    async with link_proxy(HOST, PORT) as proxy, anyio.create_task_group() as tg:
+        await tg.start(_collect_output, vhost.url, received)
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url, output_max_bytes=100 * 2**20) as worker, \
+                Publisher(vhost.url) as publisher:
+            run = await publisher.submit(new_run(shlex.join([PYTHON, "-c", script])))
+            await wait_until(lambda: len(received) >= 1, timeout=30)
+            proxy.cut()
+            await wait_until(lambda: not worker.connected, timeout=15)
+            go.touch()
+            await wait_until(done.exists, timeout=60)  # the run was never blocked
+            assert not worker.connected
+            stats = worker.output.stats()
+            assert stats.dropped_lines > 0 and stats.pending_bytes <= 9 * 2**20
+            await proxy.restore()
+            await events.wait_terminal([run.id], timeout=60)
+            await wait_until(lambda: any(json.loads(m.body)["eof"] for m in received),
+                             timeout=60)
+        tg.cancel_scope.cancel()
+    bodies = [json.loads(m.body) for m in received]
+    shipped = sum(len(b["lines"]) for b in bodies)
+    dropped = bodies[-1]["dropped_lines"]
+    assert bodies[-1]["eof"] and dropped > 0
+    assert shipped + dropped == 300_001  # every line shipped or counted, none twice
+    assert [b["sequence"] for b in bodies] == list(range(len(bodies)))

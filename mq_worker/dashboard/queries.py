@@ -125,8 +125,8 @@ class DashboardStore(LedgerStore):
                 args.extend([term, term + "\uffff"])
         if before:
             created, _, run_id = before.partition("/")
-            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args.extend([float(created), float(created), run_id])
+            clauses.append("(created_at, id) < (?, ?)")  # a row value: the index is sought
+            args.extend([float(created), run_id])
         clause = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         statement = (f"SELECT {', '.join(_READ_COLUMNS)} FROM runs {clause} "
                      "ORDER BY created_at DESC, id DESC LIMIT ?")

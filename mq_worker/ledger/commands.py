@@ -84,6 +84,8 @@ def register(main: click.Group) -> None:
 @click.option("--keep-days", type=float, default=30.0, show_default=True,
               envvar="MQ_WORKER_LEDGER_KEEP_DAYS",
               help="Delete runs that ended longer ago than this; 0 keeps everything.")
+@click.option("--prune-interval", type=click.FloatRange(min=0.1), default=3600.0,
+              show_default=True, help="Seconds between two prunings of old runs.")
 @click.option("--max-output-bytes", type=int, default=10 * 1024 * 1024, show_default=True,
               help="Output kept per run; then one truncation marker.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto",
@@ -91,8 +93,8 @@ def register(main: click.Group) -> None:
 @click.option("--log-level", default="INFO", envvar="MQ_WORKER_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @http_options()
-def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, max_output_bytes: int,
-           log_format: str, log_level: str, **http: Any) -> None:
+def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, prune_interval: float,
+           max_output_bytes: int, log_format: str, log_level: str, **http: Any) -> None:
     """Record every run (events, times, outcome, output) into a database, until stopped.
 
     With --http-port, also serve the web dashboard over it."""
@@ -101,6 +103,7 @@ def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, max_output_b
     logging_setup.configure(log_format, log_level.upper())  # type: ignore[arg-type]
     settings = _broker(urls)
     options = LedgerOptions(urls=settings.url, db=db or default_db_url(), keep_days=keep_days,
+                            prune_interval_seconds=prune_interval,
                             max_output_bytes=max_output_bytes, tls=settings.tls)
     service = LedgerService(options)
     web = http_settings(http)

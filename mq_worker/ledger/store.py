@@ -80,13 +80,17 @@ class LedgerStore:
     # -- schema --------------------------------------------------------------------
 
     def schema_version(self) -> int:
+        """The schema version of the database; 0 for one no ledger has initialised (read-only)."""
+
         def read(cursor: Any) -> int:
-            cursor.execute(migrations.SCHEMA_TABLE)
             cursor.execute("SELECT MAX(version) FROM ledger_schema")
             row = cursor.fetchone()
             return int(row[0]) if row and row[0] is not None else 0
 
-        return self._transaction(read, write=False)
+        try:
+            return self._transaction(read, write=False)
+        except Exception:  # no ledger_schema table (each driver has its own error for it)
+            return 0
 
     def migrate(self) -> int:
         """Create or upgrade the schema; return the version it is now at."""
@@ -181,8 +185,9 @@ class LedgerStore:
             args.append(until)
         if before:
             created, _, run_id = before.partition("/")
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args.extend([float(created), float(created), run_id])
+            # A row-value comparison: both databases walk the (created_at, id) index with it.
+            where.append("(created_at, id) < (?, ?)")
+            args.extend([float(created), run_id])
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         statement = (f"SELECT {', '.join(_READ_COLUMNS)} FROM runs {clause} "
                      "ORDER BY created_at DESC, id DESC LIMIT ?")
