@@ -23,14 +23,15 @@ class HttpOptions:
     management_url: str | None
 
 
-def http_options(port_required: bool = False) -> Callable[[F], F]:
-    """Add --http-port, --http-host, --auth-file and --management-url to a command."""
+def http_options(always_served: bool = False) -> Callable[[F], F]:
+    """Add --http-port, --http-host, --auth-file and --management-url to a command; a command
+    that always serves gets a default port."""
 
     def decorate(command: F) -> F:
         for option in reversed([
-            click.option("--http-port", type=click.IntRange(0, 65535), required=port_required,
-                         envvar="MQ_WORKER_HTTP_PORT", default=8080 if port_required else None,
-                         show_default=port_required,
+            click.option("--http-port", type=click.IntRange(0, 65535),
+                         envvar="MQ_WORKER_HTTP_PORT", default=8080 if always_served else None,
+                         show_default=always_served,
                          help="Serve the web dashboard on this port. "
                               "[env: MQ_WORKER_HTTP_PORT]"),
             click.option("--http-host", default="127.0.0.1", show_default=True,
@@ -81,7 +82,7 @@ def dashboard_options(http: HttpOptions, settings: Any, db: str) -> Any:
 @click.option("--signing-key-file", type=click.Path(dir_okay=False, path_type=Path),
               envvar="MQ_WORKER_SIGNING_KEY_FILE",
               help="Sign the cancels, runs and replays the dashboard publishes.")
-@http_options(port_required=True)
+@http_options(always_served=True)
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
 @click.option("--log-level", default="INFO",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
