@@ -280,3 +280,19 @@ async def test_queue_depths_without_the_management_api(vhost: VHost, tmp_path: P
         assert queues["mq_worker.default.default"]["consumers"] == 0
     finally:
         dashboard.stop()
+
+
+def test_pages_serve_from_the_ledger_while_the_broker_is_away(tmp_path: Path) -> None:
+    dashboard = DashboardProcess("amqp://guest:guest@127.0.0.1:9/", f"sqlite:///{tmp_path}/l.db",
+                                 "--management-url", "http://127.0.0.1:9/")
+    try:
+        dashboard.wait_serving()
+        assert dashboard.get("/runs")[0] == 200
+        assert dashboard.get("/")[0] == 200
+        status, page = dashboard.get("/dead")
+        assert status == 200 and b"cannot be read now" in page
+        status, body = dashboard.get("/api/dead")
+        assert status == 503 and "cannot be read now" in json.loads(body)["error"]
+        assert dashboard.process.poll() is None
+    finally:
+        dashboard.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import aiormq.exceptions
 import orjson
 import structlog
 from pydantic import ValidationError
@@ -109,7 +110,7 @@ async def settle_dead_letters(dashboard: Dashboard, actor: str | None, action: s
         done = await dashboard.broker.settle_dead_letters(keys, action, body)
     except DeadLetterError as exc:
         raise ActionError(str(exc)) from None
-    except BrokerError as exc:
+    except (BrokerError, aiormq.exceptions.AMQPError, OSError) as exc:
         raise ActionError(f"the broker refused: {exc}") from None
     for letter in done:
         await _record(dashboard, action, letter.run_id or letter.key,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import aiormq.exceptions
 import anyio
 import orjson
 from aiohttp import web
@@ -24,6 +25,7 @@ from mq_worker.dashboard.views import (
     page_size,
     run_filter,
 )
+from mq_worker.errors import BrokerError
 from mq_worker.ledger.records import TERMINAL_STATES, OutputAssembler, OutputBatch, OutputLine
 from mq_worker.redaction import masked
 
@@ -88,7 +90,10 @@ async def output(request: web.Request) -> web.Response:
 
 @routes.get("/api/dead")
 async def dead(request: web.Request) -> web.Response:
-    letters = await _dashboard(request).broker.dead_letters()
+    try:
+        letters = await _dashboard(request).broker.dead_letters()
+    except (BrokerError, aiormq.exceptions.AMQPError, OSError) as exc:
+        return _json({"error": f"the dead letters cannot be read now: {exc}"}, 503)
     return _json({"messages": [letter.as_dict() for letter in letters]})
 
 

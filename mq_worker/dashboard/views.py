@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import aiormq.exceptions
 import anyio
 import structlog
 from aiohttp import web
@@ -17,6 +18,7 @@ from mq_worker.dashboard import actions, charts
 from mq_worker.dashboard.access import CSRF_FIELD
 from mq_worker.dashboard.app import APP_KEY, Dashboard
 from mq_worker.dashboard.queries import RunFilter
+from mq_worker.errors import BrokerError
 from mq_worker.ledger.records import STATES, TERMINAL_STATES, RunRecord
 from mq_worker.redaction import masked
 
@@ -188,11 +190,14 @@ async def cancel(request: web.Request) -> web.Response:
 @routes.get("/dead")
 async def dead(request: web.Request) -> web.Response:
     dashboard = _dashboard(request)
-    letters = await dashboard.broker.dead_letters()
+    error = request.query.get("error")
+    try:
+        letters = await dashboard.broker.dead_letters()
+    except (BrokerError, aiormq.exceptions.AMQPError, OSError) as exc:
+        letters, error = [], f"the dead letters cannot be read now: {exc}"
     recent = await dashboard.call(dashboard.queries.actions, 20)
     return dashboard.render(request, "dead.html", letters=letters, actions=recent,
-                            message=request.query.get("message"),
-                            error=request.query.get("error"))
+                            message=request.query.get("message"), error=error)
 
 
 @routes.post("/dead")
