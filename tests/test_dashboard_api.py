@@ -235,6 +235,9 @@ def test_authentication_and_csrf(guarded: DashboardProcess) -> None:
     status, answer = _post(guarded, f"/api/runs/{unknown}/cancel", {}, Authorization=basic,
                            **{"X-CSRF-Token": token})
     assert status == 409 and "not in the ledger" in answer["error"]
+    status, answer = _post(guarded, f"/api/runs/{unknown}/cancel", {"pool": "etl"},
+                           Authorization=basic, **{"X-CSRF-Token": token})
+    assert (status, answer) == (200, {"cancelled": unknown, "pool": "etl"})
     # A script's bearer token is never sent by a browser on its own: no CSRF token needed.
     status, answer = _post(guarded, f"/api/runs/{unknown}/cancel", {},
                            Authorization=f"Bearer {SECRET}")

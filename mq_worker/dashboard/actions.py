@@ -37,12 +37,15 @@ async def _record(dashboard: Dashboard, action: str, target: str, detail: dict[s
 
 
 async def cancel_run(dashboard: Dashboard, run_id: str, actor: str | None,
-                     reason: str | None = None) -> str:
-    """Publish a cancel for the run to its pool; return the pool."""
+                     reason: str | None = None, pool: str | None = None) -> str:
+    """Publish a cancel for the run to its pool (the ledger's, else `pool`); return the pool.
+
+    A run no worker has taken yet is not in the ledger: its pool must be given.
+    """
     record = await dashboard.store.get_run(run_id)
-    if record is None:
-        raise ActionError(f"run {run_id} is not in the ledger")
-    pool = record.pool or topology.DEFAULT_POOL
+    if record is None and not pool:
+        raise ActionError(f"run {run_id} is not in the ledger: give its pool to cancel it")
+    pool = (record.pool if record is not None else None) or pool or topology.DEFAULT_POOL
     reason = reason or f"cancelled from the dashboard by {actor}"
     try:
         await dashboard.broker.publisher().cancel(run_id, pool=pool, reason=reason)

@@ -116,7 +116,8 @@ async def cancel(request: web.Request) -> web.Response:
     body = await _body(request)
     try:
         pool = await actions.cancel_run(_dashboard(request), request.match_info["id"],
-                                        request.get("actor"), body.get("reason"))
+                                        request.get("actor"), body.get("reason"),
+                                        body.get("pool"))
     except actions.ActionError as exc:
         return _json({"error": str(exc)}, 409)
     return _json({"cancelled": request.match_info["id"], "pool": pool})
