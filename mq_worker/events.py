@@ -151,6 +151,11 @@ class PendingData(RunEventData):
     delivery_count: int | None = None
     scheduled_start_time: datetime | None = None
     late_by_seconds: float = Field(ge=0, description="How late the run is at this moment.")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The job variables the worker runs it with (template defaults, then the "
+        "deployment's, then the run's), secrets masked as '****'.",
+    )
 
 
 class SubmittedData(RunEventData):

@@ -60,6 +60,9 @@ def _register() -> None:
     from mq_worker.ledger import commands as ledger_commands
 
     ledger_commands.register(main)
+    from mq_worker.dashboard.commands import dashboard
+
+    main.add_command(dashboard)
 
 
 _register()

@@ -17,6 +17,7 @@ import anyio
 import click
 
 from mq_worker import logs as logging_setup
+from mq_worker.dashboard.commands import dashboard_options, http_options, http_settings
 from mq_worker.errors import ConfigurationError, MqWorkerError
 from mq_worker.ledger.database import default_db_url, redact
 from mq_worker.ledger.records import STATES, OutputLine, RunRecord, iso
@@ -91,9 +92,12 @@ def register(main: click.Group) -> None:
               envvar="MQ_WORKER_LOG_FORMAT")
 @click.option("--log-level", default="INFO", envvar="MQ_WORKER_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@http_options()
 def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, prune_interval: float,
-           max_output_bytes: int, log_format: str, log_level: str) -> None:
-    """Record every run (events, times, outcome, output) into a database, until stopped."""
+           max_output_bytes: int, log_format: str, log_level: str, **http: Any) -> None:
+    """Record every run (events, times, outcome, output) into a database, until stopped.
+
+    With --http-port, also serve the web dashboard over it."""
     from mq_worker.ledger.service import LedgerOptions, LedgerService
 
     logging_setup.configure(log_format, log_level.upper())  # type: ignore[arg-type]
@@ -102,6 +106,8 @@ def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, prune_interv
                             prune_interval_seconds=prune_interval,
                             max_output_bytes=max_output_bytes, tls=settings.tls)
     service = LedgerService(options)
+    web = http_settings(http)
+    board = dashboard_options(web, settings, options.db) if web.port is not None else None
 
     async def _serve() -> None:
         async with anyio.create_task_group() as tg:
@@ -111,6 +117,10 @@ def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, prune_interv
                         service.stop()
 
             tg.start_soon(_signals)
+            if board is not None:
+                from mq_worker.dashboard.app import serve_dashboard
+
+                tg.start_soon(serve_dashboard, board)
             await service.serve()
             tg.cancel_scope.cancel()
 
@@ -118,6 +128,8 @@ def ledger(urls: tuple[str, ...], db: str | None, keep_days: float, prune_interv
         anyio.run(_serve)
     except* MqWorkerError as group:
         _fail(str(group.exceptions[0]), 2)
+    except* OSError as group:
+        _fail(f"cannot serve the dashboard: {group.exceptions[0]}", 2)
 
 
 # -- runs and run -------------------------------------------------------------------------

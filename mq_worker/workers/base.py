@@ -76,6 +76,7 @@ from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.output import OutputShipper
 from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
+from mq_worker.redaction import masked_job_variables
 from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.retrying import (
     WaitingRetries,
@@ -652,6 +653,8 @@ class BaseWorker(abc.ABC):
             delivery_count=delivery.delivery_count,
             scheduled_start_time=run.scheduled_start_time,
             late_by_seconds=round(max(0.0, now - due), 6),
+            job_variables=masked_job_variables({**self.template.defaults,
+                                                **run.merged_job_variables()}),
         )
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
