@@ -46,12 +46,25 @@ def _rows(count: int, now: float) -> list[tuple[Any, ...]]:
 
 
 def _fill(store: LedgerStore, rows: list[tuple[Any, ...]]) -> None:
-    statement = store.dialect.sql(
-        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})")
-    for start in range(0, len(rows), 50_000):
-        chunk = rows[start:start + 50_000]
-        store._transaction(lambda c, chunk=chunk: c.executemany(statement, chunk))
-    store._transaction(lambda c: c.execute("ANALYZE"))
+    """Insert directly, as fast as each database allows (this measures reads, not writes)."""
+    raw = store._connection.raw  # type: ignore[attr-defined]
+    if store.dialect.name == "sqlite":
+        raw.execute("PRAGMA cache_size=-400000")  # 400 MB: random ids thrash a small cache
+        raw.execute("PRAGMA synchronous=OFF")
+        statement = (f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(RUN_COLUMNS))})")
+        raw.execute("BEGIN")
+        raw.executemany(statement, rows)
+        raw.execute("COMMIT")
+        raw.execute("ANALYZE")
+        return
+    with raw.cursor() as cursor, cursor.copy(
+            f"COPY runs ({', '.join(RUN_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+    raw.commit()
+    raw.execute("ANALYZE runs")
+    raw.commit()
 
 
 def _time(query: Callable[[], Any], repeats: int = 20) -> tuple[float, float]:
