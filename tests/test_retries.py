@@ -302,11 +302,11 @@ async def test_with_signed_messages_the_next_attempt_and_the_reported_cancel_are
                                    "retries": 3, "retry_delay_seconds": [0.2, 30]})
     raw = json.dumps(body).encode()
     async with running_worker(vhost.url, signing_key_file=keys):
-        await publish_raw(vhost.url, raw, headers=signer.headers(raw))
+        await publish_raw(vhost.url, raw, headers=signer.headers(raw, kind="run", pool="default"))
         await events.wait_for(lambda _: events.types(body["id"]).count("run.retrying") == 2)
         cancel = json.dumps({"id": body["id"], "reason": "signed"}).encode()
         await publish_raw(vhost.url, cancel, routing_key="run.cancel.default",
-                          headers=signer.headers(cancel))
+                          headers=signer.headers(cancel, kind="cancel", pool="default"))
         await events.wait_terminal([body["id"]])
 
     assert not [e for e in events.events if e.type == "mq_worker.run.rejected"]
