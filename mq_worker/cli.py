@@ -19,7 +19,7 @@ import anyio
 import click
 from pydantic import ValidationError
 
-from mq_worker import logs, topology
+from mq_worker import logs, pool_cli, topology
 from mq_worker.broker import mask_secrets
 from mq_worker.errors import ConfigurationError, MqWorkerError
 from mq_worker.events import Event, EventType
@@ -432,6 +432,8 @@ def schema(name: str | None, as_asyncapi: bool, as_list: bool) -> None:
         except KeyError:
             _fail(f"no schema named {name!r}; known: {', '.join(contract.schema_names())}", 2)
 
+
+pool_cli.register(main)  # limit, pause, resume
 
 if __name__ == "__main__":
     main()

@@ -162,6 +162,7 @@ class RunConsumer:
         self._spawn = spawn
         self._redeclare = redeclare
         self._paused: set[str] = set()
+        self._paused_queues: set[str] = set()
         self._wakeup = anyio.Event()
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._queues: list[str] = []
@@ -185,6 +186,12 @@ class RunConsumer:
     def resume(self, reason: str) -> None:
         if reason in self._paused:
             self._paused.discard(reason)
+            self.wake()
+
+    def pause_queues(self, queues: set[str]) -> None:
+        """Take no runs from `queues` (work queue names) until they are left out again."""
+        if queues != self._paused_queues:
+            self._paused_queues = set(queues)
             self.wake()
 
     @property
@@ -253,21 +260,27 @@ class RunConsumer:
             await self._cancel(self._consumers.get(tag))
         await self._flush_deferred()
 
-        if self._paused:
+        serving = self._serving()
+        if self._paused or not serving:
             for consumer in list(self._consumers.values()):
                 await self._cancel(consumer)
             self._idle.set()
             return
+        for queue in self._paused_queues:
+            await self._cancel(self._active_on(queue))
 
-        if len(self._queues) > 1:
-            await self._reconcile_by_priority(channel)
+        if len(serving) > 1:
+            await self._reconcile_by_priority(channel, serving)
         else:
             await self._reconcile_single()
         if self.active_consumers:
             self.consuming.set()
 
+    def _serving(self) -> list[str]:
+        return [q for q in self._queues if q not in self._paused_queues]
+
     async def _reconcile_single(self) -> None:
-        queue = self._queues[0]
+        queue = self._serving()[0]
         room = self._room()
         if room <= 0:
             return
@@ -287,20 +300,22 @@ class RunConsumer:
                 return
         await self._consume(queue, min(share, room))
 
-    async def _reconcile_by_priority(self, channel: aiormq.abc.AbstractChannel) -> None:
+    async def _reconcile_by_priority(
+        self, channel: aiormq.abc.AbstractChannel, queues: list[str]
+    ) -> None:
         """Give the free slots to the first-listed queues with runs waiting (see priority)."""
         free = int(self._limiter.total_tokens) - self._limiter.borrowed_tokens
         if free <= 0:
             return
-        ready = [await self._ready_count(channel, queue) for queue in self._queues]
+        ready = [await self._ready_count(channel, queue) for queue in queues]
         targets = allocate_windows(free, ready, self._max_window)
-        for queue, target in zip(self._queues, targets, strict=True):
+        for queue, target in zip(queues, targets, strict=True):
             current = self._active_on(queue)
             if current is not None and (
                 target == 0 or current.window > target or (current.window == 0 and current.held)
             ):
                 await self._cancel(current)
-        for queue, target in zip(self._queues, targets, strict=True):
+        for queue, target in zip(queues, targets, strict=True):
             if target == 0:
                 continue
             current = self._active_on(queue)
@@ -319,11 +334,12 @@ class RunConsumer:
 
     def _should_probe(self) -> bool:
         """A queue nobody listens to while a window waits idle: look for runs there."""
+        serving = self._serving()
         return (
-            len(self._queues) > 1
+            len(serving) > 1
             and not self._paused
             and self._outstanding() > 0
-            and any(self._active_on(q) is None for q in self._queues)
+            and any(self._active_on(q) is None for q in serving)
         )
 
     def _active_on(self, queue: str) -> _Consumer | None:

@@ -166,6 +166,10 @@ class WorkerData(_EventData):
     version: str
     heartbeat_seconds: float
     follows: str | None = None
+    paused: list[str] = Field(
+        default_factory=list,
+        description="Pauses that stop this worker's intake (pool:<pool>, queue:<pool>/<queue>).",
+    )
 
 
 class HeartbeatRun(BaseModel):

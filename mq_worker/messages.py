@@ -77,6 +77,10 @@ class RunMessage(_WireModel):
         default=None,
         description="RFC 3339; a time without offset is UTC. Absent means now.",
     )
+    concurrency_key: Identifier | None = Field(
+        default=None,
+        description="A key whose limit (`mq-worker limit set key:<key> N`) the run counts against.",
+    )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
 
     def merged_job_variables(self) -> dict[str, Any]:

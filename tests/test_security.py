@@ -690,12 +690,12 @@ async def test_a_base_job_template_can_forbid_environment_and_odd_commands(
 
 POOL = "etl"
 WORKER_PERMISSIONS = {
-    "configure": r"^(mq_worker\.(runs|events|dead|cancels|due|delay-[0-9]{2}|monitor-etl"
+    "configure": r"^(mq_worker\.(runs|events|dead|cancels|control|due|delay-[0-9]{2}|monitor-etl"
                  r"|etl\.[A-Za-z0-9_-]+)|amq\.gen-.*)$",
-    "write": r"^(amq\.default|amq\.gen-.*|mq_worker\.(events|cancels|due|delay-[0-9]{2}"
-             r"|monitor-etl|etl\.[A-Za-z0-9_-]+))$",
-    "read": r"^(amq\.gen-.*|mq_worker\.(runs|events|cancels|due|delay-[0-9]{2}|monitor-etl"
-            r"|etl\.[A-Za-z0-9_-]+))$",
+    "write": r"^(amq\.default|amq\.gen-.*|mq_worker\.(events|cancels|control|due|delay-[0-9]{2}"
+             r"|monitor-etl|waiting-[0-9a-f]{32}|etl\.[A-Za-z0-9_-]+))$",
+    "read": r"^(amq\.gen-.*|mq_worker\.(runs|events|cancels|control|due|delay-[0-9]{2}"
+            r"|monitor-etl|(limit|waiting)-[0-9a-f]{32}|etl\.[A-Za-z0-9_-]+))$",
 }
 PUBLISHER_PERMISSIONS = {
     "configure": r"^mq_worker\.(runs|events|dead|cancels|due|delay-[0-9]{2}"

@@ -60,6 +60,7 @@ from mq_worker.messages import RunMessage, parse_run
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.pool_control import PoolControl
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
 
@@ -172,6 +173,8 @@ class BaseWorker(abc.ABC):
         self._started_event_id: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._consumer: RunConsumer | None = None
+        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer)
+        self.pool_control.bind_metrics(self.metrics.registry)
         self._monitor = PoolMonitor(
             pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat
         )
@@ -396,6 +399,7 @@ class BaseWorker(abc.ABC):
         raw = [await c.get_underlay_channel() for c in channels]
         session = _Session(connection, raw[0], raw[1], raw[2])
         await topology.declare_pool(raw[1], self.pool, self.queues, self.settings.queue_options)
+        await self.pool_control.declare(raw[1])
         self.log.info("connected", url=str(connection), queues=self.queues)
         assert self._consumer is not None
         async with anyio.create_task_group() as tg:
@@ -408,6 +412,7 @@ class BaseWorker(abc.ABC):
                 tg.start_soon(_watch, channel.closed())
             tg.start_soon(self._outbox.publish_forever, session.publish)
             await tg.start(self._cancels.follow, session.aux, session.publish)
+            await tg.start(self.pool_control.follow, session.aux, session.publish)
             self._session = session
             self.connected = True
             self.metrics.connected.set(1)
@@ -833,6 +838,7 @@ class BaseWorker(abc.ABC):
             "version": _VERSION,
             "heartbeat_seconds": self.settings.heartbeat_seconds,
             "follows": self._started_event_id,
+            "paused": self.pool_control.paused_targets(),
         }
 
     def _emit_worker(self, event_type: EventType, **extra: Any) -> str:
