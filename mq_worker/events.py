@@ -115,6 +115,12 @@ class PendingData(RunEventData):
     delivery_count: int | None = None
     scheduled_start_time: datetime | None = None
     late_by_seconds: float = Field(ge=0, description="How late the run is at this moment.")
+    waiting_for: str | None = Field(
+        default=None,
+        description="Set when the run waits for a slot of this shared limit (pool:<pool>, "
+        "queue:<pool>/<queue> or key:<key>); it left the worker and starts, with another "
+        "pending event, when a slot frees.",
+    )
 
 
 class SubmittedData(RunEventData):

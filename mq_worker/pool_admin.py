@@ -149,9 +149,10 @@ async def remove_limit(urls: Sequence[str], target: str, *,
         await _publish_control(channel, ControlMessage(
             kind="limit", target=target, limit=None, version=new_version(), by=by))
         await wake_waiting(channel, target, None)
-        await channel.queue_delete(topology.limit_queue_name(target))
-        # The waiting queue stays: a worker that has not yet heard of the removal may
-        # still put a run there, and workers send such runs back when they hear of it.
+        # The queues stay: a worker that has not yet heard of the removal may still
+        # take a token or put a run there (workers send such runs back when they hear
+        # of it), and deleting a queue under a worker would close its channel. Tokens
+        # left over are destroyed when met, should the limit be set again.
         return True
 
 
@@ -182,19 +183,25 @@ async def queue_depths(channel: aiormq.abc.AbstractChannel, target: str) -> tupl
     return counts[0], counts[1]
 
 
-async def wake_waiting(channel: aiormq.abc.AbstractChannel, target: str, count: int | None) -> int:
+async def wake_waiting(
+    channel: aiormq.abc.AbstractChannel, target: str, count: int | None,
+    publisher: aiormq.abc.AbstractChannel | None = None,
+) -> int:
     """Send up to `count` (None: all) of the oldest runs waiting for `target` back to their
-    work queues, where a worker takes them again; return how many moved."""
+    work queues, where a worker takes them again; return how many moved.
+
+    `publisher` (default `channel`) must have publisher confirms: a run is acknowledged
+    in the waiting queue only once its work queue has it."""
     queue = topology.waiting_queue_name(target)
     moved = 0
     while count is None or moved < count:
-        try:
-            message = await channel.basic_get(queue, no_ack=False)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        message = await channel.basic_get(queue, no_ack=False)
+        if not isinstance(message.delivery, spec.Basic.GetOk):
             break
-        if message.delivery is None or isinstance(message.delivery, spec.Basic.GetEmpty):
-            break
-        await _send_back(channel, message, target)
+        tag = message.delivery.delivery_tag
+        assert tag is not None
+        await _send_back(publisher or channel, message, target)
+        await channel.basic_ack(tag)
         moved += 1
     return moved
 
@@ -211,4 +218,3 @@ async def _send_back(
     properties.headers = headers
     await channel.basic_publish(message.body, exchange="", routing_key=str(work_queue),
                                 properties=properties, mandatory=True)
-    await channel.basic_ack(delivery_tag(message))

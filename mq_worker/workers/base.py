@@ -63,6 +63,7 @@ from mq_worker.outbox import Outbox
 from mq_worker.pool_control import PoolControl
 from mq_worker.settings import WorkerSettings
 from mq_worker.signing import Signer
+from mq_worker.slots import Lease, Waiting
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
@@ -395,7 +396,8 @@ class BaseWorker(abc.ABC):
                 backoff = 0.2
 
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        channels = [await connection.channel(publisher_confirms=c) for c in (False, True, False)]
+        channels = [await connection.channel(publisher_confirms=c)
+                    for c in (False, True, False, False)]
         raw = [await c.get_underlay_channel() for c in channels]
         session = _Session(connection, raw[0], raw[1], raw[2])
         await topology.declare_pool(raw[1], self.pool, self.queues, self.settings.queue_options)
@@ -417,6 +419,7 @@ class BaseWorker(abc.ABC):
             self.connected = True
             self.metrics.connected.set(1)
             tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds)
+            tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
             if self._started_event_id is None:
                 self._started_event_id = self._emit_worker(EventType.WORKER_STARTED)
             tg.start_soon(self._heartbeat_loop)
@@ -482,6 +485,13 @@ class BaseWorker(abc.ABC):
             await self._reject(delivery, queue, exc, run=run)
             return
 
+        lease = await self.pool_control.admit(run, queue, delivery)
+        if not isinstance(lease, Lease):
+            if isinstance(lease, Waiting):
+                self._emit_waiting(run, queue, delivery, lease.target)
+            else:
+                await delivery.settle()  # its channel is gone: the broker delivers it again
+            return
         active = ActiveRun(
             run=run,
             delivery=delivery,
@@ -497,6 +507,22 @@ class BaseWorker(abc.ABC):
             del self._active[run.id]
             delivery.release_slot()
             self._notify_runs_changed()
+            await self.pool_control.release(lease)
+
+    def _emit_waiting(self, run: RunMessage, queue: str, delivery: Delivery, target: str) -> None:
+        """The run left this worker to wait for a slot of `target` (see mq_worker.slots)."""
+        self.log.info("run waits for a slot", run_id=str(run.id), waiting_for=target)
+        due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else time.time()
+        data = {
+            **self._run_data(run, queue, _related(run, self.pool, queue), None),
+            "redelivered": delivery.redelivered,
+            "delivery_count": delivery.delivery_count,
+            "scheduled_start_time": run.scheduled_start_time,
+            "late_by_seconds": round(max(0.0, time.time() - due), 6),
+            "waiting_for": target,
+        }
+        self._outbox.put(build_event(EventType.RUN_PENDING, source=self.source,
+                                     subject=str(run.id), data=data))
 
     async def _is_duplicate(self, run: RunMessage, delivery: Delivery) -> bool:
         active = self._active.get(run.id)
