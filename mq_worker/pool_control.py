@@ -88,6 +88,7 @@ class PoolControl:
         limits; keep the limit metrics current."""
         self.gate.bind(slots, publish)
         try:
+            await self.gate.reclaim()
             while True:
                 removed, self._removed = self._removed, set()
                 for target in removed:

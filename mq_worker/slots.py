@@ -68,6 +68,7 @@ class SlotGate:
         self.state = state
         self._slots: aiormq.abc.AbstractChannel | None = None
         self._publish: aiormq.abc.AbstractChannel | None = None
+        self._leases: set[Lease] = set()
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
@@ -96,10 +97,32 @@ class SlotGate:
             with anyio.CancelScope(shield=True):
                 await self.release(lease)
             raise
+        if lease.tokens:
+            self._leases.add(lease)
         return lease
+
+    async def reclaim(self) -> None:
+        """After a reconnection: take again the slots of runs still running here.
+
+        The broker gave their tokens back when the old connection closed; until they
+        are taken again (first, before new runs) another worker may use them.
+        """
+        channel = self._slots
+        if channel is None:
+            return
+        for lease in list(self._leases):
+            if lease.channel is channel:
+                continue
+            targets = [target for target, _ in lease.tokens]
+            lease.channel, lease.tokens = channel, []
+            for target in targets:
+                if not await self._take(target, lease):
+                    log.warning("a running run's slot was taken while disconnected; it runs "
+                                "over the limit until it ends", target=target)
 
     async def release(self, lease: Lease) -> None:
         """Give back a run's tokens, then wake runs waiting for them."""
+        self._leases.discard(lease)
         tokens, lease.tokens = lease.tokens, []
         if not tokens or lease.channel is None or lease.channel.is_closed:
             return  # gone with the channel: the broker has put them back

@@ -191,3 +191,26 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
         assert starts[0] - killed_at < 5, starts[0] - killed_at
         assert most_at_once(intervals(events.events, {b["id"] for b in later})) <= 2
         await wait_until(lambda: vhost.queue_counts()[queue] == (2, 0), timeout=10)
+
+
+async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with running_worker(vhost.url, limit=4, name="flaky-link") as worker:
+        running = run_body(probe(tmp_path, sleep=20), concurrency_key="db")
+        await publish_raw(vhost.url, running)
+        await events.wait_for(lambda _: "run.submitted" in events.types(running["id"]))
+        queued = run_body(probe(tmp_path), concurrency_key="db")
+        await publish_raw(vhost.url, queued)
+        await events.wait_for(lambda _: any(e.data.get("waiting_for") == "key:db"
+                                            for e in events.of(queued["id"])))
+        assert vhost.close_connections("flaky-link") == 1
+        await wait_until(lambda: not worker.connected, timeout=10)
+        await wait_until(lambda: worker.connected, timeout=30)
+        # The slot is held again by the run still running, not free for the waiting one.
+        await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+        await events.wait_terminal([running["id"], queued["id"]], timeout=40)
+    assert most_at_once(intervals(events.events, {running["id"], queued["id"]})) == 1
+    assert vhost.queue_counts()[queue] == (1, 0)
