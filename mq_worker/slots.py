@@ -16,9 +16,14 @@ the runs waiting for that target, which frees its worker slot and lets the
 worker take other runs of the same queue. Whoever gives a token back, and a
 worker that has just queued a run there, then moves as many of the oldest
 waiting runs back to their work queues as there are free tokens ("wakes"
-them): each check follows the other's step, so no wakeup is lost. A woken run
-skips the "others are waiting" check for its target; a fresh run does not, so
-waiting runs start in order of arrival per target.
+them): each check follows the other's step, so no wakeup is lost; a periodic
+check (pool_control) also wakes runs for slots that came back when a holder died.
+
+Order of arrival: a fresh run joins the waiting queue instead of taking a free
+token when runs of its target wait (a woken run skips that check for the
+target it was woken for). A fresh run arriving while a woken run is on its way
+back to its work queue can still take the slot first; the woken run then waits
+again, at the back.
 """
 
 from __future__ import annotations

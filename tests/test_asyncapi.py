@@ -89,11 +89,12 @@ def test_document_covers_every_routing_key_and_message() -> None:
                  for c in document["channels"].values()}
     assert addresses["run.scheduled.{pool}.{queue}"] == RUNS_EXCHANGE
     assert addresses["run.cancel.{pool}"] == RUNS_EXCHANGE
+    assert addresses["control.{kind}"] == RUNS_EXCHANGE
     for event_type in [*EventType, PING]:
         assert addresses[str(event_type)] == EVENTS_EXCHANGE
     for operation in document["operations"].values():
         expected = "receive" if operation["channel"]["$ref"].split("/")[-1] in (
-            "runs", "cancels", "workerPing") else "send"
+            "runs", "cancels", "control", "workerPing") else "send"
         assert operation["action"] == expected
     schemas = document["components"]["schemas"]
     assert set(schemas["RunMessage"]["properties"]) == set(RunMessage.model_fields)
