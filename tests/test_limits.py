@@ -27,6 +27,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_cli import mq_worker
+from tests.test_priority import declare_queues
 
 pytestmark = pytest.mark.anyio
 
@@ -70,12 +71,14 @@ async def test_a_pool_limit_holds_across_three_workers(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
     assert "limit 5" in await cli("limit", "set", "pool:etl", "5", "--url", vhost.url)
+    # All 40 queued before the workers start: 12 worker slots compete for 5 at once.
+    await declare_queues(vhost.url, "etl", ["default"])
+    bodies = [run_body(probe(tmp_path, sleep=0.3)) for _ in range(40)]
+    for body in bodies:
+        await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.default")
     async with running_worker(vhost.url, pool="etl", limit=4), \
             running_worker(vhost.url, pool="etl", limit=4), \
             running_worker(vhost.url, pool="etl", limit=4):
-        bodies = [run_body(probe(tmp_path, sleep=0.3)) for _ in range(40)]
-        for body in bodies:
-            await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.default")
         await events.wait_terminal([b["id"] for b in bodies], timeout=90)
         ids = {b["id"] for b in bodies}
         assert all(events.types(r)[-1] == "run.completed" for r in ids)
@@ -193,6 +196,7 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
         await wait_until(lambda: vhost.queue_counts()[queue] == (2, 0), timeout=10)
 
 
+@pytest.mark.slow
 async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
