@@ -29,7 +29,7 @@ from mq_worker.control import (
     encode,
     new_version,
 )
-from mq_worker.limits import ControlState, check_pause_target, check_target, resize
+from mq_worker.limits import ControlState, Limit, check_pause_target, check_target, resize
 
 ROUTING_KEY_HEADER = "x-mq-worker-queue"
 _PERSISTENT = 2
@@ -135,7 +135,37 @@ async def set_limit(urls: Sequence[str], target: str, limit: int, *,
                 properties=spec.Basic.Properties(delivery_mode=_PERSISTENT),
                 mandatory=True,
             )
+        await drop_stale_tokens(channel, updated)
         await wake_waiting(channel, target, len(new_numbers))
+
+
+async def drop_stale_tokens(channel: aiormq.abc.AbstractChannel, limit: Limit) -> int:
+    """Destroy the free tokens a shrunk limit no longer lists (held ones are destroyed by
+    their holder when they come back); return how many."""
+    queue = topology.limit_queue_name(limit.target)
+    kept: list[int] = []
+    dropped = 0
+    try:
+        while True:
+            message = await channel.basic_get(queue, no_ack=False)
+            if not isinstance(message.delivery, spec.Basic.GetOk):
+                break
+            tag = message.delivery.delivery_tag
+            assert tag is not None
+            try:
+                token = TokenMessage.model_validate_json(message.body)
+                valid = limit.valid(token.number, token.version)
+            except ValueError:
+                valid = False
+            if valid:
+                kept.append(tag)
+            else:
+                await channel.basic_ack(tag)
+                dropped += 1
+    finally:
+        for tag in kept:
+            await channel.basic_nack(tag, requeue=True)
+    return dropped
 
 
 async def remove_limit(urls: Sequence[str], target: str, *,

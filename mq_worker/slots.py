@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiormq.abc
 import aiormq.exceptions
@@ -51,12 +51,19 @@ WOKEN_HEADER = "x-mq-worker-woken-for"
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+class HeldToken(NamedTuple):
+    target: str
+    tag: int
+    number: int
+    version: int
+
+
 @dataclass(eq=False)
 class Lease:
     """The tokens a run holds, on the channel that holds them."""
 
     channel: aiormq.abc.AbstractChannel | None
-    tokens: list[tuple[str, int]] = field(default_factory=list)
+    tokens: list[HeldToken] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class SlotGate:
         for lease in list(self._leases):
             if lease.channel is channel:
                 continue
-            targets = [target for target, _ in lease.tokens]
+            targets = [token.target for token in lease.tokens]
             lease.channel, lease.tokens = channel, []
             for target in targets:
                 if not await self._take(target, lease):
@@ -129,10 +136,19 @@ class SlotGate:
         if not tokens or lease.channel is None or lease.channel.is_closed:
             return  # gone with the channel: the broker has put them back
         with contextlib.suppress(*_CHANNEL_ERRORS):
-            for _, tag in tokens:
-                await lease.channel.basic_nack(tag, requeue=True, wait=False)
-        for target, _ in tokens:
+            for token in tokens:
+                if self._still_valid(token.target, token.number, token.version):
+                    await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
+                else:  # the limit shrank or went away while the run held it
+                    await lease.channel.basic_ack(token.tag)
+        for target in dict.fromkeys(token.target for token in tokens):
             await self.wake(target)
+
+    def _still_valid(self, target: str, number: int, version: int) -> bool:
+        limit = self.state.limits.get(target)
+        if limit is None:
+            return False
+        return limit.valid(number, version) or version > limit.newest_version
 
     async def wake(self, target: str) -> None:
         """Move as many runs waiting for `target` back to their work queues as there are
@@ -178,10 +194,10 @@ class SlotGate:
             taken = await self._take(target, lease)
         if not waiting:
             return taken
-        if taken and lease.tokens and lease.tokens[-1][0] == target:
-            _, tag = lease.tokens.pop()
+        if taken and lease.tokens and lease.tokens[-1].target == target:
+            held = lease.tokens.pop()
             assert lease.channel is not None
-            await lease.channel.basic_nack(tag, requeue=True, wait=False)
+            await lease.channel.basic_nack(held.tag, requeue=True, wait=False)
         return False
 
     async def _take(self, target: str, lease: Lease) -> bool:
@@ -202,10 +218,8 @@ class SlotGate:
                 token = TokenMessage.model_validate_json(message.body)
             except ValidationError:
                 token = None
-            if token is not None and (
-                limit.valid(token.number, token.version) or token.version > limit.newest_version
-            ):
-                lease.tokens.append((target, tag))
+            if token is not None and self._still_valid(target, token.number, token.version):
+                lease.tokens.append(HeldToken(target, tag, token.number, token.version))
                 return True
             # Left over from an earlier, larger limit (or not a token at all): destroy it.
             log.info("stale slot token destroyed", target=target,

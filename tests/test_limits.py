@@ -218,3 +218,28 @@ async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
         await events.wait_terminal([running["id"], queued["id"]], timeout=40)
     assert most_at_once(intervals(events.events, {running["id"], queued["id"]})) == 1
     assert vhost.queue_counts()[queue] == (1, 0)
+
+
+async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new_limit(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:report", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=8):
+        bodies = [run_body(probe(tmp_path, sleep=3), concurrency_key="report") for _ in range(6)]
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        ids = {b["id"] for b in bodies}
+        await events.wait_for(lambda evs: len(
+            {e.subject for e in evs if e.type == "mq_worker.run.submitted"}) >= 3)
+        await cli("limit", "set", "key:report", "1", "--url", vhost.url)
+        shrunk_at = time.time()
+        assert (await limit_ls(vhost.url))["key:report"]["limit"] == 1
+        await events.wait_terminal(ids, timeout=60)
+        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:report")] == (1, 0),
+                         timeout=15)
+    spans = intervals(events.events, ids)
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    # Runs holding the removed slots finish; the runs started under the new limit share
+    # its one slot, and the removed slots were destroyed, not given back.
+    assert most_at_once([s for s in spans if s[0] > shrunk_at]) == 1, spans
+    assert most_at_once(spans) <= 3
