@@ -235,6 +235,7 @@ class CancelFollower:
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._received += 1
         headers: dict[str, Any] = dict(message.header.properties.headers or {})
+        replaying = not self._caught_up.is_set()
         # Record first, then advance the offset, then acknowledge: an acknowledgement
         # that fails (its channel closing) must not lose the cancel for good.
         self._handle(message, headers)
@@ -244,9 +245,13 @@ class CancelFollower:
         try:
             # One ack frame per message costs as much as the rest of a replay: while
             # catching up, acknowledge many at once (always well inside the prefetch).
+            # Live, one at a time: other consumers of this channel (the control stream)
+            # acknowledge their own deliveries, which a `multiple` ack would take.
+            if not replaying:
+                await message.channel.basic_ack(delivery_tag(message), wait=False)
+                return
             self._unacked += 1
-            if (self._caught_up.is_set() or MARKER_HEADER in headers
-                    or self._unacked >= _REPLAY_ACK_EVERY):
+            if self._caught_up.is_set() or self._unacked >= _REPLAY_ACK_EVERY:
                 self._unacked = 0
                 await message.channel.basic_ack(delivery_tag(message), multiple=True, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:

@@ -21,11 +21,14 @@ seconds after its start; everywhere else it is acknowledged at once.
 
 Consumer registration on a quorum queue costs a Raft round (milliseconds), so
 windows are only re-sized when capacity forces it.
+
+With several queues, the free slots are shared out by `mq_worker.priority`
+(first-listed queue first) from the queues' ready counts, read on each
+reconciliation and every PROBE_SECONDS while some queue has no window.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -38,6 +41,8 @@ import aiormq.abc
 import anyio
 import anyio.abc
 import structlog
+
+from mq_worker.priority import PROBE_SECONDS, allocate_windows
 
 log = structlog.get_logger("mq_worker.consumer")
 
@@ -157,6 +162,7 @@ class RunConsumer:
         self._spawn = spawn
         self._redeclare = redeclare
         self._paused: set[str] = set()
+        self._paused_queues: set[str] = set()
         self._wakeup = anyio.Event()
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._queues: list[str] = []
@@ -164,9 +170,7 @@ class RunConsumer:
         self._deferred: list[Delivery] = []
         self._unsettled: set[Delivery] = set()
         self._needs_declare: set[str] = set()
-        self._waiting_since: dict[str, float] = {}
         self._tags = itertools.count(1)
-        self._rr = 0
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
         self.stats = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
@@ -182,6 +186,12 @@ class RunConsumer:
     def resume(self, reason: str) -> None:
         if reason in self._paused:
             self._paused.discard(reason)
+            self.wake()
+
+    def pause_queues(self, queues: set[str]) -> None:
+        """Take no runs from `queues` (work queue names) until they are left out again."""
+        if queues != self._paused_queues:
+            self._paused_queues = set(queues)
             self.wake()
 
     @property
@@ -209,7 +219,6 @@ class RunConsumer:
         self._channel = channel
         self._queues = list(queues)
         self._consumers.clear()
-        self._waiting_since = {q: time.monotonic() for q in queues}
         channel.on_consumer_cancel_callbacks.add(self._on_server_cancel)
         try:
             while True:
@@ -217,6 +226,8 @@ class RunConsumer:
                 timeout = math.inf
                 if self._deferred:
                     timeout = max(0.0, min(d._deadline for d in self._deferred) - time.monotonic())
+                if self._should_probe():
+                    timeout = min(timeout, PROBE_SECONDS)
                 with anyio.move_on_after(timeout):
                     await self._wakeup.wait()
                 self._wakeup = anyio.Event()
@@ -249,60 +260,87 @@ class RunConsumer:
             await self._cancel(self._consumers.get(tag))
         await self._flush_deferred()
 
-        if self._paused:
+        serving = self._serving()
+        if self._paused or not serving:
             for consumer in list(self._consumers.values()):
                 await self._cancel(consumer)
             self._idle.set()
             return
+        for queue in self._paused_queues:
+            await self._cancel(self._active_on(queue))
 
-        self._rebalance(now)
-        for queue in self._queue_order():
-            room = self._room()
-            if room <= 0:
-                break
-            current = self._active_on(queue)
-            share = max(1, self._max_window // len(self._queues))
-            if current is not None:
-                if current.window == 0 and current.held:
-                    # Its window is closed by runs waiting for their start time: retire it
-                    # (they stay unacknowledged on the channel) and open a new one.
-                    await self._cancel(current)
-                elif current.prefetch >= share or room < share - current.prefetch:
-                    continue
-                else:
-                    await self._cancel(current)  # grow a window shrunk by a capacity crunch
-                room = self._room()
-                if room <= 0:
-                    break
-            await self._consume(queue, min(share, room))
+        if len(serving) > 1:
+            await self._reconcile_by_priority(channel, serving)
+        else:
+            await self._reconcile_single()
         if self.active_consumers:
             self.consuming.set()
 
-    def _queue_order(self) -> list[str]:
-        """Queues without a consumer first, longest waiting first."""
-        self._rr += 1
-        rotated = self._queues[self._rr % len(self._queues) :] + self._queues[
-            : self._rr % len(self._queues)
-        ]
-        return sorted(rotated, key=lambda q: (self._active_on(q) is not None,
-                                              self._waiting_since.get(q, 0.0)))
+    def _serving(self) -> list[str]:
+        return [q for q in self._queues if q not in self._paused_queues]
 
-    def _rebalance(self, now: float) -> None:
-        """With several queues, do not let one consumer starve the others at full capacity."""
-        if len(self._queues) < 2 or self._room() > 0:
+    async def _reconcile_single(self) -> None:
+        queue = self._serving()[0]
+        room = self._room()
+        if room <= 0:
             return
-        starving = [
-            q for q in self._queues
-            if self._active_on(q) is None and now - self._waiting_since.get(q, now) > 1.0
-        ]
-        if starving:
-            oldest = min(
-                (c for c in self._consumers.values() if c.active), key=lambda c: c.since,
-                default=None,
-            )
-            if oldest is not None:
-                oldest.active = False  # its window closes now; the cancel follows
-                self._spawn.start_soon(self._cancel_quietly, oldest)
+        current = self._active_on(queue)
+        share = self._max_window
+        if current is not None:
+            if current.window == 0 and current.held:
+                # Its window is closed by runs waiting for their start time: retire it
+                # (they stay unacknowledged on the channel) and open a new one.
+                await self._cancel(current)
+            elif current.prefetch >= share or room < share - current.prefetch:
+                return
+            else:
+                await self._cancel(current)  # grow a window shrunk by a capacity crunch
+            room = self._room()
+            if room <= 0:
+                return
+        await self._consume(queue, min(share, room))
+
+    async def _reconcile_by_priority(
+        self, channel: aiormq.abc.AbstractChannel, queues: list[str]
+    ) -> None:
+        """Give the free slots to the first-listed queues with runs waiting (see priority)."""
+        free = int(self._limiter.total_tokens) - self._limiter.borrowed_tokens
+        if free <= 0:
+            return
+        ready = [await self._ready_count(channel, queue) for queue in queues]
+        targets = allocate_windows(free, ready, self._max_window)
+        for queue, target in zip(queues, targets, strict=True):
+            current = self._active_on(queue)
+            if current is not None and (
+                target == 0 or current.window > target or (current.window == 0 and current.held)
+            ):
+                await self._cancel(current)
+        for queue, target in zip(queues, targets, strict=True):
+            if target == 0:
+                continue
+            current = self._active_on(queue)
+            if current is not None:
+                if current.window >= target:
+                    continue
+                await self._cancel(current)  # grow it: more runs wait than its window
+            room = self._room()
+            if room <= 0:
+                break
+            await self._consume(queue, min(target, room))
+
+    async def _ready_count(self, channel: aiormq.abc.AbstractChannel, queue: str) -> int:
+        declared = await channel.queue_declare(queue, passive=True)
+        return int(declared.message_count or 0)
+
+    def _should_probe(self) -> bool:
+        """A queue nobody listens to while a window waits idle: look for runs there."""
+        serving = self._serving()
+        return (
+            len(serving) > 1
+            and not self._paused
+            and self._outstanding() > 0
+            and any(self._active_on(q) is None for q in serving)
+        )
 
     def _active_on(self, queue: str) -> _Consumer | None:
         for consumer in self._consumers.values():
@@ -320,7 +358,6 @@ class RunConsumer:
         # Counted before the broker hears of it, so concurrent decisions see the window.
         consumer = _Consumer(queue=queue, tag=tag, prefetch=prefetch)
         self._consumers[tag] = consumer
-        self._waiting_since.pop(queue, None)
         await channel.basic_qos(prefetch_count=prefetch)
         await channel.basic_consume(
             queue, lambda message: self._on_message(message, consumer), consumer_tag=tag
@@ -330,21 +367,12 @@ class RunConsumer:
     async def _cancel(self, consumer: _Consumer | None) -> None:
         if consumer is None or self._channel is None:
             return
-        was_active = consumer.active
         consumer.active = False
         if consumer.tag in getattr(self._channel, "consumers", {}):
             await self._channel.basic_cancel(consumer.tag)
             self.stats["cancels"] += 1
-        if was_active or consumer.queue not in self._waiting_since:
-            self._waiting_since.setdefault(consumer.queue, time.monotonic())
         if consumer.unacked == 0:
             self._consumers.pop(consumer.tag, None)
-
-    async def _cancel_quietly(self, consumer: _Consumer) -> None:
-        # If the channel is going away, so is the session: nothing to undo.
-        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
-            await self._cancel(consumer)
-        self.wake()
 
     def _on_server_cancel(self, frame: Any) -> None:
         consumer = self._consumers.get(frame.consumer_tag)
@@ -354,7 +382,6 @@ class RunConsumer:
                     queue=consumer.queue)
         consumer.active = False
         self._needs_declare.add(consumer.queue)
-        self._waiting_since.setdefault(consumer.queue, time.monotonic())
         self.wake()
 
     # -- deliveries ------------------------------------------------------------

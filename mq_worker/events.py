@@ -156,6 +156,12 @@ class PendingData(RunEventData):
         description="The job variables the worker runs it with (template defaults, then the "
         "deployment's, then the run's), secrets masked as '****'.",
     )
+    waiting_for: str | None = Field(
+        default=None,
+        description="Set when the run waits for a slot of this shared limit (pool:<pool>, "
+        "queue:<pool>/<queue> or key:<key>); it left the worker and starts, with another "
+        "pending event, when a slot frees.",
+    )
 
 
 class SubmittedData(RunEventData):
@@ -225,6 +231,10 @@ class WorkerData(_EventData):
     version: str
     heartbeat_seconds: float
     follows: str | None = None
+    paused: list[str] = Field(
+        default_factory=list,
+        description="Pauses that stop this worker's intake (pool:<pool>, queue:<pool>/<queue>).",
+    )
 
 
 class HeartbeatRun(BaseModel):

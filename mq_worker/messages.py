@@ -118,6 +118,10 @@ class RunMessage(_WireModel):
         description="RFC 3339 (a time without offset is UTC) or a number of Unix seconds. "
         "Absent means now.",
     )
+    concurrency_key: Identifier | None = Field(
+        default=None,
+        description="A key whose limit (`mq-worker limit set key:<key> N`) the run counts against.",
+    )
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
     attempt: int = Field(
         default=1, ge=1, le=100_000,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
 from mq_worker import topology
+from mq_worker.control import ControlMessage
 from mq_worker.events import CONTENT_TYPE, DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
 from mq_worker.monitor import PING
@@ -92,6 +93,7 @@ def _models() -> dict[str, type[BaseModel]]:
     models: dict[str, type[BaseModel]] = {
         "run": RunMessage,
         "cancel": CancelMessage,
+        "control": ControlMessage,
         "event": EventEnvelope,
         "output": OutputMessage,
     }
@@ -168,6 +170,23 @@ def _channels() -> dict[str, Any]:
             ),
             "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
             "messages": {"cancel": _ref("components", "messages", "cancel")},
+            "bindings": _exchange(topology.RUNS_EXCHANGE),
+        },
+        "control": {
+            "address": "control.{kind}",
+            "title": "Pauses and shared limits",
+            "description": (
+                f"Pauses, resumes and limits published to `{topology.RUNS_EXCHANGE}` "
+                f"(`mq-worker pause/resume/limit`); they go to the stream "
+                f"`{topology.CONTROL_STREAM}` (bound with `{topology.CONTROL_BINDING}`, no age "
+                f"limit), which every worker replays and follows. The last message per target "
+                f"holds. A limit's free slots are token messages in the quorum queue "
+                f"`mq_worker.limit-<digest>`, runs waiting for one are in "
+                f"`mq_worker.waiting-<digest>` (docs/pools.md)."
+            ),
+            "parameters": {"kind": {"description": "pause, resume or limit.",
+                                    "enum": ["pause", "resume", "limit"]}},
+            "messages": {"control": _ref("components", "messages", "control")},
             "bindings": _exchange(topology.RUNS_EXCHANGE),
         },
     }
@@ -252,6 +271,9 @@ def _operations() -> dict[str, Any]:
         "takeCancel": _operation(
             "receive", "cancels", "cancel",
             "Every worker of the pool receives every cancel of the pool.", {"ack": True}),
+        "followControl": _operation(
+            "receive", "control", "control",
+            "Every worker replays and follows every pause, resume and limit.", {"ack": True}),
         "answerPing": _operation(
             "receive", _camel(PING), _camel(PING),
             "Every worker answers with a heartbeat, at most one per second.", {"ack": False}),
@@ -293,6 +315,8 @@ _RUN_EXAMPLE = {
     "tags": ["etl", "nightly"],
     "scheduled_start_time": "2026-11-29T02:00:00Z",
 }
+_PAUSE_EXAMPLE = {"kind": "pause", "target": "pool:etl", "version": 1796000000000000000,
+                  "by": "ops"}
 _CANCEL_EXAMPLE = {"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20", "reason": "not needed"}
 
 
@@ -334,6 +358,9 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
         "cancel": _message("cancel", "Cancel", "Cancel a run wherever it is.",
                            "application/json", names["cancel"], headers=cancel_headers,
                            examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
+        "control": _message("control", "Control", "Pause, resume or limit a target.",
+                            "application/json", names["control"],
+                            examples=[{"name": "pause", "payload": _PAUSE_EXAMPLE}]),
     }
     messages["output"] = _message(
         "output", "Run output", "A batch of a run's output lines.", "application/json",

@@ -65,6 +65,7 @@ class WorkerStatus:
     heartbeat_seconds: float = 30.0
     last_seen: float | None = None  # time.time() of its last own event
     state: State = "live"
+    paused: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class WorkerStatus:
             "last_seen": (datetime.fromtimestamp(self.last_seen, UTC).isoformat()
                           if self.last_seen is not None else None),
             "state": self.state,
+            "paused": self.paused,
         }
 
 
@@ -115,6 +117,8 @@ class WorkerTable:
         row.hostname = report.hostname
         row.heartbeat_seconds = report.heartbeat_seconds
         row.last_seen = now
+        paused = event.data.get("paused")
+        row.paused = [str(p) for p in paused] if isinstance(paused, list) else []
         if event.type == EventType.WORKER_HEARTBEAT:
             row.in_flight = [str(r) for r in report.in_flight]
             row.free_slots = report.free_slots
@@ -145,7 +149,8 @@ class WorkerTable:
 
     def signature(self) -> tuple[Any, ...]:
         """What a reader would notice changing (not the ages)."""
-        return tuple((r.name, r.pool, tuple(r.queues), r.limit, tuple(r.in_flight), r.state)
+        return tuple((r.name, r.pool, tuple(r.queues), r.limit, tuple(r.in_flight), r.state,
+                      tuple(r.paused))
                      for r in self.rows())
 
     def render(self, now: float | None = None) -> str:
@@ -155,7 +160,8 @@ class WorkerTable:
         lines = [header] + [
             (r.name, r.pool, ",".join(r.queues) or "-", "-" if r.limit is None else str(r.limit),
              str(len(r.in_flight)), "-" if r.last_seen is None else _ago(now - r.last_seen),
-             r.state)
+             f"{r.state} (paused: {','.join(r.paused)})" if r.paused and r.state == "live"
+             else r.state)
             for r in self.rows()
         ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

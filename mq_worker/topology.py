@@ -7,6 +7,7 @@ arguments is a no-op, declaring it with other arguments is a `TopologyMismatch`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -278,3 +279,44 @@ async def declare_pool(
     await declare_dead_queue(channel)
     await declare_cancel_stream(channel, options)
     return [await declare_work_queue(channel, pool, q, options) for q in queues]
+
+
+# -- work pools: pauses and shared limits -------------------------------------------
+
+CONTROL_STREAM = "mq_worker.control"
+CONTROL_BINDING = "control.*"
+
+
+def control_routing_key(kind: str) -> str:
+    """`control.pause`, `control.resume` or `control.limit`, published to RUNS_EXCHANGE."""
+    return f"control.{kind}"
+
+
+def _target_digest(target: str) -> str:
+    return hashlib.sha256(target.encode()).hexdigest()[:32]
+
+
+def limit_queue_name(target: str) -> str:
+    """The quorum queue holding the free slot tokens of a limit's target."""
+    return f"mq_worker.limit-{_target_digest(target)}"
+
+
+def waiting_queue_name(target: str) -> str:
+    """The quorum queue of runs waiting, in order of arrival, for a slot of `target`."""
+    return f"mq_worker.waiting-{_target_digest(target)}"
+
+
+def control_stream_arguments() -> dict[str, Any]:
+    # No age limit: a pause or limit set a year ago still holds.
+    return {"x-queue-type": "stream", "x-max-length-bytes": 64 * 1024 * 1024}
+
+
+async def declare_control_stream(channel: aiormq.abc.AbstractChannel) -> None:
+    await channel.exchange_declare(RUNS_EXCHANGE, exchange_type="topic", durable=True)
+    await _declare_queue(channel, CONTROL_STREAM, control_stream_arguments())
+    await channel.queue_bind(CONTROL_STREAM, RUNS_EXCHANGE, routing_key=CONTROL_BINDING)
+
+
+async def declare_limit_queues(channel: aiormq.abc.AbstractChannel, target: str) -> None:
+    await _declare_queue(channel, limit_queue_name(target), quorum_arguments(dead_letter=False))
+    await _declare_queue(channel, waiting_queue_name(target), quorum_arguments(dead_letter=False))

@@ -91,11 +91,12 @@ def test_document_covers_every_routing_key_and_message() -> None:
     assert addresses["run.cancel.{pool}"] == RUNS_EXCHANGE
     assert addresses["ping.{pool}"] == PING_EXCHANGE
     assert addresses["workers.{pool}"] == EVENTS_EXCHANGE
+    assert addresses["control.{kind}"] == RUNS_EXCHANGE
     for event_type in [*EventType, PING]:
         assert addresses[str(event_type)] == EVENTS_EXCHANGE
     for operation in document["operations"].values():
         expected = "receive" if operation["channel"]["$ref"].split("/")[-1] in (
-            "runs", "cancels", "workerPing", "pings") else "send"
+            "runs", "cancels", "control", "workerPing", "pings") else "send"
         assert operation["action"] == expected
     schemas = document["components"]["schemas"]
     assert set(schemas["RunMessage"]["properties"]) == set(RunMessage.model_fields)

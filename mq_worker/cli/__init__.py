@@ -63,6 +63,9 @@ def _register() -> None:
     from mq_worker.dashboard.commands import dashboard
 
     main.add_command(dashboard)
+    from mq_worker import pool_cli
+
+    pool_cli.register(main)  # limit, pause, resume
 
 
 _register()

@@ -76,6 +76,7 @@ from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.output import OutputShipper
 from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
+from mq_worker.pool_control import PoolControl
 from mq_worker.redaction import masked_job_variables
 from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.retrying import (
@@ -86,6 +87,7 @@ from mq_worker.retrying import (
 )
 from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer, parse_signed_run
+from mq_worker.slots import Lease, Waiting
 from mq_worker.spool import open_spool
 
 ENTRY_POINT_GROUP = "mq_worker.workers"
@@ -219,6 +221,8 @@ class BaseWorker(abc.ABC):
         self._started_event_id: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._consumer: RunConsumer | None = None
+        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer)
+        self.pool_control.bind_metrics(self.metrics.registry)
         self._monitor = PoolMonitor(
             pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat,
             on_invalid=InvalidWorkerEvents(
@@ -503,10 +507,11 @@ class BaseWorker(abc.ABC):
     async def _serve_session(self, connection: aio_pika.abc.AbstractConnection) -> None:
         # Returned mandatory publishes (a park or dead letter to a deleted queue) must fail.
         channels = [await connection.channel(publisher_confirms=c, on_return_raises=c)
-                    for c in (False, True, False)]
+                    for c in (False, True, False, False)]
         raw = [await c.get_underlay_channel() for c in channels]
         session = _Session(connection, raw[0], raw[1], raw[2])
         await topology.declare_pool(raw[1], self.pool, self.queues, self.settings.queue_options)
+        await self.pool_control.declare(raw[1])
         self.log.info("connected", url=str(connection), queues=self.queues)
         assert self._consumer is not None
         async with anyio.create_task_group() as tg:
@@ -523,11 +528,13 @@ class BaseWorker(abc.ABC):
             tg.start_soon(self.output.ship_forever, connection)
             await tg.start(self._cancels.follow, session.aux, session.publish)
             await follow_own_reports(session.aux, self.name, self._on_reported_lost)
+            await tg.start(self.pool_control.follow, session.aux, session.publish)
             self._session = session
             self.connected = True
             self.metrics.connected.set(1)
             tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds,
                           session.publish)
+            tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
             if self._started_event_id is None:
                 self._started_event_id = self._emit_worker(EventType.WORKER_STARTED)
             tg.start_soon(self._heartbeat_loop)
@@ -591,6 +598,13 @@ class BaseWorker(abc.ABC):
             await self._reject(delivery, queue, exc, run=run)
             return
 
+        lease = await self.pool_control.admit(run, queue, delivery)
+        if not isinstance(lease, Lease):
+            if isinstance(lease, Waiting):
+                self._emit_waiting(run, queue, delivery, lease.target)
+            else:
+                await delivery.settle()  # its channel is gone: the broker delivers it again
+            return
         active = ActiveRun(
             run=run,
             delivery=delivery,
@@ -608,6 +622,22 @@ class BaseWorker(abc.ABC):
                 del self._active[run.id]
             delivery.release_slot()
             self._notify_runs_changed()
+            await self.pool_control.release(lease)
+
+    def _emit_waiting(self, run: RunMessage, queue: str, delivery: Delivery, target: str) -> None:
+        """The run left this worker to wait for a slot of `target` (see mq_worker.slots)."""
+        self.log.info("run waits for a slot", run_id=str(run.id), waiting_for=target)
+        due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else time.time()
+        data = {
+            **self._run_data(run, queue, _related(run, self.pool, queue), None),
+            "redelivered": delivery.redelivered,
+            "delivery_count": delivery.delivery_count,
+            "scheduled_start_time": run.scheduled_start_time,
+            "late_by_seconds": round(max(0.0, time.time() - due), 6),
+            "waiting_for": target,
+        }
+        self._outbox.put(build_event(EventType.RUN_PENDING, source=self.source,
+                                     subject=str(run.id), data=data))
 
     async def _is_duplicate(self, run: RunMessage, delivery: Delivery) -> bool:
         active = self._active.get(run.id)
@@ -1166,6 +1196,7 @@ class BaseWorker(abc.ABC):
             "version": _VERSION,
             "heartbeat_seconds": self.settings.heartbeat_seconds,
             "follows": self._started_event_id,
+            "paused": self.pool_control.paused_targets(),
         }
 
     def _emit_worker(self, event_type: EventType, **extra: Any) -> str:

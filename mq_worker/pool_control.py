@@ -1,0 +1,156 @@
+"""A worker's side of work pool control: pauses and shared limits from the control stream."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+
+import aiormq.abc
+import anyio
+import anyio.abc
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from mq_worker import topology
+from mq_worker.consumer import Delivery, RunConsumer
+from mq_worker.control import ControlFollower
+from mq_worker.limits import ControlState, pool_target, queue_target, run_targets
+from mq_worker.messages import RunMessage
+from mq_worker.pool_admin import queue_depths
+from mq_worker.slots import Lease, SlotGate, Waiting
+
+# How often a worker looks at the limits it serves: for its metrics, and to wake runs
+# waiting for slots that came back without a release (a holder that died).
+CHECK_SECONDS = 2.0
+_NO_LIMITS = Lease(channel=None)
+
+log = structlog.get_logger("mq_worker.pool_control")
+
+
+class PoolControl:
+    """Follows the control stream for one worker and applies pauses to its consumer."""
+
+    def __init__(self, pool: str, queues: list[str],
+                 consumer: Callable[[], RunConsumer | None]) -> None:
+        self.pool = pool
+        self.queues = list(queues)
+        self.state = ControlState()
+        self._consumer = consumer
+        self._follower = ControlFollower(self.state, self._apply)
+        self._paused_gauge: Gauge | None = None
+        self.gate = SlotGate(self.state)
+        self._known_limits: set[str] = set()
+        self._removed: set[str] = set()
+        self._touched: set[str] = set()
+        self._changed = anyio.Event()
+        self._limit_gauges: tuple[Gauge, Gauge, Gauge] | None = None
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        self._paused_gauge = Gauge(
+            "mq_worker_paused", "1 while an operator's pause stops intake of the target.",
+            ["target"], registry=registry,
+        )
+        for target in (pool_target(self.pool), *(queue_target(self.pool, q) for q in self.queues)):
+            self._paused_gauge.labels(target).set(0)
+        self._limit_gauges = (
+            Gauge("mq_worker_limit_slots", "Slots of a shared limit.", ["target"],
+                  registry=registry),
+            Gauge("mq_worker_limit_in_use", "Slots of a shared limit in use, on all workers.",
+                  ["target"], registry=registry),
+            Gauge("mq_worker_limit_waiting", "Runs waiting for a slot of a shared limit.",
+                  ["target"], registry=registry),
+        )
+
+    # -- shared limits ------------------------------------------------------------
+
+    async def admit(
+        self, run: RunMessage, queue: str, delivery: Delivery
+    ) -> Lease | Waiting | None:
+        """Take the slots `run` needs (see slots); a lease to release when the run ends."""
+        if not self.state.limits:
+            return _NO_LIMITS
+        targets = self.state.limited(run_targets(run, self.pool, queue))
+        if not targets:
+            return _NO_LIMITS
+        self._touched.update(targets)
+        return await self.gate.admit(targets, delivery)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.tokens:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.gate.release(lease)
+
+    async def maintain(
+        self, slots: aiormq.abc.AbstractChannel, publish: aiormq.abc.AbstractChannel
+    ) -> None:
+        """For one session: take tokens on `slots`; send back the runs waiting for removed
+        limits; keep the limit metrics current."""
+        self.gate.bind(slots, publish)
+        try:
+            await self.gate.reclaim()
+            while True:
+                removed, self._removed = self._removed, set()
+                for target in removed:
+                    await self.gate.wake_all(target)
+                await self._check_limits(slots)
+                # Jittered, so that workers rarely wake the same waiting runs at once.
+                with anyio.move_on_after(CHECK_SECONDS * random.uniform(0.5, 1.5)):
+                    await self._changed.wait()
+                self._changed = anyio.Event()
+        finally:
+            self.gate.bind(None, None)
+
+    async def _check_limits(self, channel: aiormq.abc.AbstractChannel) -> None:
+        mine = {pool_target(self.pool), *(queue_target(self.pool, q) for q in self.queues)}
+        for target in sorted((mine | self._touched) & set(self.state.limits)):
+            free, queued = await queue_depths(channel, target)
+            if free and queued:
+                await self.gate.wake(target)
+            if self._limit_gauges is not None:
+                slots, in_use, waiting = self._limit_gauges
+                limit = self.state.limits[target].limit
+                slots.labels(target).set(limit)
+                in_use.labels(target).set(max(0, limit - free))
+                waiting.labels(target).set(queued)
+        for target in self._touched - set(self.state.limits):
+            for gauge in self._limit_gauges or ():
+                with contextlib.suppress(KeyError):
+                    gauge.remove(target)
+            self._touched.discard(target)
+
+    async def declare(self, channel: aiormq.abc.AbstractChannel) -> None:
+        await topology.declare_control_stream(channel)
+
+    async def follow(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: aiormq.abc.AbstractChannel,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._follower.follow(channel, publisher, task_status=task_status)
+
+    def paused_targets(self) -> list[str]:
+        """The pauses that stop this worker's intake, as `pool:...` / `queue:.../...`."""
+        mine = {pool_target(self.pool), *(queue_target(self.pool, q) for q in self.queues)}
+        return sorted(self.state.paused & mine)
+
+    def paused_queues(self) -> set[str]:
+        return self.state.paused_queues(self.pool, self.queues)
+
+    def _apply(self) -> None:
+        limits = set(self.state.limits)
+        self._removed |= self._known_limits - limits
+        self._known_limits = limits
+        self._changed.set()
+        if self._paused_gauge is not None:
+            paused = set(self.paused_targets())
+            for target in (pool_target(self.pool),
+                           *(queue_target(self.pool, q) for q in self.queues)):
+                self._paused_gauge.labels(target).set(1 if target in paused else 0)
+        consumer = self._consumer()
+        if consumer is None:
+            return
+        paused = self.paused_queues()
+        consumer.pause_queues({topology.work_queue_name(self.pool, q) for q in paused})

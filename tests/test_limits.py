@@ -1,0 +1,247 @@
+"""Shared limits across workers on the real broker, set through the installed CLI.
+
+Concurrency is measured as a subscriber sees it: from each run's `submitted`
+event to its terminal event, across every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mq_worker.events import Event
+from mq_worker.topology import limit_queue_name
+from tests.conftest import (
+    EventLog,
+    VHost,
+    probe,
+    publish_raw,
+    run_body,
+    running_worker,
+    unique,
+    wait_until,
+)
+from tests.test_cli import mq_worker
+from tests.test_priority import declare_queues
+
+pytestmark = pytest.mark.anyio
+
+
+async def cli(*args: str) -> str:
+    result = await mq_worker(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def intervals(events: list[Event], run_ids: set[str]) -> list[tuple[float, float]]:
+    """(submitted, terminal) times of the runs in `run_ids` that started."""
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    for event in unique(events):
+        if event.subject not in run_ids:
+            continue
+        if event.type == "mq_worker.run.submitted":
+            start[event.subject] = event.time.timestamp()
+        elif event.is_terminal:
+            end[event.subject] = event.time.timestamp()
+    return [(start[r], end.get(r, float("inf"))) for r in start]
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans],
+                   key=lambda edge: (edge[0], edge[1]))  # an end before a start at the same time
+    current = peak = 0
+    for _, step in edges:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+async def limit_ls(url: str) -> dict[str, dict[str, Any]]:
+    out = await cli("limit", "ls", "--json", "--url", url)
+    return {row["target"]: row for row in map(json.loads, out.splitlines())}
+
+
+async def test_a_pool_limit_holds_across_three_workers(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    assert "limit 5" in await cli("limit", "set", "pool:etl", "5", "--url", vhost.url)
+    # All 40 queued before the workers start: 12 worker slots compete for 5 at once.
+    await declare_queues(vhost.url, "etl", ["default"])
+    bodies = [run_body(probe(tmp_path, sleep=0.3)) for _ in range(40)]
+    for body in bodies:
+        await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.default")
+    async with running_worker(vhost.url, pool="etl", limit=4), \
+            running_worker(vhost.url, pool="etl", limit=4), \
+            running_worker(vhost.url, pool="etl", limit=4):
+        await events.wait_terminal([b["id"] for b in bodies], timeout=90)
+        ids = {b["id"] for b in bodies}
+        assert all(events.types(r)[-1] == "run.completed" for r in ids)
+        peak = most_at_once(intervals(events.events, ids))
+        assert 3 <= peak <= 5, peak
+        assert len({e.data["worker"] for e in events.events
+                    if e.type == "mq_worker.run.submitted"}) >= 2
+        waited = [e for e in events.events if e.type == "mq_worker.run.pending"
+                  and e.data.get("waiting_for") == "pool:etl"]
+        assert waited, "40 runs for 5 slots: some must have waited"
+        usage = await limit_ls(vhost.url)
+        assert usage["pool:etl"] == {"target": "pool:etl", "limit": 5, "in_use": 0, "waiting": 0}
+        # None lost, none doubled, none held by a worker with no run.
+        await wait_until(
+            lambda: vhost.queue_counts()[limit_queue_name("pool:etl")] == (5, 0), timeout=10)
+
+
+async def test_a_key_limit_holds_back_only_the_runs_of_that_key_and_in_order_of_arrival(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:deployment:d-1", "1", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=4), running_worker(vhost.url, limit=4):
+        keyed = [run_body(probe(tmp_path, sleep=0.5), deployment={"id": "d-1"})
+                 for _ in range(6)]
+        free = [run_body(probe(tmp_path, sleep=0.1)) for _ in range(6)]
+        for body in keyed:
+            await publish_raw(vhost.url, body)
+            await events.wait_for(lambda _, r=body["id"]: events.of(r))  # arrival order
+        for body in free:
+            await publish_raw(vhost.url, body)
+        # The unlimited runs are not held back behind the waiting ones.
+        await events.wait_terminal([b["id"] for b in free], timeout=20)
+        assert not all(events.terminal(b["id"]) for b in keyed)
+        await events.wait_terminal([b["id"] for b in keyed], timeout=30)
+    ids = [b["id"] for b in keyed]
+    assert most_at_once(intervals(events.events, set(ids))) == 1
+    starts = {e.subject: e.time for e in unique(events.events)
+              if e.type == "mq_worker.run.submitted"}
+    assert sorted(ids, key=lambda r: starts[r]) == ids
+    waiting = [e for e in events.events if e.data.get("waiting_for") == "key:deployment:d-1"]
+    assert {e.subject for e in waiting} == set(ids[1:])
+
+
+async def test_a_queue_limit_and_a_concurrency_key_limit_hold_with_unlimited_runs_mixed_in(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "queue:etl/low", "2", "--url", vhost.url)
+    await cli("limit", "set", "key:warehouse", "1", "--url", vhost.url)
+    async with running_worker(vhost.url, pool="etl", queue=["high", "low"], limit=4), \
+            running_worker(vhost.url, pool="etl", queue=["low", "high"], limit=4):
+        low = [run_body(probe(tmp_path, sleep=0.4)) for _ in range(8)]
+        warehouse = [run_body(probe(tmp_path, sleep=0.4), concurrency_key="warehouse")
+                     for _ in range(4)]
+        high = [run_body(probe(tmp_path, sleep=0.1)) for _ in range(8)]
+        for body in low:
+            await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.low")
+        for body in warehouse + high:
+            await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.high")
+        await events.wait_terminal([b["id"] for b in low + warehouse + high], timeout=60)
+    assert most_at_once(intervals(events.events, {b["id"] for b in low})) == 2
+    assert most_at_once(intervals(events.events, {b["id"] for b in warehouse})) == 1
+    assert most_at_once(intervals(events.events, {b["id"] for b in high})) >= 2
+    assert all(events.types(b["id"])[-1] == "run.completed" for b in low + warehouse + high)
+
+
+async def test_limit_changes_take_effect_at_once_on_running_workers(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:tag:nightly", "1", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=8):
+        bodies = [run_body(probe(tmp_path, sleep=2), tags=["nightly"]) for _ in range(8)]
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        ids = {b["id"] for b in bodies}
+        await events.wait_for(lambda evs: len([e for e in evs if e.data.get("waiting_for")]) >= 7)
+        usage = (await limit_ls(vhost.url))["key:tag:nightly"]
+        assert usage["limit"] == 1 and usage["in_use"] == 1 and usage["waiting"] >= 4, usage
+        raised_at = time.time()
+        await cli("limit", "set", "key:tag:nightly", "3", "--url", vhost.url)
+        await events.wait_for(lambda evs: len(
+            [e for e in evs if e.type == "mq_worker.run.submitted"]) >= 4, timeout=10)
+        assert "key:tag:nightly: no limit" in await cli(
+            "limit", "rm", "key:tag:nightly", "--url", vhost.url)
+        await events.wait_terminal(ids, timeout=30)
+        assert "key:tag:nightly" not in await limit_ls(vhost.url)
+    spans = intervals(events.events, ids)
+    assert most_at_once([s for s in spans if s[1] <= raised_at]) <= 1
+    assert most_at_once(spans) >= 3  # raised to 3, then removed: more ran at once
+
+
+async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
+    vhost: VHost, events: EventLog, tmp_path: Path, worker_processes: Any
+) -> None:
+    await cli("limit", "set", "key:deployment:d-9", "2", "--url", vhost.url)
+    doomed = worker_processes(vhost.url, "--limit", "4")
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs))
+    first = [run_body(probe(tmp_path, sleep=60), deployment={"id": "d-9"}) for _ in range(2)]
+    for body in first:
+        await publish_raw(vhost.url, body)
+    await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"]) for b in first))
+    queue = limit_queue_name("key:deployment:d-9")
+    await wait_until(lambda: vhost.queue_counts()[queue] == (0, 2), timeout=10)
+    async with running_worker(vhost.url, limit=4):
+        later = [run_body(probe(tmp_path, sleep=0.2), deployment={"id": "d-9"})
+                 for _ in range(4)]
+        for body in later:
+            await publish_raw(vhost.url, body)
+        await events.wait_for(lambda evs: len([e for e in evs if e.data.get("waiting_for")]) >= 4)
+        doomed.signal(signal.SIGKILL)
+        killed_at = time.time()
+        await events.wait_terminal([b["id"] for b in later], timeout=30)
+        starts = sorted(e.time.timestamp() for e in events.events
+                        if e.type == "mq_worker.run.submitted" and e.subject in
+                        {b["id"] for b in later})
+        assert starts[0] - killed_at < 5, starts[0] - killed_at
+        assert most_at_once(intervals(events.events, {b["id"] for b in later})) <= 2
+        await wait_until(lambda: vhost.queue_counts()[queue] == (2, 0), timeout=10)
+
+
+@pytest.mark.slow
+async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with running_worker(vhost.url, limit=4, name="flaky-link") as worker:
+        running = run_body(probe(tmp_path, sleep=20), concurrency_key="db")
+        await publish_raw(vhost.url, running)
+        await events.wait_for(lambda _: "run.submitted" in events.types(running["id"]))
+        queued = run_body(probe(tmp_path), concurrency_key="db")
+        await publish_raw(vhost.url, queued)
+        await events.wait_for(lambda _: any(e.data.get("waiting_for") == "key:db"
+                                            for e in events.of(queued["id"])))
+        assert vhost.close_connections("flaky-link") == 1
+        await wait_until(lambda: not worker.connected, timeout=10)
+        await wait_until(lambda: worker.connected, timeout=30)
+        # The slot is held again by the run still running, not free for the waiting one.
+        await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+        await events.wait_terminal([running["id"], queued["id"]], timeout=40)
+        await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
+    assert most_at_once(intervals(events.events, {running["id"], queued["id"]})) == 1
+
+
+async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new_limit(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:report", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=8):
+        bodies = [run_body(probe(tmp_path, sleep=3), concurrency_key="report") for _ in range(6)]
+        for body in bodies:
+            await publish_raw(vhost.url, body)
+        ids = {b["id"] for b in bodies}
+        await events.wait_for(lambda evs: len(
+            {e.subject for e in evs if e.type == "mq_worker.run.submitted"}) >= 3)
+        await cli("limit", "set", "key:report", "1", "--url", vhost.url)
+        shrunk_at = time.time()
+        assert (await limit_ls(vhost.url))["key:report"]["limit"] == 1
+        await events.wait_terminal(ids, timeout=60)
+        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:report")] == (1, 0),
+                         timeout=15)
+    spans = intervals(events.events, ids)
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    # Runs holding the removed slots finish; the runs started under the new limit share
+    # its one slot, and the removed slots were destroyed, not given back.
+    assert most_at_once([s for s in spans if s[0] > shrunk_at]) == 1, spans
+    assert most_at_once(spans) <= 3
