@@ -10,7 +10,7 @@ option `--supervisor-fd`): the child writes the port of its own health endpoint 
 127.0.0.1, an ephemeral port) and then waits on the socket; end of file there means the
 supervisor is gone, and the child stops gracefully rather than run unsupervised.
 
-Children run in their own process group, so a terminal's Ctrl-C reaches only the
+Children run in a session (and process group) of their own, so a terminal's Ctrl-C reaches only the
 supervisor, which forwards SIGTERM, SIGINT and SIGHUP to every child, a second signal
 too (which stops the children at once). A child that dies while the supervisor is not
 stopping is restarted after a back-off (1 s, doubling to 30 s; reset after a child has
@@ -159,7 +159,7 @@ class Supervisor:
         try:
             child.process = await asyncio.create_subprocess_exec(
                 *self.argv(child, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL, process_group=0,
+                stdin=subprocess.DEVNULL, start_new_session=True,
                 env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
             )
         except OSError as exc:
