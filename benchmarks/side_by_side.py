@@ -14,8 +14,10 @@ broker (the Erlang VM). RSS is the largest sum over the worker's processes (runs
 seen in the window.
 
 `--rounds N` repeats every contender N times, interleaved (A B C A B C ...), and reports
-medians: on a shared machine, only figures measured side by side compare. Celery lives in
-benchmarks/.venv-celery (created by benchmarks.compare_celery when missing).
+medians: on a shared machine, only figures measured side by side compare. Celery lives
+in benchmarks/.venv-celery (created by benchmarks.compare_celery when missing). Workers
+log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows what the
+default level (INFO: two lines per run) costs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ens
 
 TRUE = "/bin/true"
 SAMPLE_SECONDS = 0.05
-CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery")
+CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
+              "mq-1x8-info")
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[s
 def contender(name: str, runs: int, bin_dir: Path | None) -> Callable[[], dict[str, Any]]:
     mq = {"mq-1x8": [["--limit", "8"]], "mq-2x4": [["--limit", "4"]] * 2,
           "mq-2x8": [["--limit", "8"]] * 2,
-          "mq-processes-2": [["--limit", "16", "--processes", "2"]]}
+          "mq-processes-2": [["--limit", "16", "--processes", "2"]],
+          "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]]}
     if name in mq:
         return lambda: asyncio.run(measure_mq(name, mq[name], runs))
     assert bin_dir is not None
@@ -249,6 +253,7 @@ LABELS = {
     "mq-2x4": "mq_worker, 2 workers, limit 4 each",
     "mq-2x8": "mq_worker, 2 workers, limit 8 each",
     "mq-processes-2": "mq_worker, --processes 2 --limit 16",
+    "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
     "celery-events": "Celery prefork c=8, events on (-E)",
     "celery": "Celery prefork c=8, events off",
 }
