@@ -10,12 +10,13 @@ option `--supervisor-fd`): the child writes the port of its own health endpoint 
 127.0.0.1, an ephemeral port) and then waits on the socket; end of file there means the
 supervisor is gone, and the child stops gracefully rather than run unsupervised.
 
-Children run in a session (and process group) of their own, so a terminal's Ctrl-C reaches only the
-supervisor, which forwards SIGTERM, SIGINT and SIGHUP to every child, a second signal
-too (which stops the children at once). A child that dies while the supervisor is not
-stopping is restarted after a back-off (1 s, doubling to 30 s; reset after a child has
-lived a minute). A child that exits 2 (a configuration error) before it ever became
-reported its health port stops the supervisor with exit code 2: restarting would fail the same way.
+Children run in a session (and process group) of their own, so a terminal's Ctrl-C
+reaches only the supervisor, which forwards SIGTERM, SIGINT and SIGHUP to every child, a
+second signal too (which stops the children at once). A child that dies while the
+supervisor is not stopping is restarted after a back-off (1 s, doubling to 30 s; reset
+after a child has lived a minute). A child that exits 2 (a configuration error) before it
+ever reported its health port stops the supervisor with exit code 2: restarting would
+fail the same way.
 """
 
 from __future__ import annotations
