@@ -172,3 +172,29 @@ async def test_sigterm_stops_every_process_and_exits_0(
     # The run was drained, not cut short, and no worker process is left behind.
     assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_a_second_signal_is_forwarded_and_stops_the_processes_at_once(
+    vhost: VHost, events: EventLog, supervised, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    supervisor = supervised("--processes", "2", "--limit", "2", "--name", "sup",
+                            "--drain-timeout", "1")
+    await events.wait_for(lambda _: started(events, "sup-0") and started(events, "sup-1"), 60)
+    body = run_body(job_variables={"command": probe(tmp_path, sleep=600, extra="--ignore-term"),
+                                   "grace_seconds": 3600})
+    await publish_raw(vhost.url, body)
+    await wait_until(lambda: body["id"] in started_runs(tmp_path), 30)
+    pid = started_runs(tmp_path)[body["id"]]["pid"]
+
+    supervisor.send_signal(signal.SIGTERM)
+    # The drain timeout passes and the run ignores its SIGTERM: without a second signal
+    # its worker would wait out the hour of grace.
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs),
+                          30)
+    assert supervisor.poll() is None and psutil.pid_exists(pid)
+    supervisor.send_signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(lambda: supervisor.wait(30)) == 0
+    await wait_until(lambda: not psutil.pid_exists(pid)
+                     or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 15)
+    terminal = await events.wait_for(lambda _: events.terminal(body["id"]), 30)
+    assert [e.type for e in terminal] == ["mq_worker.run.cancelled"]
