@@ -194,6 +194,14 @@ async def serve_health(
     """
     handler = HealthServer(worker, max_connections=max_connections,
                            header_timeout=header_timeout)
+    await serve_handler(handler, port, host, task_status=task_status)
+
+
+async def serve_handler(
+    handler: HealthServer, port: int, host: str = DEFAULT_HOST, *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `handler` (a HealthServer or one that answers like it) on host:port."""
     try:
         server = await asyncio.start_server(handler.handle, host, port,
                                             limit=MAX_HEADER_BYTES, backlog=128)

@@ -213,6 +213,18 @@ class ProcessHandle:
         self.signalled = True
 
 
+_DEVNULL: int | None = None
+
+
+def _devnull() -> int:
+    """/dev/null opened once (close-on-exec), given to every run as its stdin:
+    subprocess.DEVNULL opens and closes it again for each spawn."""
+    global _DEVNULL
+    if _DEVNULL is None:
+        _DEVNULL = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _DEVNULL
+
+
 def start_process(
     argv: Sequence[str],
     *,
@@ -227,13 +239,14 @@ def start_process(
     PATH search. Raises OSError when it cannot start: a missing executable, a bad
     working directory.
     """
-    output = subprocess.PIPE if capture_output else subprocess.DEVNULL
+    devnull = _devnull()
+    output = subprocess.PIPE if capture_output else devnull
     popen = subprocess.Popen(
         list(argv),
         executable=executable,
         env=dict(env),
         cwd=cwd,
-        stdin=subprocess.DEVNULL,
+        stdin=devnull,
         stdout=output,
         stderr=output,
         close_fds=True,

@@ -70,6 +70,16 @@ class NamedPrintLogger(structlog.PrintLogger):
         super().__init__(file)
         self.name = name
 
+    def msg(self, message: str) -> None:
+        # print() writes the record and its newline separately: two write(2) calls on
+        # stderr per record, and the worker logs two records per run at INFO.
+        with self._lock:
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = \
+        fatal = msg
+
 
 class NamedPrintLoggerFactory:
     def __init__(self, file: Any) -> None:

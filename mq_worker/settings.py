@@ -51,6 +51,11 @@ class WorkerSettings(BaseSettings):
         description="Work queues of the pool to consume (comma-separated).",
     )
     limit: int = Field(default=4, ge=1, le=10_000, description="Most runs in flight at once.")
+    processes: int = Field(
+        default=1, ge=1, le=256,
+        description="Worker processes under one supervisor, each with a share of the limit "
+        "and the name <name>-<i>.",
+    )
     name: str = Field(
         default_factory=default_worker_name, description="Worker name, unique per broker.",
         json_schema_extra={"shown_default": "<hostname>-<pid>"},
@@ -188,6 +193,13 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _limit_per_process(self) -> WorkerSettings:
+        if self.limit < self.processes:
+            raise ValueError(f"a limit of {self.limit} cannot give each of {self.processes} "
+                             "processes a run slot: raise --limit or lower --processes")
+        return self
 
     @model_validator(mode="after")
     def _window(self) -> WorkerSettings:

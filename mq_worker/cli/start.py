@@ -27,7 +27,8 @@ from mq_worker.settings import WorkerSettings
 @click.command()
 @settings_options
 @color_option
-def start(color: bool | None, **options: Any) -> None:
+@click.option("--supervisor-fd", "supervisor_fd", type=int, default=None, hidden=True)
+def start(color: bool | None, supervisor_fd: int | None, **options: Any) -> None:
     """Start a worker. Every option is also an MQ_WORKER_<OPTION> environment variable
     (lists comma-separated); the command line wins over the environment.
 
@@ -40,10 +41,14 @@ def start(color: bool | None, **options: Any) -> None:
         fail(validation_message(exc), 2)
     logs.configure(settings.log_format, settings.log_level,
                    colors=color_wanted(color, sys.stderr))
-    run(lambda: serve(settings), settings.loop, quiet=False)
+    if settings.processes > 1:
+        from mq_worker.cli.supervise import supervise
+
+        sys.exit(run(lambda: supervise(settings, given(options)), settings.loop, quiet=False))
+    run(lambda: serve(settings, supervisor_fd), settings.loop, quiet=False)
 
 
-async def serve(settings: WorkerSettings) -> None:
+async def serve(settings: WorkerSettings, supervisor_fd: int | None = None) -> None:
     from mq_worker import sd_notify
     from mq_worker.workers.base import worker_class
 
@@ -68,6 +73,11 @@ async def serve(settings: WorkerSettings) -> None:
         if settings.health_port is not None:
             from mq_worker.health import serve_health
 
-            await tg.start(serve_health, worker, settings.health_port, settings.health_host)
+            bound = await tg.start(serve_health, worker, settings.health_port,
+                                   settings.health_host)
+            if supervisor_fd is not None:
+                from mq_worker.cli.supervise import report_to_supervisor
+
+                tg.start_soon(report_to_supervisor, supervisor_fd, bound, worker.stop)
         await worker.serve()
         tg.cancel_scope.cancel()

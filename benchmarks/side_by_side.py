@@ -1,0 +1,299 @@
+"""The issue's table in one command: mq_worker against Celery, pre-loaded runs, same run.
+
+    .venv/bin/python -m benchmarks.side_by_side [--runs 3000] [--rounds 1]
+        [--contenders mq-1x8,mq-2x4,mq-2x8,mq-processes-2,celery-events,celery]
+
+For each contender: a vhost of its own, `runs` runs of /bin/true published and confirmed
+first (mq_worker: the pool's queues declared first; Celery: its default classic queue),
+then the worker processes started. The rate is from the first to the last completion
+(mq_worker: `run.completed` events as a subscriber receives them; Celery: the task's own end
+time, written by the task). CPU of each party is sampled from /proc every 50 ms and taken
+over that same window: the worker (every process of its tree, without the CPU of the runs
+it reaped: a process's own user+system time never includes its reaped children's) and the
+broker (the Erlang VM). RSS is the largest sum over the worker's processes (runs excluded)
+seen in the window.
+
+`--rounds N` repeats every contender N times, interleaved (A B C A B C ...), and reports
+medians: on a shared machine, only figures measured side by side compare. Celery lives
+in benchmarks/.venv-celery (created by benchmarks.compare_celery when missing). Workers
+log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows what the
+default level (INFO: two lines per run) costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import psutil
+
+from benchmarks.common import (
+    PYTHON,
+    RESULTS,
+    ROOT,
+    RUN_COMPLETED,
+    EventWatch,
+    Publisher,
+    background_load,
+    banner,
+    broker_process,
+    new_id,
+    print_table,
+    run_body,
+    vhost,
+    write_results,
+)
+from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ensure_venv
+
+TRUE = "/bin/true"
+SAMPLE_SECONDS = 0.05
+CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
+              "mq-1x8-info")
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.time()
+    worker_cpu: float
+    broker_cpu: float
+    worker_rss: int
+
+
+def _tree(roots: list[psutil.Process]) -> list[psutil.Process]:
+    members: list[psutil.Process] = []
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            members += [root, *root.children(recursive=True)]
+    return members
+
+
+class Sampler:
+    """Samples the worker processes' and the broker's CPU every SAMPLE_SECONDS in a thread."""
+
+    def __init__(self, roots: list[psutil.Process]) -> None:
+        self.roots = roots
+        self.broker = broker_process()
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> Sample:
+        cpu = 0.0
+        rss = 0
+        for member in _tree(self.roots):
+            with contextlib.suppress(psutil.Error):
+                if member.name() == "true":
+                    continue
+                times = member.cpu_times()
+                cpu += times.user + times.system
+                rss += member.memory_info().rss
+        broker = 0.0
+        if self.broker is not None:
+            with contextlib.suppress(psutil.Error):
+                times = self.broker.cpu_times()
+                broker = times.user + times.system
+        return Sample(time.time(), cpu, broker, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.sample())
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, first: float, last: float) -> tuple[float, float, int]:
+        """(worker CPU s, broker CPU s, largest RSS) between the samples around first/last."""
+        before = [s for s in self.samples if s.at <= first] or self.samples[:1]
+        after = [s for s in self.samples if s.at >= last] or self.samples[-1:]
+        start, end = before[-1], after[0]
+        inside = [s.worker_rss for s in self.samples if start.at <= s.at <= end.at]
+        return (end.worker_cpu - start.worker_cpu, end.broker_cpu - start.broker_cpu,
+                max(inside or [end.worker_rss]))
+
+
+def result_row(label: str, runs: int, completions: list[float], sampler: Sampler,
+               processes: int) -> dict[str, Any]:
+    completions.sort()
+    first, last = completions[0], completions[-1]
+    worker_cpu, broker_cpu, rss = sampler.window(first, last)
+    return {
+        "contender": label, "runs": runs, "completed": len(completions),
+        "rate": round((len(completions) - 1) / (last - first), 1),
+        "worker_cpu_ms_per_run": round(worker_cpu * 1000 / runs, 3),
+        "broker_cpu_ms_per_run": round(broker_cpu * 1000 / runs, 3),
+        "worker_rss_mb": round(rss / 2**20, 1), "processes": processes,
+    }
+
+
+# -- mq_worker -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mq_processes(url: str, name: str, specs: list[list[str]]) -> Iterator[list[psutil.Process]]:
+    """`mq-worker start` once per argument list; stopped with SIGTERM at exit."""
+    RESULTS.joinpath("logs").mkdir(parents=True, exist_ok=True)
+    popens = []
+    for i, extra in enumerate(specs):
+        with RESULTS.joinpath("logs", f"{name}-{i}.log").open("wb") as log:
+            popens.append(subprocess.Popen(
+                [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", f"{name}-{i}",
+                 "--log-level", "WARNING", "--log-format", "json", *extra],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT))
+    try:
+        yield [psutil.Process(p.pid) for p in popens]
+    finally:
+        for p in popens:
+            p.send_signal(signal.SIGTERM)
+        for p in popens:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def declare(url: str) -> None:
+    from mq_worker.topology import QueueOptions, declare_pool
+
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        await declare_pool(channel, "default", ["default"], QueueOptions())
+    finally:
+        await connection.close()
+
+
+async def measure_mq(label: str, specs: list[list[str]], runs: int) -> dict[str, Any]:
+    with vhost(label) as host:
+        await declare(host.url)
+        async with EventWatch(host.url, [RUN_COMPLETED]) as watch, \
+                Publisher(host.url) as publisher:
+            await publisher.publish_many(run_body(new_id(), TRUE) for _ in range(runs))
+            completions: list[float] = []
+            watch.on_event = lambda seen: completions.append(seen.received)
+            with mq_processes(host.url, label, specs) as roots, Sampler(roots) as sampler:
+                await watch.wait_count(RUN_COMPLETED, runs, 120 + runs / 10)
+                await asyncio.sleep(2 * SAMPLE_SECONDS)  # a sample after the last completion
+            watch.on_event = None
+    processes = sum(int(s[s.index("--processes") + 1]) if "--processes" in s else 1
+                    for s in specs)
+    return result_row(label, runs, completions, sampler, processes)
+
+
+# -- Celery ----------------------------------------------------------------------------------
+
+
+def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[str, Any]:
+    with vhost(label) as host:
+        results = RESULTS / f".{label}.log"
+        results.unlink(missing_ok=True)
+        log = TaskLog(results)
+        env = {**os.environ, "BENCH_BROKER_URL": host.url, "BENCH_RESULTS_FILE": str(results),
+               "BENCH_QUEUE_TYPE": "classic"}
+        client(bin_dir, host.url, "classic", "burst", str(runs), "0")
+        argv = [str(bin_dir / "celery"), "-A", "tasks", "worker", "--pool", "prefork",
+                "--concurrency", "8", "--loglevel", "WARNING", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "-n", f"{label}@%h",
+                *(["-E"] if events else [])]
+        RESULTS.joinpath("logs").mkdir(parents=True, exist_ok=True)
+        with RESULTS.joinpath("logs", f"{label}.log").open("wb") as out:
+            worker = subprocess.Popen(argv, cwd=SIDE, env=env, stdout=out, stderr=out,
+                                      stdin=subprocess.DEVNULL)
+        try:
+            with Sampler([psutil.Process(worker.pid)]) as sampler:
+                # The client's first task (index -1) opens its connection: runs + 1 tasks.
+                log.wait(range(-1, runs), 120 + runs / 10, worker)
+                time.sleep(2 * SAMPLE_SECONDS)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        results.unlink(missing_ok=True)
+    ends = [log.tasks[i][2] for i in range(runs)]
+    return result_row(label, runs, ends, sampler, 9)
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def contender(name: str, runs: int, bin_dir: Path | None) -> Callable[[], dict[str, Any]]:
+    mq = {"mq-1x8": [["--limit", "8"]], "mq-2x4": [["--limit", "4"]] * 2,
+          "mq-2x8": [["--limit", "8"]] * 2,
+          "mq-processes-2": [["--limit", "16", "--processes", "2"]],
+          "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]]}
+    if name in mq:
+        return lambda: asyncio.run(measure_mq(name, mq[name], runs))
+    assert bin_dir is not None
+    return lambda: measure_celery(bin_dir, name, name == "celery-events", runs)
+
+
+LABELS = {
+    "mq-1x8": "mq_worker, 1 worker, limit 8",
+    "mq-2x4": "mq_worker, 2 workers, limit 4 each",
+    "mq-2x8": "mq_worker, 2 workers, limit 8 each",
+    "mq-processes-2": "mq_worker, --processes 2 --limit 16",
+    "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
+    "celery-events": "Celery prefork c=8, events on (-E)",
+    "celery": "Celery prefork c=8, events off",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    args = parser.parse_args()
+    names = [n for n in args.contenders.split(",") if n]
+    banner("side_by_side")
+    bin_dir = ensure_venv() if any(n.startswith("celery") for n in names) else None
+    load_before = background_load()
+    rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            row = contender(name, args.runs, bin_dir)()
+            rows[name].append(row)
+            print(f"  {name}: {row['rate']} runs/s, worker {row['worker_cpu_ms_per_run']} ms, "
+                  f"broker {row['broker_cpu_ms_per_run']} ms per run", flush=True)
+    load_after = background_load()
+
+    def median(name: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in rows[name]), 3)
+
+    table = [[LABELS[n], median(n, "rate"), median(n, "worker_cpu_ms_per_run"),
+              median(n, "broker_cpu_ms_per_run"),
+              f"{median(n, 'worker_rss_mb'):.0f} MB ({rows[n][0]['processes']} processes)"]
+             for n in names]
+    print_table(f"{args.runs} runs of /bin/true pre-loaded, then the workers started; medians "
+                f"of {args.rounds} interleaved round(s); other load {load_before:.2f} cores "
+                f"before, {load_after:.2f} after",
+                ["contender", "runs/s", "worker CPU ms/run", "broker CPU ms/run",
+                 "worker RSS"], table)
+    write_results("side_by_side", {
+        "celery": celery_version(bin_dir) if bin_dir else None, "runs": args.runs,
+        "rounds": args.rounds, "other_load_cores": [load_before, load_after], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
