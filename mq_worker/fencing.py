@@ -17,6 +17,12 @@ then stops those runs and ends each with the same `run.crashed`
 subscriber that deduplicates by id (as the contract asks) sees one terminal
 event whoever published it. If the worker has itself received a peer's
 `worker.lost` report listing the run, it publishes nothing for it.
+
+A run that ended while the worker was cut off has its own terminal event
+waiting unconfirmed in the outbox when the lease breaks. That event is
+replaced in the outbox (and its spool) by the same `run.crashed`
+(`worker-lost`) event a peer publishes, in the same place, or dropped if
+the worker received the peer's report: the run still has one terminal event.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import aiormq.abc
 import orjson
 import structlog
 
-from mq_worker.events import EventType
+from mq_worker.events import CrashReason, EventType, OutgoingEvent, build_event
 from mq_worker.topology import EVENTS_EXCHANGE
 
 log = structlog.get_logger("mq_worker.fencing")
@@ -45,6 +51,29 @@ def worker_lost_event_id(worker: str, run_id: str, infrastructure_pid: str | Non
     """The id of the `run.crashed` (`worker-lost`) event of a run: whoever publishes it,
     the lost worker's peer or the worker itself, publishes the same event."""
     return str(uuid.uuid5(_NAMESPACE, f"worker-lost/{worker}/{run_id}/{infrastructure_pid}"))
+
+
+def worker_lost_ending(
+    pending: OutgoingEvent, *, worker: str, source: str, infrastructure_pid: str | None
+) -> OutgoingEvent:
+    """The `run.crashed` (`worker-lost`) event that takes the place of `pending`, a run's
+    own terminal event not yet confirmed when peers may have reported the run lost."""
+    envelope = orjson.loads(pending.body)
+    original = envelope.get("data") or {}
+    run_id = str(pending.run_id)
+    data = {
+        **{key: original.get(key) for key in (
+            "run_id", "run_name", "pool", "queue", "worker", "related", "tags", "follows",
+            "attempt", "status_code")},
+        "reason": CrashReason.WORKER_LOST,
+        "message": f"worker {worker} was cut off from the broker when the run ended; "
+                   "peers may have reported it lost, so it ends as they report it",
+        "infrastructure_pid": infrastructure_pid,
+        "reported_by": worker,
+    }
+    return build_event(EventType.RUN_CRASHED, source=source, subject=run_id,
+                       event_id=worker_lost_event_id(worker, run_id, infrastructure_pid),
+                       data=data, traceparent=envelope.get("traceparent"))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import anyio
 import structlog
 from pamqp import commands as spec
 
-from mq_worker.events import CONTENT_TYPE, OutgoingEvent
+from mq_worker.events import CONTENT_TYPE, EventType, OutgoingEvent
 from mq_worker.spool import Spool
 from mq_worker.topology import EVENTS_EXCHANGE
 
@@ -33,6 +33,8 @@ DEFAULT_CAPACITY = 10_000
 # Seconds to wait for the broker's confirmation of an event (as for parks and dead letters).
 CONFIRM_TIMEOUT = 15.0
 _BATCH = 512
+# The events that end a run (a rejection is not one: it may be about a cancel of the run).
+_RUN_ENDINGS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_CRASHED, EventType.RUN_CANCELLED})
 
 
 class Outbox:
@@ -55,6 +57,8 @@ class Outbox:
         self._pressure = False
         self._spool = spool or (Spool(spool_path) if spool_path else None)
         self.published = 0
+        # How many events at the head are on the wire, awaiting their confirmation.
+        self._in_flight = 0
         if self._spool:
             for event in self._spool.load():
                 self._events.append(event)
@@ -82,6 +86,37 @@ class Outbox:
         self._wakeup.set()
         self._check_pressure()
 
+    def pending_terminal(self, run_id: str) -> OutgoingEvent | None:
+        """The run's terminal event if the broker has not confirmed it yet."""
+        for event in reversed(self._events):
+            if event.run_id == run_id and event.type in _RUN_ENDINGS:
+                return event
+        return None
+
+    def replace_unconfirmed(self, run_id: str, event: OutgoingEvent, *, drop: bool = False) -> bool:
+        """Put `event` in the place of the run's unconfirmed terminal event, or with
+        `drop` remove that event instead.
+
+        Used when peers may have reported the run crashed with this worker: the run
+        must end as they report it. An event already on the wire is replaced, never
+        dropped (the batch awaiting confirmation must not shift). False if the run
+        has no unconfirmed terminal event.
+        """
+        for index in range(len(self._events) - 1, -1, -1):
+            pending = self._events[index]
+            if pending.run_id != run_id or pending.type not in _RUN_ENDINGS:
+                continue
+            if drop and index >= self._in_flight:
+                del self._events[index]
+            else:
+                self._events[index] = event
+            if self._spool:
+                self._spool.rewrite(self._events)
+            if not self._events:
+                self._empty.set()
+            return True
+        return False
+
     def _check_pressure(self) -> None:
         depth = len(self._events)
         pressure = depth >= self.capacity if not self._pressure else depth > self.capacity * 0.8
@@ -102,9 +137,13 @@ class Outbox:
                 self._wakeup = anyio.Event()
                 continue
             batch = list(islice(self._events, _BATCH))
-            results = await asyncio.gather(
-                *(self._publish(channel, event) for event in batch), return_exceptions=True
-            )
+            self._in_flight = len(batch)
+            try:
+                results = await asyncio.gather(
+                    *(self._publish(channel, event) for event in batch), return_exceptions=True
+                )
+            finally:
+                self._in_flight = 0
             confirmed = 0
             for result in results:
                 if isinstance(result, BaseException):

@@ -54,6 +54,7 @@ from mq_worker.fencing import (
     REPORTED_STATES,
     HeartbeatLease,
     follow_own_reports,
+    worker_lost_ending,
     worker_lost_event_id,
 )
 from mq_worker.handoff import (
@@ -246,6 +247,8 @@ class BaseWorker(abc.ABC):
             missed * s.heartbeat_seconds - min(1.0, 0.1 * s.heartbeat_seconds)
         )
         self._reported_lost: OrderedDict[str, None] = OrderedDict()
+        # Of recently ended runs: the id a peer's worker-lost report would give them.
+        self._ended_pids: OrderedDict[str, str | None] = OrderedDict()
         self._disconnected_at = 0.0
         self._spawn_backoff = SpawnBackoff()
         self._fatal_error: BaseException | None = None
@@ -522,6 +525,8 @@ class BaseWorker(abc.ABC):
             tg.start_soon(_watch, connection.closed())
             for channel in channels:
                 tg.start_soon(_watch, channel.closed())
+            # Before anything unconfirmed goes out: endings peers may have reported are handed over.
+            self._check_lease()
             tg.start_soon(self._outbox.publish_forever, session.publish)
             # A consumer of the cancel stream or the monitor dropped by the broker ends the session.
             tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
@@ -1142,6 +1147,9 @@ class BaseWorker(abc.ABC):
             return True
         active.terminal = True
         self._emit_run(active, event_type, **extra)
+        self._ended_pids[str(active.id)] = active.infrastructure_pid
+        while len(self._ended_pids) > _FINISHED_MEMORY:
+            self._ended_pids.popitem(last=False)
         counter = {
             EventType.RUN_COMPLETED: self.metrics.completed,
             EventType.RUN_CANCELLED: self.metrics.cancelled,
@@ -1312,7 +1320,10 @@ class BaseWorker(abc.ABC):
         """Stop runs peers may have reported lost with this worker; they end as reported."""
         for run_id in run_ids:
             active = self._active.get(UUID(run_id))
-            if active is None or active.fenced or active.terminal:
+            if active is None or active.terminal:
+                self._hand_over_ending(run_id)
+                continue
+            if active.fenced:
                 continue
             active.fenced = True
             active.fenced_since = since
@@ -1321,6 +1332,23 @@ class BaseWorker(abc.ABC):
             if active.state == "running" and self._tg is not None:
                 self._tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
             # "starting": killed as soon as it has started (see _start_and_watch).
+
+    def _hand_over_ending(self, run_id: str) -> None:
+        """An ended run whose own terminal event is still unconfirmed ends as peers report it."""
+        pending = self._outbox.pending_terminal(run_id)
+        if pending is None:
+            return
+        reported = run_id in self._reported_lost
+        pid = self._ended_pids.get(run_id)
+        if pending.id == worker_lost_event_id(self.name, run_id, pid) and not reported:
+            return  # already handed over
+        replacement = worker_lost_ending(pending, worker=self.name, source=self.source,
+                                         infrastructure_pid=pid)
+        if self._outbox.replace_unconfirmed(run_id, replacement, drop=reported):
+            self.log.warning("a run ended while this worker was cut off; peers may have "
+                             "reported it lost, so it ends as they report it",
+                             run_id=run_id, replaced=pending.type,
+                             peer_report_received=reported)
 
     def _end_fenced(self, active: ActiveRun, status_code: Any) -> None:
         event = build_event(
