@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,13 +64,28 @@ def connect(url: str) -> tuple[Connection, Dialect]:
     try:
         connection = sqlite3.connect(os.path.expanduser(path), timeout=30,
                                      check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(connection)
         # FULL: a transaction the ledger acknowledged survives a power cut, not only a crash.
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=30000")
     except sqlite3.Error as exc:
         raise ConfigurationError(f"cannot open SQLite database {path!r}: {exc}") from None
     return _SqliteConnection(connection), SQLITE
+
+
+def _enable_wal(connection: sqlite3.Connection, wait_seconds: float = 30.0) -> None:
+    """Switch to WAL. A connection racing another one to switch a new file (a ledger and
+    its dashboard starting together) is told "locked" at once, without the busy
+    timeout: it tries again until the other is done."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class _SqliteConnection:
