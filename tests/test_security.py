@@ -809,7 +809,8 @@ async def test_only_a_publisher_that_declares_work_queues_needs_read_on_them(
             queue = await channel.get_queue(f"mq_worker.{POOL}.high", ensure=False)
             with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="ACCESS_REFUSED"):
                 await queue.get(no_ack=True, fail=False)
-    assert vhost.queue_counts()[f"mq_worker.{POOL}.high"] == (1, 0)
+    # The management API's counts are refreshed every few seconds.
+    await wait_until(lambda: vhost.queue_counts()[f"mq_worker.{POOL}.high"] == (1, 0))
 
 
 @pytest.mark.parametrize("role", ["publisher", "non-declaring publisher", "subscriber"])
