@@ -22,15 +22,6 @@ from mq_worker.monitor import PING
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.status import send_ping
 from mq_worker.topology import EVENTS_EXCHANGE, PING_EXCHANGE, RUNS_EXCHANGE
-from tests.conftest import (
-    EventLog,
-    VHost,
-    probe,
-    publish_raw,
-    running_worker,
-    started_runs,
-    wait_until,
-)
 from tests.contract import (
     ASYNCAPI_FILE,
     ASYNCAPI_SCHEMA_FILE,
@@ -38,6 +29,15 @@ from tests.contract import (
     committed_document,
     message_for_routing_key,
     payload_validator,
+)
+from tests.helpers import (
+    EventLog,
+    VHost,
+    probe,
+    publish_raw,
+    running_worker,
+    started_runs,
+    wait_until,
 )
 
 

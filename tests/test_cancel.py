@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from mq_worker.publisher import Publisher
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     probe,

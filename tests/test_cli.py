@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.conftest import PYTHON, EventLog, VHost, probe, run_body, started_runs, wait_until
+from tests.helpers import PYTHON, EventLog, VHost, probe, run_body, started_runs, wait_until
 
 pytestmark = pytest.mark.anyio
 

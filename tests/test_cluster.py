@@ -42,7 +42,7 @@ from mq_worker.topology import (
     work_queue_name,
 )
 from mq_worker.workers.process import ProcessWorker
-from tests.conftest import (
+from tests.helpers import (
     WorkerProcess,
     event_log,
     probe,

@@ -13,7 +13,7 @@ import pytest
 from cloudevents.core.bindings import rabbitmq as ce_rabbitmq
 
 from mq_worker.topology import DEAD_QUEUE
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     ended_runs,

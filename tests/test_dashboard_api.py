@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mq_worker import Publisher, new_run
-from tests.conftest import (
+from tests.helpers import (
     VHost,
     probe,
     publish_raw,

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from mq_worker import Publisher, new_run
-from tests.conftest import (
+from tests.helpers import (
     VHost,
     probe,
     publish_raw,

@@ -29,7 +29,7 @@ import anyio
 import pytest
 
 from mq_worker.health import serve_health
-from tests.conftest import VHost, running_worker
+from tests.helpers import VHost, running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -17,7 +17,7 @@ import pytest
 
 from mq_worker.cli.common import duration_seconds
 from mq_worker.settings import WorkerSettings
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,

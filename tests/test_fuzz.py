@@ -25,7 +25,7 @@ from mq_worker.job_configuration import BaseJobTemplate, RunContext
 from mq_worker.messages import RunMessage, parse_cancel, parse_run
 from mq_worker.signing import SIGNATURE_V2_HEADER, Signer
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker, executable_path
-from tests.conftest import worker_settings
+from tests.helpers import worker_settings
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

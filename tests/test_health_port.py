@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from mq_worker.health import serve_health
-from tests.conftest import PYTHON, VHost, running_worker, wait_until
+from tests.helpers import PYTHON, VHost, running_worker, wait_until
 from tests.test_operations import health_endpoint, samples
 
 pytestmark = pytest.mark.anyio

@@ -19,7 +19,7 @@ import pytest
 
 from mq_worker.ledger import LedgerStore
 from mq_worker.publisher import Publisher, new_run
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,

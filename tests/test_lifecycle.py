@@ -19,7 +19,7 @@ import anyio
 import psutil
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,

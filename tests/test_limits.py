@@ -16,7 +16,7 @@ import pytest
 
 from mq_worker.events import Event
 from mq_worker.topology import limit_queue_name
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     probe,

@@ -19,7 +19,7 @@ import pytest
 
 from mq_worker.events import TERMINAL_TYPES
 from mq_worker.topology import EVENTS_EXCHANGE, RUNS_EXCHANGE, scheduled_routing_key
-from tests.conftest import VHost, WorkerProcess, wait_until
+from tests.helpers import VHost, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from mq_worker.health import serve_health
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.workers.base import BaseWorker
-from tests.conftest import (
+from tests.contract import assert_events_conform
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,
@@ -28,7 +29,6 @@ from tests.conftest import (
     started_runs,
     wait_until,
 )
-from tests.contract import assert_events_conform
 
 pytestmark = pytest.mark.anyio
 

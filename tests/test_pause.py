@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mq_worker.topology import work_queue_name
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     probe,

@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 
 from mq_worker import topology
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     probe,

@@ -47,7 +47,7 @@ def test_job_variables_mask_secret_names_everywhere_and_keep_the_rest() -> None:
 async def test_the_pending_event_carries_the_job_variables_with_secrets_masked(
         vhost: Any, events: Any, tmp_path: Any) -> None:
     from mq_worker import Publisher, new_run
-    from tests.conftest import probe, running_worker
+    from tests.helpers import probe, running_worker
 
     async with running_worker(vhost.url), Publisher(vhost.url) as publisher:
         run = await publisher.submit(new_run(probe(tmp_path), job_variables={

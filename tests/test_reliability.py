@@ -16,7 +16,7 @@ from mq_worker.events import Event
 from mq_worker.job_configuration import BaseJobConfiguration
 from mq_worker.topology import DEAD_QUEUE
 from mq_worker.workers.process import ProcessWorker
-from tests.conftest import (
+from tests.helpers import (
     HOST,
     PORT,
     EventLog,

@@ -17,7 +17,7 @@ import pytest
 
 from mq_worker.events import Event
 from mq_worker.signing import Signer
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,

@@ -21,7 +21,8 @@ import pytest
 from mq_worker.ledger import LedgerStore
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.topology import OUTPUT_EXCHANGE
-from tests.conftest import (
+from tests.contract import committed_document, message_for_routing_key, payload_validator
+from tests.helpers import (
     HOST,
     PORT,
     PYTHON,
@@ -32,7 +33,6 @@ from tests.conftest import (
     unique,
     wait_until,
 )
-from tests.contract import committed_document, message_for_routing_key, payload_validator
 from tests.helpers.ledger import (
     LedgerProcess,
     cli_env,

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from mq_worker.topology import RUNS_EXCHANGE
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     management,
@@ -220,7 +220,7 @@ async def test_status_ping_is_not_a_lifecycle_event(
 
 
 def _mq_worker() -> list[str]:
-    from tests.conftest import PYTHON
+    from tests.helpers import PYTHON
 
     return [PYTHON, "-m", "mq_worker"]
 

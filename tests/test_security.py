@@ -34,7 +34,7 @@ from mq_worker.job_configuration import BaseJobTemplate
 from mq_worker.signing import SIGNATURE_HEADER, SIGNATURE_V2_HEADER, Signer
 from mq_worker.topology import DEAD_QUEUE
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
-from tests.conftest import (
+from tests.helpers import (
     PROBE,
     PYTHON,
     EventLog,

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON
+from tests.helpers import PYTHON
 
 SPAWNS = 30
 _SPAWNING = (

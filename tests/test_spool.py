@@ -14,7 +14,7 @@ import pytest
 
 from mq_worker.events import EventType, OutgoingEvent, build_event
 from mq_worker.spool import Spool
-from tests.conftest import (
+from tests.helpers import (
     HOST,
     PORT,
     PYTHON,

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from mq_worker.supervisor import split_limit
-from tests.conftest import (
+from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,

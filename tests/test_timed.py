@@ -14,7 +14,7 @@ from mq_worker.delay import ladder_routing_key, park_seconds
 from mq_worker.messages import RunMessage
 from mq_worker.publisher import Publisher
 from mq_worker.topology import DELAY_LEVELS, MAX_PARK_SECONDS
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     probe,

@@ -26,7 +26,7 @@ from mq_worker.topology import (
     delay_name,
 )
 from mq_worker.workers.process import ProcessWorker
-from tests.conftest import (
+from tests.helpers import (
     EventLog,
     VHost,
     management,
@@ -395,7 +395,7 @@ async def test_a_stream_recreated_while_disconnected_does_not_stall_the_worker(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
     from mq_worker.publisher import Publisher, new_run
-    from tests.conftest import HOST, PORT
+    from tests.helpers import HOST, PORT
     from tests.proxy import link_proxy
 
     async with link_proxy(HOST, PORT) as proxy, Publisher(vhost.url) as publisher:
@@ -462,7 +462,7 @@ async def test_a_cancel_whose_ack_fails_is_still_recorded(vhost: VHost) -> None:
 async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_connection(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    from tests.conftest import HOST, PORT
+    from tests.helpers import HOST, PORT
     from tests.proxy import link_proxy
 
     body = run_body(probe(tmp_path, sleep=2))

@@ -1,0 +1,30 @@
+"""Helpers shared by the tests; conftest.py holds only fixtures."""
+
+from tests.helpers.broker import (
+    HOST,
+    MANAGEMENT,
+    PORT,
+    VHost,
+    management,
+    publish_raw,
+    rabbitmqctl,
+)
+from tests.helpers.eventlog import EventLog, event_log, unique
+from tests.helpers.waiting import wait_until
+from tests.helpers.workers import (
+    PROBE,
+    PYTHON,
+    WorkerProcess,
+    ended_runs,
+    probe,
+    run_body,
+    running_worker,
+    started_runs,
+    worker_settings,
+)
+
+__all__ = [
+    "HOST", "MANAGEMENT", "PORT", "PROBE", "PYTHON", "EventLog", "VHost", "WorkerProcess",
+    "ended_runs", "event_log", "management", "probe", "publish_raw", "rabbitmqctl", "run_body",
+    "running_worker", "started_runs", "unique", "wait_until", "worker_settings",
+]

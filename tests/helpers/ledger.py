@@ -18,7 +18,7 @@ import anyio.abc
 
 from mq_worker.ledger import LedgerStore
 from mq_worker.topology import OUTPUT_EXCHANGE
-from tests.conftest import PYTHON, VHost, wait_until
+from tests.helpers import PYTHON, VHost, wait_until
 
 PG_ADMIN = os.environ.get("MQ_WORKER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 

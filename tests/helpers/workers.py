@@ -1,0 +1,107 @@
+"""Workers as tests start them: in the test's event loop, or as `mq-worker start` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from mq_worker.settings import WorkerSettings
+from mq_worker.workers.process import ProcessWorker
+
+PROBE = str(Path(__file__).parent / "probe.py")
+PYTHON = sys.executable
+
+
+def worker_settings(url: str | list[str], **overrides: Any) -> WorkerSettings:
+    defaults: dict[str, Any] = {
+        "url": url if isinstance(url, list) else [url], "name": f"w-{uuid.uuid4().hex[:6]}",
+        "heartbeat_seconds": 30.0, "prefetch_seconds": 10.0,
+    }
+    return WorkerSettings(**{**defaults, **overrides})
+
+
+@asynccontextmanager
+async def running_worker(
+    url: str | list[str], **overrides: Any
+) -> AsyncIterator[ProcessWorker]:
+    """A worker serving in this test's event loop (with these broker addresses, in order),
+    stopped (and drained) at exit."""
+    worker = ProcessWorker(worker_settings(url, **overrides))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.serve)
+        with anyio.fail_after(30):
+            await worker.ready.wait()
+        try:
+            yield worker
+        finally:
+            worker.stop(force=True)
+
+
+def probe(directory: Path, *, sleep: float = 0.0, exit_code: int = 0, extra: str = "") -> str:
+    """A command that records its run in `directory` (see tests/helpers/probe.py)."""
+    return shlex.join([PYTHON, PROBE, str(directory), "--sleep", str(sleep),
+                       "--exit", str(exit_code)]) + (f" {extra}" if extra else "")
+
+
+def run_body(command: str | None = None, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": str(uuid.uuid4())}
+    if command is not None:
+        body["job_variables"] = {"command": command}
+    body.update(fields)
+    return body
+
+
+def started_runs(directory: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.start")}
+
+
+def ended_runs(directory: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.end")}
+
+
+class WorkerProcess:
+    """`mq-worker start` as a separate process, as operators run it."""
+
+    def __init__(self, url: str, *args: str, name: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name or f"p-{uuid.uuid4().hex[:6]}"
+        self.log_path = Path(tempfile.gettempdir()) / f"mq_worker-test-{self.name}.log"
+        self._log_file = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", self.name,
+             "--log-format", "json", *args],
+            stdout=self._log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                lines.append({"event": line})
+        return lines
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._log_file.close()
