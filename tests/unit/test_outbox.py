@@ -1,13 +1,24 @@
-"""The outbox hands a run's unconfirmed ending over to the worker-lost report (no broker)."""
+"""The outbox without a broker: order, confirmations, back-pressure, the spool behind it, and
+handing a run's unconfirmed ending over to the worker-lost report.
+
+A channel here is a stand-in that confirms (or refuses) each publish as RabbitMQ's would.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
 
 from mq_worker.events import EventType, OutgoingEvent, build_event
 from mq_worker.fencing import worker_lost_event_id
 from mq_worker.outbox import Outbox
 from mq_worker.spool import Spool
+from mq_worker.topology import EVENTS_EXCHANGE
 
 RUN = "0b7a1c52-9a8e-4a59-8c0e-3d1c8f0f7a11"
 OTHER = "5d6c2e14-1f0b-4b0e-9a55-7e2a9c3b8d22"
@@ -79,3 +90,94 @@ def test_a_run_without_an_unconfirmed_ending_is_left_alone(tmp_path: Path) -> No
     assert [e.id for e in Spool(tmp_path / "w1.outbox.jsonl").load()] == [
         submitted.id, rejected_cancel.id]
     outbox.close()
+
+
+@dataclass
+class ConfirmingChannel:
+    """Confirms every publish, except the `refuse_at`-th (1-based) and those after it."""
+
+    refuse_at: int | None = None
+    published: list[tuple[str, str, str]] = field(default_factory=list)  # exchange, key, id
+
+    async def basic_publish(self, body: bytes, *, exchange: str, routing_key: str,
+                            properties: Any, **_: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self.refuse_at is not None and len(self.published) + 1 >= self.refuse_at:
+            raise ConnectionError("connection lost before the confirm")
+        self.published.append((exchange, routing_key, properties.message_id))
+
+
+async def _publish_until_empty(outbox: Outbox, channel: ConfirmingChannel) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(outbox.publish_forever, channel)
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_events_go_out_in_order_and_leave_the_spool_once_confirmed(tmp_path: Path) -> None:
+    outbox, events = _queued(tmp_path)
+    channel = ConfirmingChannel()
+
+    await _publish_until_empty(outbox, channel)
+
+    assert channel.published == [(EVENTS_EXCHANGE, e.type, e.id) for e in events]
+    assert outbox.published == 3 and len(outbox) == 0
+    assert Spool(tmp_path / "w1.outbox.jsonl").load() == []
+    outbox.close()
+
+
+@pytest.mark.anyio
+async def test_an_unconfirmed_event_and_those_after_it_wait_for_the_next_connection(
+        tmp_path: Path) -> None:
+    outbox, (_submitted, completed, other) = _queued(tmp_path)
+
+    with pytest.raises(ConnectionError):
+        await outbox.publish_forever(ConfirmingChannel(refuse_at=2))
+
+    assert outbox.published == 1
+    # The spool is append-only until it empties: confirmed events may be in it still
+    # (published again after a restart, at least once), the unconfirmed ones must be.
+    assert [e.id for e in Spool(tmp_path / "w1.outbox.jsonl").load()][-2:] == [
+        completed.id, other.id]
+    next_connection = ConfirmingChannel()
+    await _publish_until_empty(outbox, next_connection)
+    assert [message_id for _, _, message_id in next_connection.published] == [
+        completed.id, other.id]
+    assert outbox.published == 3
+    outbox.close()
+
+
+@pytest.mark.anyio
+async def test_a_full_outbox_stops_new_runs_until_it_drains_below_four_fifths() -> None:
+    pressure: list[bool] = []
+    outbox = Outbox(capacity=5, on_pressure=pressure.append)
+    for _ in range(4):
+        outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+    assert not outbox.under_pressure and pressure == []
+
+    outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+    outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))  # accepted all the same: never dropped
+
+    assert outbox.under_pressure and pressure == [True] and len(outbox) == 6
+    await _publish_until_empty(outbox, ConfirmingChannel())
+    assert not outbox.under_pressure and pressure == [True, False]
+
+
+@pytest.mark.anyio
+async def test_events_left_in_the_spool_are_published_first_by_the_next_outbox(
+        tmp_path: Path) -> None:
+    spool_path = tmp_path / "w1.outbox.jsonl"
+    first, (submitted, completed, other) = _queued(tmp_path)
+    first.close()  # the worker stops before the broker confirmed anything
+
+    second = Outbox(spool_path=spool_path)
+    later = _run_event(EventType.RUN_SUBMITTED, OTHER)
+    second.put(later)
+    channel = ConfirmingChannel()
+    await _publish_until_empty(second, channel)
+
+    assert [message_id for _, _, message_id in channel.published] == [
+        submitted.id, completed.id, other.id, later.id]
+    second.close()

@@ -1,0 +1,129 @@
+"""The pool monitor's table of peers without a broker: who is reported lost, when, and once.
+
+The broker's part (the election's token, the heartbeat stream up to the reporter's marker)
+is stood in for by `_elected`: the table is what decides which workers are lost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from mq_worker.events import EventType, HeartbeatRun
+from mq_worker.monitor import PeerRecord, PoolMonitor
+from mq_worker.peer_events import WorkerEvent, WorkerReport
+
+POOL = "etl"
+
+
+def _event(kind: str, worker: str, *, pool: str = POOL, heartbeat_seconds: float = 10.0,
+           runs: tuple[uuid.UUID, ...] = (), age: float = 0.0) -> WorkerEvent:
+    report = WorkerReport(
+        worker=worker, pool=pool, heartbeat_seconds=heartbeat_seconds,
+        runs=[HeartbeatRun(id=run, state="running") for run in runs],
+    )
+    return WorkerEvent(str(uuid.uuid4()), kind, datetime.now(UTC) - timedelta(seconds=age),
+                       report)
+
+
+def _monitor(lost: list[PeerRecord], *, elected: bool = True) -> PoolMonitor:
+    monitor = PoolMonitor(pool=POOL, me="me", missed=3, on_lost=lost.append)
+    if elected:
+        _elected(monitor)
+    return monitor
+
+
+def _elected(monitor: PoolMonitor) -> None:
+    """As if this worker won its pool's election and read the stream up to its marker."""
+    monitor._election.won.set()
+    monitor._finish_replay()
+
+
+def test_a_peer_silent_for_its_missed_heartbeats_is_reported_once_with_its_runs() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    run = uuid.uuid4()
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "busy", runs=(run,)), now=100.0)
+
+    assert monitor.check(now=129.9) == []
+    reported = monitor.check(now=130.1)
+
+    assert [r.name for r in reported] == ["busy"] and lost == reported
+    assert reported[0].lost and [r["id"] for r in reported[0].runs] == [str(run)]
+    assert monitor.check(now=200.0) == [] and len(lost) == 1
+
+
+def test_each_peer_is_judged_by_its_own_heartbeat_interval() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "fast", heartbeat_seconds=1), now=100.0)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "slow", heartbeat_seconds=30), now=100.0)
+
+    assert [r.name for r in monitor.check(now=104.0)] == ["fast"]
+    assert "slow" in monitor.peers
+
+
+def test_a_peer_that_keeps_beating_is_never_lost() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    for now in range(100, 200, 10):
+        monitor.observe(_event(EventType.WORKER_HEARTBEAT, "steady"), now=float(now))
+        assert monitor.check(now=now + 5.0) == []
+    assert lost == []
+
+
+def test_a_peer_that_stopped_or_was_reported_by_another_worker_is_not_reported() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "stopping"), now=100.0)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "reported"), now=100.0)
+
+    monitor.observe(_event(EventType.WORKER_STOPPED, "stopping"), now=101.0)
+    monitor.observe(_event(EventType.WORKER_LOST, "reported"), now=101.0)
+
+    assert monitor.check(now=500.0) == [] and lost == []
+
+
+def test_only_the_elected_reporter_reports_and_never_itself() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost, elected=False)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "me"), now=100.0)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "peer"), now=100.0)
+
+    assert monitor.check(now=500.0) == []
+    _elected(monitor)
+
+    assert [r.name for r in monitor.check(now=500.0)] == ["peer"]
+    assert [r.name for r in lost] == ["peer"]
+
+
+def test_events_of_another_pool_do_not_enter_the_table() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "elsewhere", pool="other"), now=100.0)
+
+    assert monitor.peers == {} and monitor.check(now=500.0) == []
+
+
+def test_a_peer_restarted_while_holding_runs_has_those_runs_reported_at_once() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    run = uuid.uuid4()
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "flaky", runs=(run,)), now=100.0)
+
+    monitor.observe(_event(EventType.WORKER_STARTED, "flaky"), now=101.0)
+
+    assert [[r["id"] for r in record.runs] for record in lost] == [[str(run)]]
+    assert monitor.peers["flaky"].restarted_from is lost[0]
+    assert monitor.check(now=102.0) == []  # the restarted worker itself is alive
+
+
+def test_a_peer_restarted_without_runs_is_not_reported() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "idle"), now=100.0)
+
+    monitor.observe(_event(EventType.WORKER_STARTED, "idle"), now=101.0)
+
+    assert lost == [] and monitor.peers["idle"].restarted_from is None
