@@ -8,15 +8,14 @@ tests. Nothing here mocks the broker; the helpers live in tests/helpers/.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from mq_worker import logs
-from tests.helpers.broker import VHost, management
-from tests.helpers.eventlog import EventLog, event_log
+from mq_worker.testing import EventLog, VHost, event_log
+from tests.helpers.broker import BROKER
 from tests.helpers.workers import WorkerProcess
 
 logs.configure("console", os.environ.get("MQ_WORKER_TEST_LOG_LEVEL", "WARNING"))
@@ -29,14 +28,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def vhost() -> Iterator[VHost]:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    management("PUT", f"/vhosts/{name}")
-    management("PUT", f"/permissions/{name}/guest",
-               {"configure": ".*", "write": ".*", "read": ".*"})
-    try:
-        yield VHost(name)
-    finally:
-        management("DELETE", f"/vhosts/{name}")
+    with BROKER.throwaway_vhost("t") as own:
+        yield own
 
 
 @pytest.fixture

@@ -1,5 +1,10 @@
-"""Helpers shared by the tests; conftest.py holds only fixtures."""
+"""Helpers shared by the tests; conftest.py holds only fixtures.
 
+The broker's administration and the event log are mq_worker.testing's, shared with the
+benchmarks and offered to users.
+"""
+
+from mq_worker.testing import EventLog, event_log, unique
 from tests.helpers.broker import (
     HOST,
     MANAGEMENT,
@@ -9,7 +14,6 @@ from tests.helpers.broker import (
     publish_raw,
     rabbitmqctl,
 )
-from tests.helpers.eventlog import EventLog, event_log, unique
 from tests.helpers.waiting import wait_until
 from tests.helpers.workers import (
     PROBE,
