@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from benchmarks.common import (
     vhost,
 )
 
-TRUE = "/bin/true"
+TRUE = shutil.which("true") or "true"
 WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
     "x-queue-type": "quorum",
     "x-delivery-limit": 20,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -24,7 +25,7 @@ from tests.helpers import VHost, WorkerProcess, wait_until
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 LIMIT = 8
-TRUE = "/bin/true"
+TRUE = shutil.which("true") or "true"
 
 
 @dataclass

@@ -25,7 +25,21 @@ from pathlib import Path
 
 import pytest
 
-RABBITMQ_SERVER = Path(os.environ.get("MQ_WORKER_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+def _rabbitmq_scripts() -> Path:
+    """The directory of RabbitMQ's own scripts (rabbitmq-server, rabbitmqctl).
+
+    Packages often put a wrapper on PATH that links into that directory, so the link is
+    followed; MQ_WORKER_TEST_RABBITMQ_BIN names the directory outright.
+    """
+    configured = os.environ.get("MQ_WORKER_TEST_RABBITMQ_BIN")
+    if configured:
+        return Path(configured)
+    server = shutil.which("rabbitmq-server")
+    return Path(os.path.realpath(server)).parent if server else Path("rabbitmq-server-not-on-PATH")
+
+
+RABBITMQ_SERVER = _rabbitmq_scripts()
 # Preferred ports; busy ones are replaced by free ones.
 DEFAULT_AMQP_PORT = 5691
 DEFAULT_TLS_PORT = 5692

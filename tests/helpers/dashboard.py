@@ -1,15 +1,18 @@
 """The dashboard for tests: `mq-worker ledger --http-port` as operators start it, and a browser.
 
-The browser is Debian's /usr/bin/chromium driven by Playwright's client;
+The browser is a Chromium installed on the machine (on PATH, or named by
+MQ_WORKER_TEST_CHROMIUM), driven by Playwright's client;
 nothing downloads a browser. Screenshots go to test-artifacts/ (gitignored).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,10 +23,11 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = os.environ.get("MQ_WORKER_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("MQ_WORKER_TEST_CHROMIUM") or next(
+    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-HAVE_CHROMIUM = os.path.exists(CHROMIUM)
+HAVE_CHROMIUM = CHROMIUM is not None and os.path.exists(CHROMIUM)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
@@ -41,7 +45,7 @@ class DashboardProcess:
     def __init__(self, url: str, db: str, *args: str, command: str = "ledger") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(f"/tmp/mq_worker-test-dashboard-{self.port}.log")
+        self.log_path = Path(tempfile.gettempdir()) / f"mq_worker-test-dashboard-{self.port}.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mq_worker", command, "--url", url, "--db", db,
@@ -92,9 +96,10 @@ class DashboardProcess:
 
 @asynccontextmanager
 async def browser() -> AsyncIterator[Any]:
-    """Headless Chromium (Debian's), or the test is skipped when it is not installed."""
+    """Headless Chromium, or the test is skipped when it is not installed."""
     if not HAVE_CHROMIUM:
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium chromium-driver")
+        pytest.skip("no Chromium on PATH (set MQ_WORKER_TEST_CHROMIUM to its executable, or "
+                    "apt-get install chromium chromium-driver)")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
