@@ -18,12 +18,12 @@ from typing import Any
 
 from benchmarks.common import (
     PYTHON,
-    banner,
+    command_line,
     print_table,
+    run_benchmark,
     vhost,
     wait_for_quiet,
     workers,
-    write_results,
 )
 
 _SCRIPT = Path(PYTHON).parent / "mq-worker"
@@ -80,21 +80,19 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=60.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--listen", type=float, default=10.0)
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
     return parser.parse_args()
 
 
 def main() -> None:
-    args = parse_args()
-    banner("cli")
-    result = {"other_load_before": wait_for_quiet(timeout=args.quiet), **measure(args)}
-    report(result)
-    write_results("cli", result)
+    run_benchmark("cli", parse_args(), measure_when_quiet, report)
+
+
+def measure_when_quiet(args: argparse.Namespace) -> dict[str, Any]:
+    return {"other_load_before": wait_for_quiet(timeout=args.quiet), **measure(args)}
 
 
 if __name__ == "__main__":

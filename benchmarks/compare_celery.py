@@ -43,14 +43,14 @@ from benchmarks.common import (
     PYTHON,
     RESULTS,
     CpuMeter,
-    banner,
+    command_line,
     least_disturbed,
     percentile,
     print_table,
+    run_benchmark,
     summarize_ms,
     vhost,
     wait_for_quiet,
-    write_results,
 )
 from benchmarks.latency import measure_latency
 from benchmarks.throughput import measure_workers
@@ -246,24 +246,18 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=60.0)
     parser.add_argument("--tasks", type=int, default=4000, help="tasks (runs) per throughput")
     parser.add_argument("--seconds", type=float, default=10.0, help="of the 50/s latency phase")
     parser.add_argument("--queue-types", default="classic,quorum",
                         help="Celery queue types to measure")
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.queue_types = [q for q in args.queue_types.split(",") if q]
     return args
 
 
 def main() -> None:
-    args = parse_args()
-    banner("compare_celery")
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("compare_celery", result)
+    run_benchmark("compare_celery", parse_args(), main_async, report)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from benchmarks.common import RESULTS, management
+from benchmarks.common import RESULTS, command_line, run_benchmark, vhost
 from mq_worker.ledger.records import RUN_COLUMNS
 from mq_worker.ledger.store import LedgerStore
 
@@ -157,26 +157,34 @@ def measure(base: str, requests: int, now: float) -> list[tuple[str, str, list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--db", help="ledger URL [default: benchmarks/results/ledger-N.db]")
     parser.add_argument("--requests", type=int, default=30, help="requests per case")
-    args = parser.parse_args()
+    run_benchmark("dashboard", parser.parse_args(), measure_filled_ledger, report)
+
+
+def measure_filled_ledger(args: argparse.Namespace) -> dict[str, Any]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     db = args.db or f"sqlite:///{RESULTS / f'ledger-{args.runs}.db'}"
     print(f"filling {db.split('@')[-1]} with {args.runs:,} runs ...", flush=True)
     seconds = fill(db, args.runs)
     print(f"filled in {seconds:.1f} s", flush=True)
-    vhost = f"bench-dashboard-{uuid.uuid4().hex[:8]}"
-    management("PUT", f"/vhosts/{vhost}")
-    management("PUT", f"/permissions/{vhost}/guest", {"configure": ".*", "write": ".*",
-                                                      "read": ".*"})
+    with vhost("dashboard") as host:
+        results = measure_dashboard(host.url, db, args.requests)
+    return {"db": "PostgreSQL" if db.startswith("postgres") else "SQLite", "runs": args.runs,
+            "requests": args.requests,
+            "results": {label: timings for label, _, timings, _ in results}}
+
+
+def measure_dashboard(url: str, db: str, requests: int
+                      ) -> list[tuple[str, str, list[float], int]]:
     port = 18000 + random.randrange(1000)
     log = (RESULTS / "logs").joinpath("dashboard.log")
     log.parent.mkdir(exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "mq_worker", "dashboard", "--db", db, "--http-port", str(port),
-         "--url", f"amqp://guest:guest@127.0.0.1:5672/{vhost}", "--log-format", "json"],
+         "--url", url, "--log-format", "json"],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -191,23 +199,21 @@ def main() -> None:
                 time.sleep(0.2)
         print(f"dashboard ready in {time.monotonic() - began:.1f} s (creating its name index "
               "on first start)", flush=True)
-        results = measure(base, args.requests, time.time())
+        return measure(base, requests, time.time())
     finally:
         process.terminate()
         process.wait(timeout=30)
-        management("DELETE", f"/vhosts/{vhost}")
-    kind = "PostgreSQL" if db.startswith("postgres") else "SQLite"
-    print(f"\n{kind} ledger, {args.runs:,} runs; GET /runs (50 a page, HTML) unless said; "
-          f"{args.requests} requests each\n")
+
+
+def report(result: dict[str, Any]) -> None:
+    print(f"\n{result['db']} ledger, {result['runs']:,} runs; GET /runs (50 a page, HTML) "
+          f"unless said; {result['requests']} requests each\n")
     print("| query | p50 ms | p90 ms | max ms |")
     print("|---|---:|---:|---:|")
-    for label, _, timings, _ in results:
+    for label, timings in result["results"].items():
         ordered = sorted(timings)
         p90 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
         print(f"| {label} | {statistics.median(ordered):.1f} | {p90:.1f} | {ordered[-1]:.1f} |")
-    (RESULTS / "dashboard.json").write_text(json.dumps(
-        {"db": kind, "runs": args.runs, "results": {label: timings for label, _, timings, _
-                                                    in results}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 import orjson
 import structlog
 
-from benchmarks.common import banner, print_table, write_results
+from benchmarks.common import command_line, print_table, run_benchmark
 from mq_worker import logs
 from mq_worker.events import EventType, build_event
 from mq_worker.infrastructure import start_process
@@ -31,8 +32,9 @@ from mq_worker.settings import WorkerSettings
 from mq_worker.workers import base
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
 
+TRUE = shutil.which("true") or "true"
 BODY = orjson.dumps({"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20",
-                     "job_variables": {"command": "/bin/true", "stream_output": False}})
+                     "job_variables": {"command": TRUE, "stream_output": False}})
 
 
 def per_call_us(step: Callable[[], Any], seconds: float) -> tuple[float, float]:
@@ -77,11 +79,11 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
     counter = worker.metrics.started
 
     def spawn() -> None:
-        handle = start_process(["/bin/true"], env=env, cwd=None, capture_output=False)
+        handle = start_process([TRUE], env=env, cwd=None, capture_output=False)
         handle.popen.wait()
 
     def spawn_plain() -> None:
-        subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        subprocess.Popen([TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL).wait()
 
     return [
@@ -118,10 +120,12 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__)
     parser.add_argument("--seconds", type=float, default=1.0, help="per step")
-    args = parser.parse_args()
-    banner("hotpath")
+    run_benchmark("hotpath", parser.parse_args(), measure, report)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for group, label, step in steps():
         try:
@@ -132,10 +136,13 @@ def main() -> None:
         rows.append({"group": group, "step": label, "wall_us": round(wall, 2),
                      "cpu_us": round(cpu, 2)})
     structlog.reset_defaults()
+    return {"steps": rows, "environment_size": len(os.environ)}
+
+
+def report(result: dict[str, Any]) -> None:
     print_table("per-run steps, microseconds per call (best of 5 rounds)",
                 ["step", "wall µs", "CPU µs"],
-                [[r["step"], r["wall_us"], r["cpu_us"]] for r in rows])
-    write_results("hotpath", {"steps": rows, "environment_size": len(os.environ)})
+                [[r["step"], r["wall_us"], r["cpu_us"]] for r in result["steps"]])
 
 
 if __name__ == "__main__":

@@ -33,17 +33,17 @@ from benchmarks.common import (
     ProbeLog,
     Publisher,
     WorkerProcess,
-    banner,
+    command_line,
     new_id,
     print_table,
     probe_command,
+    run_benchmark,
     run_body,
     summarize_ms,
     vhost,
     wait_for_quiet,
     wait_workers_started,
     workers,
-    write_results,
 )
 
 METRICS = ("exec", "pending", "submitted", "received")
@@ -218,19 +218,16 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=60.0, loop=True)
     parser.add_argument("--rates", default="50,100,500",
                         help="paced rates, runs/s (comma-separated)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each paced phase")
     parser.add_argument("--bursts", default="3x200", help="COUNTxSIZE bursts ('0x0': none)")
     parser.add_argument("--limit", type=int, default=8, help="the worker's --limit")
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="worker environment, e.g. MQ_WORKER_WINDOW=8 (repeatable)")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip the bare AMQP and spawn latency floors")
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r]
     args.env = dict(item.split("=", 1) for item in args.env)
@@ -240,11 +237,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    banner("latency")
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("latency", result)
+    run_benchmark("latency", parse_args(), main_async, report)
 
 
 if __name__ == "__main__":

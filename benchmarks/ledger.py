@@ -37,16 +37,16 @@ from benchmarks.common import (
     WORKER_STARTED,
     EventWatch,
     Publisher,
-    banner,
+    command_line,
     management,
     new_id,
     percentile,
     print_table,
+    run_benchmark,
     run_body,
     vhost,
     wait_workers_started,
     workers,
-    write_results,
 )
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
@@ -164,17 +164,25 @@ async def measure(kind: str, runs: int, limit: int, backlog: bool = False) -> di
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> None:
+    parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--db", default="sqlite,postgresql")
     parser.add_argument("--backlog", action="store_true",
                         help="Start the ledger only after the runs: its own capacity.")
     args = parser.parse_args()
-    banner("ledger")
-    results = [await measure(kind, args.runs, args.limit, args.backlog)
-               for kind in args.db.split(",")]
+    run_benchmark("ledger", args, measure_each_database, lambda result: report(args, result),
+                  results_name="ledger-backlog" if args.backlog else "ledger")
+
+
+async def measure_each_database(args: argparse.Namespace) -> dict[str, Any]:
+    return {"results": [await measure(kind, args.runs, args.limit, args.backlog)
+                        for kind in args.db.split(",")]}
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    results = result["results"]
     mode = "backlog: ledger started after the runs" if args.backlog else "live"
     print_table(
         f"Ledger ({mode}): {args.runs} runs of /bin/echo through 2 workers (limit {args.limit})",
@@ -184,8 +192,7 @@ async def main() -> None:
           r["lag_p99_ms"], r["lag_max_ms"], r["rows_per_s"], r["caught_up_after_last_run_s"],
           r["load_average"]]
          for r in results])
-    write_results("ledger-backlog" if args.backlog else "ledger", {"results": results})
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import banner, percentile, print_table, write_results
+from benchmarks.common import command_line, percentile, print_table, run_benchmark
 from benchmarks.ledger import database
 from mq_worker.ledger.records import RUN_COLUMNS, STATES
 from mq_worker.ledger.store import LedgerStore
@@ -110,16 +110,21 @@ def measure(kind: str, count: int) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=1_000_000)
     parser.add_argument("--db", default="sqlite,postgresql")
     args = parser.parse_args()
-    banner("ledger_reads")
-    results = [r for kind in args.db.split(",") for r in measure(kind, args.runs)]
-    print_table(f"Ledger reads on {args.runs:,} runs (median and slowest of 20, ms)",
-                ["db", "query", "median ms", "max ms"],
-                [[r["db"], r["query"], r["median_ms"], r["max_ms"]] for r in results])
-    write_results("ledger_reads", {"results": results})
+
+    def measure_each_database(args: argparse.Namespace) -> dict[str, Any]:
+        return {"results": [r for kind in args.db.split(",") for r in measure(kind, args.runs)]}
+
+    def report(result: dict[str, Any]) -> None:
+        print_table(f"Ledger reads on {args.runs:,} runs (median and slowest of 20, ms)",
+                    ["db", "query", "median ms", "max ms"],
+                    [[r["db"], r["query"], r["median_ms"], r["max_ms"]]
+                     for r in result["results"]])
+
+    run_benchmark("ledger_reads", args, measure_each_database, report)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,16 @@ from benchmarks.common import (
     ProbeLog,
     Publisher,
     WorkerProcess,
-    banner,
+    command_line,
     new_id,
     print_table,
     probe_command,
+    run_benchmark,
     run_body,
     vhost,
     wait_for_quiet,
     wait_workers_started,
     workers,
-    write_results,
 )
 
 MIB = 1024 * 1024
@@ -162,25 +162,18 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=30.0, loop=True)
     parser.add_argument("--limits", default="32,256")
     parser.add_argument("--churn", type=int, default=1500,
                         help="short runs (/bin/true) per round after the others")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of short runs")
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    parser.add_argument("--quiet", type=float, default=30.0,
-                        help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.limits = [int(x) for x in args.limits.split(",")]
     return args
 
 
 def main() -> None:
-    args = parse_args()
-    banner("memory")
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("memory", result)
+    run_benchmark("memory", parse_args(), main_async, report)
 
 
 if __name__ == "__main__":

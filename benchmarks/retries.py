@@ -40,14 +40,14 @@ from benchmarks.common import (
     Publisher,
     Seen,
     WorkerProcess,
-    banner,
+    command_line,
     new_id,
     print_table,
+    run_benchmark,
     summarize_ms,
     vhost,
     wait_for_quiet,
     wait_workers_started,
-    write_results,
 )
 
 RUN_RETRYING = "mq_worker.run.retrying"
@@ -158,22 +158,23 @@ def report(summary: dict[str, Any], cpu: dict[str, float]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--delays", type=lambda s: [float(x) for x in s.split(",")],
                         default=[0.0, 2.0, 15.0])
     parser.add_argument("--cancels", type=int, default=20)
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--grace", type=float, default=30.0)
-    args = parser.parse_args()
-    banner("retries")
+    result = run_benchmark("retries", parser.parse_args(), measure_when_quiet,
+                           lambda result: report(result, result["cpu"]))
+    sys.exit(1 if result["problems"] else 0)
+
+
+async def measure_when_quiet(args: argparse.Namespace) -> dict[str, Any]:
     quiet = wait_for_quiet(timeout=30)
-    result = asyncio.run(measure(args))
-    summary = summarize(result)
-    report(summary, result["cpu"])
-    write_results("retries", {"settings": vars(args), "background_load": quiet,
-                              "cpu": result["cpu"], **summary})
-    sys.exit(1 if summary["problems"] else 0)
+    result = await measure(args)
+    return {"settings": vars(args), "background_load": quiet, "cpu": result["cpu"],
+            **summarize(result)}
 
 
 if __name__ == "__main__":

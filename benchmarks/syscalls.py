@@ -15,6 +15,7 @@ import asyncio
 import re
 import signal
 import subprocess
+from typing import Any
 
 import psutil
 
@@ -25,8 +26,10 @@ from benchmarks.common import (
     RUN_COMPLETED,
     EventWatch,
     Publisher,
+    command_line,
     new_id,
     print_table,
+    run_benchmark,
     run_body,
     vhost,
 )
@@ -64,14 +67,21 @@ async def measure(runs: int, log_level: str) -> list[tuple[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
-    counts = asyncio.run(measure(args.runs, args.log_level))
-    print_table(f"system calls of the worker per run ({args.runs} runs, limit 8, "
-                f"log level {args.log_level}; start-up and stop included)",
-                ["system call", "per run"], [[n, round(c, 2)] for n, c in counts if c >= 0.05])
+
+    async def measure_counts(args: argparse.Namespace) -> dict[str, Any]:
+        return {"per_run": dict(await measure(args.runs, args.log_level))}
+
+    def report(result: dict[str, Any]) -> None:
+        print_table(f"system calls of the worker per run ({args.runs} runs, limit 8, "
+                    f"log level {args.log_level}; start-up and stop included)",
+                    ["system call", "per run"],
+                    [[n, round(c, 2)] for n, c in result["per_run"].items() if c >= 0.05])
+
+    run_benchmark("syscalls", args, measure_counts, report)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ aio-pika consume+ack loop on a quorum queue.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import time
 from typing import Any
@@ -37,17 +36,17 @@ from benchmarks.common import (
     CpuMeter,
     EventWatch,
     Publisher,
-    banner,
+    command_line,
     least_disturbed,
     new_id,
     percentile,
     print_table,
+    run_benchmark,
     run_body,
     vhost,
     wait_for_quiet,
     wait_workers_started,
     workers,
-    write_results,
 )
 
 TRUE = "/bin/true"
@@ -202,17 +201,14 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=60.0, loop=True)
     parser.add_argument("--limits", default="1,8,32")
     parser.add_argument("--workers", default="1,2", help="worker counts to measure")
     parser.add_argument("--runs", type=int, default=4000, help="runs per measurement")
     parser.add_argument("--spawns", type=int, default=3000, help="spawns per ceiling")
     parser.add_argument("--messages", type=int, default=4000, help="messages per AMQP ceiling")
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--no-variants", dest="variants", action="store_false",
                         help="skip the window-8 and --loop asyncio rows")
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.limits = [int(x) for x in args.limits.split(",")]
     args.workers = [int(x) for x in args.workers.split(",")]
@@ -221,11 +217,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    banner("throughput")
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("throughput", result)
+    run_benchmark("throughput", parse_args(), main_async, report)
 
 
 if __name__ == "__main__":

@@ -52,15 +52,15 @@ from benchmarks.common import (
     ProbeLog,
     Seen,
     WorkerProcess,
-    banner,
+    command_line,
     new_id,
     percentile,
     print_table,
     probe_command,
+    run_benchmark,
     vhost,
     wait_for_quiet,
     wait_workers_started,
-    write_results,
 )
 from mq_worker.delay import park_seconds
 from mq_worker.publisher import DEFAULT_PARK_AFTER_SECONDS, Publisher, new_run
@@ -212,7 +212,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, quiet=60.0, loop=True)
     parser.add_argument("--delays", default=DEFAULT_DELAYS,
                         help="seconds ahead of publishing (comma-separated)")
     parser.add_argument("--max-delay", type=float, default=None,
@@ -224,9 +224,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to wait for runs after the last one is due")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random fractions")
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
     args = parser.parse_args()
     args.delays = [float(d) for d in args.delays.split(",") if d]
     if args.max_delay is not None:
@@ -236,18 +233,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    banner("timed")
+async def measure_when_quiet(args: argparse.Namespace) -> dict[str, Any]:
     background = wait_for_quiet(timeout=args.quiet)
-    measured = asyncio.run(measure(args))
-    result = {
+    measured = await measure(args)
+    return {
         "limit": args.limit, "prefetch_seconds": args.prefetch, "runs_per_delay": args.runs,
         "background_cores_before": background, **measured,
         "delays": summarize(measured["runs"]),
     }
-    report(result)
-    write_results("timed", result)
+
+
+def main() -> None:
+    result = run_benchmark("timed", parse_args(), measure_when_quiet, report)
     bad = [r for r in result["delays"]
            if r["early"] or r["duplicates"] or r["started"] < r["runs"]]
     if bad:
