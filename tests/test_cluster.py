@@ -1,7 +1,8 @@
 """mq_worker on a real 3-node RabbitMQ cluster: replicated declarations, node loss, node restart.
 
 The cluster is the throw-away one of `rabbitmq-cluster` (nodes mqc1..3@localhost,
-AMQP ports 5681-5683); the default broker is not involved. The session fixture
+AMQP ports 5681-5683), found on PATH or named by MQ_WORKER_CLUSTER_SCRIPT; the default
+broker is not involved. The session fixture
 starts the cluster if it is not running (and stops it again at the end if it
 started it); every test works in a vhost of its own and brings back any node it
 stopped or killed. Only one node is ever down at a time, so quorum is never lost.
