@@ -112,6 +112,9 @@ def _cursor(base: str, query: str, pages: int) -> str:
     for _ in range(pages):
         with urllib.request.urlopen(f"{base}/api/runs?{query}", timeout=60) as response:
             page = json.loads(response.read())
+        if page["next"] is None:
+            raise SystemExit(f"the ledger has fewer runs than {pages} pages: give --runs more "
+                             "than 10,000")
         query = _with(query, before=page["next"])
     return query
 
