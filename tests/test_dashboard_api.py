@@ -110,6 +110,10 @@ async def test_each_page_has_its_data_in_json(dashboard: DashboardProcess, vhost
         first = _json(dashboard, "/api/runs?limit=1")
         second = _json(dashboard, f"/api/runs?limit=1&before={first['next']}")
         assert {first["runs"][0]["id"], second["runs"][0]["id"]} == runs
+        for cursor in ("None", "yesterday/x", "1e999/x"):
+            status, body = dashboard.get(f"/api/runs?before={cursor}")
+            assert (status, b"before" in body) == (400, True), (cursor, status, body[:200])
+            assert dashboard.get(f"/runs?before={cursor}")[0] == 400
 
         run = _json(dashboard, f"/api/runs/{good.id}")
         assert [e["type"].rsplit(".", 1)[-1] for e in run["events"]] == [

@@ -22,6 +22,7 @@ from mq_worker.dashboard.views import (
     _dashboard,
     configuration_of,
     overview_data,
+    page_cursor,
     page_size,
     run_filter,
 )
@@ -67,7 +68,7 @@ async def runs(request: web.Request) -> web.Response:
     dashboard = _dashboard(request)
     page = await dashboard.call(dashboard.queries.search_runs, run_filter(request.query),
                                 limit=page_size(request.query),
-                                before=request.query.get("before") or None)
+                                before=page_cursor(request.query))
     return _json({"runs": [r.as_dict() for r in page.runs], "next": page.next_cursor})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -130,13 +131,28 @@ def page_size(query: Any) -> int:
         raise web.HTTPBadRequest(text="limit: not a number") from None
 
 
+def page_cursor(query: Any) -> str | None:
+    """The `before` cursor of a runs page (`<created_at>/<run id>`), checked before any query."""
+    cursor = (query.get("before") or "").strip()
+    if not cursor:
+        return None
+    created, slash, run_id = cursor.partition("/")
+    try:
+        valid = bool(slash and run_id) and math.isfinite(float(created))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise web.HTTPBadRequest(text=f"before: not a page cursor: {cursor[:80]!r}")
+    return cursor
+
+
 @routes.get("/runs")
 async def runs(request: web.Request) -> web.Response:
     dashboard = _dashboard(request)
     where = run_filter(request.query)
     page = await dashboard.call(dashboard.queries.search_runs, where,
                                 limit=page_size(request.query),
-                                before=request.query.get("before") or None)
+                                before=page_cursor(request.query))
     next_query = None
     if page.next_cursor:
         next_query = request.rel_url.update_query(before=page.next_cursor).query_string
