@@ -18,9 +18,9 @@ from mq_worker import topology
 from mq_worker.control import ControlMessage
 from mq_worker.events import CONTENT_TYPE, DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
-from mq_worker.monitor import PING
 from mq_worker.output import OutputMessage
 from mq_worker.signing import SIGNATURE_HEADER, SIGNATURE_V2_HEADER
+from mq_worker.topology import EVENT_TYPE_PREFIX, JSON_CONTENT_TYPE, PING
 
 ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1"
@@ -50,7 +50,7 @@ class PingData(BaseModel):
 
 
 def _camel(event_type: str) -> str:
-    words = event_type.removeprefix("mq_worker.").split(".")
+    words = event_type.removeprefix(EVENT_TYPE_PREFIX).split(".")
     return words[0] + "".join(w.capitalize() for w in words[1:])
 
 
@@ -110,7 +110,7 @@ def json_schema(name: str) -> dict[str, Any]:
     """The standalone JSON Schema (draft 2020-12) of one message: `run`, `cancel`,
     `event` or an event type (with or without its `mq_worker.` prefix)."""
     models = _models()
-    model = models.get(name) or models.get(f"mq_worker.{name}")
+    model = models.get(name) or models.get(EVENT_TYPE_PREFIX + name)
     if model is None:
         raise KeyError(name)
     return {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema()}
@@ -246,7 +246,7 @@ def _channels() -> dict[str, Any]:
         ),
         "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
         "messages": {_camel(t): _ref("components", "messages", _camel(t))
-                     for t in EVENT_TYPES if t.startswith("mq_worker.worker.")},
+                     for t in EVENT_TYPES if t.startswith(topology.WORKER_EVENT_PREFIX)},
         "bindings": _exchange(topology.EVENTS_EXCHANGE),
     }
     return channels
@@ -353,17 +353,17 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
     }
     messages: dict[str, Any] = {
         "run": _message("run", "Run", "A run to start now or at its scheduled start time.",
-                        "application/json", names["run"], headers=signature,
+                        JSON_CONTENT_TYPE, names["run"], headers=signature,
                         examples=[{"name": "nightly", "payload": _RUN_EXAMPLE}]),
         "cancel": _message("cancel", "Cancel", "Cancel a run wherever it is.",
-                           "application/json", names["cancel"], headers=cancel_headers,
+                           JSON_CONTENT_TYPE, names["cancel"], headers=cancel_headers,
                            examples=[{"name": "cancel", "payload": _CANCEL_EXAMPLE}]),
         "control": _message("control", "Control", "Pause, resume or limit a target.",
-                            "application/json", names["control"],
+                            JSON_CONTENT_TYPE, names["control"],
                             examples=[{"name": "pause", "payload": _PAUSE_EXAMPLE}]),
     }
     messages["output"] = _message(
-        "output", "Run output", "A batch of a run's output lines.", "application/json",
+        "output", "Run output", "A batch of a run's output lines.", JSON_CONTENT_TYPE,
         names["output"])
     for event_type in [*EVENT_TYPES, PING]:
         key = _camel(event_type)
@@ -398,7 +398,7 @@ def asyncapi() -> dict[str, Any]:
             "license": {"name": "Apache-2.0",
                         "url": "https://www.apache.org/licenses/LICENSE-2.0"},
         },
-        "defaultContentType": "application/json",
+        "defaultContentType": JSON_CONTENT_TYPE,
         "servers": {
             "broker": {"host": "localhost:5672", "protocol": "amqp", "protocolVersion": "0.9.1",
                        "description": "RabbitMQ; any vhost."},

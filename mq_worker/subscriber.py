@@ -81,9 +81,8 @@ class EventSubscriber:
             topology.EVENTS_EXCHANGE, exchange_type="topic", durable=True
         )
         if self._queue_name:
-            await channel.queue_declare(
-                self._queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            arguments = topology.quorum_arguments(dead_letter=False)
+            await channel.queue_declare(self._queue_name, durable=True, arguments=arguments)
             name = self._queue_name
         else:
             declared = await channel.queue_declare("", exclusive=True, auto_delete=True)

@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
@@ -29,14 +30,68 @@ PING_EXCHANGE = "mq_worker.ping"
 PING_ALL_ROUTING_KEY = "ping"
 # What `mq-worker status` of earlier versions sends on EVENTS_EXCHANGE; still answered.
 LEGACY_PING_ROUTING_KEY = "mq_worker.worker.ping"
+# Heartbeats were once bound to each pool's election queue with this key.
+LEGACY_HEARTBEAT_BINDING = "mq_worker.worker.heartbeat"
 
+# What `mq-worker status` of earlier versions publishes; an event type of its own.
+PING = LEGACY_PING_ROUTING_KEY
+OUTPUT_EXCHANGE = "mq_worker.output"
+LEDGER_QUEUE = "mq_worker.ledger"
+
+# An event's routing key is its type, so these are routing keys and bindings too.
+EVENT_TYPE_PREFIX = "mq_worker."
+RUN_EVENT_PREFIX = "mq_worker.run."
+WORKER_EVENT_PREFIX = "mq_worker.worker."
+RUN_EVENTS_BINDING = RUN_EVENT_PREFIX + "*"
+
+# Every message body mq_worker publishes, except events (CloudEvents' own type).
+JSON_CONTENT_TYPE = "application/json"
+
+# -- headers ------------------------------------------------------------------------
+
+# Every header mq_worker sets starts with this; a replay from the dead queue drops them.
+OWN_HEADER_PREFIX = "x-mq-worker-"
 # Signature headers of run and cancel messages (see mq_worker.signing).
 SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accepted by workers
 SIGNATURE_V2_HEADER = "x-mq-worker-signature-v2"  # v2: kind, pool, issued-at and body
 # On a dead letter: how many received headers were left out to fit in one frame.
 DROPPED_HEADERS_HEADER = "x-mq-worker-dropped-headers"
-OUTPUT_EXCHANGE = "mq_worker.output"
-LEDGER_QUEUE = "mq_worker.ledger"
+# What a worker writes on a message it dead-letters (and a refused worker event).
+DEAD_LETTER_REASON_HEADER = "x-mq-worker-reason"
+DEAD_LETTER_WORKER_HEADER = "x-mq-worker-worker"
+DEAD_LETTERED_AT_HEADER = "x-mq-worker-dead-lettered-at"
+# The work queue a message came from: on a dead letter, and on a run waiting for a slot.
+QUEUE_HEADER = "x-mq-worker-queue"
+ROUTING_KEY_HEADER = "x-mq-worker-routing-key"
+# A waiting run sent back to its work queue because a slot of this target came free.
+WOKEN_HEADER = "x-mq-worker-woken-for"
+# A stream reader publishes a marker to its own stream to learn where "now" is.
+MARKER_HEADER = "x-mq-worker-marker"
+# The message a candidate reporter holds in its pool's election queue.
+ELECTION_TOKEN_HEADER = "x-mq-worker-election-token"
+
+# Headers and arguments of the broker itself.
+DEATH_HEADER = "x-death"
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+STREAM_OFFSET = "x-stream-offset"  # a stream consumer's argument and each delivery's header
+# What the broker adds to a message it dead-letters; a message published again drops them.
+BROKER_DEATH_HEADERS = (
+    DEATH_HEADER, DELIVERY_COUNT_HEADER, "x-first-death-exchange", "x-first-death-queue",
+    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+    "x-last-death-reason",
+)
+
+
+def dead_letter_headers(*, reason: str, worker: str, queue: str,
+                        routing_key: str) -> dict[str, Any]:
+    """The headers a worker adds to a message it copies to DEAD_QUEUE."""
+    return {
+        DEAD_LETTER_REASON_HEADER: reason,
+        DEAD_LETTER_WORKER_HEADER: worker,
+        QUEUE_HEADER: queue,
+        ROUTING_KEY_HEADER: routing_key,
+        DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
+    }
 
 DEFAULT_POOL = "default"
 DEFAULT_QUEUE = "default"
@@ -71,12 +126,27 @@ def work_queue_name(pool: str, queue: str) -> str:
     return f"mq_worker.{pool}.{queue}"
 
 
+def parse_work_queue_name(name: str) -> tuple[str, str] | None:
+    """(pool, queue) of a work queue's name; None for any other queue."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "mq_worker":
+        return parts[1], parts[2]
+    return None
+
+
+SCHEDULED_ROUTING_PREFIX = "run.scheduled."
+CANCEL_ROUTING_PREFIX = "run.cancel."
+CANCELS_BINDING = CANCEL_ROUTING_PREFIX + "*"
+# Every run's output batches (`output.<pool>.<run id>`).
+ALL_OUTPUT_BINDING = "output.#"
+
+
 def scheduled_routing_key(pool: str, queue: str) -> str:
-    return f"run.scheduled.{pool}.{queue}"
+    return f"{SCHEDULED_ROUTING_PREFIX}{pool}.{queue}"
 
 
 def cancel_routing_key(pool: str) -> str:
-    return f"run.cancel.{pool}"
+    return f"{CANCEL_ROUTING_PREFIX}{pool}"
 
 
 def output_routing_key(pool: str, run_id: str) -> str:
@@ -174,6 +244,11 @@ def monitor_queue_arguments() -> dict[str, Any]:
     }
 
 
+def ping_queue_arguments() -> dict[str, Any]:
+    # Pings waiting for a slow worker are all the same: the broker keeps a few.
+    return {"x-max-length": 16}
+
+
 def heartbeat_stream_arguments() -> dict[str, Any]:
     # A new reporter replays minutes, not hours; small segments let retention work.
     return {
@@ -226,7 +301,7 @@ async def declare_cancel_stream(
     channel: aiormq.abc.AbstractChannel, options: QueueOptions
 ) -> None:
     await _declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
-    await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key="run.cancel.*")
+    await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key=CANCELS_BINDING)
 
 
 async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> None:
@@ -239,7 +314,7 @@ async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> Non
     election = monitor_queue_name(pool)
     await _declare_queue(channel, election, monitor_queue_arguments())
     # Earlier versions fed every heartbeat of every pool to this queue.
-    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key="mq_worker.worker.heartbeat")
+    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key=LEGACY_HEARTBEAT_BINDING)
 
 
 async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:

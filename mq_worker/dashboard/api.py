@@ -16,6 +16,7 @@ import anyio
 import orjson
 from aiohttp import web
 
+from mq_worker import topology
 from mq_worker.dashboard import actions
 from mq_worker.dashboard.access import CSRF_HEADER
 from mq_worker.dashboard.views import (
@@ -131,8 +132,10 @@ async def submit(request: web.Request) -> web.Response:
         if not isinstance(variables, dict):
             raise actions.ActionError("job_variables must be an object")
         run = await actions.submit_run(
-            _dashboard(request), request.get("actor"), pool=str(body.get("pool") or "default"),
-            queue=str(body.get("queue") or "default"), command=str(body.get("command") or ""),
+            _dashboard(request), request.get("actor"),
+            pool=str(body.get("pool") or topology.DEFAULT_POOL),
+            queue=str(body.get("queue") or topology.DEFAULT_QUEUE),
+            command=str(body.get("command") or ""),
             name=body.get("name"), job_variables=variables,
             start=actions.parse_start_time(str(body.get("start") or "")))
     except actions.ActionError as exc:

@@ -26,13 +26,13 @@ import structlog
 from mq_worker import topology
 from mq_worker.broker import Link, TlsOptions, deliver_frame
 from mq_worker.errors import BrokerError
-from mq_worker.events import Event
+from mq_worker.events import Event, EventType
 from mq_worker.status import WorkerTable, send_ping
 
 log = structlog.get_logger("mq_worker.dashboard")
 
-BINDINGS = ("mq_worker.run.*", "mq_worker.worker.started", "mq_worker.worker.heartbeat",
-            "mq_worker.worker.stopped", "mq_worker.worker.lost")
+BINDINGS = (topology.RUN_EVENTS_BINDING, EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT,
+            EventType.WORKER_STOPPED, EventType.WORKER_LOST)
 # A page that cannot keep up loses its stream (and reconnects) instead of growing memory.
 SUBSCRIBER_BACKLOG = 2000
 WORKERS_INTERVAL = 0.25
@@ -191,10 +191,10 @@ class LiveFeed:
             event = Event.from_body(message.body)
         except ValueError:
             return  # not an event of ours; the ledger dead-letters what it cannot read
-        if event.type.startswith("mq_worker.worker."):
+        if event.type.startswith(topology.WORKER_EVENT_PREFIX):
             self._observe_worker(event)
             self._workers_changed.set()
-        elif event.type.startswith("mq_worker.run."):
+        elif event.type.startswith(topology.RUN_EVENT_PREFIX):
             self._observe_run(event)
             summary = run_summary(event)
             for subscription in list(self._subscriptions):

@@ -38,8 +38,6 @@ from mq_worker.ledger.store import DEFAULT_MAX_OUTPUT_BYTES, AsyncLedgerStore, r
 
 log = structlog.get_logger("mq_worker.ledger")
 
-RUN_EVENTS_BINDING = "mq_worker.run.*"
-OUTPUT_BINDING = "output.#"
 
 
 @dataclass(frozen=True)
@@ -229,6 +227,6 @@ async def declare_ledger_queue(channel: aiormq.abc.AbstractChannel) -> None:
     await topology._declare_queue(channel, topology.LEDGER_QUEUE,
                                   topology.quorum_arguments(dead_letter=True))
     await channel.queue_bind(topology.LEDGER_QUEUE, topology.EVENTS_EXCHANGE,
-                             routing_key=RUN_EVENTS_BINDING)
+                             routing_key=topology.RUN_EVENTS_BINDING)
     await channel.queue_bind(topology.LEDGER_QUEUE, topology.OUTPUT_EXCHANGE,
-                             routing_key=OUTPUT_BINDING)
+                             routing_key=topology.ALL_OUTPUT_BINDING)
