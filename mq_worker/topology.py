@@ -154,6 +154,11 @@ def output_routing_key(pool: str, run_id: str) -> str:
     return f"output.{pool}.{run_id}"
 
 
+def run_output_binding(run_id: str) -> str:
+    """The binding that follows one run's output, whichever pool runs it."""
+    return f"output.*.{run_id}"
+
+
 def monitor_queue_name(pool: str) -> str:
     """The single-active-consumer queue that elects a pool's lost-worker reporter."""
     return f"mq_worker.monitor-{pool}"

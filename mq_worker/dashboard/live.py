@@ -173,7 +173,7 @@ class LiveFeed:
             return  # bound when the session is (re-)established
         channel = await self._link.channel()
         await channel.queue_bind(self._queue, topology.OUTPUT_EXCHANGE,
-                                 routing_key=f"output.*.{run_id}")
+                                 routing_key=topology.run_output_binding(run_id))
 
     async def _unbind_output(self, run_id: str) -> None:
         if self._queue is None or not self.connected:
@@ -181,7 +181,7 @@ class LiveFeed:
         with contextlib.suppress(BrokerError, aiormq.exceptions.AMQPError, OSError):
             channel = await self._link.channel()
             await channel.queue_unbind(self._queue, topology.OUTPUT_EXCHANGE,
-                                       routing_key=f"output.*.{run_id}")
+                                       routing_key=topology.run_output_binding(run_id))
 
     def _handle(self, message: aiormq.abc.DeliveredMessage) -> None:
         if deliver_frame(message).exchange == topology.OUTPUT_EXCHANGE:

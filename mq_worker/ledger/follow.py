@@ -52,7 +52,7 @@ class OutputFollower:
             assert declared is not None and declared.queue
             name = declared.queue
             await channel.queue_bind(name, topology.OUTPUT_EXCHANGE,
-                                     routing_key=f"output.*.{self.run_id}")
+                                     routing_key=topology.run_output_binding(self.run_id))
             for event_type in TERMINAL_TYPES:
                 await channel.queue_bind(name, topology.EVENTS_EXCHANGE, routing_key=event_type)
             await channel.basic_qos(prefetch_count=200)
