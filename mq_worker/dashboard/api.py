@@ -220,7 +220,7 @@ async def _stream(request: web.Request, run_id: str | None) -> web.StreamRespons
             timeout = KEEPALIVE_SECONDS if run_id is None else LEDGER_POLL_SECONDS
             message = None
             with anyio.move_on_after(timeout):
-                message = await subscription.messages.get()
+                message = await subscription.next()
             if message is None:
                 if run_id is not None and last_state not in TERMINAL_STATES:
                     await ledger_state()
