@@ -231,7 +231,7 @@ async def declare_ledger_queue(channel: aiormq.abc.AbstractChannel) -> None:
     await topology.declare_exchanges(channel)
     await topology.declare_output_exchange(channel)
     await topology.declare_dead_queue(channel)
-    await topology._declare_queue(channel, topology.LEDGER_QUEUE,
+    await topology.declare_queue(channel, topology.LEDGER_QUEUE,
                                   topology.quorum_arguments(dead_letter=True))
     await channel.queue_bind(topology.LEDGER_QUEUE, topology.EVENTS_EXCHANGE,
                              routing_key=topology.RUN_EVENTS_BINDING)

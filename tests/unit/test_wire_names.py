@@ -16,7 +16,7 @@ from mq_worker import topology
 from mq_worker.events import EventType
 
 PACKAGE = Path(mq_worker.__file__).parent
-TOPOLOGY = PACKAGE / "topology.py"
+TOPOLOGY = PACKAGE / "topology"
 
 # Being rewritten elsewhere: their re-typed names are listed for the change that
 # finishes them. Remove an entry once its files import their names from topology.
@@ -44,10 +44,11 @@ def wire_names() -> set[str]:
     for name, value in vars(topology).items():
         if name.isupper() and isinstance(value, tuple):
             names.update(item for item in value if isinstance(item, str))
-    for node in ast.walk(ast.parse(TOPOLOGY.read_text())):
-        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                and node.value.startswith("x-")):
-            names.add(node.value)
+    for path in TOPOLOGY.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and node.value.startswith("x-")):
+                names.add(node.value)
     return names
 
 
@@ -73,7 +74,7 @@ def retyped_names() -> list[str]:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
-        if path == TOPOLOGY or relative.startswith(NOT_YET_CONVERTED):
+        if path.parent == TOPOLOGY or relative.startswith(NOT_YET_CONVERTED):
             continue
         for node in _string_constants(ast.parse(path.read_text())):
             value = node.value
