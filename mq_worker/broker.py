@@ -208,6 +208,21 @@ async def raise_on_server_cancel(channel: aiormq.abc.AbstractChannel, what: str)
         channel.on_consumer_cancel_callbacks.discard(on_cancel)
 
 
+async def wait_closing(channel: aiormq.abc.AbstractChannel) -> None:
+    """Return once `channel` or its connection closes, also when the broker closed them
+    (aio-pika's own `closed()` does not see that). Cancelling the wait leaves the channel be."""
+    closing = anyio.Event()
+
+    def on_closing(_: object) -> None:
+        closing.set()
+
+    channel.closing.add_done_callback(on_closing)
+    try:
+        await closing.wait()
+    finally:
+        channel.closing.remove_done_callback(on_closing)
+
+
 def deliver_frame(message: aiormq.abc.DeliveredMessage) -> spec.Basic.Deliver:
     """The basic.deliver frame of a consumed message (its tag, routing key, flags)."""
     frame = message.delivery

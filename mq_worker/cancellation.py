@@ -30,11 +30,16 @@ from pamqp import commands as spec
 from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.errors import InvalidMessage
 from mq_worker.messages import parse_cancel
-from mq_worker.topology import CANCEL_REPORTED_HEADER, CANCELS_STREAM, cancel_routing_key
+from mq_worker.topology import (
+    CANCEL_REPORTED_HEADER,
+    CANCELS_STREAM,
+    MARKER_HEADER,
+    STREAM_OFFSET,
+    cancel_routing_key,
+)
 
 log = structlog.get_logger("mq_worker.cancellation")
 
-MARKER_HEADER = "x-mq-worker-marker"
 DEFAULT_WINDOW_SECONDS = 30 * 24 * 3600
 DEFAULT_MAX_ENTRIES = 1_000_000
 # The marker's confirmation can be lost when the stream's leader fails; without it
@@ -191,7 +196,7 @@ class CancelFollower:
         self._unacked = 0
         await channel.basic_qos(prefetch_count=1000)
         ok = await channel.basic_consume(
-            CANCELS_STREAM, self._on_message, arguments={"x-stream-offset": offset}
+            CANCELS_STREAM, self._on_message, arguments={STREAM_OFFSET: offset}
         )
         self._consumer_tag = ok.consumer_tag
         # A marker published now comes after every cancel already in the stream.
@@ -239,7 +244,7 @@ class CancelFollower:
         # Record first, then advance the offset, then acknowledge: an acknowledgement
         # that fails (its channel closing) must not lose the cancel for good.
         self._handle(message, headers)
-        offset = headers.get("x-stream-offset")
+        offset = headers.get(STREAM_OFFSET)
         if isinstance(offset, int):
             self._next_offset = offset + 1
         try:

@@ -26,11 +26,10 @@ from pydantic import Field, ValidationError, field_validator
 from mq_worker.broker import delivery_tag
 from mq_worker.limits import ControlState, Limit, check_target
 from mq_worker.messages import _WireModel
-from mq_worker.topology import CONTROL_STREAM
+from mq_worker.topology import CONTROL_STREAM, MARKER_HEADER, STREAM_OFFSET
 
 log = structlog.get_logger("mq_worker.control")
 
-MARKER_HEADER = "x-mq-worker-marker"
 MARKER_CONFIRM_TIMEOUT = 15.0
 
 
@@ -108,7 +107,7 @@ class ControlFollower:
         self._caught_up = anyio.Event()
         await channel.basic_qos(prefetch_count=1000)
         await channel.basic_consume(
-            CONTROL_STREAM, self._on_message, arguments={"x-stream-offset": offset}
+            CONTROL_STREAM, self._on_message, arguments={STREAM_OFFSET: offset}
         )
         await publisher.basic_publish(
             b"", exchange="", routing_key=CONTROL_STREAM,
@@ -121,7 +120,7 @@ class ControlFollower:
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         headers: dict[str, Any] = dict(message.header.properties.headers or {})
-        offset = headers.get("x-stream-offset")
+        offset = headers.get(STREAM_OFFSET)
         if isinstance(offset, int):
             self._next_offset = offset + 1
         await message.channel.basic_ack(delivery_tag(message), wait=False)

@@ -21,11 +21,10 @@ import structlog
 from pamqp import commands as spec
 
 from mq_worker.broker import delivery_tag
-from mq_worker.topology import monitor_queue_name
+from mq_worker.topology import ELECTION_TOKEN_HEADER, monitor_queue_name
 
 log = structlog.get_logger("mq_worker.election")
 
-TOKEN_HEADER = "x-mq-worker-election-token"
 DEFAULT_REFRESH_SECONDS = 60.0
 _CONFIRM_TIMEOUT = 15.0
 
@@ -65,7 +64,7 @@ class ReporterElection:
     async def _put_token(self, publisher: aiormq.abc.AbstractChannel) -> None:
         await publisher.basic_publish(
             b"", exchange="", routing_key=self.queue,
-            properties=spec.Basic.Properties(headers={TOKEN_HEADER: self.me}),
+            properties=spec.Basic.Properties(headers={ELECTION_TOKEN_HEADER: self.me}),
             timeout=_CONFIRM_TIMEOUT,
         )
 

@@ -16,6 +16,13 @@ from uuid import UUID, uuid4
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from mq_worker.topology import (
+    JSON_CONTENT_TYPE,
+    RUN_EVENT_PREFIX,
+    WORKER_EVENT_PREFIX,
+    pool_routing_key,
+)
+
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+json"
 
@@ -75,10 +82,10 @@ class OutgoingEvent:
 
 def extra_routing_keys(event_type: str, data: object) -> tuple[str, ...]:
     """A worker event also goes to its pool's heartbeat stream (`workers.<pool>`)."""
-    if event_type.startswith("mq_worker.worker.") and isinstance(data, dict):
+    if event_type.startswith(WORKER_EVENT_PREFIX) and isinstance(data, dict):
         pool = data.get("pool")
         if isinstance(pool, str):
-            return (f"workers.{pool}",)
+            return (pool_routing_key(pool),)
     return ()
 
 
@@ -98,7 +105,7 @@ def build_event(
         "source": source,
         "type": event_type,
         "time": datetime.now(UTC),
-        "datacontenttype": "application/json",
+        "datacontenttype": JSON_CONTENT_TYPE,
         "data": data,
     }
     if subject is not None:
@@ -106,7 +113,7 @@ def build_event(
     if traceparent is not None:  # the CloudEvents distributed tracing extension
         envelope["traceparent"] = traceparent
     body = orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
-    run_id = subject if event_type.startswith("mq_worker.run.") else None
+    run_id = subject if event_type.startswith(RUN_EVENT_PREFIX) else None
     return OutgoingEvent(event_id, event_type, body, run_id,
                          extra_routing_keys(event_type, data))
 
@@ -292,7 +299,7 @@ class Event(BaseModel):
     type: str
     subject: str | None = None
     time: datetime
-    datacontenttype: str = "application/json"
+    datacontenttype: str = JSON_CONTENT_TYPE
     traceparent: str | None = Field(
         default=None, description="Distributed tracing extension: the run's traceparent."
     )

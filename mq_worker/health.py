@@ -18,7 +18,6 @@ worker's file descriptors: at most `max_connections` connections are served at o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ import anyio
 import anyio.abc
 import orjson
 import structlog
+from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import make_asgi_app
 
 from mq_worker.errors import ConfigurationError
@@ -76,12 +76,12 @@ class HealthServer:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.refused = 0
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[anyio.abc.ByteStream] = set()
         self._metrics_app = make_asgi_app(worker.metrics.registry)
 
     @property
     def open_connections(self) -> int:
-        return len(self._writers)
+        return len(self._connections)
 
     async def respond(self, method: str, target: str, headers: dict[str, str]) -> _Response:
         path, _, query = target.partition("?")
@@ -129,27 +129,30 @@ class HealthServer:
                   if k.lower() not in ("content-type", "content-length")]
         return _Response(int(start["status"]), body, content_type, others)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= self.max_connections:
-            self.refused += 1
-            await self._send(writer, _json(503, {"status": "busy"}).encode())
-            return
-        self._writers.add(writer)
-        try:
-            response, head_only = await self._read_request(reader)
-            await self._send(writer, response.encode(head_only))
-        finally:
-            self._writers.discard(writer)
+    async def handle(self, connection: anyio.abc.ByteStream) -> None:
+        """Answer one request on `connection`, then close it."""
+        async with connection:
+            if len(self._connections) >= self.max_connections:
+                self.refused += 1
+                await self._send(connection, _json(503, {"status": "busy"}).encode())
+                return
+            self._connections.add(connection)
+            try:
+                response, head_only = await self._read_request(connection)
+                await self._send(connection, response.encode(head_only))
+            finally:
+                self._connections.discard(connection)
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[_Response, bool]:
+    async def _read_request(self, connection: anyio.abc.ByteStream) -> tuple[_Response, bool]:
         try:
-            async with asyncio.timeout(self.header_timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
+            with anyio.fail_after(self.header_timeout):
+                head = await BufferedByteReceiveStream(connection).receive_until(
+                    b"\r\n\r\n", MAX_HEADER_BYTES)
         except TimeoutError:
             return _json(408, {"status": "headers too slow"}), False
-        except asyncio.LimitOverrunError:
+        except anyio.DelimiterNotFound:
             return _json(431, {"status": "headers too large"}), False
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (anyio.IncompleteRead, anyio.BrokenResourceError, ConnectionError):
             return _json(400, {"status": "incomplete request"}), False
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -163,19 +166,10 @@ class HealthServer:
                 headers[name.strip().lower()] = value.strip()
         return await self.respond(method, path, headers), method == "HEAD"
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        try:
-            writer.write(data)
-            async with asyncio.timeout(self.header_timeout):
-                await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def close_all(self) -> None:
-        for writer in list(self._writers):
-            writer.close()
+    async def _send(self, connection: anyio.abc.ByteStream, data: bytes) -> None:
+        with anyio.move_on_after(self.header_timeout), contextlib.suppress(
+                anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            await connection.send(data)
 
 
 async def serve_health(
@@ -203,20 +197,22 @@ async def serve_handler(
 ) -> None:
     """Serve `handler` (a HealthServer or one that answers like it) on host:port."""
     try:
-        server = await asyncio.start_server(handler.handle, host, port,
-                                            limit=MAX_HEADER_BYTES, backlog=128)
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port,
+                                                   backlog=128)
     except OSError as exc:
         raise ConfigurationError(
             f"cannot serve the health endpoint on {host}:{port}: {exc.strerror or exc}"
         ) from exc
-    try:
-        bound = int(server.sockets[0].getsockname()[1]) if server.sockets else port
+
+    async def answer(connection: anyio.abc.ByteStream) -> None:
+        try:
+            await handler.handle(connection)
+        except Exception:  # one failed request must not stop the endpoint
+            log.exception("health request failed")
+
+    async with listener:
+        bound = listener.extra(anyio.abc.SocketAttribute.local_port)
         log.info("health endpoint listening", host=host, port=bound, paths=list(PATHS))
         task_status.started(bound)
-        await anyio.sleep_forever()
-    finally:
-        server.close()
-        handler.close_all()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5), \
-                contextlib.suppress(Exception):
-            await server.wait_closed()
+        # Cancelled, the listener closes and every connection's task ends with it.
+        await listener.serve(answer)

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
 
 import aiormq.abc
 import structlog
 from pamqp import commands as spec
 
 from mq_worker.peer_events import InvalidWorkerEvent
-from mq_worker.topology import DEAD_QUEUE, heartbeat_stream_name, pool_routing_key
+from mq_worker.topology import (
+    DEAD_QUEUE,
+    dead_letter_headers,
+    heartbeat_stream_name,
+    pool_routing_key,
+)
 
 log = structlog.get_logger("mq_worker.invalid_events")
 
@@ -64,13 +67,10 @@ class InvalidWorkerEvents:
         channel = self._publisher()
         if channel is None:
             return
-        headers: dict[str, Any] = {
-            "x-mq-worker-reason": reason,
-            "x-mq-worker-worker": self.me,
-            "x-mq-worker-queue": heartbeat_stream_name(self.pool),
-            "x-mq-worker-routing-key": pool_routing_key(self.pool),
-            "x-mq-worker-dead-lettered-at": datetime.now(UTC).isoformat(),
-        }
+        headers = dead_letter_headers(
+            reason=reason, worker=self.me, queue=heartbeat_stream_name(self.pool),
+            routing_key=pool_routing_key(self.pool),
+        )
         await channel.basic_publish(
             body, exchange="", routing_key=DEAD_QUEUE,
             properties=spec.Basic.Properties(headers=headers, delivery_mode=2), timeout=15,

@@ -43,13 +43,15 @@ from mq_worker.election import ReporterElection
 from mq_worker.events import EventType
 from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
 from mq_worker.pings import PingAnswerer
-from mq_worker.topology import LEGACY_PING_ROUTING_KEY, declare_monitor, heartbeat_stream_name
+from mq_worker.topology import (
+    MARKER_HEADER,
+    STREAM_OFFSET,
+    declare_monitor,
+    heartbeat_stream_name,
+)
 
 log = structlog.get_logger("mq_worker.monitor")
 
-# Kept for the contract: the routing key of a ping on the events exchange.
-PING = LEGACY_PING_ROUTING_KEY
-MARKER_HEADER = "x-mq-worker-marker"
 _MARKER_CONFIRM_TIMEOUT = 15.0
 _PREFETCH = 1000
 
@@ -154,7 +156,7 @@ class PoolMonitor:
         self._marker = uuid.uuid4().hex
         offset = datetime.fromtimestamp(time.time() - lookback, tz=UTC)
         await channel.basic_consume(
-            stream, self._on_stream_message, arguments={"x-stream-offset": offset}
+            stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
         # Published now, the marker comes after every event already in the stream.
         await publisher.basic_publish(

@@ -26,7 +26,12 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
-from mq_worker.topology import OUTPUT_EXCHANGE, declare_output_exchange, output_routing_key
+from mq_worker.topology import (
+    JSON_CONTENT_TYPE,
+    OUTPUT_EXCHANGE,
+    declare_output_exchange,
+    output_routing_key,
+)
 
 log = structlog.get_logger("mq_worker.output")
 
@@ -243,7 +248,7 @@ class OutputShipper:
             self._pending.clear()
             self._pending_bytes = 0
             return
-        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2)
+        properties = spec.Basic.Properties(content_type=JSON_CONTENT_TYPE, delivery_mode=2)
         while True:
             while not self._pending:
                 self._ready = anyio.Event()

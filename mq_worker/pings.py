@@ -11,7 +11,6 @@ must not turn into a flood of heartbeats that fills the outbox and stops intake.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import aiormq.abc
 import anyio
@@ -22,14 +21,13 @@ from mq_worker.topology import (
     EVENTS_EXCHANGE,
     LEGACY_PING_ROUTING_KEY,
     PING_EXCHANGE,
+    ping_queue_arguments,
     ping_routing_key,
 )
 
 log = structlog.get_logger("mq_worker.pings")
 
 DEFAULT_MIN_INTERVAL = 1.0
-# Pings waiting for a slow worker are all the same: the broker keeps a few.
-_QUEUE_ARGUMENTS: dict[str, Any] = {"x-max-length": 16}
 
 
 class PingAnswerer:
@@ -51,7 +49,7 @@ class PingAnswerer:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         declared = await channel.queue_declare(
-            "", exclusive=True, auto_delete=True, arguments=_QUEUE_ARGUMENTS
+            "", exclusive=True, auto_delete=True, arguments=ping_queue_arguments()
         )
         assert declared is not None and declared.queue
         queue = declared.queue

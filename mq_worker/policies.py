@@ -19,18 +19,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from mq_worker.events import CrashReason
-from mq_worker.topology import MAX_PARK_SECONDS, SIGNATURE_HEADER, SIGNATURE_V2_HEADER
+from mq_worker.topology import (
+    BROKER_DEATH_HEADERS,
+    MAX_PARK_SECONDS,
+    SIGNATURE_HEADER,
+    SIGNATURE_V2_HEADER,
+)
 
 RetryOn = Literal["exit-code", "submission-failed", "timeout"]
 DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("exit-code", "submission-failed")
 MAX_RETRIES = 1000
 _MAX_DELAY_ITEMS = 100
 # Headers a retried message must not inherit: the broker's and the old signature.
-_DROPPED_HEADERS = (
-    "x-death", "x-delivery-count", "x-first-death-exchange", "x-first-death-queue",
-    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
-    "x-last-death-reason", SIGNATURE_HEADER, SIGNATURE_V2_HEADER,
-)
+_DROPPED_HEADERS = (*BROKER_DEATH_HEADERS, SIGNATURE_HEADER, SIGNATURE_V2_HEADER)
 
 
 class PolicyVariables(BaseModel):

@@ -22,7 +22,6 @@ from pamqp import commands as spec
 from mq_worker import topology
 from mq_worker.broker import TlsOptions, connect, delivery_tag
 from mq_worker.control import (
-    MARKER_HEADER,
     ControlMessage,
     TokenMessage,
     apply,
@@ -30,8 +29,8 @@ from mq_worker.control import (
     new_version,
 )
 from mq_worker.limits import ControlState, Limit, check_pause_target, check_target, resize
+from mq_worker.topology import MARKER_HEADER, QUEUE_HEADER, STREAM_OFFSET, WOKEN_HEADER
 
-ROUTING_KEY_HEADER = "x-mq-worker-queue"
 _PERSISTENT = 2
 
 
@@ -80,7 +79,7 @@ async def read_state(channel: aiormq.abc.AbstractChannel) -> ControlState:
 
     await channel.basic_qos(prefetch_count=1000)
     consumer = await channel.basic_consume(
-        topology.CONTROL_STREAM, on_message, arguments={"x-stream-offset": "first"}
+        topology.CONTROL_STREAM, on_message, arguments={STREAM_OFFSET: "first"}
     )
     await channel.basic_publish(
         b"", exchange="", routing_key=topology.CONTROL_STREAM,
@@ -97,7 +96,7 @@ async def _publish_control(channel: aiormq.abc.AbstractChannel, message: Control
     await channel.basic_publish(
         encode(message), exchange=topology.RUNS_EXCHANGE,
         routing_key=topology.control_routing_key(message.kind),
-        properties=spec.Basic.Properties(content_type="application/json",
+        properties=spec.Basic.Properties(content_type=topology.JSON_CONTENT_TYPE,
                                          delivery_mode=_PERSISTENT),
         mandatory=True,
     )
@@ -241,10 +240,10 @@ async def _send_back(
 ) -> None:
     properties = message.header.properties
     headers: dict[str, Any] = dict(properties.headers or {})
-    work_queue = headers.get(ROUTING_KEY_HEADER)
+    work_queue = headers.get(QUEUE_HEADER)
     if isinstance(work_queue, bytes):
         work_queue = work_queue.decode()
-    headers["x-mq-worker-woken-for"] = target
+    headers[WOKEN_HEADER] = target
     properties.headers = headers
     await channel.basic_publish(message.body, exchange="", routing_key=str(work_queue),
                                 properties=properties, mandatory=True)

@@ -209,7 +209,7 @@ class Publisher:
         headers: dict[str, Any] | None,
     ) -> None:
         properties = spec.Basic.Properties(
-            content_type="application/json",
+            content_type=topology.JSON_CONTENT_TYPE,
             delivery_mode=2,
             message_id=message_id or uuid4().hex,
             timestamp=datetime.now(UTC),

@@ -32,7 +32,12 @@ from pamqp import commands as spec
 from mq_worker.delay import park, park_seconds
 from mq_worker.policies import next_attempt_body, next_attempt_headers
 from mq_worker.signing import Signer
-from mq_worker.topology import CANCEL_REPORTED_HEADER, RUNS_EXCHANGE, cancel_routing_key
+from mq_worker.topology import (
+    CANCEL_REPORTED_HEADER,
+    JSON_CONTENT_TYPE,
+    RUNS_EXCHANGE,
+    cancel_routing_key,
+)
 
 REPORT_MARGIN_SECONDS = 3.0
 _MAX_WAITING = 100_000
@@ -60,7 +65,7 @@ async def park_next_attempt(
     if signer is not None:
         headers.update(signer.headers(next_body, kind="run", pool=pool))
     next_properties = spec.Basic.Properties(
-        content_type=properties.content_type or "application/json",
+        content_type=properties.content_type or JSON_CONTENT_TYPE,
         content_encoding=properties.content_encoding,
         headers=headers,
         delivery_mode=2,
@@ -130,7 +135,7 @@ async def publish_cancel_reported(
         exchange=RUNS_EXCHANGE,
         routing_key=cancel_routing_key(pool),
         properties=spec.Basic.Properties(
-            content_type="application/json", delivery_mode=2, headers=headers,
+            content_type=JSON_CONTENT_TYPE, delivery_mode=2, headers=headers,
             timestamp=datetime.now(UTC),
         ),
         mandatory=True,

@@ -15,7 +15,13 @@ from mq_worker.broker import DEFAULT_URL, TlsOptions, mask_url, split_urls
 from mq_worker.messages import DEFAULT_MAX_MESSAGE_BYTES
 from mq_worker.outbox import DEFAULT_CAPACITY
 from mq_worker.signing import DEFAULT_MAX_AGE_SECONDS
-from mq_worker.topology import DEFAULT_DELIVERY_LIMIT, QueueOptions, check_name
+from mq_worker.topology import (
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_POOL,
+    DEFAULT_QUEUE,
+    QueueOptions,
+    check_name,
+)
 
 _WORKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 
@@ -45,9 +51,9 @@ class WorkerSettings(BaseSettings):
         default_factory=lambda: [DEFAULT_URL],
         description="Broker addresses, tried in order; several for a cluster (comma-separated).",
     )
-    pool: str = Field(default="default", description="Work pool to serve.")
+    pool: str = Field(default=DEFAULT_POOL, description="Work pool to serve.")
     queue: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["default"],
+        default_factory=lambda: [DEFAULT_QUEUE],
         description="Work queues of the pool to consume (comma-separated).",
     )
     limit: int = Field(default=4, ge=1, le=10_000, description="Most runs in flight at once.")
@@ -177,7 +183,7 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _queues(cls, value: list[str]) -> list[str]:
         if not value:
-            return ["default"]
+            return [DEFAULT_QUEUE]
         return list(dict.fromkeys(check_name("queue", q) for q in value))
 
     @field_validator("name")
@@ -230,9 +236,9 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_URL])
-    pool: str = "default"
+    pool: str = DEFAULT_POOL
     # A worker's MQ_WORKER_QUEUE may list several queues; a client publishes to the first.
-    queue: Annotated[str, NoDecode] = "default"
+    queue: Annotated[str, NoDecode] = DEFAULT_QUEUE
     signing_key_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -247,7 +253,7 @@ class ClientSettings(BaseSettings):
     @classmethod
     def _first_queue(cls, value: Any) -> Any:
         items = _split(value)
-        return items[0] if isinstance(items, list) and items else value or "default"
+        return items[0] if isinstance(items, list) and items else value or DEFAULT_QUEUE
 
     @field_validator("pool")
     @classmethod

@@ -43,11 +43,11 @@ from mq_worker import topology
 from mq_worker.consumer import Delivery
 from mq_worker.control import TokenMessage
 from mq_worker.limits import ControlState
-from mq_worker.pool_admin import ROUTING_KEY_HEADER, queue_depths, wake_waiting
+from mq_worker.pool_admin import queue_depths, wake_waiting
+from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
 
 log = structlog.get_logger("mq_worker.slots")
 
-WOKEN_HEADER = "x-mq-worker-woken-for"
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
@@ -235,7 +235,7 @@ class SlotGate:
         headers: dict[str, Any] = {
             k: v for k, v in delivery.headers.items() if k != WOKEN_HEADER
         }
-        headers[ROUTING_KEY_HEADER] = delivery.queue
+        headers[QUEUE_HEADER] = delivery.queue
         properties.headers = headers
         await publish.basic_publish(
             delivery.body, exchange="", routing_key=topology.waiting_queue_name(target),

@@ -36,7 +36,6 @@ from pamqp import commands as spec
 from mq_worker import topology
 from mq_worker.broker import Link, TlsOptions
 from mq_worker.events import Event, EventType, build_event
-from mq_worker.monitor import PING
 from mq_worker.peer_events import InvalidWorkerEvent, worker_event_from
 from mq_worker.subscriber import EventSubscriber
 
@@ -186,8 +185,8 @@ async def send_ping(urls: Sequence[str], tls: TlsOptions | None = None,
     link = Link(urls, name="mq_worker status", tls=tls)
     try:
         channel = await link.channel()
-        ping = build_event(PING, source=f"/mq_worker/status/{socket.gethostname()}-{os.getpid()}",
-                           subject=None, data={})
+        source = f"/mq_worker/status/{socket.gethostname()}-{os.getpid()}"
+        ping = build_event(topology.PING, source=source, subject=None, data={})
         await channel.basic_publish(
             ping.body, exchange=topology.PING_EXCHANGE,
             routing_key=topology.ping_routing_key(pool),

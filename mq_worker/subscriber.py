@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import math
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Self
@@ -12,12 +12,13 @@ import aiormq.abc
 import aiormq.exceptions
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
 
 from mq_worker import topology
-from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, delivery_tag, split_urls
+from mq_worker.broker import DEFAULT_URL, Link, TlsOptions, delivery_tag, split_urls, wait_closing
 from mq_worker.errors import BrokerError
-from mq_worker.events import Event, EventType
+from mq_worker.events import TERMINAL_TYPES, Event
 
 log = structlog.get_logger("mq_worker.subscriber")
 
@@ -50,7 +51,7 @@ class EventSubscriber:
         self._run_id = str(run_id) if run_id else None
         self._queue_name = queue
         self._prefetch = prefetch
-        self._messages: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+        self._deliveries, self._received = _delivery_stream()
         self._channel: aiormq.abc.AbstractChannel | None = None
 
     async def __aenter__(self) -> Self:
@@ -74,6 +75,8 @@ class EventSubscriber:
 
     async def close(self) -> None:
         await self._link.close()
+        self._deliveries.close()
+        self._received.close()
 
     async def _subscribe(self) -> None:
         channel = await self._link.channel()
@@ -81,9 +84,8 @@ class EventSubscriber:
             topology.EVENTS_EXCHANGE, exchange_type="topic", durable=True
         )
         if self._queue_name:
-            await channel.queue_declare(
-                self._queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            arguments = topology.quorum_arguments(dead_letter=False)
+            await channel.queue_declare(self._queue_name, durable=True, arguments=arguments)
             name = self._queue_name
         else:
             declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
@@ -92,7 +94,7 @@ class EventSubscriber:
         for routing_key in self._types:
             await channel.queue_bind(name, topology.EVENTS_EXCHANGE, routing_key=routing_key)
         await channel.basic_qos(prefetch_count=self._prefetch)
-        await channel.basic_consume(name, self._messages.put)
+        await channel.basic_consume(name, self._deliveries.send)
         self._channel = channel
 
     def __aiter__(self) -> Self:
@@ -116,17 +118,20 @@ class EventSubscriber:
             if channel is None or channel.is_closed:
                 await self._reconnect()
                 continue
-            getter = asyncio.ensure_future(self._messages.get())
-            closing = asyncio.ensure_future(asyncio.shield(channel.closing))
-            done, _ = await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
-            closing.cancel()
-            if getter in done:
-                return getter.result()
-            getter.cancel()
+            message: aiormq.abc.DeliveredMessage | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_when_closing, channel, tg.cancel_scope)
+                message = await self._received.receive()
+                tg.cancel_scope.cancel()
+            if message is not None:
+                return message
 
     async def _reconnect(self) -> None:
         log.warning("event subscription lost; subscribing again")
-        self._messages = asyncio.Queue()
+        # What the lost channel delivered can no longer be acknowledged: start afresh.
+        self._deliveries.close()
+        self._received.close()
+        self._deliveries, self._received = _delivery_stream()
         await self._link.reset()
         while True:
             try:
@@ -140,12 +145,21 @@ class EventSubscriber:
         self, run_id: UUID | str, *, types: Iterable[str] | None = None, timeout: float = 60
     ) -> Event:
         """The next event of `run_id` with one of `types` (default: terminal ones)."""
-        wanted = {str(t) for t in types} if types else {
-            EventType.RUN_COMPLETED, EventType.RUN_CRASHED,
-            EventType.RUN_CANCELLED, EventType.RUN_REJECTED,
-        }
+        wanted = {str(t) for t in types} if types else set(TERMINAL_TYPES)
         with anyio.fail_after(timeout):
             async for event in self:
                 if event.subject == str(run_id) and event.type in wanted:
                     return event
         raise RuntimeError("unreachable")
+
+
+def _delivery_stream() -> tuple[MemoryObjectSendStream[aiormq.abc.DeliveredMessage],
+                                MemoryObjectReceiveStream[aiormq.abc.DeliveredMessage]]:
+    # Unbounded: the channel's prefetch is what bounds it.
+    return anyio.create_memory_object_stream[aiormq.abc.DeliveredMessage](math.inf)
+
+
+async def _cancel_when_closing(channel: aiormq.abc.AbstractChannel,
+                               scope: anyio.CancelScope) -> None:
+    await wait_closing(channel)
+    scope.cancel()

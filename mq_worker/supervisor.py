@@ -21,7 +21,6 @@ fail the same way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -35,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mq_worker import sd_notify
 
@@ -69,6 +70,14 @@ def options_argv(options: Mapping[str, Any]) -> list[str]:
     return argv
 
 
+async def _first_line(link: anyio.abc.ByteReceiveStream) -> bytes:
+    """What a child says first (its health port), or b"" if it dies before saying it."""
+    try:
+        return await BufferedByteReceiveStream(link).receive_until(b"\n", 64)
+    except (anyio.IncompleteRead, anyio.DelimiterNotFound, anyio.BrokenResourceError):
+        return b""
+
+
 @dataclass
 class Child:
     """One worker process and what the supervisor knows about it."""
@@ -76,7 +85,7 @@ class Child:
     index: int
     name: str
     limit: int
-    process: asyncio.subprocess.Process | None = None
+    process: anyio.abc.Process | None = None
     health_port: int | None = None
     ever_ready: bool = False
     restarts: int = 0
@@ -122,7 +131,7 @@ class Supervisor:
             process = child.process
             if process is not None and process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(sig)
+                    process.send_signal(signal.Signals(sig))
 
     async def _forward_signals(self) -> None:
         with anyio.open_signal_receiver(*FORWARDED_SIGNALS) as received:
@@ -158,9 +167,9 @@ class Supervisor:
     async def _run_once(self, child: Child) -> int:
         ours, theirs = socket.socketpair()
         try:
-            child.process = await asyncio.create_subprocess_exec(
-                *self.argv(child, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL, start_new_session=True,
+            child.process = await anyio.open_process(
+                self.argv(child, theirs.fileno()), pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=None, stderr=None, start_new_session=True,
                 env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
             )
         except OSError as exc:
@@ -174,16 +183,15 @@ class Supervisor:
         if self.stopping:  # a signal arrived while it was being spawned
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        try:
-            line = await reader.readline()
-            if line.strip().isdigit():
-                child.health_port = int(line)
-                child.ever_ready = True
-            code = await child.process.wait()
-        finally:
-            child.health_port = None
-            writer.close()
+        async with await anyio.abc.UNIXSocketStream.from_socket(ours) as link:
+            try:
+                line = await _first_line(link)
+                if line.strip().isdigit():
+                    child.health_port = int(line)
+                    child.ever_ready = True
+                code = await child.process.wait()
+            finally:
+                child.health_port = None
         return code
 
     async def _notify_systemd(self) -> None:

@@ -13,10 +13,11 @@ report to the supervisor; the supervisor asks them at each probe or scrape.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
+import anyio
+import anyio.abc
 import orjson
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.metrics_core import Metric
@@ -36,21 +37,22 @@ if TYPE_CHECKING:
     from mq_worker.supervisor import Child, Supervisor
 
 CHILD_TIMEOUT = 2.0
+_T = TypeVar("_T")
 
 
 async def http_get(port: int, path: str, timeout: float = CHILD_TIMEOUT) -> tuple[int, bytes]:
     """GET http://127.0.0.1:port/path; (0, b"") when it does not answer."""
+    chunks: list[bytes] = []
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                             "Accept: text/plain\r\n\r\n".encode("latin-1"))
-                data = await reader.read()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError):
+        with anyio.fail_after(timeout):
+            async with await anyio.connect_tcp("127.0.0.1", port) as connection:
+                await connection.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      "Accept: text/plain\r\n\r\n".encode("latin-1"))
+                async for chunk in connection:
+                    chunks.append(chunk)
+    except (OSError, TimeoutError, anyio.BrokenResourceError):
         return 0, b""
+    data = b"".join(chunks)
     head, _, body = data.partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     return (int(parts[1]), body) if len(parts) > 1 and parts[1].isdigit() else (0, b"")
@@ -68,6 +70,20 @@ async def child_readiness(child: Child) -> tuple[bool, str]:
     except (orjson.JSONDecodeError, AttributeError):
         reason = "not answering"
     return False, reason
+
+
+async def ask_each(children: Sequence[Child],
+                   ask: Callable[[Child], Awaitable[_T]]) -> list[_T]:
+    """`ask` every child at once; the answers in the order of `children`."""
+    answers: dict[int, _T] = {}
+
+    async def one(index: int, child: Child) -> None:
+        answers[index] = await ask(child)
+
+    async with anyio.create_task_group() as tg:
+        for index, child in enumerate(children):
+            tg.start_soon(one, index, child)
+    return [answers[index] for index in range(len(children))]
 
 
 async def all_ready(children: Sequence[Child]) -> bool:
@@ -122,7 +138,7 @@ class SupervisorHealth(HealthServer):
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.refused = 0
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[anyio.abc.ByteStream] = set()
         self._scraped = _Scraped()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._scraped)
@@ -138,12 +154,12 @@ class SupervisorHealth(HealthServer):
         if path == "/livez":
             return _json(200, {"status": "ok", "processes": len(children)})
         if path == "/metrics":
-            texts = await asyncio.gather(*(self._child_metrics(c) for c in children))
+            texts = await ask_each(children, self._child_metrics)
             self._scraped.families = [
                 *merge_families((c.name, t) for c, t in zip(children, texts, strict=True) if t),
                 *supervisor_families(children)]
             return await self._metrics(method, path, query, headers)
-        states = await asyncio.gather(*(child_readiness(c) for c in children))
+        states = await ask_each(children, child_readiness)
         ready = all(ok for ok, _ in states) and not self.supervisor.stopping
         return _json(200 if ready else 503, {
             "status": "ok" if ready else "unavailable",

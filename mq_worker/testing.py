@@ -36,7 +36,7 @@ import aio_pika.abc
 import anyio
 
 from mq_worker.events import Event
-from mq_worker.topology import EVENTS_EXCHANGE
+from mq_worker.topology import EVENT_TYPE_PREFIX, EVENTS_EXCHANGE, JSON_CONTENT_TYPE
 
 # Every vhost may be given to the user fully: a test's vhost is its own.
 _ALL = {"configure": ".*", "write": ".*", "read": ".*"}
@@ -68,7 +68,7 @@ class LocalBroker:
         request = urllib.request.Request(self.management_url + path, method=method, data=data)
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         request.add_header("Authorization", "Basic " + token)
-        request.add_header("content-type", "application/json")
+        request.add_header("content-type", JSON_CONTENT_TYPE)
         with urllib.request.urlopen(request, timeout=30) as response:
             payload = response.read()
         return json.loads(payload) if payload else None
@@ -165,7 +165,7 @@ class EventLog:
         return [e for e in self.events if e.subject == str(run_id)]
 
     def types(self, run_id: Any) -> list[str]:
-        return [e.type.removeprefix("mq_worker.") for e in self.of(run_id)]
+        return [e.type.removeprefix(EVENT_TYPE_PREFIX) for e in self.of(run_id)]
 
     def terminal(self, run_id: Any) -> list[Event]:
         return [e for e in self.of(run_id) if e.is_terminal]

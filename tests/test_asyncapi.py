@@ -18,10 +18,9 @@ from mq_worker import schema
 from mq_worker.cli import main
 from mq_worker.events import EventType
 from mq_worker.messages import RunMessage, parse_run
-from mq_worker.monitor import PING
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.status import send_ping
-from mq_worker.topology import EVENTS_EXCHANGE, PING_EXCHANGE, RUNS_EXCHANGE
+from mq_worker.topology import EVENTS_EXCHANGE, PING, PING_EXCHANGE, RUNS_EXCHANGE
 from tests.contract import (
     ASYNCAPI_FILE,
     ASYNCAPI_SCHEMA_FILE,

@@ -18,9 +18,9 @@ from mq_worker.cli.common import (
     run,
 )
 from mq_worker.events import Event, EventType
-from mq_worker.monitor import PING
+from mq_worker.topology import EVENT_TYPE_PREFIX as _PREFIX
+from mq_worker.topology import PING
 
-_PREFIX = "mq_worker."
 _COLORS = {
     "pending": "blue", "submitted": "cyan", "completed": "green", "crashed": "red",
     "cancelled": "yellow", "rejected": "magenta", "lost": "red", "retrying": "yellow",

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from mq_worker.settings import WorkerSettings
 
@@ -32,13 +31,12 @@ async def supervise(settings: WorkerSettings, options: dict[str, Any]) -> int:
 
 async def report_to_supervisor(fd: int, health_port: int, stop: Callable[[], None]) -> None:
     """Tell the supervisor our health port, then stop gracefully if it goes away."""
-    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
-    try:
-        writer.write(f"{health_port}\n".encode())
-        await writer.drain()
-        await reader.read()
-    except OSError:
-        pass
-    finally:
-        writer.close()
+    supervisor = await anyio.abc.UNIXSocketStream.from_socket(fd)
+    async with supervisor:
+        try:
+            await supervisor.send(f"{health_port}\n".encode())
+            async for _ in supervisor:  # it never writes: the end of the stream is the news
+                pass
+        except (OSError, anyio.BrokenResourceError):
+            pass
     stop()

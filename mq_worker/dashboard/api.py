@@ -16,6 +16,7 @@ import anyio
 import orjson
 from aiohttp import web
 
+from mq_worker import topology
 from mq_worker.dashboard import actions
 from mq_worker.dashboard.access import CSRF_HEADER
 from mq_worker.dashboard.views import (
@@ -132,8 +133,10 @@ async def submit(request: web.Request) -> web.Response:
         if not isinstance(variables, dict):
             raise actions.ActionError("job_variables must be an object")
         run = await actions.submit_run(
-            _dashboard(request), request.get("actor"), pool=str(body.get("pool") or "default"),
-            queue=str(body.get("queue") or "default"), command=str(body.get("command") or ""),
+            _dashboard(request), request.get("actor"),
+            pool=str(body.get("pool") or topology.DEFAULT_POOL),
+            queue=str(body.get("queue") or topology.DEFAULT_QUEUE),
+            command=str(body.get("command") or ""),
             name=body.get("name"), job_variables=variables,
             start=actions.parse_start_time(str(body.get("start") or "")))
     except actions.ActionError as exc:
@@ -218,7 +221,7 @@ async def _stream(request: web.Request, run_id: str | None) -> web.StreamRespons
             timeout = KEEPALIVE_SECONDS if run_id is None else LEDGER_POLL_SECONDS
             message = None
             with anyio.move_on_after(timeout):
-                message = await subscription.messages.get()
+                message = await subscription.next()
             if message is None:
                 if run_id is not None and last_state not in TERMINAL_STATES:
                     await ledger_state()

@@ -38,7 +38,7 @@ from mq_worker.topology import SIGNATURE_HEADER, SIGNATURE_V2_HEADER
 log = structlog.get_logger("mq_worker.dashboard")
 
 BROWSE_LIMIT = 500
-_VOLATILE_HEADERS = {"x-delivery-count", "x-death"}
+_VOLATILE_HEADERS = {topology.DELIVERY_COUNT_HEADER, topology.DEATH_HEADER}
 
 
 class DeadLetterError(ValueError):
@@ -62,10 +62,10 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        reason = self.headers.get("x-mq-worker-reason")
+        reason = self.headers.get(topology.DEAD_LETTER_REASON_HEADER)
         if reason:
             return str(reason)
-        deaths = self.headers.get("x-death") or []
+        deaths = self.headers.get(topology.DEATH_HEADER) or []
         if deaths and isinstance(deaths[0], dict):
             return f"broker: {deaths[0].get('reason', 'dead-lettered')}"
         return "-"
@@ -113,18 +113,17 @@ def _key(body: bytes, headers: dict[str, Any]) -> str:
 
 def _replay_routing_key(headers: dict[str, Any]) -> str | None:
     candidates: list[str] = []
-    if headers.get("x-mq-worker-routing-key"):
-        candidates.append(str(headers["x-mq-worker-routing-key"]))
-    for death in headers.get("x-death") or []:
+    if headers.get(topology.ROUTING_KEY_HEADER):
+        candidates.append(str(headers[topology.ROUTING_KEY_HEADER]))
+    for death in headers.get(topology.DEATH_HEADER) or []:
         if isinstance(death, dict):
             candidates.extend(str(k) for k in death.get("routing-keys") or [])
-    queue = str(headers.get("x-mq-worker-queue") or "")
-    if queue.count(".") == 2 and queue.startswith("mq_worker."):
-        _, pool, name = queue.split(".")
-        candidates.append(topology.scheduled_routing_key(pool, name))
+    work_queue = topology.parse_work_queue_name(str(headers.get(topology.QUEUE_HEADER) or ""))
+    if work_queue is not None:
+        candidates.append(topology.scheduled_routing_key(*work_queue))
     for key in candidates:
         # A parked run's key starts with its delay bits: replay to its work queue directly.
-        position = key.find("run.scheduled.")
+        position = key.find(topology.SCHEDULED_ROUTING_PREFIX)
         if position >= 0:
             return key[position:]
     return None
@@ -270,13 +269,13 @@ class BrokerView:
             if edited_body.strip() == letter.body_text().encode().strip():
                 edited_body = None  # shown as it was (secrets masked): replay the original
         body = letter.body if edited_body is None else edited_body
-        if letter.routing_key.startswith("run.scheduled."):
+        if letter.routing_key.startswith(topology.SCHEDULED_ROUTING_PREFIX):
             try:
                 RunMessage.model_validate_json(body)
             except ValueError as exc:
                 raise DeadLetterError(f"the edited run is not valid: {exc}") from None
         headers = {k: v for k, v in letter.headers.items()
-                   if not k.startswith("x-mq-worker-") and k not in _VOLATILE_HEADERS}
+                   if not k.startswith(topology.OWN_HEADER_PREFIX) and k not in _VOLATILE_HEADERS}
         kind, pool = _kind_and_pool(letter.routing_key)
         if self._signer is not None and kind is not None:
             headers.update(self._signer.headers(body, kind=kind, pool=pool))
@@ -286,7 +285,7 @@ class BrokerView:
                     headers[name] = letter.headers[name]
         try:
             await exchange.publish(
-                aio_pika.Message(body, content_type="application/json", headers=headers,
+                aio_pika.Message(body, content_type=topology.JSON_CONTENT_TYPE, headers=headers,
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                 routing_key=letter.routing_key, mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:
@@ -310,8 +309,7 @@ def _dead_letter(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
 def _shown(name: str) -> bool:
     if name == topology.DEAD_QUEUE:
         return True
-    parts = name.split(".")
-    return len(parts) == 3 and parts[0] == "mq_worker"
+    return topology.parse_work_queue_name(name) is not None
 
 
 def _default_management_url(amqp_url: str) -> str:

@@ -9,8 +9,8 @@ broker goes away; pages keep their stream and see no event in between.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -22,17 +22,18 @@ import aiormq.exceptions
 import anyio
 import orjson
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mq_worker import topology
-from mq_worker.broker import Link, TlsOptions, deliver_frame
+from mq_worker.broker import Link, TlsOptions, deliver_frame, wait_closing
 from mq_worker.errors import BrokerError
-from mq_worker.events import Event
+from mq_worker.events import Event, EventType
 from mq_worker.status import WorkerTable, send_ping
 
 log = structlog.get_logger("mq_worker.dashboard")
 
-BINDINGS = ("mq_worker.run.*", "mq_worker.worker.started", "mq_worker.worker.heartbeat",
-            "mq_worker.worker.stopped", "mq_worker.worker.lost")
+BINDINGS = (topology.RUN_EVENTS_BINDING, EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT,
+            EventType.WORKER_STOPPED, EventType.WORKER_LOST)
 # A page that cannot keep up loses its stream (and reconnects) instead of growing memory.
 SUBSCRIBER_BACKLOG = 2000
 WORKERS_INTERVAL = 0.25
@@ -43,15 +44,27 @@ class Subscription:
     """One open page's stream: run and worker events, and the output of `run_id` if set."""
 
     run_id: str | None = None
-    messages: asyncio.Queue[dict[str, Any]] = field(
-        default_factory=lambda: asyncio.Queue(SUBSCRIBER_BACKLOG))
     overflowed: bool = False
+    _sent: MemoryObjectSendStream[dict[str, Any]] = field(init=False, repr=False)
+    _received: MemoryObjectReceiveStream[dict[str, Any]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sent, self._received = anyio.create_memory_object_stream[dict[str, Any]](
+            SUBSCRIBER_BACKLOG)
 
     def offer(self, message: dict[str, Any]) -> None:
         try:
-            self.messages.put_nowait(message)
-        except asyncio.QueueFull:
+            self._sent.send_nowait(message)
+        except anyio.WouldBlock:
             self.overflowed = True
+
+    async def next(self) -> dict[str, Any]:
+        """The next message for the page, waiting for it."""
+        return await self._received.receive()
+
+    def close(self) -> None:
+        self._sent.close()
+        self._received.close()
 
 
 @dataclass
@@ -93,6 +106,7 @@ class LiveFeed:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
+            subscription.close()
             if run_id is not None:
                 self._followed[run_id] -= 1
                 if self._followed[run_id] <= 0:
@@ -151,29 +165,29 @@ class LiveFeed:
         for run_id in list(self._followed):
             await self._bind_output(run_id)
         await channel.basic_qos(prefetch_count=500)
-        inbox: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
-        await channel.basic_consume(self._queue, inbox.put, no_ack=True)
-        self.connected = True
-        self.ready.set()
-        await send_ping(self.urls, self.tls)  # every live worker answers with a heartbeat now
-        async with anyio.create_task_group() as tg:
-            async def _watch() -> None:
-                # The channel's closing future ends when the channel or its connection does,
-                # also when the broker closed them (aio-pika's own `closed()` does not then).
-                await asyncio.wait({channel.closing})
-                raise ConnectionError("the broker closed the dashboard's connection")
+        deliveries, inbox = anyio.create_memory_object_stream[aiormq.abc.DeliveredMessage](
+            math.inf)
+        with deliveries, inbox:
+            await channel.basic_consume(self._queue, deliveries.send, no_ack=True)
+            self.connected = True
+            self.ready.set()
+            await send_ping(self.urls, self.tls)  # every live worker answers with a heartbeat
+            async with anyio.create_task_group() as tg:
+                async def _watch() -> None:
+                    await wait_closing(channel)
+                    raise ConnectionError("the broker closed the dashboard's connection")
 
-            tg.start_soon(_watch)
-            tg.start_soon(self._send_workers)
-            while True:
-                self._handle(await inbox.get())
+                tg.start_soon(_watch)
+                tg.start_soon(self._send_workers)
+                while True:
+                    self._handle(await inbox.receive())
 
     async def _bind_output(self, run_id: str) -> None:
         if self._queue is None or not self.connected:
             return  # bound when the session is (re-)established
         channel = await self._link.channel()
         await channel.queue_bind(self._queue, topology.OUTPUT_EXCHANGE,
-                                 routing_key=f"output.*.{run_id}")
+                                 routing_key=topology.run_output_binding(run_id))
 
     async def _unbind_output(self, run_id: str) -> None:
         if self._queue is None or not self.connected:
@@ -181,7 +195,7 @@ class LiveFeed:
         with contextlib.suppress(BrokerError, aiormq.exceptions.AMQPError, OSError):
             channel = await self._link.channel()
             await channel.queue_unbind(self._queue, topology.OUTPUT_EXCHANGE,
-                                       routing_key=f"output.*.{run_id}")
+                                       routing_key=topology.run_output_binding(run_id))
 
     def _handle(self, message: aiormq.abc.DeliveredMessage) -> None:
         if deliver_frame(message).exchange == topology.OUTPUT_EXCHANGE:
@@ -191,10 +205,10 @@ class LiveFeed:
             event = Event.from_body(message.body)
         except ValueError:
             return  # not an event of ours; the ledger dead-letters what it cannot read
-        if event.type.startswith("mq_worker.worker."):
+        if event.type.startswith(topology.WORKER_EVENT_PREFIX):
             self._observe_worker(event)
             self._workers_changed.set()
-        elif event.type.startswith("mq_worker.run."):
+        elif event.type.startswith(topology.RUN_EVENT_PREFIX):
             self._observe_run(event)
             summary = run_summary(event)
             for subscription in list(self._subscriptions):

@@ -18,7 +18,7 @@ import orjson
 
 from mq_worker.ledger.migrations import SQLITE
 from mq_worker.ledger.records import RunPage
-from mq_worker.ledger.store import _READ_COLUMNS, LedgerStore, _fetch, _run_record
+from mq_worker.ledger.store import LedgerStore, _fetch, run_conditions
 
 DASHBOARD_SCHEMA = [
     "CREATE INDEX IF NOT EXISTS dashboard_runs_name ON runs (name, created_at DESC, id DESC)",
@@ -96,25 +96,15 @@ class DashboardStore(LedgerStore):
 
     def search_runs(self, where: RunFilter, *, limit: int = 50,
                     before: str | None = None) -> RunPage:
-        clauses: list[str] = []
-        args: list[Any] = []
-        if where.states:
-            clauses.append(f"state IN ({', '.join('?' * len(where.states))})")
-            args.extend(where.states)
-        for column, value in (("pool", where.pool), ("queue", where.queue),
-                              ("worker", where.worker), ("deployment_id", where.deployment)):
-            if value:
-                clauses.append(f"{column} = ?")
-                args.append(value)
+        clauses, args = run_conditions(
+            states=where.states,
+            equal={"pool": where.pool or None, "queue": where.queue or None,
+                   "worker": where.worker or None, "deployment_id": where.deployment or None},
+            since=where.since, until=where.until,
+        )
         if where.tag:
             clauses.append("tags LIKE ? ESCAPE '\\'")
             args.append("%" + _like_escape(orjson.dumps(where.tag).decode()) + "%")
-        if where.since is not None:
-            clauses.append("created_at >= ?")
-            args.append(where.since)
-        if where.until is not None:
-            clauses.append("created_at < ?")
-            args.append(where.until)
         if where.search:
             term = where.search.strip()
             if _UUID_PREFIX.fullmatch(term):
@@ -123,18 +113,7 @@ class DashboardStore(LedgerStore):
             else:
                 clauses.append("(name >= ? AND name < ?)")
                 args.extend([term, term + "\uffff"])
-        if before:
-            created, _, run_id = before.partition("/")
-            clauses.append("(created_at, id) < (?, ?)")  # a row value: the index is sought
-            args.extend([float(created), run_id])
-        clause = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        statement = (f"SELECT {', '.join(_READ_COLUMNS)} FROM runs {clause} "
-                     "ORDER BY created_at DESC, id DESC LIMIT ?")
-        rows = self._transaction(lambda c: _fetch(c, self._sql(statement), [*args, limit + 1]),
-                                 write=False)
-        runs = [_run_record(r) for r in rows[:limit]]
-        cursor = f"{runs[-1].created_at!r}/{runs[-1].id}" if len(rows) > limit else None
-        return RunPage(runs, cursor)
+        return self.page_of_runs(clauses, args, limit=limit, before=before)
 
     def overview(self, *, now: float | None = None, window: float = 3600.0) -> Overview:
         """Runs that ended in the last `window` seconds, per minute and in total."""

@@ -48,7 +48,8 @@ def ago(value: float | None) -> str:
 
 TEMPLATE_GLOBALS: dict[str, Any] = {"STATES": STATES, "TERMINAL_STATES": TERMINAL_STATES,
                                     "CSRF_FIELD": CSRF_FIELD, "outcome_bars": charts.outcome_bars,
-                                    "percentile_lines": charts.percentile_lines}
+                                    "percentile_lines": charts.percentile_lines,
+                                    "topology": topology}
 def pretty(value: Any) -> str:
     """JSON for people: indented, non-ASCII as it is (the template escapes it for HTML)."""
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)

@@ -21,6 +21,7 @@ from mq_worker.dashboard.commands import dashboard_options, http_options, http_s
 from mq_worker.errors import ConfigurationError, MqWorkerError
 from mq_worker.ledger.database import default_db_url, redact
 from mq_worker.ledger.records import STATES, OutputLine, RunRecord, iso
+from mq_worker.topology import EVENT_TYPE_PREFIX
 
 _DB_HELP = ("Ledger database: sqlite:///PATH or postgresql://... "
             "[env: MQ_WORKER_LEDGER_DB; default: an SQLite file in ~/.local/share/mq-worker]")
@@ -218,7 +219,7 @@ def run(run_id: str, db: str | None, as_json: bool) -> None:
         data = event.data
         extra = "  ".join(f"{k}={data[k]}" for k in ("status_code", "reason", "message",
                                                       "infrastructure_pid") if data.get(k))
-        click.echo(f"  {iso(event.time)}  {event.type.removeprefix('mq_worker.'):<14}"
+        click.echo(f"  {iso(event.time)}  {event.type.removeprefix(EVENT_TYPE_PREFIX):<14}"
                    f"  worker={data.get('worker')}  {extra}".rstrip())
 
 

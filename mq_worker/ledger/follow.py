@@ -10,7 +10,7 @@ the terminal event).
 
 from __future__ import annotations
 
-import asyncio
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -38,7 +38,9 @@ class OutputFollower:
         self.run_id = str(run_id)
         self._link = Link(list(urls), name="mq_worker output follower", tls=tls,
                           publisher_confirms=False)
-        self._messages: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+        # Unbounded: the prefetch bounds what the broker delivers before acknowledgements.
+        self._deliveries, self._messages = anyio.create_memory_object_stream[
+            aiormq.abc.DeliveredMessage](math.inf)
         self._assembler = OutputAssembler(on_line)
         self.terminal: Event | None = None
 
@@ -52,19 +54,24 @@ class OutputFollower:
             assert declared is not None and declared.queue
             name = declared.queue
             await channel.queue_bind(name, topology.OUTPUT_EXCHANGE,
-                                     routing_key=f"output.*.{self.run_id}")
+                                     routing_key=topology.run_output_binding(self.run_id))
             for event_type in TERMINAL_TYPES:
                 await channel.queue_bind(name, topology.EVENTS_EXCHANGE, routing_key=event_type)
             await channel.basic_qos(prefetch_count=200)
-            await channel.basic_consume(name, self._messages.put)
+            await channel.basic_consume(name, self._deliveries.send)
         except BaseException:
-            await self._link.close()
+            await self._close()
             raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
         await self._link.close()
+        self._deliveries.close()
+        self._messages.close()
 
     def show(self, batch: OutputBatch) -> None:
         """Print a batch (stored ones first, then live ones); one already shown is skipped."""
@@ -79,11 +86,11 @@ class OutputFollower:
                 if str(self.terminal.data.get("worker")) in self._assembler.eof:
                     return self.terminal
                 with anyio.move_on_after(AFTER_END_GRACE_SECONDS) as grace:
-                    message = await self._messages.get()
+                    message = await self._messages.receive()
                 if grace.cancelled_caught:
                     return self.terminal
             else:
-                message = await self._messages.get()
+                message = await self._messages.receive()
             await message.channel.basic_ack(delivery_tag(message), wait=False)
             if deliver_frame(message).exchange == topology.OUTPUT_EXCHANGE:
                 try:

@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from mq_worker.events import EventType
+from mq_worker.events import TERMINAL_TYPES, EventType
+from mq_worker.topology import RUN_EVENT_PREFIX
 
 # The order of a run's lifecycle states, for ties between events of the same time.
 STATE_RANK = {
@@ -25,8 +26,12 @@ STATE_RANK = {
     EventType.RUN_CANCELLED: 3,
     EventType.RUN_REJECTED: 3,
 }
-TERMINAL_STATES = ("completed", "crashed", "cancelled", "rejected")
-STATES = ("pending", "submitted", *TERMINAL_STATES)
+# A run's state is the last word of its latest event type.
+STATES = tuple(event_type.removeprefix(RUN_EVENT_PREFIX) for event_type in STATE_RANK)
+TERMINAL_STATES = tuple(
+    event_type.removeprefix(RUN_EVENT_PREFIX) for event_type in STATE_RANK
+    if event_type in TERMINAL_TYPES
+)
 
 
 class InvalidLedgerMessage(ValueError):

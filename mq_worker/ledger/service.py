@@ -11,8 +11,8 @@ and dead-lettered to `mq_worker.dead`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +22,7 @@ import aiormq.abc
 import aiormq.exceptions
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from mq_worker import topology
 from mq_worker.broker import TlsOptions, connect, deliver_frame
@@ -38,8 +39,6 @@ from mq_worker.ledger.store import DEFAULT_MAX_OUTPUT_BYTES, AsyncLedgerStore, r
 
 log = structlog.get_logger("mq_worker.ledger")
 
-RUN_EVENTS_BINDING = "mq_worker.run.*"
-OUTPUT_BINDING = "output.#"
 
 
 @dataclass(frozen=True)
@@ -133,30 +132,36 @@ class LedgerService:
         channel: aiormq.abc.AbstractChannel = await wrapper.get_underlay_channel()
         await declare_ledger_queue(channel)
         await channel.basic_qos(prefetch_count=self.options.prefetch)
-        messages: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
-        await channel.basic_consume(topology.LEDGER_QUEUE, messages.put)
-        log.info("recording runs", queue=topology.LEDGER_QUEUE)
-        self.ready.set()
-        async with anyio.create_task_group() as tg:
-            async def _watch(closed: Any) -> None:
-                await closed
-                raise ConnectionError("the broker closed the connection or the channel")
+        # Unbounded: the prefetch bounds what the broker delivers before acknowledgements.
+        deliveries, messages = anyio.create_memory_object_stream[aiormq.abc.DeliveredMessage](
+            math.inf)
+        with deliveries, messages:
+            await channel.basic_consume(topology.LEDGER_QUEUE, deliveries.send)
+            log.info("recording runs", queue=topology.LEDGER_QUEUE)
+            self.ready.set()
+            async with anyio.create_task_group() as tg:
+                async def _watch(closed: Any) -> None:
+                    await closed
+                    raise ConnectionError("the broker closed the connection or the channel")
 
-            tg.start_soon(_watch, connection.closed())
-            tg.start_soon(_watch, wrapper.closed())
-            while True:
-                batch = await self._next_batch(messages)
-                await self._record(channel, batch)
+                tg.start_soon(_watch, connection.closed())
+                tg.start_soon(_watch, wrapper.closed())
+                while True:
+                    batch = await self._next_batch(messages)
+                    await self._record(channel, batch)
 
     async def _next_batch(
-        self, messages: asyncio.Queue[aiormq.abc.DeliveredMessage]
+        self, messages: MemoryObjectReceiveStream[aiormq.abc.DeliveredMessage]
     ) -> list[aiormq.abc.DeliveredMessage]:
-        batch = [await messages.get()]
+        batch = [await messages.receive()]
         with anyio.move_on_after(self.options.batch_seconds):
             while len(batch) < self.options.batch_size:
-                batch.append(await messages.get())
-        while len(batch) < self.options.batch_size and not messages.empty():
-            batch.append(messages.get_nowait())
+                batch.append(await messages.receive())
+        while len(batch) < self.options.batch_size:
+            try:
+                batch.append(messages.receive_nowait())
+            except anyio.WouldBlock:
+                break
         return batch
 
     async def _record(self, channel: aiormq.abc.AbstractChannel,
@@ -226,9 +231,9 @@ async def declare_ledger_queue(channel: aiormq.abc.AbstractChannel) -> None:
     await topology.declare_exchanges(channel)
     await topology.declare_output_exchange(channel)
     await topology.declare_dead_queue(channel)
-    await topology._declare_queue(channel, topology.LEDGER_QUEUE,
+    await topology.declare_queue(channel, topology.LEDGER_QUEUE,
                                   topology.quorum_arguments(dead_letter=True))
     await channel.queue_bind(topology.LEDGER_QUEUE, topology.EVENTS_EXCHANGE,
-                             routing_key=RUN_EVENTS_BINDING)
+                             routing_key=topology.RUN_EVENTS_BINDING)
     await channel.queue_bind(topology.LEDGER_QUEUE, topology.OUTPUT_EXCHANGE,
-                             routing_key=OUTPUT_BINDING)
+                             routing_key=topology.ALL_OUTPUT_BINDING)

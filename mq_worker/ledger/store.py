@@ -14,7 +14,7 @@ new, so redeliveries and several ledgers on one database never count twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -166,23 +166,19 @@ class LedgerStore:
         before: str | None = None,
     ) -> RunPage:
         """Runs newest first (by their first event), filtered; `before` is a page's cursor."""
-        where: list[str] = []
-        args: list[Any] = []
-        if state:
-            states = [state] if isinstance(state, str) else list(state)
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            args.extend(states)
-        for column, value in (("pool", pool), ("queue", queue), ("worker", worker),
-                              ("deployment_id", deployment)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("created_at < ?")
-            args.append(until)
+        states = [state] if isinstance(state, str) else list(state or ())
+        where, args = run_conditions(
+            states=states,
+            equal={"pool": pool, "queue": queue, "worker": worker, "deployment_id": deployment},
+            since=since, until=until,
+        )
+        return self.page_of_runs(where, args, limit=limit, before=before)
+
+    def page_of_runs(self, where: Sequence[str], args: Sequence[Any], *, limit: int,
+                     before: str | None) -> RunPage:
+        """One page of the runs that meet every condition of `where` (SQL with `?` for
+        `args`), newest first; `before` is the cursor a page gave for the next one."""
+        where, args = list(where), list(args)
         if before:
             created, _, run_id = before.partition("/")
             # A row-value comparison: both databases walk the (created_at, id) index with it.
@@ -236,6 +232,29 @@ class LedgerStore:
         rows = self._transaction(lambda c: _fetch(c, "SELECT COUNT(*) FROM runs", []),
                                  write=False)
         return int(rows[0][0])
+
+
+def run_conditions(*, states: Sequence[str] = (), equal: Mapping[str, Any] | None = None,
+                   since: float | None = None,
+                   until: float | None = None) -> tuple[list[str], list[Any]]:
+    """SQL conditions on `runs` (and their arguments): one of `states`, each column of
+    `equal` equal to its value (None: any), created in [since, until)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if states:
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        args.extend(states)
+    for column, value in (equal or {}).items():
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        where.append("created_at >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("created_at < ?")
+        args.append(until)
+    return where, args
 
 
 def _fetch(cursor: Any, statement: str, args: Sequence[Any]) -> list[Any]:

@@ -1,14 +1,11 @@
-"""Names and declarations of every exchange and queue mq_worker uses.
+"""Declarations of the exchanges and queues, with their broker-side arguments.
 
-This module is the wire contract's single source of names. Declarations are
-idempotent and never destructive: declaring what exists with the same
-arguments is a no-op, declaring it with other arguments is a `TopologyMismatch`.
+Declarations are idempotent and never destructive: declaring what exists with the
+same arguments is a no-op, declaring it with other arguments is a `TopologyMismatch`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,102 +13,31 @@ from typing import Any
 import aiormq
 import aiormq.exceptions
 
-from mq_worker.errors import ConfigurationError, TopologyMismatch
-
-RUNS_EXCHANGE = "mq_worker.runs"
-EVENTS_EXCHANGE = "mq_worker.events"
-DEAD_QUEUE = "mq_worker.dead"
-CANCELS_STREAM = "mq_worker.cancels"
-DUE_EXCHANGE = "mq_worker.due"
-# Pings (`mq-worker status` asking workers for a heartbeat now) have an exchange of
-# their own, so that asking needs no right to publish events.
-PING_EXCHANGE = "mq_worker.ping"
-PING_ALL_ROUTING_KEY = "ping"
-# What `mq-worker status` of earlier versions sends on EVENTS_EXCHANGE; still answered.
-LEGACY_PING_ROUTING_KEY = "mq_worker.worker.ping"
-
-# Signature headers of run and cancel messages (see mq_worker.signing).
-SIGNATURE_HEADER = "x-mq-worker-signature"  # v1: the body only; no longer accepted by workers
-SIGNATURE_V2_HEADER = "x-mq-worker-signature-v2"  # v2: kind, pool, issued-at and body
-# On a dead letter: how many received headers were left out to fit in one frame.
-DROPPED_HEADERS_HEADER = "x-mq-worker-dropped-headers"
-OUTPUT_EXCHANGE = "mq_worker.output"
-LEDGER_QUEUE = "mq_worker.ledger"
-
-DEFAULT_POOL = "default"
-DEFAULT_QUEUE = "default"
-DEFAULT_DELIVERY_LIMIT = 20
-
-# Pool and queue names become words of routing keys and parts of queue names,
-# so they may not contain dots or wildcards.
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-# Every internal name has two dot-separated words, every work queue three, so
-# no pool or queue name can collide with an internal one.
-DELAY_LEVELS = 25
-MAX_PARK_SECONDS = 2**DELAY_LEVELS - 1
-
-
-# On a cancel that a worker copies back into the cancel stream: it has published the
-# run's `cancelled` event itself (the run was waiting for a retry), so the worker that
-# later takes the parked attempt drops it without a second event.
-CANCEL_REPORTED_HEADER = "x-mq-worker-cancel-reported-by"
-
-
-def check_name(kind: str, value: str) -> str:
-    """Return `value` if it is a valid pool or queue name, else raise ConfigurationError."""
-    if not _NAME.fullmatch(value):
-        raise ConfigurationError(
-            f"invalid {kind} name {value!r}: use 1-64 letters, digits, '_' or '-'"
-        )
-    return value
-
-
-def work_queue_name(pool: str, queue: str) -> str:
-    return f"mq_worker.{pool}.{queue}"
-
-
-def scheduled_routing_key(pool: str, queue: str) -> str:
-    return f"run.scheduled.{pool}.{queue}"
-
-
-def cancel_routing_key(pool: str) -> str:
-    return f"run.cancel.{pool}"
-
-
-def output_routing_key(pool: str, run_id: str) -> str:
-    """How a run's output batches are published to OUTPUT_EXCHANGE."""
-    return f"output.{pool}.{run_id}"
-
-
-def monitor_queue_name(pool: str) -> str:
-    """The single-active-consumer queue that elects a pool's lost-worker reporter."""
-    return f"mq_worker.monitor-{pool}"
-
-
-def heartbeat_stream_name(pool: str) -> str:
-    """The stream of a pool's worker events, replayed by a newly elected reporter."""
-    return f"mq_worker.heartbeats-{pool}"
-
-
-def pool_routing_key(pool: str) -> str:
-    """The extra routing key (a `BCC` header) of a pool's worker events on EVENTS_EXCHANGE."""
-    return f"workers.{pool}"
-
-
-def ping_routing_key(pool: str | None) -> str:
-    """Routing key on PING_EXCHANGE of a ping to one pool's workers, or to all of them."""
-    return PING_ALL_ROUTING_KEY if pool is None else f"{PING_ALL_ROUTING_KEY}.{pool}"
-
-
-def delay_name(level: int) -> str:
-    """Exchange and queue of delay level `level`; its messages wait 2**level seconds."""
-    return f"mq_worker.delay-{level:02d}"
-
-
-def due_binding_key(pool: str, queue: str) -> str:
-    """How a work queue is bound to DUE_EXCHANGE: any delay bits, then its routing key."""
-    return "*." * DELAY_LEVELS + scheduled_routing_key(pool, queue)
+from mq_worker.errors import TopologyMismatch
+from mq_worker.topology.names import (
+    CANCELS_BINDING,
+    CANCELS_STREAM,
+    CONTROL_BINDING,
+    CONTROL_STREAM,
+    DEAD_QUEUE,
+    DEFAULT_DELIVERY_LIMIT,
+    DELAY_LEVELS,
+    DUE_EXCHANGE,
+    EVENTS_EXCHANGE,
+    LEGACY_HEARTBEAT_BINDING,
+    OUTPUT_EXCHANGE,
+    PING_EXCHANGE,
+    RUNS_EXCHANGE,
+    delay_name,
+    due_binding_key,
+    heartbeat_stream_name,
+    limit_queue_name,
+    monitor_queue_name,
+    pool_routing_key,
+    scheduled_routing_key,
+    waiting_queue_name,
+    work_queue_name,
+)
 
 
 @dataclass(frozen=True)
@@ -174,6 +100,11 @@ def monitor_queue_arguments() -> dict[str, Any]:
     }
 
 
+def ping_queue_arguments() -> dict[str, Any]:
+    # Pings waiting for a slow worker are all the same: the broker keeps a few.
+    return {"x-max-length": 16}
+
+
 def heartbeat_stream_arguments() -> dict[str, Any]:
     # A new reporter replays minutes, not hours; small segments let retention work.
     return {
@@ -184,7 +115,7 @@ def heartbeat_stream_arguments() -> dict[str, Any]:
     }
 
 
-async def _declare_queue(
+async def declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
 ) -> None:
     try:
@@ -208,7 +139,7 @@ async def declare_output_exchange(channel: aiormq.abc.AbstractChannel) -> None:
 
 
 async def declare_dead_queue(channel: aiormq.abc.AbstractChannel) -> None:
-    await _declare_queue(channel, DEAD_QUEUE, quorum_arguments(dead_letter=False))
+    await declare_queue(channel, DEAD_QUEUE, quorum_arguments(dead_letter=False))
 
 
 async def declare_work_queue(
@@ -216,7 +147,7 @@ async def declare_work_queue(
 ) -> str:
     """Declare the work queue of (pool, queue) with its bindings; return its name."""
     name = work_queue_name(pool, queue)
-    await _declare_queue(channel, name, work_queue_arguments(options))
+    await declare_queue(channel, name, work_queue_arguments(options))
     await channel.queue_bind(name, RUNS_EXCHANGE, routing_key=scheduled_routing_key(pool, queue))
     await channel.queue_bind(name, DUE_EXCHANGE, routing_key=due_binding_key(pool, queue))
     return name
@@ -225,8 +156,8 @@ async def declare_work_queue(
 async def declare_cancel_stream(
     channel: aiormq.abc.AbstractChannel, options: QueueOptions
 ) -> None:
-    await _declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
-    await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key="run.cancel.*")
+    await declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
+    await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key=CANCELS_BINDING)
 
 
 async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> None:
@@ -234,12 +165,12 @@ async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> Non
     the pool's heartbeat stream and its election queue."""
     await channel.exchange_declare(PING_EXCHANGE, exchange_type="topic", durable=True)
     stream = heartbeat_stream_name(pool)
-    await _declare_queue(channel, stream, heartbeat_stream_arguments())
+    await declare_queue(channel, stream, heartbeat_stream_arguments())
     await channel.queue_bind(stream, EVENTS_EXCHANGE, routing_key=pool_routing_key(pool))
     election = monitor_queue_name(pool)
-    await _declare_queue(channel, election, monitor_queue_arguments())
+    await declare_queue(channel, election, monitor_queue_arguments())
     # Earlier versions fed every heartbeat of every pool to this queue.
-    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key="mq_worker.worker.heartbeat")
+    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key=LEGACY_HEARTBEAT_BINDING)
 
 
 async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:
@@ -256,7 +187,7 @@ async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:
     for level in range(DELAY_LEVELS):
         name = delay_name(level)
         skip = "*." * (DELAY_LEVELS - 1 - level)
-        await _declare_queue(channel, name, delay_queue_arguments(level))
+        await declare_queue(channel, name, delay_queue_arguments(level))
         await channel.queue_bind(name, name, routing_key=f"{skip}1.#")
         next_exchange = delay_name(level - 1) if level else DUE_EXCHANGE
         await channel.exchange_bind(
@@ -281,29 +212,8 @@ async def declare_pool(
     return [await declare_work_queue(channel, pool, q, options) for q in queues]
 
 
+
 # -- work pools: pauses and shared limits -------------------------------------------
-
-CONTROL_STREAM = "mq_worker.control"
-CONTROL_BINDING = "control.*"
-
-
-def control_routing_key(kind: str) -> str:
-    """`control.pause`, `control.resume` or `control.limit`, published to RUNS_EXCHANGE."""
-    return f"control.{kind}"
-
-
-def _target_digest(target: str) -> str:
-    return hashlib.sha256(target.encode()).hexdigest()[:32]
-
-
-def limit_queue_name(target: str) -> str:
-    """The quorum queue holding the free slot tokens of a limit's target."""
-    return f"mq_worker.limit-{_target_digest(target)}"
-
-
-def waiting_queue_name(target: str) -> str:
-    """The quorum queue of runs waiting, in order of arrival, for a slot of `target`."""
-    return f"mq_worker.waiting-{_target_digest(target)}"
 
 
 def control_stream_arguments() -> dict[str, Any]:
@@ -313,10 +223,10 @@ def control_stream_arguments() -> dict[str, Any]:
 
 async def declare_control_stream(channel: aiormq.abc.AbstractChannel) -> None:
     await channel.exchange_declare(RUNS_EXCHANGE, exchange_type="topic", durable=True)
-    await _declare_queue(channel, CONTROL_STREAM, control_stream_arguments())
+    await declare_queue(channel, CONTROL_STREAM, control_stream_arguments())
     await channel.queue_bind(CONTROL_STREAM, RUNS_EXCHANGE, routing_key=CONTROL_BINDING)
 
 
 async def declare_limit_queues(channel: aiormq.abc.AbstractChannel, target: str) -> None:
-    await _declare_queue(channel, limit_queue_name(target), quorum_arguments(dead_letter=False))
-    await _declare_queue(channel, waiting_queue_name(target), quorum_arguments(dead_letter=False))
+    await declare_queue(channel, limit_queue_name(target), quorum_arguments(dead_letter=False))
+    await declare_queue(channel, waiting_queue_name(target), quorum_arguments(dead_letter=False))
