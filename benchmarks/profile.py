@@ -44,7 +44,7 @@ from benchmarks.common import (
 # from the innermost outwards.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("process spawn (subprocess.Popen, fork/exec)", ("(subprocess.py:",)),
-    ("guardian pipe writes (Guardian.watch/forget)", ("Guardian._send",)),
+    ("guardian pipe writes (Guardian.watch/forget)", ("Guardian.flush",)),
     ("job variables checked by jsonschema", ("jsonschema/", "referencing/")),
     ("pydantic validation", ("pydantic/", "pydantic_core/", "model_validate")),
     ("events: build_event (uuid, datetime, orjson)", ("build_event (",)),
@@ -59,7 +59,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("anyio (task groups, cancel scopes, events)", ("anyio/",)),
     ("mq_worker.consumer (flow control)", ("mq_worker/consumer.py",)),
     ("mq_worker.outbox", ("mq_worker/outbox.py",)),
-    ("mq_worker.infrastructure", ("mq_worker/infrastructure.py",)),
+    ("mq_worker.infrastructure", ("mq_worker/infrastructure.py", "mq_worker/guardian.py",
+                                  "mq_worker/process_stop.py")),
     ("mq_worker.job_configuration", ("mq_worker/job_configuration.py",)),
     ("mq_worker.workers (base, process)", ("mq_worker/workers/",)),
     ("mq_worker (other modules)", ("mq_worker/",)),
