@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import psutil
 
@@ -35,7 +37,7 @@ from benchmarks.side_by_side import TRUE, declare
 _ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
-async def measure(runs: int, log_level: str) -> list[tuple[str, float]]:
+async def measure(runs: int, log_level: str, tree: Path = ROOT) -> list[tuple[str, float]]:
     with vhost("syscalls") as host:
         await declare(host.url)
         async with EventWatch(host.url, [RUN_COMPLETED]) as watch, \
@@ -47,7 +49,8 @@ async def measure(runs: int, log_level: str) -> list[tuple[str, float]]:
                 ["strace", "-c", "-o", str(out), PYTHON, "-m", "mq_worker", "start",
                  "--url", host.url, "--limit", "8", "--name", "syscalls",
                  "--log-level", log_level, "--log-format", "json"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
+                env={**os.environ, "PYTHONPATH": str(tree)})
             try:
                 await watch.wait_count(RUN_COMPLETED, runs, 120 + runs / 5)
             finally:
@@ -67,8 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--tree", type=Path, default=ROOT,
+                        help="measure the mq_worker package of another checkout")
     args = parser.parse_args()
-    counts = asyncio.run(measure(args.runs, args.log_level))
+    counts = asyncio.run(measure(args.runs, args.log_level, args.tree.resolve()))
     print_table(f"system calls of the worker per run ({args.runs} runs, limit 8, "
                 f"log level {args.log_level}; start-up and stop included)",
                 ["system call", "per run"], [[n, round(c, 2)] for n, c in counts if c >= 0.05])

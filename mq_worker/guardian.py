@@ -1,23 +1,26 @@
 """The worker's side of the guardian: the process that stops its runs if it dies.
 
-The guardian itself is _guardian.py, run as a separate process.
+The guardian itself is _guardian.py, run as a separate process. The worker lists
+its runs' process groups in memory it shares with the guardian (one bit per
+process-group id), so starting and ending a run costs no system call and wakes
+no other process. The guardian only waits for the end of its stdin, which comes
+when the worker exits or dies, and then stops every group still listed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import IO
 
-import structlog
-
 _GUARDIAN = Path(__file__).with_name("_guardian.py")
-# How long the guardian may go on listing a group that has ended: a dead worker's
-# guardian signals a group id that is, at worst, this stale.
-_FORGET_DELAY_SECONDS = 0.5
+# Linux's largest possible process id (PID_MAX_LIMIT on 64-bit): the map has a bit for
+# each, whatever kernel.pid_max says now. Only the pages of ids in use take memory.
+_MAX_PID = 1 << 22
 
 
 class Guardian:
@@ -27,64 +30,36 @@ class Guardian:
         self._grace = grace
         self._process: subprocess.Popen[bytes] | None = None
         self._pipe: IO[bytes] | None = None
-        self._log = structlog.get_logger("mq_worker.guardian")
-        self._lines: list[str] = []
-        self._flush_handle: asyncio.Handle | None = None
-        self._flush_urgent = False
+        self._groups: mmap.mmap | None = None
 
     def start(self) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_GUARDIAN), str(self._grace)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        memory = os.memfd_create("mq_worker-guardian", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memory, _MAX_PID // 8)
+            self._groups = mmap.mmap(memory, _MAX_PID // 8)
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_GUARDIAN), str(self._grace), str(memory)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(memory,),
+            )
+        finally:
+            os.close(memory)
         self._pipe = self._process.stdin
 
     def watch(self, pgid: int) -> None:
-        """Tell the guardian about a new process group, within this turn of the event loop."""
-        self._lines.append(f"+{pgid}\n")
-        self._schedule_flush(0.0)
+        """List a new process group: from now on, the guardian stops it if the worker dies."""
+        if self._groups is not None:
+            self._groups[pgid >> 3] |= 1 << (pgid & 7)
 
     def forget(self, pgid: int) -> None:
-        """Tell the guardian a group is gone; not urgent, so batched with later lines."""
-        self._lines.append(f"-{pgid}\n")
-        self._schedule_flush(_FORGET_DELAY_SECONDS)
-
-    def _schedule_flush(self, delay: float) -> None:
-        # Each write wakes the guardian's process: write what a loop turn produced at once.
-        if self._flush_handle is not None and (delay > 0 or self._flush_urgent):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush_urgent = delay == 0
-        self._flush_handle = (loop.call_soon(self.flush) if delay == 0
-                              else loop.call_later(delay, self.flush))
-
-    def flush(self) -> None:
-        """Write the lines waiting for the guardian."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        lines, self._lines = self._lines, []
-        if self._pipe is None or not lines:
-            return
-        try:
-            self._pipe.write("".join(lines).encode())
-            self._pipe.flush()
-        except OSError:
-            self._log.error("the guardian process is gone: "
-                            "runs would outlive a crash of this worker")
-            self._pipe = None
+        """Take a group that has ended off the list."""
+        if self._groups is not None:
+            self._groups[pgid >> 3] &= ~(1 << (pgid & 7)) & 0xFF
 
     def stop(self) -> None:
         """Stop the guardian; groups still listed are terminated as if the worker died."""
-        self.flush()
         if self._pipe is not None:
             with contextlib.suppress(OSError):
                 self._pipe.close()
@@ -93,3 +68,6 @@ class Guardian:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=self._grace + 5)
             self._process = None
+        if self._groups is not None:
+            self._groups.close()
+            self._groups = None
