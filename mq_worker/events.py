@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+from mq_worker.event_ids import new_event_id
 
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+json"
@@ -91,7 +93,7 @@ def build_event(
     event_id: str | None = None,
     traceparent: str | None = None,
 ) -> OutgoingEvent:
-    event_id = event_id or str(uuid4())
+    event_id = event_id or new_event_id()
     envelope: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": event_id,
