@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import anyio.abc
 from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound
 from mq_worker.guardian import Guardian
 from mq_worker.process_stop import stop_leftovers, terminate
+from mq_worker.spawn import RunProcess, spawn
 
 __all__ = ["Guardian", "ProcessHandle", "start_process", "stop_leftovers", "stream_output",
            "terminate"]
@@ -36,7 +36,7 @@ _OUTPUT_DRAIN_SECONDS = 1.0
 class ProcessHandle:
     """A started run process."""
 
-    popen: subprocess.Popen[bytes]
+    popen: RunProcess
     started_at: float = field(default_factory=time.time)
     signalled: bool = False
     _exited: anyio.Event = field(default_factory=anyio.Event)
@@ -122,18 +122,6 @@ class ProcessHandle:
         self.signalled = True
 
 
-_DEVNULL: int | None = None
-
-
-def _devnull() -> int:
-    """/dev/null opened once (close-on-exec), given to every run as its stdin:
-    subprocess.DEVNULL opens and closes it again for each spawn."""
-    global _DEVNULL
-    if _DEVNULL is None:
-        _DEVNULL = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return _DEVNULL
-
-
 def start_process(
     argv: Sequence[str],
     *,
@@ -148,20 +136,8 @@ def start_process(
     PATH search. Raises OSError when it cannot start: a missing executable, a bad
     working directory.
     """
-    devnull = _devnull()
-    output = subprocess.PIPE if capture_output else devnull
-    popen = subprocess.Popen(
-        list(argv),
-        executable=executable,
-        env=dict(env),
-        cwd=cwd,
-        stdin=devnull,
-        stdout=output,
-        stderr=output,
-        close_fds=True,
-        process_group=0,
-    )
-    return ProcessHandle(popen)
+    return ProcessHandle(spawn(argv, env=env, cwd=cwd, capture_output=capture_output,
+                               executable=executable))
 
 
 async def stream_output(
