@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,15 @@ def test_a_spawn_needs_no_pipe_of_its_own(tmp_path) -> None:  # type: ignore[no-
                     _SPAWNING], check=True, timeout=120)
     pipes = [line for line in trace.read_text().splitlines() if re.match(r"pipe2?\(", line)]
     assert len(pipes) < SPAWNS / 2
+
+
+def test_a_run_does_not_inherit_the_signals_python_ignores() -> None:
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # as in every Python process
+    handle = start_process(["/bin/sleep", "30"], env={}, cwd=None, capture_output=False)
+    try:
+        status = Path(f"/proc/{handle.pid}/status").read_text()
+        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+        assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+    finally:
+        os.killpg(handle.pid, signal.SIGKILL)
+        handle.popen.wait()
