@@ -34,18 +34,20 @@ _RUNS_UNDER_A_GUARDIAN = (
     "asyncio.run(main())\n"
 )
 
+# A table of one slot at first: the second run makes it grow.
 _DYING_WORKER = (
     "import json, os, signal\n"
     "from mq_worker.guardian import Guardian\n"
     "from mq_worker.infrastructure import start_process\n"
-    "guardian = Guardian()\n"
+    "guardian = Guardian(slots=1)\n"
     "guardian.start()\n"
-    "running, ended = (start_process(['sleep', '60'], env={'PATH': os.environ['PATH']},\n"
-    "                                cwd=None, capture_output=False) for _ in range(2))\n"
-    "guardian.watch(running.pid)\n"
+    "ended, *running = (start_process(['sleep', '60'], env={'PATH': os.environ['PATH']},\n"
+    "                                 cwd=None, capture_output=False) for _ in range(3))\n"
     "guardian.watch(ended.pid)\n"
     "guardian.forget(ended.pid)\n"
-    "print(json.dumps([running.pid, ended.pid]), flush=True)\n"
+    "for handle in running:\n"
+    "    guardian.watch(handle.pid)\n"
+    "print(json.dumps([ended.pid, [h.pid for h in running]]), flush=True)\n"
     "os.kill(os.getpid(), signal.SIGKILL)\n"
 )
 
@@ -68,11 +70,11 @@ def test_starting_and_ending_runs_writes_nothing_to_the_guardian(tmp_path) -> No
 
 async def test_a_dead_workers_runs_are_terminated_and_ended_ones_left_alone() -> None:
     worker = await anyio.run_process([PYTHON, "-c", _DYING_WORKER], check=False)
-    running, ended = json.loads(worker.stdout)
+    ended, running = json.loads(worker.stdout)
     try:
-        await wait_until(lambda: not _alive(running), timeout=15)
+        await wait_until(lambda: not any(_alive(pid) for pid in running), timeout=15)
         assert _alive(ended)
     finally:
-        for pid in (running, ended):
+        for pid in (*running, ended):
             if _alive(pid):
                 psutil.Process(pid).kill()
