@@ -1,4 +1,5 @@
-"""Publish a batch of messages on a confirm-mode aiormq channel with one socket write.
+"""Fewer socket writes on an aiormq connection: a batch of confirmed publishes in one
+write, and everything the channels queue in one loop turn written together.
 
 aiormq's `basic_publish` hands each message to its writer task separately, and
 the writer sends each with a system call of its own: on a loopback connection
@@ -9,6 +10,10 @@ exactly as `basic_publish` registers them, under the channel's lock, so other
 publishers on the channel keep their tags in order. Relies on aiormq's channel
 attributes; `supports(channel)` says whether this aiormq has them, else callers
 publish one message at a time.
+
+`coalesce_writes` makes the connection's writer take every frame batch queued
+when it wakes (a run's ack on one channel, its events on another) and write them
+as one: frames stay in the order they were queued.
 """
 
 from __future__ import annotations
@@ -32,6 +37,51 @@ class Message:
     routing_key: str
     body: bytes
     properties: spec.Basic.Properties
+
+
+def coalesce_writes(channel: Any) -> bool:
+    """Make the writer of `channel`'s connection write all it has queued at once.
+
+    aiormq's writer task takes one frame batch from the connection's write queue
+    and sends it before taking the next. Wrapping the queue's `get` hands it all
+    batches queued so far as one. Returns False if this aiormq has no such queue;
+    True (and no second wrapper) if it is done.
+    """
+    queue = getattr(channel, "write_queue", None)
+    if not isinstance(queue, asyncio.Queue):
+        return False
+    if "get" in vars(queue):
+        return True
+    take_one = queue.get
+
+    async def take_all() -> ChannelFrame:
+        first: ChannelFrame = await take_one()
+        if first.should_close or queue.empty():
+            return first
+        batches = [first]
+        while not queue.empty() and not batches[-1].should_close:
+            batches.append(queue.get_nowait())
+            queue.task_done()  # the writer marks the one it is given
+        return _joined(batches)
+
+    queue.get = take_all  # type: ignore[method-assign]
+    return True
+
+
+def _joined(batches: list[ChannelFrame]) -> ChannelFrame:
+    waiting = [b.drain_future for b in batches if b.drain_future is not None]
+    drained = None
+    if waiting:
+        drained = asyncio.get_running_loop().create_future()
+
+        def _drain_each(_: asyncio.Future[Any]) -> None:
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
+
+        drained.add_done_callback(_drain_each)
+    return ChannelFrame(payload=b"".join(b.payload for b in batches),
+                        should_close=batches[-1].should_close, drain_future=drained)
 
 
 def supports(channel: Any) -> bool:
