@@ -12,8 +12,8 @@ attributes; `supports(channel)` says whether this aiormq has them, else callers
 publish one message at a time.
 
 `coalesce_writes` makes the connection's writer take every frame batch queued
-when it wakes (a run's ack on one channel, its events on another) and write them
-as one: frames stay in the order they were queued.
+when it wakes (acks on one channel, event batches on another, heartbeats) and
+write them as one: frames stay in the order they were queued.
 """
 
 from __future__ import annotations

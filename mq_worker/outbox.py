@@ -133,8 +133,8 @@ class Outbox:
     async def publish_forever(self, channel: object) -> None:
         """Publish queued events on `channel` (confirm mode) until it fails or we are cancelled."""
         batched = confirmed_batch.supports(channel)
-        # For the whole connection: a run's ack and its events, queued in one loop turn by
-        # different channels, then go out in one socket write.
+        # For the whole connection: what its channels queue in one loop turn (acks, event
+        # batches, heartbeats) then goes out in one socket write.
         confirmed_batch.coalesce_writes(channel)
         while True:
             if not self._events:
