@@ -43,11 +43,11 @@ from benchmarks.common import (
 # (category, substrings of a frame "function (file:line)"), tried in order on each frame
 # from the innermost outwards.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("process spawn (subprocess.Popen, fork/exec)", ("(subprocess.py:",)),
-    ("guardian pipe writes (Guardian.watch/forget)", ("Guardian._send",)),
+    ("process spawn (posix_spawn, subprocess.Popen)", ("(subprocess.py:", "mq_worker/spawn.py")),
+    ("guardian (Guardian.watch/forget)", ("mq_worker/guardian.py",)),
     ("job variables checked by jsonschema", ("jsonschema/", "referencing/")),
     ("pydantic validation", ("pydantic/", "pydantic_core/", "model_validate")),
-    ("events: build_event (uuid, datetime, orjson)", ("build_event (",)),
+    ("events: build_event (ids, datetime, orjson)", ("build_event (", "mq_worker/event_ids.py")),
     ("logging (structlog, logging)", ("structlog/", "logging/")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("environment copies (os.environ)", ("<frozen os>", "base_environment")),
@@ -58,8 +58,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("socket I/O (asyncio streams)", ("asyncio/streams.py", "asyncio/selector_events.py")),
     ("anyio (task groups, cancel scopes, events)", ("anyio/",)),
     ("mq_worker.consumer (flow control)", ("mq_worker/consumer.py",)),
-    ("mq_worker.outbox", ("mq_worker/outbox.py",)),
-    ("mq_worker.infrastructure", ("mq_worker/infrastructure.py",)),
+    ("mq_worker.outbox", ("mq_worker/outbox.py", "mq_worker/confirmed_batch.py")),
+    ("mq_worker.infrastructure", ("mq_worker/infrastructure.py", "mq_worker/process_stop.py")),
     ("mq_worker.job_configuration", ("mq_worker/job_configuration.py",)),
     ("mq_worker.workers (base, process)", ("mq_worker/workers/",)),
     ("mq_worker (other modules)", ("mq_worker/",)),

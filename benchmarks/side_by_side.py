@@ -68,6 +68,7 @@ class Sample:
     at: float  # time.time()
     worker_cpu: float
     broker_cpu: float
+    main_cpu: float  # the started processes alone (without a guardian or pool processes)
     worker_rss: int
 
 
@@ -90,7 +91,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> Sample:
-        cpu = 0.0
+        cpu = main = 0.0
         rss = 0
         for member in _tree(self.roots):
             with contextlib.suppress(psutil.Error):
@@ -98,13 +99,15 @@ class Sampler:
                     continue
                 times = member.cpu_times()
                 cpu += times.user + times.system
+                if member in self.roots:
+                    main += times.user + times.system
                 rss += member.memory_info().rss
         broker = 0.0
         if self.broker is not None:
             with contextlib.suppress(psutil.Error):
                 times = self.broker.cpu_times()
                 broker = times.user + times.system
-        return Sample(time.time(), cpu, broker, rss)
+        return Sample(time.time(), cpu, broker, main, rss)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -119,26 +122,28 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def window(self, first: float, last: float) -> tuple[float, float, int]:
-        """(worker CPU s, broker CPU s, largest RSS) between the samples around first/last."""
+    def window(self, first: float, last: float) -> tuple[float, float, float, int]:
+        """(worker CPU s, broker CPU s, main processes' CPU s, largest RSS) between the
+        samples around first/last."""
         before = [s for s in self.samples if s.at <= first] or self.samples[:1]
         after = [s for s in self.samples if s.at >= last] or self.samples[-1:]
         start, end = before[-1], after[0]
         inside = [s.worker_rss for s in self.samples if start.at <= s.at <= end.at]
         return (end.worker_cpu - start.worker_cpu, end.broker_cpu - start.broker_cpu,
-                max(inside or [end.worker_rss]))
+                end.main_cpu - start.main_cpu, max(inside or [end.worker_rss]))
 
 
 def result_row(label: str, runs: int, completions: list[float], sampler: Sampler,
                processes: int) -> dict[str, Any]:
     completions.sort()
     first, last = completions[0], completions[-1]
-    worker_cpu, broker_cpu, rss = sampler.window(first, last)
+    worker_cpu, broker_cpu, main_cpu, rss = sampler.window(first, last)
     return {
         "contender": label, "runs": runs, "completed": len(completions),
         "rate": round((len(completions) - 1) / (last - first), 1),
         "worker_cpu_ms_per_run": round(worker_cpu * 1000 / runs, 3),
         "broker_cpu_ms_per_run": round(broker_cpu * 1000 / runs, 3),
+        "main_cpu_ms_per_run": round(main_cpu * 1000 / runs, 3),
         "worker_rss_mb": round(rss / 2**20, 1), "processes": processes,
     }
 
@@ -147,16 +152,19 @@ def result_row(label: str, runs: int, completions: list[float], sampler: Sampler
 
 
 @contextlib.contextmanager
-def mq_processes(url: str, name: str, specs: list[list[str]]) -> Iterator[list[psutil.Process]]:
-    """`mq-worker start` once per argument list; stopped with SIGTERM at exit."""
+def mq_processes(url: str, name: str, specs: list[list[str]],
+                 tree: Path = ROOT) -> Iterator[list[psutil.Process]]:
+    """`mq-worker start` once per argument list, with the mq_worker package of `tree`
+    (another checkout, for an A/B of two versions); stopped with SIGTERM at exit."""
     RESULTS.joinpath("logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     popens = []
     for i, extra in enumerate(specs):
         with RESULTS.joinpath("logs", f"{name}-{i}.log").open("wb") as log:
             popens.append(subprocess.Popen(
                 [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", f"{name}-{i}",
                  "--log-level", "WARNING", "--log-format", "json", *extra],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT))
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=tree, env=env))
     try:
         yield [psutil.Process(p.pid) for p in popens]
     finally:
@@ -181,7 +189,8 @@ async def declare(url: str) -> None:
         await connection.close()
 
 
-async def measure_mq(label: str, specs: list[list[str]], runs: int) -> dict[str, Any]:
+async def measure_mq(label: str, specs: list[list[str]], runs: int,
+                     tree: Path = ROOT) -> dict[str, Any]:
     with vhost(label) as host:
         await declare(host.url)
         async with EventWatch(host.url, [RUN_COMPLETED]) as watch, \
@@ -189,7 +198,8 @@ async def measure_mq(label: str, specs: list[list[str]], runs: int) -> dict[str,
             await publisher.publish_many(run_body(new_id(), TRUE) for _ in range(runs))
             completions: list[float] = []
             watch.on_event = lambda seen: completions.append(seen.received)
-            with mq_processes(host.url, label, specs) as roots, Sampler(roots) as sampler:
+            with mq_processes(host.url, label.replace("@", "-"), specs, tree) as roots, \
+                    Sampler(roots) as sampler:
                 await watch.wait_count(RUN_COMPLETED, runs, 120 + runs / 10)
                 await asyncio.sleep(2 * SAMPLE_SECONDS)  # a sample after the last completion
             watch.on_event = None
@@ -237,13 +247,17 @@ def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[s
 # -- the table -------------------------------------------------------------------------------
 
 
-def contender(name: str, runs: int, bin_dir: Path | None) -> Callable[[], dict[str, Any]]:
+def contender(name: str, runs: int, bin_dir: Path | None,
+              trees: dict[str, Path]) -> Callable[[], dict[str, Any]]:
+    """`name` is a contender of CONTENDERS; mq_worker ones may be `<contender>@<tree>`."""
+    name, _, tree = name.partition("@")
     mq = {"mq-1x8": [["--limit", "8"]], "mq-2x4": [["--limit", "4"]] * 2,
           "mq-2x8": [["--limit", "8"]] * 2,
           "mq-processes-2": [["--limit", "16", "--processes", "2"]],
           "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]]}
     if name in mq:
-        return lambda: asyncio.run(measure_mq(name, mq[name], runs))
+        label = f"{name}@{tree}" if tree else name
+        return lambda: asyncio.run(measure_mq(label, mq[name], runs, trees.get(tree, ROOT)))
     assert bin_dir is not None
     return lambda: measure_celery(bin_dir, name, name == "celery-events", runs)
 
@@ -264,7 +278,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="another checkout of the repository, measured as contenders "
+                             "named <contender>@NAME (e.g. mq-1x8@before)")
     args = parser.parse_args()
+    trees = {n: Path(d).resolve() for n, _, d in (t.partition("=") for t in args.tree)}
     names = [n for n in args.contenders.split(",") if n]
     banner("side_by_side")
     bin_dir = ensure_venv() if any(n.startswith("celery") for n in names) else None
@@ -272,16 +290,21 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for _ in range(args.rounds):
         for name in names:
-            row = contender(name, args.runs, bin_dir)()
+            row = contender(name, args.runs, bin_dir, trees)()
             rows[name].append(row)
-            print(f"  {name}: {row['rate']} runs/s, worker {row['worker_cpu_ms_per_run']} ms, "
+            print(f"  {name}: {row['rate']} runs/s, worker {row['worker_cpu_ms_per_run']} ms "
+                  f"(main processes {row['main_cpu_ms_per_run']} ms), "
                   f"broker {row['broker_cpu_ms_per_run']} ms per run", flush=True)
     load_after = background_load()
 
     def median(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
 
-    table = [[LABELS[n], median(n, "rate"), median(n, "worker_cpu_ms_per_run"),
+    def label(name: str) -> str:
+        base, _, tree = name.partition("@")
+        return LABELS[base] + (f" ({tree})" if tree else "")
+
+    table = [[label(n), median(n, "rate"), median(n, "worker_cpu_ms_per_run"),
               median(n, "broker_cpu_ms_per_run"),
               f"{median(n, 'worker_rss_mb'):.0f} MB ({rows[n][0]['processes']} processes)"]
              for n in names]

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -38,7 +40,7 @@ from benchmarks.side_by_side import TRUE, declare
 _ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
-async def measure(runs: int, log_level: str) -> list[tuple[str, float]]:
+async def measure(runs: int, log_level: str, tree: Path = ROOT) -> list[tuple[str, float]]:
     with vhost("syscalls") as host:
         await declare(host.url)
         async with EventWatch(host.url, [RUN_COMPLETED]) as watch, \
@@ -50,7 +52,8 @@ async def measure(runs: int, log_level: str) -> list[tuple[str, float]]:
                 ["strace", "-c", "-o", str(out), PYTHON, "-m", "mq_worker", "start",
                  "--url", host.url, "--limit", "8", "--name", "syscalls",
                  "--log-level", log_level, "--log-format", "json"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
+                env={**os.environ, "PYTHONPATH": str(tree)})
             try:
                 await watch.wait_count(RUN_COMPLETED, runs, 120 + runs / 5)
             finally:
@@ -70,10 +73,12 @@ def main() -> None:
     parser = command_line(__doc__)
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--tree", type=Path, default=ROOT,
+                        help="measure the mq_worker package of another checkout")
     args = parser.parse_args()
 
     async def measure_counts(args: argparse.Namespace) -> dict[str, Any]:
-        return {"per_run": dict(await measure(args.runs, args.log_level))}
+        return {"per_run": dict(await measure(args.runs, args.log_level, args.tree.resolve()))}
 
     def report(result: dict[str, Any]) -> None:
         print_table(f"system calls of the worker per run ({args.runs} runs, limit 8, "

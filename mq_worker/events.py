@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from mq_worker.event_ids import new_event_id
 from mq_worker.topology import (
     JSON_CONTENT_TYPE,
     RUN_EVENT_PREFIX,
@@ -98,7 +99,7 @@ def build_event(
     event_id: str | None = None,
     traceparent: str | None = None,
 ) -> OutgoingEvent:
-    event_id = event_id or str(uuid4())
+    event_id = event_id or new_event_id()
     envelope: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": event_id,

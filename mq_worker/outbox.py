@@ -23,6 +23,7 @@ import anyio
 import structlog
 from pamqp import commands as spec
 
+from mq_worker import confirmed_batch
 from mq_worker.events import CONTENT_TYPE, EventType, OutgoingEvent
 from mq_worker.spool import Spool
 from mq_worker.topology import EVENTS_EXCHANGE
@@ -131,6 +132,10 @@ class Outbox:
 
     async def publish_forever(self, channel: object) -> None:
         """Publish queued events on `channel` (confirm mode) until it fails or we are cancelled."""
+        batched = confirmed_batch.supports(channel)
+        # For the whole connection: what its channels queue in one loop turn (acks, event
+        # batches, heartbeats) then goes out in one socket write.
+        confirmed_batch.coalesce_writes(channel)
         while True:
             if not self._events:
                 await self._wakeup.wait()
@@ -139,9 +144,12 @@ class Outbox:
             batch = list(islice(self._events, _BATCH))
             self._in_flight = len(batch)
             try:
-                results = await asyncio.gather(
-                    *(self._publish(channel, event) for event in batch), return_exceptions=True
-                )
+                if batched:
+                    results = await self._publish_batch(channel, batch)
+                else:
+                    results = await asyncio.gather(
+                        *(self._publish(channel, event) for event in batch),
+                        return_exceptions=True)
             finally:
                 self._in_flight = 0
             confirmed = 0
@@ -163,18 +171,24 @@ class Outbox:
                 raise failure
 
     @staticmethod
+    async def _publish_batch(channel: object,
+                             batch: list[OutgoingEvent]) -> list[object | BaseException]:
+        """The batch in one socket write; each event's confirmation or why it has none."""
+        confirmations = await confirmed_batch.publish(channel, [
+            confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, _properties(event))
+            for event in batch])
+        # A confirm lost on an open channel must not stall every later event: the
+        # TimeoutError ends the session and the unconfirmed events are published again.
+        await asyncio.wait(confirmations, timeout=CONFIRM_TIMEOUT)
+        return [_outcome(c) for c in confirmations]
+
+    @staticmethod
     async def _publish(channel: object, event: OutgoingEvent) -> None:
-        properties = spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=event.id,
-            headers={"BCC": list(event.also_routed_to)} if event.also_routed_to else None,
-        )
         await channel.basic_publish(  # type: ignore[attr-defined]
             event.body,
             exchange=EVENTS_EXCHANGE,
             routing_key=event.type,
-            properties=properties,
+            properties=_properties(event),
             wait=False,
             # A confirm lost on an open channel must not stall every later event:
             # the TimeoutError ends the session and the event is published again.
@@ -184,3 +198,20 @@ class Outbox:
     def close(self) -> None:
         if self._spool:
             self._spool.close()
+
+
+def _outcome(confirmation: asyncio.Future[object]) -> object | BaseException:
+    if not confirmation.done():
+        return TimeoutError(f"no confirmation within {CONFIRM_TIMEOUT} s")
+    if confirmation.cancelled():
+        return ConnectionError("the channel closed before the broker confirmed")
+    return confirmation.exception() or confirmation.result()
+
+
+def _properties(event: OutgoingEvent) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=event.id,
+        headers={"BCC": list(event.also_routed_to)} if event.also_routed_to else None,
+    )

@@ -15,6 +15,7 @@ PACKAGE = Path(mq_worker.__file__).parent
 
 ASYNCIO_EDGE = {
     "outbox.py": "gathers aiormq's publisher-confirmation futures",
+    "confirmed_batch.py": "aiormq's write queue and its confirmation futures",
     "cli/common.py": "the event loop's exception handler",
     "output.py": "a timer set from synchronous code (call_later)",
     "infrastructure.py": "a timer set from synchronous code (call_soon, call_later)",

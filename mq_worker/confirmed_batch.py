@@ -1,0 +1,124 @@
+"""Fewer socket writes on an aiormq connection: a batch of confirmed publishes in one
+write, and everything the channels queue in one loop turn written together.
+
+aiormq's `basic_publish` hands each message to its writer task separately, and
+the writer sends each with a system call of its own: on a loopback connection
+the sender pays for the receiver's TCP work too, and the broker reads every
+message separately. Here the frames of the whole batch are marshalled into one
+write, each message with its delivery tag and confirmation future registered
+exactly as `basic_publish` registers them, under the channel's lock, so other
+publishers on the channel keep their tags in order. Relies on aiormq's channel
+attributes; `supports(channel)` says whether this aiormq has them, else callers
+publish one message at a time.
+
+`coalesce_writes` makes the connection's writer take every frame batch queued
+when it wakes (acks on one channel, event batches on another, heartbeats) and
+write them as one: frames stay in the order they were queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+_NEEDED = ("lock", "delivery_tag", "confirmations", "create_future", "write_queue", "number",
+           "_split_body", "publisher_confirms")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: spec.Basic.Properties
+
+
+def coalesce_writes(channel: Any) -> bool:
+    """Make the writer of `channel`'s connection write all it has queued at once.
+
+    aiormq's writer task takes one frame batch from the connection's write queue
+    and sends it before taking the next. Wrapping the queue's `get` hands it all
+    batches queued so far as one. Returns False if this aiormq has no such queue;
+    True (and no second wrapper) if it is done.
+    """
+    queue = getattr(channel, "write_queue", None)
+    if not isinstance(queue, asyncio.Queue):
+        return False
+    if "get" in vars(queue):
+        return True
+    take_one = queue.get
+
+    async def take_all() -> ChannelFrame:
+        first: ChannelFrame = await take_one()
+        if first.should_close or queue.empty():
+            return first
+        batches = [first]
+        while not queue.empty() and not batches[-1].should_close:
+            batches.append(queue.get_nowait())
+            queue.task_done()  # the writer marks the one it is given
+        return _joined(batches)
+
+    queue.get = take_all  # type: ignore[method-assign]
+    return True
+
+
+def _joined(batches: list[ChannelFrame]) -> ChannelFrame:
+    waiting = [b.drain_future for b in batches if b.drain_future is not None]
+    drained = None
+    if waiting:
+        drained = asyncio.get_running_loop().create_future()
+
+        def _drain_each(_: asyncio.Future[Any]) -> None:
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
+
+        drained.add_done_callback(_drain_each)
+    return ChannelFrame(payload=b"".join(b.payload for b in batches),
+                        should_close=batches[-1].should_close, drain_future=drained)
+
+
+def supports(channel: Any) -> bool:
+    """True if `channel` is a confirm-mode aiormq channel this module can publish on."""
+    return all(hasattr(channel, name) for name in _NEEDED) and bool(channel.publisher_confirms)
+
+
+async def publish(channel: Any, messages: Sequence[Message]) -> list[asyncio.Future[Any]]:
+    """Write `messages` to the broker at once; return their confirmations, in order.
+
+    Each future ends like `basic_publish`'s: a `Basic.Ack`, a `DeliveryError` for a
+    nack, or the channel's error when it closes first. If this is cancelled before
+    the write is queued, nothing was sent and the channel's tags are as before.
+    """
+    confirmations: list[asyncio.Future[Any]] = []
+    frames: list[Any] = []
+    async with channel.lock:
+        first_tag = channel.delivery_tag + 1
+        try:
+            for message in messages:
+                channel.delivery_tag += 1
+                confirmation = channel.create_future()
+                channel.confirmations[channel.delivery_tag] = confirmation
+                confirmations.append(confirmation)
+                frames.append(spec.Basic.Publish(exchange=message.exchange,
+                                                 routing_key=message.routing_key))
+                frames.append(ContentHeader(properties=message.properties,
+                                            body_size=len(message.body)))
+                frames.extend(channel._split_body(message.body))
+            await channel.write_queue.put(
+                ChannelFrame.marshall(channel_number=channel.number, frames=frames))
+        except BaseException:
+            # Not queued: the broker never sees these tags; give them back.
+            for tag in range(first_tag, channel.delivery_tag + 1):
+                channel.confirmations.pop(tag, None)
+            channel.delivery_tag = first_tag - 1
+            for confirmation in confirmations:
+                confirmation.cancel()
+            raise
+    return confirmations
