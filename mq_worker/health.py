@@ -19,7 +19,8 @@ worker's file descriptors: at most `max_connections` connections are served at o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import MutableMapping
+import errno
+from collections.abc import Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,6 +39,9 @@ log = structlog.get_logger("mq_worker.health")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_CONNECTIONS = 64
+# A failed accept for want of descriptors or memory is retried after this long.
+ACCEPT_RETRY_SECONDS = 0.5
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DEFAULT_HEADER_TIMEOUT = 5.0
 MAX_HEADER_BYTES = 8192
 PATHS = ("/livez", "/readyz", "/health", "/metrics")
@@ -214,5 +218,31 @@ async def serve_handler(
         bound = listener.extra(anyio.abc.SocketAttribute.local_port)
         log.info("health endpoint listening", host=host, port=bound, paths=list(PATHS))
         task_status.started(bound)
-        # Cancelled, the listener closes and every connection's task ends with it.
-        await listener.serve(answer)
+        # Cancelled, the listeners close and every connection's task ends with it.
+        async with anyio.create_task_group() as tg:
+            for one in listener.listeners:
+                assert isinstance(one, anyio.abc.SocketListener), one
+                tg.start_soon(_accept_forever, one, answer, tg)
+
+
+async def _accept_forever(
+    listener: anyio.abc.SocketListener,
+    answer: Callable[[anyio.abc.SocketStream], Coroutine[Any, Any, None]],
+    tg: anyio.abc.TaskGroup,
+) -> None:
+    """Accept connections; out of descriptors or memory, wait and accept again.
+
+    anyio's `serve` ends at the first failed accept, which would let a client that
+    exhausts the worker's descriptors close the endpoint for good.
+    """
+    while True:
+        try:
+            connection = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRORS:
+                raise
+            log.warning("health endpoint cannot accept: waiting for resources",
+                        error=exc.strerror or str(exc), retry_seconds=ACCEPT_RETRY_SECONDS)
+            await anyio.sleep(ACCEPT_RETRY_SECONDS)
+            continue
+        tg.start_soon(answer, connection)
