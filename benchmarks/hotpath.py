@@ -28,7 +28,7 @@ from mq_worker.infrastructure import start_process
 from mq_worker.job_configuration import RunContext
 from mq_worker.messages import parse_run
 from mq_worker.settings import WorkerSettings
-from mq_worker.workers import base
+from mq_worker.workers import runs
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
 
 BODY = orjson.dumps({"id": "6f0f3a40-3c4f-4b8e-9d64-1f3e6a9b1c20",
@@ -70,7 +70,7 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
     template = worker.template
     rendered = template.render(variables)
     configuration = worker._configure(run, "default")
-    data = {**worker._run_data(run, "default", base._related(run, "default", "default"), None),
+    data = {**worker._run_data(run, "default", runs.related(run, "default", "default"), None),
             "infrastructure_pid": "host:1234", "late_by_seconds": 0.0,
             "labels": configuration.labels}
     env = {k: v for k, v in configuration.env.items() if v is not None}
@@ -104,7 +104,7 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
          lambda: build_event(EventType.RUN_SUBMITTED, source=worker.source,
                              subject=str(run.id), data=data)),
         ("events", "_related + _run_data",
-         lambda: worker._run_data(run, "default", base._related(run, "default", "default"),
+         lambda: worker._run_data(run, "default", runs.related(run, "default", "default"),
                                   None)),
         ("logging", "log.bind(run_id, queue)",
          lambda: worker.log.bind(run_id=str(run.id), queue="default")),

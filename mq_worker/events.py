@@ -46,6 +46,14 @@ class CrashReason(StrEnum):
     WORKER_LOST = "worker-lost"  # its worker stopped sending heartbeats
 
 
+class MessageKind(StrEnum):
+    """Which kind of message a `run.rejected` event is about (`message_kind`)."""
+
+    RUN = "run"
+    CANCEL = "cancel"
+    WORKER_EVENT = "worker-event"  # refused by the elected reporter of lost workers
+
+
 TERMINAL_TYPES = frozenset(
     {
         EventType.RUN_COMPLETED,

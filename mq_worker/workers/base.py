@@ -21,11 +21,9 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import entry_points
 from importlib.metadata import version as package_version
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 from uuid import UUID
 
 import aio_pika.abc
@@ -39,6 +37,7 @@ from pydantic import BaseModel
 from mq_worker import topology
 from mq_worker.broker import connect, raise_on_server_cancel
 from mq_worker.cancellation import CancelFollower, CancelRecord, CancelRegistry
+from mq_worker.concurrency import Signal, wait_first
 from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.delay import park, park_seconds
 from mq_worker.errors import (
@@ -49,7 +48,7 @@ from mq_worker.errors import (
     InvalidMessage,
     TopologyMismatch,
 )
-from mq_worker.events import CrashReason, EventType, build_event, worker_source
+from mq_worker.events import CrashReason, EventType, MessageKind, build_event, worker_source
 from mq_worker.fencing import (
     REPORTED_STATES,
     HeartbeatLease,
@@ -76,7 +75,7 @@ from mq_worker.metrics import WorkerMetrics
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
 from mq_worker.output import OutputShipper
-from mq_worker.policies import NO_POLICY, RunPolicy, failure_message, failure_reason
+from mq_worker.policies import RunPolicy, failure_message, failure_reason
 from mq_worker.pool_control import PoolControl
 from mq_worker.redaction import masked_job_variables
 from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
@@ -90,8 +89,10 @@ from mq_worker.settings import WorkerSettings, default_worker_name
 from mq_worker.signing import Signer, parse_signed_run
 from mq_worker.slots import Lease, Waiting
 from mq_worker.spool import open_spool
+from mq_worker.workers import registry
+from mq_worker.workers.registry import worker_class
+from mq_worker.workers.runs import ActiveRun, RunState, Stopping, WorkerResult, related
 
-ENTRY_POINT_GROUP = "mq_worker.workers"
 _FINISHED_MEMORY = 50_000
 _MAX_REASON_CHARS = 2048
 _SESSION_ERRORS = (
@@ -109,45 +110,6 @@ _SPAWN_PAUSE = "resources exhausted at spawn"
 FORCED_GRACE_SECONDS = 5.0
 # How long a retry waits for a connection to park its next attempt before giving up.
 _RETRY_SESSION_WAIT_SECONDS = 30.0
-
-
-class WorkerResult(NamedTuple):
-    """What a run's infrastructure reported when it ended."""
-
-    identifier: str
-    status_code: int
-
-
-@dataclass(eq=False)
-class ActiveRun:
-    """A run this worker holds: waiting for its start time, starting or running."""
-
-    run: RunMessage
-    delivery: Delivery
-    queue: str
-    configuration: BaseJobConfiguration
-    log: Any
-    related: list[dict[str, Any]]
-    state: str = "held"
-    infrastructure_pid: str | None = None
-    started_at: float | None = None
-    cancel: CancelRecord | None = None
-    killed: bool = False
-    kill_started: bool = False
-    # Its worker may have been reported lost with it: it ends as `crashed` (worker-lost).
-    fenced: bool = False
-    fenced_since: float = 0.0
-    terminal: bool = False
-    last_event_id: str | None = None
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    policy: RunPolicy = NO_POLICY
-    timed_out: bool = False
-    timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    retry_settled: anyio.Event = field(default_factory=anyio.Event)
-
-    @property
-    def id(self) -> UUID:
-        return self.run.id
 
 
 class _Session:
@@ -229,7 +191,8 @@ class BaseWorker(abc.ABC):
             on_invalid=InvalidWorkerEvents(
                 pool=self.pool, me=self.name,
                 publisher=lambda: self._session.publish if self._session else None,
-                emit=lambda reason: self._emit_rejected(None, reason, None, kind="worker-event"),
+                emit=lambda reason: self._emit_rejected(None, reason, None,
+                                                        kind=MessageKind.WORKER_EVENT),
             ),
         )
         self._cancels = CancelFollower(
@@ -254,7 +217,7 @@ class BaseWorker(abc.ABC):
         self._fatal_error: BaseException | None = None
         self.connected = False
         self.ready = anyio.Event()
-        self._runs_changed = anyio.Event()
+        self._runs_changed = Signal()
         self.metrics.bind_gauges(
             in_flight=lambda: len(self._active),
             free=lambda: self._limiter.available_tokens,
@@ -266,17 +229,11 @@ class BaseWorker(abc.ABC):
     @staticmethod
     def get_worker_class_from_type(worker_type: str) -> builtins.type[BaseWorker] | None:
         """The worker class registered for `worker_type`, or None."""
-        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-            if entry_point.name == worker_type:
-                cls: Any = entry_point.load()
-                if not (isinstance(cls, type) and issubclass(cls, BaseWorker)):
-                    raise ConfigurationError(f"{entry_point.value} is not a BaseWorker")
-                return cls
-        return None
+        return registry.worker_class_from_type(worker_type)
 
     @staticmethod
     def get_all_available_worker_types() -> list[str]:
-        return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+        return registry.available_worker_types()
 
     @classmethod
     def get_default_base_job_template(cls, grace_seconds: float = 30.0) -> dict[str, Any]:
@@ -390,9 +347,9 @@ class BaseWorker(abc.ABC):
         with anyio.move_on_after(5):
             await self._consumer.idle()
         for active in list(self._active.values()):
-            if active.state == "held":
+            if active.state is RunState.HELD:
                 active.wake.set()
-        running = [a for a in self._active.values() if a.state != "held"]
+        running = [a for a in self._active.values() if a.state is not RunState.HELD]
         if running:
             self.log.info("waiting for running runs", count=len(running))
         with anyio.move_on_after(
@@ -435,7 +392,7 @@ class BaseWorker(abc.ABC):
                 self.hurry_infrastructure(active.infrastructure_pid, FORCED_GRACE_SECONDS)
 
     async def _wait_runs_change(self) -> None:
-        self._runs_changed = anyio.Event()
+        self._runs_changed.clear()
         await self._runs_changed.wait()
 
     def _notify_runs_changed(self) -> None:
@@ -616,7 +573,7 @@ class BaseWorker(abc.ABC):
             queue=queue,
             configuration=configuration,
             log=self.log.bind(run_id=str(run.id), queue=queue),
-            related=_related(run, self.pool, queue),
+            related=related(run, self.pool, queue),
             policy=RunPolicy.from_configuration(configuration),
         )
         self._active[run.id] = active
@@ -634,7 +591,7 @@ class BaseWorker(abc.ABC):
         self.log.info("run waits for a slot", run_id=str(run.id), waiting_for=target)
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else time.time()
         data = {
-            **self._run_data(run, queue, _related(run, self.pool, queue), None),
+            **self._run_data(run, queue, related(run, self.pool, queue), None),
             "redelivered": delivery.redelivered,
             "delivery_count": delivery.delivery_count,
             "scheduled_start_time": run.scheduled_start_time,
@@ -694,7 +651,7 @@ class BaseWorker(abc.ABC):
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
             delivery.hold()
-            await _wait_any((active.wake, delivery.lost), timeout=due - now)
+            await wait_first((active.wake, delivery.lost), timeout=due - now)
         if (delivery.lost.is_set() or delivery.channel.is_closed) and not delivery.settled:
             # Checked just before exec: the broker has taken the message back and
             # delivers it again, so starting it here could start it twice.
@@ -711,7 +668,7 @@ class BaseWorker(abc.ABC):
         await self._start_and_watch(active, due)
 
     async def _start_and_watch(self, active: ActiveRun, due: float) -> None:
-        active.state = "starting"
+        active.state = RunState.STARTING
         result: list[WorkerResult] = []
 
         async def _run(*, task_status: anyio.abc.TaskStatus[str]) -> None:
@@ -740,7 +697,7 @@ class BaseWorker(abc.ABC):
                     tg.start_soon(self._kill, active, None)
         except Exception as exc:
             active.log.exception("error while watching the run")
-            self._finish(active, EventType.RUN_CRASHED, reason="monitoring-failed",
+            self._finish(active, EventType.RUN_CRASHED, reason=CrashReason.MONITORING_FAILED,
                          message=f"error while watching the run: {exc}",
                          infrastructure_pid=active.infrastructure_pid)
             return
@@ -766,11 +723,11 @@ class BaseWorker(abc.ABC):
         message = f"the run could not be started: {exc}"
         active.log.error("run failed to start", error=str(exc))
         self.metrics.crashed.labels(self.pool, active.queue).inc()
-        self._finish(active, EventType.RUN_CRASHED, reason="submission-failed", message=message,
-                     status_code=None)
+        self._finish(active, EventType.RUN_CRASHED, reason=CrashReason.SUBMISSION_FAILED,
+                     message=message, status_code=None)
 
     async def _started(self, active: ActiveRun, due: float) -> None:
-        active.state = "running"
+        active.state = RunState.RUNNING
         active.started_at = time.time()
         await active.delivery.ack_started()
         published = active.delivery.properties.timestamp
@@ -796,10 +753,10 @@ class BaseWorker(abc.ABC):
         common = {
             "infrastructure_pid": active.infrastructure_pid,
         }
-        if active.cancel is not None and active.killed:
+        if active.cancel is not None and active.stopped_by_worker:
             self._finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
                          status_code=code, **common)
-        elif active.timed_out and active.killed:
+        elif active.timed_out and active.stopped_by_worker:
             self._finish(active, EventType.RUN_CRASHED, status_code=code,
                          reason=CrashReason.TIMEOUT, message=_timeout_message(active, code),
                          **common)
@@ -811,8 +768,8 @@ class BaseWorker(abc.ABC):
                 f"the process was killed by signal {-code}" if code is not None and code < 0
                 else f"the process exited with status code {code}"
             )
-            self._finish(active, EventType.RUN_CRASHED, status_code=code, reason="exit-code",
-                         message=message, **common)
+            self._finish(active, EventType.RUN_CRASHED, status_code=code,
+                         reason=CrashReason.EXIT_CODE, message=message, **common)
 
     # -- run policies: timeouts and retries -----------------------------------------
 
@@ -839,14 +796,14 @@ class BaseWorker(abc.ABC):
         code = result.status_code if result else None
         reason = failure_reason(code, started=start_error is None,
                                 cancelled=active.cancel is not None,
-                                timed_out=active.timed_out and active.killed)
+                                timed_out=active.timed_out and active.stopped_by_worker)
         attempt = active.run.attempt
         if reason is None or active.terminal or not active.policy.should_retry(reason, attempt):
             return False  # (terminal: a stop that failed was reported as kill-failed)
         delay = active.policy.retry_delay(attempt)
         # Still in flight while the next attempt is parked (a stopping worker waits for
         # it); that attempt, should it come back here first, waits for the end of this.
-        active.state = "retrying"
+        active.state = RunState.RETRYING
         try:
             scheduled = await self._park_next_attempt(active, reason, code, start_error, delay)
         finally:
@@ -862,7 +819,7 @@ class BaseWorker(abc.ABC):
     async def _after_previous_attempt(self, run: RunMessage) -> None:
         """Let the attempt before `run`, if this worker is still parking it, finish that."""
         previous = self._active.get(run.id)
-        if previous is not None and previous.state == "retrying" \
+        if previous is not None and previous.state is RunState.RETRYING \
                 and run.attempt > previous.run.attempt:
             with anyio.move_on_after(_RETRY_SESSION_WAIT_SECONDS + 30):
                 await previous.retry_settled.wait()
@@ -957,44 +914,44 @@ class BaseWorker(abc.ABC):
             return
         active.cancel = record
         active.log.info("cancel received", state=active.state, reason=record.reason)
-        if active.state == "held":
+        if active.state is RunState.HELD:
             active.wake.set()
-        elif active.state == "running" and self._tg is not None:
+        elif active.state is RunState.RUNNING and self._tg is not None:
             self._tg.start_soon(self._kill, active, grace)
         # "starting": the run is killed as soon as it has started.
 
     async def _kill(self, active: ActiveRun, grace: float | None) -> None:
-        if active.kill_started:  # a cancel during the start's acknowledgement, or a fence
+        if active.stopping is not Stopping.NOT_ASKED:  # a cancel during the start's ack, or a fence
             if grace is not None and active.infrastructure_pid is not None:
                 self.hurry_infrastructure(active.infrastructure_pid, grace)
             return
-        active.kill_started = True
-        grace_seconds = grace if grace is not None else active_grace(active)
+        active.stopping = Stopping.STOPPING
+        grace_seconds = grace if grace is not None else active.grace_seconds
         if self._force.is_set():
             grace_seconds = min(grace_seconds, FORCED_GRACE_SECONDS)
         assert active.infrastructure_pid is not None
         try:
-            active.killed = True
             await self.kill_infrastructure(
                 active.infrastructure_pid, active.configuration, grace_seconds
             )
         except InfrastructureNotFound:
-            active.killed = False
+            active.stopping = Stopping.NOT_STOPPED
             active.log.info("run ended before it could be stopped")
         except InfrastructureNotAvailable as exc:
             active.log.error("cannot stop the run", error=str(exc))
-            self._finish(active, EventType.RUN_CRASHED, reason="kill-failed",
+            self._finish(active, EventType.RUN_CRASHED, reason=CrashReason.KILL_FAILED,
                          message=f"cancel failed: {exc}",
                          infrastructure_pid=active.infrastructure_pid)
         except NotImplementedError:
-            active.killed = False
+            active.stopping = Stopping.NOT_STOPPED
             active.log.error(f"worker type {self.type!r} cannot stop runs; cancel not honoured")
 
     def _on_invalid_cancel(self, exc: InvalidMessage, live: bool) -> None:
         self.log.warning("invalid cancel message ignored", reason=exc.reason, live=live)
         if live:
             self.metrics.rejected.labels(self.pool, "").inc()
-            self._emit_rejected(None, f"invalid cancel: {exc.reason}", exc.run_id, kind="cancel")
+            self._emit_rejected(None, f"invalid cancel: {exc.reason}", exc.run_id,
+                                kind=MessageKind.CANCEL)
 
     # -- settling without running ----------------------------------------------------
 
@@ -1100,7 +1057,7 @@ class BaseWorker(abc.ABC):
             return
         self.log.info("run was cancelled before it started", run_id=str(run.id))
         data = {
-            **self._run_data(run, queue, _related(run, self.pool, queue), None),
+            **self._run_data(run, queue, related(run, self.pool, queue), None),
             "reason": cancel.reason,
         }
         self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
@@ -1140,12 +1097,12 @@ class BaseWorker(abc.ABC):
             return False
         self._check_lease()
         if active.fenced:
-            active.terminal = True
+            active.outcome = EventType.RUN_CRASHED
             self._remember(active.id, EventType.RUN_CRASHED)
             self.metrics.crashed.labels(self.pool, active.queue).inc()
             self._end_fenced(active, extra.get("status_code"))
             return True
-        active.terminal = True
+        active.outcome = event_type
         self._emit_run(active, event_type, **extra)
         self._ended_pids[str(active.id)] = active.infrastructure_pid
         while len(self._ended_pids) > _FINISHED_MEMORY:
@@ -1155,7 +1112,7 @@ class BaseWorker(abc.ABC):
             EventType.RUN_CANCELLED: self.metrics.cancelled,
             EventType.RUN_CRASHED: self.metrics.crashed,
         }.get(event_type)
-        if counter is not None and extra.get("reason") != "submission-failed":
+        if counter is not None and extra.get("reason") != CrashReason.SUBMISSION_FAILED:
             counter.labels(self.pool, active.queue).inc()
         self._remember(active.id, event_type)
         active.log.info("run ended", outcome=event_type.rsplit(".", 1)[-1],
@@ -1174,7 +1131,7 @@ class BaseWorker(abc.ABC):
         run_id: UUID | None,
         *,
         run: RunMessage | None = None,
-        kind: str = "run",
+        kind: MessageKind = MessageKind.RUN,
     ) -> None:
         data: dict[str, Any] = {
             "run_id": str(run_id) if run_id else None,
@@ -1182,7 +1139,7 @@ class BaseWorker(abc.ABC):
             "pool": self.pool,
             "queue": queue or "",
             "worker": self.name,
-            "related": _related(run, self.pool, queue) if run and queue else [],
+            "related": related(run, self.pool, queue) if run and queue else [],
             "tags": run.tags if run else [],
             "follows": None,
             "attempt": run.attempt if run else 1,
@@ -1248,7 +1205,7 @@ class BaseWorker(abc.ABC):
     def _report_lost(self, peer: PeerRecord) -> None:
         """Called on the elected worker when a peer of the pool is lost."""
         last_seen = datetime.now(UTC).timestamp() - (time.monotonic() - peer.last_seen)
-        lost_runs = [r for r in peer.runs if r.get("state") in (None, "starting", "running")]
+        lost_runs = [r for r in peer.runs if r.get("state") in REPORTED_STATES]
         self.log.warning("worker lost", lost_worker=peer.name, runs=len(lost_runs))
         self._outbox.put(build_event(
             EventType.WORKER_LOST, source=self.source, subject=peer.name,
@@ -1329,7 +1286,7 @@ class BaseWorker(abc.ABC):
             active.fenced_since = since
             active.log.warning("peers may have reported this run crashed with its worker; "
                                "stopping it", why=why)
-            if active.state == "running" and self._tg is not None:
+            if active.state is RunState.RUNNING and self._tg is not None:
                 self._tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
             # "starting": killed as soon as it has started (see _start_and_watch).
 
@@ -1357,7 +1314,7 @@ class BaseWorker(abc.ABC):
             data={
                 **self._run_data(active.run, active.queue, active.related, active.last_event_id),
                 "status_code": status_code,
-                "reason": "worker-lost",
+                "reason": CrashReason.WORKER_LOST,
                 "message": f"worker {self.name} stopped the run: its heartbeats were not "
                            "confirmed long enough for peers to report it lost",
                 "infrastructure_pid": active.infrastructure_pid,
@@ -1423,38 +1380,6 @@ def _timeout_message(active: ActiveRun, code: int | None) -> str:
     return failure_message(CrashReason.TIMEOUT, code, timeout_seconds=active.policy.timeout_seconds)
 
 
-def active_grace(active: ActiveRun) -> float:
-    return float(getattr(active.configuration, "grace_seconds", 30.0))
-
-
-def _related(run: RunMessage | None, pool: str, queue: str | None) -> list[dict[str, Any]]:
-    related: list[dict[str, Any]] = []
-    if run is not None and run.flow is not None:
-        related.append({"role": "flow", "id": run.flow.id, "name": run.flow.name})
-    if run is not None and run.deployment is not None:
-        related.append(
-            {"role": "deployment", "id": run.deployment.id, "name": run.deployment.name}
-        )
-    related.append({"role": "work-pool", "id": None, "name": pool})
-    if queue:
-        related.append({"role": "work-queue", "id": None, "name": queue})
-    if run is not None:
-        related.extend({"role": "tag", "id": tag, "name": tag} for tag in run.tags)
-    return related
-
-
-async def _wait_any(events: Iterable[anyio.Event], timeout: float) -> None:
-    """Return when any of `events` is set or `timeout` seconds have passed."""
-    with anyio.move_on_after(timeout):
-        async with anyio.create_task_group() as tg:
-            for event in events:
-                async def _wait(e: anyio.Event = event) -> None:
-                    await e.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(_wait)
-
-
 def _package_version() -> str:
     try:
         return package_version("mq-worker")
@@ -1463,16 +1388,6 @@ def _package_version() -> str:
 
 
 _VERSION = _package_version()
-
-
-def worker_class(worker_type: str) -> type[BaseWorker]:
-    cls = BaseWorker.get_worker_class_from_type(worker_type)
-    if cls is None:
-        raise ConfigurationError(
-            f"unknown worker type {worker_type!r}; available: "
-            + ", ".join(BaseWorker.get_all_available_worker_types())
-        )
-    return cls
 
 
 __all__ = ["ActiveRun", "BaseWorker", "WorkerResult", "worker_class"]
