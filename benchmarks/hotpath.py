@@ -70,7 +70,7 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
     template = worker.template
     rendered = template.render(variables)
     configuration = worker._configure(run, "default")
-    data = {**worker._run_data(run, "default", runs.related(run, "default", "default"), None),
+    data = {**worker._report.fields(run, "default", runs.related(run, "default", "default"), None),
             "infrastructure_pid": "host:1234", "late_by_seconds": 0.0,
             "labels": configuration.labels}
     env = {k: v for k, v in configuration.env.items() if v is not None}
@@ -103,8 +103,8 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
         ("events", "build_event (one event)",
          lambda: build_event(EventType.RUN_SUBMITTED, source=worker.source,
                              subject=str(run.id), data=data)),
-        ("events", "_related + _run_data",
-         lambda: worker._run_data(run, "default", runs.related(run, "default", "default"),
+        ("events", "related + Reporter.fields",
+         lambda: worker._report.fields(run, "default", runs.related(run, "default", "default"),
                                   None)),
         ("logging", "log.bind(run_id, queue)",
          lambda: worker.log.bind(run_id=str(run.id), queue="default")),

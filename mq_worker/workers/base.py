@@ -48,7 +48,7 @@ from mq_worker.errors import (
     InvalidMessage,
     TopologyMismatch,
 )
-from mq_worker.events import CrashReason, EventType, MessageKind, build_event, worker_source
+from mq_worker.events import CrashReason, EventType, MessageKind
 from mq_worker.fencing import (
     REPORTED_STATES,
     HeartbeatLease,
@@ -91,6 +91,7 @@ from mq_worker.slots import Lease, Waiting
 from mq_worker.spool import open_spool
 from mq_worker.workers import registry
 from mq_worker.workers.registry import worker_class
+from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import ActiveRun, RunState, Stopping, WorkerResult, related
 
 _FINISHED_MEMORY = 50_000
@@ -151,7 +152,6 @@ class BaseWorker(abc.ABC):
         self.pool = s.pool
         self.queues = list(s.queue)
         self.hostname = socket.gethostname()
-        self.source = worker_source(self.name)
         if base_job_template is None and s.job_template is not None:
             self.template = BaseJobTemplate.from_file(s.job_template)
         else:
@@ -181,17 +181,22 @@ class BaseWorker(abc.ABC):
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self._stopping = False
-        self._started_event_id: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._consumer: RunConsumer | None = None
         self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer)
         self.pool_control.bind_metrics(self.metrics.registry)
+        self._report = Reporter(WorkerFacts(
+            worker=self.name, pool=self.pool, queues=self.queues, type=self.type,
+            limit=s.limit, hostname=self.hostname, version=_VERSION,
+            heartbeat_seconds=s.heartbeat_seconds, paused=self.pool_control.paused_targets,
+        ), self._outbox.put)
+        self.source = self._report.source
         self._monitor = PoolMonitor(
             pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat,
             on_invalid=InvalidWorkerEvents(
                 pool=self.pool, me=self.name,
                 publisher=lambda: self._session.publish if self._session else None,
-                emit=lambda reason: self._emit_rejected(None, reason, None,
+                emit=lambda reason: self._report.rejected(None, reason, None,
                                                         kind=MessageKind.WORKER_EVENT),
             ),
         )
@@ -376,7 +381,7 @@ class BaseWorker(abc.ABC):
                 while self._active:
                     await self._wait_runs_change()
                 tg.cancel_scope.cancel()
-        self._emit_worker(EventType.WORKER_STOPPED)
+        self._report.worker_stopped()
         with anyio.move_on_after(10 if self.connected else 2):
             await self._outbox.wait_empty()
         if len(self._outbox):
@@ -497,8 +502,7 @@ class BaseWorker(abc.ABC):
             tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds,
                           session.publish)
             tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
-            if self._started_event_id is None:
-                self._started_event_id = self._emit_worker(EventType.WORKER_STARTED)
+            self._report.worker_started()
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._consumer.run, session.runs, list(self._queue_of))
             self.ready.set()
@@ -589,17 +593,7 @@ class BaseWorker(abc.ABC):
     def _emit_waiting(self, run: RunMessage, queue: str, delivery: Delivery, target: str) -> None:
         """The run left this worker to wait for a slot of `target` (see mq_worker.slots)."""
         self.log.info("run waits for a slot", run_id=str(run.id), waiting_for=target)
-        due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else time.time()
-        data = {
-            **self._run_data(run, queue, related(run, self.pool, queue), None),
-            "redelivered": delivery.redelivered,
-            "delivery_count": delivery.delivery_count,
-            "scheduled_start_time": run.scheduled_start_time,
-            "late_by_seconds": round(max(0.0, time.time() - due), 6),
-            "waiting_for": target,
-        }
-        self._outbox.put(build_event(EventType.RUN_PENDING, source=self.source,
-                                     subject=str(run.id), data=data))
+        self._report.waiting(run, queue, delivery, target)
 
     async def _is_duplicate(self, run: RunMessage, delivery: Delivery) -> bool:
         active = self._active.get(run.id)
@@ -638,12 +632,8 @@ class BaseWorker(abc.ABC):
         now = time.time()
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else now
         self.metrics.pending.labels(self.pool, active.queue).inc()
-        self._emit_run(
+        self._report.pending(
             active,
-            EventType.RUN_PENDING,
-            redelivered=delivery.redelivered,
-            delivery_count=delivery.delivery_count,
-            scheduled_start_time=run.scheduled_start_time,
             late_by_seconds=round(max(0.0, now - due), 6),
             job_variables=masked_job_variables({**self.template.defaults,
                                                 **run.merged_job_variables()}),
@@ -736,13 +726,7 @@ class BaseWorker(abc.ABC):
             self.metrics.start_latency.labels(self.pool, active.queue).observe(
                 max(0.0, active.started_at - max(since, due)))
         self.metrics.started.labels(self.pool, active.queue).inc()
-        self._emit_run(
-            active,
-            EventType.RUN_SUBMITTED,
-            infrastructure_pid=active.infrastructure_pid,
-            late_by_seconds=round(max(0.0, active.started_at - due), 6),
-            labels=active.configuration.labels,
-        )
+        self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
         active.log.info("run started", infrastructure_pid=active.infrastructure_pid)
 
     def _ended(self, active: ActiveRun, result: WorkerResult | None) -> None:
@@ -861,17 +845,13 @@ class BaseWorker(abc.ABC):
         message = failure_message(reason, code, timeout_seconds=active.policy.timeout_seconds,
                                   error=start_error)
         self.metrics.retries.labels(self.pool, active.queue).inc()
-        self._emit_run(active, EventType.RUN_RETRYING, status_code=code, message=message,
-                       reason=reason, infrastructure_pid=active.infrastructure_pid,
-                       next_attempt=attempt + 1, next_start_time=start_at,
-                       delay_seconds=round(delay, 6))
+        self._report.retrying(active, status_code=code, message=message, reason=reason,
+                              next_start_time=start_at, delay_seconds=round(delay, 6))
         active.log.warning("attempt failed; the next one is parked until its start time",
                            attempt=attempt, reason=str(reason), status_code=code,
                            next_start_time=start_at.isoformat(), parked_seconds=parked)
-        waiting_data = self._run_data(active.run, active.queue, active.related,
-                                      active.last_event_id)
-        waiting_data["attempt"] = attempt + 1
-        self._retry_waits.add(WaitingRetry(active.id, active.queue, waiting_data,
+        self._retry_waits.add(WaitingRetry(active.id, active.queue,
+                                           self._report.next_attempt_fields(active),
                                            back_at=parking_began + parked))
         return True
 
@@ -890,9 +870,7 @@ class BaseWorker(abc.ABC):
                              "the parked attempt reports it", run_id=str(waiting.run_id),
                              error=f"{type(exc).__name__}: {exc}")
             return
-        self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
-                                     subject=str(waiting.run_id),
-                                     data={**waiting.event_data, "reason": record.reason}))
+        self._report.cancelled_while_waiting(waiting.run_id, waiting.event_data, record.reason)
         self.metrics.cancelled.labels(self.pool, waiting.queue).inc()
         self._remember(waiting.run_id, EventType.RUN_CANCELLED)
         self.log.info("run cancelled while waiting for its next attempt",
@@ -950,7 +928,7 @@ class BaseWorker(abc.ABC):
         self.log.warning("invalid cancel message ignored", reason=exc.reason, live=live)
         if live:
             self.metrics.rejected.labels(self.pool, "").inc()
-            self._emit_rejected(None, f"invalid cancel: {exc.reason}", exc.run_id,
+            self._report.rejected(None, f"invalid cancel: {exc.reason}", exc.run_id,
                                 kind=MessageKind.CANCEL)
 
     # -- settling without running ----------------------------------------------------
@@ -963,7 +941,7 @@ class BaseWorker(abc.ABC):
                          run_id=str(run_id) if run_id else None, queue=queue)
         if await self._dead_letter(delivery, exc.reason):
             self.metrics.rejected.labels(self.pool, queue).inc()
-            self._emit_rejected(queue, exc.reason, run_id, run=run)
+            self._report.rejected(queue, exc.reason, run_id, run=run)
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Copy the message to mq_worker.dead with `reason`, then settle it.
@@ -1056,40 +1034,11 @@ class BaseWorker(abc.ABC):
                           "cancelled event is published already", run_id=str(run.id))
             return
         self.log.info("run was cancelled before it started", run_id=str(run.id))
-        data = {
-            **self._run_data(run, queue, related(run, self.pool, queue), None),
-            "reason": cancel.reason,
-        }
-        self._outbox.put(build_event(EventType.RUN_CANCELLED, source=self.source,
-                                     subject=str(run.id), data=data,
-                                     traceparent=run.traceparent))
+        self._report.cancelled_before_start(run, queue, cancel.reason)
         self.metrics.cancelled.labels(self.pool, queue).inc()
         self._remember(run.id, EventType.RUN_CANCELLED)
 
     # -- events --------------------------------------------------------------------
-
-    def _run_data(
-        self, run: RunMessage, queue: str, related: list[dict[str, Any]], follows: str | None
-    ) -> dict[str, Any]:
-        return {
-            "run_id": str(run.id),
-            "run_name": run.name,
-            "pool": self.pool,
-            "queue": queue,
-            "worker": self.name,
-            "related": related,
-            "tags": run.tags,
-            "follows": follows,
-            "attempt": run.attempt,
-        }
-
-    def _emit_run(self, active: ActiveRun, event_type: EventType, **extra: Any) -> None:
-        data = self._run_data(active.run, active.queue, active.related, active.last_event_id)
-        data.update(extra)
-        event = build_event(event_type, source=self.source, subject=str(active.id), data=data,
-                            traceparent=active.run.traceparent)
-        active.last_event_id = event.id
-        self._outbox.put(event)
 
     def _finish(self, active: ActiveRun, event_type: EventType, **extra: Any) -> bool:
         """Publish the run's one terminal event; False if it already had one."""
@@ -1103,7 +1052,7 @@ class BaseWorker(abc.ABC):
             self._end_fenced(active, extra.get("status_code"))
             return True
         active.outcome = event_type
-        self._emit_run(active, event_type, **extra)
+        self._report.ended(active, event_type, **extra)
         self._ended_pids[str(active.id)] = active.infrastructure_pid
         while len(self._ended_pids) > _FINISHED_MEMORY:
             self._ended_pids.popitem(last=False)
@@ -1124,52 +1073,6 @@ class BaseWorker(abc.ABC):
         if len(self._finished) > _FINISHED_MEMORY:
             self._finished.popitem(last=False)
 
-    def _emit_rejected(
-        self,
-        queue: str | None,
-        reason: str,
-        run_id: UUID | None,
-        *,
-        run: RunMessage | None = None,
-        kind: MessageKind = MessageKind.RUN,
-    ) -> None:
-        data: dict[str, Any] = {
-            "run_id": str(run_id) if run_id else None,
-            "run_name": run.name if run else None,
-            "pool": self.pool,
-            "queue": queue or "",
-            "worker": self.name,
-            "related": related(run, self.pool, queue) if run and queue else [],
-            "tags": run.tags if run else [],
-            "follows": None,
-            "attempt": run.attempt if run else 1,
-            "reason": reason,
-            "message_kind": kind,
-        }
-        self._outbox.put(build_event(EventType.RUN_REJECTED, source=self.source,
-                                     subject=str(run_id) if run_id else None, data=data))
-
-    def _worker_data(self) -> dict[str, Any]:
-        return {
-            "worker": self.name,
-            "pool": self.pool,
-            "queues": self.queues,
-            "type": self.type,
-            "limit": self.settings.limit,
-            "hostname": self.hostname,
-            "pid": os.getpid(),
-            "version": _VERSION,
-            "heartbeat_seconds": self.settings.heartbeat_seconds,
-            "follows": self._started_event_id,
-            "paused": self.pool_control.paused_targets(),
-        }
-
-    def _emit_worker(self, event_type: EventType, **extra: Any) -> str:
-        event = build_event(event_type, source=self.source, subject=self.name,
-                            data={**self._worker_data(), **extra})
-        self._outbox.put(event)
-        return event.id
-
     def _heartbeat(self) -> None:
         if not self.connected:
             return
@@ -1184,13 +1087,8 @@ class BaseWorker(abc.ABC):
             }
             for a in self._active.values()
         ]
-        self._emit_worker(
-            EventType.WORKER_HEARTBEAT,
-            free_slots=self._limiter.available_tokens,
-            in_flight=[r["id"] for r in runs],
-            runs=runs,
-            outbox_depth=len(self._outbox),
-        )
+        self._report.heartbeat(runs, free_slots=self._limiter.available_tokens,
+                               outbox_depth=len(self._outbox))
         self._lease.emitted(
             self._outbox.published + len(self._outbox) - 1,
             [str(r["id"]) for r in runs if r["state"] in REPORTED_STATES],
@@ -1204,42 +1102,9 @@ class BaseWorker(abc.ABC):
 
     def _report_lost(self, peer: PeerRecord) -> None:
         """Called on the elected worker when a peer of the pool is lost."""
-        last_seen = datetime.now(UTC).timestamp() - (time.monotonic() - peer.last_seen)
         lost_runs = [r for r in peer.runs if r.get("state") in REPORTED_STATES]
         self.log.warning("worker lost", lost_worker=peer.name, runs=len(lost_runs))
-        self._outbox.put(build_event(
-            EventType.WORKER_LOST, source=self.source, subject=peer.name,
-            data={
-                "worker": peer.name,
-                "pool": peer.pool,
-                "last_seen": datetime.fromtimestamp(last_seen, UTC).isoformat(),
-                "in_flight": [r["id"] for r in peer.runs],
-                "reported_by": self.name,
-            },
-        ))
-        for run in lost_runs:
-            queue = run.get("queue") or ""
-            self._outbox.put(build_event(
-                EventType.RUN_CRASHED, source=self.source, subject=str(run["id"]),
-                event_id=worker_lost_event_id(peer.name, str(run["id"]),
-                                              run.get("infrastructure_pid")),
-                data={
-                    "run_id": str(run["id"]),
-                    "run_name": run.get("name"),
-                    "pool": peer.pool,
-                    "queue": queue,
-                    "worker": peer.name,
-                    "related": [],
-                    "tags": [],
-                    "follows": None,
-                    "attempt": run.get("attempt", 1),
-                    "reason": CrashReason.WORKER_LOST,
-                    "message": f"worker {peer.name} stopped sending heartbeats while the run "
-                               "was running",
-                    "infrastructure_pid": run.get("infrastructure_pid"),
-                    "reported_by": self.name,
-                },
-            ))
+        self._report.worker_lost(peer, lost_runs)
 
     # -- self-fencing (see mq_worker.fencing) -----------------------------------------
 
@@ -1307,20 +1172,8 @@ class BaseWorker(abc.ABC):
                              run_id=run_id, replaced=pending.type,
                              peer_report_received=reported)
 
-    def _end_fenced(self, active: ActiveRun, status_code: Any) -> None:
-        event = build_event(
-            EventType.RUN_CRASHED, source=self.source, subject=str(active.id),
-            event_id=worker_lost_event_id(self.name, str(active.id), active.infrastructure_pid),
-            data={
-                **self._run_data(active.run, active.queue, active.related, active.last_event_id),
-                "status_code": status_code,
-                "reason": CrashReason.WORKER_LOST,
-                "message": f"worker {self.name} stopped the run: its heartbeats were not "
-                           "confirmed long enough for peers to report it lost",
-                "infrastructure_pid": active.infrastructure_pid,
-                "reported_by": self.name,
-            },
-        )
+    def _end_fenced(self, active: ActiveRun, status_code: int | None) -> None:
+        event = self._report.fenced_ending(active, status_code)
 
         async def _publish_unless_reported() -> None:
             # A peer's report may still be on its way: wait until this worker's
