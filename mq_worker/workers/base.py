@@ -93,6 +93,16 @@ from mq_worker.workers import registry
 from mq_worker.workers.registry import worker_class
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import ActiveRun, RunState, Stopping, WorkerResult, related
+from mq_worker.workers.triage import (
+    Cancelled,
+    Duplicate,
+    GiveBack,
+    Park,
+    Reject,
+    Run,
+    Triage,
+    triage,
+)
 
 _FINISHED_MEMORY = 50_000
 _MAX_REASON_CHARS = 2048
@@ -536,34 +546,44 @@ class BaseWorker(abc.ABC):
 
     async def _take(self, delivery: Delivery) -> None:
         queue = self._queue_of.get(delivery.queue, delivery.queue)
-        if self._stopping:
-            await delivery.settle(requeue=True)
-            return
-        try:
-            run = parse_signed_run(delivery.body, delivery.headers, signer=self._signer,
-                                   pool=self.pool, max_bytes=self.settings.max_message_bytes)
-        except InvalidMessage as exc:
-            await self._reject(delivery, queue, exc)
-            return
+        message = None if self._stopping else self._read(delivery)
+        if isinstance(message, RunMessage):
+            await self._after_previous_attempt(message)
+        verdict = triage(message, queue=queue, redelivered=delivery.redelivered, known=self,
+                         configure=self._configure, now=time.time(),
+                         prefetch_seconds=self.settings.prefetch_seconds)
+        await self._settle(verdict, delivery, queue)
 
-        await self._after_previous_attempt(run)
-        if await self._is_duplicate(run, delivery):
-            return
-        cancel = self._registry.get(run.id)
-        if cancel is not None:
-            self._emit_dropped(run, queue, cancel)
-            await delivery.settle()
-            return
-        due = run.scheduled_start_time
-        if due is not None and due.timestamp() - time.time() > self.settings.prefetch_seconds:
-            await self._park(delivery, run, queue)
-            return
+    def _read(self, delivery: Delivery) -> RunMessage | InvalidMessage:
         try:
-            configuration = self._configure(run, queue)
+            return parse_signed_run(delivery.body, delivery.headers, signer=self._signer,
+                                    pool=self.pool, max_bytes=self.settings.max_message_bytes)
         except InvalidMessage as exc:
-            await self._reject(delivery, queue, exc, run=run)
-            return
+            return exc
 
+    async def _settle(self, verdict: Triage, delivery: Delivery, queue: str) -> None:
+        """Settle a delivered message as triage decided: the one place for each verdict."""
+        match verdict:
+            case GiveBack():
+                await delivery.settle(requeue=True)
+            case Reject(error=error, run=run):
+                await self._reject(delivery, queue, error, run=run)
+            case Duplicate(run=run, dead_letter=reason) if reason is not None:
+                await self._dead_letter(delivery, reason)
+            case Duplicate(run=run):
+                self.log.info("redelivery of a run this worker holds or has ended; acknowledged",
+                              run_id=str(run.id), outcome=self._finished.get(run.id))
+                await delivery.settle()
+            case Cancelled(run=run, cancel=cancel):
+                self._emit_dropped(run, queue, cancel)
+                await delivery.settle()
+            case Park(run=run):
+                await self._park(delivery, run, queue)
+            case Run(run=run, configuration=configuration):
+                await self._admit_and_run(delivery, queue, run, configuration)
+
+    async def _admit_and_run(self, delivery: Delivery, queue: str, run: RunMessage,
+                             configuration: BaseJobConfiguration) -> None:
         lease = await self.pool_control.admit(run, queue, delivery)
         if not isinstance(lease, Lease):
             if isinstance(lease, Waiting):
@@ -595,24 +615,20 @@ class BaseWorker(abc.ABC):
         self.log.info("run waits for a slot", run_id=str(run.id), waiting_for=target)
         self._report.waiting(run, queue, delivery, target)
 
-    async def _is_duplicate(self, run: RunMessage, delivery: Delivery) -> bool:
-        active = self._active.get(run.id)
-        if active is not None:
-            if delivery.redelivered:
-                active.log.info("redelivery of a run this worker holds; acknowledged",
-                                state=active.state)
-                await delivery.settle()
-            else:
-                await self._dead_letter(
-                    delivery, f"duplicate: run {run.id} is already in flight on this worker"
-                )
-            return True
-        if delivery.redelivered and run.id in self._finished:
-            self.log.info("redelivery of a run that already ended here; acknowledged",
-                          run_id=str(run.id), outcome=self._finished[run.id])
-            await delivery.settle()
-            return True
-        return False
+    # What triage asks (see mq_worker.workers.triage).
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def holds(self, run_id: UUID) -> bool:
+        return run_id in self._active
+
+    def ended_here(self, run_id: UUID) -> bool:
+        return run_id in self._finished
+
+    def cancel_of(self, run_id: UUID) -> CancelRecord | None:
+        return self._registry.get(run_id)
 
     def _configure(self, run: RunMessage, queue: str) -> BaseJobConfiguration:
         configuration = self.job_configuration.from_template_and_values(
