@@ -69,7 +69,7 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
     variables = run.merged_job_variables()
     template = worker.template
     rendered = template.render(variables)
-    configuration = worker._configure(run, "default")
+    configuration = worker._configurer.configure(run, "default")
     data = {**worker._report.fields(run, "default", runs.related(run, "default", "default"), None),
             "infrastructure_pid": "host:1234", "late_by_seconds": 0.0,
             "labels": configuration.labels}
@@ -86,8 +86,8 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
 
     return [
         ("parse", "messages.parse_run (pydantic, JSON)", lambda: parse_run(BODY)),
-        ("configure", "BaseWorker._configure (all of the below)",
-         lambda: worker._configure(run, "default")),
+        ("configure", "Configurer.configure (all of the below)",
+         lambda: worker._configurer.configure(run, "default")),
         ("configure", "  BaseJobTemplate.resolve_variables (jsonschema)",
          lambda: template.resolve_variables(variables)),
         ("configure", "  BaseJobTemplate.render (placeholders)",

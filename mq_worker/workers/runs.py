@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -15,6 +16,7 @@ from uuid import UUID
 import anyio
 
 from mq_worker.cancellation import CancelRecord
+from mq_worker.concurrency import Signal
 from mq_worker.consumer import Delivery
 from mq_worker.events import EventType
 from mq_worker.job_configuration import BaseJobConfiguration
@@ -89,6 +91,41 @@ class ActiveRun:
     @property
     def grace_seconds(self) -> float:
         return float(getattr(self.configuration, "grace_seconds", 30.0))
+
+
+class RunBook:
+    """The runs a worker holds, and how the runs that ended here lately ended."""
+
+    MEMORY = 50_000  # ended runs remembered
+
+    def __init__(self) -> None:
+        self.active: dict[UUID, ActiveRun] = {}
+        self.finished: OrderedDict[UUID, str] = OrderedDict()
+        # Of recently ended runs: the id a peer's worker-lost report would give them.
+        self.ended_pids: OrderedDict[str, str | None] = OrderedDict()
+        self.changed = Signal()  # a run left
+
+    def leave(self, active: ActiveRun) -> None:
+        """`active` is no longer held (a later attempt of the same run may be)."""
+        if self.active.get(active.id) is active:
+            del self.active[active.id]
+        self.changed.set()
+
+    def remember(self, run_id: UUID, outcome: str) -> None:
+        self.finished[run_id] = outcome
+        if len(self.finished) > self.MEMORY:
+            self.finished.popitem(last=False)
+
+    def remember_pid(self, active: ActiveRun) -> None:
+        self.ended_pids[str(active.id)] = active.infrastructure_pid
+        while len(self.ended_pids) > self.MEMORY:
+            self.ended_pids.popitem(last=False)
+
+    async def wait_empty(self) -> None:
+        while self.active:
+            self.changed.clear()
+            if self.active:
+                await self.changed.wait()
 
 
 def related(run: RunMessage | None, pool: str, queue: str | None) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar, Protocol
 from uuid import UUID
 
@@ -60,6 +61,7 @@ class Cancelled:
 @dataclass(frozen=True, slots=True)
 class Park:
     run: RunMessage
+    due: datetime
     verdict: ClassVar[Verdict] = Verdict.PARK
 
 
@@ -112,7 +114,7 @@ def triage(
         return Cancelled(run, cancel)
     due = run.scheduled_start_time
     if due is not None and due.timestamp() - now > prefetch_seconds:
-        return Park(run)
+        return Park(run, due)
     try:
         configuration = configure(run, queue)
     except InvalidMessage as exc:
