@@ -25,9 +25,9 @@ from mq_worker.retrying import (
     publish_cancel_reported,
 )
 from mq_worker.signing import Signer
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, WorkerResult
-from mq_worker.workers.session import Link
 
 BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,

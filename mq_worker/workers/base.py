@@ -21,26 +21,21 @@ import abc
 import builtins
 import os
 import socket
-import time
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any, ClassVar
 from uuid import UUID
 
-import aio_pika.abc
 import aiormq.abc
-import aiormq.exceptions
 import anyio
 import anyio.abc
 import structlog
 from pydantic import BaseModel
 
 from mq_worker import topology
-from mq_worker.broker import connect, raise_on_server_cancel
 from mq_worker.cancellation import CancelFollower, CancelRegistry
 from mq_worker.consumer import Delivery, RunConsumer
-from mq_worker.errors import BrokerError, ConfigurationError, TopologyMismatch
-from mq_worker.fencing import HeartbeatLease, follow_own_reports
+from mq_worker.fencing import HeartbeatLease
 from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate, variables_schema
 from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
@@ -55,39 +50,11 @@ from mq_worker.workers.configuring import Configurer
 from mq_worker.workers.heartbeats import Heartbeats
 from mq_worker.workers.keeper import RunKeeper
 from mq_worker.workers.lifecycle import FORCED_GRACE_SECONDS, RunSurroundings
+from mq_worker.workers.link import Link
 from mq_worker.workers.registry import worker_class
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import ActiveRun, RunBook, WorkerResult
-from mq_worker.workers.session import Link, Session
-
-_SESSION_ERRORS = (
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    RuntimeError,
-    TimeoutError,
-)
-_STABLE_SESSION_SECONDS = 10.0
-
-
-class _WorkerTypeHooks:
-    """A worker type's hooks, as the life of a run calls them."""
-
-    def __init__(self, worker: BaseWorker) -> None:
-        self._worker = worker
-        self.type = worker.type
-
-    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
-                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
-        return await self._worker.run(run, configuration, task_status)
-
-    async def kill(self, infrastructure_pid: str, configuration: BaseJobConfiguration,
-                   grace_seconds: float) -> int:
-        return await self._worker.kill_infrastructure(infrastructure_pid, configuration,
-                                                      grace_seconds)
-
-    def hurry(self, infrastructure_pid: str, longest: float) -> None:
-        self._worker.hurry_infrastructure(infrastructure_pid, longest)
+from mq_worker.workers.session import FATAL_ERRORS, SessionSupervisor
 
 
 @dataclass(frozen=True)
@@ -97,6 +64,7 @@ class _Serving:
     consumer: RunConsumer
     keeper: RunKeeper
     cancels: CancelFollower
+    sessions: SessionSupervisor
 
 
 class BaseWorker(abc.ABC):
@@ -126,7 +94,11 @@ class BaseWorker(abc.ABC):
             self.template = BaseJobTemplate.from_dict(
                 base_job_template or self.get_default_base_job_template(s.grace_seconds)
             )
-        self._check_template_fields()
+        self._configurer = Configurer(
+            worker_type=self.type, configuration_type=self.job_configuration,
+            template=self.template, pool=self.pool, worker=self.name,
+            base_environment=self.base_environment, check=self.check_configuration,
+        )
         self.log = structlog.get_logger("mq_worker.worker").bind(worker=self.name, pool=self.pool)
         self.metrics = WorkerMetrics(self.pool, self.queues)
         self._signer = Signer.from_file(
@@ -160,11 +132,6 @@ class BaseWorker(abc.ABC):
             limiter=self._limiter, pool=self.pool, worker=self.name,
             heartbeat_seconds=s.heartbeat_seconds, log=self.log,
         )
-        self._configurer = Configurer(
-            configuration_type=self.job_configuration, template=self.template, pool=self.pool,
-            worker=self.name, base_environment=self.base_environment,
-            check=self.check_configuration,
-        )
         self.ready = anyio.Event()
         self.metrics.bind_gauges(
             in_flight=lambda: len(self._book.active),
@@ -193,14 +160,6 @@ class BaseWorker(abc.ABC):
             "job_configuration": cls.job_configuration.json_template(),
             "variables": variables,
         }
-
-    def _check_template_fields(self) -> None:
-        unknown = set(self.template.job_configuration) - set(self.job_configuration.model_fields)
-        if unknown:
-            raise ConfigurationError(
-                f"job_configuration has fields a {self.type!r} worker does not know: "
-                + ", ".join(sorted(unknown))
-            )
 
     @abc.abstractmethod
     async def run(
@@ -257,7 +216,10 @@ class BaseWorker(abc.ABC):
 
                 async def _sessions() -> None:
                     with sessions:
-                        await self._sessions_forever(serving)
+                        try:
+                            await serving.sessions.run_forever()
+                        except FATAL_ERRORS as exc:
+                            self._fail(exc)
 
                 tg.start_soon(_sessions)
                 lease = anyio.CancelScope()
@@ -296,7 +258,7 @@ class BaseWorker(abc.ABC):
             consumer.pause("outbox")
         keeper = RunKeeper(
             RunSurroundings(
-                worker_type=_WorkerTypeHooks(self), book=self._book, reporter=self._report,
+                worker_type=self, book=self._book, reporter=self._report,
                 metrics=self.metrics, link=self._link, lease=self._heartbeats.lease,
                 outbox=self._outbox, signer=self._signer, pool=self.pool, worker=self.name,
                 prefetch_seconds=s.prefetch_seconds, heartbeat_seconds=s.heartbeat_seconds,
@@ -315,7 +277,20 @@ class BaseWorker(abc.ABC):
             if self._signer else None,
             max_bytes=s.max_message_bytes,
         )
-        return _Serving(consumer, keeper, cancels)
+        sessions = SessionSupervisor(
+            settings=s, link=self._link, consumer=consumer, queue_names=list(self._queue_of),
+            cancels=cancels, fencing=keeper.life.fencing, heartbeats=self._heartbeats,
+            pool_control=self.pool_control, outbox=self._outbox, output=self.output,
+            reporter=self._report, metrics=self.metrics, ready=self.ready, log=self.log,
+        )
+        return _Serving(consumer, keeper, cancels, sessions)
+
+    def _fail(self, error: Exception) -> None:
+        """An error no reconnection can fix: stop the runs (as on a second signal), then
+        raise it from `serve()`."""
+        self.log.error("cannot serve", error=str(error))
+        self._fatal_error = error
+        self.stop(force=True)
 
     async def _shutdown(self, serving: _Serving) -> None:
         serving.keeper.stop_taking()
@@ -338,109 +313,6 @@ class BaseWorker(abc.ABC):
         if self._fatal_error is not None:
             return f"worker stopping: it cannot serve: {self._fatal_error}"
         return "worker stopping" + (" at once" if self._force.is_set() else ": drain timeout")
-
-    async def _sessions_forever(self, serving: _Serving) -> None:
-        urls = self.settings.url
-        index, backoff, first = 0, 0.2, True
-        while True:
-            try:
-                connection, index = await connect(
-                    urls, name=f"mq_worker {self.name}", tls=self.settings.tls, start=index
-                )
-            except BrokerError as exc:
-                self.log.warning("broker unreachable; retrying", error=str(exc), retry_in=backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except ConfigurationError as exc:  # the TLS files cannot be used
-                if first:
-                    self._fatal(exc)
-                    return
-                # Mid-rotation, most likely: runs are going on; retry like a broker error.
-                self.log.warning("cannot use the TLS files; retrying", error=str(exc),
-                                 retry_in=backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if not first:
-                self.metrics.reconnects.inc()
-            first = False
-            session_began = time.monotonic()
-            fatal: BaseException | None = None
-            try:
-                await self._serve_session(connection, serving)
-            except* (TopologyMismatch, ConfigurationError) as group:
-                fatal = group.exceptions[0]
-            except* _SESSION_ERRORS as group:
-                self.log.warning(
-                    "connection lost; reconnecting",
-                    error="; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
-                )
-                if group.subgroup(aiormq.exceptions.InvalidFrameError) is not None:
-                    serving.cancels.connection_broke_on_an_undecodable_frame()
-            except* Exception:
-                self.log.exception("unexpected error in the connection; reconnecting")
-            finally:
-                self._link.current = None
-                self._link.disconnected_at = time.monotonic()
-                self.metrics.connected.set(0)
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await connection.close()
-            if fatal is not None:
-                self._fatal(fatal)
-                return
-            index += 1  # on a cluster, try another node first
-            # A session refused at once (no permission, a queue declared with other
-            # arguments by someone else) must not turn into a reconnect storm.
-            if time.monotonic() - session_began < _STABLE_SESSION_SECONDS:
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.2
-
-    def _fatal(self, error: BaseException) -> None:
-        """An error no reconnection can fix: stop the runs (as on a second signal), then fail."""
-        self.log.error("cannot serve", error=str(error))
-        self._fatal_error = error
-        self.stop(force=True)
-
-    async def _serve_session(self, connection: aio_pika.abc.AbstractConnection,
-                             serving: _Serving) -> None:
-        # Returned mandatory publishes (a park or dead letter to a deleted queue) must fail.
-        channels = [await connection.channel(publisher_confirms=c, on_return_raises=c)
-                    for c in (False, True, False, False)]
-        raw = [await c.get_underlay_channel() for c in channels]
-        session = Session(connection, raw[0], raw[1], raw[2])
-        await topology.declare_pool(raw[1], self.pool, self.queues, self.settings.queue_options)
-        await self.pool_control.declare(raw[1])
-        self.log.info("connected", url=str(connection), queues=self.queues)
-        fencing = serving.keeper.life.fencing
-        async with anyio.create_task_group() as tg:
-            async def _watch(closed: Any) -> None:
-                await closed
-                raise ConnectionError("the broker closed the connection or a channel")
-
-            tg.start_soon(_watch, connection.closed())
-            for channel in channels:
-                tg.start_soon(_watch, channel.closed())
-            # Before anything unconfirmed goes out: endings peers may have reported are handed over.
-            fencing.check_lease()
-            tg.start_soon(self._outbox.publish_forever, session.publish)
-            # A consumer of the cancel stream or the monitor dropped by the broker ends the session.
-            tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
-            tg.start_soon(self.output.ship_forever, connection)
-            await tg.start(serving.cancels.follow, session.aux, session.publish)
-            await follow_own_reports(session.aux, self.name, fencing.reported_lost)
-            await tg.start(self.pool_control.follow, session.aux, session.publish)
-            self._link.current = session
-            self.metrics.connected.set(1)
-            tg.start_soon(self._heartbeats.monitor.run, session.aux,
-                          self.settings.heartbeat_seconds, session.publish)
-            tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
-            self._report.worker_started()
-            tg.start_soon(self._heartbeats.beat_forever)
-            tg.start_soon(serving.consumer.run, session.runs, list(self._queue_of))
-            self.ready.set()
 
     async def _redeclare_queue(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
         session = self._link.current

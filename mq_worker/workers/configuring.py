@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mq_worker.errors import ConfigurationError
 from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate, RunContext
 from mq_worker.messages import RunMessage
 
@@ -13,6 +14,7 @@ class Configurer:
     def __init__(
         self,
         *,
+        worker_type: str,
         configuration_type: type[BaseJobConfiguration],
         template: BaseJobTemplate,
         pool: str,
@@ -27,6 +29,12 @@ class Configurer:
         self._base_environment = base_environment
         self._check = check
         self._contexts: dict[str, RunContext] = {}
+        unknown = set(template.job_configuration) - set(configuration_type.model_fields)
+        if unknown:
+            raise ConfigurationError(
+                f"job_configuration has fields a {worker_type!r} worker does not know: "
+                + ", ".join(sorted(unknown))
+            )
 
     def configure(self, run: RunMessage, queue: str) -> BaseJobConfiguration:
         """`run`'s configuration; InvalidMessage if the template or the worker type refuse it."""

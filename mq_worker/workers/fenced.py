@@ -15,9 +15,9 @@ import anyio.abc
 from mq_worker.events import OutgoingEvent
 from mq_worker.fencing import HeartbeatLease, worker_lost_ending, worker_lost_event_id
 from mq_worker.outbox import Outbox
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState
-from mq_worker.workers.session import Link
 
 
 class Fencing:

@@ -12,9 +12,9 @@ from mq_worker.fencing import REPORTED_STATES, HeartbeatLease
 from mq_worker.invalid_events import InvalidWorkerEvents
 from mq_worker.monitor import PeerRecord, PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import RunBook
-from mq_worker.workers.session import Link
 
 
 class Heartbeats:

@@ -26,9 +26,9 @@ from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.signing import Signer
 from mq_worker.workers.attempts import NextAttempts
 from mq_worker.workers.fenced import Fencing
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
-from mq_worker.workers.session import Link
 
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
@@ -36,17 +36,19 @@ _SPAWN_PAUSE = "resources exhausted at spawn"
 
 
 class WorkerType(Protocol):
-    """What the life of a run asks of the worker type (BaseWorker's hooks)."""
+    """What the life of a run asks of the worker type: these hooks of BaseWorker, no more."""
 
-    type: str
+    @property
+    def type(self) -> str: ...
 
     async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
                   task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...
 
-    async def kill(self, infrastructure_pid: str, configuration: BaseJobConfiguration,
-                   grace_seconds: float) -> int: ...
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int: ...
 
-    def hurry(self, infrastructure_pid: str, longest: float) -> None: ...
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,12 @@ class RunLife:
     def hurry(self, active: ActiveRun) -> None:
         """Shorten the grace of a stop under way (the worker is told to stop at once)."""
         if active.infrastructure_pid is not None:
-            self._type.hurry(active.infrastructure_pid, FORCED_GRACE_SECONDS)
+            self._type.hurry_infrastructure(active.infrastructure_pid, FORCED_GRACE_SECONDS)
 
     async def _kill(self, active: ActiveRun, grace: float | None) -> None:
         if active.stopping is not Stopping.NOT_ASKED:  # a cancel during the start's ack, or a fence
             if grace is not None and active.infrastructure_pid is not None:
-                self._type.hurry(active.infrastructure_pid, grace)
+                self._type.hurry_infrastructure(active.infrastructure_pid, grace)
             return
         active.stopping = Stopping.STOPPING
         grace_seconds = grace if grace is not None else active.grace_seconds
@@ -300,7 +302,7 @@ class RunLife:
             active.stopping = Stopping.NOT_STOPPED
             return
         try:
-            await self._type.kill(pid, active.configuration, grace_seconds)
+            await self._type.kill_infrastructure(pid, active.configuration, grace_seconds)
         except InfrastructureNotFound:
             active.stopping = Stopping.NOT_STOPPED
             active.log.info("run ended before it could be stopped")

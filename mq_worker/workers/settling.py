@@ -13,8 +13,8 @@ from mq_worker.errors import InvalidMessage
 from mq_worker.handoff import CONFIRM_TIMEOUT, HandoffReturned, fit_headers, frame_max_of, hand_off
 from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
-from mq_worker.workers.session import Link
 
 _MAX_REASON_CHARS = 2048
 

@@ -27,9 +27,9 @@ from mq_worker.pool_control import PoolControl
 from mq_worker.workers.configuring import Configurer
 from mq_worker.workers.keeper import RunKeeper
 from mq_worker.workers.lifecycle import RunSurroundings
+from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import RunBook, WorkerResult
-from mq_worker.workers.session import Link
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -92,14 +92,15 @@ class StandInType:
         await self.ends[pid].wait()
         return WorkerResult(pid, self.exit_codes.get(pid, 0))
 
-    async def kill(self, infrastructure_pid: str, configuration: BaseJobConfiguration,
-                   grace_seconds: float) -> int:
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int:
         self.killed.append(infrastructure_pid)
         self.exit_codes[infrastructure_pid] = -15
         self.ends[infrastructure_pid].set()
         return -15
 
-    def hurry(self, infrastructure_pid: str, longest: float) -> None:
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
         pass
 
 
@@ -144,7 +145,7 @@ async def kept() -> AsyncIterator[Kept]:
             force=anyio.Event(), spawn=tg, log=structlog.get_logger("test"),
         )
         configurer = Configurer(
-            configuration_type=BaseJobConfiguration,
+            worker_type="stand-in", configuration_type=BaseJobConfiguration,
             template=BaseJobTemplate.from_dict({"job_configuration": {}, "variables": {}}),
             pool="p", worker="w", base_environment=dict, check=lambda configuration: None,
         )
