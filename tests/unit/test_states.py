@@ -6,6 +6,7 @@ import typing
 
 from mq_worker.events import CrashedData, CrashReason, HeartbeatRun, MessageKind, RejectedData
 from mq_worker.fencing import REPORTED_STATES
+from mq_worker.policies import RetryOn
 from mq_worker.workers.runs import RunState
 
 
@@ -16,6 +17,10 @@ def test_crash_reasons_are_the_documented_wire_values() -> None:
     ]
     description = CrashedData.model_fields["reason"].description or ""
     assert all(reason.value in description for reason in CrashReason)
+
+
+def test_the_failures_a_policy_retries_are_crash_reasons() -> None:
+    assert set(typing.get_args(RetryOn)) <= {reason.value for reason in CrashReason}
 
 
 def test_rejected_message_kinds_match_the_model() -> None:
