@@ -129,7 +129,7 @@ class BaseWorker(abc.ABC):
         self.source = self._report.source
         self._heartbeats = Heartbeats(
             book=self._book, link=self._link, reporter=self._report, outbox=self._outbox,
-            limiter=self._limiter, pool=self.pool, worker=self.name,
+            free_slots=lambda: self._limiter.available_tokens, pool=self.pool, worker=self.name,
             heartbeat_seconds=s.heartbeat_seconds, log=self.log,
         )
         self.ready = anyio.Event()

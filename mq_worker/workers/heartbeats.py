@@ -3,6 +3,7 @@ and the lease its own confirmed heartbeats give it (see mq_worker.fencing)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -19,13 +20,13 @@ from mq_worker.workers.runs import RunBook
 
 class Heartbeats:
     def __init__(self, *, book: RunBook, link: Link, reporter: Reporter, outbox: Outbox,
-                 limiter: anyio.CapacityLimiter, pool: str, worker: str,
+                 free_slots: Callable[[], float], pool: str, worker: str,
                  heartbeat_seconds: float, log: Any) -> None:
         self._book = book
         self._link = link
         self._report = reporter
         self._outbox = outbox
-        self._limiter = limiter
+        self._free_slots = free_slots
         self._worker = worker
         self.seconds = heartbeat_seconds
         self._log = log
@@ -58,7 +59,7 @@ class Heartbeats:
             }
             for a in self._book.active.values()
         ]
-        self._report.heartbeat(runs, free_slots=self._limiter.available_tokens,
+        self._report.heartbeat(runs, free_slots=self._free_slots(),
                                outbox_depth=len(self._outbox))
         self.lease.emitted(
             self._outbox.published + len(self._outbox) - 1,
