@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import aiormq.exceptions
 import anyio
 import anyio.abc
 
@@ -25,18 +24,11 @@ from mq_worker.retrying import (
     publish_cancel_reported,
 )
 from mq_worker.signing import Signer
-from mq_worker.workers.link import Link
+from mq_worker.workers.link import SESSION_ERRORS, Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, WorkerResult
 
-BROKER_ERRORS = (
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    RuntimeError,
-    TimeoutError,
-    BrokerError,
-)
+BROKER_ERRORS = (*SESSION_ERRORS, BrokerError)
 # How long a retry waits for a connection to park its next attempt before giving up.
 _SESSION_WAIT_SECONDS = 30.0
 

@@ -51,7 +51,6 @@ from mq_worker.workers.heartbeats import Heartbeats
 from mq_worker.workers.keeper import RunKeeper
 from mq_worker.workers.lifecycle import FORCED_GRACE_SECONDS, RunSurroundings
 from mq_worker.workers.link import Link
-from mq_worker.workers.registry import worker_class
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import ActiveRun, RunBook, WorkerResult
 from mq_worker.workers.session import FATAL_ERRORS, SessionSupervisor
@@ -144,7 +143,7 @@ class BaseWorker(abc.ABC):
     @staticmethod
     def get_worker_class_from_type(worker_type: str) -> builtins.type[BaseWorker] | None:
         """The worker class registered for `worker_type`, or None."""
-        return registry.worker_class_from_type(worker_type)
+        return registry.worker_class_from_type(worker_type, BaseWorker)  # type: ignore[type-abstract]
 
     @staticmethod
     def get_all_available_worker_types() -> list[str]:
@@ -382,5 +381,11 @@ def _package_version() -> str:
 
 
 _VERSION = _package_version()
+
+
+def worker_class(worker_type: str) -> type[BaseWorker]:
+    """The worker class registered for `worker_type` (see mq_worker.workers.registry)."""
+    return registry.worker_class(worker_type, BaseWorker)  # type: ignore[type-abstract]
+
 
 __all__ = ["FORCED_GRACE_SECONDS", "ActiveRun", "BaseWorker", "WorkerResult", "worker_class"]

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import aio_pika.abc
 import aiormq.abc
+import aiormq.exceptions
 import anyio
 
 from mq_worker import topology
+
+# What a broken connection raises.
+SESSION_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    RuntimeError,
+    TimeoutError,
+)
 
 
 class Session:

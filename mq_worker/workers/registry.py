@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from mq_worker.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from mq_worker.workers.base import BaseWorker
-
 ENTRY_POINT_GROUP = "mq_worker.workers"
 
+WorkerClass = TypeVar("WorkerClass")
 
-def worker_class_from_type(worker_type: str) -> type[BaseWorker] | None:
-    """The worker class registered for `worker_type`, or None."""
-    from mq_worker.workers.base import BaseWorker  # the registry sits below the base class
 
+def worker_class_from_type(worker_type: str, base: type[WorkerClass]
+                           ) -> type[WorkerClass] | None:
+    """The class registered for `worker_type`, or None; ConfigurationError if it is not a
+    subclass of `base` (BaseWorker, which passes itself: the registry sits below it)."""
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.name == worker_type:
             cls: Any = entry_point.load()
-            if not (isinstance(cls, type) and issubclass(cls, BaseWorker)):
-                raise ConfigurationError(f"{entry_point.value} is not a BaseWorker")
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ConfigurationError(f"{entry_point.value} is not a {base.__name__}")
             return cls
     return None
 
@@ -30,9 +29,9 @@ def available_worker_types() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
-def worker_class(worker_type: str) -> type[BaseWorker]:
-    """The worker class registered for `worker_type`; ConfigurationError naming the known ones."""
-    cls = worker_class_from_type(worker_type)
+def worker_class(worker_type: str, base: type[WorkerClass]) -> type[WorkerClass]:
+    """The class registered for `worker_type`; ConfigurationError naming the known ones."""
+    cls = worker_class_from_type(worker_type, base)
     if cls is None:
         raise ConfigurationError(
             f"unknown worker type {worker_type!r}; available: "

@@ -24,18 +24,11 @@ from mq_worker.pool_control import PoolControl
 from mq_worker.settings import WorkerSettings
 from mq_worker.workers.fenced import Fencing
 from mq_worker.workers.heartbeats import Heartbeats
-from mq_worker.workers.link import Link, Session
+from mq_worker.workers.link import SESSION_ERRORS, Link, Session
 from mq_worker.workers.reporter import Reporter
 
 # Errors no reconnection can fix: `serve()` stops the worker with them.
 FATAL_ERRORS = (TopologyMismatch, ConfigurationError)
-_SESSION_ERRORS = (
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    RuntimeError,
-    TimeoutError,
-)
 _STABLE_SESSION_SECONDS = 10.0
 _MAX_BACKOFF_SECONDS = 5.0
 
@@ -95,7 +88,7 @@ class SessionSupervisor:
                 await self._serve_session(connection)
             except* FATAL_ERRORS as group:
                 fatal = group.exceptions[0]
-            except* _SESSION_ERRORS as group:
+            except* SESSION_ERRORS as group:
                 self._log.warning(
                     "connection lost; reconnecting",
                     error="; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
