@@ -29,7 +29,7 @@ from mq_worker.infrastructure import start_process
 from mq_worker.job_configuration import RunContext
 from mq_worker.messages import parse_run
 from mq_worker.settings import WorkerSettings
-from mq_worker.workers import base
+from mq_worker.workers import runs
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
 
 TRUE = shutil.which("true") or "true"
@@ -71,8 +71,8 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
     variables = run.merged_job_variables()
     template = worker.template
     rendered = template.render(variables)
-    configuration = worker._configure(run, "default")
-    data = {**worker._run_data(run, "default", base._related(run, "default", "default"), None),
+    configuration = worker._configurer.configure(run, "default")
+    data = {**worker._report.fields(run, "default", runs.related(run, "default", "default"), None),
             "infrastructure_pid": "host:1234", "late_by_seconds": 0.0,
             "labels": configuration.labels}
     env = {k: v for k, v in configuration.env.items() if v is not None}
@@ -88,8 +88,8 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
 
     return [
         ("parse", "messages.parse_run (pydantic, JSON)", lambda: parse_run(BODY)),
-        ("configure", "BaseWorker._configure (all of the below)",
-         lambda: worker._configure(run, "default")),
+        ("configure", "Configurer.configure (all of the below)",
+         lambda: worker._configurer.configure(run, "default")),
         ("configure", "  BaseJobTemplate.resolve_variables (jsonschema)",
          lambda: template.resolve_variables(variables)),
         ("configure", "  BaseJobTemplate.render (placeholders)",
@@ -105,8 +105,8 @@ def steps() -> list[tuple[str, str, Callable[[], Any]]]:
         ("events", "build_event (one event)",
          lambda: build_event(EventType.RUN_SUBMITTED, source=worker.source,
                              subject=str(run.id), data=data)),
-        ("events", "_related + _run_data",
-         lambda: worker._run_data(run, "default", base._related(run, "default", "default"),
+        ("events", "related + Reporter.fields",
+         lambda: worker._report.fields(run, "default", runs.related(run, "default", "default"),
                                   None)),
         ("logging", "log.bind(run_id, queue)",
          lambda: worker.log.bind(run_id=str(run.id), queue="default")),

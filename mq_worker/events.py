@@ -2,11 +2,14 @@
 
 The routing key of every event is its type. Workers build events as plain
 dicts (the hot path); the models below describe them for subscribers and for
-the published JSON Schemas, and the contract tests hold the two together.
+the published JSON Schemas. Next to each model is the one function that builds
+its data, so that a field added to one and not the other fails the contract tests.
+A field a model documents as set only in some cases is left out while it has no value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,6 +55,14 @@ class CrashReason(StrEnum):
     KILL_FAILED = "kill-failed"  # a cancel or timeout could not stop it
     MONITORING_FAILED = "monitoring-failed"  # the worker failed while watching it
     WORKER_LOST = "worker-lost"  # its worker stopped sending heartbeats
+
+
+class MessageKind(StrEnum):
+    """Which kind of message a `run.rejected` event is about (`message_kind`)."""
+
+    RUN = "run"
+    CANCEL = "cancel"
+    WORKER_EVENT = "worker-event"  # refused by the elected reporter of lost workers
 
 
 TERMINAL_TYPES = frozenset(
@@ -154,6 +165,16 @@ class RunEventData(_EventData):
     )
 
 
+def run_event_data(
+    *, run_id: str | None, run_name: str | None, pool: str, queue: str, worker: str,
+    related: list[dict[str, Any]], tags: list[str], follows: str | None, attempt: int,
+) -> dict[str, Any]:
+    """The fields of `RunEventData`, which every run event's data starts with."""
+    return {"run_id": run_id, "run_name": run_name, "pool": pool, "queue": queue,
+            "worker": worker, "related": related, "tags": tags, "follows": follows,
+            "attempt": attempt}
+
+
 class PendingData(RunEventData):
     redelivered: bool = Field(description="The message was delivered before, maybe started.")
     delivery_count: int | None = None
@@ -172,16 +193,46 @@ class PendingData(RunEventData):
     )
 
 
+def pending_data(
+    run: dict[str, Any], *, redelivered: bool, delivery_count: int | None,
+    scheduled_start_time: datetime | None, late_by_seconds: float,
+    job_variables: dict[str, Any] | None = None, waiting_for: str | None = None,
+) -> dict[str, Any]:
+    data = {**run, "redelivered": redelivered, "delivery_count": delivery_count,
+            "scheduled_start_time": scheduled_start_time, "late_by_seconds": late_by_seconds}
+    if job_variables is not None:
+        data["job_variables"] = job_variables
+    if waiting_for is not None:
+        data["waiting_for"] = waiting_for
+    return data
+
+
 class SubmittedData(RunEventData):
     infrastructure_pid: str = Field(description="'<hostname>:<pid>' for process runs.")
     late_by_seconds: float = Field(ge=0, description="Start time minus scheduled start time.")
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+def submitted_data(
+    run: dict[str, Any], *, infrastructure_pid: str | None, late_by_seconds: float,
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    return {**run, "infrastructure_pid": infrastructure_pid,
+            "late_by_seconds": late_by_seconds, "labels": labels}
+
+
 class CompletedData(RunEventData):
     status_code: int
     infrastructure_pid: str | None = None
     duration_seconds: float | None = None
+
+
+def completed_data(
+    run: dict[str, Any], *, status_code: int, infrastructure_pid: str | None,
+    duration_seconds: float | None,
+) -> dict[str, Any]:
+    return {**run, "status_code": status_code, "infrastructure_pid": infrastructure_pid,
+            "duration_seconds": duration_seconds}
 
 
 class CrashedData(RunEventData):
@@ -198,6 +249,18 @@ class CrashedData(RunEventData):
     )
 
 
+def crashed_data(
+    run: dict[str, Any], *, reason: CrashReason, message: str | None,
+    status_code: int | None = None, infrastructure_pid: str | None = None,
+    reported_by: str | None = None,
+) -> dict[str, Any]:
+    data = {**run, "status_code": status_code, "reason": reason, "message": message,
+            "infrastructure_pid": infrastructure_pid}
+    if reported_by is not None:
+        data["reported_by"] = reported_by
+    return data
+
+
 class RetryingData(RunEventData):
     status_code: int | None = Field(
         default=None, description="Exit status of the failed attempt (null if it never ran)."
@@ -212,11 +275,32 @@ class RetryingData(RunEventData):
     delay_seconds: float = Field(ge=0, description="The wait before it, jitter included.")
 
 
+def retrying_data(
+    run: dict[str, Any], *, status_code: int | None, message: str | None, reason: CrashReason,
+    infrastructure_pid: str | None, next_attempt: int, next_start_time: datetime,
+    delay_seconds: float,
+) -> dict[str, Any]:
+    return {**run, "status_code": status_code, "message": message, "reason": reason,
+            "infrastructure_pid": infrastructure_pid, "next_attempt": next_attempt,
+            "next_start_time": next_start_time, "delay_seconds": delay_seconds}
+
+
 class CancelledData(RunEventData):
     reason: str | None = None
     status_code: int | None = Field(default=None, description="Set when a process was stopped.")
     message: str | None = None
     infrastructure_pid: str | None = None
+
+
+def cancelled_data(
+    run: dict[str, Any], *, reason: str | None, status_code: int | None = None,
+    infrastructure_pid: str | None = None, message: str | None = None,
+) -> dict[str, Any]:
+    data = {**run, "reason": reason, "status_code": status_code,
+            "infrastructure_pid": infrastructure_pid}
+    if message is not None:
+        data["message"] = message
+    return data
 
 
 class RejectedData(RunEventData):
@@ -226,6 +310,11 @@ class RejectedData(RunEventData):
         description="Whether a run, a cancel or a worker event (refused by the elected "
         "reporter of lost workers) was rejected."
     )
+
+
+def rejected_data(run: dict[str, Any], *, reason: str, message_kind: MessageKind
+                  ) -> dict[str, Any]:
+    return {**run, "reason": reason, "message_kind": message_kind}
 
 
 class WorkerData(_EventData):
@@ -243,6 +332,15 @@ class WorkerData(_EventData):
         default_factory=list,
         description="Pauses that stop this worker's intake (pool:<pool>, queue:<pool>/<queue>).",
     )
+
+
+def worker_data(
+    *, worker: str, pool: str, queues: list[str], type: str, limit: int, hostname: str,
+    pid: int, version: str, heartbeat_seconds: float, follows: str | None, paused: list[str],
+) -> dict[str, Any]:
+    return {"worker": worker, "pool": pool, "queues": queues, "type": type, "limit": limit,
+            "hostname": hostname, "pid": pid, "version": version,
+            "heartbeat_seconds": heartbeat_seconds, "follows": follows, "paused": paused}
 
 
 class HeartbeatRun(BaseModel):
@@ -266,12 +364,27 @@ class HeartbeatData(WorkerData):
     outbox_depth: int = 0
 
 
+def heartbeat_data(
+    worker: dict[str, Any], *, free_slots: float, runs: list[dict[str, Any]], outbox_depth: int,
+) -> dict[str, Any]:
+    """`runs` as `HeartbeatRun` fields; `in_flight` is their ids."""
+    return {**worker, "free_slots": free_slots, "in_flight": [r["id"] for r in runs],
+            "runs": runs, "outbox_depth": outbox_depth}
+
+
 class WorkerLostData(_EventData):
     worker: str
     pool: str
     last_seen: datetime
     in_flight: list[UUID]
     reported_by: str
+
+
+def worker_lost_data(
+    *, worker: str, pool: str, last_seen: str, in_flight: list[str], reported_by: str,
+) -> dict[str, Any]:
+    return {"worker": worker, "pool": pool, "last_seen": last_seen, "in_flight": in_flight,
+            "reported_by": reported_by}
 
 
 DATA_MODELS: dict[str, type[BaseModel]] = {
@@ -286,6 +399,21 @@ DATA_MODELS: dict[str, type[BaseModel]] = {
     EventType.RUN_RETRYING: RetryingData,
     EventType.RUN_CANCELLED: CancelledData,
     EventType.RUN_REJECTED: RejectedData,
+}
+
+# The function that builds each model's data (the contract tests check one against the other).
+DATA_BUILDERS: dict[type[BaseModel], Callable[..., dict[str, Any]]] = {
+    RunEventData: run_event_data,
+    PendingData: pending_data,
+    SubmittedData: submitted_data,
+    CompletedData: completed_data,
+    CrashedData: crashed_data,
+    RetryingData: retrying_data,
+    CancelledData: cancelled_data,
+    RejectedData: rejected_data,
+    WorkerData: worker_data,
+    HeartbeatData: heartbeat_data,
+    WorkerLostData: worker_lost_data,
 }
 
 

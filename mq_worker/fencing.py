@@ -37,7 +37,7 @@ import aiormq.abc
 import orjson
 import structlog
 
-from mq_worker.events import CrashReason, EventType, OutgoingEvent, build_event
+from mq_worker.events import CrashReason, EventType, OutgoingEvent, RunEventData, build_event
 from mq_worker.topology import EVENTS_EXCHANGE
 
 log = structlog.get_logger("mq_worker.fencing")
@@ -62,9 +62,7 @@ def worker_lost_ending(
     original = envelope.get("data") or {}
     run_id = str(pending.run_id)
     data = {
-        **{key: original.get(key) for key in (
-            "run_id", "run_name", "pool", "queue", "worker", "related", "tags", "follows",
-            "attempt", "status_code")},
+        **{key: original.get(key) for key in (*RunEventData.model_fields, "status_code")},
         "reason": CrashReason.WORKER_LOST,
         "message": f"worker {worker} was cut off from the broker when the run ended; "
                    "peers may have reported it lost, so it ends as they report it",

@@ -1,0 +1,316 @@
+"""The life of one run on this worker, once admitted: held until due, started, watched,
+timed out or stopped, and ended with its one terminal event (or its next attempt)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from mq_worker.concurrency import wait_first
+from mq_worker.consumer import RunConsumer
+from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound
+from mq_worker.events import CrashReason, EventType
+from mq_worker.fencing import HeartbeatLease
+from mq_worker.job_configuration import BaseJobConfiguration
+from mq_worker.messages import RunMessage
+from mq_worker.metrics import WorkerMetrics
+from mq_worker.outbox import Outbox
+from mq_worker.policies import failure_message
+from mq_worker.redaction import masked_job_variables
+from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
+from mq_worker.signing import Signer
+from mq_worker.workers.attempts import NextAttempts
+from mq_worker.workers.fenced import Fencing
+from mq_worker.workers.link import Link
+from mq_worker.workers.reporter import Reporter
+from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
+
+# The longest grace a run still gets once the worker is told to stop at once.
+FORCED_GRACE_SECONDS = 5.0
+_SPAWN_PAUSE = "resources exhausted at spawn"
+
+
+class WorkerType(Protocol):
+    """What the life of a run asks of the worker type: these hooks of BaseWorker, no more."""
+
+    @property
+    def type(self) -> str: ...
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...
+
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int: ...
+
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunSurroundings:
+    """What a worker's runs share: built once per `serve()`."""
+
+    worker_type: WorkerType
+    book: RunBook
+    reporter: Reporter
+    metrics: WorkerMetrics
+    link: Link
+    lease: HeartbeatLease
+    outbox: Outbox
+    signer: Signer | None
+    pool: str
+    worker: str
+    prefetch_seconds: float
+    heartbeat_seconds: float
+    template_defaults: dict[str, Any]
+    consumer: RunConsumer
+    force: anyio.Event  # stop at once: graces shorten
+    spawn: anyio.abc.TaskGroup
+    log: Any
+
+
+class RunLife:
+    """Holds, starts, watches and ends the runs admitted to this worker."""
+
+    def __init__(self, around: RunSurroundings) -> None:
+        self._around = around
+        self._type = around.worker_type
+        self._book = around.book
+        self._report = around.reporter
+        self._metrics = around.metrics
+        self._pool = around.pool
+        self._spawn = around.spawn
+        self._spawn_backoff = SpawnBackoff()
+        self.stopping = False
+        self.attempts = NextAttempts(
+            book=around.book, link=around.link, reporter=around.reporter,
+            metrics=around.metrics, signer=around.signer, pool=around.pool,
+            worker=around.worker, prefetch_seconds=around.prefetch_seconds, spawn=around.spawn,
+            log=around.log,
+        )
+        self.fencing = Fencing(
+            book=around.book, lease=around.lease, outbox=around.outbox, reporter=around.reporter,
+            link=around.link, worker=around.worker, heartbeat_seconds=around.heartbeat_seconds,
+            stop_soon=lambda active: self.stop_soon(active, FORCED_GRACE_SECONDS),
+            spawn=around.spawn, log=around.log,
+        )
+
+    # -- from pending to running -------------------------------------------------------
+
+    async def hold_and_run(self, active: ActiveRun) -> None:
+        run, delivery = active.run, active.delivery
+        now = time.time()
+        due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else now
+        self._metrics.pending.labels(self._pool, active.queue).inc()
+        self._report.pending(
+            active,
+            late_by_seconds=round(max(0.0, now - due), 6),
+            job_variables=masked_job_variables({**self._around.template_defaults,
+                                                **run.merged_job_variables()}),
+        )
+        if due > now:
+            active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
+            delivery.hold()
+            await wait_first((active.wake, delivery.lost), timeout=due - now)
+        if (delivery.lost.is_set() or delivery.channel.is_closed) and not delivery.settled:
+            # Checked just before exec: the broker has taken the message back and
+            # delivers it again, so starting it here could start it twice.
+            active.log.warning("connection lost before the run started; the broker redelivers it")
+            return
+        if active.cancel is not None:
+            self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason)
+            await delivery.settle()
+            return
+        if self.stopping:
+            active.log.info("run given back: the worker is stopping")
+            await delivery.settle(requeue=True)
+            return
+        await self._start_and_watch(active, due)
+
+    async def _start_and_watch(self, active: ActiveRun, due: float) -> None:
+        active.state = RunState.STARTING
+        result: list[WorkerResult] = []
+
+        async def _run(*, task_status: anyio.abc.TaskStatus[str]) -> None:
+            result.append(await self._type.run(active.run, active.configuration, task_status))
+            active.timeout_timer.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    active.infrastructure_pid = await tg.start(_run)
+                except Exception as exc:
+                    if is_transient_spawn_error(exc):
+                        await self._give_back_for_now(active, exc)
+                        return
+                    if not await self._retry(active, None, str(exc)):
+                        self._start_failed(active, exc)
+                    await active.delivery.settle()
+                    return
+                self._spawn_backoff.succeeded()
+                await self._started(active, due)
+                if active.policy.timeout_seconds is not None:
+                    tg.start_soon(self._time_out, active, active.policy.timeout_seconds)
+                if active.fenced:
+                    tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
+                elif active.cancel is not None:
+                    tg.start_soon(self._kill, active, None)
+        except Exception as exc:
+            active.log.exception("error while watching the run")
+            self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.MONITORING_FAILED,
+                        message=f"error while watching the run: {exc}",
+                        infrastructure_pid=active.infrastructure_pid)
+            return
+        if not await self._retry(active, result[0] if result else None):
+            self._ended(active, result[0] if result else None)
+
+    async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
+        """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
+        delay = self._spawn_backoff.failed()
+        active.log.warning("run given back: resources exhausted at spawn", error=str(exc),
+                           intake_paused_for=delay)
+        await active.delivery.settle(requeue=True)
+        self._around.consumer.pause(_SPAWN_PAUSE)
+        self._spawn.start_soon(self._resume_intake_after, delay)
+
+    async def _resume_intake_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._around.consumer.resume(_SPAWN_PAUSE)
+
+    def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
+        active.log.error("run failed to start", error=str(exc))
+        self._metrics.crashed.labels(self._pool, active.queue).inc()
+        self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.SUBMISSION_FAILED,
+                    message=f"the run could not be started: {exc}", status_code=None)
+
+    async def _started(self, active: ActiveRun, due: float) -> None:
+        active.state = RunState.RUNNING
+        active.started_at = time.time()
+        await active.delivery.ack_started()
+        published = active.delivery.properties.timestamp
+        since = published.timestamp() if isinstance(published, datetime) else None
+        if since is not None:
+            self._metrics.start_latency.labels(self._pool, active.queue).observe(
+                max(0.0, active.started_at - max(since, due)))
+        self._metrics.started.labels(self._pool, active.queue).inc()
+        self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
+        active.log.info("run started", infrastructure_pid=active.infrastructure_pid)
+
+    # -- ending --------------------------------------------------------------------
+
+    async def _retry(self, active: ActiveRun, result: WorkerResult | None,
+                     start_error: str | None = None) -> bool:
+        """Whether the failed attempt's next one is parked: then this one has no ending."""
+        scheduled = await self.attempts.after_failure(active, result, start_error)
+        cancel = active.cancel
+        if scheduled and cancel is not None:  # it came while the next attempt was parked
+            self.attempts.cancel_waiting(cancel)
+        return scheduled
+
+    def _ended(self, active: ActiveRun, result: WorkerResult | None) -> None:
+        code = result.status_code if result else None
+        duration = time.time() - active.started_at if active.started_at else None
+        if duration is not None:
+            self._metrics.duration.labels(self._pool, active.queue).observe(duration)
+        pid = active.infrastructure_pid
+        if active.cancel is not None and active.stopped_by_worker:
+            self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
+                        status_code=code, infrastructure_pid=pid)
+        elif active.timed_out and active.stopped_by_worker:
+            message = failure_message(CrashReason.TIMEOUT, code,
+                                      timeout_seconds=active.policy.timeout_seconds)
+            self.finish(active, EventType.RUN_CRASHED, status_code=code,
+                        reason=CrashReason.TIMEOUT, message=message, infrastructure_pid=pid)
+        elif code == 0:
+            self.finish(active, EventType.RUN_COMPLETED, status_code=0,
+                        duration_seconds=round(duration or 0.0, 6), infrastructure_pid=pid)
+        else:
+            message = (
+                f"the process was killed by signal {-code}" if code is not None and code < 0
+                else f"the process exited with status code {code}"
+            )
+            self.finish(active, EventType.RUN_CRASHED, status_code=code,
+                        reason=CrashReason.EXIT_CODE, message=message, infrastructure_pid=pid)
+
+    def finish(self, active: ActiveRun, event_type: EventType, **fields: Any) -> bool:
+        """Publish the run's one terminal event; False if it already had one.
+
+        `fields` are those of the event type's data function (see mq_worker.events).
+        """
+        if active.terminal:
+            return False
+        self.fencing.check_lease()
+        if active.fenced:
+            active.outcome = EventType.RUN_CRASHED
+            self._book.remember(active.id, EventType.RUN_CRASHED)
+            self._metrics.crashed.labels(self._pool, active.queue).inc()
+            self.fencing.end(active, fields.get("status_code"))
+            return True
+        active.outcome = event_type
+        self._report.ended(active, event_type, **fields)
+        self._book.remember_pid(active)
+        counter = {
+            EventType.RUN_COMPLETED: self._metrics.completed,
+            EventType.RUN_CANCELLED: self._metrics.cancelled,
+            EventType.RUN_CRASHED: self._metrics.crashed,
+        }.get(event_type)
+        if counter is not None and fields.get("reason") != CrashReason.SUBMISSION_FAILED:
+            counter.labels(self._pool, active.queue).inc()
+        self._book.remember(active.id, event_type)
+        active.log.info("run ended", outcome=event_type.rsplit(".", 1)[-1],
+                        status_code=fields.get("status_code"))
+        return True
+
+    # -- stopping a run: cancels, timeouts, fences -------------------------------------
+
+    async def _time_out(self, active: ActiveRun, seconds: float) -> None:
+        """Stop a run still running `seconds` after its start, as a cancel would."""
+        started = active.started_at or time.time()
+        with active.timeout_timer:
+            await anyio.sleep(max(0.0, started + seconds - time.time()))
+        if active.timeout_timer.cancel_called or active.terminal or active.cancel is not None:
+            return
+        active.timed_out = True
+        active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)
+        self._metrics.timeouts.labels(self._pool, active.queue).inc()
+        await self._kill(active, None)
+
+    def stop_soon(self, active: ActiveRun, grace: float | None) -> None:
+        self._spawn.start_soon(self._kill, active, grace)
+
+    def hurry(self, active: ActiveRun) -> None:
+        """Shorten the grace of a stop under way (the worker is told to stop at once)."""
+        if active.infrastructure_pid is not None:
+            self._type.hurry_infrastructure(active.infrastructure_pid, FORCED_GRACE_SECONDS)
+
+    async def _kill(self, active: ActiveRun, grace: float | None) -> None:
+        if active.stopping is not Stopping.NOT_ASKED:  # a cancel during the start's ack, or a fence
+            if grace is not None and active.infrastructure_pid is not None:
+                self._type.hurry_infrastructure(active.infrastructure_pid, grace)
+            return
+        active.stopping = Stopping.STOPPING
+        grace_seconds = grace if grace is not None else active.grace_seconds
+        if self._around.force.is_set():
+            grace_seconds = min(grace_seconds, FORCED_GRACE_SECONDS)
+        pid = active.infrastructure_pid
+        if pid is None:  # only runs that have started are stopped
+            active.stopping = Stopping.NOT_STOPPED
+            return
+        try:
+            await self._type.kill_infrastructure(pid, active.configuration, grace_seconds)
+        except InfrastructureNotFound:
+            active.stopping = Stopping.NOT_STOPPED
+            active.log.info("run ended before it could be stopped")
+        except InfrastructureNotAvailable as exc:
+            active.log.error("cannot stop the run", error=str(exc))
+            self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.KILL_FAILED,
+                        message=f"cancel failed: {exc}", infrastructure_pid=pid)
+        except NotImplementedError:
+            active.stopping = Stopping.NOT_STOPPED
+            active.log.error(f"worker type {self._type.type!r} cannot stop runs; "
+                             "cancel not honoured")

@@ -1,0 +1,239 @@
+"""The run keeper driven without a broker: deliveries in, the worker type's runs and the
+events out. The broker's side (settling, acknowledging) is a stand-in that records."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import orjson
+import pytest
+import structlog
+
+from mq_worker.cancellation import CancelRecord, CancelRegistry
+from mq_worker.events import EventType
+from mq_worker.fencing import HeartbeatLease
+from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate
+from mq_worker.messages import RunMessage
+from mq_worker.metrics import WorkerMetrics
+from mq_worker.outbox import Outbox
+from mq_worker.pool_control import PoolControl
+from mq_worker.workers.configuring import Configurer
+from mq_worker.workers.keeper import RunKeeper
+from mq_worker.workers.lifecycle import RunSurroundings
+from mq_worker.workers.link import Link
+from mq_worker.workers.reporter import Reporter, WorkerFacts
+from mq_worker.workers.runs import RunBook, WorkerResult
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class StandInDelivery:
+    """What the keeper uses of a delivery; records how it was settled."""
+
+    body: bytes
+    redelivered: bool = False
+    queue: str = "mq_worker.p.q"
+    routing_key: str = "run.scheduled.p.q"
+    headers: dict[str, Any] = field(default_factory=dict)
+    delivery_count: int = 0
+    settled: bool = False
+    outcome: str | None = None  # acked-at-start, acked, requeued
+    slot_held: bool = True
+    lost: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def properties(self) -> Any:
+        return type("Properties", (), {"timestamp": None, "headers": {}})()
+
+    @property
+    def channel(self) -> Any:
+        return type("Channel", (), {"is_closed": False})()
+
+    def hold(self) -> None:
+        pass
+
+    async def ack_started(self) -> None:
+        self.settled, self.outcome = True, "acked-at-start"
+
+    async def settle(self, *, requeue: bool = False, failed: bool = False) -> None:
+        self.settled, self.outcome = True, "requeued" if requeue else "acked"
+        self.release_slot()
+
+    def release_slot(self) -> None:
+        self.slot_held = False
+
+
+class StandInType:
+    """A worker type whose runs end when told to, or when killed."""
+
+    type = "stand-in"
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.killed: list[str] = []
+        self.ends: dict[str, anyio.Event] = {}
+        self.exit_codes: dict[str, int] = {}
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        pid = f"host:{len(self.started) + 1}"
+        self.ends[pid] = anyio.Event()
+        self.started.append(str(run.id))
+        task_status.started(pid)
+        await self.ends[pid].wait()
+        return WorkerResult(pid, self.exit_codes.get(pid, 0))
+
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int:
+        self.killed.append(infrastructure_pid)
+        self.exit_codes[infrastructure_pid] = -15
+        self.ends[infrastructure_pid].set()
+        return -15
+
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
+        pass
+
+
+class StandInConsumer:
+    def __init__(self) -> None:
+        self.paused: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+
+
+@dataclass
+class Kept:
+    keeper: RunKeeper
+    worker_type: StandInType
+    outbox: Outbox
+    cancels: CancelRegistry
+
+    def events(self, run_id: str) -> list[str]:
+        bodies = [orjson.loads(e.body) for e in self.outbox._events]
+        return [b["type"].rsplit(".", 1)[-1] for b in bodies if b.get("subject") == run_id]
+
+
+@asynccontextmanager
+async def kept() -> AsyncIterator[Kept]:
+    outbox = Outbox(1000)
+    reporter = Reporter(WorkerFacts(worker="w", pool="p", queues=["q"], type="stand-in",
+                                    limit=4, hostname="h", version="1", heartbeat_seconds=5.0,
+                                    paused=lambda: []), outbox.put)
+    worker_type = StandInType()
+    cancels = CancelRegistry(window_seconds=600)
+    consumer: Any = StandInConsumer()
+    async with anyio.create_task_group() as tg:
+        around = RunSurroundings(
+            worker_type=worker_type, book=RunBook(), reporter=reporter,
+            metrics=WorkerMetrics("p", ["q"]), link=Link(), lease=HeartbeatLease(15.0),
+            outbox=outbox, signer=None, pool="p", worker="w", prefetch_seconds=60.0,
+            heartbeat_seconds=5.0, template_defaults={}, consumer=consumer,
+            force=anyio.Event(), spawn=tg, log=structlog.get_logger("test"),
+        )
+        configurer = Configurer(
+            worker_type="stand-in", configuration_type=BaseJobConfiguration,
+            template=BaseJobTemplate.from_dict({"job_configuration": {}, "variables": {}}),
+            pool="p", worker="w", base_environment=dict, check=lambda configuration: None,
+        )
+        keeper = RunKeeper(around, configurer=configurer, cancels=cancels,
+                           pool_control=PoolControl("p", ["q"], lambda: None),
+                           queue_of={"mq_worker.p.q": "q"}, max_message_bytes=1 << 20)
+        yield Kept(keeper, worker_type, outbox, cancels)
+        tg.cancel_scope.cancel()
+
+
+def delivery(run_id: str, **fields: Any) -> StandInDelivery:
+    body = orjson.dumps({"id": run_id, **fields.pop("run", {})})
+    return StandInDelivery(body=body, **fields)
+
+
+async def test_a_run_starts_is_acknowledged_at_start_and_completes() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        first = delivery(run_id)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, first)
+            await wait_until(lambda: k.worker_type.started)
+            assert first.outcome == "acked-at-start" and first.slot_held
+            assert k.keeper.holds(uuid.UUID(run_id))
+            k.worker_type.ends["host:1"].set()
+        assert not first.slot_held and not k.keeper.holds(uuid.UUID(run_id))
+        assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
+async def test_a_second_delivery_of_a_held_run_is_not_started_twice() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: k.worker_type.started)
+            again = delivery(run_id, redelivered=True)
+            await k.keeper.take(again)
+            assert again.outcome == "acked" and not again.slot_held
+            # Not a redelivery: dead-lettered; without a connection, settled for the
+            # broker to deliver it again.
+            copy = delivery(run_id)
+            await k.keeper.take(copy)
+            assert copy.settled and not copy.slot_held
+            k.worker_type.ends["host:1"].set()
+        assert k.worker_type.started == [run_id]
+
+
+async def test_a_cancel_stops_a_running_run_which_ends_cancelled() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+            k.cancels.add(record)
+            k.keeper.on_cancel(record)
+        assert k.worker_type.killed == ["host:1"]
+        assert k.events(run_id) == ["pending", "submitted", "cancelled"]
+
+
+async def test_a_run_cancelled_before_it_arrives_never_starts() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        k.cancels.add(CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time()))
+        message = delivery(run_id)
+        await k.keeper.take(message)
+        assert message.outcome == "acked" and k.worker_type.started == []
+        assert k.events(run_id) == ["cancelled"]
+
+
+async def test_a_stopping_keeper_gives_back_what_comes_and_a_held_run() -> None:
+    async with kept() as k:
+        later = str(uuid.uuid4())
+        held = delivery(later, run={"scheduled_start_time": time.time() + 30})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, held)
+            await wait_until(lambda: "pending" in k.events(later))
+            k.keeper.stop_taking()
+            await k.keeper.drain(timeout=10, cancel_reason=lambda: "stopping")
+        assert held.outcome == "requeued" and k.worker_type.started == []
+        new = delivery(str(uuid.uuid4()))
+        await k.keeper.take(new)
+        assert new.outcome == "requeued"
+
+
+async def test_an_invalid_message_is_not_run_nor_reported_until_it_is_dead_lettered() -> None:
+    async with kept() as k:  # no connection: the copy to the dead-letter queue cannot be made
+        bad = StandInDelivery(body=b"{not json")
+        await k.keeper.take(bad)
+        assert bad.settled and not bad.slot_held and k.worker_type.started == []
+        assert EventType.RUN_REJECTED not in [e.type for e in k.outbox._events]
