@@ -143,19 +143,19 @@ Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 
 class RunConsumer:
-    """Consumes `queues` with prefetch windows that never exceed the free slots."""
+    """Consumes `queues` with prefetch windows that never exceed the free slots of `limit`."""
 
     def __init__(
         self,
         *,
-        limiter: anyio.CapacityLimiter,
+        limit: int,
         window: int,
         ack_grace: float,
         handle: Handler,
         spawn: anyio.abc.TaskGroup,
         redeclare: Callable[[aiormq.abc.AbstractChannel, str], Awaitable[None]] | None = None,
     ) -> None:
-        self._limiter = limiter
+        self._limiter = anyio.CapacityLimiter(limit)
         self._max_window = max(1, window)
         self._ack_grace = ack_grace
         self._handle = handle
@@ -174,6 +174,21 @@ class RunConsumer:
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
         self.stats = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
+
+    # -- slots -----------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return int(self._limiter.total_tokens)
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots held by deliveries: runs being handled, held or running."""
+        return self._limiter.borrowed_tokens
+
+    @property
+    def free_slots(self) -> int:
+        return int(self._limiter.available_tokens)
 
     # -- control ---------------------------------------------------------------
 

@@ -202,7 +202,6 @@ class BaseWorker(abc.ABC):
         self._signer = Signer.from_file(
             s.signing_key_file, max_age_seconds=s.signature_max_age_seconds
         ) if s.signing_key_file else None
-        self._limiter = anyio.CapacityLimiter(s.limit)
         spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
                  if s.spool_dir else None)
         self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
@@ -257,7 +256,7 @@ class BaseWorker(abc.ABC):
         self._runs_changed = anyio.Event()
         self.metrics.bind_gauges(
             in_flight=lambda: len(self._active),
-            free=lambda: self._limiter.available_tokens,
+            free=lambda: self.free_slots,
             outbox=lambda: len(self._outbox),
         )
 
@@ -349,7 +348,7 @@ class BaseWorker(abc.ABC):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._consumer = RunConsumer(
-                    limiter=self._limiter,
+                    limit=self.settings.limit,
                     window=self.settings.window or 1,
                     ack_grace=self.settings.ack_grace,
                     handle=self._handle_delivery,
@@ -1229,7 +1228,7 @@ class BaseWorker(abc.ABC):
         ]
         self._emit_worker(
             EventType.WORKER_HEARTBEAT,
-            free_slots=self._limiter.available_tokens,
+            free_slots=self.free_slots,
             in_flight=[r["id"] for r in runs],
             runs=runs,
             outbox_depth=len(self._outbox),
@@ -1416,7 +1415,8 @@ class BaseWorker(abc.ABC):
 
     @property
     def free_slots(self) -> int:
-        return int(self._limiter.available_tokens)
+        consumer = self._consumer
+        return consumer.free_slots if consumer is not None else self.settings.limit
 
 
 def _timeout_message(active: ActiveRun, code: int | None) -> str:
