@@ -241,15 +241,18 @@ class Window(Generic[K]):
         if stopped or not serving:
             for consumer in self.consumers():
                 yield Cancel(consumer)
-            return
-        for queue in list(paused_queues):
-            if (consumer := self.active_on(queue)) is not None:
-                yield Cancel(consumer)
-        if len(serving) > 1:
-            if ready is not None and free > 0:
-                yield from self.plan_by_priority(serving, ready, free)
         else:
-            yield from self.plan_single(serving[0])
+            for queue in list(paused_queues):
+                if (consumer := self.active_on(queue)) is not None:
+                    yield Cancel(consumer)
+            yield from self._due_acks()
+            if len(serving) > 1:
+                if ready is not None and free > 0:
+                    yield from self.plan_by_priority(serving, ready, free)
+            else:
+                yield from self.plan_single(serving[0])
+        # A cancelled consumer reopens nothing: what waited on it goes now, not at its deadline.
+        yield from self._due_acks()
 
     def _due_acks(self) -> Iterator[Ack[K]]:
         for delivery in list(self._deferred):

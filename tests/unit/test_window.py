@@ -79,9 +79,11 @@ class WindowMachine(RuleBasedStateMachine):
         self.messages: list[Message] = []
         self.tags = 0
         self.plan: Iterator[Step[Message]] | None = None
-        # After a full reconciliation that left runs waiting in queue i uncovered,
-        # nothing may be pushed from a queue after i until the next reconciliation.
+        # After a full reconciliation that left runs waiting in queue i uncovered, until
+        # the next one: runs pushed from queues after i, and slots freed (docs/pools.md:
+        # "at most one lower run per free slot").
         self.closed_below: int | None = None
+        self.lower_runs = self.freed_slots = 0
 
     # -- the broker ------------------------------------------------------------------
 
@@ -100,9 +102,10 @@ class WindowMachine(RuleBasedStateMachine):
         consumer = candidates[which % len(candidates)]
         assert self.slots.borrowed_tokens < self.slots.total_tokens, (
             "the broker pushed a run that finds no free slot")
-        if self.closed_below is not None:
-            assert self.queues.index(consumer.queue) <= self.closed_below, (
-                "a lower queue got a run while a higher one had runs left uncovered")
+        if self.closed_below is not None and self.queues.index(consumer.queue) > self.closed_below:
+            self.lower_runs += 1
+            assert self.lower_runs <= self.freed_slots, (
+                "a lower queue got more runs than slots freed while a higher one had runs left")
         self.slots.borrowed_tokens += 1
         self.window.delivered(consumer)
         self.broker_unacked[consumer.tag] += 1
@@ -210,6 +213,12 @@ class WindowMachine(RuleBasedStateMachine):
         if self.stopped or not serving:
             assert self.window.outstanding() == 0
             return
+        # No started run waits for its acknowledgement when it could be acknowledged.
+        assert not any(self.window.may_ack_started(m.tag) for m in self._where("deferred"))
+        # A free slot is offered to some queue (once the runs being handled have moved
+        # on: until then a single queue keeps its consumer, whose window they reopen).
+        if free > 0 and (len(serving) > 1 or not self._where("in_handling")):
+            assert self.window.outstanding() >= 1
         if len(serving) > 1:
             targets = allocate_windows(free, ready, self.window.max_window)
             windows = [c.open if (c := self.window.active_on(q)) else 0 for q in serving]
@@ -220,6 +229,7 @@ class WindowMachine(RuleBasedStateMachine):
             for index, (count, target) in enumerate(zip(ready, targets, strict=True)):
                 if count > target:
                     self.closed_below = self.queues.index(serving[index])
+                    self.lower_runs = self.freed_slots = 0
                     assert not any(windows[index + 1:])
                     break
 
@@ -247,6 +257,7 @@ class WindowMachine(RuleBasedStateMachine):
         if message.has_slot:
             message.has_slot = False
             self.slots.borrowed_tokens -= 1
+            self.freed_slots += 1
 
     def _serving(self) -> list[str]:
         return [q for q in self.queues if q not in self.paused]
@@ -331,3 +342,21 @@ def test_a_plan_sizes_each_new_window_by_the_room_left_when_it_gets_there() -> N
     window.acknowledged("t1", was_held=False)
     assert window.room() == 1
     assert list(plan) == [Consume("low", 1)]  # not the 2 allotted when the plan began
+
+
+def test_a_deferred_acknowledgement_goes_as_soon_as_a_cancelled_consumer_makes_room() -> None:
+    slots = Slots(2)
+    window: Window[str] = Window(slots, max_window=1)
+    high, middle = window.opened("high", "t1", 1), window.opened("middle", "t2", 1)
+    window.delivered(high)
+    slots.borrowed_tokens += 1
+    assert not window.may_ack_started("t1")  # middle's window takes the last slot
+    window.defer_ack("run", "t1", deadline=10.0)
+    # middle is paused: cancelling its consumer makes room for the acknowledgement,
+    # which should not wait for its grace to run out (high has no window meanwhile).
+    plan = window.reconcile(now=0.0, stopped=False, serving=["high"], paused_queues={"middle"},
+                            ready=None, free=1)
+    assert next(plan) == Cancel(middle)
+    window.retire(middle)
+    window.forget_if_drained(middle)
+    assert next(plan, None) == Ack("run")
