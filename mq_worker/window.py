@@ -202,9 +202,6 @@ class Window(Generic[K]):
         """`delivery` was settled otherwise (or its channel is gone)."""
         self._deferred.pop(delivery, None)
 
-    def deferred(self) -> list[K]:
-        return list(self._deferred)
-
     def next_deadline(self) -> float | None:
         return min((deadline for _, deadline in self._deferred.values()), default=None)
 

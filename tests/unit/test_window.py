@@ -16,9 +16,12 @@ The model treats basic.consume and basic.cancel as taking effect at once;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,6 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from mq_worker.consumer import ConsumerStatistics, Delivery, RunConsumer
 from mq_worker.priority import allocate_windows
 from mq_worker.window import Ack, Cancel, Consume, ConsumerWindow, Step, Window, WindowStatistics
 
@@ -360,3 +364,20 @@ def test_a_deferred_acknowledgement_goes_as_soon_as_a_cancelled_consumer_makes_r
     window.retire(middle)
     window.forget_if_drained(middle)
     assert next(plan, None) == Ack("run")
+
+
+@pytest.mark.anyio
+async def test_the_consumer_owns_the_slots_of_its_limit_and_reports_them_frozen() -> None:
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("nothing is delivered here")
+
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=3, window=2, ack_grace=1.0, handle=handle, spawn=tg)
+        assert (consumer.limit, consumer.free_slots, consumer.slots_in_use) == (3, 3, 0)
+        statistics = consumer.statistics()
+        assert statistics == ConsumerStatistics(
+            consumes=0, cancels=0, deferred_acks=0, overshoot=0,
+            window=WindowStatistics(limit=3, slots_in_use=0, outstanding=0, active_consumers=0,
+                                    waiting_acks=0))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            statistics.consumes = 1  # type: ignore[misc]
