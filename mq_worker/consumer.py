@@ -25,6 +25,9 @@ windows are only re-sized when capacity forces it.
 With several queues, the free slots are shared out by `mq_worker.priority`
 (first-listed queue first) from the queues' ready counts, read on each
 reconciliation and every PROBE_SECONDS while some queue has no window.
+
+The arithmetic lives in `mq_worker.window`, which has no I/O; this module
+owns the slots (an `anyio.CapacityLimiter`), the channel and the deliveries.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -42,121 +45,42 @@ import anyio
 import anyio.abc
 import structlog
 
-from mq_worker.priority import PROBE_SECONDS, allocate_windows
+from mq_worker.delivery import Delivery
+from mq_worker.priority import PROBE_SECONDS
+from mq_worker.window import Ack, Cancel, ConsumerWindow, Step, Window, WindowStatistics
 
 log = structlog.get_logger("mq_worker.consumer")
 
-
-@dataclass(eq=False)
-class _Consumer:
-    queue: str
-    tag: str
-    prefetch: int
-    unacked: int = 0
-    held: int = 0
-    active: bool = True
-    since: float = field(default_factory=time.monotonic)
-
-    @property
-    def window(self) -> int:
-        return self.prefetch - self.unacked if self.active else 0
-
-
-class Delivery:
-    """A run message delivered to this worker, with the slot it holds."""
-
-    __slots__ = (
-        "_consumer",
-        "_deadline",
-        "_held",
-        "_slot_held",
-        "body",
-        "channel",
-        "consumer_tag",
-        "delivery_tag",
-        "headers",
-        "lost",
-        "properties",
-        "queue",
-        "received_at",
-        "redelivered",
-        "routing_key",
-        "settled",
-    )
-
-    def __init__(
-        self, consumer: RunConsumer, message: aiormq.abc.DeliveredMessage, queue: str
-    ) -> None:
-        delivery: Any = message.delivery
-        self._consumer = consumer
-        self.channel = message.channel
-        self.consumer_tag: str = delivery.consumer_tag
-        self.delivery_tag: int = delivery.delivery_tag
-        self.redelivered: bool = bool(delivery.redelivered)
-        self.routing_key: str = delivery.routing_key
-        self.queue = queue
-        self.body: bytes = message.body
-        self.properties = message.header.properties
-        self.headers: dict[str, Any] = dict(self.properties.headers or {})
-        self.received_at = time.monotonic()
-        self.settled = False
-        self.lost = anyio.Event()
-        self._slot_held = True
-        self._held = False
-        self._deadline = 0.0
-
-    @property
-    def delivery_count(self) -> int:
-        """Earlier deliveries of this message, as counted by a quorum queue."""
-        value = self.headers.get("x-delivery-count", 0)
-        return value if isinstance(value, int) else 0
-
-    def hold(self) -> None:
-        """Say this message will stay unacknowledged a while (its run waits for its start
-        time), so that it does not keep the window closed for runs that could start now."""
-        if not self._held and not self.settled:
-            self._held = True
-            self._consumer._on_hold(self)
-
-    async def ack_started(self) -> None:
-        """Acknowledge a run whose process has started; it keeps its slot."""
-        await self._consumer._ack_started(self)
-
-    async def settle(self, *, requeue: bool = False, failed: bool = False) -> None:
-        """Acknowledge (or give back) a message whose run will not run here; free its slot.
-
-        A message given back because handling it failed (`failed`) counts towards
-        its queue's delivery limit; one given back for any other reason does not
-        (on brokers that tell the two apart: RabbitMQ 4.3 and later).
-        """
-        await self._consumer._settle(self, requeue=requeue, failed=failed)
-        self.release_slot()
-
-    def release_slot(self) -> None:
-        """Free the slot of a run that has ended."""
-        if self._slot_held:
-            self._slot_held = False
-            self._consumer._release_slot(self)
+__all__ = ["ConsumerStatistics", "Delivery", "Handler", "RunConsumer"]
 
 
 Handler = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 
+@dataclass(frozen=True)
+class ConsumerStatistics:
+    consumes: int
+    cancels: int
+    deferred_acks: int
+    overshoot: int  # deliveries that found no free slot (given back); 0 while the invariant holds
+    window: WindowStatistics
+
+
 class RunConsumer:
-    """Consumes `queues` with prefetch windows that never exceed the free slots."""
+    """Consumes `queues` with prefetch windows that never exceed the free slots of `limit`."""
 
     def __init__(
         self,
         *,
-        limiter: anyio.CapacityLimiter,
+        limit: int,
         window: int,
         ack_grace: float,
         handle: Handler,
         spawn: anyio.abc.TaskGroup,
         redeclare: Callable[[aiormq.abc.AbstractChannel, str], Awaitable[None]] | None = None,
     ) -> None:
-        self._limiter = limiter
-        self._max_window = max(1, window)
+        self._slots = anyio.CapacityLimiter(limit)
+        self._window: Window[Delivery] = Window(self._slots, max_window=window)
         self._ack_grace = ack_grace
         self._handle = handle
         self._spawn = spawn
@@ -166,14 +90,30 @@ class RunConsumer:
         self._wakeup = anyio.Event()
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._queues: list[str] = []
-        self._consumers: dict[str, _Consumer] = {}
-        self._deferred: list[Delivery] = []
         self._unsettled: set[Delivery] = set()
         self._needs_declare: set[str] = set()
         self._tags = itertools.count(1)
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
-        self.stats = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
+        self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
+
+    # -- slots -----------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return int(self._slots.total_tokens)
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots held by deliveries: runs being handled, held or running."""
+        return self._slots.borrowed_tokens
+
+    @property
+    def free_slots(self) -> int:
+        return int(self._slots.available_tokens)
+
+    def statistics(self) -> ConsumerStatistics:
+        return ConsumerStatistics(**self._counts, window=self._window.statistics())
 
     # -- control ---------------------------------------------------------------
 
@@ -200,7 +140,7 @@ class RunConsumer:
 
     @property
     def active_consumers(self) -> int:
-        return sum(1 for c in self._consumers.values() if c.active)
+        return self._window.active_consumers()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -218,14 +158,14 @@ class RunConsumer:
         """Consume on `channel` until cancelled; on exit every unsettled delivery is lost."""
         self._channel = channel
         self._queues = list(queues)
-        self._consumers.clear()
+        self._window.clear()
         channel.on_consumer_cancel_callbacks.add(self._on_server_cancel)
         try:
             while True:
                 await self._reconcile()
                 timeout = math.inf
-                if self._deferred:
-                    timeout = max(0.0, min(d._deadline for d in self._deferred) - time.monotonic())
+                if (deadline := self._window.next_deadline()) is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
                 if self._should_probe():
                     timeout = min(timeout, PROBE_SECONDS)
                 with anyio.move_on_after(timeout):
@@ -233,120 +173,53 @@ class RunConsumer:
                 self._wakeup = anyio.Event()
         finally:
             self._channel = None
-            self._consumers.clear()
-            self._deferred.clear()
+            self._window.clear()
             self.consuming = anyio.Event()
             self._idle.set()
             for delivery in list(self._unsettled):
                 delivery.lost.set()
             self._unsettled.clear()
 
-    # -- the window ------------------------------------------------------------
-
-    def _outstanding(self) -> int:
-        return sum(c.window for c in self._consumers.values())
-
-    def _room(self) -> int:
-        return int(self._limiter.total_tokens) - self._limiter.borrowed_tokens - self._outstanding()
+    # -- reconciling the windows with the free slots ---------------------------
 
     async def _reconcile(self) -> None:
         channel = self._channel
         if channel is None or channel.is_closed:
             return
-        await self._flush_deferred()
-        now = time.monotonic()
-        overdue = {d.consumer_tag for d in self._deferred if d._deadline <= now}
-        for tag in overdue:
-            await self._cancel(self._consumers.get(tag))
-        await self._flush_deferred()
-
         serving = self._serving()
-        if self._paused or not serving:
-            for consumer in list(self._consumers.values()):
-                await self._cancel(consumer)
+        stopped = bool(self._paused)
+        free = self._window.free_slots()
+        ready = None
+        if not stopped and len(serving) > 1 and free > 0:
+            ready = [await self._ready_count(channel, queue) for queue in serving]
+        await self._carry_out(self._window.reconcile(
+            now=time.monotonic(), stopped=stopped, serving=serving,
+            paused_queues=self._paused_queues, ready=ready, free=free,
+        ))
+        if stopped or not serving:
             self._idle.set()
-            return
-        for queue in self._paused_queues:
-            await self._cancel(self._active_on(queue))
-
-        if len(serving) > 1:
-            await self._reconcile_by_priority(channel, serving)
-        else:
-            await self._reconcile_single()
-        if self.active_consumers:
+        elif self.active_consumers:
             self.consuming.set()
 
     def _serving(self) -> list[str]:
         return [q for q in self._queues if q not in self._paused_queues]
 
-    async def _reconcile_single(self) -> None:
-        queue = self._serving()[0]
-        room = self._room()
-        if room <= 0:
-            return
-        current = self._active_on(queue)
-        share = self._max_window
-        if current is not None:
-            if current.window == 0 and current.held:
-                # Its window is closed by runs waiting for their start time: retire it
-                # (they stay unacknowledged on the channel) and open a new one.
-                await self._cancel(current)
-            elif current.prefetch >= share or room < share - current.prefetch:
-                return
+    async def _carry_out(self, steps: Iterator[Step[Delivery]]) -> None:
+        for step in steps:
+            if isinstance(step, Ack):
+                if self._usable(step.delivery):
+                    await self._ack(step.delivery)
+            elif isinstance(step, Cancel):
+                await self._cancel(step.consumer)
             else:
-                await self._cancel(current)  # grow a window shrunk by a capacity crunch
-            room = self._room()
-            if room <= 0:
-                return
-        await self._consume(queue, min(share, room))
-
-    async def _reconcile_by_priority(
-        self, channel: aiormq.abc.AbstractChannel, queues: list[str]
-    ) -> None:
-        """Give the free slots to the first-listed queues with runs waiting (see priority)."""
-        free = int(self._limiter.total_tokens) - self._limiter.borrowed_tokens
-        if free <= 0:
-            return
-        ready = [await self._ready_count(channel, queue) for queue in queues]
-        targets = allocate_windows(free, ready, self._max_window)
-        for queue, target in zip(queues, targets, strict=True):
-            current = self._active_on(queue)
-            if current is not None and (
-                target == 0 or current.window > target or (current.window == 0 and current.held)
-            ):
-                await self._cancel(current)
-        for queue, target in zip(queues, targets, strict=True):
-            if target == 0:
-                continue
-            current = self._active_on(queue)
-            if current is not None:
-                if current.window >= target:
-                    continue
-                await self._cancel(current)  # grow it: more runs wait than its window
-            room = self._room()
-            if room <= 0:
-                break
-            await self._consume(queue, min(target, room))
+                await self._consume(step.queue, step.prefetch)
 
     async def _ready_count(self, channel: aiormq.abc.AbstractChannel, queue: str) -> int:
         declared = await channel.queue_declare(queue, passive=True)
         return int(declared.message_count or 0)
 
     def _should_probe(self) -> bool:
-        """A queue nobody listens to while a window waits idle: look for runs there."""
-        serving = self._serving()
-        return (
-            len(serving) > 1
-            and not self._paused
-            and self._outstanding() > 0
-            and any(self._active_on(q) is None for q in serving)
-        )
-
-    def _active_on(self, queue: str) -> _Consumer | None:
-        for consumer in self._consumers.values():
-            if consumer.queue == queue and consumer.active:
-                return consumer
-        return None
+        return not self._paused and self._window.should_probe(self._serving())
 
     async def _consume(self, queue: str, prefetch: int) -> None:
         channel = self._channel
@@ -356,37 +229,37 @@ class RunConsumer:
             self._needs_declare.discard(queue)
         tag = f"mq_worker.{next(self._tags)}"
         # Counted before the broker hears of it, so concurrent decisions see the window.
-        consumer = _Consumer(queue=queue, tag=tag, prefetch=prefetch)
-        self._consumers[tag] = consumer
+        consumer = self._window.opened(queue, tag, prefetch)
         await channel.basic_qos(prefetch_count=prefetch)
         await channel.basic_consume(
             queue, lambda message: self._on_message(message, consumer), consumer_tag=tag
         )
-        self.stats["consumes"] += 1
+        self._counts["consumes"] += 1
 
-    async def _cancel(self, consumer: _Consumer | None) -> None:
-        if consumer is None or self._channel is None:
+    async def _cancel(self, consumer: ConsumerWindow) -> None:
+        if self._channel is None:
             return
-        consumer.active = False
+        self._window.retire(consumer)
         if consumer.tag in getattr(self._channel, "consumers", {}):
             await self._channel.basic_cancel(consumer.tag)
-            self.stats["cancels"] += 1
-        if consumer.unacked == 0:
-            self._consumers.pop(consumer.tag, None)
+            self._counts["cancels"] += 1
+        self._window.forget_if_drained(consumer)
 
     def _on_server_cancel(self, frame: Any) -> None:
-        consumer = self._consumers.get(frame.consumer_tag)
+        consumer = self._window.consumer(frame.consumer_tag)
         if consumer is None:
             return
         log.warning("the broker cancelled our consumer; declaring the queue and consuming again",
                     queue=consumer.queue)
-        consumer.active = False
+        self._window.retire(consumer)
         self._needs_declare.add(consumer.queue)
         self.wake()
 
     # -- deliveries ------------------------------------------------------------
 
-    async def _on_message(self, message: aiormq.abc.DeliveredMessage, consumer: _Consumer) -> None:
+    async def _on_message(
+        self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
+    ) -> None:
         if message.channel is not self._channel or message.channel.is_closed:
             # Its channel closed before this callback ran (a lost connection, a broker
             # node going down): the broker has taken the message back and delivers it
@@ -395,15 +268,15 @@ class RunConsumer:
                      queue=consumer.queue)
             return
         delivery = Delivery(self, message, consumer.queue)
-        consumer.unacked += 1
+        self._window.delivered(consumer)
         try:
-            self._limiter.acquire_on_behalf_of_nowait(delivery)
+            self._slots.acquire_on_behalf_of_nowait(delivery)
         except anyio.WouldBlock:
             # Cannot happen while the invariant holds; give it back rather than hoard it.
-            self.stats["overshoot"] += 1
-            delivery._slot_held = False
+            # It never reaches the handler, so its slot is never released.
+            self._counts["overshoot"] += 1
             log.warning("delivery beyond capacity given back", queue=consumer.queue)
-            await self._settle(delivery, requeue=True)
+            await self.settle(delivery, requeue=True)
             return
         self._unsettled.add(delivery)
         self._spawn.start_soon(self._handle, delivery)
@@ -420,46 +293,34 @@ class RunConsumer:
             return False
         return True
 
-    async def _ack_started(self, delivery: Delivery) -> None:
+    async def ack_started(self, delivery: Delivery) -> None:
+        """Acknowledge `delivery`, whose run has started: now, or once a slot frees."""
         if not self._usable(delivery):
             return
-        consumer = self._consumers.get(delivery.consumer_tag)
-        if consumer is None or not consumer.active or self._fits_one_more():
-            await self._ack(delivery, consumer)
+        if self._window.may_ack_started(delivery.consumer_tag):
+            await self._ack(delivery)
         else:
-            delivery._deadline = time.monotonic() + self._ack_grace
-            self._deferred.append(delivery)
-            self.stats["deferred_acks"] += 1
+            deadline = time.monotonic() + self._ack_grace
+            self._window.defer_ack(delivery, delivery.consumer_tag, deadline)
+            self._counts["deferred_acks"] += 1
             self.wake()
 
-    def _fits_one_more(self) -> bool:
-        return self._limiter.borrowed_tokens + self._outstanding() + 1 <= self._limiter.total_tokens
-
-    async def _flush_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, []
-        for delivery in deferred:
-            if not self._usable(delivery):
-                continue
-            consumer = self._consumers.get(delivery.consumer_tag)
-            if consumer is None or not consumer.active or self._fits_one_more():
-                await self._ack(delivery, consumer)
-            else:
-                self._deferred.append(delivery)
-
-    async def _ack(self, delivery: Delivery, consumer: _Consumer | None) -> None:
-        self._finish(delivery, consumer)
+    async def _ack(self, delivery: Delivery) -> None:
+        self._finish(delivery)
         try:
             await delivery.channel.basic_ack(delivery.delivery_tag, wait=False)
         except (aiormq.exceptions.AMQPError, RuntimeError):
             delivery.lost.set()
 
-    async def _settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
+    async def settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
+        """Acknowledge or give back `delivery`, whose run will not run here.
+
+        Its slot is the delivery's to release (`Delivery.settle` does both).
+        """
         if not self._usable(delivery):
             return
-        if delivery in self._deferred:
-            self._deferred.remove(delivery)
-        consumer = self._consumers.get(delivery.consumer_tag)
-        self._finish(delivery, consumer)
+        self._window.drop_deferred(delivery)
+        self._finish(delivery)
         try:
             if requeue and failed:
                 await delivery.channel.basic_reject(delivery.delivery_tag, requeue=True, wait=False)
@@ -470,22 +331,18 @@ class RunConsumer:
         except (aiormq.exceptions.AMQPError, RuntimeError):
             delivery.lost.set()
 
-    def _on_hold(self, delivery: Delivery) -> None:
-        consumer = self._consumers.get(delivery.consumer_tag)
-        if consumer is not None:
-            consumer.held += 1
+    def on_hold(self, delivery: Delivery) -> None:
+        """`delivery` waits for its start time: open a window beside it."""
+        if self._window.consumer(delivery.consumer_tag) is not None:
+            self._window.held(delivery.consumer_tag)
             self.wake()
 
-    def _finish(self, delivery: Delivery, consumer: _Consumer | None) -> None:
+    def _finish(self, delivery: Delivery) -> None:
         delivery.settled = True
         self._unsettled.discard(delivery)
-        if consumer is not None:
-            consumer.unacked -= 1
-            if delivery._held:
-                consumer.held -= 1
-            if not consumer.active and consumer.unacked == 0:
-                self._consumers.pop(consumer.tag, None)
+        self._window.acknowledged(delivery.consumer_tag, was_held=delivery.held)
 
-    def _release_slot(self, delivery: Delivery) -> None:
-        self._limiter.release_on_behalf_of(delivery)
+    def release_slot(self, delivery: Delivery) -> None:
+        """The slot of `delivery` is free again (its run ended, or it was settled)."""
+        self._slots.release_on_behalf_of(delivery)
         self.wake()

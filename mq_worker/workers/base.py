@@ -103,7 +103,6 @@ class BaseWorker(abc.ABC):
         self._signer = Signer.from_file(
             s.signing_key_file, max_age_seconds=s.signature_max_age_seconds
         ) if s.signing_key_file else None
-        self._limiter = anyio.CapacityLimiter(s.limit)
         spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
                  if s.spool_dir else None)
         self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
@@ -128,13 +127,13 @@ class BaseWorker(abc.ABC):
         self.source = self._report.source
         self._heartbeats = Heartbeats(
             book=self._book, link=self._link, reporter=self._report, outbox=self._outbox,
-            free_slots=lambda: self._limiter.available_tokens, pool=self.pool, worker=self.name,
+            free_slots=lambda: self.free_slots, pool=self.pool, worker=self.name,
             heartbeat_seconds=s.heartbeat_seconds, log=self.log,
         )
         self.ready = anyio.Event()
         self.metrics.bind_gauges(
             in_flight=lambda: len(self._book.active),
-            free=lambda: self._limiter.available_tokens,
+            free=lambda: self.free_slots,
             outbox=lambda: len(self._outbox),
         )
 
@@ -246,7 +245,7 @@ class BaseWorker(abc.ABC):
             await keeper.take(delivery)
 
         consumer = RunConsumer(
-            limiter=self._limiter,
+            limit=s.limit,
             window=s.window or 1,
             ack_grace=s.ack_grace,
             handle=take,
@@ -356,7 +355,8 @@ class BaseWorker(abc.ABC):
 
     @property
     def free_slots(self) -> int:
-        return int(self._limiter.available_tokens)
+        consumer = self._consumer
+        return consumer.free_slots if consumer is not None else self.settings.limit
 
     # For operators' tools and tests: the parts of a serving worker.
 

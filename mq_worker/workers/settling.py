@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from mq_worker import topology
@@ -55,13 +55,8 @@ class Settler:
         properties, dropped = fit_headers(
             delivery.properties,
             delivery.headers,
-            {
-                "x-mq-worker-reason": reason[:_MAX_REASON_CHARS],
-                "x-mq-worker-worker": self._worker,
-                "x-mq-worker-queue": delivery.queue,
-                "x-mq-worker-routing-key": delivery.routing_key,
-                "x-mq-worker-dead-lettered-at": datetime.now(UTC).isoformat(),
-            },
+            topology.dead_letter_headers(reason=reason[:_MAX_REASON_CHARS], worker=self._worker,
+                                         queue=delivery.queue, routing_key=delivery.routing_key),
             body_size=len(delivery.body),
             frame_max=frame_max_of(channel),
         )

@@ -1,0 +1,313 @@
+"""The consumer's window: how many runs the broker may still push, against the free slots.
+
+Pure bookkeeping, no I/O. `RunConsumer` tells the window what happened (a
+consumer opened or cancelled, a delivery arrived, was held or acknowledged)
+and asks it what to do next (acknowledge now or wait, which consumers to
+cancel and which to open with what prefetch); it then does that on the channel.
+
+The invariant (see mq_worker.consumer for why):
+
+    slots in use + messages the broker may still send us  <=  limit
+
+"Messages the broker may still send" (`outstanding`) is, summed over the
+active consumers, their prefetch minus their unacknowledged deliveries; a
+cancelled consumer may send nothing more. `room` is what the limit leaves
+once both are counted: a new consumer may be opened with at most that prefetch,
+and an acknowledgement that reopens a window without freeing a slot needs
+`fits_one_more` (until then it is deferred, here).
+
+Slots are counted by the consumer's limiter; the window only reads them.
+Deliveries are opaque keys to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeAlias, TypeVar
+
+from mq_worker.priority import allocate_windows
+
+
+class SlotCount(Protocol):
+    """What the window reads of a slot limiter (an `anyio.CapacityLimiter` is one)."""
+
+    @property
+    def total_tokens(self) -> float: ...
+
+    @property
+    def borrowed_tokens(self) -> int: ...
+
+
+@dataclass(eq=False)
+class ConsumerWindow:
+    """One consumer of one queue: its prefetch and its unacknowledged deliveries."""
+
+    queue: str
+    tag: str
+    prefetch: int
+    unacked: int = 0
+    held: int = 0  # of `unacked`, those whose run waits for its start time
+    active: bool = True
+
+    @property
+    def open(self) -> int:
+        """Deliveries the broker may still push on this consumer."""
+        return self.prefetch - self.unacked if self.active else 0
+
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class Ack(Generic[K]):
+    """Acknowledge this started run, whose acknowledgement was deferred: it fits now."""
+
+    delivery: K
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Cancel this consumer (it is already counted as closed)."""
+
+    consumer: ConsumerWindow
+
+
+@dataclass(frozen=True)
+class Consume:
+    """Open a consumer on `queue` with this prefetch."""
+
+    queue: str
+    prefetch: int
+
+
+Step: TypeAlias = "Ack[K] | Cancel | Consume"
+
+
+@dataclass(frozen=True)
+class WindowStatistics:
+    limit: int
+    slots_in_use: int
+    outstanding: int
+    active_consumers: int
+    waiting_acks: int  # of started runs, deferred until they fit
+
+    @property
+    def room(self) -> int:
+        return self.limit - self.slots_in_use - self.outstanding
+
+
+class Window(Generic[K]):
+    """The consumers of one channel and what they let the broker push, against `slots`."""
+
+    def __init__(self, slots: SlotCount, max_window: int) -> None:
+        self._slots = slots
+        self.max_window = max(1, max_window)
+        self._consumers: dict[str, ConsumerWindow] = {}
+        self._deferred: dict[K, tuple[str, float]] = {}  # delivery: (consumer tag, deadline)
+
+    # -- figures -------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return int(self._slots.total_tokens)
+
+    def free_slots(self) -> int:
+        return self.limit - self._slots.borrowed_tokens
+
+    def outstanding(self) -> int:
+        return sum(c.open for c in self._consumers.values())
+
+    def room(self) -> int:
+        return self.free_slots() - self.outstanding()
+
+    def fits_one_more(self) -> bool:
+        return self.room() >= 1
+
+    def statistics(self) -> WindowStatistics:
+        return WindowStatistics(
+            limit=self.limit,
+            slots_in_use=self._slots.borrowed_tokens,
+            outstanding=self.outstanding(),
+            active_consumers=self.active_consumers(),
+            waiting_acks=len(self._deferred),
+        )
+
+    def active_consumers(self) -> int:
+        return sum(1 for c in self._consumers.values() if c.active)
+
+    def consumers(self) -> list[ConsumerWindow]:
+        return list(self._consumers.values())
+
+    def consumer(self, tag: str) -> ConsumerWindow | None:
+        return self._consumers.get(tag)
+
+    def active_on(self, queue: str) -> ConsumerWindow | None:
+        for consumer in self._consumers.values():
+            if consumer.queue == queue and consumer.active:
+                return consumer
+        return None
+
+    # -- what happened -------------------------------------------------------------
+
+    def opened(self, queue: str, tag: str, prefetch: int) -> ConsumerWindow:
+        """A consumer is about to be registered: count its window from now on."""
+        consumer = ConsumerWindow(queue=queue, tag=tag, prefetch=prefetch)
+        self._consumers[tag] = consumer
+        return consumer
+
+    def retire(self, consumer: ConsumerWindow) -> None:
+        """The consumer is being cancelled (by us or the broker): its window is closed."""
+        consumer.active = False
+
+    def forget_if_drained(self, consumer: ConsumerWindow) -> None:
+        if not consumer.active and consumer.unacked == 0:
+            self._consumers.pop(consumer.tag, None)
+
+    def delivered(self, consumer: ConsumerWindow) -> None:
+        """The broker pushed one message on `consumer` (it has taken a slot)."""
+        consumer.unacked += 1
+
+    def held(self, tag: str) -> None:
+        """A delivery of `tag` will stay unacknowledged until its run's start time."""
+        consumer = self._consumers.get(tag)
+        if consumer is not None:
+            consumer.held += 1
+
+    def acknowledged(self, tag: str, *, was_held: bool) -> None:
+        """A delivery of `tag` was acknowledged, rejected or given back."""
+        consumer = self._consumers.get(tag)
+        if consumer is None:
+            return
+        consumer.unacked -= 1
+        if was_held:
+            consumer.held -= 1
+        self.forget_if_drained(consumer)
+
+    def may_ack_started(self, tag: str) -> bool:
+        """Whether a started run delivered on `tag` can be acknowledged now.
+
+        Acknowledging reopens its consumer's window without freeing a slot; on a
+        cancelled (or forgotten) consumer it reopens nothing.
+        """
+        consumer = self._consumers.get(tag)
+        return consumer is None or not consumer.active or self.fits_one_more()
+
+    def defer_ack(self, delivery: K, tag: str, deadline: float) -> None:
+        """Acknowledge `delivery` (of consumer `tag`) once it fits; after `deadline`
+        cancel its consumer instead, which lets it go at once."""
+        self._deferred[delivery] = (tag, deadline)
+
+    def drop_deferred(self, delivery: K) -> None:
+        """`delivery` was settled otherwise (or its channel is gone)."""
+        self._deferred.pop(delivery, None)
+
+    def next_deadline(self) -> float | None:
+        return min((deadline for _, deadline in self._deferred.values()), default=None)
+
+    def clear(self) -> None:
+        self._consumers.clear()
+        self._deferred.clear()
+
+    # -- what to do ----------------------------------------------------------------
+
+    def reconcile(
+        self,
+        *,
+        now: float,
+        stopped: bool,
+        serving: Sequence[str],
+        paused_queues: Collection[str],
+        ready: Sequence[int] | None,
+        free: int,
+    ) -> Iterator[Step[K]]:
+        """Every step of one reconciliation of the windows with the free slots.
+
+        A generator: each step is decided after the previous one was carried out,
+        against the window as it is then. `stopped`: take no runs at all (the
+        consumer is paused). `serving`: the queues to take runs from, first
+        listed first; with several, `ready` holds their ready counts, read while
+        `free` slots were free (None when there were none).
+        """
+        yield from self._due_acks()
+        overdue = {tag for tag, deadline in self._deferred.values() if deadline <= now}
+        for tag in overdue:
+            if (consumer := self._consumers.get(tag)) is not None:
+                yield Cancel(consumer)
+        yield from self._due_acks()
+        if stopped or not serving:
+            for consumer in self.consumers():
+                yield Cancel(consumer)
+        else:
+            for queue in list(paused_queues):
+                if (consumer := self.active_on(queue)) is not None:
+                    yield Cancel(consumer)
+            yield from self._due_acks()
+            if len(serving) > 1:
+                if ready is not None and free > 0:
+                    yield from self.plan_by_priority(serving, ready, free)
+            else:
+                yield from self.plan_single(serving[0])
+        # A cancelled consumer reopens nothing: what waited on it goes now, not at its deadline.
+        yield from self._due_acks()
+
+    def _due_acks(self) -> Iterator[Ack[K]]:
+        for delivery in list(self._deferred):
+            entry = self._deferred.get(delivery)
+            if entry is not None and self.may_ack_started(entry[0]):
+                del self._deferred[delivery]
+                yield Ack(delivery)
+
+    def plan_single(self, queue: str) -> Iterator[Cancel | Consume]:
+        """Steps that give `queue`, served alone, a window of up to `max_window`."""
+        room = self.room()
+        if room <= 0:
+            return
+        current = self.active_on(queue)
+        share = self.max_window
+        if current is not None:
+            if current.open == 0 and current.held:
+                # Its window is closed by runs waiting for their start time: retire it
+                # (they stay unacknowledged on the channel) and open a new one.
+                yield Cancel(current)
+            elif current.prefetch >= share or room < share - current.prefetch:
+                return
+            else:
+                yield Cancel(current)  # grow a window shrunk by a capacity crunch
+            room = self.room()
+            if room <= 0:
+                return
+        yield Consume(queue, min(share, room))
+
+    def plan_by_priority(
+        self, queues: Sequence[str], ready: Sequence[int], free: int
+    ) -> Iterator[Cancel | Consume]:
+        """Steps that share `free` slots out over `queues` (first listed first, see priority)
+        given the runs `ready` in each."""
+        targets = allocate_windows(free, ready, self.max_window)
+        for queue, target in zip(queues, targets, strict=True):
+            current = self.active_on(queue)
+            if current is not None and (
+                target == 0 or current.open > target or (current.open == 0 and current.held)
+            ):
+                yield Cancel(current)
+        for queue, target in zip(queues, targets, strict=True):
+            if target == 0:
+                continue
+            current = self.active_on(queue)
+            if current is not None:
+                if current.open >= target:
+                    continue
+                yield Cancel(current)  # grow it: more runs wait than its window
+            room = self.room()
+            if room <= 0:
+                return
+            yield Consume(queue, min(target, room))
+
+    def should_probe(self, serving: Sequence[str]) -> bool:
+        """A queue nobody listens to while a window waits idle: look for runs there."""
+        return (
+            len(serving) > 1
+            and self.outstanding() > 0
+            and any(self.active_on(q) is None for q in serving)
+        )

@@ -1,0 +1,383 @@
+"""The consumer's window, without a broker: its invariant under any interleaving.
+
+A state machine plays the broker and the worker around one `Window`, the way
+`RunConsumer` drives it: runs are published to several queues; the broker
+pushes them on registered consumers within their prefetch; the worker holds
+some (start time later), starts others (acknowledging at once or deferring the
+acknowledgement), settles some without running them (reject, park, give back),
+ends runs, lets deferred acknowledgements expire, pauses and resumes queues; the
+broker cancels consumers on its own; time passes. Reconciliations
+(`Window.reconcile`) are carried out one step at a time, with anything else
+happening between two steps.
+
+The model treats basic.consume and basic.cancel as taking effect at once;
+`RunConsumer` counts a consumer before it registers it and waits for cancel-ok.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anyio
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mq_worker.consumer import ConsumerStatistics, Delivery, RunConsumer
+from mq_worker.priority import allocate_windows
+from mq_worker.window import Ack, Cancel, Consume, ConsumerWindow, Step, Window, WindowStatistics
+
+QUEUES = ["high", "middle", "low"]
+pick = st.integers(min_value=0, max_value=1000)
+
+
+@dataclass
+class Slots:
+    """The consumer's limiter as the window reads it."""
+
+    total_tokens: int
+    borrowed_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Message:
+    queue: str
+    tag: str
+    held: bool = False
+    started: bool = False
+    deferred: bool = False
+    settled: bool = False  # acknowledged, rejected or given back on the broker
+    has_slot: bool = True
+
+    @property
+    def in_handling(self) -> bool:
+        """Delivered, not yet held, started or settled: it will soon be one of those."""
+        return not (self.settled or self.held or self.started)
+
+
+class WindowMachine(RuleBasedStateMachine):
+    @initialize(
+        limit=st.integers(min_value=1, max_value=6),
+        max_window=st.integers(min_value=1, max_value=4),
+        queue_count=st.integers(min_value=1, max_value=3),
+    )
+    def start(self, limit: int, max_window: int, queue_count: int) -> None:
+        self.slots = Slots(limit)
+        self.window: Window[Message] = Window(self.slots, max_window=max_window)
+        self.queues = QUEUES[:queue_count]
+        self.paused: set[str] = set()
+        self.stopped = False  # the whole consumer paused (outbox full, stopping)
+        self.clock = 0.0
+        self.ready = dict.fromkeys(self.queues, 0)
+        self.registered: dict[str, ConsumerWindow] = {}  # consumers the broker pushes on
+        self.broker_unacked: dict[str, int] = {}
+        self.messages: list[Message] = []
+        self.tags = 0
+        self.plan: Iterator[Step[Message]] | None = None
+        # After a full reconciliation that left runs waiting in queue i uncovered, until
+        # the next one: runs pushed from queues after i, and slots freed (docs/pools.md:
+        # "at most one lower run per free slot").
+        self.closed_below: int | None = None
+        self.lower_runs = self.freed_slots = 0
+
+    # -- the broker ------------------------------------------------------------------
+
+    @rule(queue=pick, count=st.integers(min_value=1, max_value=4))
+    def publish(self, queue: int, count: int) -> None:
+        self.ready[self.queues[queue % len(self.queues)]] += count
+
+    def _pushable(self) -> list[ConsumerWindow]:
+        return [c for c in self.registered.values()
+                if self.ready[c.queue] and c.prefetch - self.broker_unacked[c.tag] > 0]
+
+    @precondition(lambda self: bool(self._pushable()))
+    @rule(which=pick)
+    def push(self, which: int) -> None:
+        candidates = self._pushable()
+        consumer = candidates[which % len(candidates)]
+        assert self.slots.borrowed_tokens < self.slots.total_tokens, (
+            "the broker pushed a run that finds no free slot")
+        if self.closed_below is not None and self.queues.index(consumer.queue) > self.closed_below:
+            self.lower_runs += 1
+            assert self.lower_runs <= self.freed_slots, (
+                "a lower queue got more runs than slots freed while a higher one had runs left")
+        self.slots.borrowed_tokens += 1
+        self.window.delivered(consumer)
+        self.broker_unacked[consumer.tag] += 1
+        self.ready[consumer.queue] -= 1
+        self.messages.append(Message(consumer.queue, consumer.tag))
+
+    @precondition(lambda self: bool(self.registered))
+    @rule(which=pick)
+    def broker_cancels_a_consumer(self, which: int) -> None:
+        consumer = list(self.registered.values())[which % len(self.registered)]
+        self.window.retire(consumer)
+        del self.registered[consumer.tag]
+
+    # -- the worker's runs ------------------------------------------------------------
+
+    def _where(self, wanted: str) -> list[Message]:
+        return [m for m in self.messages if getattr(m, wanted)]
+
+    @precondition(lambda self: bool(self._where("in_handling")))
+    @rule(which=pick)
+    def hold_until_start_time(self, which: int) -> None:
+        message = self._choose("in_handling", which)
+        message.held = True
+        self.window.held(message.tag)
+
+    @precondition(lambda self: any(not m.settled and not m.started for m in self.messages))
+    @rule(which=pick)
+    def run_starts(self, which: int) -> None:
+        candidates = [m for m in self.messages if not m.settled and not m.started]
+        message = candidates[which % len(candidates)]
+        message.started = True
+        if self.window.may_ack_started(message.tag):
+            self._acknowledge(message)
+        else:
+            message.deferred = True
+            self.window.defer_ack(message, message.tag, deadline=self.clock + 1)
+
+    @precondition(lambda self: any(not m.settled and not m.started for m in self.messages))
+    @rule(which=pick, requeue=st.booleans())
+    def settled_without_running(self, which: int, requeue: bool) -> None:
+        candidates = [m for m in self.messages if not m.settled and not m.started]
+        message = candidates[which % len(candidates)]
+        self.window.drop_deferred(message)
+        self._acknowledge(message)
+        if requeue:
+            self.ready[message.queue] += 1
+        self._release(message)
+
+    @precondition(lambda self: any(m.started and m.has_slot for m in self.messages))
+    @rule(which=pick)
+    def run_ends(self, which: int) -> None:
+        candidates = [m for m in self.messages if m.started and m.has_slot]
+        self._release(candidates[which % len(candidates)])
+
+    @rule()
+    def time_passes(self) -> None:
+        self.clock += 1  # the grace of every acknowledgement deferred so far runs out
+
+    @rule(queue=pick, pause=st.booleans())
+    def pause_or_resume_a_queue(self, queue: int, pause: bool) -> None:
+        name = self.queues[queue % len(self.queues)]
+        (self.paused.add if pause else self.paused.discard)(name)
+
+    @rule(stop=st.booleans())
+    def stop_or_go_on_taking_runs(self, stop: bool) -> None:
+        self.stopped = stop
+
+    # -- reconciling ------------------------------------------------------------------
+
+    @rule()
+    def reconcile_one_step(self) -> None:
+        if self.plan is None:
+            self.plan = self._begin_reconciliation()
+        step = next(self.plan, None)
+        if step is None:
+            self.plan = None
+        else:
+            self._carry_out(step)
+
+    @rule()
+    def reconcile_with_nothing_in_between(self) -> None:
+        if self.plan is not None:
+            for step in self.plan:
+                self._carry_out(step)
+        free = self.window.free_slots()
+        ready = [self.ready[q] for q in self._serving()]
+        for step in self._begin_reconciliation():
+            self._carry_out(step)
+        self.plan = None
+        self._check_a_settled_window(free, ready)
+
+    def _begin_reconciliation(self) -> Iterator[Step[Message]]:
+        """What `RunConsumer._reconcile` reads before it carries out the plan."""
+        self.closed_below = None
+        serving = self._serving()
+        free = self.window.free_slots()
+        several = len(serving) > 1 and free > 0 and not self.stopped
+        return self.window.reconcile(
+            now=self.clock, stopped=self.stopped, serving=serving, paused_queues=set(self.paused),
+            ready=[self.ready[q] for q in serving] if several else None, free=free,
+        )
+
+    def _check_a_settled_window(self, free: int, ready: list[int]) -> None:
+        serving = self._serving()
+        if self.stopped or not serving:
+            assert self.window.outstanding() == 0
+            return
+        # No started run waits for its acknowledgement when it could be acknowledged.
+        assert not any(self.window.may_ack_started(m.tag) for m in self._where("deferred"))
+        # A free slot is offered to some queue (once the runs being handled have moved
+        # on: until then a single queue keeps its consumer, whose window they reopen).
+        if free > 0 and (len(serving) > 1 or not self._where("in_handling")):
+            assert self.window.outstanding() >= 1
+        if len(serving) > 1:
+            targets = allocate_windows(free, ready, self.window.max_window)
+            windows = [c.open if (c := self.window.active_on(q)) else 0 for q in serving]
+            assert windows == targets
+            waiting = next((i for i, count in enumerate(ready) if count), None)
+            if free > 0 and waiting is not None:
+                assert windows[waiting] >= 1  # the first-listed queue with runs waiting
+            for index, (count, target) in enumerate(zip(ready, targets, strict=True)):
+                if count > target:
+                    self.closed_below = self.queues.index(serving[index])
+                    self.lower_runs = self.freed_slots = 0
+                    assert not any(windows[index + 1:])
+                    break
+
+    # -- the consumer's side effects ------------------------------------------------
+
+    def _carry_out(self, step: Step[Message]) -> None:
+        if isinstance(step, Ack):
+            self._acknowledge(step.delivery)
+        elif isinstance(step, Cancel):
+            self.window.retire(step.consumer)
+            self.registered.pop(step.consumer.tag, None)
+            self.window.forget_if_drained(step.consumer)
+        else:
+            self.tags += 1
+            tag = f"mq_worker.{self.tags}"
+            self.registered[tag] = self.window.opened(step.queue, tag, step.prefetch)
+            self.broker_unacked[tag] = 0
+
+    def _acknowledge(self, message: Message) -> None:
+        message.settled, message.deferred = True, False
+        self.window.acknowledged(message.tag, was_held=message.held)
+        self.broker_unacked[message.tag] -= 1
+
+    def _release(self, message: Message) -> None:
+        if message.has_slot:
+            message.has_slot = False
+            self.slots.borrowed_tokens -= 1
+            self.freed_slots += 1
+
+    def _serving(self) -> list[str]:
+        return [q for q in self.queues if q not in self.paused]
+
+    def _choose(self, wanted: str, which: int) -> Message:
+        candidates = self._where(wanted)
+        return candidates[which % len(candidates)]
+
+    # -- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def slots_in_use_and_what_the_broker_may_send_stay_within_the_limit(self) -> None:
+        outstanding = self.window.outstanding()
+        assert self.slots.borrowed_tokens + outstanding <= self.slots.total_tokens
+        assert self.window.room() >= 0
+
+    @invariant()
+    def the_window_counts_what_the_broker_may_really_send(self) -> None:
+        may_send = sum(c.prefetch - self.broker_unacked[c.tag] for c in self.registered.values())
+        assert self.window.outstanding() == may_send
+
+    @invariant()
+    def a_slot_is_held_by_every_run_not_yet_ended(self) -> None:
+        assert self.slots.borrowed_tokens == sum(m.has_slot for m in self.messages)
+
+
+WindowMachine.TestCase.settings = settings(
+    max_examples=400, stateful_step_count=60, deadline=None
+)
+test_the_window_keeps_its_invariant_under_any_interleaving = WindowMachine.TestCase
+
+
+def test_a_delivery_uses_the_window_it_came_through_and_takes_a_slot() -> None:
+    slots = Slots(3)
+    window: Window[str] = Window(slots, max_window=2)
+    [consume] = list(window.plan_single("q"))
+    assert consume == Consume("q", 2)
+    consumer = window.opened("q", "t1", 2)
+    assert window.room() == 1
+    window.delivered(consumer)
+    slots.borrowed_tokens += 1
+    assert (window.outstanding(), window.room()) == (1, 1)
+    assert window.statistics() == WindowStatistics(
+        limit=3, slots_in_use=1, outstanding=1, active_consumers=1, waiting_acks=0)
+
+
+def test_acknowledging_a_started_run_waits_when_it_would_reopen_beyond_the_limit() -> None:
+    slots = Slots(1)
+    window: Window[str] = Window(slots, max_window=1)
+    consumer = window.opened("q", "t1", 1)
+    window.delivered(consumer)
+    slots.borrowed_tokens += 1
+    assert not window.may_ack_started("t1")  # the run keeps its slot: no room to reopen
+    window.retire(consumer)
+    assert window.may_ack_started("t1")  # a cancelled consumer reopens nothing
+
+
+def test_runs_waiting_for_their_start_time_do_not_keep_the_window_closed() -> None:
+    slots = Slots(3)
+    window: Window[str] = Window(slots, max_window=1)
+    consumer = window.opened("q", "t1", 1)
+    window.delivered(consumer)
+    slots.borrowed_tokens += 1
+    assert list(window.plan_single("q")) == []  # its run is being handled: wait for it
+    window.held("t1")
+    plan = window.plan_single("q")
+    assert next(plan) == Cancel(consumer)
+    window.retire(consumer)
+    assert list(plan) == [Consume("q", 1)]
+
+
+def test_a_plan_sizes_each_new_window_by_the_room_left_when_it_gets_there() -> None:
+    slots = Slots(3)
+    window: Window[str] = Window(slots, max_window=2)
+    plan = window.plan_by_priority(["high", "low"], ready=[1, 2], free=3)
+    assert next(plan) == Consume("high", 1)
+    high = window.opened("high", "t1", 1)
+    # Before the next step: a run of high arrives, starts, and is acknowledged.
+    window.delivered(high)
+    slots.borrowed_tokens += 1
+    assert window.may_ack_started("t1")
+    window.acknowledged("t1", was_held=False)
+    assert window.room() == 1
+    assert list(plan) == [Consume("low", 1)]  # not the 2 allotted when the plan began
+
+
+def test_a_deferred_acknowledgement_goes_as_soon_as_a_cancelled_consumer_makes_room() -> None:
+    slots = Slots(2)
+    window: Window[str] = Window(slots, max_window=1)
+    high, middle = window.opened("high", "t1", 1), window.opened("middle", "t2", 1)
+    window.delivered(high)
+    slots.borrowed_tokens += 1
+    assert not window.may_ack_started("t1")  # middle's window takes the last slot
+    window.defer_ack("run", "t1", deadline=10.0)
+    # middle is paused: cancelling its consumer makes room for the acknowledgement,
+    # which should not wait for its grace to run out (high has no window meanwhile).
+    plan = window.reconcile(now=0.0, stopped=False, serving=["high"], paused_queues={"middle"},
+                            ready=None, free=1)
+    assert next(plan) == Cancel(middle)
+    window.retire(middle)
+    window.forget_if_drained(middle)
+    assert next(plan, None) == Ack("run")
+
+
+@pytest.mark.anyio
+async def test_the_consumer_owns_the_slots_of_its_limit_and_reports_them_frozen() -> None:
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("nothing is delivered here")
+
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=3, window=2, ack_grace=1.0, handle=handle, spawn=tg)
+        assert (consumer.limit, consumer.free_slots, consumer.slots_in_use) == (3, 3, 0)
+        statistics = consumer.statistics()
+        assert statistics == ConsumerStatistics(
+            consumes=0, cancels=0, deferred_acks=0, overshoot=0,
+            window=WindowStatistics(limit=3, slots_in_use=0, outstanding=0, active_consumers=0,
+                                    waiting_acks=0))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            statistics.consumes = 1  # type: ignore[misc]
