@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
@@ -165,6 +165,20 @@ class RunEventData(_EventData):
     )
 
 
+class Omitted(Enum):
+    """A field left out of an event's data, as opposed to one given as null: a run cancelled
+    before it started has no `status_code` at all, a stopped one may have a null one."""
+
+    OMITTED = "omitted"
+
+
+OMITTED = Omitted.OMITTED
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not OMITTED}
+
+
 def run_event_data(
     *, run_id: str | None, run_name: str | None, pool: str, queue: str, worker: str,
     related: list[dict[str, Any]], tags: list[str], follows: str | None, attempt: int,
@@ -251,11 +265,11 @@ class CrashedData(RunEventData):
 
 def crashed_data(
     run: dict[str, Any], *, reason: CrashReason, message: str | None,
-    status_code: int | None = None, infrastructure_pid: str | None = None,
-    reported_by: str | None = None,
+    status_code: int | Omitted | None = OMITTED,
+    infrastructure_pid: str | Omitted | None = OMITTED, reported_by: str | None = None,
 ) -> dict[str, Any]:
-    data = {**run, "status_code": status_code, "reason": reason, "message": message,
-            "infrastructure_pid": infrastructure_pid}
+    data = {**run, **_given(status_code=status_code), "reason": reason, "message": message,
+            **_given(infrastructure_pid=infrastructure_pid)}
     if reported_by is not None:
         data["reported_by"] = reported_by
     return data
@@ -293,11 +307,11 @@ class CancelledData(RunEventData):
 
 
 def cancelled_data(
-    run: dict[str, Any], *, reason: str | None, status_code: int | None = None,
-    infrastructure_pid: str | None = None, message: str | None = None,
+    run: dict[str, Any], *, reason: str | None, status_code: int | Omitted | None = OMITTED,
+    infrastructure_pid: str | Omitted | None = OMITTED, message: str | None = None,
 ) -> dict[str, Any]:
-    data = {**run, "reason": reason, "status_code": status_code,
-            "infrastructure_pid": infrastructure_pid}
+    data = {**run, "reason": reason,
+            **_given(status_code=status_code, infrastructure_pid=infrastructure_pid)}
     if message is not None:
         data["message"] = message
     return data

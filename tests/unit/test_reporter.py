@@ -185,3 +185,18 @@ async def test_a_fenced_run_ends_with_the_event_a_peer_would_publish() -> None:
     crashed = orjson.loads(own.body)
     assert crashed["data"]["reason"] == "worker-lost" and crashed["data"]["reported_by"] == "w"
     assert_valid(crashed)
+
+
+def test_a_field_not_given_is_left_out_and_one_given_as_null_is_kept() -> None:
+    # What subscribers saw before the reporter existed: a run cancelled before it started
+    # has no exit status at all; one that could not be started has a null one.
+    cancelled_before_start = events.cancelled_data(RUN, reason="asked")
+    assert set(cancelled_before_start) == {*RUN, "reason"}
+    not_started = events.crashed_data(RUN, reason=CrashReason.SUBMISSION_FAILED, message="m",
+                                      status_code=None)
+    assert set(not_started) - set(RUN) == {"status_code", "reason", "message"}
+    assert not_started["status_code"] is None
+    lost_by_peer = events.crashed_data(RUN, reason=CrashReason.WORKER_LOST, message="m",
+                                       infrastructure_pid="h:1", reported_by="w2")
+    assert "status_code" not in lost_by_peer
+    assert lost_by_peer["infrastructure_pid"] == "h:1"
