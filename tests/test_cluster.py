@@ -586,7 +586,12 @@ class LoadUnderFaults:
         await eventually(lambda: len(self.load.runs) >= 50, 60,
                          in_phase(FAULTS, "50 runs are published"))
         await self.outage(placement.leader, "kill")
-        connected_now = await in_thread(self.cluster.connection_nodes, self.cvhost.name)
+        # Both workers may have moved while the leader was down: read where they are once
+        # each is connected again.
+        connected_now = await eventually(lambda: (lambda found: found if all(
+            found.get(f"mq_worker {name}") for name in placement.node_of) else None)(
+                self.cluster.connection_nodes(self.cvhost.name)), 60,
+            in_phase(FAULTS, "both workers are connected again"))
         for name in placement.node_of:
             placement.node_of[name] = connected_now[f"mq_worker {name}"]
         await self.outage(placement.victim_2, "stop")
@@ -616,7 +621,8 @@ class LoadUnderFaults:
                 lambda n=name: (lambda o: o if o and o[1] else None)(
                     self.watches[n].outage(fault.began)),
                 60, in_phase(FAULTS, f"{name} consumes again after node {node} went down"))
-        fault.lost_at = min(down for down, _ in outages.values())
+        # No worker on the node (both moved away after the first fault): nothing to notice.
+        fault.lost_at = min((down for down, _ in outages.values()), default=fault.began)
         for name, (_, back) in outages.items():
             fault.consuming_after[name] = back - fault.lost_at
         return fault
