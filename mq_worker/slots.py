@@ -13,11 +13,13 @@ to one consumer at a time, a slot is never usable twice.
 A run that finds no token does not wait on the worker: it is moved (confirmed
 publish, then acknowledgement) to `mq_worker.waiting-<digest>`, a FIFO queue of
 the runs waiting for that target, which frees its worker slot and lets the
-worker take other runs of the same queue. Whoever gives a token back, and a
-worker that has just queued a run there, then moves as many of the oldest
-waiting runs back to their work queues as there are free tokens ("wakes"
-them): each check follows the other's step, so no wakeup is lost; a periodic
-check (pool_control) also wakes runs for slots that came back when a holder died.
+worker take other runs of the same queue. A run that ends moves as many of the
+oldest waiting runs back to their work queues ("wakes" them) as it gave tokens
+back; a run that found no token and no run waiting before it wakes one if a
+token came free meanwhile: each check follows the other's step, so no wakeup is
+lost. Tokens that came back without a release (their holder died or was cut
+off) are handed on only by a periodic check (pool_control), after a grace that
+lets a holder that was only cut off take them back first (`reclaim`).
 
 Order of arrival: a fresh run joins the waiting queue instead of taking a free
 token when runs of its target wait (a woken run skips that check for the
@@ -29,6 +31,9 @@ again, at the back.
 from __future__ import annotations
 
 import contextlib
+import enum
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -48,6 +53,9 @@ from mq_worker.pool_admin import ROUTING_KEY_HEADER, queue_depths, wake_waiting
 log = structlog.get_logger("mq_worker.slots")
 
 WOKEN_HEADER = "x-mq-worker-woken-for"
+# How long a run waits, after a reconnection, for the slots of the runs still running
+# here to be taken again before it takes one itself.
+RECLAIM_WAIT_SECONDS = 10.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
@@ -64,6 +72,14 @@ class Lease:
 
     channel: aiormq.abc.AbstractChannel | None
     tokens: list[HeldToken] = field(default_factory=list)
+    run_id: str = ""
+
+
+class _Take(enum.Enum):
+    TAKEN = "taken"
+    NONE_FREE = "none free, none waiting"
+    NONE_FREE_BEHIND_OTHERS = "none free, or a woken run found none"
+    GIVEN_BACK = "taken, but runs wait: given back"
 
 
 @dataclass(frozen=True)
@@ -76,18 +92,25 @@ class Waiting:
 class SlotGate:
     """Takes and gives back the slot tokens of one worker's runs."""
 
-    def __init__(self, state: ControlState) -> None:
+    def __init__(self, state: ControlState,
+                 on_slot_lost: Callable[[str, str], None] | None = None) -> None:
         self.state = state
+        self._on_slot_lost = on_slot_lost
         self._slots: aiormq.abc.AbstractChannel | None = None
         self._publish: aiormq.abc.AbstractChannel | None = None
         self._leases: set[Lease] = set()
+        self._reclaimed = anyio.Event()
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
         """Use these channels of the current session (None: no session)."""
         self._slots, self._publish = slots, publish
+        if slots is None:
+            self._reclaimed.set()  # runs waiting for the reclaim give up with the session
+            self._reclaimed = anyio.Event()
 
-    async def admit(self, targets: list[str], delivery: Delivery) -> Lease | Waiting | None:
+    async def admit(self, targets: list[str], delivery: Delivery,
+                    run_id: str = "") -> Lease | Waiting | None:
         """Take a token of each limited target, or move the run to a waiting queue.
 
         None: the delivery's channel is gone (the broker delivers it again).
@@ -95,13 +118,20 @@ class SlotGate:
         slots, publish = self._slots, self._publish
         if slots is None or publish is None or slots.is_closed:
             return None
+        if not self._reclaimed.is_set():
+            # The runs still running here take their slots again first.
+            with anyio.move_on_after(RECLAIM_WAIT_SECONDS):
+                await self._reclaimed.wait()
+            if self._slots is not slots or slots.is_closed:
+                return None
         woken_for = _text(delivery.headers.get(WOKEN_HEADER))
-        lease = Lease(slots)
+        lease = Lease(slots, run_id=run_id)
         try:
             for target in targets:
                 check = target != woken_for
-                if not await self._take_unless_waiting(target, lease, publish, check):
-                    return await self._wait(target, delivery, lease, publish)
+                outcome = await self._take_unless_waiting(target, lease, publish, check)
+                if outcome is not _Take.TAKEN:
+                    return await self._wait(target, delivery, lease, publish, outcome)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.release(lease)
@@ -113,21 +143,44 @@ class SlotGate:
     async def reclaim(self) -> None:
         """After a reconnection: take again the slots of runs still running here.
 
-        The broker gave their tokens back when the old connection closed; until they
-        are taken again (first, before new runs) another worker may use them.
+        The broker gave their tokens back when the old connection closed. They come
+        back before any new run of this worker takes a token, and other workers leave
+        tokens that came back without a release alone for a while (pool_control), so
+        this normally succeeds. A run whose slot was taken all the same is over the
+        limit: it is reported to `on_slot_lost`, which stops it.
         """
         channel = self._slots
         if channel is None:
             return
-        for lease in list(self._leases):
-            if lease.channel is channel:
-                continue
-            targets = [token.target for token in lease.tokens]
-            lease.channel, lease.tokens = channel, []
-            for target in targets:
-                if not await self._take(target, lease):
-                    log.warning("a running run's slot was taken while disconnected; it runs "
-                                "over the limit until it ends", target=target)
+        try:
+            for lease in list(self._leases):
+                if lease.channel is channel:
+                    continue
+                held = Lease(channel, run_id=lease.run_id)
+                lost = None
+                for target in [token.target for token in lease.tokens]:
+                    if not await self._take(target, held):
+                        lost = target
+                        break
+                if lease not in self._leases:  # the run ended meanwhile
+                    await self._give_back(held)
+                    continue
+                lease.channel, lease.tokens = channel, held.tokens
+                if lost is not None:
+                    log.warning("a running run's slot was taken while this worker was cut "
+                                "off; stopping the run", target=lost, run_id=lease.run_id)
+                    if self._on_slot_lost is not None:
+                        self._on_slot_lost(lease.run_id, lost)
+        finally:
+            if self._slots is channel:
+                self._reclaimed.set()
+
+    async def _give_back(self, lease: Lease) -> None:
+        assert lease.channel is not None
+        with contextlib.suppress(*_CHANNEL_ERRORS):
+            for token in lease.tokens:
+                await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
+        lease.tokens = []
 
     async def release(self, lease: Lease) -> None:
         """Give back a run's tokens, then wake runs waiting for them."""
@@ -141,8 +194,11 @@ class SlotGate:
                     await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
                 else:  # the limit shrank or went away while the run held it
                     await lease.channel.basic_ack(token.tag)
-        for target in dict.fromkeys(token.target for token in tokens):
-            await self.wake(target)
+        # As many runs as this run gave slots back, whatever the broker counts free
+        # (it may not count a token given back a moment ago yet): a token that came back
+        # without a release (its holder was cut off) is not this run's to hand on.
+        for target, count in Counter(token.target for token in tokens).items():
+            await self._wake_for_released(target, count)
 
     def _still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)
@@ -150,17 +206,27 @@ class SlotGate:
             return False
         return limit.valid(number, version) or version > limit.newest_version
 
-    async def wake(self, target: str) -> None:
-        """Move as many runs waiting for `target` back to their work queues as there are
-        free tokens."""
+    async def wake(self, target: str, at_most: int) -> None:
+        """Move up to `at_most` runs waiting for `target` back to their work queues, no more
+        than there are free tokens."""
         slots, publish = self._slots, self._publish
         if slots is None or publish is None or slots.is_closed:
             return
         try:
             free, waiting = await queue_depths(slots, target)
             if free and waiting:
-                moved = await wake_waiting(slots, target, min(free, waiting), publisher=publish)
+                count = min(free, waiting, at_most)
+                moved = await wake_waiting(slots, target, count, publisher=publish)
                 log.debug("woke waiting runs", target=target, count=moved)
+        except _CHANNEL_ERRORS as exc:
+            log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
+
+    async def _wake_for_released(self, target: str, count: int) -> None:
+        slots, publish = self._slots, self._publish
+        if slots is None or publish is None or slots.is_closed:
+            return
+        try:
+            await wake_waiting(slots, target, count, publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
 
@@ -176,7 +242,7 @@ class SlotGate:
                         target=target, error=str(exc))
 
     async def _take_unless_waiting(self, target: str, lease: Lease,
-                                   other: aiormq.abc.AbstractChannel, check: bool) -> bool:
+                                   other: aiormq.abc.AbstractChannel, check: bool) -> _Take:
         """Take a token of `target` unless (with `check`) runs of it wait already.
 
         The waiting count is read on `other` while the token is asked for, so that
@@ -193,12 +259,15 @@ class SlotGate:
                 tg.start_soon(count)
             taken = await self._take(target, lease)
         if not waiting:
-            return taken
+            if taken:
+                return _Take.TAKEN
+            return _Take.NONE_FREE if check else _Take.NONE_FREE_BEHIND_OTHERS
         if taken and lease.tokens and lease.tokens[-1].target == target:
             held = lease.tokens.pop()
             assert lease.channel is not None
             await lease.channel.basic_nack(held.tag, requeue=True, wait=False)
-        return False
+            return _Take.GIVEN_BACK
+        return _Take.NONE_FREE_BEHIND_OTHERS
 
     async def _take(self, target: str, lease: Lease) -> bool:
         queue = topology.limit_queue_name(target)
@@ -227,7 +296,7 @@ class SlotGate:
             await channel.basic_ack(tag)
 
     async def _wait(self, target: str, delivery: Delivery, lease: Lease,
-                    publish: aiormq.abc.AbstractChannel) -> Waiting | None:
+                    publish: aiormq.abc.AbstractChannel, outcome: _Take) -> Waiting | None:
         await self.release(lease)
         if delivery.lost.is_set():
             return None  # a copy in the waiting queue would run it twice
@@ -242,7 +311,13 @@ class SlotGate:
             properties=properties, mandatory=True,
         )
         await delivery.settle()
-        await self.wake(target)
+        # A token taken and given back here is not woken for: the release that freed it
+        # woke a run already (or it came back without a release, see pool_control).
+        if outcome is _Take.NONE_FREE:
+            # A slot given back while this run was on its way here found no run waiting
+            # and woke nobody: wake this one. (With runs waiting before it, such a slot
+            # woke one of them.)
+            await self.wake(target, at_most=1)
         return Waiting(target)
 
 

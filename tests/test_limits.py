@@ -245,3 +245,38 @@ async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new
     # its one slot, and the removed slots were destroyed, not given back.
     assert most_at_once([s for s in spans if s[0] > shrunk_at]) == 1, spans
     assert most_at_once(spans) <= 3
+
+
+async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key_limit(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Its runs go on while the broker gives their slots back; other workers, with runs
+    waiting and short runs ending all the time, must not start more than the limit."""
+    await cli("limit", "set", "key:db", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=4, name="cut-link") as cut:
+        long = [run_body(probe(tmp_path, sleep=12), concurrency_key="db") for _ in range(2)]
+        for body in long:
+            await publish_raw(vhost.url, body)
+        await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"])
+                                            for b in long))
+        async with running_worker(vhost.url, limit=4, name="steady"):
+            short = [run_body(probe(tmp_path, sleep=0.2), concurrency_key="db")
+                     for _ in range(30)]
+            for body in short:
+                await publish_raw(vhost.url, body)
+            ids = [b["id"] for b in long + short]
+            await events.wait_for(lambda evs: len(
+                [e for e in evs if e.data.get("waiting_for") == "key:db"]) >= 5)
+            for _ in range(3):
+                ended = len([r for r in ids if events.terminal(r)])
+                assert vhost.close_connections("cut-link") == 1
+                await wait_until(lambda: not cut.connected, timeout=10)
+                await wait_until(lambda: cut.connected, timeout=30)
+                await events.wait_for(
+                    lambda _, before=ended: len([r for r in ids if events.terminal(r)])
+                    >= before + 2, timeout=30)
+            await events.wait_terminal(ids, timeout=90)
+    assert most_at_once(intervals(events.events, set(ids))) <= 3
+    # The runs that lost their slots with the connection took them back and went on.
+    assert [events.types(b["id"])[-1] for b in long] == ["run.completed"] * 2
+    assert all(events.types(b["id"])[-1] == "run.completed" for b in short)

@@ -142,6 +142,8 @@ class ActiveRun:
     wake: anyio.Event = field(default_factory=anyio.Event)
     policy: RunPolicy = NO_POLICY
     timed_out: bool = False
+    # The limit whose slot it lost while its worker was cut off: it is stopped.
+    slot_lost: str | None = None
     timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     retry_settled: anyio.Event = field(default_factory=anyio.Event)
 
@@ -222,7 +224,8 @@ class BaseWorker(abc.ABC):
         self._started_event_id: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._consumer: RunConsumer | None = None
-        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer)
+        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer,
+                                        on_slot_lost=self._on_slot_lost)
         self.pool_control.bind_metrics(self.metrics.registry)
         self._monitor = PoolMonitor(
             pool=self.pool, me=self.name, on_lost=self._report_lost, on_ping=self._heartbeat,
@@ -525,6 +528,8 @@ class BaseWorker(abc.ABC):
             tg.start_soon(_watch, connection.closed())
             for channel in channels:
                 tg.start_soon(_watch, channel.closed())
+            # First: the runs still running take their shared-limit slots again.
+            tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
             # Before anything unconfirmed goes out: endings peers may have reported are handed over.
             self._check_lease()
             tg.start_soon(self._outbox.publish_forever, session.publish)
@@ -539,7 +544,6 @@ class BaseWorker(abc.ABC):
             self.metrics.connected.set(1)
             tg.start_soon(self._monitor.run, session.aux, self.settings.heartbeat_seconds,
                           session.publish)
-            tg.start_soon(self.pool_control.maintain, raw[3], session.publish)
             if self._started_event_id is None:
                 self._started_event_id = self._emit_worker(EventType.WORKER_STARTED)
             tg.start_soon(self._heartbeat_loop)
@@ -803,6 +807,12 @@ class BaseWorker(abc.ABC):
             self._finish(active, EventType.RUN_CRASHED, status_code=code,
                          reason=CrashReason.TIMEOUT, message=_timeout_message(active, code),
                          **common)
+        elif active.slot_lost is not None and active.killed:
+            self._finish(active, EventType.RUN_CRASHED, status_code=code,
+                         reason=CrashReason.SLOT_LOST,
+                         message=f"its slot of {active.slot_lost} was taken by another run while "
+                                 "its worker was cut off from the broker; stopped to keep the "
+                                 "limit", **common)
         elif code == 0:
             self._finish(active, EventType.RUN_COMPLETED, status_code=0,
                          duration_seconds=round(duration or 0.0, 6), **common)
@@ -1315,6 +1325,15 @@ class BaseWorker(abc.ABC):
             self._reported_lost.popitem(last=False)
         self._fence(self._lease.confirmed_runs & set(run_ids), "a peer reported this worker lost",
                     since=time.monotonic())
+
+    def _on_slot_lost(self, run_id: str, target: str) -> None:
+        """A running run's shared-limit slot went to another run: stop it (see slots)."""
+        active = self._active.get(UUID(run_id))
+        if active is None or active.terminal or active.slot_lost is not None:
+            return
+        active.slot_lost = target
+        if active.state == "running" and self._tg is not None:
+            self._tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
 
     def _fence(self, run_ids: Iterable[str], why: str, *, since: float) -> None:
         """Stop runs peers may have reported lost with this worker; they end as reported."""
