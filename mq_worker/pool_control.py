@@ -19,7 +19,6 @@ from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.control import ControlFollower
 from mq_worker.limits import ControlState, pool_target, queue_target, run_targets
 from mq_worker.messages import RunMessage
-from mq_worker.pool_admin import queue_depths
 from mq_worker.slots import Lease, SlotGate, Waiting
 
 # How often a worker looks at the limits it serves: for its metrics, and to wake runs
@@ -30,8 +29,10 @@ CHECK_SECONDS = 1.0
 # when it reconnects (see slots.SlotGate.reclaim). A dead holder's slots are in use
 # again after about this long.
 RETURNED_SLOT_GRACE_SECONDS = 2.0
-# While slots seem free and runs wait, look again this often.
+# While slots seem free and runs wait, look again this often; a longer gap between two
+# looks starts the grace again (what happened in between is unknown).
 SETTLING_CHECK_SECONDS = 0.4
+_LONGEST_GAP_SECONDS = 1.0
 _NO_LIMITS = Lease(channel=None)
 
 log = structlog.get_logger("mq_worker.pool_control")
@@ -105,7 +106,7 @@ class PoolControl:
                 removed, self._removed = self._removed, set()
                 for target in removed:
                     await self.gate.wake_all(target)
-                settling = await self._check_limits(slots)
+                settling = await self._check_limits()
                 pause = SETTLING_CHECK_SECONDS if settling else CHECK_SECONDS
                 # Jittered, so that workers rarely wake the same waiting runs at once.
                 with anyio.move_on_after(pause * random.uniform(0.5, 1.5)):
@@ -114,13 +115,16 @@ class PoolControl:
         finally:
             self.gate.bind(None, None)
 
-    async def _check_limits(self, channel: aiormq.abc.AbstractChannel) -> bool:
+    async def _check_limits(self) -> bool:
         """Refresh the metrics and wake the runs waiting for slots that have stayed free;
         True while some slots seem free with runs waiting."""
         mine = {pool_target(self.pool), *(queue_target(self.pool, q) for q in self.queues)}
         settling = False
         for target in sorted((mine | self._touched) & set(self.state.limits)):
-            free, queued = await queue_depths(channel, target)
+            depths = await self.gate.depths(target)
+            if depths is None:
+                break
+            free, queued = depths
             if free and queued:
                 settled = self._settled_free(target, free)
                 if settled:
@@ -146,6 +150,8 @@ class PoolControl:
         """How many of `target`'s tokens every check of the last grace period found free."""
         now = time.monotonic()
         seen = self._free_seen.setdefault(target, deque())
+        if seen and now - seen[-1][0] > _LONGEST_GAP_SECONDS:
+            seen.clear()
         seen.append((now, free))
         while len(seen) > 1 and seen[1][0] <= now - RETURNED_SLOT_GRACE_SECONDS:
             seen.popleft()

@@ -31,7 +31,6 @@ again, at the back.
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +56,10 @@ WOKEN_HEADER = "x-mq-worker-woken-for"
 # here to be taken again before it takes one itself.
 RECLAIM_WAIT_SECONDS = 10.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+# How often a run tries, half a second apart, while its waiting queue cannot be found
+# (a node being lost), before it is given back.
+_LOOKUP_ATTEMPTS = 60
+_UNKNOWN = -1
 
 
 class HeldToken(NamedTuple):
@@ -73,13 +76,6 @@ class Lease:
     channel: aiormq.abc.AbstractChannel | None
     tokens: list[HeldToken] = field(default_factory=list)
     run_id: str = ""
-
-
-class _Take(enum.Enum):
-    TAKEN = "taken"
-    NONE_FREE = "none free, none waiting"
-    NONE_FREE_BEHIND_OTHERS = "none free, or a woken run found none"
-    GIVEN_BACK = "taken, but runs wait: given back"
 
 
 @dataclass(frozen=True)
@@ -100,6 +96,11 @@ class SlotGate:
         self._publish: aiormq.abc.AbstractChannel | None = None
         self._leases: set[Lease] = set()
         self._reclaimed = anyio.Event()
+        # Channels of this gate's own on the session's connection, so that the lookups
+        # before a start, the wakes after an end and the token requests do not queue
+        # behind each other (a channel has one request in flight at a time).
+        self._own: dict[str, aiormq.abc.AbstractChannel] = {}
+        self._opening = anyio.Lock()
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
@@ -126,19 +127,94 @@ class SlotGate:
                 return None
         woken_for = _text(delivery.headers.get(WOKEN_HEADER))
         lease = Lease(slots, run_id=run_id)
+        # A woken run skips the waiting check for the target it was woken for.
+        checked = [target for target in targets if target != woken_for]
+        waiting: dict[str, int] = {}
         try:
-            for target in targets:
-                check = target != woken_for
-                outcome = await self._take_unless_waiting(target, lease, publish, check)
-                if outcome is not _Take.TAKEN:
-                    return await self._wait(target, delivery, lease, publish, outcome)
+            for _ in range(_LOOKUP_ATTEMPTS):
+                missing = await self._take_and_count(slots, targets, checked, lease, waiting)
+                if _UNKNOWN not in waiting.values():
+                    break
+                # `limit set` declares the waiting queue with the token queue: missing,
+                # it is on a node being lost. Taking a token now could overtake waiting
+                # runs, or take the slot of a run whose worker is reconnecting.
+                await self._give_back(lease)
+                if self._slots is not slots:
+                    return None
+                await anyio.sleep(0.5)
+            else:
+                raise ConnectionError(f"cannot count the runs waiting for {targets}")
+            blocked = next((t for t in targets if waiting.get(t) or t == missing), None)
+            if blocked is not None:
+                # Only a run that found no token and no run waiting before it wakes one
+                # (see _wait); a token taken here and given back is not woken for: the
+                # release that freed it woke a run already, or it came back without a
+                # release (see pool_control).
+                first = blocked == missing and blocked in checked and not waiting[blocked]
+                return await self._wait(blocked, delivery, lease, publish, wake=first)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.release(lease)
+                await self._give_back(lease)
             raise
         if lease.tokens:
             self._leases.add(lease)
         return lease
+
+    async def _take_and_count(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
+                              checked: list[str], lease: Lease,
+                              waiting: dict[str, int]) -> str | None:
+        """Take a token of each target, and count the runs waiting for those `checked`;
+        the first target without a free token, if any.
+
+        The waiting counts are read while the tokens are asked for: both cost one
+        round trip per target before the run starts, not two.
+        """
+        async with anyio.create_task_group() as tg:
+            if checked:
+                tg.start_soon(self._count_waiting, slots, checked, waiting)
+            missing = await self._take_each(targets, lease)
+        return missing
+
+    async def _take_each(self, targets: list[str], lease: Lease) -> str | None:
+        """Take a token of each target in turn; the first that has none, if any."""
+        for target in targets:
+            if not await self._take(target, lease):
+                return target
+        return None
+
+    async def _count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
+                             counts: dict[str, int]) -> None:
+        for target in targets:
+            waiting = await self._waiting(await self._channel("lookups", slots), target)
+            counts[target] = _UNKNOWN if waiting is None else waiting
+
+    @staticmethod
+    async def _waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
+        """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
+        None if the broker does not find the queue (and closes the channel)."""
+        try:
+            declared = await channel.queue_declare(topology.waiting_queue_name(target),
+                                                   passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return int(declared.message_count or 0)
+
+    async def _channel(self, purpose: str,
+                       slots: aiormq.abc.AbstractChannel) -> aiormq.abc.AbstractChannel:
+        """This gate's own channel for `purpose` on the connection of `slots`."""
+        async with self._opening:
+            channel = self._own.get(purpose)
+            if channel is None or channel.is_closed or channel.connection is not slots.connection:
+                channel = self._own[purpose] = await slots.connection.channel(
+                    publisher_confirms=False)
+            return channel
+
+    async def depths(self, target: str) -> tuple[int, int] | None:
+        """(free tokens, runs waiting) of `target`; None without a session."""
+        slots = self._slots
+        if slots is None or slots.is_closed:
+            return None
+        return await queue_depths(await self._channel("checks", slots), target)
 
     async def reclaim(self) -> None:
         """After a reconnection: take again the slots of runs still running here.
@@ -213,10 +289,11 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            free, waiting = await queue_depths(slots, target)
+            channel = await self._channel("wakes", slots)
+            free, waiting = await queue_depths(channel, target)
             if free and waiting:
                 count = min(free, waiting, at_most)
-                moved = await wake_waiting(slots, target, count, publisher=publish)
+                moved = await wake_waiting(channel, target, count, publisher=publish)
                 log.debug("woke waiting runs", target=target, count=moved)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
@@ -226,7 +303,11 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            await wake_waiting(slots, target, count, publisher=publish)
+            channel = await self._channel("wakes", slots)
+            waiting = await self._waiting(channel, target)
+            if waiting:
+                await wake_waiting(await self._channel("wakes", slots), target,
+                                   min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
 
@@ -236,38 +317,11 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            await wake_waiting(slots, target, None, publisher=publish)
+            await wake_waiting(await self._channel("wakes", slots), target, None,
+                               publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not send back runs waiting for a removed limit",
                         target=target, error=str(exc))
-
-    async def _take_unless_waiting(self, target: str, lease: Lease,
-                                   other: aiormq.abc.AbstractChannel, check: bool) -> _Take:
-        """Take a token of `target` unless (with `check`) runs of it wait already.
-
-        The waiting count is read on `other` while the token is asked for, so that
-        both cost one round trip before the run starts, not two.
-        """
-        waiting = 0
-
-        async def count() -> None:
-            nonlocal waiting
-            _, waiting = await queue_depths(other, target)
-
-        async with anyio.create_task_group() as tg:
-            if check:
-                tg.start_soon(count)
-            taken = await self._take(target, lease)
-        if not waiting:
-            if taken:
-                return _Take.TAKEN
-            return _Take.NONE_FREE if check else _Take.NONE_FREE_BEHIND_OTHERS
-        if taken and lease.tokens and lease.tokens[-1].target == target:
-            held = lease.tokens.pop()
-            assert lease.channel is not None
-            await lease.channel.basic_nack(held.tag, requeue=True, wait=False)
-            return _Take.GIVEN_BACK
-        return _Take.NONE_FREE_BEHIND_OTHERS
 
     async def _take(self, target: str, lease: Lease) -> bool:
         queue = topology.limit_queue_name(target)
@@ -296,8 +350,8 @@ class SlotGate:
             await channel.basic_ack(tag)
 
     async def _wait(self, target: str, delivery: Delivery, lease: Lease,
-                    publish: aiormq.abc.AbstractChannel, outcome: _Take) -> Waiting | None:
-        await self.release(lease)
+                    publish: aiormq.abc.AbstractChannel, wake: bool) -> Waiting | None:
+        await self._give_back(lease)
         if delivery.lost.is_set():
             return None  # a copy in the waiting queue would run it twice
         properties = delivery.properties
@@ -311,9 +365,7 @@ class SlotGate:
             properties=properties, mandatory=True,
         )
         await delivery.settle()
-        # A token taken and given back here is not woken for: the release that freed it
-        # woke a run already (or it came back without a release, see pool_control).
-        if outcome is _Take.NONE_FREE:
+        if wake:
             # A slot given back while this run was on its way here found no run waiting
             # and woke nobody: wake this one. (With runs waiting before it, such a slot
             # woke one of them.)
