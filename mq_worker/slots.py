@@ -306,8 +306,7 @@ class SlotGate:
             channel = await self._channel("wakes", slots)
             waiting = await self._waiting(channel, target)
             if waiting:
-                await wake_waiting(await self._channel("wakes", slots), target,
-                                   min(count, waiting), publisher=publish)
+                await wake_waiting(channel, target, min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
 
