@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 import aiormq.abc
 import aiormq.exceptions
@@ -28,15 +25,28 @@ import structlog
 from pamqp import commands as spec
 
 from mq_worker.broker import deliver_frame, delivery_tag
+from mq_worker.cancel_registry import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_WINDOW_SECONDS,
+    CancelRecord,
+    CancelRegistry,
+)
 from mq_worker.errors import InvalidMessage
 from mq_worker.messages import parse_cancel
 from mq_worker.topology import CANCEL_REPORTED_HEADER, CANCELS_STREAM, cancel_routing_key
 
 log = structlog.get_logger("mq_worker.cancellation")
 
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_WINDOW_SECONDS",
+    "CancelFollower",
+    "CancelRecord",
+    "CancelRegistry",
+    "StreamConsumerCancelled",
+]
+
 MARKER_HEADER = "x-mq-worker-marker"
-DEFAULT_WINDOW_SECONDS = 30 * 24 * 3600
-DEFAULT_MAX_ENTRIES = 1_000_000
 # The marker's confirmation can be lost when the stream's leader fails; without it
 # the session could wait forever. A TimeoutError ends the session: the worker reconnects.
 MARKER_CONFIRM_TIMEOUT = 15.0
@@ -48,57 +58,6 @@ _REPLAY_ACK_EVERY = 200
 
 class StreamConsumerCancelled(ConnectionError):
     """The broker cancelled the cancel stream's consumer: the session must start again."""
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRecord:
-    run_id: UUID
-    reason: str | None
-    at: float
-    reported: bool = False  # a worker has published the run's `cancelled` event already
-
-
-class CancelRegistry:
-    """The cancels of the retention window, at most `max_entries` of them."""
-
-    def __init__(
-        self,
-        window_seconds: float = DEFAULT_WINDOW_SECONDS,
-        max_entries: int = DEFAULT_MAX_ENTRIES,
-    ) -> None:
-        self.window_seconds = window_seconds
-        self.max_entries = max_entries
-        self._records: OrderedDict[UUID, CancelRecord] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def add(self, record: CancelRecord) -> bool:
-        """Remember `record`; False if its run was already cancelled."""
-        if record.run_id in self._records:
-            return False
-        self._records[record.run_id] = record
-        self._expire()
-        return True
-
-    def get(self, run_id: UUID) -> CancelRecord | None:
-        return self._records.get(run_id)
-
-    def mark_reported(self, run_id: UUID) -> None:
-        record = self._records.get(run_id)
-        if record is not None:
-            self._records[run_id] = replace(record, reported=True)
-
-    def _expire(self) -> None:
-        horizon = time.time() - self.window_seconds
-        while self._records:
-            oldest = next(iter(self._records.values()))
-            if oldest.at >= horizon and len(self._records) <= self.max_entries:
-                break
-            self._records.popitem(last=False)
-            if oldest.at >= horizon:
-                log.warning("cancel registry full: forgetting the oldest cancel",
-                            max_entries=self.max_entries)
 
 
 class CancelFollower:
