@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -81,6 +81,32 @@ class CancelRegistry:
         key = run_id.int
         if key in self._at:
             self._notes[key] = (self._notes.get(key, (None, False))[0], True)
+
+    def rows(self) -> list[tuple[int, float, str | None, bool]]:
+        """(run id as integer, when, reason, reported) of every cancel held, oldest first."""
+        notes, at = self._notes, self._at
+        return [(key, at[key], *notes.get(key, (None, False))) for key in self._order]
+
+    def restore(self, rows: Iterable[tuple[int, float, str | None, bool]],
+                now: float | None = None) -> int:
+        """Add `rows` (as `rows()` gives them) not yet held and within the window; return
+        how many were added."""
+        horizon = (time.time() if now is None else now) - self.window_seconds
+        added = 0
+        shared = self._last_at
+        for key, at, reason, reported in rows:
+            if at < horizon or key in self._at:
+                continue
+            if at != shared:
+                shared = float(at)
+            self._at[key] = shared
+            self._order.append(key)
+            if reason is not None or reported:
+                self._notes[key] = (reason, reported)
+            added += 1
+        self._last_at = shared
+        self._expire(time.time() if now is None else now)
+        return added
 
     def records(self) -> Iterator[CancelRecord]:
         """Every cancel held, oldest first."""

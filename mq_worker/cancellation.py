@@ -24,6 +24,7 @@ import anyio.abc
 import structlog
 from pamqp import commands as spec
 
+from mq_worker import cancel_snapshots
 from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
@@ -31,7 +32,7 @@ from mq_worker.cancel_registry import (
     CancelRecord,
     CancelRegistry,
 )
-from mq_worker.errors import InvalidMessage
+from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
 from mq_worker.topology import CANCEL_REPORTED_HEADER, CANCELS_STREAM, cancel_routing_key
 
@@ -72,12 +73,19 @@ class CancelFollower:
         on_invalid: Callable[[InvalidMessage, bool], None],
         verify: Callable[[bytes, dict[str, Any]], None] | None = None,
         max_bytes: int,
+        keeps_snapshots: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`keeps_snapshots`: whether this worker now keeps its pool's snapshots current
+        (it is the elected reporter); see mq_worker.cancel_snapshots."""
         self._routing_key = cancel_routing_key(pool)
         self._registry = registry
         self._on_cancel = on_cancel
         self._on_invalid = on_invalid
         self._verify = verify
+        self._pool = pool
+        self._keeps_snapshots = keeps_snapshots
+        # The cancel stream offset the newest snapshot known to this worker covers up to.
+        self._snapshot_offset: int | None = None
         self._max_bytes = max_bytes
         self._next_offset: int | None = None
         self._marker: str | None = None
@@ -108,11 +116,13 @@ class CancelFollower:
             if frame.consumer_tag == self._consumer_tag:
                 # The stream is gone; offsets of a new one start again at 0.
                 self._next_offset = None
+                self._snapshot_offset = None
                 cancelled.set()
 
         channel.on_consumer_cancel_callbacks.add(on_server_cancel)
         try:
             await channel.basic_qos(prefetch_count=1000)
+            await self._start_from_snapshot(channel, publisher)
             await self._consume(channel, publisher, resume=True)
             if not await self._wait_caught_up():
                 # Nothing at all came from the stored offset: it is past the end of the
@@ -128,11 +138,99 @@ class CancelFollower:
                     raise TimeoutError("the cancel stream sent nothing, not even our marker")
             log.debug("cancel stream caught up", registry=len(self._registry))
             task_status.started()
-            await cancelled.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_snapshots, channel.connection)
+                await cancelled.wait()
+                tg.cancel_scope.cancel()
             raise StreamConsumerCancelled(
                 "the broker cancelled the consumer of the cancel stream (stream deleted?)")
         finally:
             channel.on_consumer_cancel_callbacks.discard(on_server_cancel)
+
+    @property
+    def _snapshots(self) -> bool:
+        return self._verify is None
+
+    async def _start_from_snapshot(
+        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
+    ) -> None:
+        """Fill the empty registry from the pool's newest snapshot, and read on from there.
+
+        Only if the stream is long enough for a snapshot to exist and be worth reading:
+        a new pool's first worker does not wait for a snapshot that never comes.
+        """
+        if not self._snapshots or self._next_offset is not None or len(self._registry):
+            return
+        end = await self._stream_end(channel, publisher)
+        if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
+            return
+        try:
+            snapshot = await cancel_snapshots.read_newest(
+                channel.connection, self._pool, self._registry.window_seconds)
+        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
+                TimeoutError) as exc:
+            log.warning("cannot read cancel snapshots; reading the whole window",
+                        error=str(exc))
+            return
+        if snapshot is None:
+            return
+        # The worker takes no run yet: there is nothing to call on_cancel for.
+        restored = self._registry.restore(snapshot.rows)
+        self._next_offset = self._snapshot_offset = snapshot.next_offset
+        log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
+
+    async def _stream_end(
+        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
+    ) -> int | None:
+        """The offset of a marker published now at the end of the cancel stream, read from
+        the stream's last chunk (None if it does not come)."""
+        marker = uuid.uuid4().hex
+        found: list[int] = []
+        arrived = anyio.Event()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            headers = message.header.properties.headers or {}
+            value = headers.get(MARKER_HEADER)
+            offset = headers.get("x-stream-offset")
+            if value in (marker, marker.encode()) and isinstance(offset, int):
+                found.append(offset)
+                arrived.set()
+
+        ok = await channel.basic_consume(CANCELS_STREAM, on_message, no_ack=False,
+                                         arguments={"x-stream-offset": "last"})
+        try:
+            await self._publish_marker(publisher, marker)
+            with anyio.move_on_after(MARKER_STALL_SECONDS):
+                await arrived.wait()
+        finally:
+            assert ok.consumer_tag is not None
+            await channel.basic_cancel(ok.consumer_tag)
+        return found[0] if found else None
+
+    async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Snapshot at once after a long replay (SNAPSHOT_EVERY messages past the snapshot
+        it started from, or past the stream's start), then whenever the stream has grown
+        that much while this worker keeps its pool's snapshots."""
+        if not self._snapshots:
+            return
+        first = True
+        while True:
+            offset = self._next_offset
+            if offset is not None and (first or self._keeps_snapshots()):
+                known = self._snapshot_offset or 0
+                if offset - known >= cancel_snapshots.SNAPSHOT_EVERY:
+                    await self._snapshot(connection, offset)
+            first = False
+            await anyio.sleep(cancel_snapshots.CHECK_SECONDS)
+
+    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int) -> None:
+        self._snapshot_offset = offset  # too large or refused: not again before SNAPSHOT_EVERY
+        try:
+            await cancel_snapshots.publish(connection, self._registry, pool=self._pool,
+                                           next_offset=offset)
+        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
+                TimeoutError, RuntimeError) as exc:
+            log.warning("could not publish a cancel snapshot", error=str(exc))
 
     async def _consume(
         self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel,
@@ -154,11 +252,15 @@ class CancelFollower:
         )
         self._consumer_tag = ok.consumer_tag
         # A marker published now comes after every cancel already in the stream.
+        await self._publish_marker(publisher, self._marker)
+
+    @staticmethod
+    async def _publish_marker(publisher: aiormq.abc.AbstractChannel, marker: str) -> None:
         await publisher.basic_publish(
             b"",
             exchange="",
             routing_key=CANCELS_STREAM,
-            properties=spec.Basic.Properties(headers={MARKER_HEADER: self._marker}),
+            properties=spec.Basic.Properties(headers={MARKER_HEADER: marker}),
             timeout=MARKER_CONFIRM_TIMEOUT,
         )
 

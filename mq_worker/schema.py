@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.json_schema import models_json_schema
 
 from mq_worker import topology
+from mq_worker.cancel_snapshots import CancelSnapshotMessage
 from mq_worker.control import ControlMessage
 from mq_worker.events import CONTENT_TYPE, DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
@@ -96,6 +97,7 @@ def _models() -> dict[str, type[BaseModel]]:
         "control": ControlMessage,
         "event": EventEnvelope,
         "output": OutputMessage,
+        "cancel-snapshot": CancelSnapshotMessage,
     }
     for event_type in [*EVENT_TYPES, PING]:
         models[event_type] = event_model(event_type)
@@ -234,6 +236,24 @@ def _channels() -> dict[str, Any]:
         "messages": {_camel(PING): _ref("components", "messages", _camel(PING))},
         "bindings": _exchange(topology.PING_EXCHANGE),
     }
+    channels["cancelSnapshots"] = {
+        "address": topology.cancel_snapshot_stream_name("{pool}"),
+        "title": "Snapshots of a pool's cancel window",
+        "description": (
+            f"A stream per pool, written and read by its workers through the default exchange. "
+            f"A starting worker reads the newest snapshot (`x-stream-offset: last`), then "
+            f"`{topology.CANCELS_STREAM}` from the snapshot's `next_offset`. Workers started "
+            f"with --signing-key-file neither write nor read it."
+        ),
+        "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
+        "messages": {"cancelSnapshot": _ref("components", "messages", "cancelSnapshot")},
+        "bindings": {"amqp": {
+            "is": "routingKey",
+            "exchange": {"name": "amq.default", "type": "direct", "durable": True,
+                         "autoDelete": False},
+            "bindingVersion": AMQP_BINDING_VERSION,
+        }},
+    }
     channels["poolWorkerEvents"] = {
         "address": "workers.{pool}",
         "title": "Worker events of one pool",
@@ -271,6 +291,10 @@ def _operations() -> dict[str, Any]:
         "takeCancel": _operation(
             "receive", "cancels", "cancel",
             "Every worker of the pool receives every cancel of the pool.", {"ack": True}),
+        "keepCancelSnapshots": _operation(
+            "send", "cancelSnapshots", "cancelSnapshot",
+            "A worker publishes a snapshot after a long replay, and the elected reporter "
+            "whenever the cancel stream has grown by 10,000 messages.", {"deliveryMode": 2}),
         "followControl": _operation(
             "receive", "control", "control",
             "Every worker replays and follows every pause, resume and limit.", {"ack": True}),
@@ -362,6 +386,9 @@ def _messages(names: dict[str, str]) -> dict[str, Any]:
                             "application/json", names["control"],
                             examples=[{"name": "pause", "payload": _PAUSE_EXAMPLE}]),
     }
+    messages["cancelSnapshot"] = _message(
+        "cancelSnapshot", "Cancel snapshot", "Every cancel of a pool's window up to an offset.",
+        "application/json", names["cancel-snapshot"])
     messages["output"] = _message(
         "output", "Run output", "A batch of a run's output lines.", "application/json",
         names["output"])

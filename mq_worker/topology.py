@@ -94,6 +94,11 @@ def heartbeat_stream_name(pool: str) -> str:
     return f"mq_worker.heartbeats-{pool}"
 
 
+def cancel_snapshot_stream_name(pool: str) -> str:
+    """The stream of snapshots of a pool's cancel window (see mq_worker.cancel_snapshots)."""
+    return f"mq_worker.cancel-snapshots-{pool}"
+
+
 def pool_routing_key(pool: str) -> str:
     """The extra routing key (a `BCC` header) of a pool's worker events on EVENTS_EXCHANGE."""
     return f"workers.{pool}"
@@ -184,6 +189,15 @@ def heartbeat_stream_arguments() -> dict[str, Any]:
     }
 
 
+def cancel_snapshot_stream_arguments() -> dict[str, Any]:
+    # Only the newest snapshot is read; retention keeps the last segment whatever its age.
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-stream-max-segment-size-bytes": 16 * 1024 * 1024,
+    }
+
+
 async def _declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
 ) -> None:
@@ -227,6 +241,12 @@ async def declare_cancel_stream(
 ) -> None:
     await _declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
     await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key="run.cancel.*")
+
+
+async def declare_cancel_snapshot_stream(channel: aiormq.abc.AbstractChannel, pool: str
+                                         ) -> None:
+    await _declare_queue(channel, cancel_snapshot_stream_name(pool),
+                         cancel_snapshot_stream_arguments())
 
 
 async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> None:

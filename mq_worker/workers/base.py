@@ -240,6 +240,7 @@ class BaseWorker(abc.ABC):
             verify=self._signer.cancel_verifier(self.pool, s.cancel_window_seconds)
             if self._signer else None,
             max_bytes=s.max_message_bytes,
+            keeps_snapshots=lambda: self._monitor.elected,
         )
         # Margin: the lease breaks a little before a peer's report can come.
         missed = self._monitor.missed
