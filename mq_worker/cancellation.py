@@ -32,6 +32,7 @@ from mq_worker.cancel_registry import (
     CancelRecord,
     CancelRegistry,
 )
+from mq_worker.concurrency import wait_first
 from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
 from mq_worker.topology import CANCEL_REPORTED_HEADER, CANCELS_STREAM, cancel_routing_key
@@ -54,7 +55,7 @@ MARKER_CONFIRM_TIMEOUT = 15.0
 # Catching up, a follower that receives nothing at all for this long (not even its
 # marker) reads from a position past the stream's end, and starts again from the window.
 MARKER_STALL_SECONDS = 5.0
-_REPLAY_ACK_EVERY = 200
+_ACK_EVERY = 200
 
 
 class StreamConsumerCancelled(ConnectionError):
@@ -110,7 +111,25 @@ class CancelFollower:
         stream was deleted): the session ends, and the next one reads the stream
         declared again from the start of the window.
         """
+        # A channel of its own: the follower acknowledges many deliveries at once, which
+        # on a shared channel would take other consumers' deliveries (a held election token).
+        own = await channel.connection.channel(publisher_confirms=False)
+        try:
+            await self._follow(own, publisher, task_status)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if not own.is_closed:
+                    await own.close()
+
+    async def _follow(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: aiormq.abc.AbstractChannel,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
         cancelled = anyio.Event()
+        closed = anyio.Event()
+        channel.closing.add_done_callback(lambda _: closed.set())
 
         def on_server_cancel(frame: Any) -> None:
             if frame.consumer_tag == self._consumer_tag:
@@ -140,8 +159,10 @@ class CancelFollower:
             task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_snapshots, channel.connection)
-                await cancelled.wait()
+                await wait_first([cancelled, closed], timeout=None)
                 tg.cancel_scope.cancel()
+            if not cancelled.is_set():
+                raise ConnectionError("the cancel stream's channel closed")
             raise StreamConsumerCancelled(
                 "the broker cancelled the consumer of the cancel stream (stream deleted?)")
         finally:
@@ -304,15 +325,11 @@ class CancelFollower:
         if isinstance(offset, int):
             self._next_offset = offset + 1
         try:
-            # One ack frame per message costs as much as the rest of a replay: while
-            # catching up, acknowledge many at once (always well inside the prefetch).
-            # Live, one at a time: other consumers of this channel (the control stream)
-            # acknowledge their own deliveries, which a `multiple` ack would take.
-            if not replaying:
-                await message.channel.basic_ack(delivery_tag(message), wait=False)
-                return
+            # One ack frame (a system call) per message costs more than the rest of the
+            # work: acknowledge many at once, well inside the prefetch; stream
+            # acknowledgements only grant credit, so the last few may wait for more.
             self._unacked += 1
-            if self._caught_up.is_set() or self._unacked >= _REPLAY_ACK_EVERY:
+            if (replaying and self._caught_up.is_set()) or self._unacked >= _ACK_EVERY:
                 self._unacked = 0
                 await message.channel.basic_ack(delivery_tag(message), multiple=True, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
