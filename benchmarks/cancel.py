@@ -137,7 +137,7 @@ def _restore(body: bytes) -> CancelRegistry:
                                        window_seconds=DEFAULT_WINDOW_SECONDS)
     assert snapshot is not None
     registry = CancelRegistry()
-    registry.restore(snapshot.rows)
+    registry.restore(snapshot.rows())
     return registry
 
 

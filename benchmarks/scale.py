@@ -8,9 +8,9 @@ their heartbeats as the wire contract says (CloudEvent on `mq_worker.events`, ro
 key `mq_worker.worker.heartbeat`, `BCC: workers.<pool>`), spread over the interval, on
 a connection of its own, without waiting for confirms. For each N, in a vhost of its own:
 
-* heartbeats/s the broker really took into the pool's heartbeat stream (against the
-  target N / interval), broker deliveries/s (management API samples) and broker CPU
-  over a window;
+* heartbeats/s really sent (the simulator's count plus the 2 real workers', against the
+  target N / interval) and as the broker's samples of the pool's heartbeat stream saw
+  them, broker deliveries/s (management API samples) and broker CPU over a window;
 * CPU and RSS of the reporter and of the other real worker;
 * lost-worker detection: a simulated worker announcing 1 s heartbeats and holding a
   run stops; delay from its last heartbeat to `worker.lost`;
@@ -89,8 +89,11 @@ async def publish_heartbeat(channel: aiormq.abc.AbstractChannel, body: bytes) ->
         wait=False)
 
 
-async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float) -> None:
-    """`count` workers heartbeating every `interval` s, spread evenly, until cancelled."""
+async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float,
+                   published: list[int] | None = None) -> None:
+    """`count` workers heartbeating every `interval` s, spread evenly, until cancelled;
+    `published[0]` counts the heartbeats sent."""
+    published = published if published is not None else [0]
     names = [f"sim-{i}" for i in range(count)]
     bodies = [heartbeat_body(n, interval) for n in names]
     ticks = max(1, int(interval / 0.05))
@@ -100,6 +103,7 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
         for start in range(0, count, per_tick):
             for body in bodies[start:start + per_tick]:
                 await publish_heartbeat(channel, body)
+                published[0] += 1
             await asyncio.sleep(max(0.0, began + (start // per_tick + 1) * interval / ticks
                                     - time.monotonic()))
         await asyncio.sleep(max(0.0, began + interval - time.monotonic()))
@@ -171,16 +175,19 @@ async def measure(size: int, interval: float, window: int, max_readers: int) -> 
             await wait_until(lambda: f"mq_worker.worker.started:{real[1].name}" in seen, 120)
             # A connection of its own: event handling here must not hold heartbeats back.
             simulator_connection = await aiormq.connect(host.url)
+            published = [0]
             simulator = asyncio.ensure_future(
-                simulate(await simulator_connection.channel(), size - 2, interval))
+                simulate(await simulator_connection.channel(), size - 2, interval, published))
             await asyncio.sleep(2 * interval + 5)  # settle: every simulated worker has beaten
 
             meter = CpuMeter(real)
             processes = [w.process for w in real]
             before = [p.cpu_times() for p in processes]
             meter.start()
+            sent_before = published[0]
             await asyncio.sleep(window + 5)
             cpu = meter.stop()
+            simulated_rate = (published[0] - sent_before) / cpu["wall_s"]
             after = [p.cpu_times() for p in processes]
             wall = cpu["wall_s"]
             worker_cpu = [round(100 * (a.user + a.system - b.user - b.system) / wall, 2)
@@ -246,7 +253,9 @@ async def measure(size: int, interval: float, window: int, max_readers: int) -> 
     return {
         "workers": size, "interval_s": interval,
         "heartbeats_target_per_s": round(size / interval, 1),
-        "heartbeats_per_s": round(heartbeats, 1), "deliveries_per_s": round(deliveries, 1),
+        "simulated_heartbeats_per_s": round(simulated_rate + 2 / interval, 1),
+        "stream_heartbeats_per_s": round(heartbeats, 1),
+        "deliveries_per_s": round(deliveries, 1),
         "broker_cpu_pct": round(100 * cpu["broker_cpu_s"] / wall, 1),
         "reporter_cpu_pct": worker_cpu[0], "worker_cpu_pct": worker_cpu[1],
         "reporter_rss_mib": rss[0], "worker_rss_mib": rss[1],

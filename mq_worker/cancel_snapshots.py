@@ -24,7 +24,9 @@ orchestrator's signature, which a snapshot does not.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +87,18 @@ class CancelSnapshotMessage(BaseModel):
 @dataclass(frozen=True)
 class Snapshot:
     next_offset: int
-    rows: list[Row]  # (run id as integer, when cancelled, reason, reported)
+    run_ids: str  # validated: 32 lowercase hexadecimal digits a cancel
+    at: list[float]
+    notes: dict[int, tuple[str | None, bool]]
+
+    def rows(self) -> Iterator[Row]:
+        """(run id as integer, when cancelled, reason, reported), oldest first, made one at
+        a time: a joining worker never holds the whole window twice."""
+        ids, notes = self.run_ids, self.notes
+        for number, at in enumerate(self.at):
+            key = int(ids[32 * number:32 * number + 32], 16)
+            reason, reported = notes.get(key, (None, False)) if notes else (None, False)
+            yield key, at, reason, reported
 
 
 def encode(registry: CancelRegistry, *, pool: str, next_offset: int) -> bytes:
@@ -116,7 +129,7 @@ def decode(body: bytes, *, pool: str, window_seconds: float) -> Snapshot | None:
             offset = value.get("next_offset")
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
                 raise ValueError("next_offset")
-            return Snapshot(offset, _rows(value["run_ids"], value["at"], value.get("notes") or {}))
+            return _checked(offset, value["run_ids"], value["at"], value.get("notes"))
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = f"malformed: {exc}"
     log.warning("cancel snapshot not used; reading the stream from the start of the window",
@@ -124,23 +137,22 @@ def decode(body: bytes, *, pool: str, window_seconds: float) -> Snapshot | None:
     return None
 
 
-def _rows(run_ids: str, times: list[Any], notes: dict[str, Any]) -> list[Row]:
-    if not isinstance(run_ids, str) or len(run_ids) != 32 * len(times):
-        raise ValueError("run_ids and at differ in length")
-    rows: list[Row] = []
-    for number, at in enumerate(times):
-        if not isinstance(at, int | float) or isinstance(at, bool):
-            raise ValueError(f"at[{number}] is not a number")
-        rows.append((int(run_ids[32 * number:32 * number + 32], 16), at, None, False))
-    index = {row[0]: position for position, row in enumerate(rows)} if notes else {}
-    for key, note in notes.items():
-        reason, reported = note.get("reason"), note.get("reported") is True
+_HEX_IDS = re.compile(r"(?:[0-9a-f]{32})*")
+
+
+def _checked(offset: int, run_ids: Any, times: Any, notes: Any) -> Snapshot:
+    if not isinstance(run_ids, str) or not isinstance(times, list) \
+            or len(run_ids) != 32 * len(times) or not _HEX_IDS.fullmatch(run_ids):
+        raise ValueError("run_ids and at do not match")
+    if not all(isinstance(at, int | float) and not isinstance(at, bool) for at in times):
+        raise ValueError("an entry of at is not a number")
+    checked: dict[int, tuple[str | None, bool]] = {}
+    for key, note in (notes or {}).items():
+        reason = note.get("reason")
         if not (reason is None or isinstance(reason, str)):
             raise ValueError(f"notes[{key}].reason is not text")
-        position = index.get(int(key, 16))
-        if position is not None:
-            rows[position] = (rows[position][0], rows[position][1], reason, reported)
-    return rows
+        checked[int(key, 16)] = (reason, note.get("reported") is True)
+    return Snapshot(offset, run_ids, times, checked)
 
 
 async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,

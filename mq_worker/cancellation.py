@@ -196,7 +196,7 @@ class CancelFollower:
         if snapshot is None:
             return
         # The worker takes no run yet: there is nothing to call on_cancel for.
-        restored = self._registry.restore(snapshot.rows)
+        restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
 

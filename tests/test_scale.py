@@ -308,7 +308,7 @@ async def test_malformed_worker_events_end_no_session_and_crash_no_status(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # publishing 100,000 confirmed cancels takes minutes
-async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
+async def test_workers_starting_behind_100k_cancels_serve_and_know_them(
     vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
 ) -> None:
     cancelled = [str(uuid.uuid4()) for _ in range(100_000)]
@@ -328,8 +328,26 @@ async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
     assert events.terminal(last["id"])[0].type == "mq_worker.run.cancelled"
     assert events.terminal(fresh["id"])[0].type == "mq_worker.run.completed"
     assert set(started_runs(tmp_path)) == {fresh["id"]}
+
+    # A worker joining the pool starts from the snapshot the first one took of the window.
+    snapshot = await _newest_snapshot(vhost.url, timeout=120)
+    assert len(snapshot["run_ids"]) == 32 * len(cancelled)
     worker.signal(signal.SIGTERM)
     assert await anyio.to_thread.run_sync(worker.wait) == 0
+    joining = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await _started(events, joining, timeout=300)
+    second, second_last = run_body(probe(tmp_path)), run_body(probe(tmp_path))
+    second["id"], second_last["id"] = cancelled[1], cancelled[-2]
+    fresh_again = run_body(probe(tmp_path))
+    for body in (second, second_last, fresh_again):
+        await publish_raw(vhost.url, body)
+    await events.wait_terminal([second["id"], second_last["id"], fresh_again["id"]], timeout=30)
+    assert events.terminal(second["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(second_last["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(fresh_again["id"])[0].type == "mq_worker.run.completed"
+    assert set(started_runs(tmp_path)) == {fresh["id"], fresh_again["id"]}
+    joining.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(joining.wait) == 0
 
 
 async def test_a_joining_worker_starts_from_the_pools_snapshot_and_misses_no_cancel(

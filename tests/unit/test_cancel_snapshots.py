@@ -27,7 +27,7 @@ def test_a_snapshot_restores_every_cancel_with_its_reason_and_reported_flag() ->
     snapshot = decode(body, pool="etl", window_seconds=3600)
     assert snapshot is not None and snapshot.next_offset == 42
     restored = CancelRegistry(window_seconds=3600)
-    assert restored.restore(snapshot.rows) == 5
+    assert restored.restore(snapshot.rows()) == 5
     assert [r.run_id for r in restored.records()] == ids
     assert [(r.reason, r.reported) for r in restored.records()] == [
         (None, False), ("operator", False), (None, False), (None, True), (None, False)]
@@ -41,6 +41,8 @@ def test_a_snapshot_another_worker_cannot_use_is_ignored() -> None:
     value = orjson.loads(body)
     for broken in ({**value, "schema_version": SCHEMA_VERSION + 1},
                    {**value, "run_ids": value["run_ids"][:-1]},
+                   {**value, "run_ids": "g" * len(value["run_ids"])},
+                   {**value, "notes": {"not-hex": {"reason": None}}},
                    {**value, "at": [*value["at"][:-1], "soon"]},
                    {**value, "next_offset": -1}):
         assert decode(orjson.dumps(broken), pool="etl", window_seconds=3600) is None
@@ -54,5 +56,5 @@ def test_restoring_skips_cancels_already_held_or_out_of_the_window() -> None:
     assert snapshot is not None
     restored = CancelRegistry(window_seconds=60)
     restored.add(CancelRecord(ids[0], None, time.time()))
-    assert restored.restore(snapshot.rows) == 4
-    assert restored.restore(snapshot.rows, now=time.time() + 3600) == 0
+    assert restored.restore(snapshot.rows()) == 4
+    assert restored.restore(snapshot.rows(), now=time.time() + 3600) == 0
