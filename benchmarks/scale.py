@@ -20,8 +20,9 @@ a connection of its own, without waiting for confirms. For each N, in a vhost of
   first worker starting behind 100,000 cancels (it replays them all, then publishes a
   snapshot) and a worker joining it (it starts from the snapshot): time from process
   start to `worker.started` against an empty window, RSS (MiB per 100k cancels); then
-  run start latency (`run.submitted`, median and p99), quiet and while another process
-  publishes a burst of 10,000 cancels;
+  run start latency (`run.submitted`, median and p99), quiet, while another process
+  publishes a burst of 10,000 cancels, and while it publishes them to another vhost
+  (what the burst costs the machine and the broker without the worker reading it);
 * cancel fan-out: one cancel, read by min(N, --max-readers: 100) stream readers
   (simulated workers: `x-stream-offset: next`, 100 per channel) and by the real
   worker, which stops its run: delay until the last reader has it, and until the
@@ -62,6 +63,7 @@ from benchmarks.common import (
     write_results,
 )
 from mq_worker.events import build_event
+from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
 
 POOL = "default"
 HEARTBEAT = "mq_worker.worker.heartbeat"
@@ -310,10 +312,12 @@ async def start_time(host: VHost, name: str) -> tuple[float, float, WorkerProces
 
 
 async def run_latency(channel: aiormq.abc.AbstractChannel, host: VHost, runs: int,
-                      burst: int) -> dict[str, float]:
+                      burst: int, burst_host: VHost | None = None) -> dict[str, float]:
     """ms from publishing a run of /bin/true to its `run.submitted` (median, p99), while
     another process publishes `burst` cancels: this process only publishes runs and
-    watches events, so its own loop does not delay what it measures."""
+    watches events, so its own loop does not delay what it measures. With `burst_host`,
+    the cancels go to another vhost: what the burst costs the machine and the broker,
+    without the worker reading them."""
     submitted: dict[str, float] = {}
     queue = await channel.queue_declare("", exclusive=True)
     assert queue.queue
@@ -325,7 +329,8 @@ async def run_latency(channel: aiormq.abc.AbstractChannel, host: VHost, runs: in
     consumer = await channel.basic_consume(queue.queue, on_event, no_ack=True)
     sent: dict[str, float] = {}
     burster = multiprocessing.get_context("spawn").Process(
-        target=_publish_cancels_in_process, args=(host.url, burst)) if burst else None
+        target=_publish_cancels_in_process, args=((burst_host or host).url, burst)
+    ) if burst else None
     if burster is not None:
         burster.start()
         await asyncio.sleep(0.5)  # the burst is under way before the first run
@@ -392,10 +397,21 @@ async def cancel_window(count: int, burst: int, runs: int) -> dict[str, Any]:
             })
             quiet = await run_latency(channel, host, runs, 0)
             during = await run_latency(channel, host, runs, burst)
+            with vhost("scale-cancels-elsewhere") as elsewhere:
+                other = await aiormq.connect(elsewhere.url)
+                try:
+                    other_channel = await other.channel()
+                    await declare_exchanges(other_channel)
+                    await declare_cancel_stream(other_channel, QueueOptions())
+                finally:
+                    await other.close()
+                control = await run_latency(channel, host, runs, burst, burst_host=elsewhere)
             result.update({"burst": burst, "runs": runs,
                            "run_ms_quiet_p50": quiet["p50"], "run_ms_quiet_p99": quiet["p99"],
                            "run_ms_burst_p50": during["p50"],
-                           "run_ms_burst_p99": during["p99"]})
+                           "run_ms_burst_p99": during["p99"],
+                           "run_ms_burst_elsewhere_p50": control["p50"],
+                           "run_ms_burst_elsewhere_p99": control["p99"]})
             worker.stop()
         finally:
             await connection.close()

@@ -6,7 +6,9 @@ cancels go to a RabbitMQ stream (`mq_worker.cancels`) that keeps them for a
 retention window. Every worker reads the stream: at start it replays the
 window into its registry (and does not take runs before it has caught up),
 then it follows new cancels as they come. A run that reaches a worker is
-checked against the registry before anything else.
+checked against the registry before anything else. A worker joining a pool
+whose window is long starts from a snapshot of it instead of the whole stream
+(mq_worker.cancel_snapshots); the registry is mq_worker.cancel_registry.
 """
 
 from __future__ import annotations
