@@ -17,12 +17,13 @@ a connection of its own, without waiting for confirms. For each N, in a vhost of
 * reporter failover: the reporter is killed (SIGKILL); delay until the other real
   worker has replayed the pool's heartbeat stream and reports again;
 * the cancel window (`--cancels`, first; `--only-cancels` for it alone): the pool's
-  first worker starting behind 100,000 cancels (it replays them all, then publishes a
-  snapshot) and a worker joining it (it starts from the snapshot): time from process
-  start to `worker.started` against an empty window, RSS (MiB per 100k cancels); then
-  run start latency (`run.submitted`, median and p99), quiet, while another process
-  publishes a burst of 10,000 cancels, and while it publishes them to another vhost
-  (what the burst costs the machine and the broker without the worker reading it);
+  first worker starting behind 100,000 cancels (it replays them all; elected reporter,
+  it then publishes a snapshot) and a worker joining it (it starts from the snapshot):
+  time from process start to `worker.started` against an empty window, RSS (MiB per
+  100k cancels); then run start latency (`run.submitted`, median and p99), quiet,
+  while another process publishes a burst of 10,000 cancels, and while it publishes
+  them to another vhost (what the burst costs the machine and the broker without the
+  worker reading it);
 * cancel fan-out: one cancel, read by min(N, --max-readers: 100) stream readers
   (simulated workers: `x-stream-offset: next`, 100 per channel) and by the real
   worker, which stops its run: delay until the last reader has it, and until the

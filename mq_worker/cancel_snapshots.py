@@ -9,10 +9,11 @@ pool from the stream `mq_worker.cancel-snapshots-<pool>` (`x-stream-offset:
 last`) and then the cancel stream from `next_offset` on, with the usual
 marker, so it still takes no run before it has every cancel of the window.
 
-Who takes them: a worker that has just read more than SNAPSHOT_EVERY stream
-messages past the snapshot it started from (it paid for a long replay; the
-next worker need not), and the pool's elected reporter whenever the stream has
-grown by SNAPSHOT_EVERY messages since the last snapshot it knows of. Any
+Who takes them: the pool's elected reporter, whenever the stream has grown by
+SNAPSHOT_EVERY messages past the last snapshot it knows of (the one it started
+from, or its own), checked every CHECK_SECONDS; so also right after it caught
+up with a long replay. One worker per pool: workers starting together do not
+all publish the same window. Any
 complete snapshot is correct, however old: the stream's tail after it holds
 every later cancel. A snapshot that cannot be used (another schema version,
 another pool, a narrower window, malformed) is ignored and the stream read

@@ -231,19 +231,17 @@ class CancelFollower:
         return found[0] if found else None
 
     async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
-        """Snapshot at once after a long replay (SNAPSHOT_EVERY messages past the snapshot
-        it started from, or past the stream's start), then whenever the stream has grown
-        that much while this worker keeps its pool's snapshots."""
+        """While this worker keeps its pool's snapshots (one worker per pool, so that
+        workers starting together do not all publish the same window), snapshot whenever
+        the stream has grown by SNAPSHOT_EVERY messages past the last snapshot it knows."""
         if not self._snapshots:
             return
-        first = True
         while True:
             offset = self._next_offset
-            if offset is not None and (first or self._keeps_snapshots()):
+            if offset is not None and self._keeps_snapshots():
                 known = self._snapshot_offset or 0
                 if offset - known >= cancel_snapshots.SNAPSHOT_EVERY:
                     await self._snapshot(connection, offset)
-            first = False
             await anyio.sleep(cancel_snapshots.CHECK_SECONDS)
 
     async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int) -> None:

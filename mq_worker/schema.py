@@ -293,8 +293,8 @@ def _operations() -> dict[str, Any]:
             "Every worker of the pool receives every cancel of the pool.", {"ack": True}),
         "keepCancelSnapshots": _operation(
             "send", "cancelSnapshots", "cancelSnapshot",
-            "A worker publishes a snapshot after a long replay, and the elected reporter "
-            "whenever the cancel stream has grown by 10,000 messages.", {"deliveryMode": 2}),
+            "The pool's elected reporter publishes a snapshot whenever the cancel stream "
+            "has grown by 10,000 messages past the last one.", {"deliveryMode": 2}),
         "followControl": _operation(
             "receive", "control", "control",
             "Every worker replays and follows every pause, resume and limit.", {"ack": True}),

@@ -358,7 +358,7 @@ async def test_a_joining_worker_starts_from_the_pools_snapshot_and_misses_no_can
     await publish_cancels(vhost.url, early)
     first = worker_processes(vhost.url, "--heartbeat-seconds", "60")
     await _started(events, first)
-    # It read the whole window, found no snapshot, and publishes one for the next worker.
+    # Its pool's elected reporter, it snapshots the window it replayed for the next worker.
     snapshot = await _newest_snapshot(vhost.url)
     assert set(_ids_of(snapshot)) == {f"{uuid.UUID(r).int:032x}" for r in early}
     late = [str(uuid.uuid4()) for _ in range(2)]
