@@ -275,6 +275,7 @@ class BaseWorker(abc.ABC):
             verify=self._signer.cancel_verifier(self.pool, s.cancel_window_seconds)
             if self._signer else None,
             max_bytes=s.max_message_bytes,
+            keeps_snapshots=lambda: self._heartbeats.monitor.elected,
         )
         sessions = SessionSupervisor(
             settings=s, link=self._link, consumer=consumer, queue_names=list(self._queue_of),
