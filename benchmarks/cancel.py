@@ -1,6 +1,11 @@
 """Cancel latency: cancel published -> SIGTERM delivered to the run's process.
 
     .venv/bin/python -m benchmarks.cancel [--cancels 100] [--background 4]
+    .venv/bin/python -m benchmarks.cancel --replay 100000
+
+With `--replay N`, instead: the cost of a cancel window of N cancels in this process
+(no worker process): CPU and wall time of the cancel follower replaying the stream, of
+encoding, decoding and restoring a snapshot of it, and the registry's memory (tracemalloc).
 
 One worker process (`python -m mq_worker start --limit 8`). `background` long runs keep the
 worker busy; then, one at a time, a run of the probe (benchmarks/probe.c, which records the
@@ -15,18 +20,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import aiormq
+import anyio
+import orjson
 import psutil
 
-from benchmarks.ceiling import run_ceiling
 from benchmarks.common import (
     FAILURES,
     RUN_CANCELLED,
     RUN_SUBMITTED,
+    RUNS_EXCHANGE,
     WORKER_STARTED,
     CpuMeter,
     EventWatch,
@@ -43,6 +53,9 @@ from benchmarks.common import (
     workers,
     write_results,
 )
+from mq_worker import cancel_snapshots
+from mq_worker.cancellation import DEFAULT_WINDOW_SECONDS, CancelFollower, CancelRegistry
+from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
 
 
 def process_scan_ms(rounds: int = 20) -> dict[str, float]:
@@ -58,6 +71,8 @@ def process_scan_ms(rounds: int = 20) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.ceiling import run_ceiling  # needs uvloop (the 'speed' extra)
+
     background_before = wait_for_quiet(timeout=args.quiet)
     floors = {
         "stream": run_ceiling(["amqp-latency", "--queue-type", "stream", "--rate", "20",
@@ -117,6 +132,66 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _restore(body: bytes) -> CancelRegistry:
+    snapshot = cancel_snapshots.decode(body, pool="default",
+                                       window_seconds=DEFAULT_WINDOW_SECONDS)
+    assert snapshot is not None
+    registry = CancelRegistry()
+    registry.restore(snapshot.rows())
+    return registry
+
+
+async def replay_async(count: int) -> dict[str, Any]:
+    """Replay `count` cancels into a registry, then snapshot and restore them."""
+    with vhost("cancel-replay") as host:
+        connection = await aiormq.connect(host.url)
+        try:
+            channel = await connection.channel()
+            await declare_exchanges(channel)
+            await declare_cancel_stream(channel, QueueOptions())
+            began = time.monotonic()
+            for index in range(count):
+                await channel.basic_publish(
+                    orjson.dumps({"id": new_id()}), exchange=RUNS_EXCHANGE,
+                    routing_key="run.cancel.default", wait=index == count - 1)
+            published_s = time.monotonic() - began
+            registry = CancelRegistry()
+            follower = CancelFollower(pool="default", registry=registry,
+                                      on_cancel=lambda _: None, on_invalid=lambda _e, _l: None,
+                                      max_bytes=1 << 20)
+            publisher = await connection.channel()
+            cpu, wall = time.process_time(), time.monotonic()
+            async with anyio.create_task_group() as tg:
+                await tg.start(follower.follow, channel, publisher)
+                replay_cpu, replay_wall = time.process_time() - cpu, time.monotonic() - wall
+                tg.cancel_scope.cancel()
+        finally:
+            await connection.close()
+    cpu = time.process_time()
+    body = cancel_snapshots.encode(registry, pool="default", next_offset=count)
+    encode_cpu = time.process_time() - cpu
+    del registry
+    gc.collect()
+    cpu = time.process_time()
+    restored = _restore(body)
+    restore_cpu = time.process_time() - cpu
+    del restored
+    gc.collect()
+    tracemalloc.start()  # slows allocation down: a second restore, for its memory only
+    restored = _restore(body)
+    gc.collect()
+    registry_bytes, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "cancels": count, "held": len(restored), "publish_s": round(published_s, 1),
+        "replay_cpu_s": round(replay_cpu, 2), "replay_wall_s": round(replay_wall, 2),
+        "replay_cpu_us_per_cancel": round(1e6 * replay_cpu / count, 1),
+        "snapshot_bytes": len(body), "snapshot_encode_cpu_s": round(encode_cpu, 3),
+        "snapshot_restore_cpu_s": round(restore_cpu, 3),
+        "registry_mib_per_100k": round(registry_bytes / 2**20 * 100_000 / count, 1),
+    }
+
+
 def report(result: dict[str, Any]) -> None:
     rows = [[f"cancel published -> {label}", s["n"], s["p50"], s["p90"], s["p99"], s["max"]]
             for label, s in (("SIGTERM received by the run", result["sigterm"]),
@@ -138,6 +213,8 @@ def report(result: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replay", type=int, default=0,
+                        help="measure the replay of this many cancels instead")
     parser.add_argument("--cancels", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--background", type=int, default=4, help="other runs kept running")
@@ -153,6 +230,12 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     banner("cancel")
+    if args.replay:
+        replay = asyncio.run(replay_async(args.replay))
+        print_table("cancel window replay, in this process", list(replay),
+                    [list(replay.values())])
+        write_results("cancel-replay", replay)
+        return
     result = asyncio.run(main_async(args))
     report(result)
     write_results("cancel", result)

@@ -1,22 +1,29 @@
 """Scale: what a pool of N workers costs when idle, and how fast lost workers and cancels travel.
 
-    .venv/bin/python -m benchmarks.scale [--sizes 10,100,1000,10000] [--interval 10]
+    .venv/bin/python -m benchmarks.scale [--sizes 10,100,1000,10000] [--interval 30]
 
 Two real workers (`python -m mq_worker start`, the first one started is the elected
 reporter) and N - 2 simulated ones: one asyncio task in this process that publishes
 their heartbeats as the wire contract says (CloudEvent on `mq_worker.events`, routing
 key `mq_worker.worker.heartbeat`, `BCC: workers.<pool>`), spread over the interval, on
-one connection. For each N, in a vhost of its own:
+a connection of its own, without waiting for confirms. For each N, in a vhost of its own:
 
-* broker deliveries/s (management API samples) and broker CPU over a window;
+* heartbeats/s really sent (the simulator's count plus the 2 real workers', against the
+  target N / interval) and as the broker's samples of the pool's heartbeat stream saw
+  them, broker deliveries/s (management API samples) and broker CPU over a window;
 * CPU and RSS of the reporter and of the other real worker;
 * lost-worker detection: a simulated worker announcing 1 s heartbeats and holding a
   run stops; delay from its last heartbeat to `worker.lost`;
 * reporter failover: the reporter is killed (SIGKILL); delay until the other real
   worker has replayed the pool's heartbeat stream and reports again;
-* the cancel window (`--cancels`, first): a worker starting behind 100,000 cancels:
-  time to `worker.started` against an empty window, RSS (MiB per 100k cancels), and
-  the median start latency of runs while a burst of 10,000 cancels is published;
+* the cancel window (`--cancels`, first; `--only-cancels` for it alone): the pool's
+  first worker starting behind 100,000 cancels (it replays them all; elected reporter,
+  it then publishes a snapshot) and a worker joining it (it starts from the snapshot):
+  time from process start to `worker.started` against an empty window, RSS (MiB per
+  100k cancels); then run start latency (`run.submitted`, median and p99), quiet,
+  while another process publishes a burst of 10,000 cancels, and while it publishes
+  them to another vhost (what the burst costs the machine and the broker without the
+  worker reading it);
 * cancel fan-out: one cancel, read by min(N, --max-readers: 100) stream readers
   (simulated workers: `x-stream-offset: next`, 100 per channel) and by the real
   worker, which stops its run: delay until the last reader has it, and until the
@@ -29,8 +36,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import signal
 import time
+import urllib.parse
 from datetime import datetime
 from typing import Any
 
@@ -48,12 +57,14 @@ from benchmarks.common import (
     banner,
     management,
     new_id,
+    percentile,
     print_table,
     vhost,
     wait_for_quiet,
     write_results,
 )
 from mq_worker.events import build_event
+from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
 
 POOL = "default"
 HEARTBEAT = "mq_worker.worker.heartbeat"
@@ -81,8 +92,11 @@ async def publish_heartbeat(channel: aiormq.abc.AbstractChannel, body: bytes) ->
         wait=False)
 
 
-async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float) -> None:
-    """`count` workers heartbeating every `interval` s, spread evenly, until cancelled."""
+async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float,
+                   published: list[int] | None = None) -> None:
+    """`count` workers heartbeating every `interval` s, spread evenly, until cancelled;
+    `published[0]` counts the heartbeats sent."""
+    published = published if published is not None else [0]
     names = [f"sim-{i}" for i in range(count)]
     bodies = [heartbeat_body(n, interval) for n in names]
     ticks = max(1, int(interval / 0.05))
@@ -92,6 +106,7 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
         for start in range(0, count, per_tick):
             for body in bodies[start:start + per_tick]:
                 await publish_heartbeat(channel, body)
+                published[0] += 1
             await asyncio.sleep(max(0.0, began + (start // per_tick + 1) * interval / ticks
                                     - time.monotonic()))
         await asyncio.sleep(max(0.0, began + interval - time.monotonic()))
@@ -100,6 +115,19 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
 def delivery_rate(host: VHost, window: int) -> float:
     stats = management("GET", f"/vhosts/{host.name}?msg_rates_age={window}&msg_rates_incr=5")
     samples = stats.get("message_stats", {}).get("deliver_get_details", {}).get("samples", [])
+    if len(samples) < 2:
+        return float("nan")
+    seconds = (samples[0]["timestamp"] - samples[-1]["timestamp"]) / 1000
+    return (samples[0]["sample"] - samples[-1]["sample"]) / seconds
+
+
+def heartbeat_rate(host: VHost, window: int) -> float:
+    """Heartbeats (and other worker events) per second the broker took into the pool's
+    heartbeat stream: what the simulated and real workers really published."""
+    quoted = urllib.parse.quote(host.name, safe="")
+    stats = management("GET", f"/queues/{quoted}/mq_worker.heartbeats-{POOL}"
+                              f"?msg_rates_age={window}&msg_rates_incr=5")
+    samples = stats.get("message_stats", {}).get("publish_details", {}).get("samples", [])
     if len(samples) < 2:
         return float("nan")
     seconds = (samples[0]["timestamp"] - samples[-1]["timestamp"]) / 1000
@@ -148,20 +176,27 @@ async def measure(size: int, interval: float, window: int, max_readers: int) -> 
             await wait_until(lambda: f"mq_worker.worker.started:{real[0].name}" in seen, 120)
             real[1].start()
             await wait_until(lambda: f"mq_worker.worker.started:{real[1].name}" in seen, 120)
-            simulator = asyncio.ensure_future(simulate(channel, size - 2, interval))
+            # A connection of its own: event handling here must not hold heartbeats back.
+            simulator_connection = await aiormq.connect(host.url)
+            published = [0]
+            simulator = asyncio.ensure_future(
+                simulate(await simulator_connection.channel(), size - 2, interval, published))
             await asyncio.sleep(2 * interval + 5)  # settle: every simulated worker has beaten
 
             meter = CpuMeter(real)
             processes = [w.process for w in real]
             before = [p.cpu_times() for p in processes]
             meter.start()
+            sent_before = published[0]
             await asyncio.sleep(window + 5)
             cpu = meter.stop()
+            simulated_rate = (published[0] - sent_before) / cpu["wall_s"]
             after = [p.cpu_times() for p in processes]
             wall = cpu["wall_s"]
             worker_cpu = [round(100 * (a.user + a.system - b.user - b.system) / wall, 2)
                           for a, b in zip(after, before, strict=True)]
             deliveries = delivery_rate(host, window)
+            heartbeats = heartbeat_rate(host, window)
             rss = [round(w.rss_bytes() / 2**20, 1) for w in real]
 
             # Lost-worker detection: a simulated worker with a run stops beating.
@@ -213,12 +248,17 @@ async def measure(size: int, interval: float, window: int, max_readers: int) -> 
             cancelled = await wait_until(lambda: seen.get(f"{CANCELLED}:{run_id}"), 60)
             real_cancel = cancelled - cancel_at if cancelled else float("nan")
             simulator.cancel()
+            await simulator_connection.close()
         finally:
             for worker in real:
                 worker.stop()
             await connection.close()
     return {
-        "workers": size, "interval_s": interval, "deliveries_per_s": round(deliveries, 1),
+        "workers": size, "interval_s": interval,
+        "heartbeats_target_per_s": round(size / interval, 1),
+        "simulated_heartbeats_per_s": round(simulated_rate + 2 / interval, 1),
+        "stream_heartbeats_per_s": round(heartbeats, 1),
+        "deliveries_per_s": round(deliveries, 1),
         "broker_cpu_pct": round(100 * cpu["broker_cpu_s"] / wall, 1),
         "reporter_cpu_pct": worker_cpu[0], "worker_cpu_pct": worker_cpu[1],
         "reporter_rss_mib": rss[0], "worker_rss_mib": rss[1],
@@ -237,6 +277,18 @@ async def publish_cancels(channel: aiormq.abc.AbstractChannel, count: int) -> fl
                                     exchange=RUNS_EXCHANGE, routing_key="run.cancel.default",
                                     wait=index == count - 1)
     return time.monotonic() - began
+
+
+def _publish_cancels_in_process(url: str, count: int) -> None:
+    async def publish() -> None:
+        connection = await aiormq.connect(url)
+        try:
+            channel = await connection.channel()
+            await publish_cancels(channel, count)
+        finally:
+            await connection.close()
+
+    asyncio.run(publish())
 
 
 async def start_time(host: VHost, name: str) -> tuple[float, float, WorkerProcess]:
@@ -261,9 +313,12 @@ async def start_time(host: VHost, name: str) -> tuple[float, float, WorkerProces
 
 
 async def run_latency(channel: aiormq.abc.AbstractChannel, host: VHost, runs: int,
-                      burst: int) -> float:
-    """Median ms from publishing a run of /bin/true to its `run.submitted`, while `burst`
-    cancels are published at the same time."""
+                      burst: int, burst_host: VHost | None = None) -> dict[str, float]:
+    """ms from publishing a run of /bin/true to its `run.submitted` (median, p99), while
+    another process publishes `burst` cancels: this process only publishes runs and
+    watches events, so its own loop does not delay what it measures. With `burst_host`,
+    the cancels go to another vhost: what the burst costs the machine and the broker,
+    without the worker reading them."""
     submitted: dict[str, float] = {}
     queue = await channel.queue_declare("", exclusive=True)
     assert queue.queue
@@ -272,27 +327,53 @@ async def run_latency(channel: aiormq.abc.AbstractChannel, host: VHost, runs: in
     async def on_event(message: aiormq.abc.DeliveredMessage) -> None:
         submitted[json.loads(message.body)["subject"]] = time.monotonic()
 
-    await channel.basic_consume(queue.queue, on_event, no_ack=True)
+    consumer = await channel.basic_consume(queue.queue, on_event, no_ack=True)
     sent: dict[str, float] = {}
-
-    async def publish_runs() -> None:
-        for _ in range(runs):
-            run_id = new_id()
-            sent[run_id] = time.monotonic()
-            await channel.basic_publish(
-                json.dumps({"id": run_id, "job_variables": {"command": "/bin/true"}}).encode(),
-                exchange=RUNS_EXCHANGE, routing_key="run.scheduled.default.default")
-            await asyncio.sleep(0.05)
-
-    await asyncio.gather(publish_runs(), publish_cancels(channel, burst) if burst else
-                         asyncio.sleep(0))
+    burster = multiprocessing.get_context("spawn").Process(
+        target=_publish_cancels_in_process, args=((burst_host or host).url, burst)
+    ) if burst else None
+    if burster is not None:
+        burster.start()
+        await asyncio.sleep(0.5)  # the burst is under way before the first run
+    for _ in range(runs):
+        run_id = new_id()
+        sent[run_id] = time.monotonic()
+        await channel.basic_publish(
+            json.dumps({"id": run_id, "job_variables": {"command": "/bin/true"}}).encode(),
+            exchange=RUNS_EXCHANGE, routing_key="run.scheduled.default.default")
+        await asyncio.sleep(0.05)
     await wait_until(lambda: len(submitted) >= runs, 120)
+    if burster is not None:
+        await asyncio.get_running_loop().run_in_executor(None, burster.join)
+    assert consumer.consumer_tag
+    await channel.basic_cancel(consumer.consumer_tag)
     latencies = sorted(1000 * (submitted[r] - sent[r]) for r in sent if r in submitted)
-    return round(latencies[len(latencies) // 2], 1) if latencies else float("nan")
+    if not latencies:
+        return {"p50": float("nan"), "p99": float("nan")}
+    return {"p50": round(percentile(latencies, 50), 1), "p99": round(percentile(latencies, 99), 1)}
 
 
-async def cancel_window(count: int, burst: int) -> dict[str, Any]:
-    """A worker starting behind `count` cancels, and runs during a burst of `burst`."""
+async def wait_for_snapshot(host: VHost, timeout: float = 120) -> bool:
+    """Wait until the pool's cancel snapshot stream holds a snapshot."""
+    connection = await aiormq.connect(host.url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=1)
+        arrived = asyncio.Event()
+        await channel.basic_consume(f"mq_worker.cancel-snapshots-{POOL}",
+                                    lambda _: arrived.set(), no_ack=False,
+                                    arguments={"x-stream-offset": "last"})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), timeout)
+        return arrived.is_set()
+    finally:
+        await connection.close()
+
+
+async def cancel_window(count: int, burst: int, runs: int) -> dict[str, Any]:
+    """Workers starting behind `count` cancels (the pool's first, which replays them all,
+    and one joining it, which starts from the snapshot the first takes), and runs during a
+    burst of `burst` cancels."""
     result: dict[str, Any] = {"cancels": count}
     with vhost("scale-cancels") as host:
         empty, empty_rss, worker = await start_time(host, "cancels-empty")
@@ -302,16 +383,36 @@ async def cancel_window(count: int, burst: int) -> dict[str, Any]:
             channel = await connection.channel()
             await channel.confirm_delivery()
             result["publish_s"] = round(await publish_cancels(channel, count), 1)
-            full, full_rss, worker = await start_time(host, "cancels-full")
+            cold, cold_rss, first = await start_time(host, "cancels-first")
+            snapshot = await wait_for_snapshot(host)
+            joining, joining_rss, worker = await start_time(host, "cancels-joining")
+            first.stop()
             result.update({
-                "start_s_empty": round(empty, 2), "start_s_behind": round(full, 2),
-                "replay_s": round(full - empty, 2),
-                "rss_mib_empty": round(empty_rss, 1), "rss_mib_behind": round(full_rss, 1),
-                "mib_per_100k": round((full_rss - empty_rss) * 100_000 / count, 1),
+                "start_s_empty": round(empty, 2),
+                "start_s_first": round(cold, 2), "start_s_joining": round(joining, 2),
+                "snapshot": snapshot,
+                "rss_mib_empty": round(empty_rss, 1), "rss_mib_first": round(cold_rss, 1),
+                "rss_mib_joining": round(joining_rss, 1),
+                "mib_per_100k_first": round((cold_rss - empty_rss) * 100_000 / count, 1),
+                "mib_per_100k_joining": round((joining_rss - empty_rss) * 100_000 / count, 1),
             })
-            result["run_ms_quiet"] = await run_latency(channel, host, 20, 0)
-            result["run_ms_during_burst"] = await run_latency(channel, host, 20, burst)
-            result["burst"] = burst
+            quiet = await run_latency(channel, host, runs, 0)
+            during = await run_latency(channel, host, runs, burst)
+            with vhost("scale-cancels-elsewhere") as elsewhere:
+                other = await aiormq.connect(elsewhere.url)
+                try:
+                    other_channel = await other.channel()
+                    await declare_exchanges(other_channel)
+                    await declare_cancel_stream(other_channel, QueueOptions())
+                finally:
+                    await other.close()
+                control = await run_latency(channel, host, runs, burst, burst_host=elsewhere)
+            result.update({"burst": burst, "runs": runs,
+                           "run_ms_quiet_p50": quiet["p50"], "run_ms_quiet_p99": quiet["p99"],
+                           "run_ms_burst_p50": during["p50"],
+                           "run_ms_burst_p99": during["p99"],
+                           "run_ms_burst_elsewhere_p50": control["p50"],
+                           "run_ms_burst_elsewhere_p99": control["p99"]})
             worker.stop()
         finally:
             await connection.close()
@@ -321,8 +422,9 @@ async def cancel_window(count: int, burst: int) -> dict[str, Any]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,100,1000,10000")
-    parser.add_argument("--interval", type=float, default=10.0,
-                        help="heartbeat interval of every worker, seconds (default 10)")
+    parser.add_argument("--interval", type=float, default=30.0,
+                        help="heartbeat interval of every worker, seconds (default 30, the "
+                        "workers' default)")
     parser.add_argument("--window", type=int, default=20, help="measuring window, seconds")
     parser.add_argument("--max-readers", type=int, default=100,
                         help="simulated cancel-stream readers at most (default 100; 1000 stream "
@@ -331,15 +433,22 @@ async def main() -> None:
                         help="cancels a worker starts behind (0: skip that part)")
     parser.add_argument("--burst", type=int, default=10_000,
                         help="cancels published while runs are published")
+    parser.add_argument("--runs", type=int, default=100,
+                        help="runs published 50 ms apart, quiet and during the burst")
+    parser.add_argument("--only-cancels", action="store_true",
+                        help="measure the cancel window only, no pool sizes")
     parser.add_argument("--quiet", type=float, default=60.0)
     args = parser.parse_args()
     banner("scale")
     load = wait_for_quiet(timeout=args.quiet)
     window = None
     if args.cancels:
-        window = await cancel_window(args.cancels, args.burst)
+        window = await cancel_window(args.cancels, args.burst, args.runs)
         print(json.dumps(window), flush=True)
         print_table("cancel window", list(window), [list(window.values())])
+    if args.only_cancels:
+        write_results("scale-cancels", {"cancel_window": window})
+        return
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         result = await measure(size, args.interval, args.window, args.max_readers)

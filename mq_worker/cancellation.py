@@ -6,19 +6,18 @@ cancels go to a RabbitMQ stream (`mq_worker.cancels`) that keeps them for a
 retention window. Every worker reads the stream: at start it replays the
 window into its registry (and does not take runs before it has caught up),
 then it follows new cancels as they come. A run that reaches a worker is
-checked against the registry before anything else.
+checked against the registry before anything else. A worker joining a pool
+whose window is long starts from a snapshot of it instead of the whole stream
+(mq_worker.cancel_snapshots); the registry is mq_worker.cancel_registry.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 import aiormq.abc
 import aiormq.exceptions
@@ -27,8 +26,16 @@ import anyio.abc
 import structlog
 from pamqp import commands as spec
 
+from mq_worker import cancel_snapshots
 from mq_worker.broker import deliver_frame, delivery_tag
-from mq_worker.errors import InvalidMessage
+from mq_worker.cancel_registry import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_WINDOW_SECONDS,
+    CancelRecord,
+    CancelRegistry,
+)
+from mq_worker.concurrency import wait_first
+from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
 from mq_worker.topology import (
     CANCEL_REPORTED_HEADER,
@@ -40,70 +47,26 @@ from mq_worker.topology import (
 
 log = structlog.get_logger("mq_worker.cancellation")
 
-DEFAULT_WINDOW_SECONDS = 30 * 24 * 3600
-DEFAULT_MAX_ENTRIES = 1_000_000
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_WINDOW_SECONDS",
+    "CancelFollower",
+    "CancelRecord",
+    "CancelRegistry",
+    "StreamConsumerCancelled",
+]
+
 # The marker's confirmation can be lost when the stream's leader fails; without it
 # the session could wait forever. A TimeoutError ends the session: the worker reconnects.
 MARKER_CONFIRM_TIMEOUT = 15.0
 # Catching up, a follower that receives nothing at all for this long (not even its
 # marker) reads from a position past the stream's end, and starts again from the window.
 MARKER_STALL_SECONDS = 5.0
-_REPLAY_ACK_EVERY = 200
+_ACK_EVERY = 200
 
 
 class StreamConsumerCancelled(ConnectionError):
     """The broker cancelled the cancel stream's consumer: the session must start again."""
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRecord:
-    run_id: UUID
-    reason: str | None
-    at: float
-    reported: bool = False  # a worker has published the run's `cancelled` event already
-
-
-class CancelRegistry:
-    """The cancels of the retention window, at most `max_entries` of them."""
-
-    def __init__(
-        self,
-        window_seconds: float = DEFAULT_WINDOW_SECONDS,
-        max_entries: int = DEFAULT_MAX_ENTRIES,
-    ) -> None:
-        self.window_seconds = window_seconds
-        self.max_entries = max_entries
-        self._records: OrderedDict[UUID, CancelRecord] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def add(self, record: CancelRecord) -> bool:
-        """Remember `record`; False if its run was already cancelled."""
-        if record.run_id in self._records:
-            return False
-        self._records[record.run_id] = record
-        self._expire()
-        return True
-
-    def get(self, run_id: UUID) -> CancelRecord | None:
-        return self._records.get(run_id)
-
-    def mark_reported(self, run_id: UUID) -> None:
-        record = self._records.get(run_id)
-        if record is not None:
-            self._records[run_id] = replace(record, reported=True)
-
-    def _expire(self) -> None:
-        horizon = time.time() - self.window_seconds
-        while self._records:
-            oldest = next(iter(self._records.values()))
-            if oldest.at >= horizon and len(self._records) <= self.max_entries:
-                break
-            self._records.popitem(last=False)
-            if oldest.at >= horizon:
-                log.warning("cancel registry full: forgetting the oldest cancel",
-                            max_entries=self.max_entries)
 
 
 class CancelFollower:
@@ -118,12 +81,19 @@ class CancelFollower:
         on_invalid: Callable[[InvalidMessage, bool], None],
         verify: Callable[[bytes, dict[str, Any]], None] | None = None,
         max_bytes: int,
+        keeps_snapshots: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`keeps_snapshots`: whether this worker now keeps its pool's snapshots current
+        (it is the elected reporter); see mq_worker.cancel_snapshots."""
         self._routing_key = cancel_routing_key(pool)
         self._registry = registry
         self._on_cancel = on_cancel
         self._on_invalid = on_invalid
         self._verify = verify
+        self._pool = pool
+        self._keeps_snapshots = keeps_snapshots
+        # The cancel stream offset the newest snapshot known to this worker covers up to.
+        self._snapshot_offset: int | None = None
         self._max_bytes = max_bytes
         self._next_offset: int | None = None
         self._marker: str | None = None
@@ -148,17 +118,37 @@ class CancelFollower:
         stream was deleted): the session ends, and the next one reads the stream
         declared again from the start of the window.
         """
+        # A channel of its own: the follower acknowledges many deliveries at once, which
+        # on a shared channel would take other consumers' deliveries (a held election token).
+        own = await channel.connection.channel(publisher_confirms=False)
+        try:
+            await self._follow(own, publisher, task_status)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if not own.is_closed:
+                    await own.close()
+
+    async def _follow(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: aiormq.abc.AbstractChannel,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
         cancelled = anyio.Event()
+        closed = anyio.Event()
+        channel.closing.add_done_callback(lambda _: closed.set())
 
         def on_server_cancel(frame: Any) -> None:
             if frame.consumer_tag == self._consumer_tag:
                 # The stream is gone; offsets of a new one start again at 0.
                 self._next_offset = None
+                self._snapshot_offset = None
                 cancelled.set()
 
         channel.on_consumer_cancel_callbacks.add(on_server_cancel)
         try:
             await channel.basic_qos(prefetch_count=1000)
+            await self._start_from_snapshot(channel, publisher)
             await self._consume(channel, publisher, resume=True)
             if not await self._wait_caught_up():
                 # Nothing at all came from the stored offset: it is past the end of the
@@ -174,11 +164,99 @@ class CancelFollower:
                     raise TimeoutError("the cancel stream sent nothing, not even our marker")
             log.debug("cancel stream caught up", registry=len(self._registry))
             task_status.started()
-            await cancelled.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_snapshots, channel.connection)
+                await wait_first([cancelled, closed], timeout=None)
+                tg.cancel_scope.cancel()
+            if not cancelled.is_set():
+                raise ConnectionError("the cancel stream's channel closed")
             raise StreamConsumerCancelled(
                 "the broker cancelled the consumer of the cancel stream (stream deleted?)")
         finally:
             channel.on_consumer_cancel_callbacks.discard(on_server_cancel)
+
+    @property
+    def _snapshots(self) -> bool:
+        return self._verify is None
+
+    async def _start_from_snapshot(
+        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
+    ) -> None:
+        """Fill the empty registry from the pool's newest snapshot, and read on from there.
+
+        Only if the stream is long enough for a snapshot to exist and be worth reading:
+        a new pool's first worker does not wait for a snapshot that never comes.
+        """
+        if not self._snapshots or self._next_offset is not None or len(self._registry):
+            return
+        end = await self._stream_end(channel, publisher)
+        if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
+            return
+        try:
+            snapshot = await cancel_snapshots.read_newest(
+                channel.connection, self._pool, self._registry.window_seconds)
+        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
+                TimeoutError) as exc:
+            log.warning("cannot read cancel snapshots; reading the whole window",
+                        error=str(exc))
+            return
+        if snapshot is None:
+            return
+        # The worker takes no run yet: there is nothing to call on_cancel for.
+        restored = self._registry.restore(snapshot.rows())
+        self._next_offset = self._snapshot_offset = snapshot.next_offset
+        log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
+
+    async def _stream_end(
+        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
+    ) -> int | None:
+        """The offset of a marker published now at the end of the cancel stream, read from
+        the stream's last chunk (None if it does not come)."""
+        marker = uuid.uuid4().hex
+        found: list[int] = []
+        arrived = anyio.Event()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            headers = message.header.properties.headers or {}
+            value = headers.get(MARKER_HEADER)
+            offset = headers.get(STREAM_OFFSET)
+            if value in (marker, marker.encode()) and isinstance(offset, int):
+                found.append(offset)
+                arrived.set()
+
+        ok = await channel.basic_consume(CANCELS_STREAM, on_message, no_ack=False,
+                                         arguments={STREAM_OFFSET: "last"})
+        try:
+            await self._publish_marker(publisher, marker)
+            with anyio.move_on_after(MARKER_STALL_SECONDS):
+                await arrived.wait()
+        finally:
+            assert ok.consumer_tag is not None
+            await channel.basic_cancel(ok.consumer_tag)
+        return found[0] if found else None
+
+    async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """While this worker keeps its pool's snapshots (one worker per pool, so that
+        workers starting together do not all publish the same window), snapshot whenever
+        the stream has grown by SNAPSHOT_EVERY messages past the last snapshot it knows."""
+        if not self._snapshots:
+            return
+        while True:
+            offset = self._next_offset
+            if offset is not None and self._keeps_snapshots():
+                known = self._snapshot_offset or 0
+                if offset - known >= cancel_snapshots.SNAPSHOT_EVERY:
+                    await self._snapshot(connection, offset)
+            await anyio.sleep(cancel_snapshots.CHECK_SECONDS)
+
+    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int) -> None:
+        self._snapshot_offset = offset  # too large or refused: not again before SNAPSHOT_EVERY
+        try:
+            await cancel_snapshots.publish(connection, self._registry, pool=self._pool,
+                                           next_offset=offset)
+        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
+                TimeoutError, RuntimeError) as exc:
+            log.warning("could not publish a cancel snapshot", error=str(exc))
 
     async def _consume(
         self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel,
@@ -200,11 +278,15 @@ class CancelFollower:
         )
         self._consumer_tag = ok.consumer_tag
         # A marker published now comes after every cancel already in the stream.
+        await self._publish_marker(publisher, self._marker)
+
+    @staticmethod
+    async def _publish_marker(publisher: aiormq.abc.AbstractChannel, marker: str) -> None:
         await publisher.basic_publish(
             b"",
             exchange="",
             routing_key=CANCELS_STREAM,
-            properties=spec.Basic.Properties(headers={MARKER_HEADER: self._marker}),
+            properties=spec.Basic.Properties(headers={MARKER_HEADER: marker}),
             timeout=MARKER_CONFIRM_TIMEOUT,
         )
 
@@ -248,15 +330,11 @@ class CancelFollower:
         if isinstance(offset, int):
             self._next_offset = offset + 1
         try:
-            # One ack frame per message costs as much as the rest of a replay: while
-            # catching up, acknowledge many at once (always well inside the prefetch).
-            # Live, one at a time: other consumers of this channel (the control stream)
-            # acknowledge their own deliveries, which a `multiple` ack would take.
-            if not replaying:
-                await message.channel.basic_ack(delivery_tag(message), wait=False)
-                return
+            # One ack frame (a system call) per message costs more than the rest of the
+            # work: acknowledge many at once, well inside the prefetch; stream
+            # acknowledgements only grant credit, so the last few may wait for more.
             self._unacked += 1
-            if self._caught_up.is_set() or self._unacked >= _REPLAY_ACK_EVERY:
+            if (replaying and self._caught_up.is_set()) or self._unacked >= _ACK_EVERY:
                 self._unacked = 0
                 await message.channel.basic_ack(delivery_tag(message), multiple=True, wait=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:

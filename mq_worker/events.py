@@ -50,6 +50,7 @@ class CrashReason(StrEnum):
     KILL_FAILED = "kill-failed"  # a cancel or timeout could not stop it
     MONITORING_FAILED = "monitoring-failed"  # the worker failed while watching it
     WORKER_LOST = "worker-lost"  # its worker stopped sending heartbeats
+    SLOT_LOST = "slot-lost"  # its shared-limit slot went to another run while cut off
 
 
 class MessageKind(StrEnum):

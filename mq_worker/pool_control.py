@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
+from collections import deque
 from collections.abc import Callable
 
 import aiormq.abc
@@ -17,12 +19,20 @@ from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.control import ControlFollower
 from mq_worker.limits import ControlState, pool_target, queue_target, run_targets
 from mq_worker.messages import RunMessage
-from mq_worker.pool_admin import queue_depths
 from mq_worker.slots import Lease, SlotGate, Waiting
 
 # How often a worker looks at the limits it serves: for its metrics, and to wake runs
-# waiting for slots that came back without a release (a holder that died).
-CHECK_SECONDS = 2.0
+# waiting for slots that came back without a release (a holder that died or was cut off).
+CHECK_SECONDS = 1.0
+# How long such slots must have stayed free before they are handed to waiting runs:
+# a holder cut off from the broker, its runs still running, takes them again first
+# when it reconnects (see slots.SlotGate.reclaim). A dead holder's slots are in use
+# again after about this long.
+RETURNED_SLOT_GRACE_SECONDS = 2.0
+# While slots seem free and runs wait, look again this often; a longer gap between two
+# looks starts the grace again (what happened in between is unknown).
+SETTLING_CHECK_SECONDS = 0.4
+_LONGEST_GAP_SECONDS = 1.0
 _NO_LIMITS = Lease(channel=None)
 
 log = structlog.get_logger("mq_worker.pool_control")
@@ -32,14 +42,17 @@ class PoolControl:
     """Follows the control stream for one worker and applies pauses to its consumer."""
 
     def __init__(self, pool: str, queues: list[str],
-                 consumer: Callable[[], RunConsumer | None]) -> None:
+                 consumer: Callable[[], RunConsumer | None],
+                 on_slot_lost: Callable[[str, str], None] | None = None) -> None:
         self.pool = pool
         self.queues = list(queues)
         self.state = ControlState()
         self._consumer = consumer
         self._follower = ControlFollower(self.state, self._apply)
         self._paused_gauge: Gauge | None = None
-        self.gate = SlotGate(self.state)
+        self.gate = SlotGate(self.state, on_slot_lost)
+        # Per target, (when, free tokens) as seen by the recent checks.
+        self._free_seen: dict[str, deque[tuple[float, int]]] = {}
         self._known_limits: set[str] = set()
         self._removed: set[str] = set()
         self._touched: set[str] = set()
@@ -74,10 +87,10 @@ class PoolControl:
         if not targets:
             return _NO_LIMITS
         self._touched.update(targets)
-        return await self.gate.admit(targets, delivery)
+        return await self.gate.admit(targets, delivery, str(run.id))
 
     async def release(self, lease: Lease) -> None:
-        if lease.tokens:
+        if lease is not _NO_LIMITS:  # (even without tokens: a lease lost with a connection)
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await self.gate.release(lease)
 
@@ -93,20 +106,33 @@ class PoolControl:
                 removed, self._removed = self._removed, set()
                 for target in removed:
                     await self.gate.wake_all(target)
-                await self._check_limits(slots)
+                settling = await self._check_limits()
+                pause = SETTLING_CHECK_SECONDS if settling else CHECK_SECONDS
                 # Jittered, so that workers rarely wake the same waiting runs at once.
-                with anyio.move_on_after(CHECK_SECONDS * random.uniform(0.5, 1.5)):
+                with anyio.move_on_after(pause * random.uniform(0.5, 1.5)):
                     await self._changed.wait()
                 self._changed = anyio.Event()
         finally:
             self.gate.bind(None, None)
 
-    async def _check_limits(self, channel: aiormq.abc.AbstractChannel) -> None:
+    async def _check_limits(self) -> bool:
+        """Refresh the metrics and wake the runs waiting for slots that have stayed free;
+        True while some slots seem free with runs waiting."""
         mine = {pool_target(self.pool), *(queue_target(self.pool, q) for q in self.queues)}
+        settling = False
         for target in sorted((mine | self._touched) & set(self.state.limits)):
-            free, queued = await queue_depths(channel, target)
+            depths = await self.gate.depths(target)
+            if depths is None:
+                break
+            free, queued = depths
             if free and queued:
-                await self.gate.wake(target)
+                settled = self._settled_free(target, free)
+                if settled:
+                    await self.gate.wake(target, at_most=settled)
+                    self._free_seen.pop(target, None)
+                settling = True
+            else:
+                self._free_seen.pop(target, None)
             if self._limit_gauges is not None:
                 slots, in_use, waiting = self._limit_gauges
                 limit = self.state.limits[target].limit
@@ -118,6 +144,20 @@ class PoolControl:
                 with contextlib.suppress(KeyError):
                     gauge.remove(target)
             self._touched.discard(target)
+        return settling
+
+    def _settled_free(self, target: str, free: int) -> int:
+        """How many of `target`'s tokens every check of the last grace period found free."""
+        now = time.monotonic()
+        seen = self._free_seen.setdefault(target, deque())
+        if seen and now - seen[-1][0] > _LONGEST_GAP_SECONDS:
+            seen.clear()
+        seen.append((now, free))
+        while len(seen) > 1 and seen[1][0] <= now - RETURNED_SLOT_GRACE_SECONDS:
+            seen.popleft()
+        if seen[0][0] > now - RETURNED_SLOT_GRACE_SECONDS:
+            return 0
+        return min(count for _, count in seen)
 
     async def declare(self, channel: aiormq.abc.AbstractChannel) -> None:
         await topology.declare_control_stream(channel)

@@ -13,11 +13,13 @@ to one consumer at a time, a slot is never usable twice.
 A run that finds no token does not wait on the worker: it is moved (confirmed
 publish, then acknowledgement) to `mq_worker.waiting-<digest>`, a FIFO queue of
 the runs waiting for that target, which frees its worker slot and lets the
-worker take other runs of the same queue. Whoever gives a token back, and a
-worker that has just queued a run there, then moves as many of the oldest
-waiting runs back to their work queues as there are free tokens ("wakes"
-them): each check follows the other's step, so no wakeup is lost; a periodic
-check (pool_control) also wakes runs for slots that came back when a holder died.
+worker take other runs of the same queue. A run that ends moves as many of the
+oldest waiting runs back to their work queues ("wakes" them) as it gave tokens
+back; a run that found no token and no run waiting before it wakes one if a
+token came free meanwhile: each check follows the other's step, so no wakeup is
+lost. Tokens that came back without a release (their holder died or was cut
+off) are handed on only by a periodic check (pool_control), after a grace that
+lets a holder that was only cut off take them back first (`reclaim`).
 
 Order of arrival: a fresh run joins the waiting queue instead of taking a free
 token when runs of its target wait (a woken run skips that check for the
@@ -29,6 +31,8 @@ again, at the back.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -48,7 +52,14 @@ from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
 
 log = structlog.get_logger("mq_worker.slots")
 
+# How long a run waits, after a reconnection, for the slots of the runs still running
+# here to be taken again before it takes one itself.
+RECLAIM_WAIT_SECONDS = 10.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+# How often a run tries, half a second apart, while its waiting queue cannot be found
+# (a node being lost), before it is given back.
+_LOOKUP_ATTEMPTS = 60
+_UNKNOWN = -1
 
 
 class HeldToken(NamedTuple):
@@ -64,6 +75,7 @@ class Lease:
 
     channel: aiormq.abc.AbstractChannel | None
     tokens: list[HeldToken] = field(default_factory=list)
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,18 +88,30 @@ class Waiting:
 class SlotGate:
     """Takes and gives back the slot tokens of one worker's runs."""
 
-    def __init__(self, state: ControlState) -> None:
+    def __init__(self, state: ControlState,
+                 on_slot_lost: Callable[[str, str], None] | None = None) -> None:
         self.state = state
+        self._on_slot_lost = on_slot_lost
         self._slots: aiormq.abc.AbstractChannel | None = None
         self._publish: aiormq.abc.AbstractChannel | None = None
         self._leases: set[Lease] = set()
+        self._reclaimed = anyio.Event()
+        # Channels of this gate's own on the session's connection, so that the lookups
+        # before a start, the wakes after an end and the token requests do not queue
+        # behind each other (a channel has one request in flight at a time).
+        self._own: dict[str, aiormq.abc.AbstractChannel] = {}
+        self._opening = anyio.Lock()
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
         """Use these channels of the current session (None: no session)."""
         self._slots, self._publish = slots, publish
+        if slots is None:
+            self._reclaimed.set()  # runs waiting for the reclaim give up with the session
+            self._reclaimed = anyio.Event()
 
-    async def admit(self, targets: list[str], delivery: Delivery) -> Lease | Waiting | None:
+    async def admit(self, targets: list[str], delivery: Delivery,
+                    run_id: str = "") -> Lease | Waiting | None:
         """Take a token of each limited target, or move the run to a waiting queue.
 
         None: the delivery's channel is gone (the broker delivers it again).
@@ -95,39 +119,144 @@ class SlotGate:
         slots, publish = self._slots, self._publish
         if slots is None or publish is None or slots.is_closed:
             return None
+        if not self._reclaimed.is_set():
+            # The runs still running here take their slots again first.
+            with anyio.move_on_after(RECLAIM_WAIT_SECONDS):
+                await self._reclaimed.wait()
+            if self._slots is not slots or slots.is_closed:
+                return None
         woken_for = _text(delivery.headers.get(WOKEN_HEADER))
-        lease = Lease(slots)
+        lease = Lease(slots, run_id=run_id)
+        # A woken run skips the waiting check for the target it was woken for.
+        checked = [target for target in targets if target != woken_for]
+        waiting: dict[str, int] = {}
         try:
-            for target in targets:
-                check = target != woken_for
-                if not await self._take_unless_waiting(target, lease, publish, check):
-                    return await self._wait(target, delivery, lease, publish)
+            for _ in range(_LOOKUP_ATTEMPTS):
+                missing = await self._take_and_count(slots, targets, checked, lease, waiting)
+                if _UNKNOWN not in waiting.values():
+                    break
+                # `limit set` declares the waiting queue with the token queue: missing,
+                # it is on a node being lost. Taking a token now could overtake waiting
+                # runs, or take the slot of a run whose worker is reconnecting.
+                await self._give_back(lease)
+                if self._slots is not slots:
+                    return None
+                await anyio.sleep(0.5)
+            else:
+                raise ConnectionError(f"cannot count the runs waiting for {targets}")
+            blocked = next((t for t in targets if waiting.get(t) or t == missing), None)
+            if blocked is not None:
+                # Only a run that found no token and no run waiting before it wakes one
+                # (see _wait); a token taken here and given back is not woken for: the
+                # release that freed it woke a run already, or it came back without a
+                # release (see pool_control).
+                first = blocked == missing and blocked in checked and not waiting[blocked]
+                return await self._wait(blocked, delivery, lease, publish, wake=first)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.release(lease)
+                await self._give_back(lease)
             raise
         if lease.tokens:
             self._leases.add(lease)
         return lease
 
+    async def _take_and_count(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
+                              checked: list[str], lease: Lease,
+                              waiting: dict[str, int]) -> str | None:
+        """Take a token of each target, and count the runs waiting for those `checked`;
+        the first target without a free token, if any.
+
+        The waiting counts are read while the tokens are asked for: both cost one
+        round trip per target before the run starts, not two.
+        """
+        async with anyio.create_task_group() as tg:
+            if checked:
+                tg.start_soon(self._count_waiting, slots, checked, waiting)
+            missing = await self._take_each(targets, lease)
+        return missing
+
+    async def _take_each(self, targets: list[str], lease: Lease) -> str | None:
+        """Take a token of each target in turn; the first that has none, if any."""
+        for target in targets:
+            if not await self._take(target, lease):
+                return target
+        return None
+
+    async def _count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
+                             counts: dict[str, int]) -> None:
+        for target in targets:
+            waiting = await self._waiting(await self._channel("lookups", slots), target)
+            counts[target] = _UNKNOWN if waiting is None else waiting
+
+    @staticmethod
+    async def _waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
+        """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
+        None if the broker does not find the queue (and closes the channel)."""
+        try:
+            declared = await channel.queue_declare(topology.waiting_queue_name(target),
+                                                   passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return int(declared.message_count or 0)
+
+    async def _channel(self, purpose: str,
+                       slots: aiormq.abc.AbstractChannel) -> aiormq.abc.AbstractChannel:
+        """This gate's own channel for `purpose` on the connection of `slots`."""
+        async with self._opening:
+            channel = self._own.get(purpose)
+            if channel is None or channel.is_closed or channel.connection is not slots.connection:
+                channel = self._own[purpose] = await slots.connection.channel(
+                    publisher_confirms=False)
+            return channel
+
+    async def depths(self, target: str) -> tuple[int, int] | None:
+        """(free tokens, runs waiting) of `target`; None without a session."""
+        slots = self._slots
+        if slots is None or slots.is_closed:
+            return None
+        return await queue_depths(await self._channel("checks", slots), target)
+
     async def reclaim(self) -> None:
         """After a reconnection: take again the slots of runs still running here.
 
-        The broker gave their tokens back when the old connection closed; until they
-        are taken again (first, before new runs) another worker may use them.
+        The broker gave their tokens back when the old connection closed. They come
+        back before any new run of this worker takes a token, and other workers leave
+        tokens that came back without a release alone for a while (pool_control), so
+        this normally succeeds. A run whose slot was taken all the same is over the
+        limit: it is reported to `on_slot_lost`, which stops it.
         """
         channel = self._slots
         if channel is None:
             return
-        for lease in list(self._leases):
-            if lease.channel is channel:
-                continue
-            targets = [token.target for token in lease.tokens]
-            lease.channel, lease.tokens = channel, []
-            for target in targets:
-                if not await self._take(target, lease):
-                    log.warning("a running run's slot was taken while disconnected; it runs "
-                                "over the limit until it ends", target=target)
+        try:
+            for lease in list(self._leases):
+                if lease.channel is channel:
+                    continue
+                held = Lease(channel, run_id=lease.run_id)
+                lost = None
+                for target in [token.target for token in lease.tokens]:
+                    if not await self._take(target, held):
+                        lost = target
+                        break
+                if lease not in self._leases:  # the run ended meanwhile
+                    await self._give_back(held)
+                    continue
+                lease.channel, lease.tokens = channel, held.tokens
+                if lost is not None:
+                    log.warning("a running run's slot was taken while this worker was cut "
+                                "off; stopping the run", target=lost, run_id=lease.run_id)
+                    if self._on_slot_lost is not None:
+                        self._on_slot_lost(lease.run_id, lost)
+        finally:
+            if self._slots is channel:
+                self._reclaimed.set()
+
+    async def _give_back(self, lease: Lease) -> None:
+        assert lease.channel is not None
+        with contextlib.suppress(*_CHANNEL_ERRORS):
+            for token in lease.tokens:
+                await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
+        lease.tokens = []
 
     async def release(self, lease: Lease) -> None:
         """Give back a run's tokens, then wake runs waiting for them."""
@@ -141,8 +270,11 @@ class SlotGate:
                     await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
                 else:  # the limit shrank or went away while the run held it
                     await lease.channel.basic_ack(token.tag)
-        for target in dict.fromkeys(token.target for token in tokens):
-            await self.wake(target)
+        # As many runs as this run gave slots back, whatever the broker counts free
+        # (it may not count a token given back a moment ago yet): a token that came back
+        # without a release (its holder was cut off) is not this run's to hand on.
+        for target, count in Counter(token.target for token in tokens).items():
+            await self._wake_for_released(target, count)
 
     def _still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)
@@ -150,17 +282,31 @@ class SlotGate:
             return False
         return limit.valid(number, version) or version > limit.newest_version
 
-    async def wake(self, target: str) -> None:
-        """Move as many runs waiting for `target` back to their work queues as there are
-        free tokens."""
+    async def wake(self, target: str, at_most: int) -> None:
+        """Move up to `at_most` runs waiting for `target` back to their work queues, no more
+        than there are free tokens."""
         slots, publish = self._slots, self._publish
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            free, waiting = await queue_depths(slots, target)
+            channel = await self._channel("wakes", slots)
+            free, waiting = await queue_depths(channel, target)
             if free and waiting:
-                moved = await wake_waiting(slots, target, min(free, waiting), publisher=publish)
+                count = min(free, waiting, at_most)
+                moved = await wake_waiting(channel, target, count, publisher=publish)
                 log.debug("woke waiting runs", target=target, count=moved)
+        except _CHANNEL_ERRORS as exc:
+            log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
+
+    async def _wake_for_released(self, target: str, count: int) -> None:
+        slots, publish = self._slots, self._publish
+        if slots is None or publish is None or slots.is_closed:
+            return
+        try:
+            channel = await self._channel("wakes", slots)
+            waiting = await self._waiting(channel, target)
+            if waiting:
+                await wake_waiting(channel, target, min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
 
@@ -170,35 +316,11 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            await wake_waiting(slots, target, None, publisher=publish)
+            await wake_waiting(await self._channel("wakes", slots), target, None,
+                               publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not send back runs waiting for a removed limit",
                         target=target, error=str(exc))
-
-    async def _take_unless_waiting(self, target: str, lease: Lease,
-                                   other: aiormq.abc.AbstractChannel, check: bool) -> bool:
-        """Take a token of `target` unless (with `check`) runs of it wait already.
-
-        The waiting count is read on `other` while the token is asked for, so that
-        both cost one round trip before the run starts, not two.
-        """
-        waiting = 0
-
-        async def count() -> None:
-            nonlocal waiting
-            _, waiting = await queue_depths(other, target)
-
-        async with anyio.create_task_group() as tg:
-            if check:
-                tg.start_soon(count)
-            taken = await self._take(target, lease)
-        if not waiting:
-            return taken
-        if taken and lease.tokens and lease.tokens[-1].target == target:
-            held = lease.tokens.pop()
-            assert lease.channel is not None
-            await lease.channel.basic_nack(held.tag, requeue=True, wait=False)
-        return False
 
     async def _take(self, target: str, lease: Lease) -> bool:
         queue = topology.limit_queue_name(target)
@@ -227,8 +349,8 @@ class SlotGate:
             await channel.basic_ack(tag)
 
     async def _wait(self, target: str, delivery: Delivery, lease: Lease,
-                    publish: aiormq.abc.AbstractChannel) -> Waiting | None:
-        await self.release(lease)
+                    publish: aiormq.abc.AbstractChannel, wake: bool) -> Waiting | None:
+        await self._give_back(lease)
         if delivery.lost.is_set():
             return None  # a copy in the waiting queue would run it twice
         properties = delivery.properties
@@ -242,7 +364,11 @@ class SlotGate:
             properties=properties, mandatory=True,
         )
         await delivery.settle()
-        await self.wake(target)
+        if wake:
+            # A slot given back while this run was on its way here found no run waiting
+            # and woke nobody: wake this one. (With runs waiting before it, such a slot
+            # woke one of them.)
+            await self.wake(target, at_most=1)
         return Waiting(target)
 
 

@@ -17,6 +17,8 @@ import pytest
 from mq_worker.events import Event
 from mq_worker.topology import limit_queue_name
 from tests.helpers import (
+    HOST,
+    PORT,
     EventLog,
     VHost,
     probe,
@@ -26,6 +28,7 @@ from tests.helpers import (
     unique,
     wait_until,
 )
+from tests.proxy import link_proxy
 from tests.test_cli import mq_worker
 from tests.test_priority import declare_queues
 
@@ -245,3 +248,72 @@ async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new
     # its one slot, and the removed slots were destroyed, not given back.
     assert most_at_once([s for s in spans if s[0] > shrunk_at]) == 1, spans
     assert most_at_once(spans) <= 3
+
+
+async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key_limit(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Its runs go on while the broker gives their slots back; other workers, with runs
+    waiting and short runs ending all the time, must not start more than the limit."""
+    await cli("limit", "set", "key:db", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=4, name="cut-link") as cut:
+        long = [run_body(probe(tmp_path, sleep=12), concurrency_key="db") for _ in range(2)]
+        for body in long:
+            await publish_raw(vhost.url, body)
+        await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"])
+                                            for b in long))
+        async with running_worker(vhost.url, limit=4, name="steady"):
+            short = [run_body(probe(tmp_path, sleep=0.2), concurrency_key="db")
+                     for _ in range(30)]
+            for body in short:
+                await publish_raw(vhost.url, body)
+            ids = [b["id"] for b in long + short]
+            await events.wait_for(lambda evs: len(
+                [e for e in evs if e.data.get("waiting_for") == "key:db"]) >= 5)
+            for _ in range(3):
+                ended = len([r for r in ids if events.terminal(r)])
+                assert vhost.close_connections("cut-link") == 1
+                await wait_until(lambda: not cut.connected, timeout=10)
+                await wait_until(lambda: cut.connected, timeout=30)
+                await events.wait_for(
+                    lambda _, before=ended: len([r for r in ids if events.terminal(r)])
+                    >= before + 2, timeout=30)
+            await events.wait_terminal(ids, timeout=90)
+    assert most_at_once(intervals(events.events, set(ids))) <= 3
+    # The runs that lost their slots with the connection took them back and went on.
+    assert [events.types(b["id"])[-1] for b in long] == ["run.completed"] * 2
+    # None lost. (A run moved between queues as the connection broke can be delivered
+    # twice; it then completes twice, within the limit, as counted above.)
+    assert all("run.completed" in events.types(b["id"]) for b in short), [
+        events.types(b["id"]) for b in short if "run.completed" not in events.types(b["id"])]
+
+
+async def test_a_run_whose_slot_went_elsewhere_while_its_worker_was_cut_off_is_stopped(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """The one case the reclaim cannot cover: no run waits, so a fresh run elsewhere
+    takes the slot the broker gave back at once. The cut-off worker's run is over the
+    limit from then on, until its worker is back and stops it (`slot-lost`)."""
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url, name="cut") as cut:
+            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            await publish_raw(vhost.url, held)
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="peer"):
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                fresh = run_body(probe(tmp_path, sleep=1), concurrency_key="db")
+                await publish_raw(vhost.url, fresh)
+                await events.wait_for(lambda _: "run.submitted" in events.types(fresh["id"]))
+                restored_at = time.time()
+                await proxy.restore()
+                await events.wait_terminal([held["id"], fresh["id"]], timeout=30)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
+    ending = events.terminal(held["id"])[-1]
+    assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
+    assert "key:db" in ending.data["message"]
+    # Stopped as soon as its worker was back, not when the run would have ended.
+    assert ending.time.timestamp() - restored_at < 10

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aio_pika.abc
 import anyio
 import pytest
 
+from mq_worker.cancel_snapshots import SNAPSHOT_EVERY
 from mq_worker.topology import RUNS_EXCHANGE
 from tests.helpers import (
     EventLog,
@@ -306,7 +308,7 @@ async def test_malformed_worker_events_end_no_session_and_crash_no_status(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # publishing 100,000 confirmed cancels takes minutes
-async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
+async def test_workers_starting_behind_100k_cancels_serve_and_know_them(
     vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
 ) -> None:
     cancelled = [str(uuid.uuid4()) for _ in range(100_000)]
@@ -326,8 +328,86 @@ async def test_a_worker_starting_behind_100k_cancels_serves_and_knows_them(
     assert events.terminal(last["id"])[0].type == "mq_worker.run.cancelled"
     assert events.terminal(fresh["id"])[0].type == "mq_worker.run.completed"
     assert set(started_runs(tmp_path)) == {fresh["id"]}
+
+    # A worker joining the pool starts from the snapshot the first one took of the window.
+    snapshot = await _newest_snapshot(vhost.url, timeout=120)
+    assert len(snapshot["run_ids"]) == 32 * len(cancelled)
     worker.signal(signal.SIGTERM)
     assert await anyio.to_thread.run_sync(worker.wait) == 0
+    joining = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await _started(events, joining, timeout=300)
+    second, second_last = run_body(probe(tmp_path)), run_body(probe(tmp_path))
+    second["id"], second_last["id"] = cancelled[1], cancelled[-2]
+    fresh_again = run_body(probe(tmp_path))
+    for body in (second, second_last, fresh_again):
+        await publish_raw(vhost.url, body)
+    await events.wait_terminal([second["id"], second_last["id"], fresh_again["id"]], timeout=30)
+    assert events.terminal(second["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(second_last["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(fresh_again["id"])[0].type == "mq_worker.run.completed"
+    assert set(started_runs(tmp_path)) == {fresh["id"], fresh_again["id"]}
+    joining.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(joining.wait) == 0
+
+
+async def test_a_joining_worker_starts_from_the_pools_snapshot_and_misses_no_cancel(
+    vhost: VHost, events: EventLog, worker_processes: Any, tmp_path: Path
+) -> None:
+    # Enough for the first worker's replay to be worth a snapshot.
+    early = [str(uuid.uuid4()) for _ in range(SNAPSHOT_EVERY)]
+    await publish_cancels(vhost.url, early)
+    first = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await _started(events, first)
+    # Its pool's elected reporter, it snapshots the window it replayed for the next worker.
+    snapshot = await _newest_snapshot(vhost.url)
+    assert set(_ids_of(snapshot)) == {f"{uuid.UUID(r).int:032x}" for r in early}
+    late = [str(uuid.uuid4()) for _ in range(2)]
+    await publish_cancels(vhost.url, late)
+    first.signal(signal.SIGTERM)
+    assert await anyio.to_thread.run_sync(first.wait) == 0
+
+    joining = worker_processes(vhost.url, "--heartbeat-seconds", "60")
+    await _started(events, joining)
+    before, after, fresh = (run_body(probe(tmp_path)) for _ in range(3))
+    before["id"], after["id"] = early[0], late[-1]
+    for body in (before, after, fresh):
+        await publish_raw(vhost.url, body)
+    await events.wait_terminal([before["id"], after["id"], fresh["id"]], timeout=30)
+    assert events.terminal(before["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(after["id"])[0].type == "mq_worker.run.cancelled"
+    assert events.terminal(fresh["id"])[0].type == "mq_worker.run.completed"
+    assert set(started_runs(tmp_path)) == {fresh["id"]}
+
+
+async def _started(events: EventLog, worker: Any, timeout: float = 60) -> None:
+    await events.wait_for(lambda evs: any(
+        e.type == "mq_worker.worker.started" and e.subject == worker.name for e in evs),
+        timeout=timeout)
+
+
+def _ids_of(snapshot: dict[str, Any]) -> list[str]:
+    ids: str = snapshot["run_ids"]
+    return [ids[i:i + 32] for i in range(0, len(ids), 32)]
+
+
+async def _newest_snapshot(url: str, pool: str = "default", timeout: float = 30
+                           ) -> dict[str, Any]:
+    """The newest message of the pool's snapshot stream, decoded, once there is one."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(f"mq_worker.cancel-snapshots-{pool}", ensure=False)
+        bodies: list[bytes] = []
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            bodies.append(message.body)
+            await message.ack()
+
+        await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        await wait_until(lambda: bodies, timeout=timeout)
+    value: dict[str, Any] = json.loads(bodies[-1])
+    return value
 
 
 async def publish_cancels(url: str, run_ids: list[str], pool: str = "default") -> None:

@@ -694,12 +694,12 @@ async def test_a_base_job_template_can_forbid_environment_and_odd_commands(
 POOL = "etl"
 WORKER_PERMISSIONS = {
     "configure": r"^(mq_worker\.(runs|events|output|dead|cancels|control|due|delay-[0-9]{2}"
-                 r"|monitor-etl|ping|heartbeats-etl|etl\.[A-Za-z0-9_-]+)|amq\.gen-.*)$",
+                 r"|monitor-etl|ping|heartbeats-etl|cancel-snapshots-etl|etl\.[A-Za-z0-9_-]+)|amq\.gen-.*)$",
     "write": r"^(amq\.default|amq\.gen-.*|mq_worker\.(events|output|cancels|control|due"
-             r"|delay-[0-9]{2}|monitor-etl|heartbeats-etl|waiting-[0-9a-f]{32}"
+             r"|delay-[0-9]{2}|monitor-etl|heartbeats-etl|cancel-snapshots-etl|waiting-[0-9a-f]{32}"
              r"|etl\.[A-Za-z0-9_-]+))$",
     "read": r"^(amq\.gen-.*|mq_worker\.(runs|events|cancels|control|due|delay-[0-9]{2}"
-            r"|monitor-etl|ping|heartbeats-etl|(limit|waiting)-[0-9a-f]{32}"
+            r"|monitor-etl|ping|heartbeats-etl|cancel-snapshots-etl|(limit|waiting)-[0-9a-f]{32}"
             r"|etl\.[A-Za-z0-9_-]+))$",
 }
 PUBLISHER_PERMISSIONS = {

@@ -122,6 +122,24 @@ def channels() -> dict[str, Any]:
         "messages": {camel(PING): ref("components", "messages", camel(PING))},
         "bindings": exchange(topology.PING_EXCHANGE),
     }
+    channels["cancelSnapshots"] = {
+        "address": topology.cancel_snapshot_stream_name("{pool}"),
+        "title": "Snapshots of a pool's cancel window",
+        "description": (
+            f"A stream per pool, written and read by its workers through the default exchange. "
+            f"A starting worker reads the newest snapshot (`{topology.STREAM_OFFSET}: last`), then "
+            f"`{topology.CANCELS_STREAM}` from the snapshot's `next_offset`. Workers started "
+            f"with --signing-key-file neither write nor read it."
+        ),
+        "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},
+        "messages": {"cancelSnapshot": ref("components", "messages", "cancelSnapshot")},
+        "bindings": {"amqp": {
+            "is": "routingKey",
+            "exchange": {"name": "amq.default", "type": "direct", "durable": True,
+                         "autoDelete": False},
+            "bindingVersion": AMQP_BINDING_VERSION,
+        }},
+    }
     channels["poolWorkerEvents"] = {
         "address": "workers.{pool}",
         "title": "Worker events of one pool",
@@ -159,6 +177,10 @@ def operations() -> dict[str, Any]:
         "takeCancel": _operation(
             "receive", "cancels", "cancel",
             "Every worker of the pool receives every cancel of the pool.", {"ack": True}),
+        "keepCancelSnapshots": _operation(
+            "send", "cancelSnapshots", "cancelSnapshot",
+            "The pool's elected reporter publishes a snapshot whenever the cancel stream "
+            "has grown by 10,000 messages past the last one.", {"deliveryMode": 2}),
         "followControl": _operation(
             "receive", "control", "control",
             "Every worker replays and follows every pause, resume and limit.", {"ack": True}),

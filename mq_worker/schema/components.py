@@ -80,6 +80,9 @@ def messages(names: dict[str, str]) -> dict[str, Any]:
                             JSON_CONTENT_TYPE, names["control"],
                             examples=[{"name": "pause", "payload": _PAUSE_EXAMPLE}]),
     }
+    messages["cancelSnapshot"] = message(
+        "cancelSnapshot", "Cancel snapshot", "Every cancel of a pool's window up to an offset.",
+        JSON_CONTENT_TYPE, names["cancel-snapshot"])
     messages["output"] = message(
         "output", "Run output", "A batch of a run's output lines.", JSON_CONTENT_TYPE,
         names["output"])

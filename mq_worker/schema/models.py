@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from mq_worker.cancel_snapshots import CancelSnapshotMessage
 from mq_worker.control import ControlMessage
 from mq_worker.events import DATA_MODELS, Event, EventType
 from mq_worker.messages import CancelMessage, RunMessage
@@ -87,6 +88,7 @@ def message_models() -> dict[str, type[BaseModel]]:
         "control": ControlMessage,
         "event": EventEnvelope,
         "output": OutputMessage,
+        "cancel-snapshot": CancelSnapshotMessage,
     }
     for event_type in [*EVENT_TYPES, PING]:
         models[event_type] = event_model(event_type)

@@ -28,6 +28,7 @@ from mq_worker.topology.names import (
     OUTPUT_EXCHANGE,
     PING_EXCHANGE,
     RUNS_EXCHANGE,
+    cancel_snapshot_stream_name,
     delay_name,
     due_binding_key,
     heartbeat_stream_name,
@@ -115,6 +116,15 @@ def heartbeat_stream_arguments() -> dict[str, Any]:
     }
 
 
+def cancel_snapshot_stream_arguments() -> dict[str, Any]:
+    # Only the newest snapshot is read; retention keeps the last segment whatever its age.
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-stream-max-segment-size-bytes": 16 * 1024 * 1024,
+    }
+
+
 async def declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
 ) -> None:
@@ -158,6 +168,12 @@ async def declare_cancel_stream(
 ) -> None:
     await declare_queue(channel, CANCELS_STREAM, cancel_stream_arguments(options))
     await channel.queue_bind(CANCELS_STREAM, RUNS_EXCHANGE, routing_key=CANCELS_BINDING)
+
+
+async def declare_cancel_snapshot_stream(channel: aiormq.abc.AbstractChannel, pool: str
+                                         ) -> None:
+    await declare_queue(channel, cancel_snapshot_stream_name(pool),
+                        cancel_snapshot_stream_arguments())
 
 
 async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> None:

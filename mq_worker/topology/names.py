@@ -163,6 +163,11 @@ def heartbeat_stream_name(pool: str) -> str:
     return f"mq_worker.heartbeats-{pool}"
 
 
+def cancel_snapshot_stream_name(pool: str) -> str:
+    """The stream of snapshots of a pool's cancel window (see mq_worker.cancel_snapshots)."""
+    return f"mq_worker.cancel-snapshots-{pool}"
+
+
 def pool_routing_key(pool: str) -> str:
     """The extra routing key (a `BCC` header) of a pool's worker events on EVENTS_EXCHANGE."""
     return f"workers.{pool}"

@@ -117,7 +117,8 @@ class BaseWorker(abc.ABC):
         self._force = anyio.Event()
         self._serving: _Serving | None = None
         self._fatal_error: BaseException | None = None
-        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer)
+        self.pool_control = PoolControl(self.pool, self.queues, lambda: self._consumer,
+                                        on_slot_lost=self._on_slot_lost)
         self.pool_control.bind_metrics(self.metrics.registry)
         self._report = Reporter(WorkerFacts(
             worker=self.name, pool=self.pool, queues=self.queues, type=self.type,
@@ -274,6 +275,7 @@ class BaseWorker(abc.ABC):
             verify=self._signer.cancel_verifier(self.pool, s.cancel_window_seconds)
             if self._signer else None,
             max_bytes=s.max_message_bytes,
+            keeps_snapshots=lambda: self._heartbeats.monitor.elected,
         )
         sessions = SessionSupervisor(
             settings=s, link=self._link, consumer=consumer, queue_names=list(self._queue_of),
@@ -282,6 +284,10 @@ class BaseWorker(abc.ABC):
             reporter=self._report, metrics=self.metrics, ready=self.ready, log=self.log,
         )
         return _Serving(consumer, keeper, cancels, sessions)
+
+    def _on_slot_lost(self, run_id: str, target: str) -> None:
+        if self._serving is not None:
+            self._serving.keeper.life.slot_lost(UUID(run_id), target)
 
     def _fail(self, error: Exception) -> None:
         """An error no reconnection can fix: stop the runs (as on a second signal), then

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
+from uuid import UUID
 
 import anyio
 import anyio.abc
@@ -166,8 +167,10 @@ class RunLife:
                         message=f"error while watching the run: {exc}",
                         infrastructure_pid=active.infrastructure_pid)
             return
-        if not await self._retry(active, result[0] if result else None):
-            self._ended(active, result[0] if result else None)
+        ending = result[0] if result else None
+        # A run stopped for its lost slot ends so; retrying it would not bring the slot back.
+        if active.slot_lost is not None or not await self._retry(active, ending):
+            self._ended(active, ending)
 
     async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
         """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
@@ -226,6 +229,12 @@ class RunLife:
                                       timeout_seconds=active.policy.timeout_seconds)
             self.finish(active, EventType.RUN_CRASHED, status_code=code,
                         reason=CrashReason.TIMEOUT, message=message, infrastructure_pid=pid)
+        elif active.slot_lost is not None and active.stopped_by_worker:
+            self.finish(active, EventType.RUN_CRASHED, status_code=code,
+                        reason=CrashReason.SLOT_LOST,
+                        message=f"its slot of {active.slot_lost} was taken by another run while "
+                                "its worker was cut off from the broker; stopped to keep the "
+                                "limit", infrastructure_pid=pid)
         elif code == 0:
             self.finish(active, EventType.RUN_COMPLETED, status_code=0,
                         duration_seconds=round(duration or 0.0, 6), infrastructure_pid=pid)
@@ -279,6 +288,16 @@ class RunLife:
         active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)
         self._metrics.timeouts.labels(self._pool, active.queue).inc()
         await self._kill(active, None)
+
+    def slot_lost(self, run_id: UUID, target: str) -> None:
+        """A running run's shared-limit slot went to another run while this worker was cut
+        off: stop it, so the limit holds (see mq_worker.slots)."""
+        active = self._book.active.get(run_id)
+        if active is None or active.terminal or active.slot_lost is not None:
+            return
+        active.slot_lost = target
+        if active.state is RunState.RUNNING:
+            self.stop_soon(active, FORCED_GRACE_SECONDS)
 
     def stop_soon(self, active: ActiveRun, grace: float | None) -> None:
         self._spawn.start_soon(self._kill, active, grace)

@@ -72,6 +72,8 @@ class ActiveRun:
     wake: anyio.Event = field(default_factory=anyio.Event)
     policy: RunPolicy = NO_POLICY
     timed_out: bool = False
+    # The limit whose slot it lost while its worker was cut off: it is stopped.
+    slot_lost: str | None = None
     timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     retry_settled: anyio.Event = field(default_factory=anyio.Event)
 

@@ -133,6 +133,8 @@ class SessionSupervisor:
             tg.start_soon(_watch, connection.closed())
             for channel in channels:
                 tg.start_soon(_watch, channel.closed())
+            # First: the runs still running take their shared-limit slots again.
+            tg.start_soon(self._pool_control.maintain, raw[3], session.publish)
             # Before anything unconfirmed goes out: endings peers may have reported are handed over.
             self._fencing.check_lease()
             tg.start_soon(self._outbox.publish_forever, session.publish)
@@ -146,7 +148,6 @@ class SessionSupervisor:
             self._metrics.connected.set(1)
             tg.start_soon(self._heartbeats.monitor.run, session.aux, settings.heartbeat_seconds,
                           session.publish)
-            tg.start_soon(self._pool_control.maintain, raw[3], session.publish)
             self._report.worker_started()
             tg.start_soon(self._heartbeats.beat_forever)
             tg.start_soon(self._consumer.run, session.runs, self._queue_names)

@@ -14,6 +14,7 @@ def test_crash_reasons_are_the_documented_wire_values() -> None:
     assert [reason.value for reason in CrashReason] == [
         "exit-code", "submission-failed", "timeout", "kill-failed", "monitoring-failed",
         "worker-lost",
+        "slot-lost",
     ]
     description = CrashedData.model_fields["reason"].description or ""
     assert all(reason.value in description for reason in CrashReason)
