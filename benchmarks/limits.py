@@ -22,7 +22,6 @@ back) as long as the next run of the block follows.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import subprocess
 from pathlib import Path
@@ -30,23 +29,20 @@ from typing import Any
 
 import orjson
 
-from benchmarks.common import (
-    PYTHON,
-    ROOT,
+from benchmarks._amqp import (
     RUN_SUBMITTED,
     WORKER_STARTED,
     EventWatch,
     Publisher,
-    WorkerProcess,
-    banner,
     new_id,
-    print_table,
-    probe_command,
-    summarize_ms,
-    vhost,
     wait_workers_started,
-    write_results,
 )
+from benchmarks._broker import vhost
+from benchmarks._paths import PYTHON, ROOT
+from benchmarks._probe import probe_command
+from benchmarks._report import print_table, summarize_ms
+from benchmarks._runner import command_line, run_benchmark
+from benchmarks._workers import WorkerProcess
 
 KINDS = ("unlimited", "one limit", "two limits")
 WARM_UP_BLOCKS = 1
@@ -118,17 +114,22 @@ async def run_block(watch: EventWatch, publisher: Publisher, command: str, kind:
     return seen_after
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=300, help="Runs of each kind.")
-    parser.add_argument("--block", type=int, default=10,
-                        help="Runs of one kind in a row (one CPU sample).")
-    args = parser.parse_args()
-    banner("limits")
+async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
     with vhost("limits") as host:
         cli(host.url, "limit", "set", "key:bench", "10000")
         cli(host.url, "limit", "set", "key:tag:bench", "10000")
-        results = asyncio.run(measure(host.url, args.runs, args.block))
+        results = await measure(host.url, args.runs, args.block)
+    base = results["unlimited"]
+    return {
+        "latency_ms": results,
+        "added_p50_ms": {k: r["p50"] - base["p50"] for k, r in results.items()},
+        "added_cpu_ms_per_run": {k: r["cpu_ms_per_run"] - base["cpu_ms_per_run"]
+                                 for k, r in results.items()},
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    results = result["latency_ms"]
     base = results["unlimited"]
     rows = [[kind, r["n"], r["p50"], r["p90"], r["p99"], r["p50"] - base["p50"],
              r["cpu_ms_per_run"], round(r["cpu_ms_per_run"] - base["cpu_ms_per_run"], 3)]
@@ -136,12 +137,14 @@ def main() -> None:
     print_table("publish -> submitted (ms); worker CPU per run (ms, median of blocks)",
                 ["runs", "n", "p50", "p90", "p99", "added at p50", "CPU/run", "CPU added"],
                 rows)
-    write_results("limits", {
-        "latency_ms": results,
-        "added_p50_ms": {k: r["p50"] - base["p50"] for k, r in results.items()},
-        "added_cpu_ms_per_run": {k: r["cpu_ms_per_run"] - base["cpu_ms_per_run"]
-                                 for k, r in results.items()},
-    })
+
+
+def main() -> None:
+    parser = command_line(__doc__)
+    parser.add_argument("--runs", type=int, default=300, help="Runs of each kind.")
+    parser.add_argument("--block", type=int, default=10,
+                        help="Runs of one kind in a row (one CPU sample).")
+    run_benchmark("limits", parser.parse_args(), measure_limits, report)
 
 
 if __name__ == "__main__":
