@@ -21,24 +21,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    PYTHON,
-    RESULTS,
+from benchmarks._amqp import (
     RUN_COMPLETED,
     WORKER_STARTED,
-    CpuMeter,
     EventWatch,
     Publisher,
-    banner,
     new_id,
-    print_table,
-    run_body,
-    vhost,
-    wait_for_quiet,
     wait_workers_started,
-    workers,
-    write_results,
 )
+from benchmarks._broker import vhost
+from benchmarks._machine import CpuMeter, wait_for_quiet
+from benchmarks._paths import PYTHON, RESULTS
+from benchmarks._probe import run_body
+from benchmarks._report import print_table
+from benchmarks._runner import command_line, run_benchmark
+from benchmarks._workers import workers
 
 # (category, substrings of a frame "function (file:line)"), tried in order on each frame
 # from the innermost outwards.
@@ -173,23 +170,12 @@ def report(result: dict[str, Any]) -> None:
                 list(result["leaf"].items())[:15])
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> None:
+    parser = command_line(__doc__, quiet=60.0, loop=True)
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
-    return parser.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    banner("profile")
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("profile", result)
+    run_benchmark("profile", parser.parse_args(), main_async, report)
 
 
 if __name__ == "__main__":
