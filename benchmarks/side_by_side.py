@@ -39,22 +39,13 @@ from typing import Any
 import aiormq
 import psutil
 
-from benchmarks.common import (
-    PYTHON,
-    RESULTS,
-    ROOT,
-    RUN_COMPLETED,
-    EventWatch,
-    Publisher,
-    background_load,
-    banner,
-    broker_process,
-    new_id,
-    print_table,
-    run_body,
-    vhost,
-    write_results,
-)
+from benchmarks._amqp import RUN_COMPLETED, EventWatch, Publisher, new_id
+from benchmarks._broker import vhost
+from benchmarks._machine import background_load, broker_process
+from benchmarks._paths import PYTHON, RESULTS, ROOT
+from benchmarks._probe import run_body
+from benchmarks._report import print_table
+from benchmarks._runner import command_line, run_benchmark
 from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ensure_venv
 
 TRUE = "/bin/true"
@@ -273,18 +264,9 @@ LABELS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
-                        help="another checkout of the repository, measured as contenders "
-                             "named <contender>@NAME (e.g. mq-1x8@before)")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     trees = {n: Path(d).resolve() for n, _, d in (t.partition("=") for t in args.tree)}
     names = [n for n in args.contenders.split(",") if n]
-    banner("side_by_side")
     bin_dir = ensure_venv() if any(n.startswith("celery") for n in names) else None
     load_before = background_load()
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -296,6 +278,13 @@ def main() -> None:
                   f"(main processes {row['main_cpu_ms_per_run']} ms), "
                   f"broker {row['broker_cpu_ms_per_run']} ms per run", flush=True)
     load_after = background_load()
+    return {"celery": celery_version(bin_dir) if bin_dir else None, "runs": args.runs,
+            "rounds": args.rounds, "other_load_cores": [load_before, load_after], "rows": rows}
+
+
+def report(result: dict[str, Any]) -> None:
+    rows: dict[str, list[dict[str, Any]]] = result["rows"]
+    load_before, load_after = result["other_load_cores"]
 
     def median(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
@@ -307,15 +296,23 @@ def main() -> None:
     table = [[label(n), median(n, "rate"), median(n, "worker_cpu_ms_per_run"),
               median(n, "broker_cpu_ms_per_run"),
               f"{median(n, 'worker_rss_mb'):.0f} MB ({rows[n][0]['processes']} processes)"]
-             for n in names]
-    print_table(f"{args.runs} runs of /bin/true pre-loaded, then the workers started; medians "
-                f"of {args.rounds} interleaved round(s); other load {load_before:.2f} cores "
-                f"before, {load_after:.2f} after",
+             for n in rows]
+    print_table(f"{result['runs']} runs of /bin/true pre-loaded, then the workers started; "
+                f"medians of {result['rounds']} interleaved round(s); other load "
+                f"{load_before:.2f} cores before, {load_after:.2f} after",
                 ["contender", "runs/s", "worker CPU ms/run", "broker CPU ms/run",
                  "worker RSS"], table)
-    write_results("side_by_side", {
-        "celery": celery_version(bin_dir) if bin_dir else None, "runs": args.runs,
-        "rounds": args.rounds, "other_load_cores": [load_before, load_after], "rows": rows})
+
+
+def main() -> None:
+    parser = command_line(__doc__)
+    parser.add_argument("--runs", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="another checkout of the repository, measured as contenders "
+                             "named <contender>@NAME (e.g. mq-1x8@before)")
+    run_benchmark("side_by_side", parser.parse_args(), measure, report)
 
 
 if __name__ == "__main__":
