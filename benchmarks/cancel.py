@@ -32,27 +32,23 @@ import anyio
 import orjson
 import psutil
 
-from benchmarks.common import (
+from benchmarks._amqp import (
     FAILURES,
     RUN_CANCELLED,
     RUN_SUBMITTED,
     RUNS_EXCHANGE,
     WORKER_STARTED,
-    CpuMeter,
     EventWatch,
-    ProbeLog,
     Publisher,
-    banner,
     new_id,
-    print_table,
-    probe_command,
-    summarize_ms,
-    vhost,
-    wait_for_quiet,
     wait_workers_started,
-    workers,
-    write_results,
 )
+from benchmarks._broker import vhost
+from benchmarks._machine import CpuMeter, wait_for_quiet
+from benchmarks._probe import ProbeLog, probe_command
+from benchmarks._report import print_table, summarize_ms
+from benchmarks._runner import command_line, run_benchmark
+from benchmarks._workers import workers
 from mq_worker import cancel_snapshots
 from mq_worker.cancellation import DEFAULT_WINDOW_SECONDS, CancelFollower, CancelRegistry
 from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
@@ -192,6 +188,10 @@ async def replay_async(count: int) -> dict[str, Any]:
     }
 
 
+def report_replay(replay: dict[str, Any]) -> None:
+    print_table("cancel window replay, in this process", list(replay), [list(replay.values())])
+
+
 def report(result: dict[str, Any]) -> None:
     rows = [[f"cancel published -> {label}", s["n"], s["p50"], s["p90"], s["p99"], s["max"]]
             for label, s in (("SIGTERM received by the run", result["sigterm"]),
@@ -211,8 +211,8 @@ def report(result: dict[str, Any]) -> None:
                 ["measure", "cancels", "p50", "p90", "p99", "max"], rows)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> None:
+    parser = command_line(__doc__, quiet=60.0, loop=True)
     parser.add_argument("--replay", type=int, default=0,
                         help="measure the replay of this many cancels instead")
     parser.add_argument("--cancels", type=int, default=100)
@@ -221,24 +221,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pause", type=float, default=0.02,
                         help="seconds between a run's start and its cancel")
     parser.add_argument("--limit", type=int, default=8)
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds to wait for other processes to calm down")
-    return parser.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
-    banner("cancel")
+    args = parser.parse_args()
     if args.replay:
-        replay = asyncio.run(replay_async(args.replay))
-        print_table("cancel window replay, in this process", list(replay),
-                    [list(replay.values())])
-        write_results("cancel-replay", replay)
-        return
-    result = asyncio.run(main_async(args))
-    report(result)
-    write_results("cancel", result)
+        run_benchmark("cancel", args, lambda a: replay_async(a.replay), report_replay,
+                      results_name="cancel-replay")
+    else:
+        run_benchmark("cancel", args, main_async, report)
 
 
 if __name__ == "__main__":
