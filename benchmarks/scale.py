@@ -48,21 +48,12 @@ import aiormq.abc
 import psutil
 from pamqp import commands as spec
 
-from benchmarks.common import (
-    EVENTS_EXCHANGE,
-    RUNS_EXCHANGE,
-    CpuMeter,
-    VHost,
-    WorkerProcess,
-    banner,
-    management,
-    new_id,
-    percentile,
-    print_table,
-    vhost,
-    wait_for_quiet,
-    write_results,
-)
+from benchmarks._amqp import EVENTS_EXCHANGE, RUNS_EXCHANGE, new_id
+from benchmarks._broker import VHost, management, vhost
+from benchmarks._machine import CpuMeter, wait_for_quiet
+from benchmarks._report import percentile, print_table
+from benchmarks._runner import command_line, run_benchmark
+from benchmarks._workers import WorkerProcess
 from mq_worker.events import build_event
 from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
 
@@ -419,8 +410,37 @@ async def cancel_window(count: int, burst: int, runs: int) -> dict[str, Any]:
     return result
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+async def measure_all(args: argparse.Namespace) -> dict[str, Any]:
+    load = wait_for_quiet(timeout=args.quiet)
+    window = None
+    if args.cancels:
+        window = await cancel_window(args.cancels, args.burst, args.runs)
+        print(json.dumps(window), flush=True)
+    if args.only_cancels:
+        return {"cancel_window": window}
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        result = await measure(size, args.interval, args.window, args.max_readers)
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    return {"rows": rows, "cancel_window": window, "cpu_count": psutil.cpu_count(),
+            "background_cores_before": load}
+
+
+def report(result: dict[str, Any]) -> None:
+    window = result["cancel_window"]
+    if window:
+        print_table("cancel window", list(window), [list(window.values())])
+    rows = result.get("rows")
+    if rows:
+        columns = list(rows[0])
+        print_table(f"idle pool, heartbeats every {rows[0]['interval_s']:g} s (other load "
+                    f"before: {result['background_cores_before']:.2f} cores)",
+                    columns, [[r[c] for c in columns] for r in rows])
+
+
+def main() -> None:
+    parser = command_line(__doc__, quiet=60.0)
     parser.add_argument("--sizes", default="10,100,1000,10000")
     parser.add_argument("--interval", type=float, default=30.0,
                         help="heartbeat interval of every worker, seconds (default 30, the "
@@ -437,29 +457,10 @@ async def main() -> None:
                         help="runs published 50 ms apart, quiet and during the burst")
     parser.add_argument("--only-cancels", action="store_true",
                         help="measure the cancel window only, no pool sizes")
-    parser.add_argument("--quiet", type=float, default=60.0)
     args = parser.parse_args()
-    banner("scale")
-    load = wait_for_quiet(timeout=args.quiet)
-    window = None
-    if args.cancels:
-        window = await cancel_window(args.cancels, args.burst, args.runs)
-        print(json.dumps(window), flush=True)
-        print_table("cancel window", list(window), [list(window.values())])
-    if args.only_cancels:
-        write_results("scale-cancels", {"cancel_window": window})
-        return
-    rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        result = await measure(size, args.interval, args.window, args.max_readers)
-        rows.append(result)
-        print(json.dumps(result), flush=True)
-    columns = list(rows[0])
-    print_table(f"idle pool, heartbeats every {args.interval:g} s (other load before: "
-                f"{load:.2f} cores)", columns, [[r[c] for c in columns] for r in rows])
-    write_results("scale", {"rows": rows, "cancel_window": window,
-                            "cpu_count": psutil.cpu_count()})
+    run_benchmark("scale", args, measure_all, report,
+                  results_name="scale-cancels" if args.only_cancels else None)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
