@@ -27,7 +27,6 @@ Each prints one JSON line; `throughput` and `latency` run them in processes of t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -46,16 +45,12 @@ import aio_pika
 import aio_pika.abc
 import uvloop
 
-from benchmarks.common import (
-    PYTHON,
-    ROOT,
-    ProbeLog,
-    new_id,
-    probe_command,
-    run_body,
-    summarize_ms,
-    vhost,
-)
+from benchmarks._amqp import new_id
+from benchmarks._broker import vhost
+from benchmarks._paths import PYTHON, ROOT
+from benchmarks._probe import ProbeLog, probe_command, run_body
+from benchmarks._report import summarize_ms
+from benchmarks._runner import command_line
 
 TRUE = shutil.which("true") or "true"
 WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
@@ -279,7 +274,7 @@ def run_ceiling(args: list[str], timeout: float = 300.0) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
     spawn = sub.add_parser("spawn")
     spawn.add_argument("--method", choices=["default", "pidfd", "uvloop", "popen-pidfd"],
