@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -78,3 +79,18 @@ def build_event(
     run_id = subject if event_type.startswith(RUN_EVENT_PREFIX) else None
     return OutgoingEvent(event_id, event_type, body, run_id,
                          extra_routing_keys(event_type, data))
+
+
+class Omitted(Enum):
+    """A field left out of an event's data, as opposed to one given as null: a run cancelled
+    before it started has no `status_code` at all, a stopped one may have a null one."""
+
+    OMITTED = "omitted"
+
+
+OMITTED = Omitted.OMITTED
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The fields given, without those left out."""
+    return {name: value for name, value in fields.items() if value is not OMITTED}

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mq_worker.envelope import CONTENT_TYPE as CONTENT_TYPE
+from mq_worker.envelope import OMITTED, Omitted, given
 from mq_worker.envelope import SPECVERSION as SPECVERSION
 from mq_worker.envelope import OutgoingEvent as OutgoingEvent
 from mq_worker.envelope import build_event as build_event
@@ -104,20 +105,6 @@ class RunEventData(_EventData):
     attempt: int = Field(
         default=1, ge=1, description="Which attempt of the run this is about, from 1."
     )
-
-
-class Omitted(Enum):
-    """A field left out of an event's data, as opposed to one given as null: a run cancelled
-    before it started has no `status_code` at all, a stopped one may have a null one."""
-
-    OMITTED = "omitted"
-
-
-OMITTED = Omitted.OMITTED
-
-
-def _given(**fields: Any) -> dict[str, Any]:
-    return {name: value for name, value in fields.items() if value is not OMITTED}
 
 
 def run_event_data(
@@ -209,8 +196,8 @@ def crashed_data(
     status_code: int | Omitted | None = OMITTED,
     infrastructure_pid: str | Omitted | None = OMITTED, reported_by: str | None = None,
 ) -> dict[str, Any]:
-    data = {**run, **_given(status_code=status_code), "reason": reason, "message": message,
-            **_given(infrastructure_pid=infrastructure_pid)}
+    data = {**run, **given(status_code=status_code), "reason": reason, "message": message,
+            **given(infrastructure_pid=infrastructure_pid)}
     if reported_by is not None:
         data["reported_by"] = reported_by
     return data
@@ -252,7 +239,7 @@ def cancelled_data(
     infrastructure_pid: str | Omitted | None = OMITTED, message: str | None = None,
 ) -> dict[str, Any]:
     data = {**run, "reason": reason,
-            **_given(status_code=status_code, infrastructure_pid=infrastructure_pid)}
+            **given(status_code=status_code, infrastructure_pid=infrastructure_pid)}
     if message is not None:
         data["message"] = message
     return data
