@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import orjson
 import pytest
@@ -48,14 +49,19 @@ asyncio.run(main())
 """
 
 
+def _traced(script: str, url: str, trace: Path) -> subprocess.CompletedProcess[str]:
+    """Run `script` against `url` under strace, recording its socket writes in `trace`."""
+    return subprocess.run(
+        ["strace", "-e", "trace=write,sendto,sendmsg,writev", "-o", str(trace), PYTHON, "-c",
+         script, url], capture_output=True, text=True, timeout=120, check=True)
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_events_are_confirmed_in_order_and_written_a_batch_at_a_time(
     vhost: VHost, tmp_path  # type: ignore[no-untyped-def]
 ) -> None:
     trace = tmp_path / "trace"
-    result = subprocess.run(
-        ["strace", "-e", "trace=write,sendto,sendmsg,writev", "-o", str(trace), PYTHON, "-c",
-         _PUBLISHING, vhost.url], capture_output=True, text=True, timeout=120, check=True)
+    result = _traced(_PUBLISHING, vhost.url, trace)
     published, *bodies = result.stdout.splitlines()
     assert int(published) == EVENTS
     assert [orjson.loads(b)["data"]["index"] for b in bodies] == list(range(EVENTS))
@@ -107,9 +113,7 @@ def test_an_ack_and_the_events_of_the_same_loop_turn_share_one_socket_write(
     vhost: VHost, tmp_path  # type: ignore[no-untyped-def]
 ) -> None:
     trace = tmp_path / "trace"
-    result = subprocess.run(
-        ["strace", "-e", "trace=write,sendto,sendmsg,writev", "-o", str(trace), PYTHON, "-c",
-         _ACK_AND_EVENTS, vhost.url], capture_output=True, text=True, timeout=120, check=True)
+    result = _traced(_ACK_AND_EVENTS, vhost.url, trace)
     assert result.stdout.split() == ["0"]  # the ack reached the broker
     lines = trace.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if '"start' in line)
