@@ -34,27 +34,39 @@ def probe_command() -> str:
 
 
 @dataclass
-class ProbeLog:
-    """The lines the probe appends: 'S <run id> <unix time>' at start, 'T ...' on SIGTERM."""
+class AppendedLines:
+    """The whole lines appended to a file since the last call (a line being written waits)."""
 
     path: Path
     _offset: int = 0
     _partial: bytes = b""
-    started: dict[str, float] = field(default_factory=dict)
-    terminated: dict[str, float] = field(default_factory=dict)
 
-    def read(self) -> None:
-        """Read what was appended since the last call."""
+    def read(self) -> list[bytes]:
         try:
             with self.path.open("rb") as file:
                 file.seek(self._offset)
                 chunk = file.read()
         except FileNotFoundError:
-            return
+            return []
         self._offset += len(chunk)
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        for line in lines:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        return lines
+
+
+@dataclass
+class ProbeLog:
+    """The lines the probe appends: 'S <run id> <unix time>' at start, 'T ...' on SIGTERM."""
+
+    path: Path
+    started: dict[str, float] = field(default_factory=dict)
+    terminated: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._appended = AppendedLines(self.path)
+
+    def read(self) -> None:
+        """Read what was appended since the last call."""
+        for line in self._appended.read():
             kind, run_id, stamp = line.decode().split()
             (self.started if kind == "S" else self.terminated)[run_id] = float(stamp)
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks._probe import AppendedLines
 from benchmarks.common import (
     BENCH,
     PYTHON,
@@ -83,20 +84,11 @@ class TaskLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._offset = 0
-        self._partial = b""
+        self._appended = AppendedLines(path)
         self.tasks: dict[int, tuple[float, float, float]] = {}
 
     def read(self) -> None:
-        try:
-            with self.path.open("rb") as file:
-                file.seek(self._offset)
-                chunk = file.read()
-        except FileNotFoundError:
-            return
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        for line in lines:
+        for line in self._appended.read():
             index, sent, started, ended = line.split()
             self.tasks[int(index)] = (float(sent), float(started), float(ended))
 
