@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Self
 
 import psutil
@@ -26,14 +27,18 @@ class WorkerProcess:
         loop: str = "auto",
         env: dict[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        tree: Path = ROOT,
     ) -> None:
         self.name = name
+        self.tree = tree  # the checkout whose mq_worker package runs
         self.argv = [
             PYTHON, "-m", "mq_worker", "start", "--url", url, "--limit", str(limit),
             "--name", name, "--log-level", "WARNING", "--log-format", "json", "--loop", loop,
             *extra_args,
         ]
         self.env = {**os.environ, **(env or {})}
+        if tree != ROOT:
+            self.env["PYTHONPATH"] = str(tree)
         self.log_path = RESULTS / "logs" / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
@@ -41,7 +46,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env,
-                                          cwd=ROOT, stdin=subprocess.DEVNULL)
+                                          cwd=self.tree, stdin=subprocess.DEVNULL)
         return self
 
     @property

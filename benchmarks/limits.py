@@ -1,8 +1,9 @@
 """Shared limits: what taking and giving back slot tokens adds to a run's start.
 
     .venv/bin/python -m benchmarks.limits [--runs 300] [--block 10]
+        [--tree before=/tmp/before --tree after=. [--rounds 3]]
 
-One worker process (`--limit 8`). `mq-worker limit set` puts a limit of 10,000 on
+One worker process (`--limit 8`). `mq-worker limit set` puts a limit of 1,000 on
 `key:bench` and on `key:tag:bench` (never reached: no run waits). Runs are published
 one at a time with plain aio-pika, in blocks of `--block` runs of one kind, the
 three kinds taking turns so that load drifts hit them alike:
@@ -17,11 +18,19 @@ process spent from the first publish to the last `submitted` (the runs themselve
 other processes), divided by the runs of the block; steadier than wall time on a
 loaded machine, and it counts what the worker does after a run ends (giving tokens
 back) as long as the next run of the block follows.
+
+`--tree NAME=DIR` (repeated) runs the worker from the mq_worker package of each
+checkout in turn, `--rounds` times (A B A B ...): each tree in a vhost of its own,
+each round a worker of its own and `--runs / --rounds` runs of each kind. On a shared
+machine, only figures measured side by side compare. The load average is printed
+before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -45,6 +54,7 @@ from benchmarks._runner import command_line, run_benchmark
 from benchmarks._workers import WorkerProcess
 
 KINDS = ("unlimited", "one limit", "two limits")
+LIMIT = 1000  # never reached: no run waits
 WARM_UP_BLOCKS = 1
 
 
@@ -75,13 +85,15 @@ def body(run_id: str, command: str, kind: str) -> bytes:
     return orjson.dumps(run)
 
 
-async def measure(url: str, runs: int, block: int) -> dict[str, dict[str, Any]]:
+Samples = dict[str, tuple[list[float], list[float]]]  # kind: (latencies, CPU per run)
+
+
+async def measure(url: str, runs: int, block: int, tree: Path, samples: Samples) -> None:
+    """Add to `samples` what `runs` runs of each kind cost with the worker of `tree`."""
     command = probe_command() + " /dev/null"
-    latencies: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    cpu_per_run: dict[str, list[float]] = {kind: [] for kind in KINDS}
     async with EventWatch(url, [RUN_SUBMITTED, WORKER_STARTED]) as watch, \
             Publisher(url) as publisher:
-        worker = WorkerProcess(url, limit=8, name="limits-bench").start()
+        worker = WorkerProcess(url, limit=8, name="limits-bench", tree=tree).start()
         try:
             await wait_workers_started(watch, [worker.name], [worker])
             assert worker.popen is not None
@@ -92,14 +104,10 @@ async def measure(url: str, runs: int, block: int) -> dict[str, dict[str, Any]]:
                 before = cpu_ns(pid)
                 block_latencies = await run_block(watch, publisher, command, kind, block)
                 if index >= WARM_UP_BLOCKS * len(KINDS):
-                    latencies[kind].extend(block_latencies)
-                    cpu_per_run[kind].append((cpu_ns(pid) - before) / block / 1e6)
+                    samples[kind][0].extend(block_latencies)
+                    samples[kind][1].append((cpu_ns(pid) - before) / block / 1e6)
         finally:
             worker.stop()
-    return {kind: {**summarize_ms(latencies[kind]),
-                   "cpu_ms_per_run": round(statistics.median(cpu_per_run[kind]), 3),
-                   "cpu_blocks": [round(c, 3) for c in cpu_per_run[kind]]}
-            for kind in KINDS}
 
 
 async def run_block(watch: EventWatch, publisher: Publisher, command: str, kind: str,
@@ -114,11 +122,15 @@ async def run_block(watch: EventWatch, publisher: Publisher, command: str, kind:
     return seen_after
 
 
-async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
-    with vhost("limits") as host:
-        cli(host.url, "limit", "set", "key:bench", "10000")
-        cli(host.url, "limit", "set", "key:tag:bench", "10000")
-        results = await measure(host.url, args.runs, args.block)
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def summary(samples: Samples) -> dict[str, Any]:
+    results = {kind: {**summarize_ms(latencies),
+                      "cpu_ms_per_run": round(statistics.median(cpu), 3),
+                      "cpu_blocks": [round(c, 3) for c in cpu]}
+               for kind, (latencies, cpu) in samples.items()}
     base = results["unlimited"]
     return {
         "latency_ms": results,
@@ -128,15 +140,37 @@ async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
+    trees: dict[str, Path] = args.trees
+    rounds = args.rounds if args.tree else 1
+    samples: dict[str, Samples] = {name: {kind: ([], []) for kind in KINDS} for name in trees}
+    load_before = load_average()
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(vhost("limits")).url for name in trees}
+        for url in urls.values():
+            cli(url, "limit", "set", "key:bench", str(LIMIT))
+            cli(url, "limit", "set", "key:tag:bench", str(LIMIT))
+        for _ in range(rounds):
+            for name, tree in trees.items():
+                await measure(urls[name], -(-args.runs // rounds), args.block, tree, samples[name])
+    return {"trees": {name: {"directory": str(trees[name]), **summary(samples[name])}
+                      for name in trees},
+            "load_average": {"before": load_before, "after": load_average()}}
+
+
 def report(result: dict[str, Any]) -> None:
-    results = result["latency_ms"]
-    base = results["unlimited"]
-    rows = [[kind, r["n"], r["p50"], r["p90"], r["p99"], r["p50"] - base["p50"],
-             r["cpu_ms_per_run"], round(r["cpu_ms_per_run"] - base["cpu_ms_per_run"], 3)]
-            for kind, r in results.items()]
-    print_table("publish -> submitted (ms); worker CPU per run (ms, median of blocks)",
-                ["runs", "n", "p50", "p90", "p99", "added at p50", "CPU/run", "CPU added"],
-                rows)
+    for name, measured in result["trees"].items():
+        results = measured["latency_ms"]
+        base = results["unlimited"]
+        rows = [[kind, r["n"], r["p50"], r["p90"], r["p99"], r["p50"] - base["p50"],
+                 r["cpu_ms_per_run"], round(r["cpu_ms_per_run"] - base["cpu_ms_per_run"], 3)]
+                for kind, r in results.items()]
+        print_table(f"{name + ': ' if name else ''}publish -> submitted (ms); worker CPU per "
+                    "run (ms, median of blocks)",
+                    ["runs", "n", "p50", "p90", "p99", "added at p50", "CPU/run", "CPU added"],
+                    rows)
+    load = result["load_average"]
+    print(f"load average (1, 5, 15 min): before {load['before']}, after {load['after']}")
 
 
 def main() -> None:
@@ -144,7 +178,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300, help="Runs of each kind.")
     parser.add_argument("--block", type=int, default=10,
                         help="Runs of one kind in a row (one CPU sample).")
-    run_benchmark("limits", parser.parse_args(), measure_limits, report)
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="Measure the worker of this checkout (repeat to compare).")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="With --tree: rounds, each tree in turn.")
+    args = parser.parse_args()
+    args.trees = {name: Path(directory).resolve()
+                  for name, _, directory in (t.partition("=") for t in args.tree)} or {"": ROOT}
+    run_benchmark("limits", args, measure_limits, report)
 
 
 if __name__ == "__main__":
