@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 
 import aiormq.abc
+import aiormq.exceptions
 import anyio
 import anyio.abc
 import structlog
@@ -58,6 +59,7 @@ class PoolControl:
         self._touched: set[str] = set()
         self._changed = anyio.Event()
         self._limit_gauges: tuple[Gauge, Gauge, Gauge] | None = None
+        self._slots: aiormq.abc.AbstractChannel | None = None  # the session's, in `maintain`
 
     def bind_metrics(self, registry: CollectorRegistry) -> None:
         self._paused_gauge = Gauge(
@@ -100,6 +102,7 @@ class PoolControl:
         """For one session: take tokens on `slots`; send back the runs waiting for removed
         limits; keep the limit metrics current."""
         self.gate.bind(slots, publish)
+        self._slots = slots
         try:
             await self.gate.reclaim()
             while True:
@@ -107,7 +110,8 @@ class PoolControl:
                 for target in removed:
                     await self.gate.wake_all(target)
                 settling = await self._check_limits()
-                pause = SETTLING_CHECK_SECONDS if settling else CHECK_SECONDS
+                # A spare kept here is given back soon after a run starts waiting for it.
+                pause = SETTLING_CHECK_SECONDS if settling or self.gate.spares else CHECK_SECONDS
                 # Jittered, so that workers rarely wake the same waiting runs at once.
                 with anyio.move_on_after(pause * random.uniform(0.5, 1.5)):
                     await self._changed.wait()
@@ -125,6 +129,7 @@ class PoolControl:
             if depths is None:
                 break
             free, queued = depths
+            await self._give_back_spare(target, self.state.limits[target].limit, free, queued)
             if free and queued:
                 settled = self._settled_free(target, free)
                 if settled:
@@ -139,12 +144,26 @@ class PoolControl:
                 slots.labels(target).set(limit)
                 in_use.labels(target).set(max(0, limit - free))
                 waiting.labels(target).set(queued)
+        for target in set(self.gate.spares.targets()) - set(self.state.limits):
+            await self._give_back_spare(target, None, 0, 0)
         for target in self._touched - set(self.state.limits):
             for gauge in self._limit_gauges or ():
                 with contextlib.suppress(KeyError):
                     gauge.remove(target)
             self._touched.discard(target)
         return settling
+
+    async def _give_back_spare(self, target: str, limit: int | None, free: int,
+                               waiting: int) -> None:
+        """A check saw `target` so: give back the spare this worker keeps of it if it may
+        no longer be kept (see mq_worker.spares), and wake a waiting run for it."""
+        slots = self._slots
+        if slots is None or slots.is_closed:
+            return
+        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            if await self.gate.spares.give_back_if_due(slots, target, limit, free,
+                                                       waiting) and waiting:
+                await self.gate.wake(target, at_most=1)
 
     def _settled_free(self, target: str, free: int) -> int:
         """How many of `target`'s tokens every check of the last grace period found free."""

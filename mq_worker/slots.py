@@ -34,7 +34,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiormq.abc
 import aiormq.exceptions
@@ -48,6 +48,7 @@ from mq_worker.consumer import Delivery
 from mq_worker.control import TokenMessage
 from mq_worker.limits import ControlState
 from mq_worker.pool_admin import queue_depths, wake_waiting
+from mq_worker.spares import HeldToken, Spares
 from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
 
 log = structlog.get_logger("mq_worker.slots")
@@ -60,13 +61,6 @@ _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # (a node being lost), before it is given back.
 _LOOKUP_ATTEMPTS = 60
 _UNKNOWN = -1
-
-
-class HeldToken(NamedTuple):
-    target: str
-    tag: int
-    number: int
-    version: int
 
 
 @dataclass(eq=False)
@@ -101,10 +95,13 @@ class SlotGate:
         # behind each other (a channel has one request in flight at a time).
         self._own: dict[str, aiormq.abc.AbstractChannel] = {}
         self._opening = anyio.Lock()
+        self.spares = Spares(self._still_valid)  # held on the slots channel
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
         """Use these channels of the current session (None: no session)."""
+        if slots is not self._slots:
+            self.spares.forget()
         self._slots, self._publish = slots, publish
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
@@ -151,7 +148,12 @@ class SlotGate:
                 # release that freed it woke a run already, or it came back without a
                 # release (see pool_control).
                 first = blocked == missing and blocked in checked and not waiting[blocked]
-                return await self._wait(blocked, delivery, lease, publish, wake=first)
+                # A spare, unlike a token just taken, was kept without waking anyone.
+                spares = Counter(token.target for token in lease.tokens if token.spare)
+                waits = await self._wait(blocked, delivery, lease, publish, wake=first)
+                for target, count in spares.items():
+                    await self.wake(target, at_most=count)
+                return waits
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._give_back(lease)
@@ -167,12 +169,19 @@ class SlotGate:
         the first target without a free token, if any.
 
         The waiting counts are read while the tokens are asked for: both cost one
-        round trip per target before the run starts, not two.
+        round trip per target before the run starts, not two; with a spare of each
+        target on this worker, the counts are the only round trip.
         """
-        async with anyio.create_task_group() as tg:
+        needed = targets
+        if lease.channel is self._slots:
+            needed = await self.spares.take_for(targets, lease.tokens, slots)
+        if not needed or not checked:
             if checked:
-                tg.start_soon(self._count_waiting, slots, checked, waiting)
-            missing = await self._take_each(targets, lease)
+                await self._count_waiting(slots, checked, waiting)
+            return await self._take_each(needed, lease)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._count_waiting, slots, checked, waiting)
+            missing = await self._take_each(needed, lease)
         return missing
 
     async def _take_each(self, targets: list[str], lease: Lease) -> str | None:
@@ -184,9 +193,16 @@ class SlotGate:
 
     async def _count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
                              counts: dict[str, int]) -> None:
-        for target in targets:
-            waiting = await self._waiting(await self._channel("lookups", slots), target)
+        """Count the runs waiting for each target, all at once (a channel each)."""
+        async def count(index: int, target: str) -> None:
+            waiting = await self._waiting(await self._channel(f"lookups-{index}", slots), target)
             counts[target] = _UNKNOWN if waiting is None else waiting
+
+        if len(targets) == 1:
+            return await count(0, targets[0])
+        async with anyio.create_task_group() as tg:
+            for index, target in enumerate(targets):
+                tg.start_soon(count, index, target)
 
     @staticmethod
     async def _waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
@@ -264,16 +280,21 @@ class SlotGate:
         tokens, lease.tokens = lease.tokens, []
         if not tokens or lease.channel is None or lease.channel.is_closed:
             return  # gone with the channel: the broker has put them back
+        given_back: list[HeldToken] = []
         with contextlib.suppress(*_CHANNEL_ERRORS):
             for token in tokens:
-                if self._still_valid(token.target, token.number, token.version):
+                if not self._still_valid(token.target, token.number, token.version):
+                    await lease.channel.basic_ack(token.tag)  # the limit shrank or went away
+                elif lease.channel is self._slots and self.spares.keep(token):
+                    continue
+                else:
                     await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
-                else:  # the limit shrank or went away while the run held it
-                    await lease.channel.basic_ack(token.tag)
+                given_back.append(token)
         # As many runs as this run gave slots back, whatever the broker counts free
         # (it may not count a token given back a moment ago yet): a token that came back
         # without a release (its holder was cut off) is not this run's to hand on.
-        for target, count in Counter(token.target for token in tokens).items():
+        # (A spare is kept only while nobody waits: see mq_worker.spares.)
+        for target, count in Counter(token.target for token in given_back).items():
             await self._wake_for_released(target, count)
 
     def _still_valid(self, target: str, number: int, version: int) -> bool:

@@ -1,0 +1,50 @@
+"""Spare slots on the real broker: a worker keeps the slot of its last run of a key
+whose limit is far from reached, for its next run, and gives it back for runs that
+wait elsewhere (see mq_worker.spares)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mq_worker.topology import limit_queue_name
+from tests.helpers import EventLog, VHost, probe, publish_raw, run_body, running_worker, wait_until
+from tests.test_limits import cli, intervals, most_at_once
+
+pytestmark = pytest.mark.anyio
+
+
+async def keeps_a_spare(vhost: VHost, events: EventLog, tmp_path: Path, routing_key: str,
+                        queue: str, free: int) -> bool:
+    """Runs of key db, one at a time, until the worker holds a slot with no run running."""
+    for _ in range(20):
+        body = run_body(probe(tmp_path, sleep=0.05), concurrency_key="db")
+        await publish_raw(vhost.url, body, routing_key=routing_key)
+        await events.wait_terminal([body["id"]], timeout=10)
+        if vhost.queue_counts()[queue] == (free, 1):
+            return True
+    return False
+
+
+async def test_a_spare_slot_kept_by_an_idle_worker_goes_to_a_run_waiting_on_another(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    await cli("limit", "set", "key:db", "4", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with running_worker(vhost.url, pool="a", limit=4), \
+            running_worker(vhost.url, pool="b", limit=4):
+        assert await keeps_a_spare(vhost, events, tmp_path, "run.scheduled.a.default", queue, 3)
+        # Four long runs on the other worker: three slots are free, the fourth is the spare.
+        long = [run_body(probe(tmp_path, sleep=6), concurrency_key="db") for _ in range(4)]
+        for body in long:
+            await publish_raw(vhost.url, body, routing_key="run.scheduled.b.default")
+        ids = {b["id"] for b in long}
+        await events.wait_terminal(ids, timeout=40)
+        assert all(events.types(r)[-1] == "run.completed" for r in ids)
+        waited = {e.subject for e in events.events if e.data.get("waiting_for") == "key:db"}
+        assert len(waited & ids) <= 1, waited  # none, if the spare went back idle first
+        # The run that waited got the spare while the three others still ran.
+        assert most_at_once(intervals(events.events, ids)) == 4
+        # No slot stays with a worker that runs nothing.
+        await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)

@@ -1,0 +1,69 @@
+"""Which spare slot tokens a worker may keep between two runs of a target (no broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mq_worker import spares as spares_module
+from mq_worker.spares import MIN_LIMIT, HeldToken, Spares
+
+
+def token(target: str = "key:db", tag: int = 1) -> HeldToken:
+    return HeldToken(target, tag, number=0, version=1)
+
+
+def test_nothing_is_kept_before_a_check_has_seen_the_limit_far_from_reached() -> None:
+    spares = Spares(lambda *_: True)
+    assert not spares.keep(token())
+    assert spares.observe("key:db", 10, free=5, waiting=0) is None
+    assert spares.keep(token())
+    assert spares.take("key:db") == token()._replace(spare=True)
+    assert spares.take("key:db") is None
+
+
+@pytest.mark.parametrize(("limit", "free", "waiting"), [
+    (10, 4, 0),              # more than half in use
+    (10, 9, 1),              # a run waits
+    (MIN_LIMIT - 1, 3, 0),   # too small a limit to keep a slot idle
+    (None, 0, 0),            # the limit was removed
+])
+def test_a_spare_is_given_back_when_a_check_sees_it_may_no_longer_be_kept(
+    limit: int | None, free: int, waiting: int
+) -> None:
+    spares = Spares(lambda *_: True)
+    spares.observe("key:db", 10, free=10, waiting=0)
+    assert spares.keep(token())
+    assert spares.observe("key:db", limit, free=free, waiting=waiting) == token()
+    assert not spares
+    assert not spares.keep(token(tag=2))  # nor is the next one kept
+
+
+def test_one_spare_per_target_at_most() -> None:
+    spares = Spares(lambda *_: True)
+    spares.observe("key:db", 10, free=10, waiting=0)
+    spares.observe("pool:etl", 10, free=10, waiting=0)
+    assert spares.keep(token("key:db", 1))
+    assert not spares.keep(token("key:db", 2))
+    assert spares.keep(token("pool:etl", 3))
+    assert sorted(spares.targets()) == ["key:db", "pool:etl"]
+
+
+def test_a_spare_unused_for_a_while_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(spares_module.time, "monotonic", lambda: now[0])
+    spares = Spares(lambda *_: True)
+    spares.observe("key:db", 10, free=10, waiting=0)
+    assert spares.keep(token())
+    now[0] += spares_module.IDLE_SECONDS / 2
+    assert spares.observe("key:db", 10, free=9, waiting=0) is None
+    now[0] += spares_module.IDLE_SECONDS
+    assert spares.observe("key:db", 10, free=9, waiting=0) == token()
+
+
+def test_spares_are_forgotten_with_their_channel() -> None:
+    spares = Spares(lambda *_: True)
+    spares.observe("key:db", 10, free=10, waiting=0)
+    assert spares.keep(token())
+    spares.forget()
+    assert spares.take("key:db") is None
+    assert not spares.keep(token())  # a new channel: a check must see the limit again
