@@ -110,10 +110,12 @@ class PoolControl:
                 for target in removed:
                     await self.gate.wake_all(target)
                 settling = await self._check_limits()
-                # A spare kept here is given back soon after a run starts waiting for it.
+                # A spare kept here is given back soon after a run starts waiting for it,
+                # and once it has stayed unused for a while.
                 pause = SETTLING_CHECK_SECONDS if settling or self.gate.spares else CHECK_SECONDS
                 # Jittered, so that workers rarely wake the same waiting runs at once.
-                with anyio.move_on_after(pause * random.uniform(0.5, 1.5)):
+                pause *= random.uniform(0.5, 1.5)
+                with anyio.move_on_after(min(pause, self.gate.spares.idle_in())):
                     await self._changed.wait()
                 self._changed = anyio.Event()
         finally:

@@ -24,8 +24,8 @@ import aiormq.abc
 
 # Smaller limits keep no spares: one slot kept idle would be a large share of them.
 MIN_LIMIT = 4
-# A spare unused for this long is given back.
-IDLE_SECONDS = 2.0
+# A spare unused for this long is given back (by the next check: see `idle_in`).
+IDLE_SECONDS = 0.5
 
 
 class HeldToken(NamedTuple):
@@ -78,6 +78,13 @@ class Spares:
 
     def targets(self) -> list[str]:
         return list(self._held)
+
+    def idle_in(self) -> float:
+        """Seconds until a spare has stayed unused for IDLE_SECONDS (inf: none kept)."""
+        if not self._held:
+            return float("inf")
+        oldest = min(kept for _, kept in self._held.values())
+        return max(0.0, oldest + IDLE_SECONDS - time.monotonic()) + 0.01
 
     async def take_for(self, targets: list[str], tokens: list[HeldToken],
                        channel: aiormq.abc.AbstractChannel) -> list[str]:

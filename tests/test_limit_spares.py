@@ -4,8 +4,11 @@ wait elsewhere (see mq_worker.spares)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import aio_pika
+import anyio
 import pytest
 
 from mq_worker.topology import limit_queue_name
@@ -15,15 +18,28 @@ from tests.test_limits import cli, intervals, most_at_once
 pytestmark = pytest.mark.anyio
 
 
-async def keeps_a_spare(vhost: VHost, events: EventLog, tmp_path: Path, routing_key: str,
+async def keeps_a_spare(url: str, events: EventLog, tmp_path: Path, routing_key: str,
                         queue: str, free: int) -> bool:
-    """Runs of key db, one at a time, until the worker holds a slot with no run running."""
-    for _ in range(20):
-        body = run_body(probe(tmp_path, sleep=0.05), concurrency_key="db")
-        await publish_raw(vhost.url, body, routing_key=routing_key)
-        await events.wait_terminal([body["id"]], timeout=10)
-        if vhost.queue_counts()[queue] == (free, 1):
-            return True
+    """Runs of key db, one at a time, until the worker holds a slot after its run ended
+    (the broker counts `free` tokens ready of the limit's)."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        for _ in range(20):
+            body = run_body(probe(tmp_path, sleep=0.05), concurrency_key="db")
+            await publish_raw(url, body, routing_key=routing_key)
+            await events.wait_terminal([body["id"]], timeout=10)
+            # Held for 0.1 s after the run's end is known (a run gives its slot back as
+            # it ends): kept. A spare is given back once it has stayed unused for 0.5 s.
+            held_since = None
+            for _ in range(30):
+                declared = await channel.declare_queue(queue, passive=True)
+                if declared.declaration_result.message_count != free:
+                    held_since = None
+                elif held_since is None:
+                    held_since = time.monotonic()
+                elif time.monotonic() - held_since > 0.1:
+                    return True
+                await anyio.sleep(0.01)
     return False
 
 
@@ -34,7 +50,8 @@ async def test_a_spare_slot_kept_by_an_idle_worker_goes_to_a_run_waiting_on_anot
     queue = limit_queue_name("key:db")
     async with running_worker(vhost.url, pool="a", limit=4), \
             running_worker(vhost.url, pool="b", limit=4):
-        assert await keeps_a_spare(vhost, events, tmp_path, "run.scheduled.a.default", queue, 3)
+        assert await keeps_a_spare(vhost.url, events, tmp_path, "run.scheduled.a.default",
+                                   queue, 3)
         # Four long runs on the other worker: three slots are free, the fourth is the spare.
         long = [run_body(probe(tmp_path, sleep=6), concurrency_key="db") for _ in range(4)]
         for body in long:

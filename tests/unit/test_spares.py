@@ -67,3 +67,42 @@ def test_spares_are_forgotten_with_their_channel() -> None:
     spares.forget()
     assert spares.take("key:db") is None
     assert not spares.keep(token())  # a new channel: a check must see the limit again
+
+
+def test_the_next_check_is_due_when_the_oldest_spare_has_stayed_unused_long_enough(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(spares_module.time, "monotonic", lambda: now[0])
+    spares = Spares(lambda *_: True)
+    assert spares.idle_in() == float("inf")
+    spares.observe("key:db", 10, free=10, waiting=0)
+    spares.keep(token())
+    now[0] += spares_module.IDLE_SECONDS / 2
+    assert spares.idle_in() == pytest.approx(spares_module.IDLE_SECONDS / 2, abs=0.02)
+    now[0] += spares_module.IDLE_SECONDS
+    assert 0 < spares.idle_in() <= 0.02
+
+
+class Acks:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    async def basic_ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+
+@pytest.mark.anyio
+async def test_a_spare_the_limit_no_longer_lists_is_destroyed_not_used() -> None:
+    valid = {"pool:etl": True, "key:db": False}
+    spares = Spares(lambda target, number, version: valid[target])
+    for target in valid:
+        spares.observe(target, 10, free=10, waiting=0)
+        assert spares.keep(token(target, tag=len(target)))
+    tokens: list[HeldToken] = []
+    channel = Acks()
+    needed = await spares.take_for(["key:db", "pool:etl", "queue:etl/a"], tokens,
+                                   channel)  # type: ignore[arg-type]
+    assert needed == ["key:db", "queue:etl/a"]
+    assert tokens == [token("pool:etl", tag=len("pool:etl"))._replace(spare=True)]
+    assert channel.acked == [len("key:db")]
