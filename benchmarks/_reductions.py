@@ -4,9 +4,10 @@ On a shared broker the Erlang VM's CPU time includes every other client's work, 
 on a loaded machine it is inflated by contention. A process's reductions (the
 scheduler's unit of work: roughly one per function call) count only what that process
 did, whatever else ran. `vhost_reductions` reads them, with `rabbitmqctl eval`, for the
-processes that serve one vhost: each connection's supervision tree (reader, channels,
-writers, limiters) and each queue's process (a quorum queue's Ra server). The quorum
-queues' shared log writer (WAL) and segment writer serve every vhost and are not counted.
+processes that serve one vhost: each connection's reader and supervision tree, each
+channel's process with its writer and limiter, and each queue's process (a quorum queue's
+Ra server). The quorum queues' shared log writer (WAL) and segment writer serve every
+vhost and are not counted.
 Needs `rabbitmqctl` on the broker's machine; returns None without it.
 """
 
@@ -27,10 +28,18 @@ Procs = lists:append([case process_info(C, dictionary) of
     {dictionary, D} -> case proplists:get_value('$ancestors', D) of
         [Sup | _] when is_pid(Sup) -> Tree(Sup); _ -> [C] end;
     _ -> [] end || C <- Conns]),
+IsSup = fun(L) -> case catch proc_lib:initial_call(L) of
+    {M, _, _} when M =:= supervisor; M =:= supervisor2 -> true; _ -> false end end,
+Links = fun(P) -> case process_info(P, links) of {links, Ls} -> Ls; _ -> [] end end,
+Chans = [Ch || Ch <- rabbit_channel:list(), node(Ch) =:= node(),
+    (catch rabbit_channel:info(Ch, [vhost])) =:= [{vhost, V}]],
+ChProcs = lists:append([[Ch | lists:append([[C || {_, C, _, _} <- supervisor:which_children(L),
+    is_pid(C)] || L <- Links(Ch), is_pid(L), IsSup(L)])] || Ch <- Chans]),
 Qs = [case amqqueue:get_pid(Q) of P when is_pid(P) -> P; {N, _} -> whereis(N) end
     || Q <- rabbit_amqqueue:list(V)],
 [{pid_to_list(P) ++ " " ++ atom_to_list(element(1, proc_lib:translate_initial_call(P))), R}
-    || P <- lists:usort(Procs ++ Qs), is_pid(P), {reductions, R} <- [process_info(P, reductions)]].
+    || P <- lists:usort(Procs ++ ChProcs ++ Qs), is_pid(P),
+    {reductions, R} <- [process_info(P, reductions)]].
 """
 _ROW = re.compile(r'\{"(<[\d.]+>) (\w+)",(\d+)\}')
 
