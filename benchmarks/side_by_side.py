@@ -11,13 +11,16 @@ time, written by the task). CPU of each party is sampled from /proc every 50 ms 
 over that same window: the worker (every process of its tree, without the CPU of the runs
 it reaped: a process's own user+system time never includes its reaped children's) and the
 broker (the Erlang VM). RSS is the largest sum over the worker's processes (runs excluded)
-seen in the window.
+seen in the window. The broker's work for the contender's vhost alone is also counted in
+Erlang reductions (`benchmarks._reductions`: other clients and a loaded machine do not
+change it), from the pre-loaded queue to the last completion.
 
 `--rounds N` repeats every contender N times, interleaved (A B C A B C ...), and reports
 medians: on a shared machine, only figures measured side by side compare. Celery lives
 in benchmarks/.venv-celery (created by benchmarks.compare_celery when missing). Workers
 log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows what the
-default level (INFO: two lines per run) costs.
+default level (INFO: two lines per run) costs, `mq-1x8-window-8` a prefetch window of the
+whole limit instead of the default quarter.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from benchmarks._broker import vhost
 from benchmarks._machine import background_load, broker_process
 from benchmarks._paths import PYTHON, RESULTS, ROOT
 from benchmarks._probe import run_body
+from benchmarks._reductions import Reading, reductions_by_module, vhost_reductions
 from benchmarks._report import print_table
 from benchmarks._runner import command_line, run_benchmark
 from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ensure_venv
@@ -51,7 +55,7 @@ from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ens
 TRUE = "/bin/true"
 SAMPLE_SECONDS = 0.05
 CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
-              "mq-1x8-info")
+              "mq-1x8-info", "mq-1x8-window-8")
 
 
 @dataclass(frozen=True)
@@ -189,14 +193,17 @@ async def measure_mq(label: str, specs: list[list[str]], runs: int,
             await publisher.publish_many(run_body(new_id(), TRUE) for _ in range(runs))
             completions: list[float] = []
             watch.on_event = lambda seen: completions.append(seen.received)
+            loaded = vhost_reductions(host.name)
             with mq_processes(host.url, label.replace("@", "-"), specs, tree) as roots, \
                     Sampler(roots) as sampler:
                 await watch.wait_count(RUN_COMPLETED, runs, 120 + runs / 10)
                 await asyncio.sleep(2 * SAMPLE_SECONDS)  # a sample after the last completion
+                done = vhost_reductions(host.name)  # before the workers' connections close
             watch.on_event = None
     processes = sum(int(s[s.index("--processes") + 1]) if "--processes" in s else 1
                     for s in specs)
-    return result_row(label, runs, completions, sampler, processes)
+    return _with_reductions(result_row(label, runs, completions, sampler, processes),
+                            loaded, done)
 
 
 # -- Celery ----------------------------------------------------------------------------------
@@ -210,6 +217,7 @@ def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[s
         env = {**os.environ, "BENCH_BROKER_URL": host.url, "BENCH_RESULTS_FILE": str(results),
                "BENCH_QUEUE_TYPE": "classic"}
         client(bin_dir, host.url, "classic", "burst", str(runs), "0")
+        loaded = vhost_reductions(host.name)
         argv = [str(bin_dir / "celery"), "-A", "tasks", "worker", "--pool", "prefork",
                 "--concurrency", "8", "--loglevel", "WARNING", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-n", f"{label}@%h",
@@ -223,6 +231,7 @@ def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[s
                 # The client's first task (index -1) opens its connection: runs + 1 tasks.
                 log.wait(range(-1, runs), 120 + runs / 10, worker)
                 time.sleep(2 * SAMPLE_SECONDS)
+                done = vhost_reductions(host.name)
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -232,7 +241,20 @@ def measure_celery(bin_dir: Path, label: str, events: bool, runs: int) -> dict[s
                 worker.wait()
         results.unlink(missing_ok=True)
     ends = [log.tasks[i][2] for i in range(runs)]
-    return result_row(label, runs, ends, sampler, 9)
+    return _with_reductions(result_row(label, runs, ends, sampler, 9), loaded, done)
+
+
+def _with_reductions(row: dict[str, Any], loaded: Reading | None,
+                     done: Reading | None) -> dict[str, Any]:
+    """`row` with the broker's reductions per run for the contender's vhost, in all and
+    by the module its processes run."""
+    by_module = reductions_by_module(loaded, done)
+    row["broker_kreductions_per_run"] = None
+    if by_module is not None:
+        row["broker_kreductions_per_run"] = round(sum(by_module.values()) / row["runs"] / 1000, 3)
+        row["broker_reductions_per_run_by_module"] = {
+            module: round(count / row["runs"]) for module, count in sorted(by_module.items())}
+    return row
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -245,7 +267,8 @@ def contender(name: str, runs: int, bin_dir: Path | None,
     mq = {"mq-1x8": [["--limit", "8"]], "mq-2x4": [["--limit", "4"]] * 2,
           "mq-2x8": [["--limit", "8"]] * 2,
           "mq-processes-2": [["--limit", "16", "--processes", "2"]],
-          "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]]}
+          "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]],
+          "mq-1x8-window-8": [["--limit", "8", "--window", "8"]]}
     if name in mq:
         label = f"{name}@{tree}" if tree else name
         return lambda: asyncio.run(measure_mq(label, mq[name], runs, trees.get(tree, ROOT)))
@@ -259,6 +282,7 @@ LABELS = {
     "mq-2x8": "mq_worker, 2 workers, limit 8 each",
     "mq-processes-2": "mq_worker, --processes 2 --limit 16",
     "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
+    "mq-1x8-window-8": "mq_worker, 1 worker, limit 8, --window 8",
     "celery-events": "Celery prefork c=8, events on (-E)",
     "celery": "Celery prefork c=8, events off",
 }
@@ -276,7 +300,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rows[name].append(row)
             print(f"  {name}: {row['rate']} runs/s, worker {row['worker_cpu_ms_per_run']} ms "
                   f"(main processes {row['main_cpu_ms_per_run']} ms), "
-                  f"broker {row['broker_cpu_ms_per_run']} ms per run", flush=True)
+                  f"broker {row['broker_cpu_ms_per_run']} ms "
+                  f"({row.get('broker_kreductions_per_run')} k reductions) per run", flush=True)
     load_after = background_load()
     return {"celery": celery_version(bin_dir) if bin_dir else None, "runs": args.runs,
             "rounds": args.rounds, "other_load_cores": [load_before, load_after], "rows": rows}
@@ -286,22 +311,23 @@ def report(result: dict[str, Any]) -> None:
     rows: dict[str, list[dict[str, Any]]] = result["rows"]
     load_before, load_after = result["other_load_cores"]
 
-    def median(name: str, key: str) -> float:
-        return round(statistics.median(r[key] for r in rows[name]), 3)
+    def median(name: str, key: str) -> float | None:
+        values = [r[key] for r in rows[name] if r.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
 
     def label(name: str) -> str:
         base, _, tree = name.partition("@")
         return LABELS[base] + (f" ({tree})" if tree else "")
 
     table = [[label(n), median(n, "rate"), median(n, "worker_cpu_ms_per_run"),
-              median(n, "broker_cpu_ms_per_run"),
-              f"{median(n, 'worker_rss_mb'):.0f} MB ({rows[n][0]['processes']} processes)"]
+              median(n, "broker_cpu_ms_per_run"), median(n, "broker_kreductions_per_run"),
+              f"{median(n, 'worker_rss_mb') or 0:.0f} MB ({rows[n][0]['processes']} processes)"]
              for n in rows]
     print_table(f"{result['runs']} runs of /bin/true pre-loaded, then the workers started; "
                 f"medians of {result['rounds']} interleaved round(s); other load "
                 f"{load_before:.2f} cores before, {load_after:.2f} after",
                 ["contender", "runs/s", "worker CPU ms/run", "broker CPU ms/run",
-                 "worker RSS"], table)
+                 "broker k reductions/run", "worker RSS"], table)
 
 
 def main() -> None:

@@ -19,6 +19,15 @@ cancelled, which closes its window, and consumed again with a smaller one.
 Near full capacity a run can therefore stay unacknowledged up to `ack_grace`
 seconds after its start; everywhere else it is acknowledged at once.
 
+Acknowledgements are sent once per loop turn, grouped: one `basic.ack` with
+`multiple` covers every delivery tag up to the highest one due, provided no
+delivery at or below it is still unsettled on the channel (being handled, held
+for its start time, or waiting for its acknowledgement to fit). Tags above such
+a delivery are acknowledged one by one. The window counts an acknowledgement
+when it is decided, before it is written: until then the broker may send fewer
+messages than counted, never more. A reject or give-back of a lower tag is
+written before the group that follows it, so `multiple` never settles it.
+
 Consumer registration on a quorum queue costs a Raft round (milliseconds), so
 windows are only re-sized when capacity forces it.
 
@@ -47,7 +56,15 @@ import structlog
 
 from mq_worker.delivery import Delivery
 from mq_worker.priority import PROBE_SECONDS
-from mq_worker.window import Ack, Cancel, ConsumerWindow, Step, Window, WindowStatistics
+from mq_worker.window import (
+    Ack,
+    Cancel,
+    ConsumerWindow,
+    Step,
+    Window,
+    WindowStatistics,
+    grouped_acks,
+)
 
 log = structlog.get_logger("mq_worker.consumer")
 
@@ -63,6 +80,7 @@ class ConsumerStatistics:
     cancels: int
     deferred_acks: int
     overshoot: int  # deliveries that found no free slot (given back); 0 while the invariant holds
+    ack_frames: int  # basic.ack frames written; one may acknowledge several deliveries
     window: WindowStatistics
 
 
@@ -91,11 +109,17 @@ class RunConsumer:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._queues: list[str] = []
         self._unsettled: set[Delivery] = set()
+        # Acknowledgements decided but not yet written, and tags whose reject or
+        # give-back is being written: both keep a grouped ack below them.
+        self._acks_due: list[Delivery] = []
+        self._acks_wanted = anyio.Event()
+        self._settling: set[Delivery] = set()
         self._needs_declare: set[str] = set()
         self._tags = itertools.count(1)
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
-        self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
+        self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0,
+                        "ack_frames": 0}
 
     # -- slots -----------------------------------------------------------------
 
@@ -161,24 +185,28 @@ class RunConsumer:
         self._window.clear()
         channel.on_consumer_cancel_callbacks.add(self._on_server_cancel)
         try:
-            while True:
-                await self._reconcile()
-                timeout = math.inf
-                if (deadline := self._window.next_deadline()) is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
-                if self._should_probe():
-                    timeout = min(timeout, PROBE_SECONDS)
-                with anyio.move_on_after(timeout):
-                    await self._wakeup.wait()
-                self._wakeup = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write_acks_forever, channel)
+                while True:
+                    await self._reconcile()
+                    timeout = math.inf
+                    if (deadline := self._window.next_deadline()) is not None:
+                        timeout = max(0.0, deadline - time.monotonic())
+                    if self._should_probe():
+                        timeout = min(timeout, PROBE_SECONDS)
+                    with anyio.move_on_after(timeout):
+                        await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
         finally:
             self._channel = None
             self._window.clear()
             self.consuming = anyio.Event()
             self._idle.set()
-            for delivery in list(self._unsettled):
+            for delivery in [*self._unsettled, *self._acks_due]:
                 delivery.lost.set()
             self._unsettled.clear()
+            self._acks_due.clear()
+            self._settling.clear()
 
     # -- reconciling the windows with the free slots ---------------------------
 
@@ -307,10 +335,37 @@ class RunConsumer:
 
     async def _ack(self, delivery: Delivery) -> None:
         self._finish(delivery)
-        try:
-            await delivery.channel.basic_ack(delivery.delivery_tag, wait=False)
-        except (aiormq.exceptions.AMQPError, RuntimeError):
-            delivery.lost.set()
+        self._acks_due.append(delivery)
+        self._acks_wanted.set()
+
+    async def _write_acks_forever(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Write the acknowledgements decided in a loop turn once that turn is over."""
+        while True:
+            await self._acks_wanted.wait()
+            self._acks_wanted = anyio.Event()
+            due, self._acks_due = self._acks_due, []
+            group, singles = grouped_acks(
+                sorted(d.delivery_tag for d in due if d.channel is channel),
+                self._lowest_unsettled_tag(channel))
+            try:
+                if group is not None:
+                    self._counts["ack_frames"] += 1
+                    await channel.basic_ack(group, multiple=True, wait=False)
+                for tag in singles:
+                    self._counts["ack_frames"] += 1
+                    await channel.basic_ack(tag, wait=False)
+            except (aiormq.exceptions.AMQPError, RuntimeError):
+                # The channel is closing: the broker takes these messages back.
+                for delivery in due:
+                    delivery.lost.set()
+            for delivery in due:
+                if delivery.channel is not channel:
+                    delivery.lost.set()
+
+    def _lowest_unsettled_tag(self, channel: aiormq.abc.AbstractChannel) -> float:
+        """The lowest tag on `channel` a grouped acknowledgement must not reach."""
+        in_hand = itertools.chain(self._unsettled, self._settling)
+        return min((d.delivery_tag for d in in_hand if d.channel is channel), default=math.inf)
 
     async def settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
         """Acknowledge or give back `delivery`, whose run will not run here.
@@ -320,16 +375,20 @@ class RunConsumer:
         if not self._usable(delivery):
             return
         self._window.drop_deferred(delivery)
+        if not requeue:
+            await self._ack(delivery)
+            return
         self._finish(delivery)
+        self._settling.add(delivery)
         try:
-            if requeue and failed:
+            if failed:
                 await delivery.channel.basic_reject(delivery.delivery_tag, requeue=True, wait=False)
-            elif requeue:
-                await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True, wait=False)
             else:
-                await delivery.channel.basic_ack(delivery.delivery_tag, wait=False)
+                await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True, wait=False)
         except (aiormq.exceptions.AMQPError, RuntimeError):
             delivery.lost.set()
+        finally:
+            self._settling.discard(delivery)
 
     def on_hold(self, delivery: Delivery) -> None:
         """`delivery` waits for its start time: open a window beside it."""
@@ -346,3 +405,4 @@ class RunConsumer:
         """The slot of `delivery` is free again (its run ended, or it was settled)."""
         self._slots.release_on_behalf_of(delivery)
         self.wake()
+

@@ -311,3 +311,11 @@ class Window(Generic[K]):
             and self.outstanding() > 0
             and any(self.active_on(q) is None for q in serving)
         )
+
+
+def grouped_acks(due: list[int], lowest_unsettled: float) -> tuple[int | None, list[int]]:
+    """The acknowledgements that settle the sorted tags `due`: the highest tag below
+    `lowest_unsettled` with `multiple` (None if there is none), and the tags above it
+    one by one, since `multiple` there would settle a delivery still in hand."""
+    below = [tag for tag in due if tag < lowest_unsettled]
+    return (below[-1] if below else None), due[len(below):]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -13,8 +15,10 @@ from anyio.abc import SocketStream
 class LinkProxy:
     """Forwards 127.0.0.1:<port> to the broker until cut; refuses connections while cut."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int,
+                 tap: Callable[[bytes], None] | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.tap = tap  # sees what clients send, as it passes
         self.port = 0
         self.connections = 0
         self._scope: anyio.CancelScope | None = None
@@ -42,7 +46,7 @@ class LinkProxy:
             link = _Link()
             self._open.append(link)
             async with upstream, anyio.create_task_group() as tg:
-                tg.start_soon(_pump, client, upstream, tg)
+                tg.start_soon(_pump, client, upstream, tg, None, self.tap)
                 tg.start_soon(_pump, upstream, client, tg, link)
 
     def freeze(self) -> None:
@@ -73,18 +77,47 @@ class _Link:
 
 
 async def _pump(source: SocketStream, sink: SocketStream, tg: anyio.abc.TaskGroup,
-                link: _Link | None = None) -> None:
+                link: _Link | None = None, tap: Callable[[bytes], None] | None = None) -> None:
     with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
                              anyio.ClosedResourceError, OSError):
         async for chunk in source:
+            if tap is not None:
+                tap(chunk)
             if link is None or not link.frozen:
                 await sink.send(chunk)
     tg.cancel_scope.cancel()
 
 
+@dataclass
+class AckFrames:
+    """The `basic.ack` frames one client connection sends, read off the wire:
+    (channel, delivery tag, multiple), in order."""
+
+    acks: list[tuple[int, int, bool]] = field(default_factory=list)
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        if self._buffer.startswith(b"AMQP"):
+            del self._buffer[:8]  # the protocol header
+        while len(self._buffer) >= 7:
+            kind, channel, size = struct.unpack_from(">BHI", self._buffer)
+            if len(self._buffer) < 7 + size + 1:
+                return
+            payload = bytes(self._buffer[7:7 + size])
+            del self._buffer[:7 + size + 1]
+            if kind == 1 and payload[:4] == _BASIC_ACK:
+                tag, bits = struct.unpack_from(">QB", payload, 4)
+                self.acks.append((channel, tag, bool(bits & 1)))
+
+
+_BASIC_ACK = struct.pack(">HH", 60, 80)
+
+
 @contextlib.asynccontextmanager
-async def link_proxy(host: str, port: int) -> AsyncIterator[LinkProxy]:
-    proxy = LinkProxy(host, port)
+async def link_proxy(host: str, port: int,
+                     tap: Callable[[bytes], None] | None = None) -> AsyncIterator[LinkProxy]:
+    proxy = LinkProxy(host, port, tap)
     async with anyio.create_task_group() as tg:
         await proxy.start(tg)
         try:

@@ -12,11 +12,14 @@ happening between two steps.
 
 The model treats basic.consume and basic.cancel as taking effect at once;
 `RunConsumer` counts a consumer before it registers it and waits for cancel-ok.
+Acknowledgements reach the broker later, grouped as `RunConsumer` writes them
+(`grouped_acks`); gives-back reach it at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,7 +37,16 @@ from hypothesis.stateful import (
 
 from mq_worker.consumer import ConsumerStatistics, Delivery, RunConsumer
 from mq_worker.priority import allocate_windows
-from mq_worker.window import Ack, Cancel, Consume, ConsumerWindow, Step, Window, WindowStatistics
+from mq_worker.window import (
+    Ack,
+    Cancel,
+    Consume,
+    ConsumerWindow,
+    Step,
+    Window,
+    WindowStatistics,
+    grouped_acks,
+)
 
 QUEUES = ["high", "middle", "low"]
 pick = st.integers(min_value=0, max_value=1000)
@@ -52,10 +64,12 @@ class Slots:
 class Message:
     queue: str
     tag: str
+    delivery_tag: int
     held: bool = False
     started: bool = False
     deferred: bool = False
-    settled: bool = False  # acknowledged, rejected or given back on the broker
+    settled: bool = False  # acknowledged, rejected or given back by the worker
+    on_broker: bool = True  # unacknowledged on the broker (its acknowledgement not written)
     has_slot: bool = True
 
     @property
@@ -81,6 +95,7 @@ class WindowMachine(RuleBasedStateMachine):
         self.registered: dict[str, ConsumerWindow] = {}  # consumers the broker pushes on
         self.broker_unacked: dict[str, int] = {}
         self.messages: list[Message] = []
+        self.acks_due: list[Message] = []  # acknowledged by the worker, not yet written
         self.tags = 0
         self.plan: Iterator[Step[Message]] | None = None
         # After a full reconciliation that left runs waiting in queue i uncovered, until
@@ -114,7 +129,7 @@ class WindowMachine(RuleBasedStateMachine):
         self.window.delivered(consumer)
         self.broker_unacked[consumer.tag] += 1
         self.ready[consumer.queue] -= 1
-        self.messages.append(Message(consumer.queue, consumer.tag))
+        self.messages.append(Message(consumer.queue, consumer.tag, len(self.messages) + 1))
 
     @precondition(lambda self: bool(self.registered))
     @rule(which=pick)
@@ -153,10 +168,27 @@ class WindowMachine(RuleBasedStateMachine):
         candidates = [m for m in self.messages if not m.settled and not m.started]
         message = candidates[which % len(candidates)]
         self.window.drop_deferred(message)
-        self._acknowledge(message)
+        self._acknowledge(message, written=requeue)
         if requeue:
             self.ready[message.queue] += 1
         self._release(message)
+
+    @precondition(lambda self: bool(self.acks_due))
+    @rule()
+    def acknowledgements_written(self) -> None:
+        due = {m.delivery_tag: m for m in self.acks_due}
+        self.acks_due = []
+        in_hand = [m.delivery_tag for m in self.messages if not m.settled]
+        group, singles = grouped_acks(sorted(due), min(in_hand, default=math.inf))
+        if group is not None:
+            for message in self.messages:
+                if message.delivery_tag <= group and message.on_broker:
+                    assert message.delivery_tag in due, (
+                        "a grouped acknowledgement settled a delivery still in hand")
+                    self._broker_settles(message)
+        for tag in singles:
+            self._broker_settles(due[tag])
+        assert not any(m.on_broker for m in due.values())
 
     @precondition(lambda self: any(m.started and m.has_slot for m in self.messages))
     @rule(which=pick)
@@ -252,9 +284,16 @@ class WindowMachine(RuleBasedStateMachine):
             self.registered[tag] = self.window.opened(step.queue, tag, step.prefetch)
             self.broker_unacked[tag] = 0
 
-    def _acknowledge(self, message: Message) -> None:
+    def _acknowledge(self, message: Message, *, written: bool = False) -> None:
         message.settled, message.deferred = True, False
         self.window.acknowledged(message.tag, was_held=message.held)
+        if written:
+            self._broker_settles(message)
+        else:
+            self.acks_due.append(message)
+
+    def _broker_settles(self, message: Message) -> None:
+        message.on_broker = False
         self.broker_unacked[message.tag] -= 1
 
     def _release(self, message: Message) -> None:
@@ -281,7 +320,9 @@ class WindowMachine(RuleBasedStateMachine):
     @invariant()
     def the_window_counts_what_the_broker_may_really_send(self) -> None:
         may_send = sum(c.prefetch - self.broker_unacked[c.tag] for c in self.registered.values())
-        assert self.window.outstanding() == may_send
+        # An acknowledgement is counted when decided: until written the broker may send less.
+        not_written = sum(1 for m in self.acks_due if m.tag in self.registered)
+        assert self.window.outstanding() == may_send + not_written
 
     @invariant()
     def a_slot_is_held_by_every_run_not_yet_ended(self) -> None:
@@ -376,8 +417,16 @@ async def test_the_consumer_owns_the_slots_of_its_limit_and_reports_them_frozen(
         assert (consumer.limit, consumer.free_slots, consumer.slots_in_use) == (3, 3, 0)
         statistics = consumer.statistics()
         assert statistics == ConsumerStatistics(
-            consumes=0, cancels=0, deferred_acks=0, overshoot=0,
+            consumes=0, cancels=0, deferred_acks=0, overshoot=0, ack_frames=0,
             window=WindowStatistics(limit=3, slots_in_use=0, outstanding=0, active_consumers=0,
                                     waiting_acks=0))
         with pytest.raises(dataclasses.FrozenInstanceError):
             statistics.consumes = 1  # type: ignore[misc]
+
+
+def test_one_acknowledgement_covers_the_tags_due_below_the_first_delivery_in_hand() -> None:
+    assert grouped_acks([1, 2, 3, 5], math.inf) == (5, [])
+    # 4 waits for its start time: `multiple` up to 5 would settle it.
+    assert grouped_acks([1, 2, 3, 5, 6], 4) == (3, [5, 6])
+    assert grouped_acks([5, 6], 4) == (None, [5, 6])
+    assert grouped_acks([], 1) == (None, [])
