@@ -220,7 +220,7 @@ class RunLife:
                 max(0.0, active.started_at - max(since, due)))
         self._metrics.started.labels(self._pool, active.queue).inc()
         self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
-        active.log.info("run started", infrastructure_pid=active.infrastructure_pid)
+        active.log.debug("run started", infrastructure_pid=active.infrastructure_pid)
 
     # -- ending --------------------------------------------------------------------
 
@@ -289,8 +289,10 @@ class RunLife:
         if counter is not None and fields.get("reason") != CrashReason.SUBMISSION_FAILED:
             counter.labels(self._pool, active.queue).inc()
         self._book.remember(active.id, event_type)
+        # A run's one record at the default level ("run started" is at DEBUG).
         active.log.info("run ended", outcome=event_type.rsplit(".", 1)[-1],
-                        status_code=fields.get("status_code"))
+                        status_code=fields.get("status_code"),
+                        infrastructure_pid=active.infrastructure_pid)
         return True
 
     # -- stopping a run: cancels, timeouts, fences -------------------------------------
