@@ -226,6 +226,36 @@ async def test_a_run_of_a_type_that_starts_runs_itself_costs_no_task_of_its_own(
         assert k.events(run_id) == ["pending", "submitted", "completed"]
 
 
+class RecordingChannel:
+    """Confirms every publish after a checkpoint; records how many publishes had been
+    confirmed when each one began (events of one outbox batch begin together)."""
+
+    def __init__(self) -> None:
+        self.began: list[tuple[str, int]] = []  # event type, publishes confirmed before it
+        self.confirmed = 0
+
+    async def basic_publish(self, body: bytes, *, routing_key: str, **_: Any) -> None:
+        self.began.append((routing_key.rsplit(".", 1)[-1], self.confirmed))
+        await anyio.lowlevel.checkpoint()
+        self.confirmed += 1
+
+
+async def test_pending_and_submitted_leave_in_one_batch() -> None:
+    """No loop turn between the pending event, the spawn and the submitted event: the
+    outbox sends both at once, and submitted never waits for pending's confirmation."""
+    async with kept(StandInStarter()) as k:
+        run_id = str(uuid.uuid4())
+        channel = RecordingChannel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.outbox.publish_forever, channel)
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: len(channel.began) >= 2)
+            k.worker_type.ends["host:1"].set()
+            await wait_until(lambda: len(channel.began) >= 3)
+            tg.cancel_scope.cancel()
+        assert channel.began == [("pending", 0), ("submitted", 0), ("completed", 2)]
+
+
 async def test_a_cancel_stops_a_run_of_a_type_that_starts_runs_itself() -> None:
     async with kept(StandInStarter()) as k:
         run_id = str(uuid.uuid4())
