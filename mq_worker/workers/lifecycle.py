@@ -30,7 +30,7 @@ from mq_worker.workers.fenced import Fencing
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
-from mq_worker.workers.started import RunInTask, RunStarter, StartedRun
+from mq_worker.workers.started import RunInTask, RunStarter, StartedRun, starts_runs_itself
 
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
@@ -88,6 +88,7 @@ class RunLife:
         self._pool = around.pool
         self._spawn = around.spawn
         self._spawn_backoff = SpawnBackoff()
+        self._starts_runs_itself = starts_runs_itself(around.worker_type)
         self.stopping = False
         self.attempts = NextAttempts(
             book=around.book, link=around.link, reporter=around.reporter,
@@ -171,7 +172,8 @@ class RunLife:
 
     async def _start(self, active: ActiveRun) -> StartedRun:
         """Start the run: in this task when the worker type can, else in a task of its own."""
-        if isinstance(self._type, RunStarter):
+        if self._starts_runs_itself:
+            assert isinstance(self._type, RunStarter)
             return self._type.start_run(active.run, active.configuration)
         return await RunInTask.start(self._type, active.run, active.configuration, self._spawn)
 

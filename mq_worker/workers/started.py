@@ -36,6 +36,20 @@ class RunStarter(Protocol):
     def start_run(self, run: RunMessage, configuration: BaseJobConfiguration) -> StartedRun: ...
 
 
+def starts_runs_itself(worker_type: object) -> bool:
+    """Whether runs of `worker_type` are started with `start_run`: the most derived class
+    that defines `run` or `start_run` defines `start_run` (a subclass that overrides only
+    `run` has its `run` called)."""
+    if not isinstance(worker_type, RunStarter):
+        return False
+    for cls in type(worker_type).__mro__:
+        if "start_run" in vars(cls):
+            return True
+        if "run" in vars(cls):
+            return False
+    return False
+
+
 class RunHook(Protocol):
     async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
                   task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...

@@ -256,6 +256,28 @@ async def test_pending_and_submitted_leave_in_one_batch() -> None:
         assert channel.began == [("pending", 0), ("submitted", 0), ("completed", 2)]
 
 
+class WrappingRun(StandInStarter):
+    """A subclass that overrides only the run hook: its run hook is the one called."""
+
+    wrapped = 0
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.wrapped += 1
+        return await super().run(run, configuration, task_status)
+
+
+async def test_a_run_hook_overridden_by_a_subclass_is_not_bypassed() -> None:
+    async with kept(WrappingRun()) as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            k.worker_type.ends["host:1"].set()
+        assert isinstance(k.worker_type, WrappingRun) and k.worker_type.wrapped == 1
+        assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
 async def test_a_cancel_stops_a_run_of_a_type_that_starts_runs_itself() -> None:
     async with kept(StandInStarter()) as k:
         run_id = str(uuid.uuid4())
