@@ -104,7 +104,7 @@ class ProcessWorker(BaseWorker):
         return await started.wait()
 
     def start_run(self, run: RunMessage, configuration: BaseJobConfiguration) -> ProcessRun:
-        """Start the run's process; its watcher awaits `wait()` in its own task."""
+        """Start the run's process in the caller's task, which then awaits its `wait()`."""
         assert isinstance(configuration, ProcessJobConfiguration)
         handle = start_process(
             configuration.argv(),
