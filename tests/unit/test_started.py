@@ -68,10 +68,11 @@ async def test_an_error_after_the_start_is_raised_by_wait_and_not_by_the_group()
 
 async def test_cancelling_the_wait_cancels_the_hook_s_task() -> None:
     hook = Hook()
-    async with anyio.create_task_group() as tg:
-        started = await RunInTask.start(hook, _run(), BaseJobConfiguration(), tg)
-        with anyio.CancelScope() as watcher:
-            watcher.cancel()
-            await started.wait()
+    with anyio.fail_after(5):  # a hook task left running would keep the group open
+        async with anyio.create_task_group() as tg:
+            started = await RunInTask.start(hook, _run(), BaseJobConfiguration(), tg)
+            with anyio.CancelScope() as watcher:
+                watcher.cancel()
+                await started.wait()
     # The group ended: the hook's task ended too, cancelled rather than left running.
     assert hook.cancelled and not hook.end.is_set()
