@@ -39,7 +39,9 @@ class ProcessHandle:
     popen: RunProcess
     started_at: float = field(default_factory=time.time)
     signalled: bool = False
-    _exited: anyio.Event = field(default_factory=anyio.Event)
+    exit_seen: bool = False  # `wait` has seen the process exit
+    # Made only for a waiter (stopping, output): each event costs a backend look-up.
+    _exited: anyio.Event | None = None
     # The most a grace period may still last, once the worker was told to stop at once.
     _hurried: float | None = None
     _graces: list[anyio.CancelScope] = field(default_factory=list)
@@ -64,6 +66,10 @@ class ProcessHandle:
 
     async def exited(self) -> None:
         """Wait until `wait` has seen the process exit."""
+        if self._exited is None:
+            self._exited = anyio.Event()
+            if self.exit_seen:
+                self._exited.set()
         await self._exited.wait()
 
     def group_alive(self) -> bool:
@@ -105,7 +111,9 @@ class ProcessHandle:
                 self.popen.wait()
             else:
                 await anyio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
-        self._exited.set()
+        self.exit_seen = True
+        if self._exited is not None:
+            self._exited.set()
         assert self.popen.returncode is not None
         return self.popen.returncode
 
@@ -166,7 +174,7 @@ async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle,
     pending = b""
     try:
         while True:
-            if handle._exited.is_set():
+            if handle.exit_seen:
                 with anyio.move_on_after(_OUTPUT_DRAIN_SECONDS) as scope:
                     await anyio.wait_readable(fd)
                 if scope.cancelled_caught:
@@ -174,7 +182,7 @@ async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle,
             else:
                 async with anyio.create_task_group() as race:
                     async def _until_exit() -> None:
-                        await handle._exited.wait()
+                        await handle.exited()
                         race.cancel_scope.cancel()
 
                     async def _until_readable() -> None:

@@ -22,7 +22,13 @@ def mask_secrets_processor(
 ) -> MutableMapping[str, Any]:
     """Replace the password of any URL, anywhere in the event (tracebacks included), by '****'."""
     for key, value in event_dict.items():
-        event_dict[key] = _masked(value)
+        # Most values are strings without a URL or numbers: looked at, left in place.
+        kind = type(value)
+        if kind is str:
+            if "://" in value:
+                event_dict[key] = mask_secrets(value)
+        elif kind is not int and kind is not float and value is not None:
+            event_dict[key] = _masked(value)
     return event_dict
 
 

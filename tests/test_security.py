@@ -6,6 +6,7 @@ or (for TLS) a throw-away node with a mutual-TLS listener booted once per sessio
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -148,15 +149,21 @@ def test_log_lines_mask_passwords_in_tracebacks_nested_values_and_any_case(
         except ConnectionError:
             log.exception("failed", urls=["AMQP://worker:upp3r@h/"],
                           nested={"u": "amqps://w:n3sted@h/"})
+        log.info("plain", url="amqp://worker:t0plevel@h/", kind=_Kind.URL, count=3)
         logging.getLogger("aio_pika").warning("lost amqp://worker:f0reign@h/")
     finally:
         structlog.configure(**saved)
         logging.getLogger().handlers[:] = handlers
     err = capsys.readouterr().err
     assert "Traceback" in err and "ConnectionError" in err
-    for secret in ("tr4ceback", "upp3r", "n3sted", "f0reign"):
+    for secret in ("tr4ceback", "upp3r", "n3sted", "f0reign", "t0plevel", "3num"):
         assert secret not in err
-    assert err.count("****") >= 4
+    assert err.count("****") >= 6
+    assert '"count":3' in err
+
+
+class _Kind(enum.StrEnum):
+    URL = "amqp://worker:3num@h/"
 
 
 async def test_password_never_appears_in_worker_logs_events_or_runs(

@@ -30,6 +30,7 @@ from mq_worker.workers.fenced import Fencing
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
+from mq_worker.workers.started import RunInTask, RunStarter, StartedRun, starts_runs_itself
 
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
@@ -87,6 +88,7 @@ class RunLife:
         self._pool = around.pool
         self._spawn = around.spawn
         self._spawn_backoff = SpawnBackoff()
+        self._starts_runs_itself = starts_runs_itself(around.worker_type)
         self.stopping = False
         self.attempts = NextAttempts(
             book=around.book, link=around.link, reporter=around.reporter,
@@ -135,42 +137,60 @@ class RunLife:
 
     async def _start_and_watch(self, active: ActiveRun, due: float) -> None:
         active.state = RunState.STARTING
-        result: list[WorkerResult] = []
-
-        async def _run(*, task_status: anyio.abc.TaskStatus[str]) -> None:
-            result.append(await self._type.run(active.run, active.configuration, task_status))
-            active.timeout_timer.cancel()
-
         try:
-            async with anyio.create_task_group() as tg:
-                try:
-                    active.infrastructure_pid = await tg.start(_run)
-                except Exception as exc:
-                    if is_transient_spawn_error(exc):
-                        await self._give_back_for_now(active, exc)
-                        return
-                    if not await self._retry(active, None, str(exc)):
-                        self._start_failed(active, exc)
-                    await active.delivery.settle()
-                    return
-                self._spawn_backoff.succeeded()
+            started = await self._start(active)
+        except Exception as exc:
+            if is_transient_spawn_error(exc):
+                await self._give_back_for_now(active, exc)
+                return
+            if not await self._retry(active, None, str(exc)):
+                self._start_failed(active, exc)
+            await active.delivery.settle()
+            return
+        active.infrastructure_pid = started.infrastructure_pid
+        self._spawn_backoff.succeeded()
+        try:
+            try:
                 await self._started(active, due)
-                if active.policy.timeout_seconds is not None:
-                    tg.start_soon(self._time_out, active, active.policy.timeout_seconds)
-                if active.fenced:
-                    tg.start_soon(self._kill, active, FORCED_GRACE_SECONDS)
-                elif active.cancel is not None:
-                    tg.start_soon(self._kill, active, None)
+                self._watch_for_stops(active)
+            finally:
+                # The run is waited for even if reporting its start failed: its end is
+                # what frees its process (and its place with the guardian).
+                ending = await started.wait()
         except Exception as exc:
             active.log.exception("error while watching the run")
             self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.MONITORING_FAILED,
                         message=f"error while watching the run: {exc}",
                         infrastructure_pid=active.infrastructure_pid)
             return
-        ending = result[0] if result else None
+        finally:
+            if active.timeout_timer is not None:
+                active.timeout_timer.cancel()
         # A run stopped for its lost slot ends so; retrying it would not bring the slot back.
         if active.slot_lost is not None or not await self._retry(active, ending):
             self._ended(active, ending)
+
+    async def _start(self, active: ActiveRun) -> StartedRun:
+        """Start the run: in this task when the worker type can, else in a task of its own."""
+        if self._starts_runs_itself:
+            assert isinstance(self._type, RunStarter)
+            return self._type.start_run(active.run, active.configuration)
+        return await RunInTask.start(self._type, active.run, active.configuration, self._spawn)
+
+    def _watch_for_stops(self, active: ActiveRun) -> None:
+        """What may stop the started run: its timeout, a fence, a cancel during its start.
+
+        They run in the worker's task group, so they end with the worker; the timeout's
+        scope is cancelled when the run ends.
+        """
+        if active.policy.timeout_seconds is not None:
+            active.timeout_timer = anyio.CancelScope()
+            self._spawn.start_soon(self._time_out, active, active.policy.timeout_seconds,
+                                   active.timeout_timer)
+        if active.fenced:
+            self.stop_soon(active, FORCED_GRACE_SECONDS)
+        elif active.cancel is not None:
+            self.stop_soon(active, None)
 
     async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
         """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
@@ -202,7 +222,7 @@ class RunLife:
                 max(0.0, active.started_at - max(since, due)))
         self._metrics.started.labels(self._pool, active.queue).inc()
         self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
-        active.log.info("run started", infrastructure_pid=active.infrastructure_pid)
+        active.log.debug("run started", infrastructure_pid=active.infrastructure_pid)
 
     # -- ending --------------------------------------------------------------------
 
@@ -271,18 +291,21 @@ class RunLife:
         if counter is not None and fields.get("reason") != CrashReason.SUBMISSION_FAILED:
             counter.labels(self._pool, active.queue).inc()
         self._book.remember(active.id, event_type)
+        # A run's one record at the default level ("run started" is at DEBUG).
         active.log.info("run ended", outcome=event_type.rsplit(".", 1)[-1],
-                        status_code=fields.get("status_code"))
+                        status_code=fields.get("status_code"),
+                        infrastructure_pid=active.infrastructure_pid)
         return True
 
     # -- stopping a run: cancels, timeouts, fences -------------------------------------
 
-    async def _time_out(self, active: ActiveRun, seconds: float) -> None:
+    async def _time_out(self, active: ActiveRun, seconds: float,
+                        timer: anyio.CancelScope) -> None:
         """Stop a run still running `seconds` after its start, as a cancel would."""
         started = active.started_at or time.time()
-        with active.timeout_timer:
+        with timer:
             await anyio.sleep(max(0.0, started + seconds - time.time()))
-        if active.timeout_timer.cancel_called or active.terminal or active.cancel is not None:
+        if timer.cancel_called or active.terminal or active.cancel is not None:
             return
         active.timed_out = True
         active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)

@@ -99,6 +99,12 @@ class ProcessWorker(BaseWorker):
         configuration: BaseJobConfiguration,
         task_status: anyio.abc.TaskStatus[str],
     ) -> WorkerResult:
+        started = self.start_run(run, configuration)
+        task_status.started(started.infrastructure_pid)
+        return await started.wait()
+
+    def start_run(self, run: RunMessage, configuration: BaseJobConfiguration) -> ProcessRun:
+        """Start the run's process in the caller's task, which then awaits its `wait()`."""
         assert isinstance(configuration, ProcessJobConfiguration)
         handle = start_process(
             configuration.argv(),
@@ -107,24 +113,27 @@ class ProcessWorker(BaseWorker):
             cwd=configuration.working_dir,
             capture_output=configuration.stream_output,
         )
-        identifier = f"{self.hostname}:{handle.pid}"
         self._handles[handle.pid] = handle
         self._guardian.watch(handle.pid)
-        task_status.started(identifier)
+        return ProcessRun(self, run, configuration, handle)
+
+    async def _watch(self, run: RunMessage, configuration: ProcessJobConfiguration,
+                     handle: ProcessHandle, identifier: str) -> WorkerResult:
         logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
         empty = False
         try:
-            output = (self.output.open(str(run.id), configuration.env.get("MQ_WORKER_QUEUE"))
-                      if configuration.stream_output else None)
-            try:
-                async with anyio.create_task_group() as tg:
-                    if output is not None:
+            if configuration.stream_output:
+                output = self.output.open(str(run.id), configuration.env.get("MQ_WORKER_QUEUE"))
+                try:
+                    async with anyio.create_task_group() as tg:
                         tg.start_soon(stream_output, handle, logger, output.line)
-                    status = await handle.wait()
-                    empty = await self._stop_leftovers(handle, configuration, logger)
-            finally:
-                if output is not None:
+                        status = await handle.wait()
+                        empty = await self._stop_leftovers(handle, configuration, logger)
+                finally:
                     output.close()
+            else:  # no task of its own: waited for here
+                status = await handle.wait()
+                empty = await self._stop_leftovers(handle, configuration, logger)
         finally:
             # A group that still has processes stays with the guardian, which stops
             # it if the worker ends: it is never forgotten while alive.
@@ -168,6 +177,22 @@ class ProcessWorker(BaseWorker):
         if handle is None or handle.returncode is not None:
             raise InfrastructureNotFound(f"run process {infrastructure_pid} has already exited")
         return await terminate(handle, grace_seconds)
+
+
+class ProcessRun:
+    """A run's started process, waited for in its watcher's task (see workers.started)."""
+
+    def __init__(self, worker: ProcessWorker, run: RunMessage,
+                 configuration: ProcessJobConfiguration, handle: ProcessHandle) -> None:
+        self._worker = worker
+        self._run = run
+        self._configuration = configuration
+        self._handle = handle
+        self.infrastructure_pid = f"{worker.hostname}:{handle.pid}"
+
+    async def wait(self) -> WorkerResult:
+        return await self._worker._watch(self._run, self._configuration, self._handle,
+                                         self.infrastructure_pid)
 
 
 def executable_path(name: str, env: Mapping[str, str | None], cwd: str) -> str | None:

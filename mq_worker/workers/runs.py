@@ -69,13 +69,30 @@ class ActiveRun:
     # The type of its one terminal event, once published.
     outcome: EventType | None = None
     last_event_id: str | None = None
-    wake: anyio.Event = field(default_factory=anyio.Event)
     policy: RunPolicy = NO_POLICY
     timed_out: bool = False
     # The limit whose slot it lost while its worker was cut off: it is stopped.
     slot_lost: str | None = None
-    timeout_timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    retry_settled: anyio.Event = field(default_factory=anyio.Event)
+    # Only while a timeout is watched: cancelled when the run ends.
+    timeout_timer: anyio.CancelScope | None = None
+    # Made when first asked for: most runs never need them, and each costs a look-up of
+    # the async backend.
+    _wake: anyio.Event | None = field(default=None, repr=False)
+    _retry_settled: anyio.Event | None = field(default=None, repr=False)
+
+    @property
+    def wake(self) -> anyio.Event:
+        """Set to wake a run held until its start time (a cancel, the worker stopping)."""
+        if self._wake is None:
+            self._wake = anyio.Event()
+        return self._wake
+
+    @property
+    def retry_settled(self) -> anyio.Event:
+        """Set once the run's failed attempt has parked its next one (or failed to)."""
+        if self._retry_settled is None:
+            self._retry_settled = anyio.Event()
+        return self._retry_settled
 
     @property
     def id(self) -> UUID:

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import orjson
 import pytest
 import structlog
@@ -127,13 +128,47 @@ class Kept:
         return [b["type"].rsplit(".", 1)[-1] for b in bodies if b.get("subject") == run_id]
 
 
+class StandInStartedRun:
+    def __init__(self, pid: str, end: anyio.Event, exit_codes: dict[str, int]) -> None:
+        self.infrastructure_pid = pid
+        self._end = end
+        self._exit_codes = exit_codes
+
+    async def wait(self) -> WorkerResult:
+        await self._end.wait()
+        return WorkerResult(self.infrastructure_pid,
+                            self._exit_codes.get(self.infrastructure_pid, 0))
+
+
+class StandInStarter(StandInType):
+    """A worker type that starts its runs in the caller's task (like ProcessWorker)."""
+
+    def start_run(self, run: RunMessage,
+                  configuration: BaseJobConfiguration) -> StandInStartedRun:
+        pid = f"host:{len(self.started) + 1}"
+        self.ends[pid] = anyio.Event()
+        self.started.append(str(run.id))
+        return StandInStartedRun(pid, self.ends[pid], self.exit_codes)
+
+
+class FailingAfterStart(StandInType):
+    """A worker type whose `run` hook raises once it has reported the start."""
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.started.append(str(run.id))
+        task_status.started("host:1")
+        await anyio.lowlevel.checkpoint()
+        raise RuntimeError("lost track of it")
+
+
 @asynccontextmanager
-async def kept() -> AsyncIterator[Kept]:
+async def kept(worker_type: StandInType | None = None) -> AsyncIterator[Kept]:
     outbox = Outbox(1000)
     reporter = Reporter(WorkerFacts(worker="w", pool="p", queues=["q"], type="stand-in",
                                     limit=4, hostname="h", version="1", heartbeat_seconds=5.0,
                                     paused=lambda: []), outbox.put)
-    worker_type = StandInType()
+    worker_type = worker_type or StandInType()
     cancels = CancelRegistry(window_seconds=600)
     consumer: Any = StandInConsumer()
     async with anyio.create_task_group() as tg:
@@ -173,6 +208,102 @@ async def test_a_run_starts_is_acknowledged_at_start_and_completes() -> None:
             k.worker_type.ends["host:1"].set()
         assert not first.slot_held and not k.keeper.holds(uuid.UUID(run_id))
         assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
+async def test_a_run_of_a_type_that_starts_runs_itself_costs_no_task_of_its_own() -> None:
+    async with kept(StandInStarter()) as k:
+        run_id = str(uuid.uuid4())
+        first = delivery(run_id)
+        async with anyio.create_task_group() as tg:
+            tasks_before = len(anyio.get_running_tasks())
+            tg.start_soon(k.keeper.take, first)
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            assert first.outcome == "acked-at-start"
+            # The task that took the delivery watches the run: no task group, no other task.
+            assert len(anyio.get_running_tasks()) == tasks_before + 1
+            k.worker_type.ends["host:1"].set()
+        assert not first.slot_held and not k.keeper.holds(uuid.UUID(run_id))
+        assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
+class RecordingChannel:
+    """Confirms every publish after a checkpoint; records how many publishes had been
+    confirmed when each one began (events of one outbox batch begin together)."""
+
+    def __init__(self) -> None:
+        self.began: list[tuple[str, int]] = []  # event type, publishes confirmed before it
+        self.confirmed = 0
+
+    async def basic_publish(self, body: bytes, *, routing_key: str, **_: Any) -> None:
+        self.began.append((routing_key.rsplit(".", 1)[-1], self.confirmed))
+        await anyio.lowlevel.checkpoint()
+        self.confirmed += 1
+
+
+async def test_pending_and_submitted_leave_in_one_batch() -> None:
+    """No loop turn between the pending event, the spawn and the submitted event: the
+    outbox sends both at once, and submitted never waits for pending's confirmation."""
+    async with kept(StandInStarter()) as k:
+        run_id = str(uuid.uuid4())
+        channel = RecordingChannel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.outbox.publish_forever, channel)
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: len(channel.began) >= 2)
+            k.worker_type.ends["host:1"].set()
+            await wait_until(lambda: len(channel.began) >= 3)
+            tg.cancel_scope.cancel()
+        assert channel.began == [("pending", 0), ("submitted", 0), ("completed", 2)]
+
+
+class WrappingRun(StandInStarter):
+    """A subclass that overrides only the run hook: its run hook is the one called."""
+
+    wrapped = 0
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.wrapped += 1
+        return await super().run(run, configuration, task_status)
+
+
+async def test_a_run_hook_overridden_by_a_subclass_is_not_bypassed() -> None:
+    async with kept(WrappingRun()) as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            k.worker_type.ends["host:1"].set()
+        assert isinstance(k.worker_type, WrappingRun) and k.worker_type.wrapped == 1
+        assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
+async def test_a_cancel_stops_a_run_of_a_type_that_starts_runs_itself() -> None:
+    async with kept(StandInStarter()) as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+            k.cancels.add(record)
+            k.keeper.on_cancel(record)
+        assert k.worker_type.killed == ["host:1"]
+        assert k.events(run_id) == ["pending", "submitted", "cancelled"]
+
+
+async def test_an_error_of_a_run_hook_after_its_start_crashes_the_run_not_the_worker() -> None:
+    async with kept(FailingAfterStart()) as k:
+        run_id = str(uuid.uuid4())
+        message = delivery(run_id)
+        await k.keeper.take(message)
+        assert k.events(run_id) == ["pending", "submitted", "crashed"]
+        crashed = [orjson.loads(e.body) for e in k.outbox._events][-1]
+        assert crashed["data"]["reason"] == "monitoring-failed"
+        assert not message.slot_held and not k.keeper.holds(uuid.UUID(run_id))
+        # The worker goes on taking runs.
+        second = str(uuid.uuid4())
+        await k.keeper.take(delivery(second))
+        assert k.worker_type.started == [run_id, second]
 
 
 async def test_a_second_delivery_of_a_held_run_is_not_started_twice() -> None:
