@@ -54,7 +54,7 @@ CONTENT_TYPE = JSON_CONTENT_TYPE
 SNAPSHOT_EVERY = 10_000
 # How often the elected reporter checks whether a snapshot is due.
 CHECK_SECONDS = 5.0
-# Time to wait for the newest snapshot; only an empty snapshot stream waits this long.
+# Time to wait for the newest snapshot of a stream that holds some.
 READ_TIMEOUT = 2.0
 PUBLISH_TIMEOUT = 30.0
 # About 5 MB a 100,000 cancels: bigger windows are not snapshotted (messages stay < 16 MiB).
@@ -166,7 +166,8 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     """The pool's newest usable snapshot, or None (none yet, or the broker refuses)."""
     channel = await connection.channel()
     try:
-        await declare_cancel_snapshot_stream(channel, pool)
+        if not await declare_cancel_snapshot_stream(channel, pool):
+            return None  # none was ever kept: no need to wait for one
         await channel.basic_qos(prefetch_count=1)
         received: list[bytes] = []
         arrived = anyio.Event()

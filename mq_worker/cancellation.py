@@ -26,7 +26,7 @@ import anyio.abc
 import structlog
 from pamqp import commands as spec
 
-from mq_worker import cancel_snapshots
+from mq_worker import cancel_snapshots, stream_replay
 from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
@@ -37,6 +37,7 @@ from mq_worker.cancel_registry import (
 from mq_worker.concurrency import wait_first
 from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
+from mq_worker.stream_frames import Delivery, FrameError
 from mq_worker.topology import (
     CANCEL_REPORTED_HEADER,
     CANCELS_STREAM,
@@ -82,9 +83,12 @@ class CancelFollower:
         verify: Callable[[bytes, dict[str, Any]], None] | None = None,
         max_bytes: int,
         keeps_snapshots: Callable[[], bool] = lambda: False,
+        connection_name: str = "mq_worker",
     ) -> None:
         """`keeps_snapshots`: whether this worker now keeps its pool's snapshots current
-        (it is the elected reporter); see mq_worker.cancel_snapshots."""
+        (it is the elected reporter); see mq_worker.cancel_snapshots. `connection_name`
+        names the connection the replay opens, as the broker shows it."""
+        self._connection_name = connection_name
         self._routing_key = cancel_routing_key(pool)
         self._registry = registry
         self._on_cancel = on_cancel
@@ -149,7 +153,9 @@ class CancelFollower:
         try:
             await channel.basic_qos(prefetch_count=1000)
             await self._start_from_snapshot(channel, publisher)
-            await self._consume(channel, publisher, resume=True)
+            replayed = await self._replay_fast(channel.connection, publisher)
+            # Caught up already if the replay read its marker: no second marker to wait for.
+            await self._consume(channel, publisher, resume=True, caught_up=replayed)
             if not await self._wait_caught_up():
                 # Nothing at all came from the stored offset: it is past the end of the
                 # stream (one deleted and declared again while we were away).
@@ -260,25 +266,70 @@ class CancelFollower:
 
     async def _consume(
         self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel,
-        *, resume: bool,
+        *, resume: bool, caught_up: bool = False,
     ) -> None:
-        offset: Any
-        if self._next_offset is None or not resume:
-            offset = datetime.fromtimestamp(
-                time.time() - self._registry.window_seconds, tz=UTC
-            )
-        else:
-            offset = self._next_offset
+        offset = self._start_offset(resume=resume)
         self._marker = uuid.uuid4().hex
         self._caught_up = anyio.Event()
+        if caught_up:
+            self._caught_up.set()
         self._unacked = 0
         await channel.basic_qos(prefetch_count=1000)
         ok = await channel.basic_consume(
             CANCELS_STREAM, self._on_message, arguments={STREAM_OFFSET: offset}
         )
         self._consumer_tag = ok.consumer_tag
-        # A marker published now comes after every cancel already in the stream.
-        await self._publish_marker(publisher, self._marker)
+        if not caught_up:
+            # A marker published now comes after every cancel already in the stream.
+            await self._publish_marker(publisher, self._marker)
+
+    def _start_offset(self, *, resume: bool) -> Any:
+        if self._next_offset is None or not resume:
+            return datetime.fromtimestamp(time.time() - self._registry.window_seconds, tz=UTC)
+        return self._next_offset
+
+    async def _replay_fast(self, connection: aiormq.abc.AbstractConnection,
+                           publisher: aiormq.abc.AbstractChannel) -> bool:
+        """Read the stream up to a marker on a connection of its own (mq_worker.stream_replay),
+        into the registry, advancing the next offset; True if the marker came. The usual
+        consumer then reads on from the next offset; after a replay stopped short, with a
+        marker of its own, as without this replay, so that nothing is lost."""
+        marker = uuid.uuid4().hex
+        target = stream_replay.ReplayTarget(
+            url=connection.url, vhost=getattr(connection, "vhost", "/"),
+            ssl_context=getattr(connection, "ssl_context", None),
+            connection_name=f"{self._connection_name} (cancel replay)",
+            stream=CANCELS_STREAM, offset=self._start_offset(resume=True),
+            stall_seconds=MARKER_STALL_SECONDS)
+
+        def on_delivery(delivery: Delivery) -> bool:
+            self._received += 1
+            headers = delivery.headers
+            value = headers.get(MARKER_HEADER)
+            if value is None:
+                self._record(delivery.routing_key, headers, delivery.body, delivery.timestamp,
+                             live=False)
+            offset = headers.get(STREAM_OFFSET)
+            if isinstance(offset, int):
+                self._next_offset = offset + 1
+            return value is not None and _text(value) == marker
+
+        began = self._received
+        try:
+            await stream_replay.replay(target, on_delivery,
+                                       lambda: self._publish_marker(publisher, marker))
+            return True
+        except stream_replay.StreamCancelled:
+            self._next_offset = self._snapshot_offset = None
+            raise StreamConsumerCancelled("the cancel stream was deleted while it was read") \
+                from None
+        except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
+            log.info("fast cancel replay stopped; reading on with the usual consumer",
+                     error=str(exc) or type(exc).__name__, next_offset=self._next_offset)
+            return False
+        finally:
+            log.debug("fast cancel replay", messages=self._received - began,
+                      next_offset=self._next_offset)
 
     @staticmethod
     async def _publish_marker(publisher: aiormq.abc.AbstractChannel, marker: str) -> None:
@@ -344,18 +395,23 @@ class CancelFollower:
     def _handle(self, message: aiormq.abc.DeliveredMessage, headers: dict[str, Any]) -> None:
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
-            if isinstance(marker, bytes):
-                marker = marker.decode(errors="replace")
-            if marker == self._marker:
+            if _text(marker) == self._marker:
                 self._caught_up.set()
             return
-        if deliver_frame(message).routing_key != self._routing_key:
+        timestamp = message.header.properties.timestamp
+        self._record(deliver_frame(message).routing_key or "", headers, message.body,
+                     timestamp.timestamp() if isinstance(timestamp, datetime) else None,
+                     live=self._caught_up.is_set())
+
+    def _record(self, routing_key: str, headers: dict[str, Any], body: bytes,
+                timestamp: float | None, *, live: bool) -> None:
+        """Remember the cancel in a message of the stream (its broker timestamp, if any)."""
+        if routing_key != self._routing_key:
             return
-        live = self._caught_up.is_set()
         try:
             verify = self._verify
             cancel = parse_cancel(
-                message.body, max_bytes=self._max_bytes,
+                body, max_bytes=self._max_bytes,
                 verify=(lambda body: verify(body, headers)) if verify else None,
             )
         except InvalidMessage as exc:
@@ -364,10 +420,13 @@ class CancelFollower:
         if headers.get(CANCEL_REPORTED_HEADER) is not None:
             self._registry.mark_reported(cancel.id)
             return
-        timestamp = message.header.properties.timestamp
-        at = timestamp.timestamp() if isinstance(timestamp, datetime) else time.time()
-        record = CancelRecord(cancel.id, cancel.reason, at)
+        record = CancelRecord(cancel.id, cancel.reason,
+                              time.time() if timestamp is None else timestamp)
         if not live:
             self.replayed += 1
         if self._registry.add(record):
             self._on_cancel(record)
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
