@@ -108,6 +108,8 @@ class CancelFollower:
         self._unacked = 0
         self.replayed = 0
         self.skipped_offsets = 0
+        # Replays on a connection of their own that stopped short (the consumer read on).
+        self.fast_replays_stopped = 0
 
     async def follow(
         self,
@@ -326,6 +328,7 @@ class CancelFollower:
         except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
             log.info("fast cancel replay stopped; reading on with the usual consumer",
                      error=str(exc) or type(exc).__name__, next_offset=self._next_offset)
+            self.fast_replays_stopped += 1
             return False
         finally:
             log.debug("fast cancel replay", messages=self._received - began,

@@ -1,0 +1,97 @@
+"""A worker starting with no snapshot replays the whole cancel window: it must know every cancel.
+
+The replay reads the stream on a connection of its own (mq_worker.stream_replay);
+a replay that stops short hands over to the usual consumer, which reads on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import aiormq
+import pytest
+from pamqp import commands as spec
+
+from mq_worker import stream_frames
+from mq_worker.topology import (
+    RUNS_EXCHANGE,
+    QueueOptions,
+    declare_cancel_stream,
+    declare_exchanges,
+)
+from tests.helpers import VHost, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+WINDOW = 3_000
+
+
+async def _publish(url: str, bodies: list[tuple[bytes, str]]) -> None:
+    """Publish (body, routing key) pairs; return once the broker confirmed the last."""
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        await declare_exchanges(channel)
+        await declare_cancel_stream(channel, QueueOptions())
+        for index, (body, key) in enumerate(bodies):
+            await channel.basic_publish(body, exchange=RUNS_EXCHANGE, routing_key=key,
+                                        properties=spec.Basic.Properties(),
+                                        wait=index == len(bodies) - 1)
+    finally:
+        await connection.close()
+
+
+async def _window(url: str) -> dict[uuid.UUID, str | None]:
+    """Publish a window: cancels of this pool (every tenth with a reason), cancels of
+    another pool and a body that is not a cancel; return this pool's, with their reasons."""
+    ours = {uuid.uuid4(): (f"reason {n}" if n % 10 == 0 else None) for n in range(WINDOW)}
+    bodies = [(json.dumps({"id": str(run_id), **({"reason": reason} if reason else {})})
+               .encode(), "run.cancel.default") for run_id, reason in ours.items()]
+    bodies[100:100] = [(json.dumps({"id": str(uuid.uuid4())}).encode(), "run.cancel.other")
+                       for _ in range(50)]
+    bodies.insert(200, (b"not a cancel", "run.cancel.default"))
+    await _publish(url, bodies)
+    return ours
+
+
+def _held(worker: Any) -> dict[uuid.UUID, str | None]:
+    return {record.run_id: record.reason for record in worker._registry.records()}
+
+
+async def test_a_worker_starting_with_no_snapshot_knows_every_cancel_of_the_window(
+    vhost: VHost,
+) -> None:
+    published = await _window(vhost.url)
+    async with running_worker(vhost.url) as worker:
+        assert _held(worker) == published
+        assert worker._cancels.replayed == WINDOW
+        assert worker._cancels.fast_replays_stopped == 0
+        # The replay's connection is closed once it has read the window.
+        assert not [props for _, props in vhost.connections() if "cancel replay" in props]
+        # A cancel published now is followed by the usual consumer.
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=30)
+
+
+async def test_a_replay_stopped_midway_hands_over_and_loses_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    feed = stream_frames.FrameReader.feed
+    delivered = [0]
+
+    def breaking_feed(self: stream_frames.FrameReader, data: bytes) -> list[Any]:
+        items = feed(self, data)
+        delivered[0] += len(items)
+        if delivered[0] > WINDOW // 3:
+            raise stream_frames.FrameError("cut short by the test")
+        return items
+
+    monkeypatch.setattr(stream_frames.FrameReader, "feed", breaking_feed)
+    async with running_worker(vhost.url) as worker:
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
