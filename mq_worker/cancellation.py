@@ -100,6 +100,9 @@ class CancelFollower:
         self._snapshot_offset: int | None = None
         self._max_bytes = max_bytes
         self._next_offset: int | None = None
+        # What identifies the message at _next_offset - 1 (for snapshots): its body and
+        # marker as read, or the fingerprint a restored snapshot gave; None if unknown.
+        self._last_message: tuple[bytes, Any] | str | None = None
         self._marker: str | None = None
         self._caught_up = anyio.Event()
         self._consumer_tag: str | None = None
@@ -210,9 +213,14 @@ class CancelFollower:
             return
         if snapshot is None:
             return
+        if not await cancel_snapshots.continues_stream(channel, snapshot, end):
+            log.warning("cancel snapshot taken of another cancel stream (deleted and declared "
+                        "again since?); reading the whole window", next_offset=snapshot.next_offset)
+            return
         # The worker takes no run yet: there is nothing to call on_cancel for.
         restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset
+        self._last_message = snapshot.last_message
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
 
     async def _stream_end(
@@ -250,18 +258,21 @@ class CancelFollower:
         if not self._snapshots:
             return
         while True:
-            offset = self._next_offset
-            if offset is not None and self._keeps_snapshots():
+            offset, last = self._next_offset, self._last_message
+            if offset is not None and last is not None and self._keeps_snapshots():
                 known = self._snapshot_offset or 0
                 if offset - known >= cancel_snapshots.SNAPSHOT_EVERY:
-                    await self._snapshot(connection, offset)
+                    if not isinstance(last, str):
+                        last = cancel_snapshots.fingerprint(*last)
+                    await self._snapshot(connection, offset, last)
             await anyio.sleep(cancel_snapshots.CHECK_SECONDS)
 
-    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int) -> None:
+    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int,
+                        last_message: str) -> None:
         self._snapshot_offset = offset  # too large or refused: not again before SNAPSHOT_EVERY
         try:
             await cancel_snapshots.publish(connection, self._registry, pool=self._pool,
-                                           next_offset=offset)
+                                           next_offset=offset, last_message=last_message)
         except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
                 TimeoutError, RuntimeError) as exc:
             log.warning("could not publish a cancel snapshot", error=str(exc))
@@ -314,6 +325,7 @@ class CancelFollower:
             offset = headers.get(STREAM_OFFSET)
             if isinstance(offset, int):
                 self._next_offset = offset + 1
+                self._last_message = (delivery.body, value)
             return value is not None and _text(value) == marker
 
         began = self._received
@@ -370,6 +382,7 @@ class CancelFollower:
             return
         log.error("skipping a cancel stream message that cannot be decoded", offset=position)
         self._next_offset = position + 1
+        self._last_message = None  # not read: no snapshot can name it
         self._unreadable_at = None
         self.skipped_offsets += 1
 
@@ -383,6 +396,7 @@ class CancelFollower:
         offset = headers.get(STREAM_OFFSET)
         if isinstance(offset, int):
             self._next_offset = offset + 1
+            self._last_message = (message.body, headers.get(MARKER_HEADER))
         try:
             # One ack frame (a system call) per message costs more than the rest of the
             # work: acknowledge many at once, well inside the prefetch; stream

@@ -14,18 +14,22 @@ import aiormq
 import pytest
 from pamqp import commands as spec
 
-from mq_worker import stream_frames
+from mq_worker import cancel_snapshots, stream_frames
+from mq_worker.cancel_snapshots import SNAPSHOT_EVERY
 from mq_worker.topology import (
+    CANCELS_STREAM,
     RUNS_EXCHANGE,
     QueueOptions,
+    cancel_snapshot_stream_name,
     declare_cancel_stream,
     declare_exchanges,
 )
-from tests.helpers import VHost, running_worker, wait_until
+from tests.helpers import VHost, management, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
 WINDOW = 3_000
+SNAPSHOTS = cancel_snapshot_stream_name("default")
 
 
 async def _publish(url: str, bodies: list[tuple[bytes, str]]) -> None:
@@ -95,3 +99,44 @@ async def test_a_replay_stopped_midway_hands_over_and_loses_no_cancel(
     async with running_worker(vhost.url) as worker:
         assert worker._cancels.fast_replays_stopped == 1
         assert _held(worker) == published
+
+
+async def test_a_snapshot_of_a_deleted_cancel_stream_is_not_trusted_on_its_successor(
+    vhost: VHost,
+) -> None:
+    old = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in old])
+    async with running_worker(vhost.url):
+        # Its pool's reporter, it snapshots the window it replayed.
+        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 1,
+                         timeout=120)
+    # An operator deletes the cancel stream; it is declared again and fills up again,
+    # past the offset the snapshot covers up to.
+    management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
+    await wait_until(lambda: CANCELS_STREAM not in vhost.queue_counts())
+    new = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY + 100)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in new])
+    async with running_worker(vhost.url) as joining:
+        held = _held(joining)
+        assert not [r for r in new if r not in held], "cancels of the new stream missed"
+
+
+async def test_a_window_snapshotted_in_parts_is_restored_whole_by_a_joining_worker(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts of 3,000 cancels: a window of SNAPSHOT_EVERY is snapshotted in four.
+    monkeypatch.setattr(cancel_snapshots, "PART_CANCELS", 3_000)
+    early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in early])
+    async with running_worker(vhost.url):
+        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 4,
+                         timeout=120)
+    late = uuid.uuid4()
+    await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(), "run.cancel.default")])
+    async with running_worker(vhost.url) as joining:
+        assert set(_held(joining)) == {*early, late}
+        # From the snapshot: it read only the stream's tail.
+        assert joining._cancels.replayed < 10
