@@ -1,10 +1,12 @@
 """Snapshots of a pool's cancel window, so that a worker joining a busy pool starts in seconds.
 
-Replaying the cancel stream costs a worker tens of microseconds a message in
-the AMQP client alone: 100,000 cancels in the window took it seconds before
-it could take a run. A snapshot is the window compacted: every cancel of the
-pool that a caught-up worker holds, and `next_offset`, the cancel stream's
-offset it covers up to. A starting worker reads the newest snapshot of its
+Replaying the cancel stream costs a worker microseconds a message even read
+in bulk (mq_worker.stream_replay), and the broker's own time: 100,000 cancels
+in the window take seconds before a worker can take a run. A snapshot is the
+window compacted: every cancel of the pool that a caught-up worker holds, and
+`next_offset`, the cancel stream's offset it covers up to, in parts of
+PART_CANCELS cancels (messages stay well under 16 MiB) that a worker uses only
+once it has read them all. A starting worker reads the newest snapshot of its
 pool from the stream `mq_worker.cancel-snapshots-<pool>` (`x-stream-offset:
 last`) and then the cancel stream from `next_offset` on, with the usual
 marker, so it still takes no run before it has every cancel of the window.
