@@ -24,9 +24,8 @@ import aiormq.exceptions
 import anyio
 import anyio.abc
 import structlog
-from pamqp import commands as spec
 
-from mq_worker import cancel_snapshots, stream_replay
+from mq_worker import cancel_markers, cancel_snapshots, stream_replay
 from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
@@ -57,12 +56,6 @@ __all__ = [
     "StreamConsumerCancelled",
 ]
 
-# The marker's confirmation can be lost when the stream's leader fails; without it
-# the session could wait forever. A TimeoutError ends the session: the worker reconnects.
-MARKER_CONFIRM_TIMEOUT = 15.0
-# Catching up, a follower that receives nothing at all for this long (not even its
-# marker) reads from a position past the stream's end, and starts again from the window.
-MARKER_STALL_SECONDS = 5.0
 _ACK_EVERY = 200
 
 
@@ -200,7 +193,7 @@ class CancelFollower:
         """
         if not self._snapshots or self._next_offset is not None or len(self._registry):
             return
-        end = await self._stream_end(channel, publisher)
+        end = await cancel_markers.stream_end(channel, publisher)
         if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
             return
         try:
@@ -222,34 +215,6 @@ class CancelFollower:
         self._next_offset = self._snapshot_offset = snapshot.next_offset
         self._last_message = snapshot.last_message
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
-
-    async def _stream_end(
-        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
-    ) -> int | None:
-        """The offset of a marker published now at the end of the cancel stream, read from
-        the stream's last chunk (None if it does not come)."""
-        marker = uuid.uuid4().hex
-        found: list[int] = []
-        arrived = anyio.Event()
-
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            headers = message.header.properties.headers or {}
-            value = headers.get(MARKER_HEADER)
-            offset = headers.get(STREAM_OFFSET)
-            if value in (marker, marker.encode()) and isinstance(offset, int):
-                found.append(offset)
-                arrived.set()
-
-        ok = await channel.basic_consume(CANCELS_STREAM, on_message, no_ack=False,
-                                         arguments={STREAM_OFFSET: "last"})
-        try:
-            await self._publish_marker(publisher, marker)
-            with anyio.move_on_after(MARKER_STALL_SECONDS):
-                await arrived.wait()
-        finally:
-            assert ok.consumer_tag is not None
-            await channel.basic_cancel(ok.consumer_tag)
-        return found[0] if found else None
 
     async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
         """While this worker keeps its pool's snapshots (one worker per pool, so that
@@ -294,7 +259,7 @@ class CancelFollower:
         self._consumer_tag = ok.consumer_tag
         if not caught_up:
             # A marker published now comes after every cancel already in the stream.
-            await self._publish_marker(publisher, self._marker)
+            await cancel_markers.publish(publisher, self._marker)
 
     def _start_offset(self, *, resume: bool) -> Any:
         if self._next_offset is None or not resume:
@@ -313,7 +278,7 @@ class CancelFollower:
             ssl_context=getattr(connection, "ssl_context", None),
             connection_name=f"{self._connection_name} (cancel replay)",
             stream=CANCELS_STREAM, offset=self._start_offset(resume=True),
-            stall_seconds=MARKER_STALL_SECONDS)
+            stall_seconds=cancel_markers.STALL_SECONDS)
 
         def on_delivery(delivery: Delivery) -> bool:
             self._received += 1
@@ -331,7 +296,7 @@ class CancelFollower:
         began = self._received
         try:
             await stream_replay.replay(target, on_delivery,
-                                       lambda: self._publish_marker(publisher, marker))
+                                       lambda: cancel_markers.publish(publisher, marker))
             return True
         except stream_replay.StreamCancelled:
             self._next_offset = self._snapshot_offset = None
@@ -346,21 +311,11 @@ class CancelFollower:
             log.debug("fast cancel replay", messages=self._received - began,
                       next_offset=self._next_offset)
 
-    @staticmethod
-    async def _publish_marker(publisher: aiormq.abc.AbstractChannel, marker: str) -> None:
-        await publisher.basic_publish(
-            b"",
-            exchange="",
-            routing_key=CANCELS_STREAM,
-            properties=spec.Basic.Properties(headers={MARKER_HEADER: marker}),
-            timeout=MARKER_CONFIRM_TIMEOUT,
-        )
-
     async def _wait_caught_up(self) -> bool:
         """Wait for our marker while messages keep coming; False if none came for a while."""
         while not self._caught_up.is_set():
             seen = self._received
-            with anyio.move_on_after(MARKER_STALL_SECONDS):
+            with anyio.move_on_after(cancel_markers.STALL_SECONDS):
                 await self._caught_up.wait()
             if not self._caught_up.is_set() and self._received == seen:
                 return False
