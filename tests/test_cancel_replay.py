@@ -140,3 +140,47 @@ async def test_a_window_snapshotted_in_parts_is_restored_whole_by_a_joining_work
         assert set(_held(joining)) == {*early, late}
         # From the snapshot: it read only the stream's tail.
         assert joining._cancels.replayed < 10
+
+
+def _interrupting_feed(monkeypatch: pytest.MonkeyPatch, interrupt: Any) -> list[int]:
+    """Make the replay call `interrupt()` once, after its first deliveries."""
+    feed = stream_frames.FrameReader.feed
+    calls: list[int] = []
+
+    def feed_then_interrupt(self: stream_frames.FrameReader, data: bytes) -> list[Any]:
+        items = feed(self, data)
+        if not calls and any(isinstance(i, stream_frames.Delivery) for i in items):
+            calls.append(len(items))
+            interrupt()
+        return items
+
+    monkeypatch.setattr(stream_frames.FrameReader, "feed", feed_then_interrupt)
+    return calls
+
+
+async def test_a_replay_whose_connection_is_closed_hands_over_and_loses_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    calls = _interrupting_feed(monkeypatch, lambda: vhost.close_connections("cancel replay"))
+    async with running_worker(vhost.url) as worker:
+        assert calls, "the replay never read a delivery"
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
+
+
+async def test_a_cancel_stream_deleted_during_the_replay_is_declared_and_read_again(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _window(vhost.url)
+    calls = _interrupting_feed(
+        monkeypatch, lambda: management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}"))
+    async with running_worker(vhost.url) as worker:
+        assert calls, "the replay never read a delivery"
+        # The session that lost its stream ended; the next one declared it again.
+        assert worker.metrics.reconnects._value.get() >= 1  # type: ignore[attr-defined]
+        await wait_until(lambda: CANCELS_STREAM in vhost.queue_counts(), timeout=30)
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
