@@ -26,7 +26,7 @@ import anyio.abc
 import structlog
 
 from mq_worker import cancel_markers, cancel_snapshots, stream_replay
-from mq_worker.broker import deliver_frame, delivery_tag
+from mq_worker.broker import deliver_frame, delivery_tag, mask_secrets
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_WINDOW_SECONDS,
@@ -304,7 +304,8 @@ class CancelFollower:
                 from None
         except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
             log.info("fast cancel replay stopped; reading on with the usual consumer",
-                     error=str(exc) or type(exc).__name__, next_offset=self._next_offset)
+                     error=mask_secrets(str(exc)) or type(exc).__name__,
+                     next_offset=self._next_offset)
             self.fast_replays_stopped += 1
             return False
         finally:
