@@ -68,6 +68,10 @@ SNAPSHOT_EVERY = 10_000
 CHECK_SECONDS = 5.0
 # Time to wait for the newest snapshot of a stream that holds some.
 READ_TIMEOUT = 2.0
+# ... and of one the broker says is empty: its count lags by up to ~5 s, so a snapshot
+# published just now may be there, and comes at once if it is; a pool with none (its
+# first worker after every worker was down) waits only this long for it.
+EMPTY_READ_TIMEOUT = 0.5
 PUBLISH_TIMEOUT = 30.0
 # Cancels a part holds at most: about 5 MB a 100,000, so a part stays well under 16 MiB.
 PART_CANCELS = 200_000
@@ -255,9 +259,9 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     parts are read from there."""
     channel = await connection.channel()
     try:
-        if not await declare_cancel_snapshot_stream(channel, pool):
-            return None  # none was ever kept: no need to wait for one
-        newest = await _read_from(channel, pool, "last", 1)
+        held = await declare_cancel_snapshot_stream(channel, pool)
+        newest = await _read_from(channel, pool, "last", 1,
+                                  READ_TIMEOUT if held else EMPTY_READ_TIMEOUT)
         if not newest:
             return None
         offset, body = newest[0]
@@ -266,14 +270,14 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
             return None
         if part.parts == 1:
             return part
-        read = await _read_from(channel, pool, offset - part.part, part.parts)
+        read = await _read_from(channel, pool, offset - part.part, part.parts, READ_TIMEOUT)
     finally:
         await channel.close()
     return decode([body for _, body in read], pool=pool, window_seconds=window_seconds)
 
 
 async def _read_from(channel: aiormq.abc.AbstractChannel, pool: str, offset: Any,
-                     count: int) -> list[tuple[int, bytes]]:
+                     count: int, timeout: float) -> list[tuple[int, bytes]]:
     """Up to `count` messages (offset, body) of the snapshot stream from `offset` on."""
     await channel.basic_qos(prefetch_count=count)
     received: list[tuple[int, bytes]] = []
@@ -289,7 +293,7 @@ async def _read_from(channel: aiormq.abc.AbstractChannel, pool: str, offset: Any
     ok = await channel.basic_consume(cancel_snapshot_stream_name(pool), on_message,
                                      arguments={STREAM_OFFSET: offset})
     try:
-        with anyio.move_on_after(READ_TIMEOUT):
+        with anyio.move_on_after(timeout):
             await enough.wait()
     finally:
         assert ok.consumer_tag is not None

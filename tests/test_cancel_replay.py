@@ -11,6 +11,8 @@ import uuid
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
+import anyio
 import pytest
 from pamqp import commands as spec
 
@@ -184,3 +186,43 @@ async def test_a_cancel_stream_deleted_during_the_replay_is_declared_and_read_ag
         await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
                                     "run.cancel.default")])
         await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
+
+
+async def _snapshot_published(url: str) -> None:
+    """Return once the pool's snapshot stream delivers a message (not the management API's
+    count, which lags by seconds)."""
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        arrived: list[bytes] = []
+
+        async def on_message(message: Any) -> None:
+            arrived.append(message.body)
+
+        async def subscribed() -> bool:
+            try:
+                await channel.basic_qos(prefetch_count=1)
+                await channel.basic_consume(SNAPSHOTS, on_message,
+                                            arguments={"x-stream-offset": "first"})
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+
+        while not await subscribed():  # not declared yet: try on a new channel
+            channel = await connection.channel()
+            await anyio.sleep(0.2)
+        await wait_until(lambda: arrived, timeout=120)
+    finally:
+        await connection.close()
+
+
+async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(vhost: VHost) -> None:
+    early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in early])
+    async with running_worker(vhost.url):
+        await _snapshot_published(vhost.url)
+        # At once: the broker's count of the snapshot stream still says 0.
+        async with running_worker(vhost.url) as joining:
+            assert set(_held(joining)) == set(early)
+            assert joining._cancels.replayed < 10, "replayed the window, not the snapshot"
