@@ -128,8 +128,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _restore(body: bytes) -> CancelRegistry:
-    snapshot = cancel_snapshots.decode(body, pool="default",
+def _restore(bodies: list[bytes]) -> CancelRegistry:
+    snapshot = cancel_snapshots.decode(bodies, pool="default",
                                        window_seconds=DEFAULT_WINDOW_SECONDS)
     assert snapshot is not None
     registry = CancelRegistry()
@@ -164,17 +164,18 @@ async def replay_async(count: int) -> dict[str, Any]:
         finally:
             await connection.close()
     cpu = time.process_time()
-    body = cancel_snapshots.encode(registry, pool="default", next_offset=count)
+    bodies = cancel_snapshots.encode(registry, pool="default", next_offset=count,
+                                     last_message="")
     encode_cpu = time.process_time() - cpu
     del registry
     gc.collect()
     cpu = time.process_time()
-    restored = _restore(body)
+    restored = _restore(bodies)
     restore_cpu = time.process_time() - cpu
     del restored
     gc.collect()
     tracemalloc.start()  # slows allocation down: a second restore, for its memory only
-    restored = _restore(body)
+    restored = _restore(bodies)
     gc.collect()
     registry_bytes, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -182,7 +183,7 @@ async def replay_async(count: int) -> dict[str, Any]:
         "cancels": count, "held": len(restored), "publish_s": round(published_s, 1),
         "replay_cpu_s": round(replay_cpu, 2), "replay_wall_s": round(replay_wall, 2),
         "replay_cpu_us_per_cancel": round(1e6 * replay_cpu / count, 1),
-        "snapshot_bytes": len(body), "snapshot_encode_cpu_s": round(encode_cpu, 3),
+        "snapshot_bytes": sum(map(len, bodies)), "snapshot_encode_cpu_s": round(encode_cpu, 3),
         "snapshot_restore_cpu_s": round(restore_cpu, 3),
         "registry_mib_per_100k": round(registry_bytes / 2**20 * 100_000 / count, 1),
     }

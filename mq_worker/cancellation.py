@@ -24,10 +24,9 @@ import aiormq.exceptions
 import anyio
 import anyio.abc
 import structlog
-from pamqp import commands as spec
 
-from mq_worker import cancel_snapshots
-from mq_worker.broker import deliver_frame, delivery_tag
+from mq_worker import cancel_markers, cancel_snapshots, stream_replay
+from mq_worker.broker import deliver_frame, delivery_tag, mask_secrets
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_WINDOW_SECONDS,
@@ -37,6 +36,7 @@ from mq_worker.cancel_registry import (
 from mq_worker.concurrency import wait_first
 from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
+from mq_worker.stream_frames import Delivery, FrameError
 from mq_worker.topology import (
     CANCEL_REPORTED_HEADER,
     CANCELS_STREAM,
@@ -56,12 +56,6 @@ __all__ = [
     "StreamConsumerCancelled",
 ]
 
-# The marker's confirmation can be lost when the stream's leader fails; without it
-# the session could wait forever. A TimeoutError ends the session: the worker reconnects.
-MARKER_CONFIRM_TIMEOUT = 15.0
-# Catching up, a follower that receives nothing at all for this long (not even its
-# marker) reads from a position past the stream's end, and starts again from the window.
-MARKER_STALL_SECONDS = 5.0
 _ACK_EVERY = 200
 
 
@@ -82,9 +76,12 @@ class CancelFollower:
         verify: Callable[[bytes, dict[str, Any]], None] | None = None,
         max_bytes: int,
         keeps_snapshots: Callable[[], bool] = lambda: False,
+        connection_name: str = "mq_worker",
     ) -> None:
         """`keeps_snapshots`: whether this worker now keeps its pool's snapshots current
-        (it is the elected reporter); see mq_worker.cancel_snapshots."""
+        (it is the elected reporter); see mq_worker.cancel_snapshots. `connection_name`
+        names the connection the replay opens, as the broker shows it."""
+        self._connection_name = connection_name
         self._routing_key = cancel_routing_key(pool)
         self._registry = registry
         self._on_cancel = on_cancel
@@ -96,6 +93,9 @@ class CancelFollower:
         self._snapshot_offset: int | None = None
         self._max_bytes = max_bytes
         self._next_offset: int | None = None
+        # What identifies the message at _next_offset - 1 (for snapshots): its body and
+        # marker as read, or the fingerprint a restored snapshot gave; None if unknown.
+        self._last_message: tuple[bytes, Any] | str | None = None
         self._marker: str | None = None
         self._caught_up = anyio.Event()
         self._consumer_tag: str | None = None
@@ -104,6 +104,8 @@ class CancelFollower:
         self._unacked = 0
         self.replayed = 0
         self.skipped_offsets = 0
+        # Replays on a connection of their own that stopped short (the consumer read on).
+        self.fast_replays_stopped = 0
 
     async def follow(
         self,
@@ -149,7 +151,9 @@ class CancelFollower:
         try:
             await channel.basic_qos(prefetch_count=1000)
             await self._start_from_snapshot(channel, publisher)
-            await self._consume(channel, publisher, resume=True)
+            replayed = await self._replay_fast(channel.connection, publisher)
+            # Caught up already if the replay read its marker: no second marker to wait for.
+            await self._consume(channel, publisher, resume=True, caught_up=replayed)
             if not await self._wait_caught_up():
                 # Nothing at all came from the stored offset: it is past the end of the
                 # stream (one deleted and declared again while we were away).
@@ -189,7 +193,7 @@ class CancelFollower:
         """
         if not self._snapshots or self._next_offset is not None or len(self._registry):
             return
-        end = await self._stream_end(channel, publisher)
+        end = await cancel_markers.stream_end(channel, publisher)
         if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
             return
         try:
@@ -202,38 +206,15 @@ class CancelFollower:
             return
         if snapshot is None:
             return
+        if not await cancel_snapshots.continues_stream(channel, snapshot, end):
+            log.warning("cancel snapshot taken of another cancel stream (deleted and declared "
+                        "again since?); reading the whole window", next_offset=snapshot.next_offset)
+            return
         # The worker takes no run yet: there is nothing to call on_cancel for.
         restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset
+        self._last_message = snapshot.last_message
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
-
-    async def _stream_end(
-        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
-    ) -> int | None:
-        """The offset of a marker published now at the end of the cancel stream, read from
-        the stream's last chunk (None if it does not come)."""
-        marker = uuid.uuid4().hex
-        found: list[int] = []
-        arrived = anyio.Event()
-
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            headers = message.header.properties.headers or {}
-            value = headers.get(MARKER_HEADER)
-            offset = headers.get(STREAM_OFFSET)
-            if value in (marker, marker.encode()) and isinstance(offset, int):
-                found.append(offset)
-                arrived.set()
-
-        ok = await channel.basic_consume(CANCELS_STREAM, on_message, no_ack=False,
-                                         arguments={STREAM_OFFSET: "last"})
-        try:
-            await self._publish_marker(publisher, marker)
-            with anyio.move_on_after(MARKER_STALL_SECONDS):
-                await arrived.wait()
-        finally:
-            assert ok.consumer_tag is not None
-            await channel.basic_cancel(ok.consumer_tag)
-        return found[0] if found else None
 
     async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
         """While this worker keeps its pool's snapshots (one worker per pool, so that
@@ -242,59 +223,100 @@ class CancelFollower:
         if not self._snapshots:
             return
         while True:
-            offset = self._next_offset
-            if offset is not None and self._keeps_snapshots():
+            offset, last = self._next_offset, self._last_message
+            if offset is not None and last is not None and self._keeps_snapshots():
                 known = self._snapshot_offset or 0
                 if offset - known >= cancel_snapshots.SNAPSHOT_EVERY:
-                    await self._snapshot(connection, offset)
+                    if not isinstance(last, str):
+                        last = cancel_snapshots.fingerprint(*last)
+                    await self._snapshot(connection, offset, last)
             await anyio.sleep(cancel_snapshots.CHECK_SECONDS)
 
-    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int) -> None:
+    async def _snapshot(self, connection: aiormq.abc.AbstractConnection, offset: int,
+                        last_message: str) -> None:
         self._snapshot_offset = offset  # too large or refused: not again before SNAPSHOT_EVERY
         try:
             await cancel_snapshots.publish(connection, self._registry, pool=self._pool,
-                                           next_offset=offset)
+                                           next_offset=offset, last_message=last_message)
         except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
                 TimeoutError, RuntimeError) as exc:
             log.warning("could not publish a cancel snapshot", error=str(exc))
 
     async def _consume(
         self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel,
-        *, resume: bool,
+        *, resume: bool, caught_up: bool = False,
     ) -> None:
-        offset: Any
-        if self._next_offset is None or not resume:
-            offset = datetime.fromtimestamp(
-                time.time() - self._registry.window_seconds, tz=UTC
-            )
-        else:
-            offset = self._next_offset
+        offset = self._start_offset(resume=resume)
         self._marker = uuid.uuid4().hex
         self._caught_up = anyio.Event()
+        if caught_up:
+            self._caught_up.set()
         self._unacked = 0
         await channel.basic_qos(prefetch_count=1000)
         ok = await channel.basic_consume(
             CANCELS_STREAM, self._on_message, arguments={STREAM_OFFSET: offset}
         )
         self._consumer_tag = ok.consumer_tag
-        # A marker published now comes after every cancel already in the stream.
-        await self._publish_marker(publisher, self._marker)
+        if not caught_up:
+            # A marker published now comes after every cancel already in the stream.
+            await cancel_markers.publish(publisher, self._marker)
 
-    @staticmethod
-    async def _publish_marker(publisher: aiormq.abc.AbstractChannel, marker: str) -> None:
-        await publisher.basic_publish(
-            b"",
-            exchange="",
-            routing_key=CANCELS_STREAM,
-            properties=spec.Basic.Properties(headers={MARKER_HEADER: marker}),
-            timeout=MARKER_CONFIRM_TIMEOUT,
-        )
+    def _start_offset(self, *, resume: bool) -> Any:
+        if self._next_offset is None or not resume:
+            return datetime.fromtimestamp(time.time() - self._registry.window_seconds, tz=UTC)
+        return self._next_offset
+
+    async def _replay_fast(self, connection: aiormq.abc.AbstractConnection,
+                           publisher: aiormq.abc.AbstractChannel) -> bool:
+        """Read the stream up to a marker on a connection of its own (mq_worker.stream_replay),
+        into the registry, advancing the next offset; True if the marker came. The usual
+        consumer then reads on from the next offset; after a replay stopped short, with a
+        marker of its own, as without this replay, so that nothing is lost."""
+        marker = uuid.uuid4().hex
+        target = stream_replay.ReplayTarget(
+            url=connection.url, vhost=getattr(connection, "vhost", "/"),
+            ssl_context=getattr(connection, "ssl_context", None),
+            connection_name=f"{self._connection_name} (cancel replay)",
+            stream=CANCELS_STREAM, offset=self._start_offset(resume=True),
+            stall_seconds=cancel_markers.STALL_SECONDS)
+
+        def on_delivery(delivery: Delivery) -> bool:
+            self._received += 1
+            headers = delivery.headers
+            value = headers.get(MARKER_HEADER)
+            if value is None:
+                self._record(delivery.routing_key, headers, delivery.body, delivery.timestamp,
+                             live=False)
+            offset = headers.get(STREAM_OFFSET)
+            if isinstance(offset, int):
+                self._next_offset = offset + 1
+                self._last_message = (delivery.body, value)
+            return value is not None and _text(value) == marker
+
+        began = self._received
+        try:
+            await stream_replay.replay(target, on_delivery,
+                                       lambda: cancel_markers.publish(publisher, marker))
+            return True
+        except stream_replay.StreamCancelled:
+            self._next_offset = self._snapshot_offset = None
+            raise StreamConsumerCancelled("the cancel stream was deleted while it was read") \
+                from None
+        except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
+            log.info("fast cancel replay stopped; reading on with the usual consumer",
+                     error=mask_secrets(str(exc)) or type(exc).__name__,
+                     next_offset=self._next_offset)
+            self.fast_replays_stopped += 1
+            return False
+        finally:
+            log.debug("fast cancel replay", messages=self._received - began,
+                      next_offset=self._next_offset)
 
     async def _wait_caught_up(self) -> bool:
         """Wait for our marker while messages keep coming; False if none came for a while."""
         while not self._caught_up.is_set():
             seen = self._received
-            with anyio.move_on_after(MARKER_STALL_SECONDS):
+            with anyio.move_on_after(cancel_markers.STALL_SECONDS):
                 await self._caught_up.wait()
             if not self._caught_up.is_set() and self._received == seen:
                 return False
@@ -316,6 +338,7 @@ class CancelFollower:
             return
         log.error("skipping a cancel stream message that cannot be decoded", offset=position)
         self._next_offset = position + 1
+        self._last_message = None  # not read: no snapshot can name it
         self._unreadable_at = None
         self.skipped_offsets += 1
 
@@ -329,6 +352,7 @@ class CancelFollower:
         offset = headers.get(STREAM_OFFSET)
         if isinstance(offset, int):
             self._next_offset = offset + 1
+            self._last_message = (message.body, headers.get(MARKER_HEADER))
         try:
             # One ack frame (a system call) per message costs more than the rest of the
             # work: acknowledge many at once, well inside the prefetch; stream
@@ -344,18 +368,23 @@ class CancelFollower:
     def _handle(self, message: aiormq.abc.DeliveredMessage, headers: dict[str, Any]) -> None:
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
-            if isinstance(marker, bytes):
-                marker = marker.decode(errors="replace")
-            if marker == self._marker:
+            if _text(marker) == self._marker:
                 self._caught_up.set()
             return
-        if deliver_frame(message).routing_key != self._routing_key:
+        timestamp = message.header.properties.timestamp
+        self._record(deliver_frame(message).routing_key or "", headers, message.body,
+                     timestamp.timestamp() if isinstance(timestamp, datetime) else None,
+                     live=self._caught_up.is_set())
+
+    def _record(self, routing_key: str, headers: dict[str, Any], body: bytes,
+                timestamp: float | None, *, live: bool) -> None:
+        """Remember the cancel in a message of the stream (its broker timestamp, if any)."""
+        if routing_key != self._routing_key:
             return
-        live = self._caught_up.is_set()
         try:
             verify = self._verify
             cancel = parse_cancel(
-                message.body, max_bytes=self._max_bytes,
+                body, max_bytes=self._max_bytes,
                 verify=(lambda body: verify(body, headers)) if verify else None,
             )
         except InvalidMessage as exc:
@@ -364,10 +393,13 @@ class CancelFollower:
         if headers.get(CANCEL_REPORTED_HEADER) is not None:
             self._registry.mark_reported(cancel.id)
             return
-        timestamp = message.header.properties.timestamp
-        at = timestamp.timestamp() if isinstance(timestamp, datetime) else time.time()
-        record = CancelRecord(cancel.id, cancel.reason, at)
+        record = CancelRecord(cancel.id, cancel.reason,
+                              time.time() if timestamp is None else timestamp)
         if not live:
             self.replayed += 1
         if self._registry.add(record):
             self._on_cancel(record)
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -268,7 +268,9 @@ async def test_worker_publisher_and_subscriber_work_over_mutual_tls(
     url = node.amqps_url()
     async with EventSubscriber(url, tls=tls) as subscription, \
             Publisher(url, tls=tls) as publisher, \
-            running_worker(url, pool=pool, name=f"tls-worker-{pool}", **tls_files(node)):
+            running_worker(url, pool=pool, name=f"tls-worker-{pool}", **tls_files(node)) as w:
+        # It read the cancel stream over TLS on a connection of its own, to the end.
+        assert w._cancels.fast_replays_stopped == 0
         run = await publisher.submit(new_run(probe(tmp_path), name="over-tls"), pool=pool)
         outcome = await subscription.wait_for(run.id, timeout=30)
         connections = json.loads(node.ctl("list_connections", "--formatter", "json", "name",

@@ -127,8 +127,10 @@ def channels() -> dict[str, Any]:
         "title": "Snapshots of a pool's cancel window",
         "description": (
             f"A stream per pool, written and read by its workers through the default exchange. "
-            f"A starting worker reads the newest snapshot (`{topology.STREAM_OFFSET}: last`), then "
-            f"`{topology.CANCELS_STREAM}` from the snapshot's `next_offset`. Workers started "
+            f"A starting worker reads the newest snapshot (a part from "
+            f"`{topology.STREAM_OFFSET}: last`, then its other parts), checks that "
+            f"`{topology.CANCELS_STREAM}` holds the snapshot's `last_message` at "
+            f"`next_offset - 1`, and reads it on from `next_offset`. Workers started "
             f"with --signing-key-file neither write nor read it."
         ),
         "parameters": {"pool": {"description": f"Work pool name ({_NAME_PARAMETER})."}},

@@ -127,14 +127,16 @@ def cancel_snapshot_stream_arguments() -> dict[str, Any]:
 
 async def declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
-) -> None:
+) -> int:
+    """Declare the queue; return the number of messages the broker says it holds."""
     try:
-        await channel.queue_declare(name, durable=True, arguments=dict(arguments))
+        ok = await channel.queue_declare(name, durable=True, arguments=dict(arguments))
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(
             f"queue {name!r} exists with other arguments than {dict(arguments)!r} ({exc}); "
             "delete it or align its arguments (see docs/operations.md)"
         ) from exc
+    return ok.message_count or 0
 
 
 async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
@@ -171,8 +173,9 @@ async def declare_cancel_stream(
 
 
 async def declare_cancel_snapshot_stream(channel: aiormq.abc.AbstractChannel, pool: str
-                                         ) -> None:
-    await declare_queue(channel, cancel_snapshot_stream_name(pool),
+                                         ) -> int:
+    """Declare the pool's snapshot stream; return how many messages it holds."""
+    return await declare_queue(channel, cancel_snapshot_stream_name(pool),
                         cancel_snapshot_stream_arguments())
 
 

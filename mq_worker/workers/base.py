@@ -276,6 +276,7 @@ class BaseWorker(abc.ABC):
             if self._signer else None,
             max_bytes=s.max_message_bytes,
             keeps_snapshots=lambda: self._heartbeats.monitor.elected,
+            connection_name=f"mq_worker {self.name}",
         )
         sessions = SessionSupervisor(
             settings=s, link=self._link, consumer=consumer, queue_names=list(self._queue_of),

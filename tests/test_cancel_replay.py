@@ -1,0 +1,228 @@
+"""A worker starting with no snapshot replays the whole cancel window: it must know every cancel.
+
+The replay reads the stream on a connection of its own (mq_worker.stream_replay);
+a replay that stops short hands over to the usual consumer, which reads on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import aiormq
+import aiormq.exceptions
+import anyio
+import pytest
+from pamqp import commands as spec
+
+from mq_worker import cancel_snapshots, stream_frames
+from mq_worker.cancel_snapshots import SNAPSHOT_EVERY
+from mq_worker.topology import (
+    CANCELS_STREAM,
+    RUNS_EXCHANGE,
+    QueueOptions,
+    cancel_snapshot_stream_name,
+    declare_cancel_stream,
+    declare_exchanges,
+)
+from tests.helpers import VHost, management, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+WINDOW = 3_000
+SNAPSHOTS = cancel_snapshot_stream_name("default")
+
+
+async def _publish(url: str, bodies: list[tuple[bytes, str]]) -> None:
+    """Publish (body, routing key) pairs; return once the broker confirmed the last."""
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        await declare_exchanges(channel)
+        await declare_cancel_stream(channel, QueueOptions())
+        for index, (body, key) in enumerate(bodies):
+            await channel.basic_publish(body, exchange=RUNS_EXCHANGE, routing_key=key,
+                                        properties=spec.Basic.Properties(),
+                                        wait=index == len(bodies) - 1)
+    finally:
+        await connection.close()
+
+
+async def _window(url: str) -> dict[uuid.UUID, str | None]:
+    """Publish a window: cancels of this pool (every tenth with a reason), cancels of
+    another pool and a body that is not a cancel; return this pool's, with their reasons."""
+    ours = {uuid.uuid4(): (f"reason {n}" if n % 10 == 0 else None) for n in range(WINDOW)}
+    bodies = [(json.dumps({"id": str(run_id), **({"reason": reason} if reason else {})})
+               .encode(), "run.cancel.default") for run_id, reason in ours.items()]
+    bodies[100:100] = [(json.dumps({"id": str(uuid.uuid4())}).encode(), "run.cancel.other")
+                       for _ in range(50)]
+    bodies.insert(200, (b"not a cancel", "run.cancel.default"))
+    await _publish(url, bodies)
+    return ours
+
+
+def _held(worker: Any) -> dict[uuid.UUID, str | None]:
+    return {record.run_id: record.reason for record in worker._registry.records()}
+
+
+async def test_a_worker_starting_with_no_snapshot_knows_every_cancel_of_the_window(
+    vhost: VHost,
+) -> None:
+    published = await _window(vhost.url)
+    async with running_worker(vhost.url) as worker:
+        assert _held(worker) == published
+        assert worker._cancels.replayed == WINDOW
+        assert worker._cancels.fast_replays_stopped == 0
+        # The replay's connection is closed once it has read the window.
+        assert not [props for _, props in vhost.connections() if "cancel replay" in props]
+        # A cancel published now is followed by the usual consumer.
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=30)
+
+
+async def test_a_replay_stopped_midway_hands_over_and_loses_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    feed = stream_frames.FrameReader.feed
+    delivered = [0]
+
+    def breaking_feed(self: stream_frames.FrameReader, data: bytes) -> list[Any]:
+        items = feed(self, data)
+        delivered[0] += len(items)
+        if delivered[0] > WINDOW // 3:
+            raise stream_frames.FrameError("cut short by the test")
+        return items
+
+    monkeypatch.setattr(stream_frames.FrameReader, "feed", breaking_feed)
+    async with running_worker(vhost.url) as worker:
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
+
+
+async def test_a_snapshot_of_a_deleted_cancel_stream_is_not_trusted_on_its_successor(
+    vhost: VHost,
+) -> None:
+    old = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in old])
+    async with running_worker(vhost.url):
+        # Its pool's reporter, it snapshots the window it replayed.
+        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 1,
+                         timeout=120)
+    # An operator deletes the cancel stream; it is declared again and fills up again,
+    # past the offset the snapshot covers up to.
+    management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
+    await wait_until(lambda: CANCELS_STREAM not in vhost.queue_counts())
+    new = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY + 100)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in new])
+    async with running_worker(vhost.url) as joining:
+        held = _held(joining)
+        assert not [r for r in new if r not in held], "cancels of the new stream missed"
+
+
+async def test_a_window_snapshotted_in_parts_is_restored_whole_by_a_joining_worker(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts of 3,000 cancels: a window of SNAPSHOT_EVERY is snapshotted in four.
+    monkeypatch.setattr(cancel_snapshots, "PART_CANCELS", 3_000)
+    early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in early])
+    async with running_worker(vhost.url):
+        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 4,
+                         timeout=120)
+    late = uuid.uuid4()
+    await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(), "run.cancel.default")])
+    async with running_worker(vhost.url) as joining:
+        assert set(_held(joining)) == {*early, late}
+        # From the snapshot: it read only the stream's tail.
+        assert joining._cancels.replayed < 10
+
+
+def _interrupting_feed(monkeypatch: pytest.MonkeyPatch, interrupt: Any) -> list[int]:
+    """Make the replay call `interrupt()` once, after its first deliveries."""
+    feed = stream_frames.FrameReader.feed
+    calls: list[int] = []
+
+    def feed_then_interrupt(self: stream_frames.FrameReader, data: bytes) -> list[Any]:
+        items = feed(self, data)
+        if not calls and any(isinstance(i, stream_frames.Delivery) for i in items):
+            calls.append(len(items))
+            interrupt()
+        return items
+
+    monkeypatch.setattr(stream_frames.FrameReader, "feed", feed_then_interrupt)
+    return calls
+
+
+async def test_a_replay_whose_connection_is_closed_hands_over_and_loses_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    calls = _interrupting_feed(monkeypatch, lambda: vhost.close_connections("cancel replay"))
+    async with running_worker(vhost.url) as worker:
+        assert calls, "the replay never read a delivery"
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
+
+
+async def test_a_cancel_stream_deleted_during_the_replay_is_declared_and_read_again(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _window(vhost.url)
+    calls = _interrupting_feed(
+        monkeypatch, lambda: management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}"))
+    async with running_worker(vhost.url) as worker:
+        assert calls, "the replay never read a delivery"
+        # The session that lost its stream ended; the next one declared it again.
+        assert worker.metrics.reconnects._value.get() >= 1  # type: ignore[attr-defined]
+        await wait_until(lambda: CANCELS_STREAM in vhost.queue_counts(), timeout=30)
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
+
+
+async def _snapshot_published(url: str) -> None:
+    """Return once the pool's snapshot stream delivers a message (not the management API's
+    count, which lags by seconds)."""
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        arrived: list[bytes] = []
+
+        async def on_message(message: Any) -> None:
+            arrived.append(message.body)
+
+        async def subscribed() -> bool:
+            try:
+                await channel.basic_qos(prefetch_count=1)
+                await channel.basic_consume(SNAPSHOTS, on_message,
+                                            arguments={"x-stream-offset": "first"})
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+
+        while not await subscribed():  # not declared yet: try on a new channel
+            channel = await connection.channel()
+            await anyio.sleep(0.2)
+        await wait_until(lambda: arrived, timeout=120)
+    finally:
+        await connection.close()
+
+
+async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(vhost: VHost) -> None:
+    early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
+    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
+                               for r in early])
+    async with running_worker(vhost.url):
+        await _snapshot_published(vhost.url)
+        # At once: the broker's count of the snapshot stream still says 0.
+        async with running_worker(vhost.url) as joining:
+            assert set(_held(joining)) == set(early)
+            assert joining._cancels.replayed < 10, "replayed the window, not the snapshot"
