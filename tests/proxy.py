@@ -16,9 +16,9 @@ class LinkProxy:
     """Forwards 127.0.0.1:<port> to the broker until cut; refuses connections while cut."""
 
     def __init__(self, upstream_host: str, upstream_port: int,
-                 tap: Callable[[bytes], None] | None = None) -> None:
+                 tap: Callable[[int, bytes], None] | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
-        self.tap = tap  # sees what clients send, as it passes
+        self.tap = tap  # sees what clients send, as it passes, with the connection's number
         self.port = 0
         self.connections = 0
         self._scope: anyio.CancelScope | None = None
@@ -38,6 +38,7 @@ class LinkProxy:
 
     async def _forward(self, client: SocketStream) -> None:
         self.connections += 1
+        number = self.connections
         async with client:
             try:
                 upstream = await anyio.connect_tcp(*self.upstream)
@@ -46,7 +47,9 @@ class LinkProxy:
             link = _Link()
             self._open.append(link)
             async with upstream, anyio.create_task_group() as tg:
-                tg.start_soon(_pump, client, upstream, tg, None, self.tap)
+                tap = self.tap
+                tg.start_soon(_pump, client, upstream, tg, None,
+                              None if tap is None else (lambda chunk: tap(number, chunk)))
                 tg.start_soon(_pump, upstream, client, tg, link)
 
     def freeze(self) -> None:
@@ -90,25 +93,26 @@ async def _pump(source: SocketStream, sink: SocketStream, tg: anyio.abc.TaskGrou
 
 @dataclass
 class AckFrames:
-    """The `basic.ack` frames one client connection sends, read off the wire:
-    (channel, delivery tag, multiple), in order."""
+    """The `basic.ack` frames client connections send, read off the wire:
+    ((connection, channel), delivery tag, multiple), in order."""
 
-    acks: list[tuple[int, int, bool]] = field(default_factory=list)
-    _buffer: bytearray = field(default_factory=bytearray)
+    acks: list[tuple[tuple[int, int], int, bool]] = field(default_factory=list)
+    _buffers: dict[int, bytearray] = field(default_factory=dict)
 
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        if self._buffer.startswith(b"AMQP"):
-            del self._buffer[:8]  # the protocol header
-        while len(self._buffer) >= 7:
-            kind, channel, size = struct.unpack_from(">BHI", self._buffer)
-            if len(self._buffer) < 7 + size + 1:
+    def feed(self, connection: int, chunk: bytes) -> None:
+        buffer = self._buffers.setdefault(connection, bytearray())
+        buffer += chunk
+        if buffer.startswith(b"AMQP"):
+            del buffer[:8]  # the protocol header
+        while len(buffer) >= 7:
+            kind, channel, size = struct.unpack_from(">BHI", buffer)
+            if len(buffer) < 7 + size + 1:
                 return
-            payload = bytes(self._buffer[7:7 + size])
-            del self._buffer[:7 + size + 1]
+            payload = bytes(buffer[7:7 + size])
+            del buffer[:7 + size + 1]
             if kind == 1 and payload[:4] == _BASIC_ACK:
                 tag, bits = struct.unpack_from(">QB", payload, 4)
-                self.acks.append((channel, tag, bool(bits & 1)))
+                self.acks.append(((connection, channel), tag, bool(bits & 1)))
 
 
 _BASIC_ACK = struct.pack(">HH", 60, 80)
@@ -116,7 +120,8 @@ _BASIC_ACK = struct.pack(">HH", 60, 80)
 
 @contextlib.asynccontextmanager
 async def link_proxy(host: str, port: int,
-                     tap: Callable[[bytes], None] | None = None) -> AsyncIterator[LinkProxy]:
+                     tap: Callable[[int, bytes], None] | None = None
+                     ) -> AsyncIterator[LinkProxy]:
     proxy = LinkProxy(host, port, tap)
     async with anyio.create_task_group() as tg:
         await proxy.start(tg)

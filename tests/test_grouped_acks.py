@@ -46,9 +46,14 @@ async def publish_all(url: str, bodies: list[dict[str, Any]]) -> None:
                 routing_key="run.scheduled.default.default")
 
 
-def settled_by_channel(acks: list[tuple[int, int, bool]]) -> dict[int, tuple[set[int], int]]:
+Channel = tuple[int, int]  # (connection, channel): the worker's and its cancel replay's
+
+
+def settled_by_channel(
+    acks: list[tuple[Channel, int, bool]]
+) -> dict[Channel, tuple[set[int], int]]:
     """For each channel: the delivery tags its acknowledgements settle, and how many frames."""
-    settled: dict[int, tuple[set[int], int]] = {}
+    settled: dict[Channel, tuple[set[int], int]] = {}
     for channel, tag, multiple in acks:
         tags, frames = settled.get(channel, (set(), 0))
         tags |= set(range(1, tag + 1)) if multiple else {tag}
@@ -67,7 +72,7 @@ async def test_runs_started_together_share_an_acknowledgement(
         async with running_worker(url, limit=8):
             await events.wait_terminal([b["id"] for b in bodies], timeout=60)
             await wait_until(lambda: vhost.queue_counts().get(QUEUE) == (0, 0), timeout=30)
-        assert proxy.connections == 1
+        assert proxy.connections <= 2  # the worker's, and its cancel replay's
 
     assert {events.types(b["id"])[-1] for b in bodies} == {"run.completed"}
     [(tags, ack_frames)] = [v for v in settled_by_channel(frames.acks).values()
@@ -96,7 +101,7 @@ async def test_a_run_waiting_for_its_start_time_is_not_settled_by_a_later_runs_a
             assert held["id"] not in started_runs(tmp_path)
             await events.wait_terminal([held["id"]], timeout=60)
             await wait_until(lambda: vhost.queue_counts().get(QUEUE) == (0, 0), timeout=30)
-        assert proxy.connections == 1
+        assert proxy.connections <= 2  # the worker's, and its cancel replay's
 
     assert [e.type for e in events.terminal(held["id"])] == ["mq_worker.run.completed"]
     assert len(started_runs(tmp_path)) == 1 + len(now)
