@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from mq_worker.events import EventType, HeartbeatRun
-from mq_worker.monitor import PeerRecord, PoolMonitor
+from mq_worker.monitor import MIN_CHECK_SECONDS, PeerRecord, PoolMonitor
 from mq_worker.peer_events import WorkerEvent, WorkerReport
 
 POOL = "etl"
@@ -127,3 +127,30 @@ def test_a_peer_restarted_without_runs_is_not_reported() -> None:
     monitor.observe(_event(EventType.WORKER_STARTED, "idle"), now=101.0)
 
     assert lost == [] and monitor.peers["idle"].restarted_from is None
+
+
+def test_checks_follow_the_fastest_peer_but_never_spin() -> None:
+    monitor = _monitor([])
+    assert monitor.check_every(30.0) == 15.0
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "fast", heartbeat_seconds=1), now=100.0)
+    assert monitor.check_every(30.0) == 0.5
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "frantic", heartbeat_seconds=0.01),
+                    now=100.0)
+    assert monitor.check_every(30.0) == MIN_CHECK_SECONDS
+
+
+def test_a_copy_of_a_peers_started_event_is_not_taken_for_a_restart() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    started = _event(EventType.WORKER_STARTED, "busy")
+    monitor.observe(started, now=100.0)
+    beat = _event(EventType.WORKER_HEARTBEAT, "busy", runs=(uuid.uuid4(),))
+    beat = WorkerEvent(beat.id, beat.type, beat.time,
+                       beat.report.model_copy(update={"follows": started.id}))
+    monitor.observe(beat, now=101.0)
+
+    monitor.observe(started, now=102.0)  # published again (a lost confirm) or replayed
+    assert lost == [] and monitor.peers["busy"].event is beat
+
+    monitor.observe(_event(EventType.WORKER_STARTED, "busy"), now=103.0)  # a real restart
+    assert [r.name for r in lost] == ["busy"]
