@@ -6,12 +6,22 @@ is stood in for by `_elected`: the table is what decides which workers are lost.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from mq_worker.events import EventType, HeartbeatRun
 from mq_worker.monitor import MIN_CHECK_SECONDS, PeerRecord, PoolMonitor
-from mq_worker.peer_events import WorkerEvent, WorkerReport
+from mq_worker.peer_events import (
+    WORKER_EVENT_TYPES,
+    InvalidWorkerEvent,
+    WorkerEvent,
+    WorkerReport,
+    parse_worker_event,
+)
 
 POOL = "etl"
 
@@ -154,3 +164,52 @@ def test_a_copy_of_a_peers_started_event_is_not_taken_for_a_restart() -> None:
 
     monitor.observe(_event(EventType.WORKER_STARTED, "busy"), now=103.0)  # a real restart
     assert [r.name for r in lost] == ["busy"]
+
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats()
+            | st.text(st.characters(exclude_categories=()), max_size=20))
+_values = st.recursive(_scalars, lambda children: st.lists(children, max_size=3)
+                       | st.dictionaries(st.text(max_size=10), children, max_size=3),
+                       max_leaves=8)
+_worker_data = st.fixed_dictionaries({}, optional={
+    "worker": st.sampled_from(["w", "me", ""]) | _values,
+    "pool": st.just(POOL) | _values,
+    "heartbeat_seconds": st.sampled_from([1, 0.001, 86_400, 86_401, -1, 0, 1e308]) | _values,
+    "runs": st.lists(st.fixed_dictionaries({"id": st.uuids().map(str) | _values,
+                                            "state": st.just("running") | _values}),
+                     max_size=2) | _values,
+    "in_flight": st.lists(st.uuids().map(str) | _values, max_size=2) | _values,
+    "follows": _values,
+})
+_worker_events = st.fixed_dictionaries({
+    "specversion": st.just("1.0"), "id": st.text(max_size=8), "source": st.just("/x"),
+    "type": st.sampled_from(sorted(WORKER_EVENT_TYPES)) | _values,
+    "time": st.sampled_from(["2026-11-29T00:00:00Z", "0001-01-01T00:00:00+23:59",
+                             "9999-12-31T23:59:59-23:59", "not a time"]) | _values,
+    "data": _worker_data | _values,
+})
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_worker_events.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=20),
+                max_size=6))
+def test_any_worker_events_are_refused_cleanly_or_watched_without_error(
+    bodies: list[bytes]
+) -> None:
+    lost: list[PeerRecord] = []
+    replaying = _monitor(lost, elected=False)
+    for body in bodies:
+        replaying._buffer_replayed(body)
+    _elected(replaying)
+    live = _monitor(lost)
+    for body in bodies:
+        try:
+            event = parse_worker_event(body)
+        except InvalidWorkerEvent:
+            continue
+        live.observe(event, now=100.0)
+    for monitor in (replaying, live):
+        monitor.check_every(30.0)
+        monitor.check(now=1e12)
+    assert all(record.name != "me" for record in lost)
