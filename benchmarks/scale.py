@@ -40,11 +40,12 @@ import multiprocessing
 import signal
 import time
 import urllib.parse
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
 import aiormq.abc
+import orjson
 import psutil
 from pamqp import commands as spec
 
@@ -99,8 +100,12 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
     bodies = [heartbeat_body(n, interval) for n in names]
     ticks = max(1, int(interval / 0.05))
     per_tick = -(-count // ticks)
+    sent_at = orjson.loads(bodies[0])["time"].encode() if bodies else b""
     while True:
         began = time.monotonic()
+        # Each round's heartbeats carry the time they are sent at: reporters refuse old ones.
+        now = orjson.dumps(datetime.now(UTC))[1:-1]
+        bodies, sent_at = [b.replace(sent_at, now) for b in bodies], now
         for start in range(0, count, per_tick):
             for body in bodies[start:start + per_tick]:
                 await publish_heartbeat(channel, body)
