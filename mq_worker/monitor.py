@@ -101,6 +101,8 @@ class PoolMonitor:
         self._marker = ""
         self._caught_up = anyio.Event()
         self._takeover = 0.0
+        # Wall-clock times: where the replay starts, and the newest event time it has read.
+        self._replay_from = self._replay_clock = float("-inf")
         self._replayed: dict[str, list[tuple[str, bytes]]] = {}
         self._pace = float("inf")
         # Set when a peer beating faster than the checks go appears: check at its pace now,
@@ -126,6 +128,7 @@ class PoolMonitor:
         await declare_monitor(publisher, self.pool)
         self.peers.clear()
         self._replayed.clear()
+        self._replay_from = self._replay_clock = float("-inf")
         self._election = ReporterElection(self.pool, self.me)
         self._caught_up = anyio.Event()
         # A channel of its own: the held token must not be caught by another
@@ -172,7 +175,8 @@ class PoolMonitor:
         lookback = min(max(60.0, (self.missed + 1) * heartbeat_seconds), 3000.0)
         stream = heartbeat_stream_name(self.pool)
         self._marker = uuid.uuid4().hex
-        offset = datetime.fromtimestamp(time.time() - lookback, tz=UTC)
+        self._replay_from = time.time() - lookback
+        offset = datetime.fromtimestamp(self._replay_from, tz=UTC)
         await channel.basic_consume(
             stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
@@ -236,11 +240,26 @@ class PoolMonitor:
         kind = raw.get("type") if isinstance(raw, dict) else None
         if not isinstance(worker, str) or not isinstance(kind, str):
             return  # reported, if at all, by whoever was elected when it came
+        if self._replayed_copy(raw.get("time")):
+            return  # refused live by whoever was elected when it came
         events = self._replayed.setdefault(worker, [])
         if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
             events[-1] = (kind, body)
         else:
             events.append((kind, body))
+
+    def _replayed_copy(self, sent: Any) -> bool:
+        """Whether a replayed event is older, by its own time, than what the stream held
+        when it was published: a copy published late, as the live check refuses."""
+        try:
+            when = datetime.fromisoformat(sent).timestamp() if isinstance(sent, str) else None
+        except (ValueError, OverflowError):
+            when = None
+        if when is None:
+            return False  # parsing at the end of the replay refuses it
+        # Capped at our own clock: a sender far ahead must not make everyone else look old.
+        self._replay_clock = max(self._replay_clock, self._replay_from, min(when, time.time()))
+        return when < self._replay_clock - STALE_AFTER_SECONDS
 
     def _finish_replay(self) -> None:
         """Apply the replayed events, then follow live ones (no await in between)."""

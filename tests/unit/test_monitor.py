@@ -7,6 +7,7 @@ is stood in for by `_elected`: the table is what decides which workers are lost.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -213,3 +214,37 @@ def test_any_worker_events_are_refused_cleanly_or_watched_without_error(
         monitor.check_every(30.0)
         monitor.check(now=1e12)
     assert all(record.name != "me" for record in lost)
+
+
+def _body(kind: str, worker: str, *, age: float, runs: tuple[uuid.UUID, ...] = ()) -> bytes:
+    when = datetime.now(UTC) - timedelta(seconds=age)
+    return json.dumps({
+        "specversion": "1.0", "id": str(uuid.uuid4()), "source": "/x", "type": kind,
+        "time": when.isoformat(), "subject": worker,
+        "data": {"worker": worker, "pool": POOL, "heartbeat_seconds": 1,
+                 "runs": [{"id": str(r), "state": "running"} for r in runs]},
+    }).encode()
+
+
+def test_a_new_reporter_skips_old_copies_it_replays_from_the_stream() -> None:
+    """A copy of an hour-old heartbeat, published again a moment ago, is in the stream
+    too: the reporter that refused it live refuses it again when replaying it."""
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost, elected=False)
+    monitor._replay_from = time.time() - 60.0  # as _take_over sets it
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ghost", age=3600,
+                                   runs=(uuid.uuid4(),)))
+    _elected(monitor)
+
+    assert sorted(monitor.peers) == ["alive"]
+    assert [r.name for r in monitor.check(now=time.monotonic() + 10)] == ["alive"]
+
+
+def test_a_replayed_event_from_the_future_makes_no_other_look_old() -> None:
+    monitor = _monitor([], elected=False)
+    monitor._replay_from = time.time() - 60.0
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ahead", age=-3600))
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
+    _elected(monitor)
+    assert sorted(monitor.peers) == ["ahead", "alive"]
