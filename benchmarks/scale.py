@@ -91,6 +91,9 @@ async def publish_heartbeat(channel: aiormq.abc.AbstractChannel, body: bytes) ->
         wait=False)
 
 
+_SENT_AT = b"@sent-at@"
+
+
 async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float,
                    published: list[int] | None = None) -> None:
     """`count` workers heartbeating every `interval` s, spread evenly, until cancelled;
@@ -100,12 +103,12 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
     bodies = [heartbeat_body(n, interval) for n in names]
     ticks = max(1, int(interval / 0.05))
     per_tick = -(-count // ticks)
-    sent_at = orjson.loads(bodies[0])["time"].encode() if bodies else b""
+    # Each round's heartbeats carry the time they are sent at: reporters refuse old ones.
+    templates = [b.replace(orjson.loads(b)["time"].encode(), _SENT_AT) for b in bodies]
     while True:
         began = time.monotonic()
-        # Each round's heartbeats carry the time they are sent at: reporters refuse old ones.
         now = orjson.dumps(datetime.now(UTC))[1:-1]
-        bodies, sent_at = [b.replace(sent_at, now) for b in bodies], now
+        bodies = [t.replace(_SENT_AT, now) for t in templates]
         for start in range(0, count, per_tick):
             for body in bodies[start:start + per_tick]:
                 await publish_heartbeat(channel, body)
