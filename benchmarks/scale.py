@@ -40,11 +40,12 @@ import multiprocessing
 import signal
 import time
 import urllib.parse
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
 import aiormq.abc
+import orjson
 import psutil
 from pamqp import commands as spec
 
@@ -90,6 +91,9 @@ async def publish_heartbeat(channel: aiormq.abc.AbstractChannel, body: bytes) ->
         wait=False)
 
 
+_SENT_AT = b"@sent-at@"
+
+
 async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: float,
                    published: list[int] | None = None) -> None:
     """`count` workers heartbeating every `interval` s, spread evenly, until cancelled;
@@ -99,8 +103,12 @@ async def simulate(channel: aiormq.abc.AbstractChannel, count: int, interval: fl
     bodies = [heartbeat_body(n, interval) for n in names]
     ticks = max(1, int(interval / 0.05))
     per_tick = -(-count // ticks)
+    # Each round's heartbeats carry the time they are sent at: reporters refuse old ones.
+    templates = [b.replace(orjson.loads(b)["time"].encode(), _SENT_AT) for b in bodies]
     while True:
         began = time.monotonic()
+        now = orjson.dumps(datetime.now(UTC))[1:-1]
+        bodies = [t.replace(_SENT_AT, now) for t in templates]
         for start in range(0, count, per_tick):
             for body in bodies[start:start + per_tick]:
                 await publish_heartbeat(channel, body)

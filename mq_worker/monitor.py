@@ -38,7 +38,7 @@ import orjson
 import structlog
 from pamqp import commands as spec
 
-from mq_worker.broker import delivery_tag
+from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
 from mq_worker.events import EventType
 from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
@@ -53,6 +53,10 @@ from mq_worker.topology import (
 log = structlog.get_logger("mq_worker.monitor")
 
 _MARKER_CONFIRM_TIMEOUT = 15.0
+# However fast a peer says it beats, the reporter checks no more often than this.
+MIN_CHECK_SECONDS = 0.2
+# A live worker event older than this (by its own time) is refused, not taken as news.
+STALE_AFTER_SECONDS = 60.0
 _PREFETCH = 1000
 
 
@@ -97,7 +101,13 @@ class PoolMonitor:
         self._marker = ""
         self._caught_up = anyio.Event()
         self._takeover = 0.0
+        # Wall-clock times: where the replay starts, and the newest event time it has read.
+        self._replay_from = self._replay_clock = float("-inf")
         self._replayed: dict[str, list[tuple[str, bytes]]] = {}
+        self._pace = float("inf")
+        # Set when a peer beating faster than the checks go appears: check at its pace now,
+        # not after a sleep chosen for slower peers.
+        self._faster_peer = anyio.Event()
 
     @property
     def elected(self) -> bool:
@@ -118,6 +128,7 @@ class PoolMonitor:
         await declare_monitor(publisher, self.pool)
         self.peers.clear()
         self._replayed.clear()
+        self._replay_from = self._replay_clock = float("-inf")
         self._election = ReporterElection(self.pool, self.me)
         self._caught_up = anyio.Event()
         # A channel of its own: the held token must not be caught by another
@@ -127,16 +138,26 @@ class PoolMonitor:
         await own.basic_qos(prefetch_count=_PREFETCH)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, own)
+            # The heartbeat stream or the election queue deleted under the reporter: it
+            # would hear nobody and report everyone lost. The session starts again instead.
+            tg.start_soon(raise_on_server_cancel, own, "the heartbeat stream or the election")
             await tg.start(self._pings.run, channel)
             await tg.start(self._election.run, own, publisher)
             await self._election.won.wait()
             await self._take_over(own, publisher, heartbeat_seconds)
             while True:
                 self.check()
-                # Peers may beat faster than this worker: check at their pace.
-                fastest = min((p.heartbeat_seconds for p in self.peers.values()),
-                              default=heartbeat_seconds)
-                await anyio.sleep(max(0.2, min(heartbeat_seconds, fastest) / 2))
+                self._pace = self.check_every(heartbeat_seconds)
+                self._faster_peer = anyio.Event()
+                with anyio.move_on_after(self._pace):
+                    await self._faster_peer.wait()
+
+    def check_every(self, heartbeat_seconds: float) -> float:
+        """Seconds between checks: half the shortest interval watched, this worker's own
+        included (peers may beat faster than it), but never so short as to spin."""
+        fastest = min((p.heartbeat_seconds for p in self.peers.values()),
+                      default=heartbeat_seconds)
+        return max(MIN_CHECK_SECONDS, min(heartbeat_seconds, fastest) / 2)
 
     @staticmethod
     async def _watch(channel: aiormq.abc.AbstractChannel) -> None:
@@ -154,7 +175,8 @@ class PoolMonitor:
         lookback = min(max(60.0, (self.missed + 1) * heartbeat_seconds), 3000.0)
         stream = heartbeat_stream_name(self.pool)
         self._marker = uuid.uuid4().hex
-        offset = datetime.fromtimestamp(time.time() - lookback, tz=UTC)
+        self._replay_from = time.time() - lookback
+        offset = datetime.fromtimestamp(self._replay_from, tz=UTC)
         await channel.basic_consume(
             stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
@@ -192,6 +214,13 @@ class PoolMonitor:
                 raise InvalidWorkerEvent(
                     f"an event of pool {event.report.pool!r} on the stream of pool "
                     f"{self.pool!r}", event.report.worker)
+            age = time.time() - event.time.timestamp()
+            if age > STALE_AFTER_SECONDS:
+                # Taken as news, an old copy would make a long-gone worker look alive,
+                # then lost, with the runs it once held.
+                raise InvalidWorkerEvent(
+                    f"published {age:.0f} s ago: a copy of an old event, or its sender's "
+                    "clock is far behind", event.report.worker)
         except InvalidWorkerEvent as exc:
             # Replayed ones were reported by whoever was elected when they came.
             if live and self._on_invalid is not None:
@@ -211,11 +240,26 @@ class PoolMonitor:
         kind = raw.get("type") if isinstance(raw, dict) else None
         if not isinstance(worker, str) or not isinstance(kind, str):
             return  # reported, if at all, by whoever was elected when it came
+        if self._replayed_copy(raw.get("time")):
+            return  # refused live by whoever was elected when it came
         events = self._replayed.setdefault(worker, [])
         if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
             events[-1] = (kind, body)
         else:
             events.append((kind, body))
+
+    def _replayed_copy(self, sent: Any) -> bool:
+        """Whether a replayed event is older, by its own time, than what the stream held
+        when it was published: a copy published late, as the live check refuses."""
+        try:
+            when = datetime.fromisoformat(sent).timestamp() if isinstance(sent, str) else None
+        except (ValueError, OverflowError):
+            when = None
+        if when is None:
+            return False  # parsing at the end of the replay refuses it
+        # Capped at our own clock: a sender far ahead must not make everyone else look old.
+        self._replay_clock = max(self._replay_clock, self._replay_from, min(when, time.time()))
+        return when < self._replay_clock - STALE_AFTER_SECONDS
 
     def _finish_replay(self) -> None:
         """Apply the replayed events, then follow live ones (no await in between)."""
@@ -257,6 +301,9 @@ class PoolMonitor:
                 record.restarted_from = previous.restarted_from
                 record.restart_reported = previous.restart_reported
             if (event.type == EventType.WORKER_STARTED and previous is not None
+                    and not _is_restart(event, previous.event)):
+                return  # nothing new: a copy (republished, or replayed by anyone)
+            if (event.type == EventType.WORKER_STARTED and previous is not None
                     and previous.runs and name != self.me):
                 # It restarted before anyone noticed it was gone: its runs are lost all the same.
                 previous.lost = True
@@ -265,6 +312,8 @@ class PoolMonitor:
                     record.restart_reported = True
                     self._on_lost(previous)
             self.peers[name] = record
+            if max(MIN_CHECK_SECONDS, record.heartbeat_seconds / 2) < self._pace:
+                self._faster_peer.set()
 
     def _replayed_time(self, event: WorkerEvent, now: float) -> float:
         age = max(0.0, time.time() - event.time.timestamp())
@@ -286,3 +335,11 @@ class PoolMonitor:
                 lost.append(record)
                 self._on_lost(record)
         return lost
+
+
+def _is_restart(started: WorkerEvent, latest: WorkerEvent) -> bool:
+    """Whether `started` begins a new run of the worker whose latest event is `latest`,
+    rather than being a copy of the started event of the run we know (an outbox
+    publishes an event again when its confirm was lost)."""
+    known_start = latest.id if latest.type == EventType.WORKER_STARTED else latest.report.follows
+    return started.id != known_start

@@ -6,12 +6,23 @@ is stood in for by `_elected`: the table is what decides which workers are lost.
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from mq_worker.events import EventType, HeartbeatRun
-from mq_worker.monitor import PeerRecord, PoolMonitor
-from mq_worker.peer_events import WorkerEvent, WorkerReport
+from mq_worker.monitor import MIN_CHECK_SECONDS, PeerRecord, PoolMonitor
+from mq_worker.peer_events import (
+    WORKER_EVENT_TYPES,
+    InvalidWorkerEvent,
+    WorkerEvent,
+    WorkerReport,
+    parse_worker_event,
+)
 
 POOL = "etl"
 
@@ -127,3 +138,113 @@ def test_a_peer_restarted_without_runs_is_not_reported() -> None:
     monitor.observe(_event(EventType.WORKER_STARTED, "idle"), now=101.0)
 
     assert lost == [] and monitor.peers["idle"].restarted_from is None
+
+
+def test_checks_follow_the_fastest_peer_but_never_spin() -> None:
+    monitor = _monitor([])
+    assert monitor.check_every(30.0) == 15.0
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "fast", heartbeat_seconds=1), now=100.0)
+    assert monitor.check_every(30.0) == 0.5
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "frantic", heartbeat_seconds=0.01),
+                    now=100.0)
+    assert monitor.check_every(30.0) == MIN_CHECK_SECONDS
+
+
+def test_a_copy_of_a_peers_started_event_is_not_taken_for_a_restart() -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    started = _event(EventType.WORKER_STARTED, "busy")
+    monitor.observe(started, now=100.0)
+    beat = _event(EventType.WORKER_HEARTBEAT, "busy", runs=(uuid.uuid4(),))
+    beat = WorkerEvent(beat.id, beat.type, beat.time,
+                       beat.report.model_copy(update={"follows": started.id}))
+    monitor.observe(beat, now=101.0)
+
+    monitor.observe(started, now=102.0)  # published again (a lost confirm) or replayed
+    assert lost == [] and monitor.peers["busy"].event is beat
+
+    monitor.observe(_event(EventType.WORKER_STARTED, "busy"), now=103.0)  # a real restart
+    assert [r.name for r in lost] == ["busy"]
+
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats()
+            | st.text(st.characters(exclude_categories=()), max_size=20))
+_values = st.recursive(_scalars, lambda children: st.lists(children, max_size=3)
+                       | st.dictionaries(st.text(max_size=10), children, max_size=3),
+                       max_leaves=8)
+_worker_data = st.fixed_dictionaries({}, optional={
+    "worker": st.sampled_from(["w", "me", ""]) | _values,
+    "pool": st.just(POOL) | _values,
+    "heartbeat_seconds": st.sampled_from([1, 0.001, 86_400, 86_401, -1, 0, 1e308]) | _values,
+    "runs": st.lists(st.fixed_dictionaries({"id": st.uuids().map(str) | _values,
+                                            "state": st.just("running") | _values}),
+                     max_size=2) | _values,
+    "in_flight": st.lists(st.uuids().map(str) | _values, max_size=2) | _values,
+    "follows": _values,
+})
+_worker_events = st.fixed_dictionaries({
+    "specversion": st.just("1.0"), "id": st.text(max_size=8), "source": st.just("/x"),
+    "type": st.sampled_from(sorted(WORKER_EVENT_TYPES)) | _values,
+    "time": st.sampled_from(["2026-11-29T00:00:00Z", "0001-01-01T00:00:00+23:59",
+                             "9999-12-31T23:59:59-23:59", "not a time"]) | _values,
+    "data": _worker_data | _values,
+})
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_worker_events.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=20),
+                max_size=6))
+def test_any_worker_events_are_refused_cleanly_or_watched_without_error(
+    bodies: list[bytes]
+) -> None:
+    lost: list[PeerRecord] = []
+    replaying = _monitor(lost, elected=False)
+    for body in bodies:
+        replaying._buffer_replayed(body)
+    _elected(replaying)
+    live = _monitor(lost)
+    for body in bodies:
+        try:
+            event = parse_worker_event(body)
+        except InvalidWorkerEvent:
+            continue
+        live.observe(event, now=100.0)
+    for monitor in (replaying, live):
+        monitor.check_every(30.0)
+        monitor.check(now=1e12)
+    assert all(record.name != "me" for record in lost)
+
+
+def _body(kind: str, worker: str, *, age: float, runs: tuple[uuid.UUID, ...] = ()) -> bytes:
+    when = datetime.now(UTC) - timedelta(seconds=age)
+    return json.dumps({
+        "specversion": "1.0", "id": str(uuid.uuid4()), "source": "/x", "type": kind,
+        "time": when.isoformat(), "subject": worker,
+        "data": {"worker": worker, "pool": POOL, "heartbeat_seconds": 1,
+                 "runs": [{"id": str(r), "state": "running"} for r in runs]},
+    }).encode()
+
+
+def test_a_new_reporter_skips_old_copies_it_replays_from_the_stream() -> None:
+    """A copy of an hour-old heartbeat, published again a moment ago, is in the stream
+    too: the reporter that refused it live refuses it again when replaying it."""
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost, elected=False)
+    monitor._replay_from = time.time() - 60.0  # as _take_over sets it
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ghost", age=3600,
+                                   runs=(uuid.uuid4(),)))
+    _elected(monitor)
+
+    assert sorted(monitor.peers) == ["alive"]
+    assert [r.name for r in monitor.check(now=time.monotonic() + 10)] == ["alive"]
+
+
+def test_a_replayed_event_from_the_future_makes_no_other_look_old() -> None:
+    monitor = _monitor([], elected=False)
+    monitor._replay_from = time.time() - 60.0
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ahead", age=-3600))
+    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
+    _elected(monitor)
+    assert sorted(monitor.peers) == ["ahead", "alive"]
