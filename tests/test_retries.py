@@ -226,8 +226,9 @@ async def test_a_cancel_shortly_before_the_next_attempt_comes_back_is_reported_b
         "run.pending", "run.submitted", "run.retrying", "run.cancelled"]
     retrying, cancelled = events.of(body["id"])[2:]
     assert cancelled.data["attempt"] == 2 and cancelled.data["reason"] == "late"
-    # Dropped when it came back from the ladder (parked 3 s), not at once.
-    assert (cancelled.time - retrying.time).total_seconds() > 2
+    # Dropped when it came back from the ladder (parked for seconds), not at once (~0 s).
+    # The two times are stamped on either side of the park, so allow for that.
+    assert (cancelled.time - retrying.time).total_seconds() > 1.5
     assert [a["attempt"] for a in attempts(tmp_path, body["id"])] == [1]
 
 
