@@ -19,6 +19,7 @@ from typing import Any, Self
 
 import aio_pika
 import aio_pika.abc
+import aiormq.abc
 import orjson
 
 from benchmarks._probe import run_body
@@ -208,3 +209,17 @@ async def wait_workers_started(watch: EventWatch, names: Iterable[str],
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+async def publish_cancel_window(channel: aiormq.abc.AbstractChannel, count: int) -> float:
+    """Declare the cancel stream and publish `count` cancels of pool `default` into it, the
+    last one confirmed; the seconds that took."""
+    from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
+
+    await declare_exchanges(channel)
+    await declare_cancel_stream(channel, QueueOptions())
+    began = time.monotonic()
+    for index in range(count):
+        await channel.basic_publish(orjson.dumps({"id": new_id()}), exchange=RUNS_EXCHANGE,
+                                    routing_key="run.cancel.default", wait=index == count - 1)
+    return time.monotonic() - began

@@ -29,18 +29,17 @@ from typing import Any
 
 import aiormq
 import anyio
-import orjson
 import psutil
 
 from benchmarks._amqp import (
     FAILURES,
     RUN_CANCELLED,
     RUN_SUBMITTED,
-    RUNS_EXCHANGE,
     WORKER_STARTED,
     EventWatch,
     Publisher,
     new_id,
+    publish_cancel_window,
     wait_workers_started,
 )
 from benchmarks._broker import vhost
@@ -51,7 +50,6 @@ from benchmarks._runner import command_line, run_benchmark
 from benchmarks._workers import workers
 from mq_worker import cancel_snapshots
 from mq_worker.cancellation import DEFAULT_WINDOW_SECONDS, CancelFollower, CancelRegistry
-from mq_worker.topology import QueueOptions, declare_cancel_stream, declare_exchanges
 
 
 def process_scan_ms(rounds: int = 20) -> dict[str, float]:
@@ -143,14 +141,7 @@ async def replay_async(count: int) -> dict[str, Any]:
         connection = await aiormq.connect(host.url)
         try:
             channel = await connection.channel()
-            await declare_exchanges(channel)
-            await declare_cancel_stream(channel, QueueOptions())
-            began = time.monotonic()
-            for index in range(count):
-                await channel.basic_publish(
-                    orjson.dumps({"id": new_id()}), exchange=RUNS_EXCHANGE,
-                    routing_key="run.cancel.default", wait=index == count - 1)
-            published_s = time.monotonic() - began
+            published_s = await publish_cancel_window(channel, count)
             registry = CancelRegistry()
             follower = CancelFollower(pool="default", registry=registry,
                                       on_cancel=lambda _: None, on_invalid=lambda _e, _l: None,

@@ -27,20 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
-import orjson
 import psutil
 
-from benchmarks._amqp import RUNS_EXCHANGE, new_id
+from benchmarks._amqp import publish_cancel_window
 from benchmarks._broker import management, vhost
 from benchmarks._paths import RESULTS, ROOT
 from benchmarks._report import print_table
 from benchmarks._runner import command_line, run_benchmark
 from mq_worker.topology import (
     EVENTS_EXCHANGE,
-    QueueOptions,
     cancel_snapshot_stream_name,
-    declare_cancel_stream,
-    declare_exchanges,
 )
 
 PYTHON = sys.executable
@@ -49,15 +45,7 @@ PYTHON = sys.executable
 async def publish_window(url: str, count: int) -> float:
     connection = await aiormq.connect(url)
     try:
-        channel = await connection.channel()
-        await declare_exchanges(channel)
-        await declare_cancel_stream(channel, QueueOptions())
-        began = time.monotonic()
-        for index in range(count):
-            await channel.basic_publish(orjson.dumps({"id": new_id()}), exchange=RUNS_EXCHANGE,
-                                        routing_key="run.cancel.default",
-                                        wait=index == count - 1)
-        return time.monotonic() - began
+        return await publish_cancel_window(await connection.channel(), count)
     finally:
         await connection.close()
 
