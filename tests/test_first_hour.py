@@ -379,9 +379,17 @@ def test_every_option_the_docs_mention_exists() -> None:
     assert {(name, flag) for name, flag in mentioned if flag not in known} == set()
 
 
+# Runs `argv` with SIGINT at its default, as at a terminal: a test run started in the
+# background without job control inherits SIGINT ignored, and so would the follower.
+_INTERRUPTIBLE = [PYTHON, "-c", "import os, signal, sys; "
+                  "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 async def test_interrupting_a_follower_exits_quietly(vhost: VHost) -> None:
     for command in (["events", "--url", vhost.url], ["status", "--url", vhost.url, "--watch"]):
-        async with await anyio.open_process([*CLI, *command], env=_environment({})) as follower:
+        argv = [*_INTERRUPTIBLE, *CLI, *command]
+        async with await anyio.open_process(argv, env=_environment({})) as follower:
             await wait_until(lambda: vhost.consumers(), timeout=30)
             follower.send_signal(signal.SIGINT)
             assert follower.stderr is not None
