@@ -278,19 +278,6 @@ async def test_a_run_hook_overridden_by_a_subclass_is_not_bypassed() -> None:
         assert k.events(run_id) == ["pending", "submitted", "completed"]
 
 
-async def test_a_cancel_stops_a_run_of_a_type_that_starts_runs_itself() -> None:
-    async with kept(StandInStarter()) as k:
-        run_id = str(uuid.uuid4())
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(k.keeper.take, delivery(run_id))
-            await wait_until(lambda: "submitted" in k.events(run_id))
-            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
-            k.cancels.add(record)
-            k.keeper.on_cancel(record)
-        assert k.worker_type.killed == ["host:1"]
-        assert k.events(run_id) == ["pending", "submitted", "cancelled"]
-
-
 async def test_an_error_of_a_run_hook_after_its_start_crashes_the_run_not_the_worker() -> None:
     async with kept(FailingAfterStart()) as k:
         run_id = str(uuid.uuid4())
@@ -324,8 +311,12 @@ async def test_a_second_delivery_of_a_held_run_is_not_started_twice() -> None:
         assert k.worker_type.started == [run_id]
 
 
-async def test_a_cancel_stops_a_running_run_which_ends_cancelled() -> None:
-    async with kept() as k:
+@pytest.mark.parametrize("worker_type", [StandInType, StandInStarter],
+                         ids=["run-hook", "starts-runs-itself"])
+async def test_a_cancel_stops_a_running_run_which_ends_cancelled(
+    worker_type: type[StandInType],
+) -> None:
+    async with kept(worker_type()) as k:
         run_id = str(uuid.uuid4())
         async with anyio.create_task_group() as tg:
             tg.start_soon(k.keeper.take, delivery(run_id))
