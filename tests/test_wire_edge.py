@@ -460,10 +460,13 @@ async def test_a_cancel_whose_ack_fails_is_still_recorded(vhost: VHost) -> None:
 
 
 async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_connection(
-    vhost: VHost, events: EventLog, tmp_path: Path
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.helpers import HOST, PORT
     from tests.proxy import link_proxy
+
+    # The 15 s it waits for a confirm in production, shortened so the test waits less.
+    monkeypatch.setattr("mq_worker.outbox.CONFIRM_TIMEOUT", 3.0)
 
     body = run_body(probe(tmp_path, sleep=2))
     async with link_proxy(HOST, PORT) as proxy:
