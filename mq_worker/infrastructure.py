@@ -136,16 +136,25 @@ async def _readable(fd: int) -> None:
     of the async backend and the task's read registry (~13 -> ~10 µs a wait, once per run)."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, _set_ready, ready)
+    registered = True
+
+    def _on_readable() -> None:
+        # At once, as anyio does: a descriptor left registered is reported again on
+        # every loop turn until the waiting task resumes.
+        nonlocal registered
+        registered = False
+        loop.remove_reader(fd)
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, _on_readable)
     try:
         await ready
     finally:
-        loop.remove_reader(fd)
-
-
-def _set_ready(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
+        # Cancelled while waiting (which cancels `ready` too): the descriptor is closed
+        # next, and a registration left behind would hide the next one of its number.
+        if registered:
+            loop.remove_reader(fd)
 
 
 def start_process(
