@@ -113,8 +113,10 @@ async def _publish(channel: Any, exchange: str, key: str, properties: spec.Basic
     """`count` messages, `per_write` to a socket write, up to 256 unconfirmed at a time."""
     pending: list[asyncio.Future[Any]] = []
     for start in range(0, count, per_write):
-        batch = [confirmed_batch.Message(exchange, key, body, properties)
-                 for _ in range(min(per_write, count - start))]
+        batch = [confirmed_batch.Message(exchange, key, body, str(properties.content_type),
+                                         f"m{start + i}",
+                                         persistent=properties.delivery_mode == 2)
+                 for i in range(min(per_write, count - start))]
         if confirmed:
             pending += await confirmed_batch.publish(channel, batch)
             if len(pending) >= 256:
@@ -124,7 +126,7 @@ async def _publish(channel: Any, exchange: str, key: str, properties: spec.Basic
             for message in batch:  # a write each, as Celery's events go
                 await channel.basic_publish(message.body, exchange=message.exchange,
                                             routing_key=message.routing_key,
-                                            properties=message.properties)
+                                            properties=properties)
     await asyncio.gather(*pending)
     if not confirmed:
         await channel.basic_qos(prefetch_count=0)  # a round trip: everything before it arrived

@@ -4,12 +4,12 @@ write, and everything the channels queue in one loop turn written together.
 aiormq's `basic_publish` hands each message to its writer task separately, and
 the writer sends each with a system call of its own: on a loopback connection
 the sender pays for the receiver's TCP work too, and the broker reads every
-message separately. Here the frames of the whole batch are marshalled into one
-write, each message with its delivery tag and confirmation future registered
-exactly as `basic_publish` registers them, under the channel's lock, so other
-publishers on the channel keep their tags in order. Relies on aiormq's channel
-attributes; `supports(channel)` says whether this aiormq has them, else callers
-publish one message at a time.
+message separately. Here the frames of the whole batch are encoded
+(`mq_worker.publish_frames`) into one write, each message with its delivery tag
+and confirmation future registered exactly as `basic_publish` registers them,
+under the channel's lock, so other publishers on the channel keep their tags in
+order. Relies on aiormq's channel attributes; `supports(channel)` says whether this
+aiormq has them, else callers publish one message at a time.
 
 `coalesce_writes` makes the connection's writer take every frame batch queued
 when it wakes (acks on one channel, event batches on another, heartbeats) and
@@ -20,23 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from aiormq.abc import ChannelFrame
-from pamqp import commands as spec
-from pamqp.header import ContentHeader
+
+from mq_worker.publish_frames import Message, publish_frames
+
+__all__ = ["Message", "coalesce_writes", "publish", "supports"]
 
 _NEEDED = ("lock", "delivery_tag", "confirmations", "create_future", "write_queue", "number",
-           "_split_body", "publisher_confirms")
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: spec.Basic.Properties
+           "max_content_size", "publisher_confirms")
 
 
 def coalesce_writes(channel: Any) -> bool:
@@ -97,7 +90,7 @@ async def publish(channel: Any, messages: Sequence[Message]) -> list[asyncio.Fut
     the write is queued, nothing was sent and the channel's tags are as before.
     """
     confirmations: list[asyncio.Future[Any]] = []
-    frames: list[Any] = []
+    frames: list[bytes] = []
     async with channel.lock:
         first_tag = channel.delivery_tag + 1
         try:
@@ -106,13 +99,9 @@ async def publish(channel: Any, messages: Sequence[Message]) -> list[asyncio.Fut
                 confirmation = channel.create_future()
                 channel.confirmations[channel.delivery_tag] = confirmation
                 confirmations.append(confirmation)
-                frames.append(spec.Basic.Publish(exchange=message.exchange,
-                                                 routing_key=message.routing_key))
-                frames.append(ContentHeader(properties=message.properties,
-                                            body_size=len(message.body)))
-                frames.extend(channel._split_body(message.body))
-            await channel.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames))
+                frames.append(publish_frames(channel.number, message, channel.max_content_size))
+            await channel.write_queue.put(ChannelFrame(payload=b"".join(frames),
+                                                       should_close=False))
         except BaseException:
             # Not queued: the broker never sees these tags; give them back.
             for tag in range(first_tag, channel.delivery_tag + 1):

@@ -8,6 +8,7 @@ they happen (no polling, no thread per child). A guardian process
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -103,7 +104,7 @@ class ProcessHandle:
                     fd = -2
             if fd >= 0:
                 try:
-                    await anyio.wait_readable(fd)
+                    await _readable(fd)
                 finally:
                     os.close(fd)
                 self.popen.wait()
@@ -128,6 +129,32 @@ class ProcessHandle:
                 f"not allowed to signal process group {self.pid}: {exc}"
             ) from None
         self.signalled = True
+
+
+async def _readable(fd: int) -> None:
+    """Wait until `fd` is readable: what `anyio.wait_readable` does, without its look-ups
+    of the async backend and the task's read registry (~13 -> ~10 µs a wait, once per run)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    registered = True
+
+    def _on_readable() -> None:
+        # At once, as anyio does: a descriptor left registered is reported again on
+        # every loop turn until the waiting task resumes.
+        nonlocal registered
+        registered = False
+        loop.remove_reader(fd)
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, _on_readable)
+    try:
+        await ready
+    finally:
+        # Cancelled while waiting (which cancels `ready` too): the descriptor is closed
+        # next, and a registration left behind would hide the next one of its number.
+        if registered:
+            loop.remove_reader(fd)
 
 
 def start_process(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -35,6 +36,23 @@ def package_version() -> str:
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMetrics:
+    """The children of the labelled metrics for one pool and queue: what a run counts."""
+
+    pending: Counter
+    started: Counter
+    completed: Counter
+    crashed: Counter
+    cancelled: Counter
+    rejected: Counter
+    parked: Counter
+    retries: Counter
+    timeouts: Counter
+    start_latency: Histogram
+    duration: Histogram
 
 
 class WorkerMetrics:
@@ -89,8 +107,30 @@ class WorkerMetrics:
             "mq_worker_connected", "1 while connected to the broker.", registry=self.registry
         )
 
+        # `labels()` takes a lock and builds its key on every call: a run's several
+        # counts look their children up once per queue instead.
+        self._of_queue: dict[tuple[str, str], QueueMetrics] = {}
         if pool is not None:
             self._create_children(pool, queues)
+
+    def of(self, pool: str, queue: str) -> QueueMetrics:
+        """The metrics of runs from `queue` of `pool`."""
+        found = self._of_queue.get((pool, queue))
+        if found is None:
+            found = self._of_queue[(pool, queue)] = QueueMetrics(
+                pending=self.pending.labels(pool, queue),
+                started=self.started.labels(pool, queue),
+                completed=self.completed.labels(pool, queue),
+                crashed=self.crashed.labels(pool, queue),
+                cancelled=self.cancelled.labels(pool, queue),
+                rejected=self.rejected.labels(pool, queue),
+                parked=self.parked.labels(pool, queue),
+                retries=self.retries.labels(pool, queue),
+                timeouts=self.timeouts.labels(pool, queue),
+                start_latency=self.start_latency.labels(pool, queue),
+                duration=self.duration.labels(pool, queue),
+            )
+        return found
 
     def _create_children(self, pool: str, queues: Sequence[str]) -> None:
         labelled = (self.pending, self.started, self.completed, self.crashed, self.cancelled,

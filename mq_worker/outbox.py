@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -175,7 +176,8 @@ class Outbox:
                              batch: list[OutgoingEvent]) -> list[object | BaseException]:
         """The batch in one socket write; each event's confirmation or why it has none."""
         confirmations = await confirmed_batch.publish(channel, [
-            confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, _properties(event))
+            confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, CONTENT_TYPE,
+                                    event.id, headers=_headers(event))
             for event in batch])
         # A confirm lost on an open channel must not stall every later event: the
         # TimeoutError ends the session and the unconfirmed events are published again.
@@ -208,10 +210,10 @@ def _outcome(confirmation: asyncio.Future[object]) -> object | BaseException:
     return confirmation.exception() or confirmation.result()
 
 
+def _headers(event: OutgoingEvent) -> dict[str, Any] | None:
+    return {"BCC": list(event.also_routed_to)} if event.also_routed_to else None
+
+
 def _properties(event: OutgoingEvent) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
-        content_type=CONTENT_TYPE,
-        delivery_mode=2,
-        message_id=event.id,
-        headers={"BCC": list(event.also_routed_to)} if event.also_routed_to else None,
-    )
+    return spec.Basic.Properties(content_type=CONTENT_TYPE, delivery_mode=2,
+                                 message_id=event.id, headers=_headers(event))

@@ -111,7 +111,7 @@ class NextAttempts:
             return False
         message = failure_message(reason, code, timeout_seconds=active.policy.timeout_seconds,
                                   error=start_error)
-        self._metrics.retries.labels(self._pool, active.queue).inc()
+        self._metrics.of(self._pool, active.queue).retries.inc()
         self._report.retrying(active, status_code=code, message=message, reason=reason,
                               next_start_time=start_at, delay_seconds=round(delay, 6))
         active.log.warning("attempt failed; the next one is parked until its start time",
@@ -145,7 +145,7 @@ class NextAttempts:
                               error=f"{type(exc).__name__}: {exc}")
             return
         self._report.cancelled_while_waiting(waiting.run_id, waiting.event_data, record.reason)
-        self._metrics.cancelled.labels(self._pool, waiting.queue).inc()
+        self._metrics.of(self._pool, waiting.queue).cancelled.inc()
         self._book.remember(waiting.run_id, EventType.RUN_CANCELLED)
         self._log.info("run cancelled while waiting for its next attempt",
                        run_id=str(waiting.run_id), attempt=waiting.event_data["attempt"])

@@ -132,7 +132,7 @@ class RunKeeper:
             return
         self._log.info("run was cancelled before it started", run_id=str(run.id))
         self._around.reporter.cancelled_before_start(run, queue, cancel.reason)
-        self._around.metrics.cancelled.labels(self._around.pool, queue).inc()
+        self._around.metrics.of(self._around.pool, queue).cancelled.inc()
         self.book.remember(run.id, EventType.RUN_CANCELLED)
 
     async def _admit_and_run(self, delivery: Delivery, queue: str, run: RunMessage,

@@ -109,7 +109,7 @@ class RunLife:
         run, delivery = active.run, active.delivery
         now = time.time()
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else now
-        self._metrics.pending.labels(self._pool, active.queue).inc()
+        self._metrics.of(self._pool, active.queue).pending.inc()
         self._report.pending(
             active,
             late_by_seconds=round(max(0.0, now - due), 6),
@@ -207,7 +207,7 @@ class RunLife:
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         active.log.error("run failed to start", error=str(exc))
-        self._metrics.crashed.labels(self._pool, active.queue).inc()
+        self._metrics.of(self._pool, active.queue).crashed.inc()
         self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.SUBMISSION_FAILED,
                     message=f"the run could not be started: {exc}", status_code=None)
 
@@ -218,9 +218,9 @@ class RunLife:
         published = active.delivery.properties.timestamp
         since = published.timestamp() if isinstance(published, datetime) else None
         if since is not None:
-            self._metrics.start_latency.labels(self._pool, active.queue).observe(
+            self._metrics.of(self._pool, active.queue).start_latency.observe(
                 max(0.0, active.started_at - max(since, due)))
-        self._metrics.started.labels(self._pool, active.queue).inc()
+        self._metrics.of(self._pool, active.queue).started.inc()
         self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
         active.log.debug("run started", infrastructure_pid=active.infrastructure_pid)
 
@@ -239,7 +239,7 @@ class RunLife:
         code = result.status_code if result else None
         duration = time.time() - active.started_at if active.started_at else None
         if duration is not None:
-            self._metrics.duration.labels(self._pool, active.queue).observe(duration)
+            self._metrics.of(self._pool, active.queue).duration.observe(duration)
         pid = active.infrastructure_pid
         if active.cancel is not None and active.stopped_by_worker:
             self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
@@ -277,19 +277,20 @@ class RunLife:
         if active.fenced:
             active.outcome = EventType.RUN_CRASHED
             self._book.remember(active.id, EventType.RUN_CRASHED)
-            self._metrics.crashed.labels(self._pool, active.queue).inc()
+            self._metrics.of(self._pool, active.queue).crashed.inc()
             self.fencing.end(active, fields.get("status_code"))
             return True
         active.outcome = event_type
         self._report.ended(active, event_type, **fields)
         self._book.remember_pid(active)
+        counted = self._metrics.of(self._pool, active.queue)
         counter = {
-            EventType.RUN_COMPLETED: self._metrics.completed,
-            EventType.RUN_CANCELLED: self._metrics.cancelled,
-            EventType.RUN_CRASHED: self._metrics.crashed,
+            EventType.RUN_COMPLETED: counted.completed,
+            EventType.RUN_CANCELLED: counted.cancelled,
+            EventType.RUN_CRASHED: counted.crashed,
         }.get(event_type)
         if counter is not None and fields.get("reason") != CrashReason.SUBMISSION_FAILED:
-            counter.labels(self._pool, active.queue).inc()
+            counter.inc()
         self._book.remember(active.id, event_type)
         # A run's one record at the default level ("run started" is at DEBUG).
         active.log.info("run ended", outcome=event_type.rsplit(".", 1)[-1],
@@ -309,7 +310,7 @@ class RunLife:
             return
         active.timed_out = True
         active.log.warning("run exceeded its timeout; stopping it", timeout_seconds=seconds)
-        self._metrics.timeouts.labels(self._pool, active.queue).inc()
+        self._metrics.of(self._pool, active.queue).timeouts.inc()
         await self._kill(active, None)
 
     def slot_lost(self, run_id: UUID, target: str) -> None:

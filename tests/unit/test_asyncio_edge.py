@@ -18,7 +18,7 @@ ASYNCIO_EDGE = {
     "confirmed_batch.py": "aiormq's write queue and its confirmation futures",
     "cli/common.py": "the event loop's exception handler",
     "output.py": "a timer set from synchronous code (call_later)",
-    "infrastructure.py": "a timer set from synchronous code (call_soon, call_later)",
+    "infrastructure.py": "a run's exit awaited on its pidfd with the loop's add_reader",
 }
 
 
