@@ -19,14 +19,10 @@ cancelled, which closes its window, and consumed again with a smaller one.
 Near full capacity a run can therefore stay unacknowledged up to `ack_grace`
 seconds after its start; everywhere else it is acknowledged at once.
 
-Acknowledgements are sent once per loop turn, grouped: one `basic.ack` with
-`multiple` covers every delivery tag up to the highest one due, provided no
-delivery at or below it is still unsettled on the channel (being handled, held
-for its start time, or waiting for its acknowledgement to fit). Tags above such
-a delivery are acknowledged one by one. The window counts an acknowledgement
-when it is decided, before it is written: until then the broker may send fewer
-messages than counted, never more. A reject or give-back of a lower tag is
-written before the group that follows it, so `multiple` never settles it.
+Acknowledgements are written once per loop turn, grouped with `multiple` where
+no delivery still in hand is covered (`mq_worker.acks`). The window counts an
+acknowledgement when it is decided, before it is written: until then the broker
+may send fewer messages than counted, never more.
 
 Consumer registration on a quorum queue costs a Raft round (milliseconds), so
 windows are only re-sized when capacity forces it.
@@ -54,6 +50,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from mq_worker.acks import AckWriter
 from mq_worker.delivery import Delivery
 from mq_worker.priority import PROBE_SECONDS
 from mq_worker.window import (
@@ -63,7 +60,6 @@ from mq_worker.window import (
     Step,
     Window,
     WindowStatistics,
-    grouped_acks,
 )
 
 log = structlog.get_logger("mq_worker.consumer")
@@ -109,17 +105,12 @@ class RunConsumer:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._queues: list[str] = []
         self._unsettled: set[Delivery] = set()
-        # Acknowledgements decided but not yet written, and tags whose reject or
-        # give-back is being written: both keep a grouped ack below them.
-        self._acks_due: list[Delivery] = []
-        self._acks_wanted = anyio.Event()
-        self._settling: set[Delivery] = set()
+        self._acks = AckWriter(self._unsettled)
         self._needs_declare: set[str] = set()
         self._tags = itertools.count(1)
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
-        self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0,
-                        "ack_frames": 0}
+        self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
 
     # -- slots -----------------------------------------------------------------
 
@@ -137,7 +128,8 @@ class RunConsumer:
         return int(self._slots.available_tokens)
 
     def statistics(self) -> ConsumerStatistics:
-        return ConsumerStatistics(**self._counts, window=self._window.statistics())
+        return ConsumerStatistics(**self._counts, ack_frames=self._acks.frames,
+                                  window=self._window.statistics())
 
     # -- control ---------------------------------------------------------------
 
@@ -186,7 +178,7 @@ class RunConsumer:
         channel.on_consumer_cancel_callbacks.add(self._on_server_cancel)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_acks_forever, channel)
+                tg.start_soon(self._acks.write_forever, channel)
                 while True:
                     await self._reconcile()
                     timeout = math.inf
@@ -202,11 +194,10 @@ class RunConsumer:
             self._window.clear()
             self.consuming = anyio.Event()
             self._idle.set()
-            for delivery in [*self._unsettled, *self._acks_due]:
+            for delivery in self._unsettled:
                 delivery.lost.set()
             self._unsettled.clear()
-            self._acks_due.clear()
-            self._settling.clear()
+            self._acks.lose_all()
 
     # -- reconciling the windows with the free slots ---------------------------
 
@@ -335,37 +326,7 @@ class RunConsumer:
 
     async def _ack(self, delivery: Delivery) -> None:
         self._finish(delivery)
-        self._acks_due.append(delivery)
-        self._acks_wanted.set()
-
-    async def _write_acks_forever(self, channel: aiormq.abc.AbstractChannel) -> None:
-        """Write the acknowledgements decided in a loop turn once that turn is over."""
-        while True:
-            await self._acks_wanted.wait()
-            self._acks_wanted = anyio.Event()
-            due, self._acks_due = self._acks_due, []
-            group, singles = grouped_acks(
-                sorted(d.delivery_tag for d in due if d.channel is channel),
-                self._lowest_unsettled_tag(channel))
-            try:
-                if group is not None:
-                    self._counts["ack_frames"] += 1
-                    await channel.basic_ack(group, multiple=True, wait=False)
-                for tag in singles:
-                    self._counts["ack_frames"] += 1
-                    await channel.basic_ack(tag, wait=False)
-            except (aiormq.exceptions.AMQPError, RuntimeError):
-                # The channel is closing: the broker takes these messages back.
-                for delivery in due:
-                    delivery.lost.set()
-            for delivery in due:
-                if delivery.channel is not channel:
-                    delivery.lost.set()
-
-    def _lowest_unsettled_tag(self, channel: aiormq.abc.AbstractChannel) -> float:
-        """The lowest tag on `channel` a grouped acknowledgement must not reach."""
-        in_hand = itertools.chain(self._unsettled, self._settling)
-        return min((d.delivery_tag for d in in_hand if d.channel is channel), default=math.inf)
+        self._acks.ack(delivery)
 
     async def settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
         """Acknowledge or give back `delivery`, whose run will not run here.
@@ -379,16 +340,7 @@ class RunConsumer:
             await self._ack(delivery)
             return
         self._finish(delivery)
-        self._settling.add(delivery)
-        try:
-            if failed:
-                await delivery.channel.basic_reject(delivery.delivery_tag, requeue=True, wait=False)
-            else:
-                await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True, wait=False)
-        except (aiormq.exceptions.AMQPError, RuntimeError):
-            delivery.lost.set()
-        finally:
-            self._settling.discard(delivery)
+        await self._acks.give_back(delivery, failed=failed)
 
     def on_hold(self, delivery: Delivery) -> None:
         """`delivery` waits for its start time: open a window beside it."""
