@@ -284,12 +284,15 @@ class SlotGate:
         with contextlib.suppress(*_CHANNEL_ERRORS):
             for token in tokens:
                 if not self._still_valid(token.target, token.number, token.version):
-                    await lease.channel.basic_ack(token.tag)  # the limit shrank or went away
+                    # The limit shrank or went away: the slot is destroyed, not given
+                    # back, so it wakes nobody (a run woken for it would find no slot
+                    # and wait again, behind the runs that arrived after it).
+                    await lease.channel.basic_ack(token.tag)
                 elif lease.channel is self._slots and self.spares.keep(token):
                     continue
                 else:
                     await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
-                given_back.append(token)
+                    given_back.append(token)
         # As many runs as this run gave slots back, whatever the broker counts free
         # (it may not count a token given back a moment ago yet): a token that came back
         # without a release (its holder was cut off) is not this run's to hand on.

@@ -251,6 +251,37 @@ async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new
     assert most_at_once(spans) <= 3
 
 
+async def test_waiting_runs_keep_their_order_of_arrival_when_the_limit_shrinks(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """A run that ends holding a slot the shrink removed destroys it: that must not wake
+    a waiting run, which would find no slot and wait again behind the others."""
+    await cli("limit", "set", "key:report", "2", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=8):
+        holding = [run_body(probe(tmp_path, sleep=s), concurrency_key="report")
+                   for s in (1.5, 3)]
+        for body in holding:
+            await publish_raw(vhost.url, body)
+        await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"])
+                                            for b in holding))
+        await cli("limit", "set", "key:report", "1", "--url", vhost.url)
+        waiting = [run_body(probe(tmp_path, sleep=0.5), concurrency_key="report")
+                   for _ in range(5)]
+        for body in waiting:
+            await publish_raw(vhost.url, body)
+            await events.wait_for(lambda _, r=body["id"]: events.of(r))  # arrival order
+        await events.wait_terminal([b["id"] for b in holding + waiting], timeout=60)
+    ids = [b["id"] for b in waiting]
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    starts = {e.subject: e.time for e in unique(events.events)
+              if e.type == "mq_worker.run.submitted"}
+    assert sorted(ids, key=lambda r: starts[r]) == ids
+    waits = {r: len([e for e in unique(events.of(r)) if e.data.get("waiting_for")])
+             for r in ids}
+    assert max(waits.values()) == 1, waits  # (the first may find a slot free and not wait)
+    assert most_at_once(intervals(events.events, set(ids))) == 1
+
+
 async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key_limit(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
