@@ -56,6 +56,11 @@ log = structlog.get_logger("mq_worker.slots")
 # How long a run waits, after a reconnection, for the slots of the runs still running
 # here to be taken again before it takes one itself.
 RECLAIM_WAIT_SECONDS = 10.0
+# A run whose slots went back to the broker with a lost connection, and were not taken
+# again within this long, is stopped: the other workers hand such slots on once they
+# have stayed free for pool_control.RETURNED_SLOT_GRACE_SECONDS (2 s), and the run must
+# be gone by then, its stop's own grace (lifecycle.SLOT_LOST_GRACE_SECONDS) included.
+CUT_OFF_SECONDS = 1.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # How often a run tries, half a second apart, while its waiting queue cannot be found
 # (a node being lost), before it is given back.
@@ -90,6 +95,7 @@ class SlotGate:
         self._publish: aiormq.abc.AbstractChannel | None = None
         self._leases: set[Lease] = set()
         self._reclaimed = anyio.Event()
+        self._cut_off = anyio.Event()  # set when a session ends
         # Channels of this gate's own on the session's connection, so that the lookups
         # before a start, the wakes after an end and the token requests do not queue
         # behind each other (a channel has one request in flight at a time).
@@ -106,6 +112,31 @@ class SlotGate:
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
             self._reclaimed = anyio.Event()
+            self._cut_off.set()
+
+    async def stop_runs_cut_off(self) -> None:
+        """For the worker's life: after each lost session, stop the runs whose slots have
+        not been taken again within CUT_OFF_SECONDS (reported to `on_slot_lost`).
+
+        Their tokens went back to the broker with the connection; from then on only the
+        grace the other workers give returned slots keeps the limit, and a worker that
+        stays cut off longer cannot take them back in time.
+        """
+        while True:
+            await self._cut_off.wait()
+            self._cut_off = anyio.Event()
+            await anyio.sleep(CUT_OFF_SECONDS)
+            for lease in list(self._leases):
+                current = self._slots
+                if lease.channel is current and current is not None and not current.is_closed:
+                    continue  # taken again
+                self._leases.discard(lease)  # no reclaim for it: it is being stopped
+                target = lease.tokens[0].target if lease.tokens else "?"
+                log.warning("cut off from the broker for longer than the slots of its runs "
+                            "are kept for it; stopping the run", target=target,
+                            run_id=lease.run_id)
+                if self._on_slot_lost is not None:
+                    self._on_slot_lost(lease.run_id, target)
 
     async def admit(self, targets: list[str], delivery: Delivery,
                     run_id: str = "") -> Lease | Waiting | None:

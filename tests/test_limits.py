@@ -349,3 +349,35 @@ async def test_a_run_whose_slot_went_elsewhere_while_its_worker_was_cut_off_is_s
     assert "key:db" in ending.data["message"]
     # Stopped as soon as its worker was back, not when the run would have ended.
     assert ending.time.timestamp() - restored_at < 10
+
+
+async def test_a_worker_cut_off_longer_than_the_grace_stops_its_limited_runs_first(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """A run waits; its slot's holder is cut off for longer than the 2 s the other
+    workers leave a returned slot alone. The waiting run then starts elsewhere: the cut-off
+    worker must have stopped its run by then, not when it is back."""
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        # Pools of their own: the waiting run is the peer's, whose check hands it on.
+        async with running_worker(url, name="cut", pool="a") as cut:
+            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            await publish_raw(vhost.url, held, routing_key="run.scheduled.a.default")
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="peer", pool="b"):
+                queued = run_body(probe(tmp_path, sleep=0.5), concurrency_key="db")
+                await publish_raw(vhost.url, queued, routing_key="run.scheduled.b.default")
+                await events.wait_for(lambda _: any(e.data.get("waiting_for") == "key:db"
+                                                    for e in events.of(queued["id"])))
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                # Handed on by the peer's check once the slot has stayed free for 2 s.
+                await events.wait_for(lambda _: "run.submitted" in events.types(queued["id"]),
+                                      timeout=20)
+                await proxy.restore()
+                await events.wait_terminal([held["id"], queued["id"]], timeout=30)
+    assert most_at_once(intervals(events.events, {held["id"], queued["id"]})) == 1
+    ending = events.terminal(held["id"])[-1]
+    assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
+    assert events.types(queued["id"])[-1] == "run.completed"
