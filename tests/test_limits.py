@@ -148,6 +148,32 @@ async def test_a_queue_limit_and_a_concurrency_key_limit_hold_with_unlimited_run
     assert all(events.types(b["id"])[-1] == "run.completed" for b in low + warehouse + high)
 
 
+async def test_a_run_under_two_limits_holds_a_slot_of_each_and_both_limits_hold(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Its two tokens are taken at once, on two channels: both limits hold, a run that
+    finds one but not the other gives the one back, and every token comes back."""
+    await cli("limit", "set", "key:tag:etl", "2", "--url", vhost.url)
+    await cli("limit", "set", "key:db", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=6), running_worker(vhost.url, limit=6):
+        both = [run_body(probe(tmp_path, sleep=0.4), tags=["etl"], concurrency_key="db")
+                for _ in range(8)]
+        db_only = [run_body(probe(tmp_path, sleep=0.4), concurrency_key="db")
+                   for _ in range(6)]
+        for body in [run for pair in zip(both, db_only + [{}] * 2, strict=True)
+                     for run in pair if run]:
+            await publish_raw(vhost.url, body)
+        ids = [b["id"] for b in both + db_only]
+        await events.wait_terminal(ids, timeout=60)
+        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:tag:etl")] == (2, 0)
+                         and vhost.queue_counts()[limit_queue_name("key:db")] == (3, 0),
+                         timeout=10)
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    assert most_at_once(intervals(events.events, {b["id"] for b in both})) == 2
+    assert most_at_once(intervals(events.events, set(ids))) == 3
+    assert any(e.data.get("waiting_for") for e in events.events)  # both were reached
+
+
 async def test_limit_changes_take_effect_at_once_on_running_workers(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
