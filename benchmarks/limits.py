@@ -1,6 +1,6 @@
 """Shared limits: what taking and giving back slot tokens adds to a run's start.
 
-    .venv/bin/python -m benchmarks.limits [--runs 300] [--block 10]
+    .venv/bin/python -m benchmarks.limits [--runs 300] [--block 10] [--pace 25]
         [--tree before=/tmp/before --tree after=. [--rounds 3]]
 
 One worker process (`--limit 8`). `mq-worker limit set` puts a limit of 1,000 on
@@ -11,6 +11,14 @@ three kinds taking turns so that load drifts hit them alike:
 * unlimited: a run no limit applies to;
 * one limit: a run with `concurrency_key: bench`;
 * two limits: the same, tagged `bench` (its tag's limit too).
+
+Two modes. Back to back (the default): the next run is published as soon as the
+last one's `submitted` arrives, while that run is still running, so a limited run
+always takes a token from the broker. Paced (`--pace RATE`, runs per second): runs
+are published on a fixed beat, each once the one before has ended (its `completed`;
+a run published late for that is counted), the steady state of a key whose runs do
+not overlap: the slot of the run that ended is this worker's spare for the next
+(see docs/pools.md, spare slots), where a limit's cost is smallest.
 
 Per run: publish -> the worker's `submitted` event (by the event's own time); the
 cost of a limit is the difference of the medians. Per block: the CPU time the worker
@@ -29,16 +37,19 @@ before and after.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from benchmarks._amqp import (
+    RUN_COMPLETED,
     RUN_SUBMITTED,
     WORKER_STARTED,
     EventWatch,
@@ -88,10 +99,32 @@ def body(run_id: str, command: str, kind: str) -> bytes:
 Samples = dict[str, tuple[list[float], list[float]]]  # kind: (latencies, CPU per run)
 
 
-async def measure(url: str, runs: int, block: int, tree: Path, samples: Samples) -> None:
+class Beat:
+    """When to publish the next run: at once (back to back), or on a fixed beat once the
+    last run has ended (paced); counts the runs published late because it had not."""
+
+    def __init__(self, pace: float) -> None:
+        self.interval = 1.0 / pace if pace else 0.0
+        self.late = 0
+        self._next = 0.0
+
+    async def next(self, watch: EventWatch, last_run: str | None) -> None:
+        if not self.interval:
+            return
+        if last_run is not None:
+            await watch.wait_for(RUN_COMPLETED, last_run)
+        now = time.monotonic()
+        if self._next and now > self._next:
+            self.late += 1
+        await asyncio.sleep(max(0.0, self._next - now))
+        self._next = max(now, self._next) + self.interval
+
+
+async def measure(url: str, runs: int, block: int, tree: Path, samples: Samples,
+                  beat: Beat) -> None:
     """Add to `samples` what `runs` runs of each kind cost with the worker of `tree`."""
     command = probe_command() + " /dev/null"
-    async with EventWatch(url, [RUN_SUBMITTED, WORKER_STARTED]) as watch, \
+    async with EventWatch(url, [RUN_SUBMITTED, RUN_COMPLETED, WORKER_STARTED]) as watch, \
             Publisher(url) as publisher:
         worker = WorkerProcess(url, limit=8, name="limits-bench", tree=tree).start()
         try:
@@ -102,7 +135,8 @@ async def measure(url: str, runs: int, block: int, tree: Path, samples: Samples)
             for index in range(blocks * len(KINDS)):
                 kind = KINDS[index % len(KINDS)]
                 before = cpu_ns(pid)
-                block_latencies = await run_block(watch, publisher, command, kind, block)
+                block_latencies = await run_block(watch, publisher, command, kind, block,
+                                                  beat)
                 if index >= WARM_UP_BLOCKS * len(KINDS):
                     samples[kind][0].extend(block_latencies)
                     samples[kind][1].append((cpu_ns(pid) - before) / block / 1e6)
@@ -111,9 +145,11 @@ async def measure(url: str, runs: int, block: int, tree: Path, samples: Samples)
 
 
 async def run_block(watch: EventWatch, publisher: Publisher, command: str, kind: str,
-                    runs: int) -> list[float]:
+                    runs: int, beat: Beat) -> list[float]:
     seen_after = []
+    run_id = None
     for _ in range(runs):
+        await beat.next(watch, run_id)
         run_id = new_id()
         published = await publisher.publish(body(run_id, command, kind),
                                             routing_key="run.scheduled.default.default")
@@ -144,6 +180,7 @@ async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
     trees: dict[str, Path] = args.trees
     rounds = args.rounds if args.tree else 1
     samples: dict[str, Samples] = {name: {kind: ([], []) for kind in KINDS} for name in trees}
+    beat = Beat(args.pace)
     load_before = load_average()
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(vhost("limits")).url for name in trees}
@@ -152,8 +189,11 @@ async def measure_limits(args: argparse.Namespace) -> dict[str, Any]:
             cli(url, "limit", "set", "key:tag:bench", str(LIMIT))
         for _ in range(rounds):
             for name, tree in trees.items():
-                await measure(urls[name], -(-args.runs // rounds), args.block, tree, samples[name])
-    return {"trees": {name: {"directory": str(trees[name]), **summary(samples[name])}
+                await measure(urls[name], -(-args.runs // rounds), args.block, tree,
+                              samples[name], beat)
+    return {"mode": f"paced, {args.pace:g} runs/s" if args.pace else "back to back",
+            "late_runs": beat.late,
+            "trees": {name: {"directory": str(trees[name]), **summary(samples[name])}
                       for name in trees},
             "load_average": {"before": load_before, "after": load_average()}}
 
@@ -165,10 +205,13 @@ def report(result: dict[str, Any]) -> None:
         rows = [[kind, r["n"], r["p50"], r["p90"], r["p99"], r["p50"] - base["p50"],
                  r["cpu_ms_per_run"], round(r["cpu_ms_per_run"] - base["cpu_ms_per_run"], 3)]
                 for kind, r in results.items()]
-        print_table(f"{name + ': ' if name else ''}publish -> submitted (ms); worker CPU per "
-                    "run (ms, median of blocks)",
+        print_table(f"{name + ': ' if name else ''}{result['mode']}: publish -> submitted "
+                    "(ms); worker CPU per run (ms, median of blocks)",
                     ["runs", "n", "p50", "p90", "p99", "added at p50", "CPU/run", "CPU added"],
                     rows)
+    if result["mode"] != "back to back":
+        print(f"runs published late (the run before had not ended on the beat): "
+              f"{result['late_runs']}")
     load = result["load_average"]
     print(f"load average (1, 5, 15 min): before {load['before']}, after {load['after']}")
 
@@ -178,6 +221,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300, help="Runs of each kind.")
     parser.add_argument("--block", type=int, default=10,
                         help="Runs of one kind in a row (one CPU sample).")
+    parser.add_argument("--pace", type=float, default=0.0, metavar="RATE",
+                        help="Runs per second, each published once the one before has "
+                             "ended (0: back to back, each once the last has started).")
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                         help="Measure the worker of this checkout (repeat to compare).")
     parser.add_argument("--rounds", type=int, default=3,

@@ -20,7 +20,8 @@ from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.control import ControlFollower
 from mq_worker.limits import ControlState, pool_target, queue_target, run_targets
 from mq_worker.messages import RunMessage
-from mq_worker.slots import Lease, SlotGate, Waiting
+from mq_worker.slot_requests import Lease
+from mq_worker.slots import SlotGate, Waiting
 
 # How often a worker looks at the limits it serves: for its metrics, and to wake runs
 # waiting for slots that came back without a release (a holder that died or was cut off).
@@ -105,21 +106,26 @@ class PoolControl:
         self._slots = slots
         try:
             await self.gate.reclaim()
-            while True:
-                removed, self._removed = self._removed, set()
-                for target in removed:
-                    await self.gate.wake_all(target)
-                settling = await self._check_limits()
-                # A spare kept here is given back soon after a run starts waiting for it,
-                # and once it has stayed unused for a while.
-                pause = SETTLING_CHECK_SECONDS if settling or self.gate.spares else CHECK_SECONDS
-                # Jittered, so that workers rarely wake the same waiting runs at once.
-                pause *= random.uniform(0.5, 1.5)
-                with anyio.move_on_after(min(pause, self.gate.spares.idle_in())):
-                    await self._changed.wait()
-                self._changed = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.gate.end_session_if_tokens_lost)
+                await self._check_forever()
         finally:
             self.gate.bind(None, None)
+
+    async def _check_forever(self) -> None:
+        while True:
+            removed, self._removed = self._removed, set()
+            for target in removed:
+                await self.gate.wake_all(target)
+            settling = await self._check_limits()
+            # A spare kept here is given back soon after a run starts waiting for it,
+            # and once it has stayed unused for a while.
+            pause = SETTLING_CHECK_SECONDS if settling or self.gate.spares else CHECK_SECONDS
+            # Jittered, so that workers rarely wake the same waiting runs at once.
+            pause *= random.uniform(0.5, 1.5)
+            with anyio.move_on_after(min(pause, self.gate.spares.idle_in())):
+                await self._changed.wait()
+            self._changed = anyio.Event()
 
     async def _check_limits(self) -> bool:
         """Refresh the metrics and wake the runs waiting for slots that have stayed free;

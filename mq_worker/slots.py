@@ -2,9 +2,10 @@
 
 A limit of N on a target is N token messages in the quorum queue
 `mq_worker.limit-<digest>`. A worker that takes a run counting against limited
-targets takes one token of each (basic.get, in one global order so that two
-workers never wait on each other), and keeps them *unacknowledged* on its
-session's slots channel while the run holds its worker slot. When the run ends
+targets takes one token of each (basic.get, all at once: a get never waits for a
+token, so no two workers can wait on each other), and keeps them
+*unacknowledged* on its session's slots channel (a second target's on a channel
+of its own next to it: see slot_requests) while the run holds its worker slot. When the run ends
 it gives them back (basic.nack with requeue, one atomic step). If the worker
 dies or its connection closes, the broker puts its tokens back by itself, so a
 slot never leaks; and since a token is a single message that the broker hands
@@ -33,21 +34,19 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq.abc
 import aiormq.exceptions
 import anyio
 import structlog
-from pamqp import commands as spec
-from pydantic import ValidationError
 
 from mq_worker import topology
 from mq_worker.consumer import Delivery
-from mq_worker.control import TokenMessage
 from mq_worker.limits import ControlState
 from mq_worker.pool_admin import queue_depths, wake_waiting
+from mq_worker.slot_requests import UNKNOWN, Lease, SlotRequests
 from mq_worker.spares import HeldToken, Spares
 from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
 
@@ -56,20 +55,15 @@ log = structlog.get_logger("mq_worker.slots")
 # How long a run waits, after a reconnection, for the slots of the runs still running
 # here to be taken again before it takes one itself.
 RECLAIM_WAIT_SECONDS = 10.0
+# A run whose slots went back to the broker with a lost connection, and were not taken
+# again within this long, is stopped: the other workers hand such slots on once they
+# have stayed free for pool_control.RETURNED_SLOT_GRACE_SECONDS (2 s), and the run must
+# be gone by then, its stop's own grace (lifecycle.SLOT_LOST_GRACE_SECONDS) included.
+CUT_OFF_SECONDS = 1.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # How often a run tries, half a second apart, while its waiting queue cannot be found
 # (a node being lost), before it is given back.
 _LOOKUP_ATTEMPTS = 60
-_UNKNOWN = -1
-
-
-@dataclass(eq=False)
-class Lease:
-    """The tokens a run holds, on the channel that holds them."""
-
-    channel: aiormq.abc.AbstractChannel | None
-    tokens: list[HeldToken] = field(default_factory=list)
-    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,22 +84,51 @@ class SlotGate:
         self._publish: aiormq.abc.AbstractChannel | None = None
         self._leases: set[Lease] = set()
         self._reclaimed = anyio.Event()
-        # Channels of this gate's own on the session's connection, so that the lookups
-        # before a start, the wakes after an end and the token requests do not queue
-        # behind each other (a channel has one request in flight at a time).
-        self._own: dict[str, aiormq.abc.AbstractChannel] = {}
-        self._opening = anyio.Lock()
-        self.spares = Spares(self._still_valid)  # held on the slots channel
+        self._cut_off = anyio.Event()  # set when a session ends
+        self._requests = SlotRequests(state)
+        self.spares = Spares(self._requests.still_valid)  # held on the slots channel
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
         """Use these channels of the current session (None: no session)."""
         if slots is not self._slots:
             self.spares.forget()
+            self._requests.new_session()
         self._slots, self._publish = slots, publish
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
             self._reclaimed = anyio.Event()
+            self._cut_off.set()
+
+    async def end_session_if_tokens_lost(self) -> None:
+        """For one session: a channel holding a second target's tokens closed alone
+        (the broker took them back); end the session, as if the connection was lost."""
+        await self._requests.token_channel_lost.wait()
+        raise ConnectionError("a channel holding slot tokens closed")
+
+    async def stop_runs_cut_off(self) -> None:
+        """For the worker's life: after each lost session, stop the runs whose slots have
+        not been taken again within CUT_OFF_SECONDS (reported to `on_slot_lost`).
+
+        Their tokens went back to the broker with the connection; from then on only the
+        grace the other workers give returned slots keeps the limit, and a worker that
+        stays cut off longer cannot take them back in time.
+        """
+        while True:
+            await self._cut_off.wait()
+            self._cut_off = anyio.Event()
+            await anyio.sleep(CUT_OFF_SECONDS)
+            for lease in list(self._leases):
+                current = self._slots
+                if lease.channel is current and current is not None and not current.is_closed:
+                    continue  # taken again
+                self._leases.discard(lease)  # no reclaim for it: it is being stopped
+                target = lease.tokens[0].target if lease.tokens else "?"
+                log.warning("cut off from the broker for longer than the slots of its runs "
+                            "are kept for it; stopping the run", target=target,
+                            run_id=lease.run_id)
+                if self._on_slot_lost is not None:
+                    self._on_slot_lost(lease.run_id, target)
 
     async def admit(self, targets: list[str], delivery: Delivery,
                     run_id: str = "") -> Lease | Waiting | None:
@@ -130,7 +153,7 @@ class SlotGate:
         try:
             for _ in range(_LOOKUP_ATTEMPTS):
                 missing = await self._take_and_count(slots, targets, checked, lease, waiting)
-                if _UNKNOWN not in waiting.values():
+                if UNKNOWN not in waiting.values():
                     break
                 # `limit set` declares the waiting queue with the token queue: missing,
                 # it is on a node being lost. Taking a token now could overtake waiting
@@ -177,60 +200,19 @@ class SlotGate:
             needed = await self.spares.take_for(targets, lease.tokens, slots)
         if not needed or not checked:
             if checked:
-                await self._count_waiting(slots, checked, waiting)
-            return await self._take_each(needed, lease)
+                await self._requests.count_waiting(slots, checked, waiting)
+            return await self._requests.take_each(needed, lease)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._count_waiting, slots, checked, waiting)
-            missing = await self._take_each(needed, lease)
+            tg.start_soon(self._requests.count_waiting, slots, checked, waiting)
+            missing = await self._requests.take_each(needed, lease)
         return missing
-
-    async def _take_each(self, targets: list[str], lease: Lease) -> str | None:
-        """Take a token of each target in turn; the first that has none, if any."""
-        for target in targets:
-            if not await self._take(target, lease):
-                return target
-        return None
-
-    async def _count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
-                             counts: dict[str, int]) -> None:
-        """Count the runs waiting for each target, all at once (a channel each)."""
-        async def count(index: int, target: str) -> None:
-            waiting = await self._waiting(await self._channel(f"lookups-{index}", slots), target)
-            counts[target] = _UNKNOWN if waiting is None else waiting
-
-        if len(targets) == 1:
-            return await count(0, targets[0])
-        async with anyio.create_task_group() as tg:
-            for index, target in enumerate(targets):
-                tg.start_soon(count, index, target)
-
-    @staticmethod
-    async def _waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
-        """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
-        None if the broker does not find the queue (and closes the channel)."""
-        try:
-            declared = await channel.queue_declare(topology.waiting_queue_name(target),
-                                                   passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        return int(declared.message_count or 0)
-
-    async def _channel(self, purpose: str,
-                       slots: aiormq.abc.AbstractChannel) -> aiormq.abc.AbstractChannel:
-        """This gate's own channel for `purpose` on the connection of `slots`."""
-        async with self._opening:
-            channel = self._own.get(purpose)
-            if channel is None or channel.is_closed or channel.connection is not slots.connection:
-                channel = self._own[purpose] = await slots.connection.channel(
-                    publisher_confirms=False)
-            return channel
 
     async def depths(self, target: str) -> tuple[int, int] | None:
         """(free tokens, runs waiting) of `target`; None without a session."""
         slots = self._slots
         if slots is None or slots.is_closed:
             return None
-        return await queue_depths(await self._channel("checks", slots), target)
+        return await queue_depths(await self._requests.channel("checks", slots), target)
 
     async def reclaim(self) -> None:
         """After a reconnection: take again the slots of runs still running here.
@@ -251,7 +233,7 @@ class SlotGate:
                 held = Lease(channel, run_id=lease.run_id)
                 lost = None
                 for target in [token.target for token in lease.tokens]:
-                    if not await self._take(target, held):
+                    if not await self._requests.take(target, held):
                         lost = target
                         break
                 if lease not in self._leases:  # the run ended meanwhile
@@ -269,9 +251,10 @@ class SlotGate:
 
     async def _give_back(self, lease: Lease) -> None:
         assert lease.channel is not None
-        with contextlib.suppress(*_CHANNEL_ERRORS):
-            for token in lease.tokens:
-                await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
+        for token in lease.tokens:
+            with contextlib.suppress(*_CHANNEL_ERRORS):
+                await (token.channel or lease.channel).basic_nack(token.tag, requeue=True,
+                                                                  wait=False)
         lease.tokens = []
 
     async def release(self, lease: Lease) -> None:
@@ -281,27 +264,25 @@ class SlotGate:
         if not tokens or lease.channel is None or lease.channel.is_closed:
             return  # gone with the channel: the broker has put them back
         given_back: list[HeldToken] = []
-        with contextlib.suppress(*_CHANNEL_ERRORS):
-            for token in tokens:
-                if not self._still_valid(token.target, token.number, token.version):
-                    await lease.channel.basic_ack(token.tag)  # the limit shrank or went away
-                elif lease.channel is self._slots and self.spares.keep(token):
+        for token in tokens:
+            channel = token.channel or lease.channel
+            with contextlib.suppress(*_CHANNEL_ERRORS):
+                if not self._requests.still_valid(token.target, token.number, token.version):
+                    # The limit shrank or went away: the slot is destroyed, not given
+                    # back, so it wakes nobody (a run woken for it would find no slot
+                    # and wait again, behind the runs that arrived after it).
+                    await channel.basic_ack(token.tag)
+                elif channel is self._slots and self.spares.keep(token):
                     continue
                 else:
-                    await lease.channel.basic_nack(token.tag, requeue=True, wait=False)
-                given_back.append(token)
+                    await channel.basic_nack(token.tag, requeue=True, wait=False)
+                    given_back.append(token)
         # As many runs as this run gave slots back, whatever the broker counts free
         # (it may not count a token given back a moment ago yet): a token that came back
         # without a release (its holder was cut off) is not this run's to hand on.
         # (A spare is kept only while nobody waits: see mq_worker.spares.)
         for target, count in Counter(token.target for token in given_back).items():
             await self._wake_for_released(target, count)
-
-    def _still_valid(self, target: str, number: int, version: int) -> bool:
-        limit = self.state.limits.get(target)
-        if limit is None:
-            return False
-        return limit.valid(number, version) or version > limit.newest_version
 
     async def wake(self, target: str, at_most: int) -> None:
         """Move up to `at_most` runs waiting for `target` back to their work queues, no more
@@ -310,7 +291,7 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            channel = await self._channel("wakes", slots)
+            channel = await self._requests.channel("wakes", slots)
             free, waiting = await queue_depths(channel, target)
             if free and waiting:
                 count = min(free, waiting, at_most)
@@ -324,8 +305,8 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            channel = await self._channel("wakes", slots)
-            waiting = await self._waiting(channel, target)
+            channel = await self._requests.channel("wakes", slots)
+            waiting = await self._requests.waiting(channel, target)
             if waiting:
                 await wake_waiting(channel, target, min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:
@@ -337,37 +318,11 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            await wake_waiting(await self._channel("wakes", slots), target, None,
+            await wake_waiting(await self._requests.channel("wakes", slots), target, None,
                                publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not send back runs waiting for a removed limit",
                         target=target, error=str(exc))
-
-    async def _take(self, target: str, lease: Lease) -> bool:
-        queue = topology.limit_queue_name(target)
-        channel = lease.channel
-        assert channel is not None
-        while True:
-            message = await channel.basic_get(queue, no_ack=False)
-            if not isinstance(message.delivery, spec.Basic.GetOk):
-                return False
-            tag = message.delivery.delivery_tag
-            assert tag is not None
-            limit = self.state.limits.get(target)
-            if limit is None:  # removed since: nothing to hold
-                await channel.basic_nack(tag, requeue=True, wait=False)
-                return True
-            try:
-                token = TokenMessage.model_validate_json(message.body)
-            except ValidationError:
-                token = None
-            if token is not None and self._still_valid(target, token.number, token.version):
-                lease.tokens.append(HeldToken(target, tag, token.number, token.version))
-                return True
-            # Left over from an earlier, larger limit (or not a token at all): destroy it.
-            log.info("stale slot token destroyed", target=target,
-                     token=message.body[:200].decode(errors="replace"))
-            await channel.basic_ack(tag)
 
     async def _wait(self, target: str, delivery: Delivery, lease: Lease,
                     publish: aiormq.abc.AbstractChannel, wake: bool) -> Waiting | None:

@@ -34,6 +34,8 @@ class HeldToken(NamedTuple):
     number: int
     version: int
     spare: bool = False  # taken from this worker's spares, not from the broker
+    # The channel holding it, if not its lease's (a second target's, taken alongside).
+    channel: aiormq.abc.AbstractChannel | None = None
 
 
 class Spares:

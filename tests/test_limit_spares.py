@@ -12,7 +12,16 @@ import anyio
 import pytest
 
 from mq_worker.topology import limit_queue_name
-from tests.helpers import EventLog, VHost, probe, publish_raw, run_body, running_worker, wait_until
+from tests.helpers import (
+    EventLog,
+    VHost,
+    probe,
+    publish_raw,
+    run_body,
+    running_worker,
+    unique,
+    wait_until,
+)
 from tests.test_limits import cli, intervals, most_at_once
 
 pytestmark = pytest.mark.anyio
@@ -65,3 +74,36 @@ async def test_a_spare_slot_kept_by_an_idle_worker_goes_to_a_run_waiting_on_anot
         assert most_at_once(intervals(events.events, ids)) == 4
         # No slot stays with a worker that runs nothing.
         await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)
+
+
+async def test_with_spares_in_play_runs_start_in_order_of_arrival_and_within_the_limit(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Both workers keep spares while the limit is far from reached; then a burst fills
+    it: the runs that arrive after it is full wait their turn, and no more than the
+    limit ever run."""
+    await cli("limit", "set", "key:db", "4", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with running_worker(vhost.url, pool="a", limit=6), \
+            running_worker(vhost.url, pool="b", limit=6):
+        for pool in ("a", "b"):
+            assert await keeps_a_spare(vhost.url, events, tmp_path, f"run.scheduled.{pool}.default",
+                                       queue, 3)
+        burst = [run_body(probe(tmp_path, sleep=2), concurrency_key="db") for _ in range(12)]
+        for index, body in enumerate(burst):
+            pool = "ab"[index % 2]
+            await publish_raw(vhost.url, body, routing_key=f"run.scheduled.{pool}.default")
+            await events.wait_for(lambda _, r=body["id"]: events.of(r))  # arrival order
+        ids = [b["id"] for b in burst]
+        await events.wait_terminal(ids, timeout=60)
+        await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    assert most_at_once(intervals(events.events, set(ids))) == 4
+    starts = {e.subject: e.time for e in events.events if e.type == "mq_worker.run.submitted"}
+    # Woken in order of arrival; runs woken at the same moment (up to the limit's 4)
+    # race to their workers, so a run can be overtaken by those only.
+    overtaken = [len([later for later in ids[i + 1:] if starts[later] < starts[r]])
+                 for i, r in enumerate(ids)]
+    assert max(overtaken) < 4, overtaken
+    waits = [len([e for e in unique(events.of(r)) if e.data.get("waiting_for")]) for r in ids]
+    assert max(waits) == 1, waits  # some waited, none twice

@@ -148,6 +148,32 @@ async def test_a_queue_limit_and_a_concurrency_key_limit_hold_with_unlimited_run
     assert all(events.types(b["id"])[-1] == "run.completed" for b in low + warehouse + high)
 
 
+async def test_a_run_under_two_limits_holds_a_slot_of_each_and_both_limits_hold(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Its two tokens are taken at once, on two channels: both limits hold, a run that
+    finds one but not the other gives the one back, and every token comes back."""
+    await cli("limit", "set", "key:tag:etl", "2", "--url", vhost.url)
+    await cli("limit", "set", "key:db", "3", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=6), running_worker(vhost.url, limit=6):
+        both = [run_body(probe(tmp_path, sleep=0.4), tags=["etl"], concurrency_key="db")
+                for _ in range(8)]
+        db_only = [run_body(probe(tmp_path, sleep=0.4), concurrency_key="db")
+                   for _ in range(6)]
+        for body in [run for pair in zip(both, db_only + [{}] * 2, strict=True)
+                     for run in pair if run]:
+            await publish_raw(vhost.url, body)
+        ids = [b["id"] for b in both + db_only]
+        await events.wait_terminal(ids, timeout=60)
+        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:tag:etl")] == (2, 0)
+                         and vhost.queue_counts()[limit_queue_name("key:db")] == (3, 0),
+                         timeout=10)
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    assert most_at_once(intervals(events.events, {b["id"] for b in both})) == 2
+    assert most_at_once(intervals(events.events, set(ids))) == 3
+    assert any(e.data.get("waiting_for") for e in events.events)  # both were reached
+
+
 async def test_limit_changes_take_effect_at_once_on_running_workers(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
@@ -251,6 +277,37 @@ async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new
     assert most_at_once(spans) <= 3
 
 
+async def test_waiting_runs_keep_their_order_of_arrival_when_the_limit_shrinks(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """A run that ends holding a slot the shrink removed destroys it: that must not wake
+    a waiting run, which would find no slot and wait again behind the others."""
+    await cli("limit", "set", "key:report", "2", "--url", vhost.url)
+    async with running_worker(vhost.url, limit=8):
+        holding = [run_body(probe(tmp_path, sleep=s), concurrency_key="report")
+                   for s in (1.5, 3)]
+        for body in holding:
+            await publish_raw(vhost.url, body)
+        await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"])
+                                            for b in holding))
+        await cli("limit", "set", "key:report", "1", "--url", vhost.url)
+        waiting = [run_body(probe(tmp_path, sleep=0.5), concurrency_key="report")
+                   for _ in range(5)]
+        for body in waiting:
+            await publish_raw(vhost.url, body)
+            await events.wait_for(lambda _, r=body["id"]: events.of(r))  # arrival order
+        await events.wait_terminal([b["id"] for b in holding + waiting], timeout=60)
+    ids = [b["id"] for b in waiting]
+    assert all(events.types(r)[-1] == "run.completed" for r in ids)
+    starts = {e.subject: e.time for e in unique(events.events)
+              if e.type == "mq_worker.run.submitted"}
+    assert sorted(ids, key=lambda r: starts[r]) == ids
+    waits = {r: len([e for e in unique(events.of(r)) if e.data.get("waiting_for")])
+             for r in ids}
+    assert max(waits.values()) == 1, waits  # (the first may find a slot free and not wait)
+    assert most_at_once(intervals(events.events, set(ids))) == 1
+
+
 async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key_limit(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
@@ -318,3 +375,35 @@ async def test_a_run_whose_slot_went_elsewhere_while_its_worker_was_cut_off_is_s
     assert "key:db" in ending.data["message"]
     # Stopped as soon as its worker was back, not when the run would have ended.
     assert ending.time.timestamp() - restored_at < 10
+
+
+async def test_a_worker_cut_off_longer_than_the_grace_stops_its_limited_runs_first(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """A run waits; its slot's holder is cut off for longer than the 2 s the other
+    workers leave a returned slot alone. The waiting run then starts elsewhere: the cut-off
+    worker must have stopped its run by then, not when it is back."""
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        # Pools of their own: the waiting run is the peer's, whose check hands it on.
+        async with running_worker(url, name="cut", pool="a") as cut:
+            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            await publish_raw(vhost.url, held, routing_key="run.scheduled.a.default")
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="peer", pool="b"):
+                queued = run_body(probe(tmp_path, sleep=0.5), concurrency_key="db")
+                await publish_raw(vhost.url, queued, routing_key="run.scheduled.b.default")
+                await events.wait_for(lambda _: any(e.data.get("waiting_for") == "key:db"
+                                                    for e in events.of(queued["id"])))
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                # Handed on by the peer's check once the slot has stayed free for 2 s.
+                await events.wait_for(lambda _: "run.submitted" in events.types(queued["id"]),
+                                      timeout=20)
+                await proxy.restore()
+                await events.wait_terminal([held["id"], queued["id"]], timeout=30)
+    assert most_at_once(intervals(events.events, {held["id"], queued["id"]})) == 1
+    ending = events.terminal(held["id"])[-1]
+    assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
+    assert events.types(queued["id"])[-1] == "run.completed"

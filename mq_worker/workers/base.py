@@ -223,9 +223,11 @@ class BaseWorker(abc.ABC):
                 tg.start_soon(_sessions)
                 lease = anyio.CancelScope()
 
-                async def _lease() -> None:
+                async def _lease() -> None:  # what stops runs of a worker cut off too long
                     with lease:
-                        await serving.keeper.life.fencing.watch_lease_forever()
+                        async with anyio.create_task_group() as watches:
+                            watches.start_soon(self.pool_control.gate.stop_runs_cut_off)
+                            await serving.keeper.life.fencing.watch_lease_forever()
 
                 tg.start_soon(_lease)
                 await self._stop.wait()

@@ -19,7 +19,8 @@ from mq_worker.messages import RunMessage
 from mq_worker.policies import RunPolicy
 from mq_worker.pool_control import PoolControl
 from mq_worker.signing import parse_signed_run
-from mq_worker.slots import Lease, Waiting
+from mq_worker.slot_requests import Lease
+from mq_worker.slots import Waiting
 from mq_worker.workers.configuring import Configurer
 from mq_worker.workers.lifecycle import RunLife, RunSurroundings
 from mq_worker.workers.runs import ActiveRun, RunState, related

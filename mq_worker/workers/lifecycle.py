@@ -34,6 +34,8 @@ from mq_worker.workers.started import RunInTask, RunStarter, StartedRun, starts_
 
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
+# A run over its shared limit is stopped this fast: see slots.CUT_OFF_SECONDS.
+SLOT_LOST_GRACE_SECONDS = 0.5
 _SPAWN_PAUSE = "resources exhausted at spawn"
 
 
@@ -252,9 +254,9 @@ class RunLife:
         elif active.slot_lost is not None and active.stopped_by_worker:
             self.finish(active, EventType.RUN_CRASHED, status_code=code,
                         reason=CrashReason.SLOT_LOST,
-                        message=f"its slot of {active.slot_lost} was taken by another run while "
-                                "its worker was cut off from the broker; stopped to keep the "
-                                "limit", infrastructure_pid=pid)
+                        message=f"its slot of {active.slot_lost} went back to the broker while "
+                                "its worker was cut off from it, for another run to take; "
+                                "stopped to keep the limit", infrastructure_pid=pid)
         elif code == 0:
             self.finish(active, EventType.RUN_COMPLETED, status_code=0,
                         duration_seconds=round(duration or 0.0, 6), infrastructure_pid=pid)
@@ -321,7 +323,7 @@ class RunLife:
             return
         active.slot_lost = target
         if active.state is RunState.RUNNING:
-            self.stop_soon(active, FORCED_GRACE_SECONDS)
+            self.stop_soon(active, SLOT_LOST_GRACE_SECONDS)
 
     def stop_soon(self, active: ActiveRun, grace: float | None) -> None:
         self._spawn.start_soon(self._kill, active, grace)

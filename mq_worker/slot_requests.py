@@ -1,0 +1,149 @@
+"""The broker requests behind a worker's shared-limit slots (see mq_worker.slots): taking
+slot tokens and counting the runs waiting for a target, on channels of the gate's own
+on the session's connection, so that the lookups before a start, the wakes after an
+end and the token requests do not queue behind each other (a channel has one request
+in flight at a time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiormq.abc
+import aiormq.exceptions
+import anyio
+import structlog
+from pamqp import commands as spec
+from pydantic import ValidationError
+
+from mq_worker import topology
+from mq_worker.control import TokenMessage
+from mq_worker.limits import ControlState
+from mq_worker.spares import HeldToken
+
+log = structlog.get_logger("mq_worker.slots")
+
+UNKNOWN = -1  # a waiting count the broker could not give
+
+
+@dataclass(eq=False)
+class Lease:
+    """The tokens a run holds, on the channel that holds them."""
+
+    channel: aiormq.abc.AbstractChannel | None
+    tokens: list[HeldToken] = field(default_factory=list)
+    run_id: str = ""
+
+
+class SlotRequests:
+    """Token and waiting-count requests of one worker's slot gate."""
+
+    def __init__(self, state: ControlState) -> None:
+        self.state = state
+        self._own: dict[str, aiormq.abc.AbstractChannel] = {}
+        self._opening = anyio.Lock()
+        # Set when a channel holding tokens closes; one per session (see `new_session`).
+        self.token_channel_lost = anyio.Event()
+
+    def new_session(self) -> None:
+        self.token_channel_lost = anyio.Event()
+
+    async def take(self, target: str, lease: Lease,
+                   channel: aiormq.abc.AbstractChannel | None = None) -> bool:
+        """Take a token of `target` for `lease`, on `channel` (default: the lease's);
+        False if none is free. Tokens no longer valid are destroyed on the way."""
+        queue = topology.limit_queue_name(target)
+        channel = channel or lease.channel
+        assert channel is not None
+        held_on = None if channel is lease.channel else channel
+        while True:
+            message = await channel.basic_get(queue, no_ack=False)
+            if not isinstance(message.delivery, spec.Basic.GetOk):
+                return False
+            tag = message.delivery.delivery_tag
+            assert tag is not None
+            limit = self.state.limits.get(target)
+            if limit is None:  # removed since: nothing to hold
+                await channel.basic_nack(tag, requeue=True, wait=False)
+                return True
+            try:
+                token = TokenMessage.model_validate_json(message.body)
+            except ValidationError:
+                token = None
+            if token is not None and self.still_valid(target, token.number, token.version):
+                lease.tokens.append(HeldToken(target, tag, token.number, token.version,
+                                              channel=held_on))
+                return True
+            # Left over from an earlier, larger limit (or not a token at all): destroy it.
+            log.info("stale slot token destroyed", target=target,
+                     token=message.body[:200].decode(errors="replace"))
+            await channel.basic_ack(tag)
+
+    async def take_each(self, targets: list[str], lease: Lease) -> str | None:
+        """Take a token of each target, all at once (a channel each: a channel has one
+        `basic.get` in flight at a time); the first that has none, if any.
+
+        A `basic.get` never waits for a token, so taking them together cannot deadlock;
+        a run that misses one gives back the others (see `admit`)."""
+        if len(targets) <= 1:
+            return targets[0] if targets and not await self.take(targets[0], lease) else None
+        slots = lease.channel
+        assert slots is not None
+        channels = [slots, *[await self.channel(f"tokens-{index}", slots, holds_tokens=True)
+                             for index in range(1, len(targets))]]
+        taken: dict[str, bool] = {}
+
+        async def take(target: str, channel: aiormq.abc.AbstractChannel) -> None:
+            taken[target] = await self.take(target, lease, channel)
+
+        async with anyio.create_task_group() as tg:
+            for target, channel in zip(targets, channels, strict=True):
+                tg.start_soon(take, target, channel)
+        return next((target for target in targets if not taken[target]), None)
+
+    async def count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
+                            counts: dict[str, int]) -> None:
+        """Count the runs waiting for each target, all at once (a channel each)."""
+        async def count(index: int, target: str) -> None:
+            waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target)
+            counts[target] = UNKNOWN if waiting is None else waiting
+
+        if len(targets) == 1:
+            return await count(0, targets[0])
+        async with anyio.create_task_group() as tg:
+            for index, target in enumerate(targets):
+                tg.start_soon(count, index, target)
+
+    @staticmethod
+    async def waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
+        """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
+        None if the broker does not find the queue (and closes the channel)."""
+        try:
+            declared = await channel.queue_declare(topology.waiting_queue_name(target),
+                                                   passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return int(declared.message_count or 0)
+
+    async def channel(self, purpose: str, slots: aiormq.abc.AbstractChannel,
+                      holds_tokens: bool = False) -> aiormq.abc.AbstractChannel:
+        """This gate's own channel for `purpose` on the connection of `slots`.
+
+        Tokens on a channel that `holds_tokens` go back to the broker if it closes
+        alone: `token_channel_lost` is set, and the session ends (pool_control), so that
+        the runs holding them take them again or are stopped, as after any lost
+        connection."""
+        async with self._opening:
+            channel = self._own.get(purpose)
+            if channel is None or channel.is_closed or channel.connection is not slots.connection:
+                channel = self._own[purpose] = await slots.connection.channel(
+                    publisher_confirms=False)
+                if holds_tokens:
+                    lost = self.token_channel_lost
+                    channel.closing.add_done_callback(lambda _: lost.set())
+            return channel
+
+    def still_valid(self, target: str, number: int, version: int) -> bool:
+        limit = self.state.limits.get(target)
+        if limit is None:
+            return False
+        return limit.valid(number, version) or version > limit.newest_version
