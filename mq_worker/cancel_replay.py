@@ -24,15 +24,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import aiormq.abc
 import anyio
 import structlog
 
-from mq_worker import stream_replay
+from mq_worker import cancel_markers, stream_replay
 from mq_worker.broker import mask_secrets
 from mq_worker.stream_frames import Delivery, FrameError
-from mq_worker.topology import MARKER_HEADER, STREAM_OFFSET
+from mq_worker.topology import CANCELS_STREAM, MARKER_HEADER, STREAM_OFFSET
 
 log = structlog.get_logger("mq_worker.cancel_replay")
 
@@ -45,6 +46,8 @@ MIN_PER_READER = 5_000
 
 # Credit of each range reader: deliveries the broker sends ahead of its acknowledgements.
 PREFETCH = 2000
+
+Snapshot = TypeVar("Snapshot")
 
 # The message at an offset as a snapshot names it: its body and marker header.
 LastMessage = tuple[bytes, Any]
@@ -76,6 +79,20 @@ class ReplayOutcome:
     readers: int = 1
 
 
+def target(connection: aiormq.abc.AbstractConnection, name: str,
+           offset: int | datetime) -> stream_replay.ReplayTarget:
+    """Where a replay reads: the cancel stream, from `offset`, on the broker of `connection`."""
+    return stream_replay.ReplayTarget(
+        url=connection.url, vhost=getattr(connection, "vhost", "/"),
+        ssl_context=getattr(connection, "ssl_context", None), connection_name=name,
+        stream=CANCELS_STREAM, offset=offset, stall_seconds=cancel_markers.STALL_SECONDS)
+
+
+def within(offset: Any, ranges: list[tuple[int, int]]) -> bool:
+    """Whether `offset` is in one of the (first, last) ranges."""
+    return isinstance(offset, int) and any(first <= offset <= last for first, last in ranges)
+
+
 async def replay_window(
     target: stream_replay.ReplayTarget,
     *,
@@ -104,6 +121,7 @@ async def replay_window(
                               marker, on_message, publish_marker)
         except stream_replay.StreamCancelled as exc:
             cancelled.append(exc)
+            group.cancel_scope.cancel()  # the stream is gone: the other ranges with it
         except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
             log.info("cancel replay range stopped; the usual consumer reads on",
                      error=mask_secrets(str(exc)) or type(exc).__name__,
@@ -115,6 +133,44 @@ async def replay_window(
     if cancelled:
         raise cancelled[0]
     return _outcome(ranges)
+
+
+async def replay_or_snapshot(
+    replay: Callable[[], Awaitable[bool]],
+    read_snapshot: Callable[[Callable[[], None], anyio.CancelScope], Awaitable[Snapshot | None]],
+) -> bool | Snapshot:
+    """The replay's result, or a snapshot that came before the replay ended (the replay is
+    given up). `read_snapshot(counted_empty, reading)` calls `counted_empty()` when the
+    broker counts no snapshot: the replay starts then (or once the read found none), and
+    a replay that ends first cancels `reading`."""
+    replay_now = anyio.Event()
+    replayed: list[bool] = []
+    failed: list[Exception] = []  # raised as itself, not in a group
+    found: list[Snapshot] = []
+    reading = anyio.CancelScope()
+
+    async def run_replay() -> None:
+        await replay_now.wait()
+        try:
+            replayed.append(await replay())
+        except Exception as exc:  # re-raised below
+            failed.append(exc)
+        reading.cancel()
+
+    async def run_read() -> None:
+        snapshot = await read_snapshot(replay_now.set, reading)
+        if snapshot is None or replayed or failed:
+            replay_now.set()
+            return
+        found.append(snapshot)
+        group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run_replay)
+        group.start_soon(run_read)
+    if failed:
+        raise failed[0]
+    return replayed[0] if replayed else found[0]
 
 
 def _split(first: int, end: int) -> list[_Range]:
@@ -175,7 +231,9 @@ async def _read_range(
 
     async def after_consume() -> None:
         if last is None:
-            await publish_marker(marker)
+            # Not cut midway by a snapshot found meanwhile: that would close the channel.
+            with anyio.CancelScope(shield=True):
+                await publish_marker(marker)
 
     await stream_replay.replay(target, on_delivery, after_consume)
     part.finished = True

@@ -159,8 +159,7 @@ class CancelFollower:
             # Cold (nothing read yet): where the stream ends now, to read it in ranges.
             cold = self._next_offset is None and not len(self._registry)
             end = await cancel_markers.stream_end(channel, publisher) if cold else None
-            await self._start_from_snapshot(channel, end)
-            replayed = await self._replay_fast(channel.connection, publisher, end)
+            replayed = await self._catch_up(channel, publisher, end)
             # Caught up already if the replay read its marker: no second marker to wait for.
             await self._consume(channel, publisher, resume=True, caught_up=replayed)
             if not await self._wait_caught_up():
@@ -193,38 +192,31 @@ class CancelFollower:
     def _snapshots(self) -> bool:
         return self._verify is None
 
-    async def _start_from_snapshot(
-        self, channel: aiormq.abc.AbstractChannel, end: int | None
-    ) -> None:
-        """Fill the empty registry from the pool's newest snapshot, and read on from there.
+    async def _catch_up(self, channel: aiormq.abc.AbstractChannel,
+                        publisher: aiormq.abc.AbstractChannel, end: int | None) -> bool:
+        """Restore the pool's newest snapshot if there is one, then replay the stream on from
+        it (the whole window without one); True if the replay read its marker.
 
-        Only if the stream (which ends at offset `end`) is long enough for a snapshot to
-        exist and be worth reading: a new pool's first worker does not wait for a snapshot
-        that never comes.
+        Only a stream long enough for a snapshot (it ends at offset `end`) has one worth
+        reading. When the broker counts none, the replay starts meanwhile: the count lags,
+        so one may still come (to a worker joining just after the reporter's snapshot);
+        whichever ends first, the replay or a snapshot read, is used, the other given up.
         """
-        if not self._snapshots or self._next_offset is not None or len(self._registry):
-            return
-        if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
-            return
-        try:
-            snapshot = await cancel_snapshots.read_newest(
-                channel.connection, self._pool, self._registry.window_seconds)
-        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
-                TimeoutError) as exc:
-            log.warning("cannot read cancel snapshots; reading the whole window",
-                        error=str(exc))
-            return
-        if snapshot is None:
-            return
-        if not await cancel_snapshots.continues_stream(channel, snapshot, end):
-            log.warning("cancel snapshot taken of another cancel stream (deleted and declared "
-                        "again since?); reading the whole window", next_offset=snapshot.next_offset)
-            return
+        if not self._snapshots or end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
+            return await self._replay_fast(channel.connection, publisher, end)
+        snapshot = await cancel_replay.replay_or_snapshot(
+            lambda: self._replay_fast(channel.connection, publisher, end),
+            lambda counted_empty, reading: cancel_snapshots.usable_newest(
+                channel, self._pool, self._registry.window_seconds, end,
+                on_counted_empty=counted_empty, reading=reading))
+        if isinstance(snapshot, bool):
+            return snapshot
         # The worker takes no run yet: there is nothing to call on_cancel for.
         restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset
         self._last_message = snapshot.last_message
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
+        return await self._replay_fast(channel.connection, publisher, end)
 
     async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
         """While this worker keeps its pool's snapshots (one worker per pool, so that
@@ -282,12 +274,8 @@ class CancelFollower:
         into the registry, advancing the next offset; True if the marker came. The usual
         consumer then reads on from the next offset; after a replay stopped short, with a
         marker of its own, as without this replay, so that nothing is lost."""
-        target = stream_replay.ReplayTarget(
-            url=connection.url, vhost=getattr(connection, "vhost", "/"),
-            ssl_context=getattr(connection, "ssl_context", None),
-            connection_name=f"{self._connection_name} (cancel replay)",
-            stream=CANCELS_STREAM, offset=self._start_offset(resume=True),
-            stall_seconds=cancel_markers.STALL_SECONDS)
+        target = cancel_replay.target(connection, f"{self._connection_name} (cancel replay)",
+                                      self._start_offset(resume=True))
 
         def on_message(delivery: Delivery) -> None:
             self._received += 1
@@ -351,7 +339,7 @@ class CancelFollower:
         offset = headers.get(STREAM_OFFSET)
         # Record first, then advance the offset, then acknowledge: an acknowledgement
         # that fails (its channel closing) must not lose the cancel for good.
-        if not (self._already_read and self._was_read(offset)):
+        if not (self._already_read and cancel_replay.within(offset, self._already_read)):
             self._handle(message, headers)
         if isinstance(offset, int):
             self._next_offset = offset + 1
@@ -367,10 +355,6 @@ class CancelFollower:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # Stream acknowledgements only grant credit; the session ends on its own.
             log.debug("cancel stream acknowledgement failed", error=str(exc))
-
-    def _was_read(self, offset: Any) -> bool:
-        return isinstance(offset, int) and any(
-            first <= offset <= last for first, last in self._already_read)
 
     def _handle(self, message: aiormq.abc.DeliveredMessage, headers: dict[str, Any]) -> None:
         marker = headers.get(MARKER_HEADER)
