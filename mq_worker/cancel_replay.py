@@ -37,8 +37,8 @@ from mq_worker.topology import CANCELS_STREAM, MARKER_HEADER, STREAM_OFFSET
 
 log = structlog.get_logger("mq_worker.cancel_replay")
 
-# Ranges read at once: more than the broker's cores, so that each range reader's round
-# trips (credit granted, the next batch read from disk) overlap the others' work.
+# Ranges read at once: at least the broker's cores. On 2 cores 4, 8 and 16 were alike
+# (docs/benchmarks.md, Scale); 8 leaves room for a broker with more.
 READERS = 8
 # A window shorter than this per reader is read by one: a split would cost more
 # connections than it saves.
