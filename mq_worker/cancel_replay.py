@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aiormq.abc
 import anyio
@@ -46,8 +46,6 @@ MIN_PER_READER = 5_000
 
 # Credit of each range reader: deliveries the broker sends ahead of its acknowledgements.
 PREFETCH = 2000
-
-Snapshot = TypeVar("Snapshot")
 
 # The message at an offset as a snapshot names it: its body and marker header.
 LastMessage = tuple[bytes, Any]
@@ -135,44 +133,6 @@ async def replay_window(
     return _outcome(ranges)
 
 
-async def replay_or_snapshot(
-    replay: Callable[[], Awaitable[bool]],
-    read_snapshot: Callable[[Callable[[], None], anyio.CancelScope], Awaitable[Snapshot | None]],
-) -> bool | Snapshot:
-    """The replay's result, or a snapshot that came before the replay ended (the replay is
-    given up). `read_snapshot(counted_empty, reading)` calls `counted_empty()` when the
-    broker counts no snapshot: the replay starts then (or once the read found none), and
-    a replay that ends first cancels `reading`."""
-    replay_now = anyio.Event()
-    replayed: list[bool] = []
-    failed: list[Exception] = []  # raised as itself, not in a group
-    found: list[Snapshot] = []
-    reading = anyio.CancelScope()
-
-    async def run_replay() -> None:
-        await replay_now.wait()
-        try:
-            replayed.append(await replay())
-        except Exception as exc:  # re-raised below
-            failed.append(exc)
-        reading.cancel()
-
-    async def run_read() -> None:
-        snapshot = await read_snapshot(replay_now.set, reading)
-        if snapshot is None or replayed or failed:
-            replay_now.set()
-            return
-        found.append(snapshot)
-        group.cancel_scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(run_replay)
-        group.start_soon(run_read)
-    if failed:
-        raise failed[0]
-    return replayed[0] if replayed else found[0]
-
-
 def _split(first: int, end: int) -> list[_Range]:
     readers = max(1, min(READERS, (end - first + 1) // MIN_PER_READER))
     bounds = [first + (end + 1 - first) * n // readers for n in range(readers)]
@@ -231,9 +191,7 @@ async def _read_range(
 
     async def after_consume() -> None:
         if last is None:
-            # Not cut midway by a snapshot found meanwhile: that would close the channel.
-            with anyio.CancelScope(shield=True):
-                await publish_marker(marker)
+            await publish_marker(marker)
 
     await stream_replay.replay(target, on_delivery, after_consume)
     part.finished = True

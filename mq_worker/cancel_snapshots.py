@@ -35,7 +35,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -253,16 +253,11 @@ def _checked(offset: int, last: str, run_ids: Any, times: Any, notes: Any) -> Sn
 
 
 async def usable_newest(channel: aiormq.abc.AbstractChannel, pool: str, window_seconds: float,
-                        end: int, on_counted_empty: Callable[[], None],
-                        reading: anyio.CancelScope) -> Snapshot | None:
+                        end: int) -> Snapshot | None:
     """The pool's newest snapshot if there is one of the cancel stream as it is now (whose
-    last message is at `end`); `on_counted_empty` is called if the broker counts none.
-    Cancelling `reading` gives up the read (not the check on `channel` after it)."""
-    snapshot = None
+    last message is at `end`), else None."""
     try:
-        with reading:
-            snapshot = await read_newest(channel.connection, pool, window_seconds,
-                                         on_counted_empty)
+        snapshot = await read_newest(channel.connection, pool, window_seconds)
     except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
             TimeoutError) as exc:
         log.warning("cannot read cancel snapshots; reading the whole window", error=str(exc))
@@ -277,19 +272,15 @@ async def usable_newest(channel: aiormq.abc.AbstractChannel, pool: str, window_s
 
 
 async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
-                      window_seconds: float,
-                      on_counted_empty: Callable[[], None] = lambda: None) -> Snapshot | None:
+                      window_seconds: float) -> Snapshot | None:
     """The pool's newest usable snapshot, or None (none yet, or the broker refuses).
 
     A part of the stream's last chunk says where its snapshot's first part is (`part`
     messages before it, as one worker publishes the parts one after the other); the
-    parts are read from there. `on_counted_empty` is called before waiting for a part
-    of a stream the broker counts empty."""
+    parts are read from there."""
     channel = await connection.channel()
     try:
         held = await declare_cancel_snapshot_stream(channel, pool)
-        if not held:
-            on_counted_empty()
         newest = await _read_from(channel, pool, "last", 1,
                                   READ_TIMEOUT if held else EMPTY_READ_TIMEOUT)
         if not newest:
@@ -302,9 +293,7 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
             return part
         read = await _read_from(channel, pool, offset - part.part, part.parts, READ_TIMEOUT)
     finally:
-        # Given up (a cold worker's replay ended first): closed all the same.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(READ_TIMEOUT):
-            await channel.close()
+        await channel.close()
     return decode([body for _, body in read], pool=pool, window_seconds=window_seconds)
 
 
@@ -329,8 +318,7 @@ async def _read_from(channel: aiormq.abc.AbstractChannel, pool: str, offset: Any
             await enough.wait()
     finally:
         assert ok.consumer_tag is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(READ_TIMEOUT):
-            await channel.basic_cancel(ok.consumer_tag)
+        await channel.basic_cancel(ok.consumer_tag)
     return received
 
 
@@ -362,8 +350,7 @@ async def continues_stream(channel: aiormq.abc.AbstractChannel, snapshot: Snapsh
             await arrived.wait()
     finally:
         assert ok.consumer_tag is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(READ_TIMEOUT):
-            await channel.basic_cancel(ok.consumer_tag)
+        await channel.basic_cancel(ok.consumer_tag)
     return found == [(position, snapshot.last_message)]
 
 

@@ -198,19 +198,16 @@ class CancelFollower:
         it (the whole window without one); True if the replay read its marker.
 
         Only a stream long enough for a snapshot (it ends at offset `end`) has one worth
-        reading. When the broker counts none, the replay starts meanwhile: the count lags,
-        so one may still come (to a worker joining just after the reporter's snapshot);
-        whichever ends first, the replay or a snapshot read, is used, the other given up.
+        reading: a new pool's first worker does not wait for a snapshot that never comes.
+        (Replaying while waiting for one was tried: a joining worker's snapshot then came
+        seconds late, behind the replay; docs/benchmarks.md, Scale.)
         """
         if not self._snapshots or end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
             return await self._replay_fast(channel.connection, publisher, end)
-        snapshot = await cancel_replay.replay_or_snapshot(
-            lambda: self._replay_fast(channel.connection, publisher, end),
-            lambda counted_empty, reading: cancel_snapshots.usable_newest(
-                channel, self._pool, self._registry.window_seconds, end,
-                on_counted_empty=counted_empty, reading=reading))
-        if isinstance(snapshot, bool):
-            return snapshot
+        snapshot = await cancel_snapshots.usable_newest(
+            channel, self._pool, self._registry.window_seconds, end)
+        if snapshot is None:
+            return await self._replay_fast(channel.connection, publisher, end)
         # The worker takes no run yet: there is nothing to call on_cancel for.
         restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset

@@ -328,18 +328,3 @@ async def test_a_cancel_stream_deleted_while_read_in_ranges_is_declared_and_read
                                     "run.cancel.default")])
         await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
 
-
-async def test_a_cold_worker_replays_while_it_waits_for_a_snapshot_the_broker_counts_absent(
-    vhost: VHost, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A wait for a snapshot longer than a worker may take to start (running_worker: 30 s):
-    # the worker is ready only if its replay does not wait for the read to give up.
-    monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 120.0)
-    early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
-    await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
-                               for r in early])
-    async with running_worker(vhost.url) as worker:
-        assert set(_held(worker)) == set(early)
-        assert worker._cancels.replayed == SNAPSHOT_EVERY
-        # The snapshot read given up closed its channel and consumer.
-        await wait_until(lambda: not vhost.consumers(SNAPSHOTS), timeout=10)
