@@ -8,8 +8,9 @@ starts, for every tree in turn (interleaved, so that the machine's load falls on
 alike), `python -m mq_worker start` from that tree's directory (its own mq_worker
 package), after deleting the pool's snapshot stream so that the worker replays the whole
 window: seconds from process start to its `worker.started` event, the worker's CPU
-seconds (user + system, from /proc) by then, and the load average. Without `--tree`,
-this checkout alone.
+seconds (user + system, from /proc) and resident memory by then, the broker's CPU
+seconds over the same span (its `beam.smp` process, which other clients share), and the
+load average. Without `--tree`, this checkout alone.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import psutil
 
 from benchmarks._amqp import publish_cancel_window
 from benchmarks._broker import management, vhost
+from benchmarks._machine import broker_process, cpu_seconds
 from benchmarks._paths import RESULTS, ROOT
 from benchmarks._report import print_table
 from benchmarks._runner import command_line, run_benchmark
@@ -82,13 +84,18 @@ async def cold_start(url: str, vhost_name: str, tree: Path, name: str) -> dict[s
                                  routing_key="mq_worker.worker.started")
         started = asyncio.Event()
         await channel.basic_consume(queue.queue, lambda _: started.set(), no_ack=True)
+        broker = broker_process()
+        broker_began = cpu_seconds(broker)
         began = time.monotonic()
         process = start_worker(url, tree, name)
         try:
             await asyncio.wait_for(started.wait(), 600)
             seconds = time.monotonic() - began
-            times = psutil.Process(process.pid).cpu_times()
+            worker = psutil.Process(process.pid)
+            times = worker.cpu_times()
             return {"start_s": seconds, "cpu_s": times.user + times.system,
+                    "rss_mib": worker.memory_info().rss / 2**20,
+                    "broker_cpu_s": cpu_seconds(broker) - broker_began,
                     "load_1min": os.getloadavg()[0]}
         finally:
             process.send_signal(signal.SIGTERM)
@@ -114,8 +121,8 @@ async def measure(args: Any) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> None:
     rows = []
     for name, rounds in result["rounds"].items():
-        for key in ("start_s", "cpu_s"):
-            values = [r[key] for r in rounds]
+        for key in ("start_s", "cpu_s", "broker_cpu_s", "rss_mib"):
+            values = [r[key] for r in rounds if key in r]
             rows.append([name, key, round(statistics.median(values), 2),
                          " ".join(f"{v:.2f}" for v in values),
                          " ".join(f"{r['load_1min']:.1f}" for r in rounds)])

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import aiormq.abc
+import aiormq.exceptions
 import anyio
 import orjson
 import structlog
@@ -47,6 +48,7 @@ from pamqp import commands as spec
 from pydantic import BaseModel, Field
 
 from mq_worker.cancel_registry import CancelRegistry
+from mq_worker.errors import TopologyMismatch
 from mq_worker.topology import (
     CANCELS_STREAM,
     JSON_CONTENT_TYPE,
@@ -248,6 +250,25 @@ def _checked(offset: int, last: str, run_ids: Any, times: Any, notes: Any) -> Sn
             raise ValueError(f"notes[{key}].reason is not text")
         checked[int(key, 16)] = (reason, note.get("reported") is True)
     return Snapshot(offset, last, run_ids, times, checked)
+
+
+async def usable_newest(channel: aiormq.abc.AbstractChannel, pool: str, window_seconds: float,
+                        end: int) -> Snapshot | None:
+    """The pool's newest snapshot if there is one of the cancel stream as it is now (whose
+    last message is at `end`), else None."""
+    try:
+        snapshot = await read_newest(channel.connection, pool, window_seconds)
+    except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
+            TimeoutError) as exc:
+        log.warning("cannot read cancel snapshots; reading the whole window", error=str(exc))
+        return None
+    if snapshot is None:
+        return None
+    if not await continues_stream(channel, snapshot, end):
+        log.warning("cancel snapshot taken of another cancel stream (deleted and declared "
+                    "again since?); reading the whole window", next_offset=snapshot.next_offset)
+        return None
+    return snapshot
 
 
 async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,

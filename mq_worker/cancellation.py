@@ -25,8 +25,8 @@ import anyio
 import anyio.abc
 import structlog
 
-from mq_worker import cancel_markers, cancel_snapshots, stream_replay
-from mq_worker.broker import deliver_frame, delivery_tag, mask_secrets
+from mq_worker import cancel_markers, cancel_replay, cancel_snapshots, stream_replay
+from mq_worker.broker import deliver_frame, delivery_tag
 from mq_worker.cancel_registry import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_WINDOW_SECONDS,
@@ -36,7 +36,7 @@ from mq_worker.cancel_registry import (
 from mq_worker.concurrency import wait_first
 from mq_worker.errors import InvalidMessage, TopologyMismatch
 from mq_worker.messages import parse_cancel
-from mq_worker.stream_frames import Delivery, FrameError
+from mq_worker.stream_frames import Delivery
 from mq_worker.topology import (
     CANCEL_REPORTED_HEADER,
     CANCELS_STREAM,
@@ -102,10 +102,15 @@ class CancelFollower:
         self._received = 0
         self._unreadable_at: int | None = None
         self._unacked = 0
+        # Offset ranges (first, last) a replay that stopped short read past _next_offset:
+        # the usual consumer steps over them while it catches up.
+        self._already_read: list[tuple[int, int]] = []
         self.replayed = 0
         self.skipped_offsets = 0
         # Replays on a connection of their own that stopped short (the consumer read on).
         self.fast_replays_stopped = 0
+        # How many range readers the last such replay used at once (mq_worker.cancel_replay).
+        self.replay_readers = 0
 
     async def follow(
         self,
@@ -145,13 +150,16 @@ class CancelFollower:
                 # The stream is gone; offsets of a new one start again at 0.
                 self._next_offset = None
                 self._snapshot_offset = None
+                self._already_read = []
                 cancelled.set()
 
         channel.on_consumer_cancel_callbacks.add(on_server_cancel)
         try:
             await channel.basic_qos(prefetch_count=1000)
-            await self._start_from_snapshot(channel, publisher)
-            replayed = await self._replay_fast(channel.connection, publisher)
+            # Cold (nothing read yet): where the stream ends now, to read it in ranges.
+            cold = self._next_offset is None and not len(self._registry)
+            end = await cancel_markers.stream_end(channel, publisher) if cold else None
+            replayed = await self._catch_up(channel, publisher, end)
             # Caught up already if the replay read its marker: no second marker to wait for.
             await self._consume(channel, publisher, resume=True, caught_up=replayed)
             if not await self._wait_caught_up():
@@ -163,6 +171,7 @@ class CancelFollower:
                 if self._consumer_tag is not None:
                     await channel.basic_cancel(self._consumer_tag)
                 self._next_offset = None
+                self._already_read = []
                 await self._consume(channel, publisher, resume=False)
                 if not await self._wait_caught_up():
                     raise TimeoutError("the cancel stream sent nothing, not even our marker")
@@ -183,38 +192,28 @@ class CancelFollower:
     def _snapshots(self) -> bool:
         return self._verify is None
 
-    async def _start_from_snapshot(
-        self, channel: aiormq.abc.AbstractChannel, publisher: aiormq.abc.AbstractChannel
-    ) -> None:
-        """Fill the empty registry from the pool's newest snapshot, and read on from there.
+    async def _catch_up(self, channel: aiormq.abc.AbstractChannel,
+                        publisher: aiormq.abc.AbstractChannel, end: int | None) -> bool:
+        """Restore the pool's newest snapshot if there is one, then replay the stream on from
+        it (the whole window without one); True if the replay read its marker.
 
-        Only if the stream is long enough for a snapshot to exist and be worth reading:
-        a new pool's first worker does not wait for a snapshot that never comes.
+        Only a stream long enough for a snapshot (it ends at offset `end`) has one worth
+        reading: a new pool's first worker does not wait for a snapshot that never comes.
+        (Replaying while waiting for one was tried: a joining worker's snapshot then came
+        seconds late, behind the replay; docs/benchmarks.md, Scale.)
         """
-        if not self._snapshots or self._next_offset is not None or len(self._registry):
-            return
-        end = await cancel_markers.stream_end(channel, publisher)
-        if end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
-            return
-        try:
-            snapshot = await cancel_snapshots.read_newest(
-                channel.connection, self._pool, self._registry.window_seconds)
-        except (aiormq.exceptions.AMQPError, TopologyMismatch, ConnectionError,
-                TimeoutError) as exc:
-            log.warning("cannot read cancel snapshots; reading the whole window",
-                        error=str(exc))
-            return
+        if not self._snapshots or end is None or end < cancel_snapshots.SNAPSHOT_EVERY:
+            return await self._replay_fast(channel.connection, publisher, end)
+        snapshot = await cancel_snapshots.usable_newest(
+            channel, self._pool, self._registry.window_seconds, end)
         if snapshot is None:
-            return
-        if not await cancel_snapshots.continues_stream(channel, snapshot, end):
-            log.warning("cancel snapshot taken of another cancel stream (deleted and declared "
-                        "again since?); reading the whole window", next_offset=snapshot.next_offset)
-            return
+            return await self._replay_fast(channel.connection, publisher, end)
         # The worker takes no run yet: there is nothing to call on_cancel for.
         restored = self._registry.restore(snapshot.rows())
         self._next_offset = self._snapshot_offset = snapshot.next_offset
         self._last_message = snapshot.last_message
         log.info("cancel snapshot restored", cancels=restored, next_offset=snapshot.next_offset)
+        return await self._replay_fast(channel.connection, publisher, end)
 
     async def _keep_snapshots(self, connection: aiormq.abc.AbstractConnection) -> None:
         """While this worker keeps its pool's snapshots (one worker per pool, so that
@@ -267,50 +266,38 @@ class CancelFollower:
         return self._next_offset
 
     async def _replay_fast(self, connection: aiormq.abc.AbstractConnection,
-                           publisher: aiormq.abc.AbstractChannel) -> bool:
-        """Read the stream up to a marker on a connection of its own (mq_worker.stream_replay),
+                           publisher: aiormq.abc.AbstractChannel, end: int | None) -> bool:
+        """Read the stream up to a marker on connections of its own (mq_worker.cancel_replay),
         into the registry, advancing the next offset; True if the marker came. The usual
         consumer then reads on from the next offset; after a replay stopped short, with a
         marker of its own, as without this replay, so that nothing is lost."""
-        marker = uuid.uuid4().hex
-        target = stream_replay.ReplayTarget(
-            url=connection.url, vhost=getattr(connection, "vhost", "/"),
-            ssl_context=getattr(connection, "ssl_context", None),
-            connection_name=f"{self._connection_name} (cancel replay)",
-            stream=CANCELS_STREAM, offset=self._start_offset(resume=True),
-            stall_seconds=cancel_markers.STALL_SECONDS)
+        target = cancel_replay.target(connection, f"{self._connection_name} (cancel replay)",
+                                      self._start_offset(resume=True))
 
-        def on_delivery(delivery: Delivery) -> bool:
+        def on_message(delivery: Delivery) -> None:
             self._received += 1
-            headers = delivery.headers
-            value = headers.get(MARKER_HEADER)
-            if value is None:
-                self._record(delivery.routing_key, headers, delivery.body, delivery.timestamp,
-                             live=False)
-            offset = headers.get(STREAM_OFFSET)
-            if isinstance(offset, int):
-                self._next_offset = offset + 1
-                self._last_message = (delivery.body, value)
-            return value is not None and _text(value) == marker
+            self._record(delivery.routing_key, delivery.headers, delivery.body,
+                         delivery.timestamp, live=False)
 
         began = self._received
         try:
-            await stream_replay.replay(target, on_delivery,
-                                       lambda: cancel_markers.publish(publisher, marker))
-            return True
+            outcome = await cancel_replay.replay_window(
+                target, end=end, on_message=on_message,
+                publish_marker=lambda marker: cancel_markers.publish(publisher, marker))
         except stream_replay.StreamCancelled:
             self._next_offset = self._snapshot_offset = None
             raise StreamConsumerCancelled("the cancel stream was deleted while it was read") \
                 from None
-        except (stream_replay.ReplayStopped, FrameError, OSError, TimeoutError) as exc:
-            log.info("fast cancel replay stopped; reading on with the usual consumer",
-                     error=mask_secrets(str(exc)) or type(exc).__name__,
-                     next_offset=self._next_offset)
+        if outcome.next_offset is not None:
+            self._next_offset = outcome.next_offset
+            self._last_message = outcome.last_message
+        self._already_read = outcome.already_read
+        self.replay_readers = outcome.readers
+        if not outcome.caught_up:
             self.fast_replays_stopped += 1
-            return False
-        finally:
-            log.debug("fast cancel replay", messages=self._received - began,
-                      next_offset=self._next_offset)
+        log.debug("fast cancel replay", messages=self._received - began, readers=outcome.readers,
+                  next_offset=self._next_offset, caught_up=outcome.caught_up)
+        return outcome.caught_up
 
     async def _wait_caught_up(self) -> bool:
         """Wait for our marker while messages keep coming; False if none came for a while."""
@@ -346,10 +333,11 @@ class CancelFollower:
         self._received += 1
         headers: dict[str, Any] = dict(message.header.properties.headers or {})
         replaying = not self._caught_up.is_set()
+        offset = headers.get(STREAM_OFFSET)
         # Record first, then advance the offset, then acknowledge: an acknowledgement
         # that fails (its channel closing) must not lose the cancel for good.
-        self._handle(message, headers)
-        offset = headers.get(STREAM_OFFSET)
+        if not (self._already_read and cancel_replay.within(offset, self._already_read)):
+            self._handle(message, headers)
         if isinstance(offset, int):
             self._next_offset = offset + 1
             self._last_message = (message.body, headers.get(MARKER_HEADER))
@@ -370,6 +358,7 @@ class CancelFollower:
         if marker is not None:
             if _text(marker) == self._marker:
                 self._caught_up.set()
+                self._already_read = []
             return
         timestamp = message.header.properties.timestamp
         self._record(deliver_frame(message).routing_key or "", headers, message.body,

@@ -1,7 +1,8 @@
 """A worker starting with no snapshot replays the whole cancel window: it must know every cancel.
 
-The replay reads the stream on a connection of its own (mq_worker.stream_replay);
-a replay that stops short hands over to the usual consumer, which reads on.
+The replay reads the stream on connections of its own (mq_worker.stream_replay), a long
+window in several ranges at once (mq_worker.cancel_replay); a replay that stops short
+hands over to the usual consumer, which reads on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import anyio
 import pytest
 from pamqp import commands as spec
 
-from mq_worker import cancel_snapshots, stream_frames
+from mq_worker import cancel_replay, cancel_snapshots, stream_frames
 from mq_worker.cancel_snapshots import SNAPSHOT_EVERY
 from mq_worker.topology import (
     CANCELS_STREAM,
@@ -226,3 +227,104 @@ async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(vhost: VHos
         async with running_worker(vhost.url) as joining:
             assert set(_held(joining)) == set(early)
             assert joining._cancels.replayed < 10, "replayed the window, not the snapshot"
+
+
+# The window above read in ranges: 3,051 messages and a marker, in four ranges.
+RANGES = 4
+
+
+@pytest.fixture
+def in_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cancel_replay, "READERS", RANGES)
+    monkeypatch.setattr(cancel_replay, "MIN_PER_READER", 500)
+
+
+def _breaking_one_reader(monkeypatch: pytest.MonkeyPatch, after: int,
+                         then: Any = None) -> list[int]:
+    """Make one of the replay's connections (the first to pass `after` deliveries) fail:
+    `then()` is called then if given, else its frames are refused as malformed."""
+    feed = stream_frames.FrameReader.feed
+    seen: dict[int, int] = {}
+    broken: list[int] = []
+
+    def feed_and_break(self: stream_frames.FrameReader, data: bytes) -> list[Any]:
+        items = feed(self, data)
+        count = seen[id(self)] = seen.get(id(self), 0) + len(items)
+        if not broken and count > after:
+            broken.append(id(self))
+            if then is None:
+                raise stream_frames.FrameError("cut short by the test")
+            then()
+        return items
+
+    monkeypatch.setattr(stream_frames.FrameReader, "feed", feed_and_break)
+    return broken
+
+
+@pytest.mark.usefixtures("in_ranges")
+async def test_a_window_read_in_ranges_gives_every_cancel_once(vhost: VHost) -> None:
+    published = await _window(vhost.url)
+    async with running_worker(vhost.url) as worker:
+        assert worker._cancels.replay_readers == RANGES
+        assert worker._cancels.fast_replays_stopped == 0
+        assert _held(worker) == published
+        assert worker._cancels.replayed == WINDOW  # none read twice across a boundary
+        assert not [props for _, props in vhost.connections() if "cancel replay" in props]
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=30)
+
+
+@pytest.mark.usefixtures("in_ranges")
+async def test_a_range_cut_short_hands_over_and_loses_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    broken = _breaking_one_reader(monkeypatch, after=300)
+    async with running_worker(vhost.url) as worker:
+        assert broken, "no range reader was cut short"
+        assert worker._cancels.replay_readers == RANGES
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
+        # The usual consumer stepped over what the other ranges had read.
+        assert worker._cancels.replayed == WINDOW
+
+
+@pytest.mark.usefixtures("in_ranges")
+async def test_ranges_whose_connections_the_broker_closes_lose_no_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = await _window(vhost.url)
+    # Little credit: the broker's close comes before a range has all been sent.
+    monkeypatch.setattr(cancel_replay, "PREFETCH", 50)
+    closed: list[int] = []
+    # The broker closes every range's connection still open (the reader's own at least).
+    broken = _breaking_one_reader(
+        monkeypatch, after=300,
+        then=lambda: closed.append(vhost.close_connections("cancel replay")))
+    async with running_worker(vhost.url) as worker:
+        assert broken and closed and closed[0] >= 1, "no range's connection was closed"
+        assert worker._cancels.fast_replays_stopped == 1
+        assert _held(worker) == published
+        assert worker._cancels.replayed == WINDOW
+
+
+@pytest.mark.usefixtures("in_ranges")
+async def test_a_cancel_stream_deleted_while_read_in_ranges_is_declared_and_read_again(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _window(vhost.url)
+    monkeypatch.setattr(cancel_replay, "PREFETCH", 50)  # deleted before all was sent
+    broken = _breaking_one_reader(
+        monkeypatch, after=300,
+        then=lambda: management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}"))
+    async with running_worker(vhost.url) as worker:
+        assert broken, "the stream was not deleted during the replay"
+        assert worker.metrics.reconnects._value.get() >= 1  # type: ignore[attr-defined]
+        await wait_until(lambda: CANCELS_STREAM in vhost.queue_counts(), timeout=30)
+        late = uuid.uuid4()
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
+

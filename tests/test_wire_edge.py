@@ -293,7 +293,8 @@ async def test_a_signed_cancel_replayed_as_a_run_and_a_run_as_a_cancel_are_refus
         victim = await publisher.submit(new_run(probe(tmp_path, sleep=60)))
         await wait_until(lambda: str(victim.id) in started_runs(tmp_path), timeout=30)
         await publisher.cancel(uuid.uuid4(), reason="a cancel someone will replay")
-        [cancel] = [m for m in await stream_messages(vhost.url, 2) if m.body]
+        # Before it, the worker's two markers (the stream's end, then its replay's).
+        [cancel] = [m for m in await stream_messages(vhost.url, 3) if m.body]
         # The signed cancel, body and headers untouched, published as a run.
         await publish_raw(vhost.url, cancel.body, headers=dict(cancel.headers))
         await events.wait_for(lambda evs: [e for e in evs if e.type == "mq_worker.run.rejected"],
