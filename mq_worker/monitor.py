@@ -40,7 +40,7 @@ from pamqp import commands as spec
 
 from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
-from mq_worker.events import EventType
+from mq_worker.events import CONTENT_TYPE, EventType
 from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
 from mq_worker.pings import PingAnswerer
 from mq_worker.topology import (
@@ -108,6 +108,10 @@ class PoolMonitor:
         # Set when a peer beating faster than the checks go appears: check at its pace now,
         # not after a sleep chosen for slower peers.
         self._faster_peer = anyio.Event()
+        # The tag of this session's consumer of the heartbeat stream, and whether the
+        # broker cancelled it (the stream was deleted, and its history with it).
+        self._stream_consumer: str | None = None
+        self._stream_lost = False
 
     @property
     def elected(self) -> bool:
@@ -126,6 +130,7 @@ class PoolMonitor:
         """Answer pings, take part in the election and, once elected, report lost
         peers, until cancelled."""
         await declare_monitor(publisher, self.pool)
+        await self._carry_over(publisher)
         self.peers.clear()
         self._replayed.clear()
         self._replay_from = self._replay_clock = float("-inf")
@@ -136,6 +141,7 @@ class PoolMonitor:
         # It ends with the session's connection, which the worker closes.
         own = await channel.connection.channel()
         await own.basic_qos(prefetch_count=_PREFETCH)
+        own.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, own)
             # The heartbeat stream or the election queue deleted under the reporter: it
@@ -151,6 +157,35 @@ class PoolMonitor:
                 self._faster_peer = anyio.Event()
                 with anyio.move_on_after(self._pace):
                     await self._faster_peer.wait()
+
+    def _on_consumer_cancel(self, frame: Any) -> None:
+        if self._stream_consumer is not None and frame.consumer_tag == self._stream_consumer:
+            self._stream_lost = True
+
+    async def _carry_over(self, publisher: aiormq.abc.AbstractChannel) -> None:
+        """Put back into a heartbeat stream declared anew what this worker knew as the
+        reporter when the old one was deleted: each peer's last event, as it was read.
+
+        Without it, whoever is elected next replays an empty stream, and a peer that dies
+        before its next heartbeat reaches the new stream is never reported. The copies
+        go to the stream only (not to subscribers); a reporter replaying them judges a
+        peer by the copy's own time, like any replayed event.
+        """
+        if not self._stream_lost:
+            return
+        self._stream_lost = False
+        known = [r.event.body for r in self.peers.values()
+                 if r.name != self.me and not r.lost and r.event.body]
+        stream = heartbeat_stream_name(self.pool)
+        for body in known:
+            await publisher.basic_publish(
+                body, exchange="", routing_key=stream,
+                properties=spec.Basic.Properties(content_type=CONTENT_TYPE, delivery_mode=2),
+                timeout=_MARKER_CONFIRM_TIMEOUT,
+            )
+        if known:
+            log.info("heartbeat stream declared anew; put back the last event of each peer",
+                     peers=len(known))
 
     def check_every(self, heartbeat_seconds: float) -> float:
         """Seconds between checks: half the shortest interval watched, this worker's own
@@ -177,9 +212,10 @@ class PoolMonitor:
         self._marker = uuid.uuid4().hex
         self._replay_from = time.time() - lookback
         offset = datetime.fromtimestamp(self._replay_from, tz=UTC)
-        await channel.basic_consume(
+        consume = await channel.basic_consume(
             stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
+        self._stream_consumer = consume.consumer_tag
         # Published now, the marker comes after every event already in the stream.
         await publisher.basic_publish(
             b"", exchange="", routing_key=stream,

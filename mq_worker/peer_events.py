@@ -9,6 +9,7 @@ reaching code that would fail on it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -101,6 +102,8 @@ class WorkerEvent:
     type: str
     time: datetime
     report: WorkerReport
+    # The bytes it was read from (empty when it was parsed from an `Event`).
+    body: bytes = b""
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
@@ -129,4 +132,4 @@ def parse_worker_event(body: bytes) -> WorkerEvent:
         event = Event.from_body(body)
     except ValidationError as exc:
         raise InvalidWorkerEvent("not a CloudEvent: " + _first_error(exc)) from None
-    return worker_event_from(event)
+    return dataclasses.replace(worker_event_from(event), body=body)
