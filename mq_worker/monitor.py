@@ -41,7 +41,12 @@ from pamqp import commands as spec
 from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
 from mq_worker.events import CONTENT_TYPE, EventType
-from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
+from mq_worker.peer_events import (
+    DEFAULT_MAX_PEERS,
+    InvalidWorkerEvent,
+    WorkerEvent,
+    parse_worker_event,
+)
 from mq_worker.pings import PingAnswerer
 from mq_worker.topology import (
     MARKER_HEADER,
@@ -89,8 +94,13 @@ class PoolMonitor:
         on_lost: Callable[[PeerRecord], None],
         on_ping: Callable[[], None] | None = None,
         on_invalid: Callable[[InvalidWorkerEvent, bytes], Awaitable[None]] | None = None,
+        max_peers: int = DEFAULT_MAX_PEERS,
     ) -> None:
         self.pool = pool
+        self.max_peers = max_peers
+        # Worker events of names beyond `max_peers`, refused since this worker started.
+        self.refused_peers = 0
+        self._refusals_logged_at = float("-inf")
         self.me = me
         self.missed = missed
         self.peers: dict[str, PeerRecord] = {}
@@ -329,6 +339,9 @@ class PoolMonitor:
                 self.peers.pop(name, None)
         elif event.type in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT):
             previous = self.peers.get(name)
+            if previous is None and len(self.peers) >= self.max_peers:
+                self._refuse_peer(name, now)
+                return
             record = PeerRecord(
                 name=name, pool=report.pool, heartbeat_seconds=report.heartbeat_seconds,
                 last_seen=now if live else self._replayed_time(event, now), event=event,
@@ -350,6 +363,15 @@ class PoolMonitor:
             self.peers[name] = record
             if max(MIN_CHECK_SECONDS, record.heartbeat_seconds / 2) < self._pace:
                 self._faster_peer.set()
+
+    def _refuse_peer(self, name: str, now: float) -> None:
+        """A new name when the table is full: a flood of forged names, most likely."""
+        self.refused_peers += 1
+        if now - self._refusals_logged_at >= STALE_AFTER_SECONDS:
+            self._refusals_logged_at = now
+            log.warning("worker event of a new worker refused: the reporter already follows "
+                        "its most workers", from_worker=name[:256], max_peers=self.max_peers,
+                        refused_so_far=self.refused_peers)
 
     def _replayed_time(self, event: WorkerEvent, now: float) -> float:
         age = max(0.0, time.time() - event.time.timestamp())

@@ -33,10 +33,13 @@ WORKER_EVENT_TYPES = frozenset({
     EventType.WORKER_STOPPED,
     EventType.WORKER_LOST,
 })
-# A day: longer intervals are typing mistakes, and a peer announcing one could
-# otherwise never be found lost.
-MAX_HEARTBEAT_SECONDS = 86_400.0
+# The longest interval a worker can be started with (`--heartbeat-seconds`): a peer
+# announcing a longer one is forged or broken, and would be watched for hours.
+MAX_HEARTBEAT_SECONDS = 3_600.0
 DEFAULT_HEARTBEAT_SECONDS = 30.0
+# Workers of one pool the elected reporter follows at once: far above any real pool,
+# far below what a flood of forged names would need to exhaust its memory.
+DEFAULT_MAX_PEERS = 100_000
 
 
 class InvalidWorkerEvent(ValueError):

@@ -129,7 +129,7 @@ class BaseWorker(abc.ABC):
         self._heartbeats = Heartbeats(
             book=self._book, link=self._link, reporter=self._report, outbox=self._outbox,
             free_slots=lambda: self.free_slots, pool=self.pool, worker=self.name,
-            heartbeat_seconds=s.heartbeat_seconds, log=self.log,
+            heartbeat_seconds=s.heartbeat_seconds, max_peers=s.reporter_max_peers, log=self.log,
         )
         self.ready = anyio.Event()
         self.metrics.bind_gauges(

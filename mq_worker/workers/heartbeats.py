@@ -21,7 +21,7 @@ from mq_worker.workers.runs import RunBook
 class Heartbeats:
     def __init__(self, *, book: RunBook, link: Link, reporter: Reporter, outbox: Outbox,
                  free_slots: Callable[[], float], pool: str, worker: str,
-                 heartbeat_seconds: float, log: Any) -> None:
+                 heartbeat_seconds: float, max_peers: int, log: Any) -> None:
         self._book = book
         self._link = link
         self._report = reporter
@@ -32,6 +32,7 @@ class Heartbeats:
         self._log = log
         self.monitor = PoolMonitor(
             pool=pool, me=worker, on_lost=self._report_lost, on_ping=self.beat,
+            max_peers=max_peers,
             on_invalid=InvalidWorkerEvents(
                 pool=pool, me=worker,
                 publisher=lambda: link.current.publish if link.current else None,

@@ -248,3 +248,34 @@ def test_a_replayed_event_from_the_future_makes_no_other_look_old() -> None:
     monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
     _elected(monitor)
     assert sorted(monitor.peers) == ["ahead", "alive"]
+
+
+def test_a_flood_of_forged_names_does_not_grow_the_table_past_its_cap() -> None:
+    lost: list[PeerRecord] = []
+    monitor = PoolMonitor(pool=POOL, me="me", missed=3, on_lost=lost.append, max_peers=100)
+    _elected(monitor)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "real"), now=100.0)
+    for i in range(10_000):
+        monitor.observe(_event(EventType.WORKER_HEARTBEAT, f"forged-{i}",
+                               heartbeat_seconds=3600.0), now=100.0)
+
+    assert len(monitor.peers) == 100
+    assert monitor.refused_peers == 10_000 - 99
+    # Peers already known are still followed, and found lost when they fall silent.
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "real"), now=110.0)
+    assert [p.name for p in monitor.check(now=141.0)] == ["real"]
+
+
+def test_a_heartbeat_interval_above_any_workers_own_is_refused() -> None:
+    event = _event(EventType.WORKER_HEARTBEAT, "slow", heartbeat_seconds=10.0)
+    body = json.dumps({
+        "specversion": "1.0", "id": event.id, "source": "/x", "type": event.type,
+        "time": event.time.isoformat(),
+        "data": {"worker": "slow", "pool": POOL, "heartbeat_seconds": 3601},
+    }).encode()
+    try:
+        parse_worker_event(body)
+    except InvalidWorkerEvent as exc:
+        assert "heartbeat_seconds" in exc.reason
+    else:
+        raise AssertionError("a heartbeat interval above 3600 s was accepted")
