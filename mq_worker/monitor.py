@@ -24,9 +24,10 @@ judged.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +41,7 @@ from pamqp import commands as spec
 
 from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
+from mq_worker.errors import InvalidMessage
 from mq_worker.events import CONTENT_TYPE, EventType
 from mq_worker.peer_events import (
     DEFAULT_MAX_PEERS,
@@ -95,9 +97,15 @@ class PoolMonitor:
         on_ping: Callable[[], None] | None = None,
         on_invalid: Callable[[InvalidWorkerEvent, bytes], Awaitable[None]] | None = None,
         max_peers: int = DEFAULT_MAX_PEERS,
+        verify: Callable[[bytes, Mapping[str, Any]], None] | None = None,
+        sign: Callable[[bytes], dict[str, str]] | None = None,
     ) -> None:
         self.pool = pool
         self.max_peers = max_peers
+        # With a signing key: events that `verify` refuses are never acted on, and the
+        # copies this worker puts back into a stream declared anew are signed with `sign`.
+        self._verify = verify
+        self._sign = sign
         # Worker events of names beyond `max_peers`, refused since this worker started.
         self.refused_peers = 0
         self._refusals_logged_at = float("-inf")
@@ -190,7 +198,9 @@ class PoolMonitor:
         for body in known:
             await publisher.basic_publish(
                 body, exchange="", routing_key=stream,
-                properties=spec.Basic.Properties(content_type=CONTENT_TYPE, delivery_mode=2),
+                properties=spec.Basic.Properties(
+                    content_type=CONTENT_TYPE, delivery_mode=2,
+                    headers=dict[str, Any](self._sign(body)) if self._sign else None),
                 timeout=_MARKER_CONFIRM_TIMEOUT,
             )
         if known:
@@ -251,10 +261,12 @@ class PoolMonitor:
                 self._finish_replay()
             return
         live = self._caught_up.is_set()
-        if not live:
-            self._buffer_replayed(message.body)
-            return
         try:
+            if self._verify is not None:
+                self._verified(message.body, headers)
+            if not live:
+                self._buffer_replayed(message.body)
+                return
             event = parse_worker_event(message.body)
             if event.report.pool != self.pool:
                 raise InvalidWorkerEvent(
@@ -273,6 +285,17 @@ class PoolMonitor:
                 await self._on_invalid(exc, message.body)
             return
         self.observe(event, live=live)
+
+    def _verified(self, body: bytes, headers: Mapping[str, Any]) -> None:
+        assert self._verify is not None
+        try:
+            self._verify(body, headers)
+        except InvalidMessage as exc:
+            worker = None
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                worker = (orjson.loads(body).get("data") or {}).get("worker")
+            raise InvalidWorkerEvent(exc.reason, worker if isinstance(worker, str) else None
+                                     ) from None
 
     def _buffer_replayed(self, body: bytes) -> None:
         """Keep a replayed event for the end of the replay; of a worker's consecutive
