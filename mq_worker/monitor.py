@@ -28,7 +28,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +45,9 @@ from mq_worker.events import CONTENT_TYPE, EventType
 from mq_worker.peer_events import (
     DEFAULT_MAX_PEERS,
     InvalidWorkerEvent,
+    PeerRecord,
     WorkerEvent,
+    is_restart,
     parse_worker_event,
 )
 from mq_worker.pings import PingAnswerer
@@ -65,25 +66,6 @@ MIN_CHECK_SECONDS = 0.2
 # A live worker event older than this (by its own time) is refused, not taken as news.
 STALE_AFTER_SECONDS = 60.0
 _PREFETCH = 1000
-
-
-@dataclass
-class PeerRecord:
-    """The last we heard from a worker."""
-
-    name: str
-    pool: str
-    last_seen: float  # time.monotonic()
-    heartbeat_seconds: float
-    event: WorkerEvent
-    lost: bool = False
-    # An earlier run of this worker that held runs when it restarted.
-    restarted_from: PeerRecord | None = None
-    restart_reported: bool = False
-
-    @property
-    def runs(self) -> list[dict[str, Any]]:
-        return self.event.report.run_list()
 
 
 class PoolMonitor:
@@ -373,7 +355,7 @@ class PoolMonitor:
                 record.restarted_from = previous.restarted_from
                 record.restart_reported = previous.restart_reported
             if (event.type == EventType.WORKER_STARTED and previous is not None
-                    and not _is_restart(event, previous.event)):
+                    and not is_restart(event, previous.event)):
                 return  # nothing new: a copy (republished, or replayed by anyone)
             if (event.type == EventType.WORKER_STARTED and previous is not None
                     and previous.runs and name != self.me):
@@ -416,11 +398,3 @@ class PoolMonitor:
                 lost.append(record)
                 self._on_lost(record)
         return lost
-
-
-def _is_restart(started: WorkerEvent, latest: WorkerEvent) -> bool:
-    """Whether `started` begins a new run of the worker whose latest event is `latest`,
-    rather than being a copy of the started event of the run we know (an outbox
-    publishes an event again when its confirm was lost)."""
-    known_start = latest.id if latest.type == EventType.WORKER_STARTED else latest.report.follows
-    return started.id != known_start

@@ -136,3 +136,29 @@ def parse_worker_event(body: bytes) -> WorkerEvent:
     except ValidationError as exc:
         raise InvalidWorkerEvent("not a CloudEvent: " + _first_error(exc)) from None
     return dataclasses.replace(worker_event_from(event), body=body)
+
+
+@dataclass
+class PeerRecord:
+    """The last we heard from a worker."""
+
+    name: str
+    pool: str
+    last_seen: float  # time.monotonic()
+    heartbeat_seconds: float
+    event: WorkerEvent
+    lost: bool = False
+    # An earlier run of this worker that held runs when it restarted.
+    restarted_from: PeerRecord | None = None
+    restart_reported: bool = False
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.event.report.run_list()
+
+def is_restart(started: WorkerEvent, latest: WorkerEvent) -> bool:
+    """Whether `started` begins a new run of the worker whose latest event is `latest`,
+    rather than being a copy of the started event of the run we know (an outbox
+    publishes an event again when its confirm was lost)."""
+    known_start = latest.id if latest.type == EventType.WORKER_STARTED else latest.report.follows
+    return started.id != known_start

@@ -11,8 +11,9 @@ import anyio
 from mq_worker.events import MessageKind
 from mq_worker.fencing import REPORTED_STATES, HeartbeatLease
 from mq_worker.invalid_events import InvalidWorkerEvents
-from mq_worker.monitor import PeerRecord, PoolMonitor
+from mq_worker.monitor import PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.peer_events import PeerRecord
 from mq_worker.signing import Signer
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter

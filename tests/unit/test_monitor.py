@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mq_worker.events import EventType, HeartbeatRun
-from mq_worker.monitor import MIN_CHECK_SECONDS, PeerRecord, PoolMonitor
+from mq_worker.monitor import MIN_CHECK_SECONDS, PoolMonitor
 from mq_worker.peer_events import (
     WORKER_EVENT_TYPES,
     InvalidWorkerEvent,
+    PeerRecord,
     WorkerEvent,
     WorkerReport,
     parse_worker_event,
