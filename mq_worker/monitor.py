@@ -347,6 +347,9 @@ class PoolMonitor:
             if previous is None and len(self.peers) >= self.max_peers:
                 self._refuse_peer(name, now)
                 return
+            if (event.type == EventType.WORKER_HEARTBEAT and previous is not None
+                    and event.time < previous.event.time):
+                return  # a copy of an earlier heartbeat: it says nothing of now
             record = PeerRecord(
                 name=name, pool=report.pool, heartbeat_seconds=report.heartbeat_seconds,
                 last_seen=now if live else self._replayed_time(event, now), event=event,

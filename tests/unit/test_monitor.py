@@ -280,3 +280,14 @@ def test_a_heartbeat_interval_above_any_workers_own_is_refused() -> None:
         assert "heartbeat_seconds" in exc.reason
     else:
         raise AssertionError("a heartbeat interval above 3600 s was accepted")
+
+
+def test_a_copy_of_an_earlier_heartbeat_published_again_does_not_keep_a_silent_peer_alive(
+) -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    earlier = _event(EventType.WORKER_HEARTBEAT, "gone", age=5.0)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "gone"), now=100.0)
+    monitor.observe(earlier, now=125.0)  # replayed by someone who kept a copy
+
+    assert [p.name for p in monitor.check(now=130.1)] == ["gone"]
