@@ -66,6 +66,8 @@ MIN_CHECK_SECONDS = 0.2
 # A live worker event older than this (by its own time) is refused, not taken as news.
 STALE_AFTER_SECONDS = 60.0
 _PREFETCH = 1000
+# Events of one peer kept from a replay, besides consecutive heartbeats (folded into one).
+_MAX_REPLAYED_PER_PEER = 64
 
 
 class PoolMonitor:
@@ -293,11 +295,18 @@ class PoolMonitor:
             return  # reported, if at all, by whoever was elected when it came
         if self._replayed_copy(raw.get("time")):
             return  # refused live by whoever was elected when it came
-        events = self._replayed.setdefault(worker, [])
+        events = self._replayed.get(worker)
+        if events is None:
+            if len(self._replayed) >= self.max_peers:
+                self._refuse_peer(worker, time.monotonic())
+                return
+            events = self._replayed[worker] = []
         if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
             events[-1] = (kind, body)
         else:
             events.append((kind, body))
+            if len(events) > _MAX_REPLAYED_PER_PEER:
+                del events[0]  # only a flood has that many starts and stops in a replay
 
     def _replayed_copy(self, sent: Any) -> bool:
         """Whether a replayed event is older, by its own time, than what the stream held

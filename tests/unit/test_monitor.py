@@ -291,3 +291,20 @@ def test_a_copy_of_an_earlier_heartbeat_published_again_does_not_keep_a_silent_p
     monitor.observe(earlier, now=125.0)  # replayed by someone who kept a copy
 
     assert [p.name for p in monitor.check(now=130.1)] == ["gone"]
+
+
+def test_a_flood_in_the_replayed_stream_is_held_within_the_cap() -> None:
+    lost: list[PeerRecord] = []
+    monitor = PoolMonitor(pool=POOL, me="me", missed=3, on_lost=lost.append, max_peers=50)
+    monitor._election.won.set()  # elected, still replaying
+    for i in range(5_000):
+        for kind in ("started", "heartbeat"):  # alternating: nothing to fold
+            monitor._buffer_replayed(json.dumps({
+                "type": f"mq_worker.worker.{kind}", "id": str(uuid.uuid4()),
+                "time": datetime.now(UTC).isoformat(),
+                "data": {"worker": f"forged-{i % 60}", "pool": POOL}}).encode())
+
+    assert len(monitor._replayed) <= 50
+    assert sum(len(events) for events in monitor._replayed.values()) <= 50 * 64
+    monitor._finish_replay()
+    assert len(monitor.peers) <= 50
