@@ -165,14 +165,10 @@ class PoolMonitor:
             self._stream_lost = True
 
     async def _carry_over(self, publisher: aiormq.abc.AbstractChannel) -> None:
-        """Put back into a heartbeat stream declared anew what this worker knew as the
-        reporter when the old one was deleted: each peer's last event, as it was read.
-
-        Without it, whoever is elected next replays an empty stream, and a peer that dies
-        before its next heartbeat reaches the new stream is never reported. The copies
-        go to the stream only (not to subscribers); a reporter replaying them judges a
-        peer by the copy's own time, like any replayed event.
-        """
+        """Put back into a heartbeat stream declared anew each peer's last event, as this
+        worker read it as the reporter: else whoever is elected next replays an empty
+        stream, and a peer that dies before its next heartbeat reaches it is never
+        reported. Only the stream gets the copies, not subscribers."""
         if not self._stream_lost:
             return
         self._stream_lost = False
