@@ -110,7 +110,11 @@ async def test_the_reporter_acts_only_on_signed_worker_events(
         worker_processes(vhost.url, "--heartbeat-seconds", "1", "--signing-key-file", str(keys))
     await events.wait_for(lambda evs: len({e.subject for e in evs if e.type ==
                                            "mq_worker.worker.heartbeat"}) == 2, timeout=60)
-    forged, genuine = (f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("forged", "genuine"))
+    # Once one signed silent worker is reported, the reporter follows its pool live.
+    warm, forged, genuine = (f"{kind}-{uuid.uuid4().hex[:6]}"
+                             for kind in ("warm", "forged", "genuine"))
+    await _publish(vhost.url, _worker_event("heartbeat", warm), signed=True)
+    await events.wait_for(lambda _: _lost(events, warm), timeout=30)
     await _publish(vhost.url, _worker_event("heartbeat", forged))
     await _publish(vhost.url, _worker_event("heartbeat", genuine), signed=True)
 
