@@ -30,13 +30,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiormq.abc
 import orjson
 import structlog
 
+from mq_worker.errors import InvalidMessage
 from mq_worker.events import CrashReason, EventType, OutgoingEvent, RunEventData, build_event
 from mq_worker.topology import EVENTS_EXCHANGE
 
@@ -130,9 +132,12 @@ class HeartbeatLease:
 
 
 async def follow_own_reports(
-    channel: aiormq.abc.AbstractChannel, worker: str, on_report: Callable[[list[str]], None]
+    channel: aiormq.abc.AbstractChannel, worker: str, on_report: Callable[[list[str]], None],
+    *, verify: Callable[[bytes, Mapping[str, Any]], None] | None = None,
+    on_refused: Callable[[], None] = lambda: None,
 ) -> None:
-    """Call `on_report(run ids)` for each `worker.lost` a peer publishes about `worker`."""
+    """Call `on_report(run ids)` for each `worker.lost` a peer publishes about `worker`;
+    with `verify`, only for those it passes (signed by a peer: see mq_worker.signing)."""
     private = await channel.queue_declare("", exclusive=True, auto_delete=True)
     assert private is not None and private.queue
 
@@ -142,6 +147,13 @@ async def follow_own_reports(
             data = event.get("data") or {}
             if event.get("subject") != worker or data.get("worker") != worker:
                 return
+            if verify is not None:
+                try:
+                    verify(message.body, message.header.properties.headers or {})
+                except InvalidMessage as exc:
+                    on_refused()
+                    log.warning("unsigned or forged worker.lost ignored", reason=exc.reason)
+                    return
             runs = data.get("in_flight") or []
             on_report([str(r) for r in runs if isinstance(r, str)])
         except (orjson.JSONDecodeError, AttributeError, TypeError):

@@ -103,6 +103,11 @@ class WorkerMetrics:
         self.reconnects = Counter(
             "mq_worker_reconnects", "Connections re-established.", registry=self.registry
         )
+        self.refused_reports = Counter(
+            "mq_worker_refused_lost_reports",
+            "worker.lost reports about this worker refused: unsigned or badly signed.",
+            registry=self.registry,
+        )
         self.connected = Gauge(
             "mq_worker_connected", "1 while connected to the broker.", registry=self.registry
         )

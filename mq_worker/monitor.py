@@ -24,10 +24,10 @@ judged.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,8 +40,16 @@ from pamqp import commands as spec
 
 from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
-from mq_worker.events import EventType
-from mq_worker.peer_events import InvalidWorkerEvent, WorkerEvent, parse_worker_event
+from mq_worker.errors import InvalidMessage
+from mq_worker.events import CONTENT_TYPE, EventType
+from mq_worker.peer_events import (
+    DEFAULT_MAX_PEERS,
+    InvalidWorkerEvent,
+    PeerRecord,
+    WorkerEvent,
+    is_restart,
+    parse_worker_event,
+)
 from mq_worker.pings import PingAnswerer
 from mq_worker.topology import (
     MARKER_HEADER,
@@ -58,25 +66,8 @@ MIN_CHECK_SECONDS = 0.2
 # A live worker event older than this (by its own time) is refused, not taken as news.
 STALE_AFTER_SECONDS = 60.0
 _PREFETCH = 1000
-
-
-@dataclass
-class PeerRecord:
-    """The last we heard from a worker."""
-
-    name: str
-    pool: str
-    last_seen: float  # time.monotonic()
-    heartbeat_seconds: float
-    event: WorkerEvent
-    lost: bool = False
-    # An earlier run of this worker that held runs when it restarted.
-    restarted_from: PeerRecord | None = None
-    restart_reported: bool = False
-
-    @property
-    def runs(self) -> list[dict[str, Any]]:
-        return self.event.report.run_list()
+# Events of one peer kept from a replay, besides consecutive heartbeats (folded into one).
+_MAX_REPLAYED_PER_PEER = 64
 
 
 class PoolMonitor:
@@ -89,8 +80,19 @@ class PoolMonitor:
         on_lost: Callable[[PeerRecord], None],
         on_ping: Callable[[], None] | None = None,
         on_invalid: Callable[[InvalidWorkerEvent, bytes], Awaitable[None]] | None = None,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        verify: Callable[[bytes, Mapping[str, Any]], None] | None = None,
+        sign: Callable[[bytes], dict[str, str]] | None = None,
     ) -> None:
         self.pool = pool
+        self.max_peers = max_peers
+        # With a signing key: events that `verify` refuses are never acted on, and the
+        # copies this worker puts back into a stream declared anew are signed with `sign`.
+        self._verify = verify
+        self._sign = sign
+        # Worker events of names beyond `max_peers`, refused since this worker started.
+        self.refused_peers = 0
+        self._refusals_logged_at = float("-inf")
         self.me = me
         self.missed = missed
         self.peers: dict[str, PeerRecord] = {}
@@ -108,6 +110,10 @@ class PoolMonitor:
         # Set when a peer beating faster than the checks go appears: check at its pace now,
         # not after a sleep chosen for slower peers.
         self._faster_peer = anyio.Event()
+        # The tag of this session's consumer of the heartbeat stream, and whether the
+        # broker cancelled it (the stream was deleted, and its history with it).
+        self._stream_consumer: str | None = None
+        self._stream_lost = False
 
     @property
     def elected(self) -> bool:
@@ -126,6 +132,7 @@ class PoolMonitor:
         """Answer pings, take part in the election and, once elected, report lost
         peers, until cancelled."""
         await declare_monitor(publisher, self.pool)
+        await self._carry_over(publisher)
         self.peers.clear()
         self._replayed.clear()
         self._replay_from = self._replay_clock = float("-inf")
@@ -136,6 +143,7 @@ class PoolMonitor:
         # It ends with the session's connection, which the worker closes.
         own = await channel.connection.channel()
         await own.basic_qos(prefetch_count=_PREFETCH)
+        own.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, own)
             # The heartbeat stream or the election queue deleted under the reporter: it
@@ -151,6 +159,33 @@ class PoolMonitor:
                 self._faster_peer = anyio.Event()
                 with anyio.move_on_after(self._pace):
                     await self._faster_peer.wait()
+
+    def _on_consumer_cancel(self, frame: Any) -> None:
+        if self._stream_consumer is not None and frame.consumer_tag == self._stream_consumer:
+            self._stream_lost = True
+
+    async def _carry_over(self, publisher: aiormq.abc.AbstractChannel) -> None:
+        """Put back into a heartbeat stream declared anew each peer's last event, as this
+        worker read it as the reporter: else whoever is elected next replays an empty
+        stream, and a peer that dies before its next heartbeat reaches it is never
+        reported. Only the stream gets the copies, not subscribers."""
+        if not self._stream_lost:
+            return
+        self._stream_lost = False
+        known = [r.event.body for r in self.peers.values()
+                 if r.name != self.me and not r.lost and r.event.body]
+        stream = heartbeat_stream_name(self.pool)
+        for body in known:
+            await publisher.basic_publish(
+                body, exchange="", routing_key=stream,
+                properties=spec.Basic.Properties(
+                    content_type=CONTENT_TYPE, delivery_mode=2,
+                    headers=dict[str, Any](self._sign(body)) if self._sign else None),
+                timeout=_MARKER_CONFIRM_TIMEOUT,
+            )
+        if known:
+            log.info("heartbeat stream declared anew; put back the last event of each peer",
+                     peers=len(known))
 
     def check_every(self, heartbeat_seconds: float) -> float:
         """Seconds between checks: half the shortest interval watched, this worker's own
@@ -177,9 +212,10 @@ class PoolMonitor:
         self._marker = uuid.uuid4().hex
         self._replay_from = time.time() - lookback
         offset = datetime.fromtimestamp(self._replay_from, tz=UTC)
-        await channel.basic_consume(
+        consume = await channel.basic_consume(
             stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
+        self._stream_consumer = consume.consumer_tag
         # Published now, the marker comes after every event already in the stream.
         await publisher.basic_publish(
             b"", exchange="", routing_key=stream,
@@ -205,10 +241,12 @@ class PoolMonitor:
                 self._finish_replay()
             return
         live = self._caught_up.is_set()
-        if not live:
-            self._buffer_replayed(message.body)
-            return
         try:
+            if self._verify is not None:
+                self._verified(message.body, headers)
+            if not live:
+                self._buffer_replayed(message.body)
+                return
             event = parse_worker_event(message.body)
             if event.report.pool != self.pool:
                 raise InvalidWorkerEvent(
@@ -228,6 +266,17 @@ class PoolMonitor:
             return
         self.observe(event, live=live)
 
+    def _verified(self, body: bytes, headers: Mapping[str, Any]) -> None:
+        assert self._verify is not None
+        try:
+            self._verify(body, headers)
+        except InvalidMessage as exc:
+            worker = None
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                worker = (orjson.loads(body).get("data") or {}).get("worker")
+            raise InvalidWorkerEvent(exc.reason, worker if isinstance(worker, str) else None
+                                     ) from None
+
     def _buffer_replayed(self, body: bytes) -> None:
         """Keep a replayed event for the end of the replay; of a worker's consecutive
         heartbeats only the last, so that a long replay validates few of them."""
@@ -242,11 +291,18 @@ class PoolMonitor:
             return  # reported, if at all, by whoever was elected when it came
         if self._replayed_copy(raw.get("time")):
             return  # refused live by whoever was elected when it came
-        events = self._replayed.setdefault(worker, [])
+        events = self._replayed.get(worker)
+        if events is None:
+            if len(self._replayed) >= self.max_peers:
+                self._refuse_peer(worker, time.monotonic())
+                return
+            events = self._replayed[worker] = []
         if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
             events[-1] = (kind, body)
         else:
             events.append((kind, body))
+            if len(events) > _MAX_REPLAYED_PER_PEER:
+                del events[0]  # only a flood has that many starts and stops in a replay
 
     def _replayed_copy(self, sent: Any) -> bool:
         """Whether a replayed event is older, by its own time, than what the stream held
@@ -293,6 +349,12 @@ class PoolMonitor:
                 self.peers.pop(name, None)
         elif event.type in (EventType.WORKER_STARTED, EventType.WORKER_HEARTBEAT):
             previous = self.peers.get(name)
+            if previous is None and len(self.peers) >= self.max_peers:
+                self._refuse_peer(name, now)
+                return
+            if (event.type == EventType.WORKER_HEARTBEAT and previous is not None
+                    and event.time < previous.event.time):
+                return  # a copy of an earlier heartbeat: it says nothing of now
             record = PeerRecord(
                 name=name, pool=report.pool, heartbeat_seconds=report.heartbeat_seconds,
                 last_seen=now if live else self._replayed_time(event, now), event=event,
@@ -301,7 +363,7 @@ class PoolMonitor:
                 record.restarted_from = previous.restarted_from
                 record.restart_reported = previous.restart_reported
             if (event.type == EventType.WORKER_STARTED and previous is not None
-                    and not _is_restart(event, previous.event)):
+                    and not is_restart(event, previous.event)):
                 return  # nothing new: a copy (republished, or replayed by anyone)
             if (event.type == EventType.WORKER_STARTED and previous is not None
                     and previous.runs and name != self.me):
@@ -314,6 +376,15 @@ class PoolMonitor:
             self.peers[name] = record
             if max(MIN_CHECK_SECONDS, record.heartbeat_seconds / 2) < self._pace:
                 self._faster_peer.set()
+
+    def _refuse_peer(self, name: str, now: float) -> None:
+        """A new name when the table is full: a flood of forged names, most likely."""
+        self.refused_peers += 1
+        if now - self._refusals_logged_at >= STALE_AFTER_SECONDS:
+            self._refusals_logged_at = now
+            log.warning("worker event of a new worker refused: the reporter already follows "
+                        "its most workers", from_worker=name[:256], max_peers=self.max_peers,
+                        refused_so_far=self.refused_peers)
 
     def _replayed_time(self, event: WorkerEvent, now: float) -> float:
         age = max(0.0, time.time() - event.time.timestamp())
@@ -335,11 +406,3 @@ class PoolMonitor:
                 lost.append(record)
                 self._on_lost(record)
         return lost
-
-
-def _is_restart(started: WorkerEvent, latest: WorkerEvent) -> bool:
-    """Whether `started` begins a new run of the worker whose latest event is `latest`,
-    rather than being a copy of the started event of the run we know (an outbox
-    publishes an event again when its confirm was lost)."""
-    known_start = latest.id if latest.type == EventType.WORKER_STARTED else latest.report.follows
-    return started.id != known_start

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,11 @@ class Outbox:
         on_pressure: Callable[[bool], None] | None = None,
         *,
         spool: Spool | None = None,
+        sign: Callable[[OutgoingEvent], Mapping[str, str]] | None = None,
     ) -> None:
         self.capacity = capacity
+        # Headers signing an event, added when it is published (so spooled events too).
+        self._sign = sign
         self._events: deque[OutgoingEvent] = deque()
         self._wakeup = anyio.Event()
         self._empty = anyio.Event()
@@ -171,26 +174,24 @@ class Outbox:
                 assert isinstance(failure, BaseException)
                 raise failure
 
-    @staticmethod
-    async def _publish_batch(channel: object,
+    async def _publish_batch(self, channel: object,
                              batch: list[OutgoingEvent]) -> list[object | BaseException]:
         """The batch in one socket write; each event's confirmation or why it has none."""
         confirmations = await confirmed_batch.publish(channel, [
             confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, CONTENT_TYPE,
-                                    event.id, headers=_headers(event))
+                                    event.id, headers=_headers(event, self._sign))
             for event in batch])
         # A confirm lost on an open channel must not stall every later event: the
         # TimeoutError ends the session and the unconfirmed events are published again.
         await asyncio.wait(confirmations, timeout=CONFIRM_TIMEOUT)
         return [_outcome(c) for c in confirmations]
 
-    @staticmethod
-    async def _publish(channel: object, event: OutgoingEvent) -> None:
+    async def _publish(self, channel: object, event: OutgoingEvent) -> None:
         await channel.basic_publish(  # type: ignore[attr-defined]
             event.body,
             exchange=EVENTS_EXCHANGE,
             routing_key=event.type,
-            properties=_properties(event),
+            properties=_properties(event, self._sign),
             wait=False,
             # A confirm lost on an open channel must not stall every later event:
             # the TimeoutError ends the session and the event is published again.
@@ -210,10 +211,15 @@ def _outcome(confirmation: asyncio.Future[object]) -> object | BaseException:
     return confirmation.exception() or confirmation.result()
 
 
-def _headers(event: OutgoingEvent) -> dict[str, Any] | None:
-    return {"BCC": list(event.also_routed_to)} if event.also_routed_to else None
+def _headers(event: OutgoingEvent,
+             sign: Callable[[OutgoingEvent], Mapping[str, str]] | None) -> dict[str, Any] | None:
+    headers: dict[str, Any] = {"BCC": list(event.also_routed_to)} if event.also_routed_to else {}
+    if sign is not None:
+        headers.update(sign(event))
+    return headers or None
 
 
-def _properties(event: OutgoingEvent) -> spec.Basic.Properties:
+def _properties(event: OutgoingEvent,
+                sign: Callable[[OutgoingEvent], Mapping[str, str]] | None) -> spec.Basic.Properties:
     return spec.Basic.Properties(content_type=CONTENT_TYPE, delivery_mode=2,
-                                 message_id=event.id, headers=_headers(event))
+                                 message_id=event.id, headers=_headers(event, sign))

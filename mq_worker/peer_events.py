@@ -9,6 +9,7 @@ reaching code that would fail on it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,10 +33,13 @@ WORKER_EVENT_TYPES = frozenset({
     EventType.WORKER_STOPPED,
     EventType.WORKER_LOST,
 })
-# A day: longer intervals are typing mistakes, and a peer announcing one could
-# otherwise never be found lost.
-MAX_HEARTBEAT_SECONDS = 86_400.0
+# The longest interval a worker can be started with (`--heartbeat-seconds`): a peer
+# announcing a longer one is forged or broken, and would be watched for hours.
+MAX_HEARTBEAT_SECONDS = 3_600.0
 DEFAULT_HEARTBEAT_SECONDS = 30.0
+# Workers of one pool the elected reporter follows at once: far above any real pool,
+# far below what a flood of forged names would need to exhaust its memory.
+DEFAULT_MAX_PEERS = 100_000
 
 
 class InvalidWorkerEvent(ValueError):
@@ -101,6 +105,8 @@ class WorkerEvent:
     type: str
     time: datetime
     report: WorkerReport
+    # The bytes it was read from (empty when it was parsed from an `Event`).
+    body: bytes = b""
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
@@ -129,4 +135,30 @@ def parse_worker_event(body: bytes) -> WorkerEvent:
         event = Event.from_body(body)
     except ValidationError as exc:
         raise InvalidWorkerEvent("not a CloudEvent: " + _first_error(exc)) from None
-    return worker_event_from(event)
+    return dataclasses.replace(worker_event_from(event), body=body)
+
+
+@dataclass
+class PeerRecord:
+    """The last we heard from a worker."""
+
+    name: str
+    pool: str
+    last_seen: float  # time.monotonic()
+    heartbeat_seconds: float
+    event: WorkerEvent
+    lost: bool = False
+    # An earlier run of this worker that held runs when it restarted.
+    restarted_from: PeerRecord | None = None
+    restart_reported: bool = False
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.event.report.run_list()
+
+def is_restart(started: WorkerEvent, latest: WorkerEvent) -> bool:
+    """Whether `started` begins a new run of the worker whose latest event is `latest`,
+    rather than being a copy of the started event of the run we know (an outbox
+    publishes an event again when its confirm was lost)."""
+    known_start = latest.id if latest.type == EventType.WORKER_STARTED else latest.report.follows
+    return started.id != known_start

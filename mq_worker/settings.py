@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from mq_worker.broker import DEFAULT_URL, TlsOptions, mask_url, split_urls
 from mq_worker.messages import DEFAULT_MAX_MESSAGE_BYTES
 from mq_worker.outbox import DEFAULT_CAPACITY
+from mq_worker.peer_events import DEFAULT_MAX_PEERS, MAX_HEARTBEAT_SECONDS
 from mq_worker.signing import DEFAULT_MAX_AGE_SECONDS
 from mq_worker.topology import (
     DEFAULT_DELIVERY_LIMIT,
@@ -75,7 +76,13 @@ class WorkerSettings(BaseSettings):
         description="Runs due within this many seconds are taken and held; later ones parked.",
     )
     heartbeat_seconds: float = Field(
-        default=30.0, gt=0, le=3600, description="Seconds between heartbeat events."
+        default=30.0, gt=0, le=MAX_HEARTBEAT_SECONDS,
+        description="Seconds between heartbeat events.",
+    )
+    reporter_max_peers: int = Field(
+        default=DEFAULT_MAX_PEERS, ge=1,
+        description="Most workers of the pool the elected reporter follows at once; "
+                    "worker events of further names are refused and counted.",
     )
     drain_timeout: float | None = Field(
         default=None, ge=0,

@@ -4,8 +4,8 @@ Scheme v2 (`x-mq-worker-signature-v2: t=<issued-at>,sha256=<hex>`) signs
 
     mq_worker.v2 LF <kind> LF <pool> LF <issued-at> LF <body>
 
-where kind is `run` or `cancel`, pool the pool the message is published to and
-issued-at whole Unix seconds. So a signed cancel does not verify as a run (nor
+where kind is `run`, `cancel` or `worker` (a worker event), pool the pool the message
+is published to and issued-at whole Unix seconds. So a signed cancel does not verify as a run (nor
 a run as a cancel), a message signed for one pool does not verify in another,
 and a signature older than its maximum age is refused. A key file may hold
 several keys, one per line: the first signs, any verifies (for rotation).
@@ -34,8 +34,10 @@ from mq_worker.messages import (
 )
 from mq_worker.topology import SIGNATURE_HEADER, SIGNATURE_V2_HEADER
 
-MessageKind = Literal["run", "cancel"]
+MessageKind = Literal["run", "cancel", "worker"]
 DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+# A worker event is acted on within the hour its pool's heartbeat stream keeps it.
+WORKER_EVENT_MAX_AGE_SECONDS = 3600.0
 # How far ahead of the verifier's clock an issued-at may be (clocks differ a little).
 CLOCK_SKEW_SECONDS = 300.0
 _PREFIX = "sha256="
@@ -158,6 +160,19 @@ class Signer:
             self.check_age(issued_at, max_age_seconds=max_age_seconds)
 
         return verify
+
+    def worker_event_verifier(self, pool: str) -> Callable[[bytes, Mapping[str, Any]], None]:
+        """What those who act on worker events check: a worker event of `pool`, signed
+        within the hour."""
+        def verify(body: bytes, headers: Mapping[str, Any]) -> None:
+            issued_at = self.verify(body, headers, kind="worker", pool=pool)
+            self.check_age(issued_at, max_age_seconds=WORKER_EVENT_MAX_AGE_SECONDS)
+
+        return verify
+
+    def worker_event_headers(self, pool: str) -> Callable[[bytes], dict[str, str]]:
+        """The signature header of a worker event of `pool`, issued now."""
+        return lambda body: self.headers(body, kind="worker", pool=pool)
 
 
 def parse_signed_run(

@@ -3,6 +3,7 @@ than its own, worker events that are old or copied, and its stream deleted under
 
 from __future__ import annotations
 
+import urllib.parse
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -166,3 +167,39 @@ def _stream_consumers(vhost: VHost) -> int:
 
 def _stream_messages(vhost: VHost) -> int:
     return int(management("GET", f"/queues/{vhost.name}/{STREAM}").get("messages") or 0)
+
+
+def _stream_readers(vhost: VHost) -> list[str]:
+    """The workers reading the heartbeat stream (its elected reporter)."""
+    names = []
+    for consumer in management("GET", f"/consumers/{vhost.name}"):
+        if consumer["queue"]["name"] != STREAM or not consumer["channel_details"]:
+            continue
+        connection = urllib.parse.quote(consumer["channel_details"]["connection_name"], safe="")
+        properties = management("GET", f"/connections/{connection}")["client_properties"]
+        names.append(properties["connection_name"].removeprefix("mq_worker "))
+    return names
+
+
+async def test_a_peer_killed_just_after_the_heartbeat_stream_was_deleted_is_reported_once(
+    vhost: VHost, events: EventLog, worker_processes: Any
+) -> None:
+    workers = [worker_processes(vhost.url, "--heartbeat-seconds", "1") for _ in range(3)]
+    for worker in workers:
+        await events.wait_for(lambda evs, name=worker.name: any(
+            e.type == HEARTBEAT and e.subject == name for e in evs), timeout=60)
+    [reporter] = await wait_until(lambda: _stream_readers(vhost), timeout=30)
+    management("DELETE", f"/queues/{vhost.name}/{STREAM}")
+    # Killed before its next heartbeat can reach the stream declared anew: only the
+    # deleted stream, and the reporter, had heard of it (before: nobody reported it).
+    victim = next(w for w in workers if w.name != reporter)
+    victim.kill()
+    await wait_until(lambda: STREAM in vhost.queue_counts() and _stream_readers(vhost),
+                     timeout=30)
+
+    await events.wait_for(lambda _: _lost(events, victim.name), timeout=15)
+    # Whatever else was going to be reported by then has been.
+    silent = await _found_lost_in_time(events, vhost.url)
+    assert sorted(e.subject for e in events.events if e.type == LOST) == sorted(
+        [victim.name, silent])
+    assert all(w.process.poll() is None for w in workers if w is not victim)

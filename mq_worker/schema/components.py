@@ -45,8 +45,9 @@ def messages(names: dict[str, str]) -> dict[str, Any]:
             "pattern": "^t=[0-9]{1,12},sha256=[0-9a-f]{64}$",
             "description": "Signature v2: t is the issued-at time (Unix seconds), sha256 "
             "the hex HMAC-SHA256 under a shared key of 'mq_worker.v2', the message kind "
-            "(run or cancel), the pool, t and the exact body, joined by LF; required by "
-            "workers started with --signing-key-file.",
+            "(run, cancel, or worker for a worker event), the pool, t and the exact body, "
+            "joined by LF; required by workers started with --signing-key-file, which "
+            "sign their own worker events so.",
         },
         SIGNATURE_HEADER: {
             "type": "string",
@@ -56,6 +57,9 @@ def messages(names: dict[str, str]) -> dict[str, Any]:
         },
     }
     signature = {"type": "object", "properties": signature_headers}
+    # Worker events carry it when their worker has a key (never the legacy v1).
+    worker_signature = {"type": "object",
+                        "properties": {SIGNATURE_V2_HEADER: signature_headers[SIGNATURE_V2_HEADER]}}
     cancel_headers = {
         "type": "object",
         "properties": {
@@ -89,6 +93,8 @@ def messages(names: dict[str, str]) -> dict[str, Any]:
     for event_type in [*EVENT_TYPES, PING]:
         key = camel(event_type)
         summary = EVENT_SUMMARIES[EventType(event_type)] if event_type != PING else PING_SUMMARY
-        messages[key] = message(key, event_type, summary, CONTENT_TYPE, names[event_type])
+        signed = event_type.startswith(topology.WORKER_EVENT_PREFIX) and event_type != PING
+        messages[key] = message(key, event_type, summary, CONTENT_TYPE, names[event_type],
+                                **({"headers": worker_signature} if signed else {}))
     return messages
 

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from mq_worker import topology
 from mq_worker.cancellation import CancelFollower, CancelRegistry
 from mq_worker.consumer import Delivery, RunConsumer
+from mq_worker.events import OutgoingEvent
 from mq_worker.fencing import HeartbeatLease
 from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate, variables_schema
 from mq_worker.messages import RunMessage
@@ -105,7 +106,8 @@ class BaseWorker(abc.ABC):
         ) if s.signing_key_file else None
         spool = (open_spool(s.spool_dir, self.name, default_name=self.name == default_worker_name())
                  if s.spool_dir else None)
-        self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool)
+        self._outbox = Outbox(s.outbox_size, on_pressure=self._on_outbox_pressure, spool=spool,
+                              sign=self._signed_worker_event if self._signer else None)
         self.output = OutputShipper(pool=self.pool, worker=self.name,
                                     max_run_bytes=s.output_max_bytes,
                                     registry=self.metrics.registry)
@@ -129,7 +131,8 @@ class BaseWorker(abc.ABC):
         self._heartbeats = Heartbeats(
             book=self._book, link=self._link, reporter=self._report, outbox=self._outbox,
             free_slots=lambda: self.free_slots, pool=self.pool, worker=self.name,
-            heartbeat_seconds=s.heartbeat_seconds, log=self.log,
+            heartbeat_seconds=s.heartbeat_seconds, max_peers=s.reporter_max_peers,
+            signer=self._signer, log=self.log,
         )
         self.ready = anyio.Event()
         self.metrics.bind_gauges(
@@ -327,6 +330,12 @@ class BaseWorker(abc.ABC):
             await topology.declare_work_queue(
                 session.publish, self.pool, self._queue_of[queue], self.settings.queue_options
             )
+
+    def _signed_worker_event(self, event: OutgoingEvent) -> dict[str, str]:
+        """Worker events are signed: the reporter and fencing act on no others."""
+        if self._signer is None or not event.type.startswith(topology.WORKER_EVENT_PREFIX):
+            return {}
+        return self._signer.headers(event.body, kind="worker", pool=self.pool)
 
     def _on_outbox_pressure(self, pressure: bool) -> None:
         if self._serving is None:

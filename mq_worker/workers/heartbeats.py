@@ -11,8 +11,10 @@ import anyio
 from mq_worker.events import MessageKind
 from mq_worker.fencing import REPORTED_STATES, HeartbeatLease
 from mq_worker.invalid_events import InvalidWorkerEvents
-from mq_worker.monitor import PeerRecord, PoolMonitor
+from mq_worker.monitor import PoolMonitor
 from mq_worker.outbox import Outbox
+from mq_worker.peer_events import PeerRecord
+from mq_worker.signing import Signer
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import RunBook
@@ -21,7 +23,8 @@ from mq_worker.workers.runs import RunBook
 class Heartbeats:
     def __init__(self, *, book: RunBook, link: Link, reporter: Reporter, outbox: Outbox,
                  free_slots: Callable[[], float], pool: str, worker: str,
-                 heartbeat_seconds: float, log: Any) -> None:
+                 heartbeat_seconds: float, max_peers: int, signer: Signer | None,
+                 log: Any) -> None:
         self._book = book
         self._link = link
         self._report = reporter
@@ -30,8 +33,12 @@ class Heartbeats:
         self._worker = worker
         self.seconds = heartbeat_seconds
         self._log = log
+        # With a key, worker events are acted on only when signed (see mq_worker.signing).
+        self.verify = signer.worker_event_verifier(pool) if signer else None
         self.monitor = PoolMonitor(
             pool=pool, me=worker, on_lost=self._report_lost, on_ping=self.beat,
+            max_peers=max_peers, verify=self.verify,
+            sign=signer.worker_event_headers(pool) if signer else None,
             on_invalid=InvalidWorkerEvents(
                 pool=pool, me=worker,
                 publisher=lambda: link.current.publish if link.current else None,

@@ -17,7 +17,7 @@ from mq_worker.consumer import Delivery
 from mq_worker.events import CrashReason, EventType, MessageKind, OutgoingEvent, build_event
 from mq_worker.fencing import worker_lost_event_id
 from mq_worker.messages import RunMessage
-from mq_worker.monitor import PeerRecord
+from mq_worker.peer_events import PeerRecord
 from mq_worker.workers.runs import ActiveRun, related
 
 # The terminal events a run of this worker can end with, and the function building each.

@@ -142,7 +142,9 @@ class SessionSupervisor:
             tg.start_soon(raise_on_server_cancel, session.aux, "the cancel stream or the monitor")
             tg.start_soon(self._output.ship_forever, connection)
             await tg.start(self._cancels.follow, session.aux, session.publish)
-            await follow_own_reports(session.aux, settings.name, self._fencing.reported_lost)
+            await follow_own_reports(session.aux, settings.name, self._fencing.reported_lost,
+                                     verify=self._heartbeats.verify,
+                                     on_refused=self._metrics.refused_reports.inc)
             await tg.start(self._pool_control.follow, session.aux, session.publish)
             self._link.current = session
             self._metrics.connected.set(1)

@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mq_worker.events import EventType, HeartbeatRun
-from mq_worker.monitor import MIN_CHECK_SECONDS, PeerRecord, PoolMonitor
+from mq_worker.monitor import MIN_CHECK_SECONDS, PoolMonitor
 from mq_worker.peer_events import (
     WORKER_EVENT_TYPES,
     InvalidWorkerEvent,
+    PeerRecord,
     WorkerEvent,
     WorkerReport,
     parse_worker_event,
@@ -248,3 +249,62 @@ def test_a_replayed_event_from_the_future_makes_no_other_look_old() -> None:
     monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
     _elected(monitor)
     assert sorted(monitor.peers) == ["ahead", "alive"]
+
+
+def test_a_flood_of_forged_names_does_not_grow_the_table_past_its_cap() -> None:
+    lost: list[PeerRecord] = []
+    monitor = PoolMonitor(pool=POOL, me="me", missed=3, on_lost=lost.append, max_peers=100)
+    _elected(monitor)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "real"), now=100.0)
+    for i in range(10_000):
+        monitor.observe(_event(EventType.WORKER_HEARTBEAT, f"forged-{i}",
+                               heartbeat_seconds=3600.0), now=100.0)
+
+    assert len(monitor.peers) == 100
+    assert monitor.refused_peers == 10_000 - 99
+    # Peers already known are still followed, and found lost when they fall silent.
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "real"), now=110.0)
+    assert [p.name for p in monitor.check(now=141.0)] == ["real"]
+
+
+def test_a_heartbeat_interval_above_any_workers_own_is_refused() -> None:
+    event = _event(EventType.WORKER_HEARTBEAT, "slow", heartbeat_seconds=10.0)
+    body = json.dumps({
+        "specversion": "1.0", "id": event.id, "source": "/x", "type": event.type,
+        "time": event.time.isoformat(),
+        "data": {"worker": "slow", "pool": POOL, "heartbeat_seconds": 3601},
+    }).encode()
+    try:
+        parse_worker_event(body)
+    except InvalidWorkerEvent as exc:
+        assert "heartbeat_seconds" in exc.reason
+    else:
+        raise AssertionError("a heartbeat interval above 3600 s was accepted")
+
+
+def test_a_copy_of_an_earlier_heartbeat_published_again_does_not_keep_a_silent_peer_alive(
+) -> None:
+    lost: list[PeerRecord] = []
+    monitor = _monitor(lost)
+    earlier = _event(EventType.WORKER_HEARTBEAT, "gone", age=5.0)
+    monitor.observe(_event(EventType.WORKER_HEARTBEAT, "gone"), now=100.0)
+    monitor.observe(earlier, now=125.0)  # replayed by someone who kept a copy
+
+    assert [p.name for p in monitor.check(now=130.1)] == ["gone"]
+
+
+def test_a_flood_in_the_replayed_stream_is_held_within_the_cap() -> None:
+    lost: list[PeerRecord] = []
+    monitor = PoolMonitor(pool=POOL, me="me", missed=3, on_lost=lost.append, max_peers=50)
+    monitor._election.won.set()  # elected, still replaying
+    for i in range(5_000):
+        for kind in ("started", "heartbeat"):  # alternating: nothing to fold
+            monitor._buffer_replayed(json.dumps({
+                "type": f"mq_worker.worker.{kind}", "id": str(uuid.uuid4()),
+                "time": datetime.now(UTC).isoformat(),
+                "data": {"worker": f"forged-{i % 60}", "pool": POOL}}).encode())
+
+    assert len(monitor._replayed) <= 50
+    assert sum(len(events) for events in monitor._replayed.values()) <= 50 * 64
+    monitor._finish_replay()
+    assert len(monitor.peers) <= 50
