@@ -62,9 +62,10 @@ async def test_a_key_limit_holds_when_the_node_leading_its_slots_is_killed(
         bodies: list[dict[str, object]] = []
 
         async def steady_stream() -> None:
-            """Five limited runs a second for 12 s: more than the limit can take."""
+            """Five limited runs a second for 12 s: more than the limit can take
+            (5 runs of 1 s each second against 3 slots, so runs always wait)."""
             for _ in range(60):
-                body = run_body(probe(tmp_path, sleep=0.5), concurrency_key="db")
+                body = run_body(probe(tmp_path, sleep=1.0), concurrency_key="db")
                 with anyio.fail_after(60):
                     while True:  # as a client does when the broker refuses a publish
                         try:
