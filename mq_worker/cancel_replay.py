@@ -34,6 +34,7 @@ from mq_worker import cancel_markers, stream_replay
 from mq_worker.broker import mask_secrets
 from mq_worker.stream_frames import Delivery, FrameError
 from mq_worker.topology import CANCELS_STREAM, MARKER_HEADER, STREAM_OFFSET
+from mq_worker.wire_decoding import header_text
 
 log = structlog.get_logger("mq_worker.cancel_replay")
 
@@ -187,7 +188,7 @@ async def _read_range(
             part.last_message = (delivery.body, value)
         if last is not None:
             return offset == last
-        return value is not None and _text(value) == marker
+        return value is not None and header_text(value) == marker
 
     async def after_consume() -> None:
         if last is None:
@@ -211,7 +212,3 @@ def _outcome(ranges: list[_Range]) -> ReplayOutcome:
                     if later.first is not None and later.next_offset is not None
                     and later.next_offset > later.first]
     return ReplayOutcome(False, next_offset, last_message, already_read, len(ranges))
-
-
-def _text(value: Any) -> Any:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -44,6 +44,7 @@ from mq_worker.topology import (
     STREAM_OFFSET,
     cancel_routing_key,
 )
+from mq_worker.wire_decoding import header_text
 
 log = structlog.get_logger("mq_worker.cancellation")
 
@@ -356,7 +357,7 @@ class CancelFollower:
     def _handle(self, message: aiormq.abc.DeliveredMessage, headers: dict[str, Any]) -> None:
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
-            if _text(marker) == self._marker:
+            if header_text(marker) == self._marker:
                 self._caught_up.set()
                 self._already_read = []
             return
@@ -388,7 +389,3 @@ class CancelFollower:
             self.replayed += 1
         if self._registry.add(record):
             self._on_cancel(record)
-
-
-def _text(value: Any) -> Any:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

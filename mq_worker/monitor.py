@@ -57,6 +57,7 @@ from mq_worker.topology import (
     declare_monitor,
     heartbeat_stream_name,
 )
+from mq_worker.wire_decoding import header_text
 
 log = structlog.get_logger("mq_worker.monitor")
 
@@ -237,7 +238,7 @@ class PoolMonitor:
         headers = message.header.properties.headers or {}
         marker = headers.get(MARKER_HEADER)
         if marker is not None:
-            if (marker.decode() if isinstance(marker, bytes) else marker) == self._marker:
+            if header_text(marker) == self._marker:
                 self._finish_replay()
             return
         live = self._caught_up.is_set()

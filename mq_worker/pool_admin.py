@@ -30,6 +30,7 @@ from mq_worker.control import (
 )
 from mq_worker.limits import ControlState, Limit, check_pause_target, check_target, resize
 from mq_worker.topology import MARKER_HEADER, QUEUE_HEADER, STREAM_OFFSET, WOKEN_HEADER
+from mq_worker.wire_decoding import header_text
 
 _PERSISTENT = 2
 
@@ -70,7 +71,7 @@ async def read_state(channel: aiormq.abc.AbstractChannel) -> ControlState:
         await message.channel.basic_ack(delivery_tag(message), wait=False)
         mark = headers.get(MARKER_HEADER)
         if mark is not None:
-            if (mark.decode() if isinstance(mark, bytes) else mark) == marker:
+            if header_text(mark) == marker:
                 done.set()
             return
         # Workers log invalid control messages; the state ignores them.

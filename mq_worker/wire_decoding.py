@@ -69,6 +69,12 @@ def tolerant_field_table(value: bytes) -> tuple[int, common.FieldTable]:
         raise ValueError("Could not unpack data") from err
 
 
+def header_text(value: object) -> object:
+    """A header value as text where it came as bytes (AMQP long strings are bytes): bytes
+    that are not UTF-8 become replacement characters, so they compare unequal, not raise."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def install() -> None:
     """Make pamqp decode with the tolerant decoders (for every connection of the process)."""
     global _installed

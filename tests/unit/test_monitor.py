@@ -11,8 +11,10 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pamqp import commands as spec
 
 from mq_worker.events import EventType, HeartbeatRun
 from mq_worker.monitor import MIN_CHECK_SECONDS, PoolMonitor
@@ -24,6 +26,7 @@ from mq_worker.peer_events import (
     WorkerReport,
     parse_worker_event,
 )
+from mq_worker.topology import MARKER_HEADER
 
 POOL = "etl"
 
@@ -308,3 +311,30 @@ def test_a_flood_in_the_replayed_stream_is_held_within_the_cap() -> None:
     assert sum(len(events) for events in monitor._replayed.values()) <= 50 * 64
     monitor._finish_replay()
     assert len(monitor.peers) <= 50
+
+
+class _StreamMessage:
+    """What the reporter reads off its heartbeat stream: a body and its headers."""
+
+    def __init__(self, headers: dict[str, object], body: bytes = b"") -> None:
+        self.body = body
+        self.delivery = spec.Basic.Deliver(delivery_tag=1)
+        self.header = type("Header", (), {"properties": spec.Basic.Properties(headers=headers)})()
+        self.acked: list[int] = []
+        self.channel = self
+
+    async def basic_ack(self, delivery_tag: int, wait: bool = True) -> None:
+        self.acked.append(delivery_tag)
+
+
+@pytest.mark.anyio
+async def test_a_marker_header_that_is_not_utf8_is_some_other_marker() -> None:
+    monitor = _monitor([], elected=False)
+    monitor._election.won.set()
+    monitor._marker = "ours"
+    odd = _StreamMessage({MARKER_HEADER: b"\xff\xfe"})
+    await monitor._on_stream_message(odd)  # type: ignore[arg-type]
+    assert odd.acked == [1]
+    assert monitor.replaying, "a stranger's marker ended the replay"
+    await monitor._on_stream_message(_StreamMessage({MARKER_HEADER: b"ours"}))  # type: ignore[arg-type]
+    assert not monitor.replaying
