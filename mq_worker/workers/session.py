@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import aio_pika.abc
+import aiormq.abc
 import aiormq.exceptions
 import anyio
 
@@ -128,6 +129,11 @@ class SessionSupervisor:
         async with anyio.create_task_group() as tg:
             async def _watch(closed: Any) -> None:
                 await closed
+                # Whichever watcher wakes first names the cause: a frame the client could
+                # not decode must be recognised however the session ends.
+                if isinstance(reason := _why_closed(raw[0].connection),
+                              aiormq.exceptions.InvalidFrameError):
+                    raise reason
                 raise ConnectionError("the broker closed the connection or a channel")
 
             tg.start_soon(_watch, connection.closed())
@@ -154,3 +160,11 @@ class SessionSupervisor:
             tg.start_soon(self._heartbeats.beat_forever)
             tg.start_soon(self._consumer.run, session.runs, self._queue_names)
             self._ready.set()
+
+
+def _why_closed(connection: aiormq.abc.AbstractConnection) -> BaseException | None:
+    """The exception `connection` closed with, if it has closed with one."""
+    closing = connection.closing
+    if not closing.done() or closing.cancelled():
+        return None
+    return closing.exception()
