@@ -12,7 +12,8 @@ event type, for subscribers) with the extra routing key `workers.<pool>` (a
 A newly elected reporter replays that stream from a few heartbeat intervals
 back (up to a marker of its own, so it knows where the present begins), so it
 needs no table of its own beforehand: it finds a peer that died before it was
-elected, and skips peers that stopped or were already reported. When a peer
+elected, and skips peers that stopped or were already reported (what it keeps
+while replaying: `mq_worker.heartbeat_replay`). When a peer
 misses `missed` heartbeats, the reporter publishes `worker.lost` and a
 `run.crashed` (reason `worker-lost`) for each run of its last heartbeat.
 
@@ -42,6 +43,7 @@ from mq_worker.broker import delivery_tag, raise_on_server_cancel
 from mq_worker.election import ReporterElection
 from mq_worker.errors import InvalidMessage
 from mq_worker.events import CONTENT_TYPE, EventType
+from mq_worker.heartbeat_replay import STALE_AFTER_SECONDS, ReplayedEvents
 from mq_worker.peer_events import (
     DEFAULT_MAX_PEERS,
     InvalidWorkerEvent,
@@ -64,11 +66,7 @@ log = structlog.get_logger("mq_worker.monitor")
 _MARKER_CONFIRM_TIMEOUT = 15.0
 # However fast a peer says it beats, the reporter checks no more often than this.
 MIN_CHECK_SECONDS = 0.2
-# A live worker event older than this (by its own time) is refused, not taken as news.
-STALE_AFTER_SECONDS = 60.0
 _PREFETCH = 1000
-# Events of one peer kept from a replay, besides consecutive heartbeats (folded into one).
-_MAX_REPLAYED_PER_PEER = 64
 
 
 class PoolMonitor:
@@ -104,9 +102,8 @@ class PoolMonitor:
         self._marker = ""
         self._caught_up = anyio.Event()
         self._takeover = 0.0
-        # Wall-clock times: where the replay starts, and the newest event time it has read.
-        self._replay_from = self._replay_clock = float("-inf")
-        self._replayed: dict[str, list[tuple[str, bytes]]] = {}
+        self._replay = ReplayedEvents(
+            max_peers, on_refused=lambda name: self._refuse_peer(name, time.monotonic()))
         self._pace = float("inf")
         # Set when a peer beating faster than the checks go appears: check at its pace now,
         # not after a sleep chosen for slower peers.
@@ -135,8 +132,7 @@ class PoolMonitor:
         await declare_monitor(publisher, self.pool)
         await self._carry_over(publisher)
         self.peers.clear()
-        self._replayed.clear()
-        self._replay_from = self._replay_clock = float("-inf")
+        self._replay.start(float("-inf"))
         self._election = ReporterElection(self.pool, self.me)
         self._caught_up = anyio.Event()
         # A channel of its own: the held token must not be caught by another
@@ -211,8 +207,9 @@ class PoolMonitor:
         lookback = min(max(60.0, (self.missed + 1) * heartbeat_seconds), 3000.0)
         stream = heartbeat_stream_name(self.pool)
         self._marker = uuid.uuid4().hex
-        self._replay_from = time.time() - lookback
-        offset = datetime.fromtimestamp(self._replay_from, tz=UTC)
+        replay_from = time.time() - lookback
+        self._replay.start(replay_from)
+        offset = datetime.fromtimestamp(replay_from, tz=UTC)
         consume = await channel.basic_consume(
             stream, self._on_stream_message, arguments={STREAM_OFFSET: offset}
         )
@@ -246,7 +243,7 @@ class PoolMonitor:
             if self._verify is not None:
                 self._verified(message.body, headers)
             if not live:
-                self._buffer_replayed(message.body)
+                self._replay.keep(message.body, now=time.time())
                 return
             event = parse_worker_event(message.body)
             if event.report.pool != self.pool:
@@ -278,58 +275,12 @@ class PoolMonitor:
             raise InvalidWorkerEvent(exc.reason, worker if isinstance(worker, str) else None
                                      ) from None
 
-    def _buffer_replayed(self, body: bytes) -> None:
-        """Keep a replayed event for the end of the replay; of a worker's consecutive
-        heartbeats only the last, so that a long replay validates few of them."""
-        try:
-            raw = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        data = raw.get("data") if isinstance(raw, dict) else None
-        worker = data.get("worker") if isinstance(data, dict) else None
-        kind = raw.get("type") if isinstance(raw, dict) else None
-        if not isinstance(worker, str) or not isinstance(kind, str):
-            return  # reported, if at all, by whoever was elected when it came
-        if self._replayed_copy(raw.get("time")):
-            return  # refused live by whoever was elected when it came
-        events = self._replayed.get(worker)
-        if events is None:
-            if len(self._replayed) >= self.max_peers:
-                self._refuse_peer(worker, time.monotonic())
-                return
-            events = self._replayed[worker] = []
-        if kind == EventType.WORKER_HEARTBEAT and events and events[-1][0] == kind:
-            events[-1] = (kind, body)
-        else:
-            events.append((kind, body))
-            if len(events) > _MAX_REPLAYED_PER_PEER:
-                del events[0]  # only a flood has that many starts and stops in a replay
-
-    def _replayed_copy(self, sent: Any) -> bool:
-        """Whether a replayed event is older, by its own time, than what the stream held
-        when it was published: a copy published late, as the live check refuses."""
-        try:
-            when = datetime.fromisoformat(sent).timestamp() if isinstance(sent, str) else None
-        except (ValueError, OverflowError):
-            when = None
-        if when is None:
-            return False  # parsing at the end of the replay refuses it
-        # Capped at our own clock: a sender far ahead must not make everyone else look old.
-        self._replay_clock = max(self._replay_clock, self._replay_from, min(when, time.time()))
-        return when < self._replay_clock - STALE_AFTER_SECONDS
-
     def _finish_replay(self) -> None:
         """Apply the replayed events, then follow live ones (no await in between)."""
         if self._caught_up.is_set():
             return
-        for events in self._replayed.values():
-            for _, body in events:
-                try:
-                    event = parse_worker_event(body)
-                except InvalidWorkerEvent:
-                    continue
-                self.observe(event, live=False)
-        self._replayed.clear()
+        for event in self._replay.drain():
+            self.observe(event, live=False)
         self._caught_up.set()
 
     def observe(self, event: WorkerEvent, now: float | None = None, live: bool = True) -> None:

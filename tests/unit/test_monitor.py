@@ -205,7 +205,7 @@ def test_any_worker_events_are_refused_cleanly_or_watched_without_error(
     lost: list[PeerRecord] = []
     replaying = _monitor(lost, elected=False)
     for body in bodies:
-        replaying._buffer_replayed(body)
+        replaying._replay.keep(body, now=time.time())
     _elected(replaying)
     live = _monitor(lost)
     for body in bodies:
@@ -235,10 +235,10 @@ def test_a_new_reporter_skips_old_copies_it_replays_from_the_stream() -> None:
     too: the reporter that refused it live refuses it again when replaying it."""
     lost: list[PeerRecord] = []
     monitor = _monitor(lost, elected=False)
-    monitor._replay_from = time.time() - 60.0  # as _take_over sets it
-    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
-    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ghost", age=3600,
-                                   runs=(uuid.uuid4(),)))
+    monitor._replay.start(time.time() - 60.0)  # as _take_over starts it
+    monitor._replay.keep(_body(EventType.WORKER_HEARTBEAT, "alive", age=5), now=time.time())
+    monitor._replay.keep(_body(EventType.WORKER_HEARTBEAT, "ghost", age=3600,
+                               runs=(uuid.uuid4(),)), now=time.time())
     _elected(monitor)
 
     assert sorted(monitor.peers) == ["alive"]
@@ -247,9 +247,9 @@ def test_a_new_reporter_skips_old_copies_it_replays_from_the_stream() -> None:
 
 def test_a_replayed_event_from_the_future_makes_no_other_look_old() -> None:
     monitor = _monitor([], elected=False)
-    monitor._replay_from = time.time() - 60.0
-    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "ahead", age=-3600))
-    monitor._buffer_replayed(_body(EventType.WORKER_HEARTBEAT, "alive", age=5))
+    monitor._replay.start(time.time() - 60.0)
+    monitor._replay.keep(_body(EventType.WORKER_HEARTBEAT, "ahead", age=-3600), now=time.time())
+    monitor._replay.keep(_body(EventType.WORKER_HEARTBEAT, "alive", age=5), now=time.time())
     _elected(monitor)
     assert sorted(monitor.peers) == ["ahead", "alive"]
 
@@ -302,13 +302,13 @@ def test_a_flood_in_the_replayed_stream_is_held_within_the_cap() -> None:
     monitor._election.won.set()  # elected, still replaying
     for i in range(5_000):
         for kind in ("started", "heartbeat"):  # alternating: nothing to fold
-            monitor._buffer_replayed(json.dumps({
+            monitor._replay.keep(json.dumps({
                 "type": f"mq_worker.worker.{kind}", "id": str(uuid.uuid4()),
                 "time": datetime.now(UTC).isoformat(),
-                "data": {"worker": f"forged-{i % 60}", "pool": POOL}}).encode())
+                "data": {"worker": f"forged-{i % 60}", "pool": POOL}}).encode(), now=time.time())
 
-    assert len(monitor._replayed) <= 50
-    assert sum(len(events) for events in monitor._replayed.values()) <= 50 * 64
+    assert len(monitor._replay.by_worker) <= 50
+    assert sum(len(events) for events in monitor._replay.by_worker.values()) <= 50 * 64
     monitor._finish_replay()
     assert len(monitor.peers) <= 50
 
