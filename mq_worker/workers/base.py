@@ -4,6 +4,7 @@ A worker type subclasses `BaseWorker` and implements `run` (start the run's
 infrastructure, report it started, wait for it) and `kill_infrastructure`.
 Everything else is shared, each part in a module of its own that owns its state:
 
+    hooks        what a worker type implements, and the defaults of what it need not
     registry     worker types, by name (the `mq_worker.workers` entry-point group)
     keeper       every run message taken, through triage, to its settling or its run
     lifecycle    a run's life: held, started, watched, stopped, ended (attempts, fenced)
@@ -11,34 +12,30 @@ Everything else is shared, each part in a module of its own that owns its state:
     heartbeats   heartbeats, the watch over peers, the lease (see mq_worker.fencing)
     session      the link to the broker and the sessions of a worker
 
-`BaseWorker` keeps the hooks of worker types, `serve`, `stop` and health, and
-composes the rest; what lives only while serving is built inside `serve()`.
+`BaseWorker` has the hooks of worker types (from `WorkerTypeHooks`), keeps `serve`,
+`stop` and health, and composes the rest; what lives only while serving is built inside `serve()`.
 """
 
 from __future__ import annotations
 
-import abc
 import builtins
-import os
 import socket
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
-from typing import Any, ClassVar
+from typing import Any
 from uuid import UUID
 
 import aiormq.abc
 import anyio
 import anyio.abc
 import structlog
-from pydantic import BaseModel
 
 from mq_worker import topology
 from mq_worker.cancellation import CancelFollower, CancelRegistry
 from mq_worker.consumer import Delivery, RunConsumer
 from mq_worker.events import OutgoingEvent
 from mq_worker.fencing import HeartbeatLease
-from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate, variables_schema
-from mq_worker.messages import RunMessage
+from mq_worker.job_configuration import BaseJobTemplate
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.outbox import Outbox
 from mq_worker.output import OutputShipper
@@ -49,6 +46,7 @@ from mq_worker.spool import open_spool
 from mq_worker.workers import registry
 from mq_worker.workers.configuring import Configurer
 from mq_worker.workers.heartbeats import Heartbeats
+from mq_worker.workers.hooks import WorkerTypeHooks
 from mq_worker.workers.keeper import RunKeeper
 from mq_worker.workers.lifecycle import FORCED_GRACE_SECONDS, RunSurroundings
 from mq_worker.workers.link import Link
@@ -67,14 +65,8 @@ class _Serving:
     sessions: SessionSupervisor
 
 
-class BaseWorker(abc.ABC):
+class BaseWorker(WorkerTypeHooks):
     """A worker of one pool, serving one or more of its queues."""
-
-    type: ClassVar[str]
-    job_configuration: ClassVar[builtins.type[BaseJobConfiguration]] = BaseJobConfiguration
-    # A model declaring the job variables, when they differ from the configuration's fields.
-    job_configuration_variables: ClassVar[builtins.type[BaseModel] | None] = None
-    description: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -151,54 +143,6 @@ class BaseWorker(abc.ABC):
     @staticmethod
     def get_all_available_worker_types() -> list[str]:
         return registry.available_worker_types()
-
-    @classmethod
-    def get_default_base_job_template(cls, grace_seconds: float = 30.0) -> dict[str, Any]:
-        """The worker type's base job template: every configuration field a variable."""
-        variables = variables_schema(cls.job_configuration_variables or cls.job_configuration)
-        if "grace_seconds" in variables.get("properties", {}):
-            variables["properties"]["grace_seconds"]["default"] = grace_seconds
-        return {
-            "job_configuration": cls.job_configuration.json_template(),
-            "variables": variables,
-        }
-
-    @abc.abstractmethod
-    async def run(
-        self,
-        run: RunMessage,
-        configuration: BaseJobConfiguration,
-        task_status: anyio.abc.TaskStatus[str],
-    ) -> WorkerResult:
-        """Start `run`, call `task_status.started(infrastructure_pid)`, wait for it to end."""
-
-    async def kill_infrastructure(
-        self,
-        infrastructure_pid: str,
-        configuration: BaseJobConfiguration,
-        grace_seconds: float = 30.0,
-    ) -> int:
-        """Stop a run's infrastructure; return its exit status. Optional for worker types."""
-        raise NotImplementedError("this worker type cannot stop infrastructure")
-
-    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None:
-        """Shorten a stop in progress: SIGKILL (or the like) within `longest` seconds.
-
-        Optional for worker types; called when the worker is told to stop at once.
-        """
-
-    def check_configuration(self, configuration: BaseJobConfiguration) -> None:
-        """Refuse a prepared configuration by raising InvalidMessage (hook for worker types)."""
-
-    async def setup(self) -> None:
-        """Called once before the worker takes runs."""
-
-    async def teardown(self) -> None:
-        """Called once after the worker has stopped."""
-
-    def base_environment(self) -> dict[str, str]:
-        """The environment runs start from: the worker's, without its own settings."""
-        return {k: v for k, v in os.environ.items() if not k.startswith("MQ_WORKER_")}
 
     # -- serving ---------------------------------------------------------------
 

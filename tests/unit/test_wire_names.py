@@ -23,7 +23,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("health.py", "application/json"): "an HTTP response's content type",
     ("dashboard/api.py", "application/json"): "an HTTP response's content type",
     ("job_configuration.py", "default"): "the JSON Schema keyword",
-    ("workers/base.py", "default"): "the JSON Schema keyword",
+    ("workers/hooks.py", "default"): "the JSON Schema keyword",
     ("schema/channels.py", "default"): "the AsyncAPI parameter keyword",
     ("schema/models.py", "application/json"): "a typing.Literal is written out; the AsyncAPI "
                                               "drift test holds it to the wire",
