@@ -18,7 +18,6 @@ import pytest
 from pamqp import commands as spec
 
 from mq_worker import cancel_replay, cancel_snapshots, stream_frames
-from mq_worker.cancel_snapshots import SNAPSHOT_EVERY
 from mq_worker.topology import (
     CANCELS_STREAM,
     RUNS_EXCHANGE,
@@ -33,6 +32,16 @@ pytestmark = pytest.mark.anyio
 
 WINDOW = 3_000
 SNAPSHOTS = cancel_snapshot_stream_name("default")
+# Snapshots of windows this long, checked for this often: what they do does not depend on
+# the length of the window, and a reporter checking every CHECK_SECONDS (5 s) would make
+# each test wait for nothing (100,000 cancels: test_scale, marked slow).
+SNAPSHOT_EVERY = 1_000
+
+
+@pytest.fixture
+def snapshots_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cancel_snapshots, "SNAPSHOT_EVERY", SNAPSHOT_EVERY)
+    monkeypatch.setattr(cancel_snapshots, "CHECK_SECONDS", 0.1)
 
 
 async def _publish(url: str, bodies: list[tuple[bytes, str]]) -> None:
@@ -105,15 +114,14 @@ async def test_a_replay_stopped_midway_hands_over_and_loses_no_cancel(
 
 
 async def test_a_snapshot_of_a_deleted_cancel_stream_is_not_trusted_on_its_successor(
-    vhost: VHost,
+    vhost: VHost, snapshots_often: None,
 ) -> None:
     old = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
     await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
                                for r in old])
     async with running_worker(vhost.url):
         # Its pool's reporter, it snapshots the window it replayed.
-        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 1,
-                         timeout=120)
+        await _snapshot_published(vhost.url)
     # An operator deletes the cancel stream; it is declared again and fills up again,
     # past the offset the snapshot covers up to.
     management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
@@ -127,16 +135,15 @@ async def test_a_snapshot_of_a_deleted_cancel_stream_is_not_trusted_on_its_succe
 
 
 async def test_a_window_snapshotted_in_parts_is_restored_whole_by_a_joining_worker(
-    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch, snapshots_often: None,
 ) -> None:
-    # Parts of 3,000 cancels: a window of SNAPSHOT_EVERY is snapshotted in four.
-    monkeypatch.setattr(cancel_snapshots, "PART_CANCELS", 3_000)
+    # Parts of 300 cancels: a window of SNAPSHOT_EVERY is snapshotted in four.
+    monkeypatch.setattr(cancel_snapshots, "PART_CANCELS", 300)
     early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
     await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
                                for r in early])
     async with running_worker(vhost.url):
-        await wait_until(lambda: vhost.queue_counts().get(SNAPSHOTS, (0, 0))[0] >= 4,
-                         timeout=120)
+        await _snapshot_published(vhost.url, messages=4)
     late = uuid.uuid4()
     await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(), "run.cancel.default")])
     async with running_worker(vhost.url) as joining:
@@ -189,9 +196,9 @@ async def test_a_cancel_stream_deleted_during_the_replay_is_declared_and_read_ag
         await wait_until(lambda: worker._registry.get(late) is not None, timeout=60)
 
 
-async def _snapshot_published(url: str) -> None:
-    """Return once the pool's snapshot stream delivers a message (not the management API's
-    count, which lags by seconds)."""
+async def _snapshot_published(url: str, messages: int = 1) -> None:
+    """Return once the pool's snapshot stream has delivered `messages` messages (not the
+    management API's count, which lags by seconds)."""
     connection = await aiormq.connect(url)
     try:
         channel = await connection.channel()
@@ -202,7 +209,7 @@ async def _snapshot_published(url: str) -> None:
 
         async def subscribed() -> bool:
             try:
-                await channel.basic_qos(prefetch_count=1)
+                await channel.basic_qos(prefetch_count=messages)
                 await channel.basic_consume(SNAPSHOTS, on_message,
                                             arguments={"x-stream-offset": "first"})
                 return True
@@ -212,12 +219,14 @@ async def _snapshot_published(url: str) -> None:
         while not await subscribed():  # not declared yet: try on a new channel
             channel = await connection.channel()
             await anyio.sleep(0.2)
-        await wait_until(lambda: arrived, timeout=120)
+        await wait_until(lambda: len(arrived) >= messages, timeout=120)
     finally:
         await connection.close()
 
 
-async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(vhost: VHost) -> None:
+async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(
+    vhost: VHost, snapshots_often: None,
+) -> None:
     early = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY)]
     await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
                                for r in early])
