@@ -164,6 +164,12 @@ def _outside_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+# Slow: waits out the header timeout of a worker started as users do. Covered in the default
+# suite by test_lifecycle's test_runs_started_while_descriptors_are_exhausted_are_not_crashed
+# (idle connections to the health port take every descriptor; runs are given back, then run,
+# and the health port answers again) and test_slow_headers_are_timed_out_and_excess_
+# connections_refused above (idle connections timed out, those beyond the limit refused).
+@pytest.mark.slow
 async def test_a_flood_of_idle_connections_leaves_the_worker_usable(
     vhost: VHost, tmp_path: Path
 ) -> None:

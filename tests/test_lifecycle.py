@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -335,6 +337,17 @@ def log_lines(path: Path) -> list[dict[str, object]]:
     return lines
 
 
+def _health_status(port: int) -> int:
+    """The status of GET /livez on the health port; 0 if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (ConnectionError, urllib.error.URLError, TimeoutError):
+        return 0
+
+
 async def test_runs_started_while_descriptors_are_exhausted_are_not_crashed(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
@@ -363,6 +376,8 @@ async def test_runs_started_while_descriptors_are_exhausted_are_not_crashed(
         await events.wait_terminal([b["id"] for b in bodies], timeout=60)
         for body in bodies:
             assert [e.type for e in events.terminal(body["id"])] == ["mq_worker.run.completed"]
+        # The health port, out of descriptors to accept with, answers again.
+        await wait_until(lambda: _health_status(int(port)) == 200, timeout=15)
     finally:
         for connection in idle:
             connection.close()
