@@ -13,12 +13,13 @@ import pytest
 from mq_worker.delay import ladder_routing_key, park_seconds
 from mq_worker.messages import RunMessage
 from mq_worker.publisher import Publisher
-from mq_worker.topology import DELAY_LEVELS, MAX_PARK_SECONDS
+from mq_worker.topology import DEAD_QUEUE, DELAY_LEVELS, MAX_PARK_SECONDS, delay_name
 from tests.helpers import (
     EventLog,
     VHost,
     probe,
     publish_raw,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
@@ -96,22 +97,14 @@ async def test_a_run_due_in_an_hour_is_parked_not_held(
     body = run_body(probe(tmp_path), scheduled_start_time=at(time.time() + 3600))
     async with running_worker(vhost.url) as worker:
         await publish_raw(vhost.url, body)
-
-        def parked() -> dict[str, tuple[int, int]] | None:
-            # Queues that hold run messages (the cancel stream is a log, not a queue of work).
-            # The broker's statistics lag a few seconds: wait until they show the parked run.
-            counts = {q: c for q, c in vhost.queue_counts().items()
-                      if q.startswith(("mq_worker.delay-", "mq_worker.default.", "mq_worker.dead"))}
-            ladder = sum(r for q, (r, _) in counts.items() if q.startswith("mq_worker.delay-"))
-            settled = all(unacked == 0 for _, unacked in counts.values())
-            return counts if ladder == 1 and settled else None
-
-        counts = await wait_until(parked, timeout=30)
+        await wait_until(lambda: worker.metrics.parked.labels("default", "default")._value.get())
         assert worker.in_flight == []
-    assert {q: c for q, c in counts.items() if c[1]} == {}
-    assert counts["mq_worker.default.default"] == (0, 0)
+    # The worker is gone: a message it had not acknowledged would be back in its queue.
+    ladder = [delay_name(level) for level in range(DELAY_LEVELS)]
+    counts = await ready_counts(vhost.url, ["mq_worker.default.default", DEAD_QUEUE, *ladder])
+    assert counts["mq_worker.default.default"] == 0 and counts[DEAD_QUEUE] == 0
     # 3600 s less the second it comes back early: levels 11, 10, 9, 4, 3, 2, 1, 0 hold it.
-    assert sum(r for q, (r, _) in counts.items() if q.startswith("mq_worker.delay-11")) == 1
+    assert {q: n for q, n in counts.items() if n} == {delay_name(11): 1}
     assert events.of(body["id"]) == []
 
 

@@ -13,6 +13,7 @@ from tests.helpers.broker import (
     management,
     publish_raw,
     rabbitmqctl,
+    ready_counts,
 )
 from tests.helpers.waiting import wait_until
 from tests.helpers.workers import (
@@ -29,6 +30,7 @@ from tests.helpers.workers import (
 
 __all__ = [
     "HOST", "MANAGEMENT", "PORT", "PROBE", "PYTHON", "EventLog", "VHost", "WorkerProcess",
-    "ended_runs", "event_log", "management", "probe", "publish_raw", "rabbitmqctl", "run_body",
-    "running_worker", "started_runs", "unique", "wait_until", "worker_settings",
+    "ended_runs", "event_log", "management", "probe", "publish_raw", "rabbitmqctl",
+    "ready_counts", "run_body", "running_worker", "started_runs", "unique", "wait_until",
+    "worker_settings",
 ]
