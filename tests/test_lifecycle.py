@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ from tests.helpers import (
     PYTHON,
     EventLog,
     VHost,
+    WorkerProcess,
     management,
     probe,
     publish_raw,
@@ -271,6 +273,17 @@ async def _two_workers_one_run_each(
     return stalled, peer, body
 
 
+def _run_ended_at(worker: WorkerProcess, run_id: str, *, after: float) -> float | None:
+    """When `worker` logged the end of `run_id` (however it ended), if it did after `after`."""
+    for line in worker.log_lines():
+        if (line.get("run_id") == run_id and str(line.get("event", "")).startswith("run ended")
+                and isinstance(line.get("timestamp"), str)):
+            at = datetime.fromisoformat(line["timestamp"]).timestamp()
+            if at > after:
+                return at
+    return None
+
+
 @pytest.mark.parametrize(("stalled_is_elected", "run_seconds"), [(False, 3), (True, 600)],
                          ids=["peer-elected-run-ends-while-stalled",
                               "stalled-elected-run-still-running"])
@@ -295,12 +308,16 @@ async def test_a_stalled_worker_reported_lost_gives_its_runs_one_terminal_event(
     finally:
         stalled.signal(signal.SIGCONT)
     # Back, the worker stops the run the pool was told had crashed, and publishes no
-    # other terminal event for it.
+    # other terminal event for it: once it has logged how the run ended, a heartbeat it
+    # emitted after that comes after anything it published for the run (one outbox,
+    # published in order).
     resumed = time.time()
     await wait_until(lambda: not alive(pid), timeout=15)
+    ended = await wait_until(lambda: _run_ended_at(stalled, body["id"], after=resumed),
+                             timeout=30)
     await events.wait_for(lambda evs: any(
         e.type == "mq_worker.worker.heartbeat" and e.subject == stalled.name
-        and e.time.timestamp() > resumed + 5 for e in evs), timeout=30)
+        and e.time.timestamp() > ended for e in evs), timeout=30)
     terminal = events.terminal(body["id"])
     assert len(terminal) == 1, [(e.type, e.source, e.data) for e in terminal]
     assert terminal[0].type == "mq_worker.run.crashed"
