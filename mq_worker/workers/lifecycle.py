@@ -112,12 +112,13 @@ class RunLife:
         now = time.time()
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else now
         self._metrics.of(self._pool, active.queue).pending.inc()
-        self._report.pending(
-            active,
-            late_by_seconds=round(max(0.0, now - due), 6),
-            job_variables=masked_job_variables({**self._around.template_defaults,
-                                                **run.merged_job_variables()}),
-        )
+        if self._report.start_events:
+            self._report.pending(
+                active,
+                late_by_seconds=round(max(0.0, now - due), 6),
+                job_variables=masked_job_variables({**self._around.template_defaults,
+                                                    **run.merged_job_variables()}),
+            )
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
             delivery.hold()
