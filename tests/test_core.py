@@ -79,6 +79,9 @@ async def test_with_run_events_outcomes_a_run_publishes_only_its_outcome(
     started = started_runs(tmp_path)[completes["id"]]
     assert completed.data["infrastructure_pid"].endswith(f":{started['pid']}")
     assert worker.name in completed.source
+    (started,) = [e for e in events.events if e.type == "mq_worker.worker.started"
+                  and e.subject == worker.name]
+    assert started.data["run_events"] == "outcomes"
 
 
 async def test_events_parse_with_the_cloudevents_sdk_rabbitmq_binding(

@@ -176,7 +176,7 @@ class Reporter:
             worker=f.worker, pool=f.pool, queues=f.queues, type=f.type, limit=f.limit,
             hostname=f.hostname, pid=os.getpid(), version=f.version,
             heartbeat_seconds=f.heartbeat_seconds, follows=self._started_event_id,
-            paused=f.paused(),
+            paused=f.paused(), run_events="all" if self.start_events else "outcomes",
         )
 
     def _worker_event(self, event_type: EventType, data: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ RUN = events.run_event_data(
 )
 WORKER = events.worker_data(
     worker="w", pool="p", queues=["q"], type="process", limit=2, hostname="h", pid=1,
-    version="1", heartbeat_seconds=5.0, follows=None, paused=[],
+    version="1", heartbeat_seconds=5.0, follows=None, paused=[], run_events="outcomes",
 )
 NOW = datetime.now(UTC)
 
