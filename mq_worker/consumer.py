@@ -186,8 +186,11 @@ class RunConsumer:
                         timeout = max(0.0, deadline - time.monotonic())
                     if self._should_probe():
                         timeout = min(timeout, PROBE_SECONDS)
-                    with anyio.move_on_after(timeout):
+                    if timeout == math.inf:  # a cancel scope costs ~10 µs, once per run
                         await self._wakeup.wait()
+                    else:
+                        with anyio.move_on_after(timeout):
+                            await self._wakeup.wait()
                     self._wakeup = anyio.Event()
         finally:
             self._channel = None

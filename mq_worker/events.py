@@ -274,15 +274,22 @@ class WorkerData(_EventData):
         default_factory=list,
         description="Pauses that stop this worker's intake (pool:<pool>, queue:<pool>/<queue>).",
     )
+    run_events: Literal["all", "outcomes"] = Field(
+        default="all",
+        description="The run events this worker publishes: all, or its runs' outcomes alone "
+        "(no run.pending, no run.submitted).",
+    )
 
 
 def worker_data(
     *, worker: str, pool: str, queues: list[str], type: str, limit: int, hostname: str,
     pid: int, version: str, heartbeat_seconds: float, follows: str | None, paused: list[str],
+    run_events: str,
 ) -> dict[str, Any]:
     return {"worker": worker, "pool": pool, "queues": queues, "type": type, "limit": limit,
             "hostname": hostname, "pid": pid, "version": version,
-            "heartbeat_seconds": heartbeat_seconds, "follows": follows, "paused": paused}
+            "heartbeat_seconds": heartbeat_seconds, "follows": follows, "paused": paused,
+            "run_events": run_events}
 
 
 class HeartbeatRun(BaseModel):

@@ -21,7 +21,7 @@ SECRET_NAME = re.compile(
 
 
 def is_secret_name(name: str, extra: Iterable[str] = ()) -> bool:
-    return bool(SECRET_NAME.search(name)) or name in set(extra)
+    return bool(SECRET_NAME.search(name)) or name in frozenset(extra)
 
 
 def masked(value: Any, *, extra_names: Iterable[str] = ()) -> Any:
@@ -45,7 +45,13 @@ def mask_text(text: str) -> str:
     return _SECRET_OPTION.sub(lambda m: m.group(1) + MASK, text) if "-" in text else text
 
 
+# Values shown as they are, looked up before the (slower) abstract Mapping check.
+_PLAIN = frozenset({bool, int, float, type(None)})
+
+
 def _walk(value: Any, names: frozenset[str]) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, str):
         return mask_text(value)
     if isinstance(value, Mapping):

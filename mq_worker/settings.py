@@ -140,6 +140,11 @@ class WorkerSettings(BaseSettings):
         default=None, ge=1, description="Largest prefetch per queue.",
         json_schema_extra={"shown_default": "limit / 4, at least 1"},
     )
+    run_events: Literal["all", "outcomes"] = Field(
+        default="all",
+        description="Run events published: all, or outcomes only (no run.pending or "
+        "run.submitted; a third of the broker's work per run).",
+    )
     tls_ca_file: Path | None = Field(
         default=None, description="CA bundle that signs the broker's certificate (amqps://).",
         json_schema_extra={"shown_default": "the system's CAs"},

@@ -62,6 +62,28 @@ async def test_run_starts_a_process_and_reports_pending_submitted_completed(
         assert {r["name"] for r in event.data["related"] if r["role"] == "tag"} == {"a", "b"}
 
 
+async def test_with_run_events_outcomes_a_run_publishes_only_its_outcome(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    completes, fails = run_body(probe(tmp_path)), run_body(probe(tmp_path, exit_code=3))
+    async with running_worker(vhost.url, run_events="outcomes") as worker:
+        await publish_raw(vhost.url, completes)
+        await publish_raw(vhost.url, fails)
+        await events.wait_terminal([completes["id"], fails["id"]])
+
+    assert events.types(completes["id"]) == ["run.completed"]
+    assert events.types(fails["id"]) == ["run.crashed"]
+    (completed,), (crashed,) = events.of(completes["id"]), events.of(fails["id"])
+    assert completed.data["follows"] is None and crashed.data["follows"] is None
+    assert crashed.data["status_code"] == 3
+    started = started_runs(tmp_path)[completes["id"]]
+    assert completed.data["infrastructure_pid"].endswith(f":{started['pid']}")
+    assert worker.name in completed.source
+    (started,) = [e for e in events.events if e.type == "mq_worker.worker.started"
+                  and e.subject == worker.name]
+    assert started.data["run_events"] == "outcomes"
+
+
 async def test_events_parse_with_the_cloudevents_sdk_rabbitmq_binding(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:

@@ -68,8 +68,8 @@ EVENT_SUMMARIES = {
     EventType.WORKER_STOPPED: "A worker stopped gracefully.",
     EventType.WORKER_HEARTBEAT: "Every --heartbeat-seconds, and at once when pinged.",
     EventType.WORKER_LOST: "A worker missed 3 heartbeats (published by one elected peer).",
-    EventType.RUN_PENDING: "A worker has taken the run.",
-    EventType.RUN_SUBMITTED: "The run's process started.",
+    EventType.RUN_PENDING: "A worker has taken the run (not with --run-events outcomes).",
+    EventType.RUN_SUBMITTED: "The run's process started (not with --run-events outcomes).",
     EventType.RUN_COMPLETED: "The run's process exited with 0.",
     EventType.RUN_CRASHED: "Non-zero exit, failed start, timeout, failed kill or lost worker "
                            "(after the last attempt).",

@@ -118,7 +118,7 @@ class BaseWorker(WorkerTypeHooks):
             worker=self.name, pool=self.pool, queues=self.queues, type=self.type,
             limit=s.limit, hostname=self.hostname, version=_VERSION,
             heartbeat_seconds=s.heartbeat_seconds, paused=self.pool_control.paused_targets,
-        ), self._outbox.put)
+        ), self._outbox.put, start_events=s.run_events == "all")
         self.source = self._report.source
         self._heartbeats = Heartbeats(
             book=self._book, link=self._link, reporter=self._report, outbox=self._outbox,

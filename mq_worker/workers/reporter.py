@@ -46,8 +46,12 @@ class WorkerFacts:
 class Reporter:
     """Builds the events of one worker and its runs, and hands them to `put`."""
 
-    def __init__(self, facts: WorkerFacts, put: Callable[[OutgoingEvent], None]) -> None:
+    def __init__(self, facts: WorkerFacts, put: Callable[[OutgoingEvent], None], *,
+                 start_events: bool = True) -> None:
         self.facts = facts
+        # Without them (`--run-events outcomes`) a run's events are its outcome alone:
+        # no `pending` (also none for a run leaving to wait for a slot), no `submitted`.
+        self.start_events = start_events
         self.source = events.worker_source(facts.worker)
         self._put = put
         self._started_event_id: str | None = None
@@ -74,6 +78,8 @@ class Reporter:
 
     def pending(self, active: ActiveRun, *, late_by_seconds: float,
                 job_variables: dict[str, Any]) -> None:
+        if not self.start_events:
+            return
         delivery = active.delivery
         self._run_event(active, EventType.RUN_PENDING, events.pending_data(
             self._fields_of(active), redelivered=delivery.redelivered,
@@ -84,6 +90,8 @@ class Reporter:
 
     def waiting(self, run: RunMessage, queue: str, delivery: Delivery, target: str) -> None:
         """The run left this worker to wait for a slot of `target` (see mq_worker.slots)."""
+        if not self.start_events:
+            return
         due = run.scheduled_start_time.timestamp() if run.scheduled_start_time else time.time()
         data = events.pending_data(
             self.fields(run, queue, related(run, self.facts.pool, queue), None),
@@ -95,6 +103,8 @@ class Reporter:
                               data=data))
 
     def submitted(self, active: ActiveRun, *, late_by_seconds: float) -> None:
+        if not self.start_events:
+            return
         self._run_event(active, EventType.RUN_SUBMITTED, events.submitted_data(
             self._fields_of(active), infrastructure_pid=active.infrastructure_pid,
             late_by_seconds=late_by_seconds, labels=active.configuration.labels,
@@ -166,7 +176,7 @@ class Reporter:
             worker=f.worker, pool=f.pool, queues=f.queues, type=f.type, limit=f.limit,
             hostname=f.hostname, pid=os.getpid(), version=f.version,
             heartbeat_seconds=f.heartbeat_seconds, follows=self._started_event_id,
-            paused=f.paused(),
+            paused=f.paused(), run_events="all" if self.start_events else "outcomes",
         )
 
     def _worker_event(self, event_type: EventType, data: dict[str, Any]) -> str:

@@ -41,3 +41,23 @@ def test_job_variables_mask_secret_names_everywhere_and_keep_the_rest() -> None:
         "nested": [{"private_key": MASK}],
     }
     assert variables["env"]["DB_PASSWORD"] == "s1"  # the worker's own copy is untouched
+
+
+def test_defaults_masked_once_then_merged_show_what_the_merged_variables_masked_show() -> None:
+    # The life of a run masks the template's defaults once and each run's variables on
+    # their own: a key's mask depends on that key and its value alone.
+    defaults: dict[str, Any] = {"command": None, "env": {"API_TOKEN": "d1", "TIER": "dev"},
+                                "grace_seconds": 30.0, "stream_output": True, "labels": {}}
+    run: dict[str, Any] = {"command": "etl --token=t1", "env": {"TIER": "prod"},
+                           "db_password": "s1", "stream_output": False}
+    merged_then_masked = masked_job_variables({**defaults, **run})
+    assert {**masked_job_variables(defaults), **masked_job_variables(run)} == merged_then_masked
+    assert list(merged_then_masked) == list({**masked_job_variables(defaults),
+                                             **masked_job_variables(run)})
+    assert merged_then_masked["db_password"] == MASK
+    assert merged_then_masked["command"] == "etl --token=****"
+
+
+@pytest.mark.parametrize("value", [None, True, 0, 3, 2.5, "", "plain", [1, "a", None], {"k": 1}])
+def test_values_without_secrets_are_shown_as_they_are(value: Any) -> None:
+    assert masked_job_variables({"x": value}) == {"x": value}

@@ -27,7 +27,7 @@ RUN = events.run_event_data(
 )
 WORKER = events.worker_data(
     worker="w", pool="p", queues=["q"], type="process", limit=2, hostname="h", pid=1,
-    version="1", heartbeat_seconds=5.0, follows=None, paused=[],
+    version="1", heartbeat_seconds=5.0, follows=None, paused=[], run_events="outcomes",
 )
 NOW = datetime.now(UTC)
 
@@ -77,11 +77,11 @@ class Collected(list[OutgoingEvent]):
         return [orjson.loads(e.body) for e in self]
 
 
-def reporter() -> tuple[Reporter, Collected]:
+def reporter(*, start_events: bool = True) -> tuple[Reporter, Collected]:
     put = Collected()
     facts = WorkerFacts(worker="w", pool="p", queues=["q"], type="process", limit=2,
                         hostname="h", version="1", heartbeat_seconds=5.0, paused=lambda: [])
-    return Reporter(facts, put.append), put
+    return Reporter(facts, put.append, start_events=start_events), put
 
 
 def active_run(**fields: Any) -> ActiveRun:
@@ -116,6 +116,25 @@ async def test_a_run_s_events_follow_each_other_and_carry_its_trace() -> None:
     assert {b["subject"] for b in bodies} == {str(active.id)}
     assert {b["traceparent"] for b in bodies} == {active.run.traceparent}
     assert active.last_event_id == bodies[-1]["id"]
+    for body in bodies:
+        assert_valid(body)
+
+
+@pytest.mark.anyio
+async def test_without_start_events_a_run_reports_its_outcome_alone() -> None:
+    report, put = reporter(start_events=False)
+    active = active_run()
+    report.pending(active, late_by_seconds=0.0, job_variables={})
+    report.waiting(active.run, "q", active.delivery, "pool:p")
+    active.infrastructure_pid = "h:1"
+    report.submitted(active, late_by_seconds=0.1)
+    report.retrying(active, status_code=1, message="exit 1", reason=CrashReason.EXIT_CODE,
+                    next_start_time=datetime.now(UTC), delay_seconds=1.0)
+    report.ended(active, EventType.RUN_CRASHED, status_code=1, reason=CrashReason.EXIT_CODE,
+                 message="exit 1", infrastructure_pid="h:1")
+    bodies = put.bodies()
+    assert [b["type"] for b in bodies] == [EventType.RUN_RETRYING, EventType.RUN_CRASHED]
+    assert [b["data"]["follows"] for b in bodies] == [None, bodies[0]["id"]]
     for body in bodies:
         assert_valid(body)
 
