@@ -56,6 +56,7 @@ from mq_worker.topology import (
     STREAM_OFFSET,
     cancel_snapshot_stream_name,
     declare_cancel_snapshot_stream,
+    declare_election_queue,
 )
 
 log = structlog.get_logger("mq_worker.cancellation")
@@ -71,8 +72,9 @@ CHECK_SECONDS = 5.0
 # Time to wait for the newest snapshot of a stream that holds some.
 READ_TIMEOUT = 2.0
 # ... and of one the broker says is empty: its count lags by up to ~5 s, so a snapshot
-# published just now may be there, and comes at once if it is; a pool with none (its
-# first worker after every worker was down) waits only this long for it.
+# published just now may be there, and comes at once if it is. Only while a worker of the
+# pool is alive to have taken it: a pool's first worker after every worker was down does
+# not wait at all.
 EMPTY_READ_TIMEOUT = 0.5
 PUBLISH_TIMEOUT = 30.0
 # Cancels a part holds at most: about 5 MB a 100,000, so a part stays well under 16 MiB.
@@ -281,6 +283,14 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     channel = await connection.channel()
     try:
         held = await declare_cancel_snapshot_stream(channel, pool)
+        if not held and not await declare_election_queue(channel, pool):
+            # A snapshot the broker does not count yet was taken seconds ago by the pool's
+            # elected reporter. With no worker in the election, none is alive to have
+            # taken it (one that died within seconds aside: its snapshot is only missed,
+            # and the whole window read instead).
+            log.info("no cancel snapshot and no live worker of the pool to take one; "
+                     "reading the whole window")
+            return None
         newest = await _read_from(channel, pool, "last", 1,
                                   READ_TIMEOUT if held else EMPTY_READ_TIMEOUT)
         if not newest:
