@@ -56,7 +56,6 @@ from mq_worker.topology import (
     STREAM_OFFSET,
     cancel_snapshot_stream_name,
     declare_cancel_snapshot_stream,
-    declare_election_queue,
 )
 
 log = structlog.get_logger("mq_worker.cancellation")
@@ -72,9 +71,8 @@ CHECK_SECONDS = 5.0
 # Time to wait for the newest snapshot of a stream that holds some.
 READ_TIMEOUT = 2.0
 # ... and of one the broker says is empty: its count lags by up to ~5 s, so a snapshot
-# published just now may be there, and comes at once if it is. Only while a worker of the
-# pool is alive to have taken it: a pool's first worker after every worker was down does
-# not wait at all.
+# published just now may be there, and comes at once if it is. A pool that never had one
+# has no snapshot stream at all: its worker does not wait.
 EMPTY_READ_TIMEOUT = 0.5
 PUBLISH_TIMEOUT = 30.0
 # Cancels a part holds at most: about 5 MB a 100,000, so a part stays well under 16 MiB.
@@ -282,13 +280,9 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     parts are read from there."""
     channel = await connection.channel()
     try:
-        held = await declare_cancel_snapshot_stream(channel, pool)
-        if not held and not await declare_election_queue(channel, pool):
-            # A snapshot the broker does not count yet was taken seconds ago by the pool's
-            # elected reporter. With no worker in the election, none is alive to have
-            # taken it (one that died within seconds aside: its snapshot is only missed,
-            # and the whole window read instead).
-            log.info("no cancel snapshot and no live worker of the pool to take one; "
+        held = await _counted(channel, pool)
+        if held is None:
+            log.info("no cancel snapshot stream: the pool never had a snapshot; "
                      "reading the whole window")
             return None
         newest = await _read_from(channel, pool, "last", 1,
@@ -305,6 +299,19 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     finally:
         await channel.close()
     return decode([body for _, body in read], pool=pool, window_seconds=window_seconds)
+
+
+async def _counted(channel: aiormq.abc.AbstractChannel, pool: str) -> int | None:
+    """The messages the broker counts in the pool's snapshot stream (seconds behind), or
+    None if there is no such stream, which then closes `channel`. Only a declared stream
+    takes a snapshot (`publish` declares it), and workers never delete it, so a pool
+    without one never had a snapshot; the reporter publishing its first one just now is
+    only missed, and the whole window read instead."""
+    try:
+        ok = await channel.queue_declare(cancel_snapshot_stream_name(pool), passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return ok.message_count or 0
 
 
 async def _read_from(channel: aiormq.abc.AbstractChannel, pool: str, offset: Any,

@@ -26,6 +26,7 @@ from mq_worker.topology import (
     RUNS_EXCHANGE,
     QueueOptions,
     cancel_snapshot_stream_name,
+    declare_cancel_snapshot_stream,
     declare_cancel_stream,
     declare_exchanges,
 )
@@ -233,12 +234,11 @@ async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(vhost: VHos
 
 
 
-async def test_a_cold_worker_with_no_live_peer_does_not_wait_for_a_snapshot(
+async def test_a_cold_worker_of_a_pool_that_never_had_a_snapshot_does_not_wait_for_one(
     vhost: VHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A window long enough for snapshots, none taken, and no worker of the pool alive to
-    # take one: the wait for a snapshot the broker does not count yet, made longer than a
-    # worker may take to start, must not be paid.
+    # A window long enough for snapshots and none ever taken: the wait for a snapshot the
+    # broker does not count yet, made longer than a worker may take to start, is not paid.
     monkeypatch.setattr(cancel_snapshots, "SNAPSHOT_EVERY", WINDOW // 2)
     monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 120.0)
     published = await _window(vhost.url)
@@ -248,34 +248,52 @@ async def test_a_cold_worker_with_no_live_peer_does_not_wait_for_a_snapshot(
 
 
 
-async def test_with_a_live_peer_a_snapshot_the_broker_does_not_count_yet_is_read(
+async def test_a_snapshot_published_while_a_worker_waits_for_one_is_read(
     vhost: VHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The pool's snapshot stream exists but the broker counts it empty: the reader waits.
     monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 60.0)
     registry = CancelRegistry()
     cancelled = uuid.uuid4()
     registry.add(CancelRecord(cancelled, "by the test", time.time()))
-    async with running_worker(vhost.url) as peer:
-        # The pool's reporter: it could have taken one.
-        await wait_until(lambda: peer._heartbeats.monitor.elected, timeout=30)
-        connection = await aiormq.connect(vhost.url)
-        try:
-            read: list[cancel_snapshots.Snapshot | None] = []
+    connection = await aiormq.connect(vhost.url)
+    try:
+        await declare_cancel_snapshot_stream(await connection.channel(), "default")
+        read: list[cancel_snapshots.Snapshot | None] = []
 
-            async def reader() -> None:
-                read.append(await cancel_snapshots.read_newest(
-                    connection, "default", registry.window_seconds))
+        async def reader() -> None:
+            read.append(await cancel_snapshots.read_newest(
+                connection, "default", registry.window_seconds))
 
-            with anyio.fail_after(30):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(reader)
-                    # Published now, the snapshot is not in the broker's count for seconds.
-                    await cancel_snapshots.publish(connection, registry, pool="default",
-                                                   next_offset=7, last_message="")
-        finally:
-            await connection.close()
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await cancel_snapshots.publish(connection, registry, pool="default",
+                                               next_offset=7, last_message="")
+    finally:
+        await connection.close()
     assert read[0] is not None and read[0].next_offset == 7
     assert [key for key, _, _, _ in read[0].rows()] == [cancelled.int]
+
+
+async def test_a_snapshot_published_just_now_is_read_though_no_worker_of_the_pool_is_left(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reporter published it and stopped: the broker does not count it for seconds yet.
+    monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 60.0)
+    registry = CancelRegistry()
+    cancelled = uuid.uuid4()
+    registry.add(CancelRecord(cancelled, None, time.time()))
+    connection = await aiormq.connect(vhost.url)
+    try:
+        await cancel_snapshots.publish(connection, registry, pool="default", next_offset=7,
+                                       last_message="")
+        with anyio.fail_after(30):
+            read = await cancel_snapshots.read_newest(connection, "default",
+                                                      registry.window_seconds)
+    finally:
+        await connection.close()
+    assert read is not None and [key for key, _, _, _ in read.rows()] == [cancelled.int]
 
 
 async def test_workers_of_a_pool_starting_together_each_know_every_cancel(

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiormq
 import aiormq.exceptions
-from pamqp import commands as spec
 
 from mq_worker.errors import TopologyMismatch
 from mq_worker.topology.names import (
@@ -130,19 +129,14 @@ async def declare_queue(
     channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
 ) -> int:
     """Declare the queue; return the number of messages the broker says it holds."""
-    return (await _declared(channel, name, arguments)).message_count or 0
-
-
-async def _declared(
-    channel: aiormq.abc.AbstractChannel, name: str, arguments: Mapping[str, Any]
-) -> spec.Queue.DeclareOk:
     try:
-        return await channel.queue_declare(name, durable=True, arguments=dict(arguments))
+        ok = await channel.queue_declare(name, durable=True, arguments=dict(arguments))
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(
             f"queue {name!r} exists with other arguments than {dict(arguments)!r} ({exc}); "
             "delete it or align its arguments (see docs/operations.md)"
         ) from exc
+    return ok.message_count or 0
 
 
 async def declare_exchanges(channel: aiormq.abc.AbstractChannel) -> None:
@@ -192,18 +186,10 @@ async def declare_monitor(channel: aiormq.abc.AbstractChannel, pool: str) -> Non
     stream = heartbeat_stream_name(pool)
     await declare_queue(channel, stream, heartbeat_stream_arguments())
     await channel.queue_bind(stream, EVENTS_EXCHANGE, routing_key=pool_routing_key(pool))
-    await declare_election_queue(channel, pool)
+    election = monitor_queue_name(pool)
+    await declare_queue(channel, election, monitor_queue_arguments())
     # Earlier versions fed every heartbeat of every pool to this queue.
-    await channel.queue_unbind(monitor_queue_name(pool), EVENTS_EXCHANGE,
-                               routing_key=LEGACY_HEARTBEAT_BINDING)
-
-
-async def declare_election_queue(channel: aiormq.abc.AbstractChannel, pool: str) -> int:
-    """Declare the pool's election queue (mq_worker.election); return its consumers as the
-    broker counts them: not 0 while a worker of the pool takes part in the election (with
-    a single active consumer, the broker counts the active one)."""
-    ok = await _declared(channel, monitor_queue_name(pool), monitor_queue_arguments())
-    return ok.consumer_count or 0
+    await channel.queue_unbind(election, EVENTS_EXCHANGE, routing_key=LEGACY_HEARTBEAT_BINDING)
 
 
 async def declare_delay_ladder(channel: aiormq.abc.AbstractChannel) -> None:
