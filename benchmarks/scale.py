@@ -361,6 +361,12 @@ async def run_latency(channel: aiormq.abc.AbstractChannel, host: VHost, runs: in
 
 async def wait_for_snapshot(host: VHost, timeout: float = 120) -> bool:
     """Wait until the pool's cancel snapshot stream holds a snapshot."""
+    deadline = time.monotonic() + timeout
+    # The reporter declares the stream when it publishes its first snapshot.
+    while cancel_snapshot_stream_name(POOL) not in await asyncio.to_thread(host.queue_counts):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
     connection = await aiormq.connect(host.url)
     try:
         channel = await connection.channel()

@@ -71,8 +71,8 @@ CHECK_SECONDS = 5.0
 # Time to wait for the newest snapshot of a stream that holds some.
 READ_TIMEOUT = 2.0
 # ... and of one the broker says is empty: its count lags by up to ~5 s, so a snapshot
-# published just now may be there, and comes at once if it is; a pool with none (its
-# first worker after every worker was down) waits only this long for it.
+# published just now may be there, and comes at once if it is. A pool with no snapshot
+# stream at all (it never had a snapshot, or the stream was deleted) is not waited for.
 EMPTY_READ_TIMEOUT = 0.5
 PUBLISH_TIMEOUT = 30.0
 # Cancels a part holds at most: about 5 MB a 100,000, so a part stays well under 16 MiB.
@@ -280,7 +280,10 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     parts are read from there."""
     channel = await connection.channel()
     try:
-        held = await declare_cancel_snapshot_stream(channel, pool)
+        held = await _counted(channel, pool)
+        if held is None:
+            log.info("no cancel snapshot stream for the pool; reading the whole window")
+            return None
         newest = await _read_from(channel, pool, "last", 1,
                                   READ_TIMEOUT if held else EMPTY_READ_TIMEOUT)
         if not newest:
@@ -295,6 +298,19 @@ async def read_newest(connection: aiormq.abc.AbstractConnection, pool: str,
     finally:
         await channel.close()
     return decode([body for _, body in read], pool=pool, window_seconds=window_seconds)
+
+
+async def _counted(channel: aiormq.abc.AbstractChannel, pool: str) -> int | None:
+    """The messages the broker counts in the pool's snapshot stream (seconds behind), or
+    None if there is no such stream, which then closes `channel`. Only a declared stream
+    takes a snapshot (`publish` declares it), and workers never delete it, so a pool
+    without one has no snapshot; the reporter's first, published at this very moment, is
+    only missed, and the whole window read instead."""
+    try:
+        ok = await channel.queue_declare(cancel_snapshot_stream_name(pool), passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return ok.message_count or 0
 
 
 async def _read_from(channel: aiormq.abc.AbstractChannel, pool: str, offset: Any,

@@ -8,6 +8,7 @@ hands over to the usual consumer, which reads on.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -18,15 +19,18 @@ import pytest
 from pamqp import commands as spec
 
 from mq_worker import cancel_replay, cancel_snapshots, stream_frames
+from mq_worker.cancel_registry import CancelRecord, CancelRegistry
 from mq_worker.topology import (
     CANCELS_STREAM,
     RUNS_EXCHANGE,
     QueueOptions,
     cancel_snapshot_stream_name,
+    declare_cancel_snapshot_stream,
     declare_cancel_stream,
     declare_exchanges,
 )
-from tests.helpers import VHost, management, running_worker, wait_until
+from mq_worker.workers.process import ProcessWorker
+from tests.helpers import VHost, management, running_worker, wait_until, worker_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -236,6 +240,97 @@ async def test_a_worker_joining_just_after_a_snapshot_starts_from_it(
         async with running_worker(vhost.url) as joining:
             assert set(_held(joining)) == set(early)
             assert joining._cancels.replayed < 10, "replayed the window, not the snapshot"
+
+
+
+async def test_a_cold_worker_of_a_pool_that_never_had_a_snapshot_does_not_wait_for_one(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window long enough for snapshots and none ever taken: the wait for a snapshot the
+    # broker does not count yet, made longer than a worker may take to start, is not paid.
+    monkeypatch.setattr(cancel_snapshots, "SNAPSHOT_EVERY", WINDOW // 2)
+    monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 120.0)
+    published = await _window(vhost.url)
+    async with running_worker(vhost.url) as worker:
+        assert _held(worker) == published
+        assert worker._cancels.replayed == WINDOW
+
+
+
+async def test_a_snapshot_published_while_a_worker_waits_for_one_is_read(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool's snapshot stream exists but the broker counts it empty: the reader waits.
+    monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 60.0)
+    registry = CancelRegistry()
+    cancelled = uuid.uuid4()
+    registry.add(CancelRecord(cancelled, "by the test", time.time()))
+    connection = await aiormq.connect(vhost.url)
+    try:
+        await declare_cancel_snapshot_stream(await connection.channel(), "default")
+        read: list[cancel_snapshots.Snapshot | None] = []
+
+        async def reader() -> None:
+            read.append(await cancel_snapshots.read_newest(
+                connection, "default", registry.window_seconds))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await cancel_snapshots.publish(connection, registry, pool="default",
+                                               next_offset=7, last_message="")
+    finally:
+        await connection.close()
+    assert read[0] is not None and read[0].next_offset == 7
+    assert [key for key, _, _, _ in read[0].rows()] == [cancelled.int]
+
+
+async def test_a_snapshot_published_just_now_is_read_though_no_worker_of_the_pool_is_left(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reporter published it and stopped: the broker does not count it for seconds yet.
+    monkeypatch.setattr(cancel_snapshots, "EMPTY_READ_TIMEOUT", 60.0)
+    registry = CancelRegistry()
+    cancelled = uuid.uuid4()
+    registry.add(CancelRecord(cancelled, None, time.time()))
+    connection = await aiormq.connect(vhost.url)
+    try:
+        await cancel_snapshots.publish(connection, registry, pool="default", next_offset=7,
+                                       last_message="")
+        with anyio.fail_after(30):
+            read = await cancel_snapshots.read_newest(connection, "default",
+                                                      registry.window_seconds)
+    finally:
+        await connection.close()
+    assert read is not None and [key for key, _, _, _ in read.rows()] == [cancelled.int]
+
+
+async def test_workers_of_a_pool_starting_together_each_know_every_cancel(
+    vhost: VHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Long enough for snapshots: whichever is elected first may take one while the other
+    # still catches up.
+    monkeypatch.setattr(cancel_snapshots, "SNAPSHOT_EVERY", WINDOW // 2)
+    published = await _window(vhost.url)
+    workers = [ProcessWorker(worker_settings(vhost.url)) for _ in range(2)]
+    late = uuid.uuid4()
+    async with anyio.create_task_group() as tg:
+        for worker in workers:
+            tg.start_soon(worker.serve)
+        # A cancel published while they start.
+        await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
+                                    "run.cancel.default")])
+        try:
+            with anyio.fail_after(60):
+                for worker in workers:
+                    await worker.ready.wait()
+            await wait_until(lambda: all(w._registry.get(late) for w in workers), timeout=30)
+            for worker in workers:
+                assert {run_id: reason for run_id, reason in _held(worker).items()
+                        if run_id != late} == published
+        finally:
+            for worker in workers:
+                worker.stop(force=True)
 
 
 # The window above read in ranges: 3,051 messages and a marker, in four ranges.

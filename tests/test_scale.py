@@ -362,7 +362,7 @@ async def test_workers_starting_behind_100k_cancels_serve_and_know_them(
     assert set(started_runs(tmp_path)) == {fresh["id"]}
 
     # A worker joining the pool starts from the snapshot the first one took of the window.
-    snapshot = await _newest_snapshot(vhost.url, timeout=120)
+    snapshot = await _newest_snapshot(vhost, timeout=120)
     assert len(snapshot["run_ids"]) == 32 * len(cancelled)
     worker.signal(signal.SIGTERM)
     assert await anyio.to_thread.run_sync(worker.wait) == 0
@@ -392,7 +392,7 @@ async def test_a_joining_worker_starts_from_the_pools_snapshot_and_misses_no_can
     first = worker_processes(vhost.url, "--heartbeat-seconds", "60")
     await _started(events, first)
     # Its pool's elected reporter, it snapshots the window it replayed for the next worker.
-    snapshot = await _newest_snapshot(vhost.url)
+    snapshot = await _newest_snapshot(vhost)
     assert set(_ids_of(snapshot)) == {f"{uuid.UUID(r).int:032x}" for r in early}
     late = [str(uuid.uuid4()) for _ in range(2)]
     await publish_cancels(vhost.url, late)
@@ -423,14 +423,17 @@ def _ids_of(snapshot: dict[str, Any]) -> list[str]:
     return [ids[i:i + 32] for i in range(0, len(ids), 32)]
 
 
-async def _newest_snapshot(url: str, pool: str = "default", timeout: float = 30
+async def _newest_snapshot(vhost: VHost, pool: str = "default", timeout: float = 30
                            ) -> dict[str, Any]:
     """The newest message of the pool's snapshot stream, decoded, once there is one."""
-    connection = await aio_pika.connect(url)
+    name = f"mq_worker.cancel-snapshots-{pool}"
+    # The reporter declares the stream when it publishes its first snapshot.
+    await wait_until(lambda: name in vhost.queue_counts(), timeout=timeout)
+    connection = await aio_pika.connect(vhost.url)
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=1)
-        queue = await channel.get_queue(f"mq_worker.cancel-snapshots-{pool}", ensure=False)
+        queue = await channel.get_queue(name, ensure=False)
         bodies: list[bytes] = []
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
