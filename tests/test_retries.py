@@ -253,7 +253,9 @@ async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
 
     for run_id in ids:
         run_events = events.of(run_id)
-        assert [e.type for e in events.terminal(run_id)] == ["mq_worker.run.cancelled"]
+        terminal = events.terminal(run_id)
+        assert [e.type for e in terminal] == ["mq_worker.run.cancelled"], (
+            [(e.type, e.data) for e in terminal], events.types(run_id))
         cancelled = run_events[-1]
         assert cancelled.is_terminal
         started = [e.data["attempt"] for e in run_events if e.type == "mq_worker.run.submitted"]
