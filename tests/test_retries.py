@@ -56,6 +56,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _described(terminal: list[Event], types: list[str]) -> str:
+    """A run's terminal events with what says why it ended, and all its event types, as
+    text (a message that is not text is cut short by pytest)."""
+    fields = ("reason", "attempt", "status_code", "message")
+    return json.dumps({"terminal": [{"type": e.type, **{f: e.data.get(f) for f in fields}}
+                                    for e in terminal], "types": types})
+
+
 def _messages_in_queues(vhost: VHost) -> int:
     """Run messages anywhere in the broker: work queues and the delay ladder."""
     return sum(ready + unacked for queue, (ready, unacked) in vhost.queue_counts().items()
@@ -254,8 +262,8 @@ async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
     for run_id in ids:
         run_events = events.of(run_id)
         terminal = events.terminal(run_id)
-        assert [e.type for e in terminal] == ["mq_worker.run.cancelled"], (
-            [(e.type, e.data) for e in terminal], events.types(run_id))
+        assert [e.type for e in terminal] == ["mq_worker.run.cancelled"], _described(
+            terminal, events.types(run_id))
         cancelled = run_events[-1]
         assert cancelled.is_terminal
         started = [e.data["attempt"] for e in run_events if e.type == "mq_worker.run.submitted"]
