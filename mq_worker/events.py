@@ -229,8 +229,12 @@ def retrying_data(
 
 class CancelledData(RunEventData):
     reason: str | None = None
-    status_code: int | None = Field(default=None, description="Set when a process was stopped.")
-    message: str | None = None
+    status_code: int | None = Field(
+        default=None, description="Set when a process was stopped, or when the attempt "
+        "failed on its own just before the cancel could stop it (its exit status).")
+    message: str | None = Field(
+        default=None, description="Set when the cancel ended a run whose attempt failed on "
+        "its own (while starting, or just before the cancel could stop it).")
     infrastructure_pid: str | None = None
 
 

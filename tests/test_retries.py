@@ -11,6 +11,7 @@ from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import anyio
 import psutil
@@ -19,6 +20,7 @@ import pytest
 from mq_worker.events import Event
 from mq_worker.signing import Signer
 from mq_worker.topology import DELAY_LEVELS, delay_name
+from mq_worker.workers.runs import Stopping
 from tests.helpers import (
     PYTHON,
     EventLog,
@@ -83,6 +85,12 @@ async def _no_run_message_left(url: str, worker: Any, timeout: float = 30) -> No
 async def _none_given_back(url: str) -> None:
     """Once the worker has stopped: a message it had not acknowledged would be back."""
     assert sum((await ready_counts(url, RUN_QUEUES)).values()) == 0
+def _described(terminal: list[Event], types: list[str]) -> str:
+    """A run's terminal events with what says why it ended, and all its event types, as
+    text (a message that is not text is cut short by pytest)."""
+    fields = ("reason", "attempt", "status_code", "message")
+    return json.dumps({"terminal": [{"type": e.type, **{f: e.data.get(f) for f in fields}}
+                                    for e in terminal], "types": types})
 
 
 async def test_a_timeout_stops_the_whole_process_tree_and_reports_it(
@@ -280,7 +288,9 @@ async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
 
     for run_id in ids:
         run_events = events.of(run_id)
-        assert [e.type for e in events.terminal(run_id)] == ["mq_worker.run.cancelled"]
+        terminal = events.terminal(run_id)
+        assert [e.type for e in terminal] == ["mq_worker.run.cancelled"], _described(
+            terminal, events.types(run_id))
         cancelled = run_events[-1]
         assert cancelled.is_terminal
         started = [e.data["attempt"] for e in run_events if e.type == "mq_worker.run.submitted"]
@@ -292,6 +302,40 @@ async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
         # A process stopped at once may not have recorded itself; none recorded more.
         recorded = [a["attempt"] for a in attempts(tmp_path, run_id)]
         assert recorded == started[:len(recorded)] and len(recorded) >= last - 1
+
+
+async def test_a_cancel_that_comes_as_the_attempt_fails_on_its_own_ends_the_run_cancelled(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """The attempt's process has exited 3 but the worker still watches the run (here: it
+    waits for a process the run left in its group) when the cancel comes: there is nothing
+    left to stop, and the cancel is not retried, so the run ends cancelled, not crashed."""
+    main_pid, release = tmp_path / "main.pid", tmp_path / "release"
+    leftover = f"trap '' TERM; while [ ! -e {release} ]; do sleep 0.05; done"
+    command = shlex.join(["sh", "-c", f"sh -c {shlex.quote(leftover)} >/dev/null 2>&1 & "
+                                      f"echo $$ > {main_pid}; exit 3"])
+    body = run_body(job_variables={"command": command, "retries": 2, "grace_seconds": 60})
+    run_id = UUID(body["id"])
+    async with running_worker(vhost.url) as worker:
+        await publish_raw(vhost.url, body)
+        pid = await wait_until(lambda: main_pid.exists() and main_pid.read_text().strip()
+                               and int(main_pid.read_text()))
+        await wait_until(lambda: not psutil.pid_exists(pid))  # exited, and reaped by the worker
+        await publish_raw(vhost.url, {"id": body["id"], "reason": "no more"},
+                          routing_key="run.cancel.default")
+        # The cancel reached the run, and found its process gone.
+        await wait_until(lambda: (active := worker._book.active.get(run_id)) is not None
+                         and active.stopping is Stopping.NOT_STOPPED)
+        release.touch()
+        await events.wait_terminal([body["id"]], timeout=30)
+        await _no_run_message_left(vhost.url, worker)
+    await _none_given_back(vhost.url)
+
+    assert events.types(body["id"]) == ["run.pending", "run.submitted", "run.cancelled"], (
+        _described(events.terminal(body["id"]), events.types(body["id"])))
+    cancelled = events.terminal(body["id"])[0]
+    assert cancelled.data["reason"] == "no more" and cancelled.data["status_code"] == 3
+    assert cancelled.data["attempt"] == 1
 
 
 async def test_a_worker_killed_during_the_wait_loses_nothing_and_the_retry_runs_once(

@@ -58,12 +58,11 @@ class NextAttempts:
         is published: the run then has no terminal event from this attempt.
         """
         code = result.status_code if result else None
-        reason = failure_reason(code, started=start_error is None,
-                                cancelled=active.cancel is not None,
-                                timed_out=active.timed_out and active.stopped_by_worker)
-        attempt = active.run.attempt
-        if reason is None or active.terminal or not active.policy.should_retry(reason, attempt):
+        reason = self._retried_reason(active, code, start_error,
+                                      cancelled=active.cancel is not None)
+        if reason is None or active.terminal:
             return False  # (terminal: a stop that failed was reported as kill-failed)
+        attempt = active.run.attempt
         delay = active.policy.retry_delay(attempt)
         # Still in flight while the next attempt is parked (a stopping worker waits for
         # it); that attempt, should it come back here first, waits for the end of this.
@@ -74,6 +73,26 @@ class NextAttempts:
             self._book.leave(active)
             active.retry_settled.set()
         return scheduled
+
+    def cancel_ends_it(self, active: ActiveRun, result: WorkerResult | None,
+                       start_error: str | None = None) -> bool:
+        """Whether the run's cancel, not the attempt's failure, ends the run: the attempt
+        failed on its own (before the cancel's stop reached it, or while it was starting)
+        and would have run again but for the cancel."""
+        if active.cancel is None:
+            return False
+        code = result.status_code if result else None
+        return self._retried_reason(active, code, start_error, cancelled=False) is not None
+
+    @staticmethod
+    def _retried_reason(active: ActiveRun, code: int | None, start_error: str | None, *,
+                        cancelled: bool) -> CrashReason | None:
+        """Why the failed attempt runs again; None if it did not fail or is not retried."""
+        reason = failure_reason(code, started=start_error is None, cancelled=cancelled,
+                                timed_out=active.timed_out and active.stopped_by_worker)
+        if reason is None or not active.policy.should_retry(reason, active.run.attempt):
+            return None
+        return reason
 
     async def after_previous(self, run: RunMessage) -> None:
         """Let the attempt before `run`, if this worker is still parking it, finish that."""

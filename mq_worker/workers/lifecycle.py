@@ -213,6 +213,11 @@ class RunLife:
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         active.log.error("run failed to start", error=str(exc))
+        if active.cancel is not None and self.attempts.cancel_ends_it(active, None, str(exc)):
+            # Cancelled while starting: not retried, so the cancel is what ends the run.
+            self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
+                        message=f"cancelled while starting; the start failed: {exc}")
+            return
         self._metrics.of(self._pool, active.queue).crashed.inc()
         self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.SUBMISSION_FAILED,
                     message=f"the run could not be started: {exc}", status_code=None)
@@ -250,6 +255,13 @@ class RunLife:
         if active.cancel is not None and active.stopped_by_worker:
             self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
                         status_code=code, infrastructure_pid=pid)
+        elif active.cancel is not None and self.attempts.cancel_ends_it(active, result):
+            # It failed on its own before the cancel's stop reached it; had the cancel not
+            # come it would run again, so the cancel is what ends the run.
+            self.finish(active, EventType.RUN_CANCELLED, reason=active.cancel.reason,
+                        status_code=code, infrastructure_pid=pid,
+                        message="the attempt failed before the cancel could stop it: "
+                                + failure_message(CrashReason.EXIT_CODE, code))
         elif active.timed_out and active.stopped_by_worker:
             message = failure_message(CrashReason.TIMEOUT, code,
                                       timeout_seconds=active.policy.timeout_seconds)

@@ -18,12 +18,14 @@ import pytest
 import structlog
 
 from mq_worker.cancellation import CancelRecord, CancelRegistry
+from mq_worker.errors import InfrastructureNotFound
 from mq_worker.events import EventType
 from mq_worker.fencing import HeartbeatLease
 from mq_worker.job_configuration import BaseJobConfiguration, BaseJobTemplate
 from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.outbox import Outbox
+from mq_worker.policies import PolicyVariables
 from mq_worker.pool_control import PoolControl
 from mq_worker.workers.configuring import Configurer
 from mq_worker.workers.keeper import RunKeeper
@@ -127,6 +129,11 @@ class Kept:
         bodies = [orjson.loads(e.body) for e in self.outbox._events]
         return [b["type"].rsplit(".", 1)[-1] for b in bodies if b.get("subject") == run_id]
 
+    def terminal_data(self, run_id: str) -> dict[str, Any]:
+        bodies = [orjson.loads(e.body) for e in self.outbox._events]
+        data: dict[str, Any] = [b["data"] for b in bodies if b.get("subject") == run_id][-1]
+        return data
+
 
 class StandInStartedRun:
     def __init__(self, pid: str, end: anyio.Event, exit_codes: dict[str, int]) -> None:
@@ -162,8 +169,44 @@ class FailingAfterStart(StandInType):
         raise RuntimeError("lost track of it")
 
 
+class RetriedConfiguration(PolicyVariables, BaseJobConfiguration):
+    """A configuration with the run policy's variables, as ProcessWorker's has."""
+
+
+RETRIED_TWICE = BaseJobTemplate.from_dict({"job_configuration": {"retries": 2},
+                                           "variables": {}})
+
+
+class EndsBeforeItsStop(StandInType):
+    """A run that fails on its own just before the worker's stop reaches it: the worker
+    type then finds it gone, as ProcessWorker does a process that has already exited."""
+
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int:
+        self.exit_codes[infrastructure_pid] = 3
+        self.ends[infrastructure_pid].set()
+        raise InfrastructureNotFound(f"run process {infrastructure_pid} has already exited")
+
+
+class FailsToStartOnceCancelled(StandInType):
+    """A run whose start is under way when the cancel comes, and then fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = anyio.Event()
+        self.fail = anyio.Event()
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.starting.set()
+        await self.fail.wait()
+        raise RuntimeError("no such program")
+
+
 @asynccontextmanager
-async def kept(worker_type: StandInType | None = None) -> AsyncIterator[Kept]:
+async def kept(worker_type: StandInType | None = None,
+               template: BaseJobTemplate | None = None) -> AsyncIterator[Kept]:
     outbox = Outbox(1000)
     reporter = Reporter(WorkerFacts(worker="w", pool="p", queues=["q"], type="stand-in",
                                     limit=4, hostname="h", version="1", heartbeat_seconds=5.0,
@@ -180,8 +223,10 @@ async def kept(worker_type: StandInType | None = None) -> AsyncIterator[Kept]:
             force=anyio.Event(), spawn=tg, log=structlog.get_logger("test"),
         )
         configurer = Configurer(
-            worker_type="stand-in", configuration_type=BaseJobConfiguration,
-            template=BaseJobTemplate.from_dict({"job_configuration": {}, "variables": {}}),
+            worker_type="stand-in",
+            configuration_type=BaseJobConfiguration if template is None else RetriedConfiguration,
+            template=template or BaseJobTemplate.from_dict({"job_configuration": {},
+                                                            "variables": {}}),
             pool="p", worker="w", base_environment=dict, check=lambda configuration: None,
         )
         keeper = RunKeeper(around, configurer=configurer, cancels=cancels,
@@ -326,6 +371,55 @@ async def test_a_cancel_stops_a_running_run_which_ends_cancelled(
             k.keeper.on_cancel(record)
         assert k.worker_type.killed == ["host:1"]
         assert k.events(run_id) == ["pending", "submitted", "cancelled"]
+
+
+async def test_a_cancel_that_finds_the_failed_attempt_ended_ends_the_run_cancelled() -> None:
+    """The cancel came while the attempt ran, but the attempt failed on its own before
+    the stop reached it: not retried (a cancel never is), so the run ends cancelled, not
+    crashed."""
+    async with kept(EndsBeforeItsStop(), RETRIED_TWICE) as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+            k.cancels.add(record)
+            k.keeper.on_cancel(record)
+        assert k.events(run_id) == ["pending", "submitted", "cancelled"], k.terminal_data(run_id)
+        data = k.terminal_data(run_id)
+        assert data["reason"] == "no longer wanted" and data["status_code"] == 3
+        assert data["attempt"] == 1 and k.worker_type.started == [run_id]
+
+
+async def test_a_cancel_during_a_start_that_fails_ends_the_run_cancelled() -> None:
+    async with kept(FailsToStartOnceCancelled(), RETRIED_TWICE) as k:
+        worker_type = k.worker_type
+        assert isinstance(worker_type, FailsToStartOnceCancelled)
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await worker_type.starting.wait()
+            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+            k.cancels.add(record)
+            k.keeper.on_cancel(record)
+            worker_type.fail.set()
+        assert k.events(run_id) == ["pending", "cancelled"], k.terminal_data(run_id)
+        data = k.terminal_data(run_id)
+        assert data["reason"] == "no longer wanted" and data.get("status_code") is None
+
+
+async def test_a_cancel_that_finds_the_last_attempt_failed_leaves_it_crashed() -> None:
+    """Without retries the failure is the run's own end, whatever cancel came late."""
+    async with kept(EndsBeforeItsStop()) as k:
+        run_id = str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, delivery(run_id))
+            await wait_until(lambda: "submitted" in k.events(run_id))
+            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+            k.cancels.add(record)
+            k.keeper.on_cancel(record)
+        assert k.events(run_id) == ["pending", "submitted", "crashed"]
+        assert k.terminal_data(run_id)["reason"] == "exit-code"
 
 
 async def test_a_run_cancelled_before_it_arrives_never_starts() -> None:
