@@ -42,13 +42,24 @@ async def publish_raw(
         )
 
 
-async def ready_counts(url: str, queues: list[str]) -> dict[str, int]:
+async def ready_counts(url: str, queues: list[str], *, missing_ok: bool = False) -> dict[str, int]:
     """{queue: messages ready} as the queues have them now, by passive declares: without the
     second or so `rabbitmqctl` takes to start, nor the statistics' lag of a quorum queue.
     Messages delivered and not yet acknowledged are not counted: ask once their consumers
-    are gone (the broker then gives them back)."""
+    are gone (the broker then gives them back). With `missing_ok`, a queue that does not
+    exist (one declared only when first used) counts as holding none."""
     connection = await aio_pika.connect(url)
     async with connection:
-        channel = await connection.channel()
-        return {queue: int((await channel.declare_queue(queue, passive=True))
-                           .declaration_result.message_count or 0) for queue in queues}
+        counts: dict[str, int] = {}
+        for queue in queues:
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                if not missing_ok:
+                    raise
+                counts[queue] = 0
+                continue
+            counts[queue] = int(declared.declaration_result.message_count or 0)
+            await channel.close()
+        return counts
