@@ -114,15 +114,31 @@ class SlotRequests:
                 tg.start_soon(count, index, target)
 
     @staticmethod
-    async def waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
+    async def waiting(channel: aiormq.abc.AbstractChannel, target: str, *,
+                      confirm_none: bool = True) -> int | None:
         """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
-        None if the broker does not find the queue (and closes the channel)."""
+        None if the broker does not find the queue (and closes the channel).
+
+        RabbitMQ answers the declare of a quorum queue with 0 when it cannot ask the
+        queue's leader within 250 ms (a node being lost, a leader just moved), so a 0 is
+        no answer: unless `confirm_none` is False, it is checked with a `basic.get`, which
+        goes through the leader (a Raft round, paid only when the declare says 0). A run
+        found so is given back at once: returned, it stays at the head of the queue.
+        """
+        queue = topology.waiting_queue_name(target)
         try:
-            declared = await channel.queue_declare(topology.waiting_queue_name(target),
-                                                   passive=True)
+            declared = await channel.queue_declare(queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        return int(declared.message_count or 0)
+        if declared.message_count or not confirm_none:
+            return int(declared.message_count or 0)
+        message = await channel.basic_get(queue, no_ack=False)
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return 0
+        tag = message.delivery.delivery_tag
+        assert tag is not None
+        await channel.basic_nack(tag, requeue=True, wait=False)
+        return 1 + int(message.delivery.message_count or 0)
 
     async def channel(self, purpose: str, slots: aiormq.abc.AbstractChannel,
                       holds_tokens: bool = False) -> aiormq.abc.AbstractChannel:

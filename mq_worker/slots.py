@@ -306,7 +306,10 @@ class SlotGate:
             return
         try:
             channel = await self._requests.channel("wakes", slots)
-            waiting = await self._requests.waiting(channel, target)
+            # Not confirmed (a Raft round after every run): a 0 the broker gives for want
+            # of an answer (see SlotRequests.waiting) leaves the slot free, and the
+            # periodic check (pool_control) hands it on a few seconds later.
+            waiting = await self._requests.waiting(channel, target, confirm_none=False)
             if waiting:
                 await wake_waiting(channel, target, min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:
