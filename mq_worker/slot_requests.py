@@ -6,6 +6,7 @@ in flight at a time)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aiormq.abc
@@ -101,10 +102,12 @@ class SlotRequests:
         return next((target for target in targets if not taken[target]), None)
 
     async def count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
-                            counts: dict[str, int]) -> None:
-        """Count the runs waiting for each target, all at once (a channel each)."""
+                            counts: dict[str, int], confirm_none: Collection[str]) -> None:
+        """Count the runs waiting for each target, all at once (a channel each); a count
+        of 0 is made sure of for the targets in `confirm_none` (see `waiting`)."""
         async def count(index: int, target: str) -> None:
-            waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target)
+            waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target,
+                                         confirm_none=target in confirm_none)
             counts[target] = UNKNOWN if waiting is None else waiting
 
         if len(targets) == 1:
@@ -128,11 +131,11 @@ class SlotRequests:
         queue = topology.waiting_queue_name(target)
         try:
             declared = await channel.queue_declare(queue, passive=True)
+            if declared.message_count or not confirm_none:
+                return int(declared.message_count or 0)
+            message = await channel.basic_get(queue, no_ack=False)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        if declared.message_count or not confirm_none:
-            return int(declared.message_count or 0)
-        message = await channel.basic_get(queue, no_ack=False)
         if not isinstance(message.delivery, spec.Basic.GetOk):
             return 0
         tag = message.delivery.delivery_tag

@@ -193,17 +193,19 @@ class SlotGate:
 
         The waiting counts are read while the tokens are asked for: both cost one
         round trip per target before the run starts, not two; with a spare of each
-        target on this worker, the counts are the only round trip.
+        target on this worker, the counts are the only round trip. A count of 0 is made
+        sure of only for a target whose token comes from the broker: a spare is this
+        worker's own, never a token a cut-off worker is about to take back.
         """
         needed = targets
         if lease.channel is self._slots:
             needed = await self.spares.take_for(targets, lease.tokens, slots)
         if not needed or not checked:
             if checked:
-                await self._requests.count_waiting(slots, checked, waiting)
+                await self._requests.count_waiting(slots, checked, waiting, needed)
             return await self._requests.take_each(needed, lease)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._requests.count_waiting, slots, checked, waiting)
+            tg.start_soon(self._requests.count_waiting, slots, checked, waiting, needed)
             missing = await self._requests.take_each(needed, lease)
         return missing
 

@@ -76,3 +76,13 @@ async def test_a_count_above_zero_is_taken_as_the_declare_gives_it() -> None:
     channel = WaitingQueueChannel(runs=3, declared=3)
     assert await count(channel) == 3
     assert channel.gets == 0
+
+
+@pytest.mark.anyio
+async def test_a_zero_is_taken_as_it_comes_where_the_caller_needs_no_more() -> None:
+    # A run taking this worker's spare, or a run that ended and wakes others: a get there
+    # would be a Raft round on the path of every run while nobody waits.
+    channel = WaitingQueueChannel(runs=2, declared=0)
+    assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
+                                      confirm_none=False) == 0
+    assert channel.gets == 0
