@@ -31,10 +31,12 @@ class WaitingQueueChannel:
         self.runs = runs
         self.declared = declared
         self.gets = 0
+        self.declares = 0
         self.given_back: list[int] = []
 
     async def queue_declare(self, name: str, passive: bool) -> spec.Queue.DeclareOk:
         assert name == waiting_queue_name(TARGET) and passive
+        self.declares += 1
         return spec.Queue.DeclareOk(name, message_count=self.declared, consumer_count=0)
 
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
@@ -86,3 +88,13 @@ async def test_a_zero_is_taken_as_it_comes_where_the_caller_needs_no_more() -> N
     assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
                                       confirm_none=False) == 0
     assert channel.gets == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("runs", [0, 2])
+async def test_without_the_declare_the_get_alone_counts(runs: int) -> None:
+    channel = WaitingQueueChannel(runs=runs, declared=0)
+    assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
+                                      declare=False) == runs
+    assert channel.declares == 0
+    assert channel.given_back == ([1] if runs else [])
