@@ -42,7 +42,6 @@ class SlotRequests:
         self.state = state
         self._own: dict[str, aiormq.abc.AbstractChannel] = {}
         self._opening = anyio.Lock()
-        self._seen: dict[str, int] = {}  # per target, the runs last counted waiting
         # Set when a channel holding tokens closes; one per session (see `new_session`).
         self.token_channel_lost = anyio.Event()
 
@@ -107,14 +106,8 @@ class SlotRequests:
         """Count the runs waiting for each target, all at once (a channel each); a count
         of 0 is made sure of for the targets in `confirm_none` (see `waiting`)."""
         async def count(index: int, target: str) -> None:
-            confirm = target in confirm_none
-            # Where the last count was 0, the get that would make sure of a 0 is made
-            # straight away: one round trip, the same Raft round, no declare before it.
             waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target,
-                                         confirm_none=confirm,
-                                         declare=not confirm or bool(self._seen.get(target)))
-            if waiting is not None:
-                self._seen[target] = waiting
+                                         confirm_none=target in confirm_none)
             counts[target] = UNKNOWN if waiting is None else waiting
 
         if len(targets) == 1:
@@ -125,7 +118,7 @@ class SlotRequests:
 
     @staticmethod
     async def waiting(channel: aiormq.abc.AbstractChannel, target: str, *,
-                      confirm_none: bool = True, declare: bool = True) -> int | None:
+                      confirm_none: bool = True) -> int | None:
         """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
         None if the broker does not find the queue (and closes the channel).
 
@@ -133,15 +126,15 @@ class SlotRequests:
         queue's leader within 250 ms (a node being lost, a leader just moved), so a 0 is
         no answer: unless `confirm_none` is False, it is checked with a `basic.get`, which
         goes through the leader (a Raft round, paid only when the declare says 0). A run
-        found so is given back at once: returned, it stays at the head of the queue.
-        Without `declare`, the get alone counts.
+        found so is given back at once, and RabbitMQ puts it behind the others: the
+        price, paid only on a 0 given for want of an answer, of not taking a slot
+        ahead of it.
         """
         queue = topology.waiting_queue_name(target)
         try:
-            if declare:
-                declared = await channel.queue_declare(queue, passive=True)
-                if declared.message_count or not confirm_none:
-                    return int(declared.message_count or 0)
+            declared = await channel.queue_declare(queue, passive=True)
+            if declared.message_count or not confirm_none:
+                return int(declared.message_count or 0)
             message = await channel.basic_get(queue, no_ack=False)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None

@@ -31,12 +31,10 @@ class WaitingQueueChannel:
         self.runs = runs
         self.declared = declared
         self.gets = 0
-        self.declares = 0
         self.given_back: list[int] = []
 
     async def queue_declare(self, name: str, passive: bool) -> spec.Queue.DeclareOk:
         assert name == waiting_queue_name(TARGET) and passive
-        self.declares += 1
         return spec.Queue.DeclareOk(name, message_count=self.declared, consumer_count=0)
 
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
@@ -61,7 +59,7 @@ async def count(channel: WaitingQueueChannel) -> int | None:
 async def test_a_count_of_zero_from_the_declare_is_checked_with_the_queue_leader() -> None:
     channel = WaitingQueueChannel(runs=2, declared=0)  # the leader could not be asked
     assert await count(channel) == 2
-    assert channel.given_back == [1]  # the run looked at is back at the head, not taken
+    assert channel.given_back == [1]  # the run looked at is given back, not taken
 
 
 @pytest.mark.anyio
@@ -88,13 +86,3 @@ async def test_a_zero_is_taken_as_it_comes_where_the_caller_needs_no_more() -> N
     assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
                                       confirm_none=False) == 0
     assert channel.gets == 0
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("runs", [0, 2])
-async def test_without_the_declare_the_get_alone_counts(runs: int) -> None:
-    channel = WaitingQueueChannel(runs=runs, declared=0)
-    assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
-                                      declare=False) == runs
-    assert channel.declares == 0
-    assert channel.given_back == ([1] if runs else [])
