@@ -10,7 +10,10 @@ the client's CPU time per request, under uvloop), in a vhost of its own:
   the Raft round;
 * a passive declare of a queue (the count of the runs waiting);
 * the quorum get and the passive declare at once, on two channels (a fresh run
-  without a spare).
+  without a spare);
+* the same, the declare's 0 made sure of with a `basic.get` of the empty waiting
+  queue (a fresh run without a spare while nobody waits, see docs/pools.md);
+* the quorum get and a get of the empty waiting queue at once, with no declare.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ async def get_and_count(get: aiormq.abc.AbstractChannel,
     await get.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
 
 
+async def get_and_count_made_sure(get: aiormq.abc.AbstractChannel,
+                                  declare: aiormq.abc.AbstractChannel) -> None:
+    """As `get_and_count`, the declare's 0 made sure of with a get of the (empty) waiting
+    queue, as a fresh run without a spare does while nobody waits."""
+    async def count() -> None:
+        declared = await declare.queue_declare("waiting", passive=True)
+        if not declared.message_count:
+            empty = await declare.basic_get("waiting", no_ack=False)
+            assert not isinstance(empty.delivery, spec.Basic.GetOk)
+
+    message, _ = await asyncio.gather(get.basic_get("tokens.quorum", no_ack=False), count())
+    assert isinstance(message.delivery, spec.Basic.GetOk)
+    await get.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
+
+
+async def get_and_get_waiting(get: aiormq.abc.AbstractChannel,
+                              other: aiormq.abc.AbstractChannel) -> None:
+    """The quorum get while a get of the (empty) waiting queue runs, with no declare: a
+    fresh run without a spare whose last count of the runs waiting was 0."""
+    message, empty = await asyncio.gather(get.basic_get("tokens.quorum", no_ack=False),
+                                          other.basic_get("waiting", no_ack=False))
+    assert isinstance(message.delivery, spec.Basic.GetOk)
+    assert not isinstance(empty.delivery, spec.Basic.GetOk)
+    await get.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
+
+
 async def measure(count: int) -> dict[str, Any]:
     with vhost("limit-rounds") as host:
         connection = await aio_pika.connect(host.url)
@@ -66,6 +95,10 @@ async def measure(count: int) -> dict[str, Any]:
                 "get + nack, classic queue": lambda: get_and_nack(first, "tokens.classic"),
                 "passive declare": lambda: second.queue_declare("waiting", passive=True),
                 "quorum get while a passive declare runs": lambda: get_and_count(first, second),
+                "the same, its 0 made sure of with a get":
+                    lambda: get_and_count_made_sure(first, second),
+                "quorum get while a get of the waiting queue runs":
+                    lambda: get_and_get_waiting(first, second),
             }
             wall: dict[str, list[float]] = {name: [] for name in requests}
             cpu: dict[str, list[float]] = {name: [] for name in requests}

@@ -6,6 +6,7 @@ in flight at a time)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import aiormq.abc
@@ -101,10 +102,12 @@ class SlotRequests:
         return next((target for target in targets if not taken[target]), None)
 
     async def count_waiting(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
-                            counts: dict[str, int]) -> None:
-        """Count the runs waiting for each target, all at once (a channel each)."""
+                            counts: dict[str, int], confirm_none: Collection[str]) -> None:
+        """Count the runs waiting for each target, all at once (a channel each); a count
+        of 0 is made sure of for the targets in `confirm_none` (see `waiting`)."""
         async def count(index: int, target: str) -> None:
-            waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target)
+            waiting = await self.waiting(await self.channel(f"lookups-{index}", slots), target,
+                                         confirm_none=target in confirm_none)
             counts[target] = UNKNOWN if waiting is None else waiting
 
         if len(targets) == 1:
@@ -114,15 +117,33 @@ class SlotRequests:
                 tg.start_soon(count, index, target)
 
     @staticmethod
-    async def waiting(channel: aiormq.abc.AbstractChannel, target: str) -> int | None:
+    async def waiting(channel: aiormq.abc.AbstractChannel, target: str, *,
+                      confirm_none: bool = True) -> int | None:
         """Runs waiting for `target` (a passive declare: no Raft round, unlike a get);
-        None if the broker does not find the queue (and closes the channel)."""
+        None if the broker does not find the queue (and closes the channel).
+
+        RabbitMQ answers the declare of a quorum queue with 0 when it cannot ask the
+        queue's leader within 250 ms (a node being lost, a leader just moved), so a 0 is
+        no answer: unless `confirm_none` is False, it is checked with a `basic.get`, which
+        goes through the leader (a Raft round, paid only when the declare says 0). A run
+        found so is given back at once, and RabbitMQ puts it behind the others: the
+        price, paid only on a 0 given for want of an answer, of not taking a slot
+        ahead of it.
+        """
+        queue = topology.waiting_queue_name(target)
         try:
-            declared = await channel.queue_declare(topology.waiting_queue_name(target),
-                                                   passive=True)
+            declared = await channel.queue_declare(queue, passive=True)
+            if declared.message_count or not confirm_none:
+                return int(declared.message_count or 0)
+            message = await channel.basic_get(queue, no_ack=False)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        return int(declared.message_count or 0)
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return 0
+        tag = message.delivery.delivery_tag
+        assert tag is not None
+        await channel.basic_nack(tag, requeue=True, wait=False)
+        return 1 + int(message.delivery.message_count or 0)
 
     async def channel(self, purpose: str, slots: aiormq.abc.AbstractChannel,
                       holds_tokens: bool = False) -> aiormq.abc.AbstractChannel:

@@ -32,6 +32,7 @@ again, at the back.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ RECLAIM_WAIT_SECONDS = 10.0
 # have stayed free for pool_control.RETURNED_SLOT_GRACE_SECONDS (2 s), and the run must
 # be gone by then, its stop's own grace (lifecycle.SLOT_LOST_GRACE_SECONDS) included.
 CUT_OFF_SECONDS = 1.0
+# After a reconnection, this long, fresh runs here take no free slot even with no run
+# waiting: whatever cut this worker off (a node lost) may have cut off others, whose
+# slots are free at the broker until they take them back (as long as the others leave
+# returned slots alone: pool_control.RETURNED_SLOT_GRACE_SECONDS).
+BACK_FROM_A_LOST_CONNECTION_SECONDS = 2.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # How often a run tries, half a second apart, while its waiting queue cannot be found
 # (a node being lost), before it is given back.
@@ -85,6 +91,8 @@ class SlotGate:
         self._leases: set[Lease] = set()
         self._reclaimed = anyio.Event()
         self._cut_off = anyio.Event()  # set when a session ends
+        self._sessions = 0
+        self._fresh_runs_wait_until = 0.0  # monotonic: see BACK_FROM_A_LOST_CONNECTION_SECONDS
         self._requests = SlotRequests(state)
         self.spares = Spares(self._requests.still_valid)  # held on the slots channel
 
@@ -94,6 +102,11 @@ class SlotGate:
         if slots is not self._slots:
             self.spares.forget()
             self._requests.new_session()
+        if slots is not None and slots is not self._slots:
+            if self._sessions:
+                self._fresh_runs_wait_until = (time.monotonic()
+                                               + BACK_FROM_A_LOST_CONNECTION_SECONDS)
+            self._sessions += 1
         self._slots, self._publish = slots, publish
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
@@ -164,6 +177,12 @@ class SlotGate:
                 await anyio.sleep(0.5)
             else:
                 raise ConnectionError(f"cannot count the runs waiting for {targets}")
+            if time.monotonic() < self._fresh_runs_wait_until:
+                # Just back from a lost connection: a free slot may be that of a worker
+                # cut off with this one and not yet back. Wait as if runs waited (the
+                # periodic checks hand on what stays free; a release wakes as ever).
+                for target in checked:
+                    waiting[target] = max(waiting.get(target, 0), 1)
             blocked = next((t for t in targets if waiting.get(t) or t == missing), None)
             if blocked is not None:
                 # Only a run that found no token and no run waiting before it wakes one
@@ -193,17 +212,19 @@ class SlotGate:
 
         The waiting counts are read while the tokens are asked for: both cost one
         round trip per target before the run starts, not two; with a spare of each
-        target on this worker, the counts are the only round trip.
+        target on this worker, the counts are the only round trip. A count of 0 is made
+        sure of only for a target whose token comes from the broker: a spare is this
+        worker's own, never a token a cut-off worker is about to take back.
         """
         needed = targets
         if lease.channel is self._slots:
             needed = await self.spares.take_for(targets, lease.tokens, slots)
         if not needed or not checked:
             if checked:
-                await self._requests.count_waiting(slots, checked, waiting)
+                await self._requests.count_waiting(slots, checked, waiting, needed)
             return await self._requests.take_each(needed, lease)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._requests.count_waiting, slots, checked, waiting)
+            tg.start_soon(self._requests.count_waiting, slots, checked, waiting, needed)
             missing = await self._requests.take_each(needed, lease)
         return missing
 
@@ -306,7 +327,10 @@ class SlotGate:
             return
         try:
             channel = await self._requests.channel("wakes", slots)
-            waiting = await self._requests.waiting(channel, target)
+            # Not confirmed (a Raft round after every run): a 0 the broker gives for want
+            # of an answer (see SlotRequests.waiting) leaves the slot free, and the
+            # periodic check (pool_control) hands it on a few seconds later.
+            waiting = await self._requests.waiting(channel, target, confirm_none=False)
             if waiting:
                 await wake_waiting(channel, target, min(count, waiting), publisher=publish)
         except _CHANNEL_ERRORS as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mq_worker import slots
 from mq_worker.events import Event
 from mq_worker.topology import limit_queue_name
 from tests.helpers import (
@@ -407,3 +408,36 @@ async def test_a_worker_cut_off_longer_than_the_grace_stops_its_limited_runs_fir
     ending = events.terminal(held["id"])[-1]
     assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
     assert events.types(queued["id"])[-1] == "run.completed"
+
+
+async def test_a_worker_back_from_a_lost_connection_leaves_the_slots_of_others_cut_off_with_it(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node loss cuts several workers off at once (those on the node, and those whose
+    `basic.get` met its loss). The first back must not take, for a fresh run, the slot of
+    one still reconnecting, even with no run waiting: that worker's run would be stopped
+    only after the fresh run had started (in the cluster test, 4 runs of a limit of 3)."""
+    # Longer than this test needs to bring the cut-off worker back, on a loaded machine.
+    monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url, name="cut") as cut:
+            held = run_body(probe(tmp_path, sleep=4), concurrency_key="db")
+            await publish_raw(vhost.url, held)
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="back-first") as back_first:
+                proxy.cut()
+                assert vhost.close_connections("back-first") == 1
+                await wait_until(lambda: not cut.connected, timeout=10)
+                reconnects = back_first.metrics.reconnects
+                await wait_until(lambda: back_first.connected
+                                 and reconnects._value.get() >= 1)  # type: ignore[attr-defined]
+                fresh = run_body(probe(tmp_path, sleep=0.5), concurrency_key="db")
+                await publish_raw(vhost.url, fresh)
+                await events.wait_for(lambda _: len(events.of(fresh["id"])) >= 1)
+                await proxy.restore()
+                await events.wait_terminal([held["id"], fresh["id"]], timeout=60)
+    assert events.types(held["id"])[-1] == "run.completed", events.terminal(held["id"])
+    assert "run.completed" in events.types(fresh["id"])
+    assert most_at_once(intervals(events.events, {held["id"], fresh["id"]})) == 1
