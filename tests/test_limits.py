@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mq_worker import slots
+from mq_worker import pool_control, slots
 from mq_worker.events import Event
 from mq_worker.topology import limit_queue_name
 from tests.helpers import (
@@ -310,10 +310,15 @@ async def test_waiting_runs_keep_their_order_of_arrival_when_the_limit_shrinks(
 
 
 async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key_limit(
-    vhost: VHost, events: EventLog, tmp_path: Path
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its runs go on while the broker gives their slots back; other workers, with runs
     waiting and short runs ending all the time, must not start more than the limit."""
+    # The 1 s a worker has to take its slots back, and the 2 s the others leave them,
+    # made 5 s and 6 s (the same order): on a loaded machine a reconnect and its reclaim
+    # can take over a second, and the runs would then rightly be stopped as slot-lost.
+    monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
+    monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 6.0)
     await cli("limit", "set", "key:db", "3", "--url", vhost.url)
     async with running_worker(vhost.url, limit=4, name="cut-link") as cut:
         long = [run_body(probe(tmp_path, sleep=12), concurrency_key="db") for _ in range(2)]
