@@ -176,7 +176,7 @@ def submit(
 
     async def _submit() -> int:
         from mq_worker.ledger import commands as ledger_commands
-        from mq_worker.ledger.follow import printing_output
+        from mq_worker.ledger.follow import AFTER_END_GRACE_SECONDS, printing_output
         from mq_worker.publisher import Publisher
         from mq_worker.subscriber import EventSubscriber
 
@@ -191,12 +191,17 @@ def submit(
                                        run_id=message.id) as events, \
                     printing_output(settings.url, message.id,
                                     ledger_commands.output_printer(err=True),
-                                    enabled=show_logs, tls=settings.tls):
+                                    enabled=show_logs, tls=settings.tls) as output:
                 await publisher.submit(message, pool=settings.pool, queue=settings.queue)
                 click.echo(str(message.id))
                 await tell_if_unserved(settings, settings.pool, settings.queue)
                 with anyio.fail_after(timeout if timeout is not None else float("inf")):
                     async for event in events:
+                        if event.is_terminal and output is not None:
+                            # Output and events come on queues of their own: the outcome
+                            # is printed after the output, not between its lines.
+                            with anyio.move_on_after(AFTER_END_GRACE_SECONDS + 1):
+                                await output.wait_complete()
                         click.echo(format_event(event, color=stderr_color), err=True)
                         if event.is_terminal:
                             return exit_code(event)

@@ -43,6 +43,7 @@ class OutputFollower:
             aiormq.abc.DeliveredMessage](math.inf)
         self._assembler = OutputAssembler(on_line)
         self.terminal: Event | None = None
+        self._complete = anyio.Event()
 
     async def __aenter__(self) -> Self:
         try:
@@ -79,6 +80,16 @@ class OutputFollower:
 
     async def follow(self, on_line: Callable[[OutputLine], None] | None = None) -> Event:
         """Deliver lines until the run has ended and its output is complete; its terminal event."""
+        try:
+            return await self._follow(on_line)
+        finally:
+            self._complete.set()
+
+    async def wait_complete(self) -> None:
+        """Return once `follow` has delivered the run's whole output (or given up on it)."""
+        await self._complete.wait()
+
+    async def _follow(self, on_line: Callable[[OutputLine], None] | None) -> Event:
         if on_line is not None:
             self._assembler = OutputAssembler(on_line)
         while True:
