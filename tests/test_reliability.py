@@ -93,7 +93,8 @@ async def test_killed_worker_loses_no_unstarted_run(
 ) -> None:
     first = worker_processes(vhost.url, "--limit", "8", "--prefetch-seconds", "30")
     await started_event(events, first.name)
-    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(6)) for _ in range(5)]
+    # Due in 4 s: still held, a moment after they are taken, when the first worker dies.
+    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(4)) for _ in range(5)]
     for body in held:
         await publish_raw(vhost.url, body)
     await events.wait_for(lambda _: all("run.pending" in events.types(b["id"]) for b in held))
