@@ -21,6 +21,7 @@ from tests.helpers import (
     PORT,
     EventLog,
     VHost,
+    consumer_count,
     management,
     probe,
     publish_raw,
@@ -235,8 +236,12 @@ async def test_connection_closed_by_the_broker_loses_no_event(
         await wait_until(lambda: len(started_runs(tmp_path)) == 4)
         assert vhost.close_connections(worker.name) >= 1
         await events.wait_terminal([b["id"] for b in bodies], timeout=30)
-        # Consumers are back after the reconnection, as the broker lists them.
-        await wait_until(lambda: vhost.consumers("mq_worker.default.default"), timeout=15)
+        # Consumers are back after the reconnection, as the broker has them.
+        with anyio.fail_after(15):
+            while True:
+                if await consumer_count(vhost.url, WORK_QUEUE):
+                    break
+                await anyio.sleep(0.05)
         after = run_body(probe(tmp_path))
         await publish_raw(vhost.url, after)
         await events.wait_terminal([after["id"]])
