@@ -162,7 +162,8 @@ async def test_sigterm_stops_every_process_and_exits_0(
     supervisor = supervised("--processes", "2", "--limit", "2", "--name", "sup")
     await events.wait_for(lambda _: started(events, "sup-0") and started(events, "sup-1"), 60)
     children = list(worker_children(supervisor).values())
-    body = run_body(probe(tmp_path, sleep=2))
+    # Still running, a moment after it started, when the processes are told to stop.
+    body = run_body(probe(tmp_path, sleep=1))
     await publish_raw(vhost.url, body)
     await wait_until(lambda: body["id"] in started_runs(tmp_path), 30)
 
