@@ -26,16 +26,18 @@ pytestmark = pytest.mark.anyio
 async def test_a_run_ended_while_cut_off_and_reported_lost_has_one_terminal_event(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    # Heartbeats every 2 s: the lease breaks about 6 s into a silence, long after the
-    # 2.5 s run has ended, so its own ending waits in the outbox when the peer reports it.
+    # Heartbeats every 1.5 s: the lease breaks about 4.4 s into a silence, after the 2.5 s
+    # run has ended, so its own ending waits in the outbox when the peer reports it. The
+    # report then comes before the cut worker's reconnection attempt 6.2 s into the cut
+    # (its back-off doubles from 0.2 s), not just after it, when the next one is 5 s later.
     busy = run_body(probe(tmp_path, sleep=600))
     short = run_body(probe(tmp_path, sleep=2.5))
     async with (link_proxy(HOST, PORT) as proxy,
-                running_worker(vhost.url, name="peer", heartbeat_seconds=2.0, limit=1)):
+                running_worker(vhost.url, name="peer", heartbeat_seconds=1.5, limit=1)):
             await publish_raw(vhost.url, busy)
             await wait_until(lambda: busy["id"] in started_runs(tmp_path))
             url = vhost.url_for("guest", "guest", port=proxy.port)
-            async with running_worker(url, name="cut", heartbeat_seconds=2.0,
+            async with running_worker(url, name="cut", heartbeat_seconds=1.5,
                                       limit=1) as worker:
                 await publish_raw(vhost.url, short)
                 await events.wait_for(lambda evs: any(

@@ -21,9 +21,11 @@ from tests.helpers import (
     PORT,
     EventLog,
     VHost,
+    consumer_count,
     management,
     probe,
     publish_raw,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
@@ -35,6 +37,8 @@ from tests.proxy import link_proxy
 
 pytestmark = pytest.mark.anyio
 
+WORK_QUEUE = "mq_worker.default.default"
+
 
 def in_order(events: list[Event]) -> list[str]:
     """Event types in order of first appearance, duplicates (same id) removed."""
@@ -45,6 +49,37 @@ def _soon(seconds: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat()
+
+
+async def ready_in_work_queue(url: str) -> int:
+    """Messages ready in the work queue now, by a passive declare (rabbitmqctl takes a
+    second or so and shows a quorum queue's count late); unacknowledged ones are not
+    counted until their consumer is gone."""
+    return (await ready_counts(url, [WORK_QUEUE]))[WORK_QUEUE]
+
+
+async def until_ready_in_work_queue(url: str, count: int, timeout: float = 15) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            if await ready_in_work_queue(url) == count:
+                return
+            await anyio.sleep(0.05)
+
+
+async def until_all_settled(url: str, worker: ProcessWorker, timeout: float = 15) -> None:
+    """Until no run message is ready in the work queue and none delivered to `worker` is
+    unsettled, for 0.3 s in a row: a message on its way to the worker is not missed."""
+    with anyio.fail_after(timeout):
+        quiet_since = None
+        while True:
+            consumer = worker._consumer
+            if await ready_in_work_queue(url) or consumer is None or consumer.unsettled():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = anyio.current_time()
+            elif anyio.current_time() - quiet_since >= 0.3:
+                return
+            await anyio.sleep(0.05)
 
 
 async def started_event(events: EventLog, name: str) -> Event:
@@ -59,7 +94,8 @@ async def test_killed_worker_loses_no_unstarted_run(
 ) -> None:
     first = worker_processes(vhost.url, "--limit", "8", "--prefetch-seconds", "30")
     await started_event(events, first.name)
-    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(6)) for _ in range(5)]
+    # Due in 4 s: still held, a moment after they are taken, when the first worker dies.
+    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(4)) for _ in range(5)]
     for body in held:
         await publish_raw(vhost.url, body)
     await events.wait_for(lambda _: all("run.pending" in events.types(b["id"]) for b in held))
@@ -127,7 +163,9 @@ async def test_sigterm_gives_back_queued_runs_to_a_peer(
     first = worker_processes(vhost.url, "--limit", "1", "--prefetch-seconds", "30")
     await started_event(events, first.name)
     running = run_body(probe(tmp_path, sleep=3))
-    held = run_body(probe(tmp_path), scheduled_start_time=_soon(8))
+    # Due in 4 s: held when the first worker is stopped a moment after taking it, and
+    # started, when due, by the peer it was given back to.
+    held = run_body(probe(tmp_path), scheduled_start_time=_soon(4))
     queued = [run_body(probe(tmp_path)) for _ in range(3)]
     await publish_raw(vhost.url, held)
     await events.wait_for(lambda _: "run.pending" in events.types(held["id"]))
@@ -178,13 +216,14 @@ async def test_second_signal_stops_at_once_and_settles_everything(
     await events.wait_for(lambda _: "run.pending" in events.types(held["id"]))
     worker.signal(signal.SIGINT)
     # The first signal gave back the held run; the second stops the running ones.
-    await wait_until(lambda: vhost.queue_counts()["mq_worker.default.default"] == (1, 0))
+    await until_ready_in_work_queue(vhost.url, 1)
     worker.signal(signal.SIGINT)
     assert await anyio.to_thread.run_sync(lambda: worker.wait(30)) == 0
     await events.wait_terminal([b["id"] for b in long_runs])
     for body in long_runs:
         assert events.terminal(body["id"])[0].type == "mq_worker.run.cancelled"
-    assert vhost.queue_counts()["mq_worker.default.default"] == (1, 0)
+    # The worker is gone: a run it had not acknowledged would be back in the queue.
+    assert await ready_in_work_queue(vhost.url) == 1
 
 
 async def test_connection_closed_by_the_broker_loses_no_event(
@@ -197,8 +236,12 @@ async def test_connection_closed_by_the_broker_loses_no_event(
         await wait_until(lambda: len(started_runs(tmp_path)) == 4)
         assert vhost.close_connections(worker.name) >= 1
         await events.wait_terminal([b["id"] for b in bodies], timeout=30)
-        # Consumers are back after the reconnection, as the broker lists them.
-        await wait_until(lambda: vhost.consumers("mq_worker.default.default"), timeout=15)
+        # Consumers are back after the reconnection, as the broker has them.
+        with anyio.fail_after(15):
+            while True:
+                if await consumer_count(vhost.url, WORK_QUEUE):
+                    break
+                await anyio.sleep(0.05)
         after = run_body(probe(tmp_path))
         await publish_raw(vhost.url, after)
         await events.wait_terminal([after["id"]])
@@ -304,7 +347,9 @@ async def test_failed_ack_is_recognised_by_run_id_on_redelivery(
         await wait_until(lambda: body["id"] in started_runs(tmp_path))
         assert vhost.close_connections(worker.name) >= 1
         await events.wait_terminal([body["id"]], timeout=30)
-        await wait_until(lambda: vhost.queue_counts()["mq_worker.default.default"] == (0, 0))
+        await until_all_settled(vhost.url, worker)
+    # The worker is gone: had it not acknowledged the redelivery, it would be back.
+    assert await ready_in_work_queue(vhost.url) == 0
     assert len(started_runs(tmp_path)) == 1
     assert in_order(events.of(body["id"])) == ["run.pending", "run.submitted", "run.completed"]
 

@@ -139,7 +139,9 @@ async def test_a_killed_process_is_restarted_and_its_run_redelivered(
 ) -> None:
     supervisor = supervised("--processes", "2", "--limit", "2", "--name", "sup")
     await events.wait_for(lambda _: started(events, "sup-0") and started(events, "sup-1"), 60)
-    body = run_body(probe(tmp_path, sleep=3))
+    # Killed within the second its acknowledgement waits at full capacity (ack_grace), the
+    # process leaves the run to be redelivered; the run lasts beyond that second.
+    body = run_body(probe(tmp_path, sleep=1.5))
     await publish_raw(vhost.url, body)
     await wait_until(lambda: body["id"] in started_runs(tmp_path), 30)
     holder = started_runs(tmp_path)[body["id"]]["env"]["MQ_WORKER_WORKER"]
@@ -160,7 +162,8 @@ async def test_sigterm_stops_every_process_and_exits_0(
     supervisor = supervised("--processes", "2", "--limit", "2", "--name", "sup")
     await events.wait_for(lambda _: started(events, "sup-0") and started(events, "sup-1"), 60)
     children = list(worker_children(supervisor).values())
-    body = run_body(probe(tmp_path, sleep=2))
+    # Still running, a moment after it started, when the processes are told to stop.
+    body = run_body(probe(tmp_path, sleep=1))
     await publish_raw(vhost.url, body)
     await wait_until(lambda: body["id"] in started_runs(tmp_path), 30)
 

@@ -10,6 +10,7 @@ from tests.helpers.broker import (
     MANAGEMENT,
     PORT,
     VHost,
+    consumer_count,
     management,
     publish_raw,
     rabbitmqctl,
@@ -30,7 +31,7 @@ from tests.helpers.workers import (
 
 __all__ = [
     "HOST", "MANAGEMENT", "PORT", "PROBE", "PYTHON", "EventLog", "VHost", "WorkerProcess",
-    "ended_runs", "event_log", "management", "probe", "publish_raw", "rabbitmqctl",
-    "ready_counts", "run_body", "running_worker", "started_runs", "unique", "wait_until",
-    "worker_settings",
+    "consumer_count", "ended_runs", "event_log", "management", "probe", "publish_raw",
+    "rabbitmqctl", "ready_counts", "run_body", "running_worker", "started_runs", "unique",
+    "wait_until", "worker_settings",
 ]

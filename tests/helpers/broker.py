@@ -16,8 +16,8 @@ PORT = BROKER.port
 MANAGEMENT = BROKER.management_url
 management = BROKER.management
 
-__all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "management", "publish_raw",
-           "rabbitmqctl", "ready_counts"]
+__all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "consumer_count", "management",
+           "publish_raw", "rabbitmqctl", "ready_counts"]
 
 
 async def publish_raw(
@@ -63,3 +63,13 @@ async def ready_counts(url: str, queues: list[str], *, missing_ok: bool = False)
             counts[queue] = int(declared.declaration_result.message_count or 0)
             await channel.close()
         return counts
+
+
+async def consumer_count(url: str, queue: str) -> int:
+    """The consumers of `queue` as the broker has them now, by a passive declare (at once,
+    where `rabbitmqctl list_consumers` takes a second or so to start)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.consumer_count or 0)
