@@ -30,6 +30,7 @@ from tests.helpers import (
     running_worker,
     started_runs,
     unique,
+    until_no_run_left,
     wait_until,
     worker_settings,
 )
@@ -62,22 +63,6 @@ async def until_ready_in_work_queue(url: str, count: int, timeout: float = 15) -
     with anyio.fail_after(timeout):
         while True:
             if await ready_in_work_queue(url) == count:
-                return
-            await anyio.sleep(0.05)
-
-
-async def until_all_settled(url: str, worker: ProcessWorker, timeout: float = 15) -> None:
-    """Until no run message is ready in the work queue and none delivered to `worker` is
-    unsettled, for 0.3 s in a row: a message on its way to the worker is not missed."""
-    with anyio.fail_after(timeout):
-        quiet_since = None
-        while True:
-            consumer = worker._consumer
-            if await ready_in_work_queue(url) or consumer is None or consumer.unsettled():
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = anyio.current_time()
-            elif anyio.current_time() - quiet_since >= 0.3:
                 return
             await anyio.sleep(0.05)
 
@@ -347,7 +332,7 @@ async def test_failed_ack_is_recognised_by_run_id_on_redelivery(
         await wait_until(lambda: body["id"] in started_runs(tmp_path))
         assert vhost.close_connections(worker.name) >= 1
         await events.wait_terminal([body["id"]], timeout=30)
-        await until_all_settled(vhost.url, worker)
+        await until_no_run_left(vhost.url, [WORK_QUEUE], worker, timeout=15)
     # The worker is gone: had it not acknowledged the redelivery, it would be back.
     assert await ready_in_work_queue(vhost.url) == 0
     assert len(started_runs(tmp_path)) == 1

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import anyio
 import psutil
 import pytest
 
@@ -29,6 +28,7 @@ from tests.helpers import (
     ready_counts,
     run_body,
     running_worker,
+    until_no_run_left,
     wait_until,
 )
 
@@ -64,27 +64,11 @@ def _alive(pid: int) -> bool:
 RUN_QUEUES = ["mq_worker.default.default", *(delay_name(level) for level in range(DELAY_LEVELS))]
 
 
-async def _no_run_message_left(url: str, worker: Any, timeout: float = 30) -> None:
-    """Wait until no run message is left anywhere: none in the work queue or the delay
-    ladder (counted at once by passive declares, where rabbitmqctl shows a quorum queue's
-    count seconds late), none delivered to `worker` and not yet settled; twice in a row,
-    0.3 s apart, so that a message passing from one queue to the next is not missed."""
-    with anyio.fail_after(timeout):
-        quiet_since = None
-        while True:
-            ready = sum((await ready_counts(url, RUN_QUEUES, missing_ok=True)).values())
-            if ready or worker.in_flight or worker._consumer.unsettled():
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = anyio.current_time()
-            elif anyio.current_time() - quiet_since >= 0.3:
-                return
-            await anyio.sleep(0.05)
-
-
 async def _none_given_back(url: str) -> None:
     """Once the worker has stopped: a message it had not acknowledged would be back."""
     assert sum((await ready_counts(url, RUN_QUEUES, missing_ok=True)).values()) == 0
+
+
 def _described(terminal: list[Event], types: list[str]) -> str:
     """A run's terminal events with what says why it ended, and all its event types, as
     text (a message that is not text is cut short by pytest)."""
@@ -225,7 +209,7 @@ async def test_a_cancel_during_the_retry_wait_ends_the_run_at_once_with_no_furth
                           routing_key="run.cancel.default")
         await events.wait_terminal([body["id"]], timeout=30)
         # The parked attempt comes back and is dropped: nothing is left anywhere.
-        await _no_run_message_left(vhost.url, worker)
+        await until_no_run_left(vhost.url, RUN_QUEUES, worker)
     await _none_given_back(vhost.url)
     await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
 
@@ -252,7 +236,7 @@ async def test_a_cancel_shortly_before_the_next_attempt_comes_back_is_reported_b
         await publish_raw(vhost.url, {"id": body["id"], "reason": "late"},
                           routing_key="run.cancel.default")
         await events.wait_terminal([body["id"]], timeout=30)
-        await _no_run_message_left(vhost.url, worker)
+        await until_no_run_left(vhost.url, RUN_QUEUES, worker)
     await _none_given_back(vhost.url)
     await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
 
@@ -282,7 +266,7 @@ async def test_cancels_racing_the_next_attempt_give_one_cancelled_event_each(
                                   timeout=30)
             await publish_raw(vhost.url, {"id": body["id"]}, routing_key="run.cancel.default")
         await events.wait_terminal(ids, timeout=30)
-        await _no_run_message_left(vhost.url, worker)
+        await until_no_run_left(vhost.url, RUN_QUEUES, worker)
     await _none_given_back(vhost.url)
     await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.stopped" for e in evs))
 
@@ -328,7 +312,7 @@ async def test_a_cancel_that_comes_as_the_attempt_fails_on_its_own_ends_the_run_
                          and active.stopping is Stopping.NOT_STOPPED)
         release.touch()
         await events.wait_terminal([body["id"]], timeout=30)
-        await _no_run_message_left(vhost.url, worker)
+        await until_no_run_left(vhost.url, RUN_QUEUES, worker)
     await _none_given_back(vhost.url)
 
     assert events.types(body["id"]) == ["run.pending", "run.submitted", "run.cancelled"], (
@@ -352,7 +336,7 @@ async def test_a_worker_killed_during_the_wait_loses_nothing_and_the_retry_runs_
     first.wait()
     async with running_worker(vhost.url) as second:
         await events.wait_terminal([body["id"]], timeout=30)
-        await _no_run_message_left(vhost.url, second)
+        await until_no_run_left(vhost.url, RUN_QUEUES, second)
     await _none_given_back(vhost.url)
 
     ran = attempts(tmp_path, body["id"])

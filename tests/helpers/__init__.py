@@ -15,6 +15,7 @@ from tests.helpers.broker import (
     publish_raw,
     rabbitmqctl,
     ready_counts,
+    until_no_run_left,
 )
 from tests.helpers.waiting import wait_until
 from tests.helpers.workers import (
@@ -30,8 +31,27 @@ from tests.helpers.workers import (
 )
 
 __all__ = [
-    "HOST", "MANAGEMENT", "PORT", "PROBE", "PYTHON", "EventLog", "VHost", "WorkerProcess",
-    "consumer_count", "ended_runs", "event_log", "management", "probe", "publish_raw",
-    "rabbitmqctl", "ready_counts", "run_body", "running_worker", "started_runs", "unique",
-    "wait_until", "worker_settings",
+    "HOST",
+    "MANAGEMENT",
+    "PORT",
+    "PROBE",
+    "PYTHON",
+    "EventLog",
+    "VHost",
+    "WorkerProcess",
+    "consumer_count",
+    "ended_runs",
+    "event_log",
+    "management",
+    "probe",
+    "publish_raw",
+    "rabbitmqctl",
+    "ready_counts",
+    "run_body",
+    "running_worker",
+    "started_runs",
+    "unique",
+    "until_no_run_left",
+    "wait_until",
+    "worker_settings",
 ]

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import aio_pika
+import anyio
 
 from mq_worker.testing import LocalBroker, VHost, rabbitmqctl
 
@@ -73,3 +74,22 @@ async def consumer_count(url: str, queue: str) -> int:
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
         return int(declared.declaration_result.consumer_count or 0)
+
+
+async def until_no_run_left(url: str, queues: list[str], worker: Any,
+                            timeout: float = 30) -> None:
+    """Until no message is ready in `queues` (passive declares; a queue not declared yet
+    holds none) and `worker` holds no run and no unsettled delivery, for 0.3 s in a row:
+    a message on its way from one queue to the next, or to the worker, is not missed."""
+    with anyio.fail_after(timeout):
+        quiet_since = None
+        while True:
+            ready = sum((await ready_counts(url, queues, missing_ok=True)).values())
+            consumer = worker._consumer
+            if ready or worker.in_flight or consumer is None or consumer.unsettled():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = anyio.current_time()
+            elif anyio.current_time() - quiet_since >= 0.3:
+                return
+            await anyio.sleep(0.05)
