@@ -129,6 +129,12 @@ class Kept:
         bodies = [orjson.loads(e.body) for e in self.outbox._events]
         return [b["type"].rsplit(".", 1)[-1] for b in bodies if b.get("subject") == run_id]
 
+    def cancel(self, run_id: str) -> None:
+        """Record a cancel of `run_id` and tell the keeper, as the cancel follower does."""
+        record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
+        self.cancels.add(record)
+        self.keeper.on_cancel(record)
+
     def terminal_data(self, run_id: str) -> dict[str, Any]:
         bodies = [orjson.loads(e.body) for e in self.outbox._events]
         data: dict[str, Any] = [b["data"] for b in bodies if b.get("subject") == run_id][-1]
@@ -366,9 +372,7 @@ async def test_a_cancel_stops_a_running_run_which_ends_cancelled(
         async with anyio.create_task_group() as tg:
             tg.start_soon(k.keeper.take, delivery(run_id))
             await wait_until(lambda: "submitted" in k.events(run_id))
-            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
-            k.cancels.add(record)
-            k.keeper.on_cancel(record)
+            k.cancel(run_id)
         assert k.worker_type.killed == ["host:1"]
         assert k.events(run_id) == ["pending", "submitted", "cancelled"]
 
@@ -382,9 +386,7 @@ async def test_a_cancel_that_finds_the_failed_attempt_ended_ends_the_run_cancell
         async with anyio.create_task_group() as tg:
             tg.start_soon(k.keeper.take, delivery(run_id))
             await wait_until(lambda: "submitted" in k.events(run_id))
-            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
-            k.cancels.add(record)
-            k.keeper.on_cancel(record)
+            k.cancel(run_id)
         assert k.events(run_id) == ["pending", "submitted", "cancelled"], k.terminal_data(run_id)
         data = k.terminal_data(run_id)
         assert data["reason"] == "no longer wanted" and data["status_code"] == 3
@@ -399,9 +401,7 @@ async def test_a_cancel_during_a_start_that_fails_ends_the_run_cancelled() -> No
         async with anyio.create_task_group() as tg:
             tg.start_soon(k.keeper.take, delivery(run_id))
             await worker_type.starting.wait()
-            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
-            k.cancels.add(record)
-            k.keeper.on_cancel(record)
+            k.cancel(run_id)
             worker_type.fail.set()
         assert k.events(run_id) == ["pending", "cancelled"], k.terminal_data(run_id)
         data = k.terminal_data(run_id)
@@ -415,9 +415,7 @@ async def test_a_cancel_that_finds_the_last_attempt_failed_leaves_it_crashed() -
         async with anyio.create_task_group() as tg:
             tg.start_soon(k.keeper.take, delivery(run_id))
             await wait_until(lambda: "submitted" in k.events(run_id))
-            record = CancelRecord(uuid.UUID(run_id), "no longer wanted", time.time())
-            k.cancels.add(record)
-            k.keeper.on_cancel(record)
+            k.cancel(run_id)
         assert k.events(run_id) == ["pending", "submitted", "crashed"]
         assert k.terminal_data(run_id)["reason"] == "exit-code"
 
