@@ -117,15 +117,15 @@ class TaskPool(Generic[T]):
             if not waiter.done():
                 waiter.set_result(_CLOSED)
 
-    async def _serve(self, item: T) -> None:
+    async def _serve(self, first: T) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        item: T | _Closed = first
+        del first
+        while not isinstance(item, _Closed):
             await self._handle(item)
             if self._closed or len(self._idle) >= self._keep:
                 return
             waiter: asyncio.Future[T | _Closed] = loop.create_future()
             self._idle.append(waiter)
-            got = await waiter
-            if got is _CLOSED:
-                return
-            item = got
+            item = _CLOSED  # an idle task keeps nothing of its last item alive
+            item = await waiter

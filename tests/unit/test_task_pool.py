@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from mq_worker.concurrency import TaskPool
@@ -184,3 +187,27 @@ async def test_an_item_in_a_reused_task_that_raises_is_not_lost() -> None:
             await anyio.sleep_forever()
     assert [str(error) for error in raised.value.exceptions] == ["item -2 failed"]
     assert handled.tasks[1] is handled.tasks[-2]
+
+
+async def test_an_idle_task_keeps_nothing_of_its_last_item_alive() -> None:
+    class Item:
+        pass
+
+    done = anyio.Event()
+
+    async def handle(item: Item) -> None:
+        await anyio.lowlevel.checkpoint()
+        done.set()  # its task waits for the next item before anyone wakes
+
+    item = Item()
+    seen = weakref.ref(item)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            pool = TaskPool(tg, handle, keep=1)
+            pool.start_soon(item)
+            del item
+            await done.wait()
+            assert pool.idle == 1
+            gc.collect()
+            assert seen() is None
+            pool.close()
