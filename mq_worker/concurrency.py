@@ -73,7 +73,7 @@ _CLOSED: Final = _Closed.CLOSED
 class TaskPool(Generic[T]):
     """`handle(item)` for each item, at once, in a task of `tg`; a task that has finished its
     item waits for the next one instead of ending (anyio 4 builds a task handle, an event and
-    a cancel scope for every new task: ~14 µs, against ~3 µs to wake an idle task).
+    a cancel scope for every new task: ~14 µs, against ~2.3 µs to wake an idle task).
 
     Every task is the group's, so the group's rules hold as if each item had a task of its
     own: cancelling the group cancels running and idle tasks alike, an exception raised by
