@@ -51,6 +51,7 @@ import anyio.abc
 import structlog
 
 from mq_worker.acks import AckWriter
+from mq_worker.concurrency import TaskPool
 from mq_worker.delivery import Delivery
 from mq_worker.priority import PROBE_SECONDS
 from mq_worker.window import (
@@ -96,8 +97,8 @@ class RunConsumer:
         self._slots = anyio.CapacityLimiter(limit)
         self._window: Window[Delivery] = Window(self._slots, max_window=window)
         self._ack_grace = ack_grace
-        self._handle = handle
-        self._spawn = spawn
+        # Each delivery is handled in a task of `spawn`, reused from delivery to delivery.
+        self._handlers = TaskPool(spawn, handle, keep=limit)
         self._redeclare = redeclare
         self._paused: set[str] = set()
         self._paused_queues: set[str] = set()
@@ -166,6 +167,11 @@ class RunConsumer:
         while self.active_consumers and self._channel is not None:
             self._idle = anyio.Event()
             await self._idle.wait()
+
+    def end_handlers(self) -> None:
+        """No more deliveries come (the worker stops serving): the handler tasks waiting for
+        one end, so that the task group they belong to can end; busy ones end after theirs."""
+        self._handlers.close()
 
     def unsettled(self) -> list[Delivery]:
         return list(self._unsettled)
@@ -301,7 +307,7 @@ class RunConsumer:
             await self.settle(delivery, requeue=True)
             return
         self._unsettled.add(delivery)
-        self._spawn.start_soon(self._handle, delivery)
+        self._handlers.start_soon(delivery)
 
     def _usable(self, delivery: Delivery) -> bool:
         channel = self._channel

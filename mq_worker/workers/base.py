@@ -181,6 +181,7 @@ class BaseWorker(WorkerTypeHooks):
                 await self._shutdown(serving)
                 sessions.cancel()
                 lease.cancel()
+                serving.consumer.end_handlers()
         finally:
             self._outbox.close()
             await self.teardown()

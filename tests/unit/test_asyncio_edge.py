@@ -19,6 +19,7 @@ ASYNCIO_EDGE = {
     "cli/common.py": "the event loop's exception handler",
     "output.py": "a timer set from synchronous code (call_later)",
     "infrastructure.py": "a run's exit awaited on its pidfd with the loop's add_reader",
+    "concurrency.py": "an idle handler task waits for its next delivery on a future (TaskPool)",
 }
 
 
