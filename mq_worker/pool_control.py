@@ -102,6 +102,7 @@ class PoolControl:
     ) -> None:
         """For one session: take tokens on `slots`; send back the runs waiting for removed
         limits; keep the limit metrics current."""
+        await slots.tx_select()  # tokens are given back in transactions (see slots)
         self.gate.bind(slots, publish)
         self._slots = slots
         try:
