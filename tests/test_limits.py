@@ -315,8 +315,8 @@ async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key
 ) -> None:
     """Its runs go on while the broker gives their slots back; other workers, with runs
     waiting and short runs ending all the time, must not start more than the limit."""
-    # The 1 s a worker has to take its slots back, and the 2 s the others leave them,
-    # made 5 s and 6 s (the same order): on a loaded machine a reconnect and its reclaim
+    # The 1 s a worker has to take its slots back, and the 1 s the others leave them,
+    # made 5 s and 6 s: on a loaded machine a reconnect and its reclaim
     # can take over a second, and the runs would then rightly be stopped as slot-lost.
     monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
     monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 6.0)
@@ -434,6 +434,7 @@ async def test_a_worker_back_from_a_lost_connection_leaves_the_slots_of_others_c
     only after the fresh run had started (in the cluster test, 4 runs of a limit of 3)."""
     # Longer than this test needs to bring the cut-off worker back, on a loaded machine.
     monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
+    monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 5.0)
     await cli("limit", "set", "key:db", "1", "--url", vhost.url)
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
