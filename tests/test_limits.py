@@ -31,6 +31,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.proxy import link_proxy
+from tests.test_cancel import cancel_raw
 from tests.test_cli import mq_worker
 from tests.test_priority import declare_queues
 
@@ -457,3 +458,33 @@ async def test_a_worker_back_from_a_lost_connection_leaves_the_slots_of_others_c
     assert events.types(held["id"])[-1] == "run.completed", events.terminal(held["id"])
     assert "run.completed" in events.types(fresh["id"])
     assert most_at_once(intervals(events.events, {held["id"], fresh["id"]})) == 1
+
+
+async def test_a_run_cancelled_while_it_holds_a_slot_lost_with_another_worker_never_starts(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run holds a slot that came back with a lost connection unused for a while before
+    it starts; a cancel that arrives meanwhile ends it cancelled, before its process starts."""
+    monkeypatch.setattr(slots, "RETURNED_TOKEN_HOLD_MARGIN_SECONDS", 4.0)  # a 5 s hold
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url, name="cut") as cut:
+            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            await publish_raw(vhost.url, held)
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="peer"):
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
+                fresh = run_body(probe(tmp_path), concurrency_key="db")
+                await publish_raw(vhost.url, fresh)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+                await cancel_raw(vhost.url, fresh["id"], reason="changed my mind")
+                await events.wait_terminal([fresh["id"]], timeout=20)
+                await proxy.restore()
+                await events.wait_terminal([held["id"]], timeout=30)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
+    assert events.types(fresh["id"])[-1] == "run.cancelled", events.of(fresh["id"])
+    assert fresh["id"] not in started_runs(tmp_path)
