@@ -184,22 +184,25 @@ class SlotRequests:
         given back unused is put back as it is, still marked, since its hold is not over.
         """
         touched: dict[int, aiormq.abc.AbstractChannel] = {}
-        for token in [*give_back, *destroy]:
-            channel = token.channel or default
-            touched[id(channel)] = channel
-            if token in destroy:
-                await channel.basic_ack(token.tag)
-            elif token.returned:
-                await channel.basic_nack(token.tag, requeue=True, wait=False)
-            else:
-                await channel.basic_ack(token.tag)
-                await channel.basic_publish(
-                    encode(TokenMessage(target=token.target, number=token.number,
-                                        version=token.version)),
-                    exchange="", routing_key=topology.limit_queue_name(token.target),
-                    properties=spec.Basic.Properties(delivery_mode=_PERSISTENT))
-        for channel in touched.values():
-            await channel.tx_commit()
+        # Not cancelled half way: an acknowledgement left without its publish on a channel
+        # that lives on would be committed by the next commit there, and the slot lost.
+        with anyio.CancelScope(shield=True):
+            for token in [*give_back, *destroy]:
+                channel = token.channel or default
+                touched[id(channel)] = channel
+                if token in destroy:
+                    await channel.basic_ack(token.tag)
+                elif token.returned:
+                    await channel.basic_nack(token.tag, requeue=True, wait=False)
+                else:
+                    await channel.basic_ack(token.tag)
+                    await channel.basic_publish(
+                        encode(TokenMessage(target=token.target, number=token.number,
+                                            version=token.version)),
+                        exchange="", routing_key=topology.limit_queue_name(token.target),
+                        properties=spec.Basic.Properties(delivery_mode=_PERSISTENT))
+            for channel in touched.values():
+                await channel.tx_commit()
 
     def still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)
