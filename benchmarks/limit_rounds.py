@@ -8,6 +8,9 @@ the client's CPU time per request, under uvloop), in a vhost of its own:
 * `basic.get` + `basic.nack` of a token on a quorum queue (taking a slot, giving it
   back: the nack has no reply), and the same on a classic queue: their difference is
   the Raft round;
+* `basic.get`, then `basic.ack` + `basic.publish` of the token + `tx.commit` on a
+  transactional channel: taking a slot and giving it back as mq_worker does (see
+  SlotRequests.settle); and the give-back alone (the commit's round trip);
 * a passive declare of a queue (the count of the runs waiting);
 * the quorum get and the passive declare at once, on two channels (a fresh run
   without a spare);
@@ -41,6 +44,18 @@ async def get_and_nack(channel: aiormq.abc.AbstractChannel, queue: str) -> None:
     message = await channel.basic_get(queue, no_ack=False)
     assert isinstance(message.delivery, spec.Basic.GetOk)
     await channel.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
+
+
+async def get_and_give_back(channel: aiormq.abc.AbstractChannel, queue: str,
+                            give_back_ms: list[float]) -> None:
+    message = await channel.basic_get(queue, no_ack=False)
+    assert isinstance(message.delivery, spec.Basic.GetOk)
+    began = time.perf_counter()
+    await channel.basic_ack(message.delivery.delivery_tag)
+    await channel.basic_publish(message.body, exchange="", routing_key=queue,
+                                properties=spec.Basic.Properties(delivery_mode=2))
+    await channel.tx_commit()
+    give_back_ms.append(time.perf_counter() - began)
 
 
 async def get_and_count(get: aiormq.abc.AbstractChannel,
@@ -84,6 +99,9 @@ async def measure(count: int) -> dict[str, Any]:
             channels = [await (await connection.channel(publisher_confirms=False))
                         .get_underlay_channel() for _ in range(2)]
             first, second = channels
+            tx = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
+            await tx.tx_select()
+            give_back: list[float] = []
             await first.queue_declare("tokens.quorum", durable=True, arguments=QUORUM)
             await first.queue_declare("tokens.classic", durable=True)
             await first.queue_declare("waiting", durable=True, arguments=QUORUM)
@@ -93,6 +111,8 @@ async def measure(count: int) -> dict[str, Any]:
             requests: dict[str, Callable[[], Awaitable[Any]]] = {
                 "get + nack, quorum queue": lambda: get_and_nack(first, "tokens.quorum"),
                 "get + nack, classic queue": lambda: get_and_nack(first, "tokens.classic"),
+                "get + ack and publish in a transaction, quorum queue":
+                    lambda: get_and_give_back(tx, "tokens.quorum", give_back),
                 "passive declare": lambda: second.queue_declare("waiting", passive=True),
                 "quorum get while a passive declare runs": lambda: get_and_count(first, second),
                 "the same, its 0 made sure of with a get":
@@ -110,17 +130,18 @@ async def measure(count: int) -> dict[str, Any]:
                     wall[name].append(time.perf_counter() - began)
                     cpu[name].append(time.process_time() - began_cpu)
             load_after = os.getloadavg()
+            wall["of which ack and publish in a transaction"] = give_back
         finally:
             await connection.close()
     return {"wall_ms": {name: summarize_ms(values) for name, values in wall.items()},
             "cpu_ms_mean": {name: round(sum(values) / len(values) * 1e3, 3)
-                            for name, values in cpu.items()},
+                            for name, values in cpu.items() if values},
             "load_average": {"before": [round(v, 2) for v in load_before],
                              "after": [round(v, 2) for v in load_after]}}
 
 
 def report(result: dict[str, Any]) -> None:
-    rows = [[name, r["n"], r["p50"], r["p90"], result["cpu_ms_mean"][name]]
+    rows = [[name, r["n"], r["p50"], r["p90"], result["cpu_ms_mean"].get(name, "")]
             for name, r in result["wall_ms"].items()]
     print_table("one request at a time (wall ms; client CPU ms, mean)",
                 ["request", "n", "p50", "p90", "CPU"], rows)

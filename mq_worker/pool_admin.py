@@ -141,13 +141,19 @@ async def set_limit(urls: Sequence[str], target: str, limit: int, *,
 
 async def drop_stale_tokens(channel: aiormq.abc.AbstractChannel, limit: Limit) -> int:
     """Destroy the free tokens a shrunk limit no longer lists (held ones are destroyed by
-    their holder when they come back); return how many."""
+    their holder when they come back); return how many.
+
+    In one transaction, on a channel of its own: the tokens kept are published again,
+    not put back, since workers read a redelivered token as one lost with its holder's
+    connection (see SlotRequests.settle); if the commit fails, the broker puts them all
+    back as they were."""
     queue = topology.limit_queue_name(limit.target)
-    kept: list[int] = []
     dropped = 0
+    tx = await channel.connection.channel(publisher_confirms=False)
     try:
+        await tx.tx_select()
         while True:
-            message = await channel.basic_get(queue, no_ack=False)
+            message = await tx.basic_get(queue, no_ack=False)
             if not isinstance(message.delivery, spec.Basic.GetOk):
                 break
             tag = message.delivery.delivery_tag
@@ -157,14 +163,23 @@ async def drop_stale_tokens(channel: aiormq.abc.AbstractChannel, limit: Limit) -
                 valid = limit.valid(token.number, token.version)
             except ValueError:
                 valid = False
-            if valid:
-                kept.append(tag)
-            else:
-                await channel.basic_ack(tag)
+            if not valid:
+                await tx.basic_ack(tag)
                 dropped += 1
+            elif message.delivery.redelivered:
+                # Lost with a holder's connection: it keeps that mark. (Nothing put back
+                # or published in this transaction is delivered before the commit.)
+                await tx.basic_nack(tag, requeue=True)
+            else:
+                await tx.basic_ack(tag)
+                await tx.basic_publish(message.body, exchange="", routing_key=queue,
+                                       properties=spec.Basic.Properties(
+                                           delivery_mode=_PERSISTENT))
+        await tx.tx_commit()
     finally:
-        for tag in kept:
-            await channel.basic_nack(tag, requeue=True)
+        with anyio.CancelScope(shield=True), contextlib.suppress(
+                aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            await tx.close()
     return dropped
 
 

@@ -28,9 +28,11 @@ from mq_worker.slots import SlotGate, Waiting
 CHECK_SECONDS = 1.0
 # How long such slots must have stayed free before they are handed to waiting runs:
 # a holder cut off from the broker, its runs still running, takes them again first
-# when it reconnects (see slots.SlotGate.reclaim). A dead holder's slots are in use
-# again after about this long.
-RETURNED_SLOT_GRACE_SECONDS = 2.0
+# when it reconnects (see slots.SlotGate.reclaim), which it does within
+# slots.CUT_OFF_SECONDS or not at all. (The limit does not rest on it: a run that takes
+# such a slot holds it unused for a while first, see slots.SlotGate.admit.) A dead
+# holder's slots are in use again after about this long plus that hold.
+RETURNED_SLOT_GRACE_SECONDS = 1.0
 # While slots seem free and runs wait, look again this often; a longer gap between two
 # looks starts the grace again (what happened in between is unknown).
 SETTLING_CHECK_SECONDS = 0.4
@@ -102,6 +104,7 @@ class PoolControl:
     ) -> None:
         """For one session: take tokens on `slots`; send back the runs waiting for removed
         limits; keep the limit metrics current."""
+        await slots.tx_select()  # tokens are given back in transactions (see slots)
         self.gate.bind(slots, publish)
         self._slots = slots
         try:

@@ -17,13 +17,14 @@ from pamqp import commands as spec
 from pydantic import ValidationError
 
 from mq_worker import topology
-from mq_worker.control import TokenMessage
+from mq_worker.control import TokenMessage, encode
 from mq_worker.limits import ControlState
 from mq_worker.spares import HeldToken
 
 log = structlog.get_logger("mq_worker.slots")
 
 UNKNOWN = -1  # a waiting count the broker could not give
+_PERSISTENT = 2
 
 
 @dataclass(eq=False)
@@ -65,19 +66,23 @@ class SlotRequests:
             limit = self.state.limits.get(target)
             if limit is None:  # removed since: nothing to hold
                 await channel.basic_nack(tag, requeue=True, wait=False)
+                await channel.tx_commit()
                 return True
             try:
                 token = TokenMessage.model_validate_json(message.body)
             except ValidationError:
                 token = None
             if token is not None and self.still_valid(target, token.number, token.version):
+                # Redelivered: it came back with a lost connection, or unused (see `settle`).
                 lease.tokens.append(HeldToken(target, tag, token.number, token.version,
-                                              channel=held_on))
+                                              channel=held_on,
+                                              returned=bool(message.delivery.redelivered)))
                 return True
             # Left over from an earlier, larger limit (or not a token at all): destroy it.
             log.info("stale slot token destroyed", target=target,
                      token=message.body[:200].decode(errors="replace"))
             await channel.basic_ack(tag)
+            await channel.tx_commit()
 
     async def take_each(self, targets: list[str], lease: Lease) -> str | None:
         """Take a token of each target, all at once (a channel each: a channel has one
@@ -159,9 +164,45 @@ class SlotRequests:
                 channel = self._own[purpose] = await slots.connection.channel(
                     publisher_confirms=False)
                 if holds_tokens:
+                    await channel.tx_select()  # see `settle`
                     lost = self.token_channel_lost
                     channel.closing.add_done_callback(lambda _: lost.set())
             return channel
+
+    @staticmethod
+    async def settle(default: aiormq.abc.AbstractChannel, give_back: list[HeldToken],
+                     destroy: Collection[HeldToken] = ()) -> None:
+        """Give back and destroy held tokens, on the transactional channels holding them
+        (`default` for those held on their lease's channel).
+
+        A token given back is acknowledged and published again as a new message in one
+        transaction: the broker applies both or, if the connection breaks before the
+        commit, neither (it then puts the token back as if lost with the connection). So
+        a token the broker marks redelivered can only have come back with a lost
+        connection, its holder's runs perhaps still running: the run that takes it holds
+        it unused first (see slots.RETURNED_TOKEN_HOLD_MARGIN_SECONDS). A `returned` token
+        given back unused is put back as it is, still marked, since its hold is not over.
+        """
+        touched: dict[int, aiormq.abc.AbstractChannel] = {}
+        # Not cancelled half way: an acknowledgement left without its publish on a channel
+        # that lives on would be committed by the next commit there, and the slot lost.
+        with anyio.CancelScope(shield=True):
+            for token in [*give_back, *destroy]:
+                channel = token.channel or default
+                touched[id(channel)] = channel
+                if token in destroy:
+                    await channel.basic_ack(token.tag)
+                elif token.returned:
+                    await channel.basic_nack(token.tag, requeue=True, wait=False)
+                else:
+                    await channel.basic_ack(token.tag)
+                    await channel.basic_publish(
+                        encode(TokenMessage(target=token.target, number=token.number,
+                                            version=token.version)),
+                        exchange="", routing_key=topology.limit_queue_name(token.target),
+                        properties=spec.Basic.Properties(delivery_mode=_PERSISTENT))
+            for channel in touched.values():
+                await channel.tx_commit()
 
     def still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)

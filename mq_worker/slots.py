@@ -6,10 +6,13 @@ targets takes one token of each (basic.get, all at once: a get never waits for a
 token, so no two workers can wait on each other), and keeps them
 *unacknowledged* on its session's slots channel (a second target's on a channel
 of its own next to it: see slot_requests) while the run holds its worker slot. When the run ends
-it gives them back (basic.nack with requeue, one atomic step). If the worker
-dies or its connection closes, the broker puts its tokens back by itself, so a
-slot never leaks; and since a token is a single message that the broker hands
-to one consumer at a time, a slot is never usable twice.
+it gives them back (acknowledged and published again in one transaction: see
+SlotRequests.settle). If the worker dies or its connection closes, the broker
+puts its tokens back by itself, so a slot never leaks; and since a token is a
+single message that the broker hands to one consumer at a time, a slot is never
+usable twice. A token the broker puts back so comes marked redelivered, which a
+token given back never is: the run that takes it holds it unused first, for as
+long as its cut-off holder may take to stop the runs it held it for.
 
 A run that finds no token does not wait on the worker: it is moved (confirmed
 publish, then acknowledgement) to `mq_worker.waiting-<digest>`, a FIFO queue of
@@ -57,8 +60,8 @@ log = structlog.get_logger("mq_worker.slots")
 # here to be taken again before it takes one itself.
 RECLAIM_WAIT_SECONDS = 10.0
 # A run whose slots went back to the broker with a lost connection, and were not taken
-# again within this long, is stopped: the other workers hand such slots on once they
-# have stayed free for pool_control.RETURNED_SLOT_GRACE_SECONDS (2 s), and the run must
+# again within this long, is stopped: a run elsewhere that takes such a slot holds it
+# unused for this long plus RETURNED_TOKEN_HOLD_MARGIN_SECONDS first, and the run must
 # be gone by then, its stop's own grace (lifecycle.SLOT_LOST_GRACE_SECONDS) included.
 CUT_OFF_SECONDS = 1.0
 # After a reconnection, this long, fresh runs here take no free slot even with no run
@@ -66,6 +69,11 @@ CUT_OFF_SECONDS = 1.0
 # slots are free at the broker until they take them back (as long as the others leave
 # returned slots alone: pool_control.RETURNED_SLOT_GRACE_SECONDS).
 BACK_FROM_A_LOST_CONNECTION_SECONDS = 2.0
+# A run that takes a token its holder lost with its connection (the broker marks it
+# redelivered) holds it unused for CUT_OFF_SECONDS plus this before it starts: that
+# holder's runs may still be running, and are gone within CUT_OFF_SECONDS of its
+# noticing the loss, plus their stop's grace (lifecycle.SLOT_LOST_GRACE_SECONDS).
+RETURNED_TOKEN_HOLD_MARGIN_SECONDS = 1.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # How often a run tries, half a second apart, while its waiting queue cannot be found
 # (a node being lost), before it is given back.
@@ -94,7 +102,8 @@ class SlotGate:
         self._sessions = 0
         self._fresh_runs_wait_until = 0.0  # monotonic: see BACK_FROM_A_LOST_CONNECTION_SECONDS
         self._requests = SlotRequests(state)
-        self.spares = Spares(self._requests.still_valid)  # held on the slots channel
+        # Held on the slots channel.
+        self.spares = Spares(self._requests.still_valid, self._requests.settle)
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
@@ -196,6 +205,9 @@ class SlotGate:
                 for target, count in spares.items():
                     await self.wake(target, at_most=count)
                 return waits
+            if (any(token.returned for token in lease.tokens)
+                    and not await self._hold_returned(lease, slots)):
+                return None
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._give_back(lease)
@@ -203,6 +215,22 @@ class SlotGate:
         if lease.tokens:
             self._leases.add(lease)
         return lease
+
+    async def _hold_returned(self, lease: Lease, slots: aiormq.abc.AbstractChannel) -> bool:
+        """Hold the lease's tokens unused until their last holder's runs are gone (see
+        RETURNED_TOKEN_HOLD_MARGIN_SECONDS); False if they went back to the broker
+        meanwhile (with the session: the broker delivers the run again)."""
+        seconds = CUT_OFF_SECONDS + RETURNED_TOKEN_HOLD_MARGIN_SECONDS
+        log.info("a slot came back with a lost connection; holding it before the run starts",
+                 targets=sorted({t.target for t in lease.tokens if t.returned}),
+                 run_id=lease.run_id, seconds=seconds)
+        await anyio.sleep(seconds)
+        channels = {token.channel or slots for token in lease.tokens}
+        if self._slots is not slots or any(channel.is_closed for channel in channels):
+            lease.tokens = []
+            return False
+        lease.tokens = [token._replace(returned=False) for token in lease.tokens]
+        return True
 
     async def _take_and_count(self, slots: aiormq.abc.AbstractChannel, targets: list[str],
                               checked: list[str], lease: Lease,
@@ -272,11 +300,9 @@ class SlotGate:
 
     async def _give_back(self, lease: Lease) -> None:
         assert lease.channel is not None
-        for token in lease.tokens:
-            with contextlib.suppress(*_CHANNEL_ERRORS):
-                await (token.channel or lease.channel).basic_nack(token.tag, requeue=True,
-                                                                  wait=False)
-        lease.tokens = []
+        tokens, lease.tokens = lease.tokens, []
+        with contextlib.suppress(*_CHANNEL_ERRORS):
+            await self._requests.settle(lease.channel, tokens)
 
     async def release(self, lease: Lease) -> None:
         """Give back a run's tokens, then wake runs waiting for them."""
@@ -285,19 +311,20 @@ class SlotGate:
         if not tokens or lease.channel is None or lease.channel.is_closed:
             return  # gone with the channel: the broker has put them back
         given_back: list[HeldToken] = []
+        destroyed: list[HeldToken] = []
         for token in tokens:
             channel = token.channel or lease.channel
-            with contextlib.suppress(*_CHANNEL_ERRORS):
-                if not self._requests.still_valid(token.target, token.number, token.version):
-                    # The limit shrank or went away: the slot is destroyed, not given
-                    # back, so it wakes nobody (a run woken for it would find no slot
-                    # and wait again, behind the runs that arrived after it).
-                    await channel.basic_ack(token.tag)
-                elif channel is self._slots and self.spares.keep(token):
-                    continue
-                else:
-                    await channel.basic_nack(token.tag, requeue=True, wait=False)
-                    given_back.append(token)
+            if not self._requests.still_valid(token.target, token.number, token.version):
+                # The limit shrank or went away: the slot is destroyed, not given
+                # back, so it wakes nobody (a run woken for it would find no slot
+                # and wait again, behind the runs that arrived after it).
+                destroyed.append(token)
+            elif not (channel is self._slots and self.spares.keep(token)):
+                given_back.append(token)
+        try:
+            await self._requests.settle(lease.channel, given_back, destroyed)
+        except _CHANNEL_ERRORS:
+            return  # not committed: the broker puts them back with the channel
         # As many runs as this run gave slots back, whatever the broker counts free
         # (it may not count a token given back a moment ago yet): a token that came back
         # without a release (its holder was cut off) is not this run's to hand on.

@@ -17,7 +17,7 @@ has stayed unused for IDLE_SECONDS.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import NamedTuple
 
 import aiormq.abc
@@ -36,15 +36,23 @@ class HeldToken(NamedTuple):
     spare: bool = False  # taken from this worker's spares, not from the broker
     # The channel holding it, if not its lease's (a second target's, taken alongside).
     channel: aiormq.abc.AbstractChannel | None = None
+    # Redelivered by the broker and not yet held unused for long enough (see slots).
+    returned: bool = False
+
+
+# (channel, tokens to give back, tokens to destroy): see SlotRequests.settle.
+Settle = Callable[[aiormq.abc.AbstractChannel, list["HeldToken"], Collection["HeldToken"]],
+                  Awaitable[None]]
 
 
 class Spares:
     """The spare tokens one worker holds, at most one per target, on one channel."""
 
-    def __init__(self, still_valid: Callable[[str, int, int], bool]) -> None:
+    def __init__(self, still_valid: Callable[[str, int, int], bool], settle: Settle) -> None:
         self._held: dict[str, tuple[HeldToken, float]] = {}
         self._ample: set[str] = set()
         self._still_valid = still_valid  # (target, number, version): may it be used
+        self._settle = settle
 
     def __bool__(self) -> bool:
         return bool(self._held)
@@ -60,7 +68,7 @@ class Spares:
 
     def keep(self, token: HeldToken) -> bool:
         """Keep `token` of an ended run as the spare of its target, if it may be kept."""
-        if token.target not in self._ample or token.target in self._held:
+        if token.target not in self._ample or token.target in self._held or token.returned:
             return False
         self._held[token.target] = (token._replace(spare=False), time.monotonic())
         return True
@@ -100,7 +108,7 @@ class Spares:
                 tokens.append(spare)
                 continue
             if spare is not None:  # the limit shrank meanwhile: destroy it
-                await channel.basic_ack(spare.tag)
+                await self._settle(channel, [], [spare])
             needed.append(target)
         return needed
 
@@ -112,7 +120,7 @@ class Spares:
         if spare is None:
             return False
         if self._still_valid(target, spare.number, spare.version):
-            await channel.basic_nack(spare.tag, requeue=True, wait=False)
+            await self._settle(channel, [spare], ())
             return True
-        await channel.basic_ack(spare.tag)
+        await self._settle(channel, [], [spare])
         return False

@@ -26,10 +26,12 @@ from tests.helpers import (
     publish_raw,
     run_body,
     running_worker,
+    started_runs,
     unique,
     wait_until,
 )
 from tests.proxy import link_proxy
+from tests.test_cancel import cancel_raw
 from tests.test_cli import mq_worker
 from tests.test_priority import declare_queues
 
@@ -314,8 +316,8 @@ async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key
 ) -> None:
     """Its runs go on while the broker gives their slots back; other workers, with runs
     waiting and short runs ending all the time, must not start more than the limit."""
-    # The 1 s a worker has to take its slots back, and the 2 s the others leave them,
-    # made 5 s and 6 s (the same order): on a loaded machine a reconnect and its reclaim
+    # The 1 s a worker has to take its slots back, and the 1 s the others leave them,
+    # made 5 s and 6 s: on a loaded machine a reconnect and its reclaim
     # can take over a second, and the runs would then rightly be stopped as slot-lost.
     monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
     monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 6.0)
@@ -352,35 +354,44 @@ async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key
         events.types(b["id"]) for b in short if "run.completed" not in events.types(b["id"])]
 
 
-async def test_a_run_whose_slot_went_elsewhere_while_its_worker_was_cut_off_is_stopped(
+async def test_a_fresh_run_elsewhere_waits_until_the_run_of_a_cut_off_worker_has_stopped(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    """The one case the reclaim cannot cover: no run waits, so a fresh run elsewhere
-    takes the slot the broker gave back at once. The cut-off worker's run is over the
-    limit from then on, until its worker is back and stops it (`slot-lost`)."""
+    """No run waits, and a worker untouched by the loss has a fresh run: the slot the
+    broker gave back when the holder's connection closed is not one given back by a
+    run that ended, so the fresh run starts only once the cut-off worker's run, which
+    could not take its slot back in time, has stopped (`slot-lost`): the two processes
+    never run at once."""
     await cli("limit", "set", "key:db", "1", "--url", vhost.url)
     queue = limit_queue_name("key:db")
+    stopped_at = tmp_path / "held.term"
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         async with running_worker(url, name="cut") as cut:
-            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            held = run_body(probe(tmp_path, sleep=60, extra=f"--term-marker {stopped_at}"),
+                            concurrency_key="db")
             await publish_raw(vhost.url, held)
-            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            await wait_until(lambda: held["id"] in started_runs(tmp_path), timeout=15)
             async with running_worker(vhost.url, name="peer"):
                 proxy.cut()
                 await wait_until(lambda: not cut.connected, timeout=10)
-                fresh = run_body(probe(tmp_path, sleep=1), concurrency_key="db")
+                fresh = run_body(probe(tmp_path, sleep=0.5), concurrency_key="db")
                 await publish_raw(vhost.url, fresh)
-                await events.wait_for(lambda _: "run.submitted" in events.types(fresh["id"]))
-                restored_at = time.time()
+                await events.wait_for(lambda _: "run.submitted" in events.types(fresh["id"]),
+                                      timeout=20)
+                await wait_until(lambda: fresh["id"] in started_runs(tmp_path), timeout=15)
                 await proxy.restore()
                 await events.wait_terminal([held["id"], fresh["id"]], timeout=30)
                 await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
     ending = events.terminal(held["id"])[-1]
     assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
     assert "key:db" in ending.data["message"]
-    # Stopped as soon as its worker was back, not when the run would have ended.
-    assert ending.time.timestamp() - restored_at < 10
+    assert events.types(fresh["id"])[-1] == "run.completed"
+    fresh_started = started_runs(tmp_path)[fresh["id"]]["t"]
+    held_stopped = float(stopped_at.read_text())
+    assert fresh_started > held_stopped, (
+        f"the fresh run started {held_stopped - fresh_started:.2f} s before the run "
+        "holding the slot was stopped")
 
 
 async def test_a_worker_cut_off_longer_than_the_grace_stops_its_limited_runs_first(
@@ -424,6 +435,7 @@ async def test_a_worker_back_from_a_lost_connection_leaves_the_slots_of_others_c
     only after the fresh run had started (in the cluster test, 4 runs of a limit of 3)."""
     # Longer than this test needs to bring the cut-off worker back, on a loaded machine.
     monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 5.0)
+    monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 5.0)
     await cli("limit", "set", "key:db", "1", "--url", vhost.url)
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
@@ -446,3 +458,33 @@ async def test_a_worker_back_from_a_lost_connection_leaves_the_slots_of_others_c
     assert events.types(held["id"])[-1] == "run.completed", events.terminal(held["id"])
     assert "run.completed" in events.types(fresh["id"])
     assert most_at_once(intervals(events.events, {held["id"], fresh["id"]})) == 1
+
+
+async def test_a_run_cancelled_while_it_holds_a_slot_lost_with_another_worker_never_starts(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run holds a slot that came back with a lost connection unused for a while before
+    it starts; a cancel that arrives meanwhile ends it cancelled, before its process starts."""
+    monkeypatch.setattr(slots, "RETURNED_TOKEN_HOLD_MARGIN_SECONDS", 4.0)  # a 5 s hold
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        async with running_worker(url, name="cut") as cut:
+            held = run_body(probe(tmp_path, sleep=60), concurrency_key="db")
+            await publish_raw(vhost.url, held)
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
+            async with running_worker(vhost.url, name="peer"):
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
+                fresh = run_body(probe(tmp_path), concurrency_key="db")
+                await publish_raw(vhost.url, fresh)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+                await cancel_raw(vhost.url, fresh["id"], reason="changed my mind")
+                await events.wait_terminal([fresh["id"]], timeout=20)
+                await proxy.restore()
+                await events.wait_terminal([held["id"]], timeout=30)
+                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
+    assert events.types(fresh["id"])[-1] == "run.cancelled", events.of(fresh["id"])
+    assert fresh["id"] not in started_runs(tmp_path)

@@ -158,6 +158,9 @@ class RunKeeper:
             policy=RunPolicy.from_configuration(configuration),
         )
         self.book.active[run.id] = active
+        cancel = self.cancel_of(run.id)
+        if cancel is not None:  # it arrived while the run took its slots (see slots)
+            self._request_cancel(active, cancel)
         try:
             await self.life.hold_and_run(active)
         finally:
