@@ -509,3 +509,19 @@ async def test_a_run_whose_slot_is_lost_after_its_redelivery_was_taken_here_ends
         assert k.worker_type.started == []
         assert k.events(run_id) == ["pending", "crashed"]
         assert k.terminal_data(run_id)["reason"] == "slot-lost"
+
+
+async def test_a_run_held_until_its_start_time_whose_slot_is_lost_is_not_started() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        due = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+        message = delivery(run_id, run={"scheduled_start_time": due})
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(k.keeper.take, message)
+                await wait_until(lambda: k.events(run_id) == ["pending"])
+                k.keeper.life.slot_lost(uuid.UUID(run_id), "key:db")
+        assert k.worker_type.started == []
+        assert k.events(run_id) == ["pending", "crashed"]
+        assert k.terminal_data(run_id)["reason"] == "slot-lost"
+        assert message.outcome == "acked"
