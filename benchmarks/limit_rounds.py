@@ -16,7 +16,10 @@ the client's CPU time per request, under uvloop), in a vhost of its own:
   without a spare);
 * the same, the declare's 0 made sure of with a `basic.get` of the empty waiting
   queue (a fresh run without a spare while nobody waits, see docs/pools.md);
-* the quorum get and a get of the empty waiting queue at once, with no declare.
+* the quorum get and a get of the empty waiting queue at once, with no declare;
+* what a run that gives its token back pays to wake runs while nobody waits: a passive
+  declare of the waiting queue (before), that declare's 0 made sure of with a get, and
+  a get of the waiting queue alone (what it pays now: see docs/pools.md).
 """
 
 from __future__ import annotations
@@ -92,6 +95,18 @@ async def get_and_get_waiting(get: aiormq.abc.AbstractChannel,
     await get.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
 
 
+async def declare_made_sure(channel: aiormq.abc.AbstractChannel) -> None:
+    declared = await channel.queue_declare("waiting", passive=True)
+    assert not declared.message_count
+    empty = await channel.basic_get("waiting", no_ack=False)
+    assert not isinstance(empty.delivery, spec.Basic.GetOk)
+
+
+async def get_empty(channel: aiormq.abc.AbstractChannel) -> None:
+    empty = await channel.basic_get("waiting", no_ack=False)
+    assert not isinstance(empty.delivery, spec.Basic.GetOk)
+
+
 async def measure(count: int) -> dict[str, Any]:
     with vhost("limit-rounds") as host:
         connection = await aio_pika.connect(host.url)
@@ -119,6 +134,11 @@ async def measure(count: int) -> dict[str, Any]:
                     lambda: get_and_count_made_sure(first, second),
                 "quorum get while a get of the waiting queue runs":
                     lambda: get_and_get_waiting(first, second),
+                "end, nobody waits: passive declare": lambda: second.queue_declare(
+                    "waiting", passive=True),
+                "end, nobody waits: declare, its 0 made sure of": lambda: declare_made_sure(
+                    second),
+                "end, nobody waits: get of the waiting queue": lambda: get_empty(second),
             }
             wall: dict[str, list[float]] = {name: [] for name in requests}
             cpu: dict[str, list[float]] = {name: [] for name in requests}

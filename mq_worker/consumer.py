@@ -53,7 +53,7 @@ import structlog
 from mq_worker.acks import AckWriter
 from mq_worker.concurrency import TaskPool
 from mq_worker.delivery import Delivery
-from mq_worker.priority import PROBE_SECONDS
+from mq_worker.priority import PROBE_SECONDS, ReadyCounts
 from mq_worker.window import (
     Ack,
     Cancel,
@@ -112,6 +112,7 @@ class RunConsumer:
         self.consuming = anyio.Event()
         self._idle = anyio.Event()
         self._counts = {"consumes": 0, "cancels": 0, "deferred_acks": 0, "overshoot": 0}
+        self._counts_read = ReadyCounts()  # runs ready per queue, for queue priority
 
     # -- slots -----------------------------------------------------------------
 
@@ -244,7 +245,9 @@ class RunConsumer:
 
     async def _ready_count(self, channel: aiormq.abc.AbstractChannel, queue: str) -> int:
         declared = await channel.queue_declare(queue, passive=True)
-        return int(declared.message_count or 0)
+        return self._counts_read.read(
+            queue, int(declared.message_count or 0), int(declared.consumer_count or 0),
+            consuming=self._window.active_on(queue) is not None, now=time.monotonic())
 
     def _should_probe(self) -> bool:
         return not self._paused and self._window.should_probe(self._serving())

@@ -17,6 +17,14 @@ a higher queue fills a moment later. That inversion is bounded by the windows
 open on lower queues, which never exceed the free slots, and it ends at the
 next reallocation (on every freed slot, and every `PROBE_SECONDS` while a
 queue is not listened to).
+
+RabbitMQ 3.10 answers the passive declare of a quorum queue whose leader it cannot
+ask within 250 ms with 0 runs and 0 consumers, the answer of an idle empty queue.
+Taken at its word, a higher queue's runs would be passed over for a lower queue's
+for as long as its leader cannot be asked. A queue the worker consumes has at least
+its consumer, so there `ReadyCounts` lets the count last answered stand instead,
+for at most `UNANSWERED_SECONDS`: by then a leader has normally been elected, and a
+queue whose leader cannot be reached longer delivers no runs anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +32,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 PROBE_SECONDS = 0.5
+UNANSWERED_SECONDS = 5.0
+
+
+class ReadyCounts:
+    """The runs ready in each queue, as the passive declares of one worker answer."""
+
+    def __init__(self) -> None:
+        self._answered: dict[str, tuple[int, float]] = {}  # count, when (monotonic)
+
+    def read(self, queue: str, ready: int, consumers: int, consuming: bool,
+             now: float) -> int:
+        """The count to allocate by, from a declare's (ready, consumers) answer;
+        `consuming`: whether this worker has a consumer on `queue`."""
+        if ready or consumers or not consuming:
+            self._answered[queue] = (ready, now)
+            return ready
+        last, when = self._answered.get(queue, (0, now))
+        return last if now - when <= UNANSWERED_SECONDS else 0
 
 
 def allocate_windows(free: int, ready: Sequence[int], max_window: int) -> list[int]:

@@ -353,13 +353,13 @@ class SlotGate:
         if slots is None or publish is None or slots.is_closed:
             return
         try:
-            channel = await self._requests.channel("wakes", slots)
-            # Not confirmed (a Raft round after every run): a 0 the broker gives for want
-            # of an answer (see SlotRequests.waiting) leaves the slot free, and the
-            # periodic check (pool_control) hands it on a few seconds later.
-            waiting = await self._requests.waiting(channel, target, confirm_none=False)
-            if waiting:
-                await wake_waiting(channel, target, min(count, waiting), publisher=publish)
+            # No count first: a passive declare can answer 0 for want of an answer (see
+            # SlotRequests.waiting), which woke nobody until the periodic check handed
+            # the slot on seconds later. A get goes through the queue's leader, and one
+            # that finds a run moves it, so it keeps its place (unlike a get that only
+            # makes sure, and gives back what it finds).
+            await wake_waiting(await self._requests.channel("wakes", slots), target, count,
+                               publisher=publish)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
 

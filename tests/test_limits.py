@@ -11,17 +11,25 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+import anyio
+import anyio.abc
 import pytest
 
 from mq_worker import pool_control, slots
 from mq_worker.events import Event
+from mq_worker.job_configuration import BaseJobConfiguration
+from mq_worker.messages import RunMessage
 from mq_worker.topology import limit_queue_name
+from mq_worker.workers.process import ProcessWorker
+from mq_worker.workers.runs import WorkerResult
 from tests.helpers import (
     HOST,
     PORT,
     EventLog,
     VHost,
+    ended_runs,
     probe,
     publish_raw,
     run_body,
@@ -488,3 +496,57 @@ async def test_a_run_cancelled_while_it_holds_a_slot_lost_with_another_worker_ne
                 await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
     assert events.types(fresh["id"])[-1] == "run.cancelled", events.of(fresh["id"])
     assert fresh["id"] not in started_runs(tmp_path)
+
+
+class SetUpWorker(ProcessWorker):
+    """A worker type that sets each run up before its process starts (as one that pulls
+    an image or mounts a volume would), here for as long as the test holds `set_up`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.setting_up = anyio.Event()
+        self.set_up = anyio.Event()
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.setting_up.set()
+        await self.set_up.wait()
+        return await super().run(run, configuration, task_status)
+
+
+async def test_a_run_whose_slot_is_lost_while_it_is_being_set_up_is_not_started_without_it(
+    vhost: VHost, events: EventLog, tmp_path: Path
+) -> None:
+    """Its token went back to the broker with the connection while the run was still
+    being set up, and another run took it: its process must not start once the set-up
+    is done (the limit would be exceeded for as long as it ran). Its message went back
+    too: it runs once delivered again, with a slot."""
+    await cli("limit", "set", "key:db", "1", "--url", vhost.url)
+    async with link_proxy(HOST, PORT) as proxy:
+        url = vhost.url_for("guest", "guest", port=proxy.port)
+        # Pools of their own: the run's message, back at the broker, is this worker's.
+        async with running_worker(url, SetUpWorker, name="cut", pool="a") as cut:
+            assert isinstance(cut, SetUpWorker)
+            held = run_body(probe(tmp_path, sleep=0.2), concurrency_key="db")
+            await publish_raw(vhost.url, held, routing_key="run.scheduled.a.default")
+            with anyio.fail_after(20):
+                await cut.setting_up.wait()  # it holds the slot's token
+            async with running_worker(vhost.url, name="peer", pool="b"):
+                proxy.cut()
+                await wait_until(lambda: not cut.connected, timeout=10)
+                fresh = run_body(probe(tmp_path, sleep=2), concurrency_key="db")
+                await publish_raw(vhost.url, fresh, routing_key="run.scheduled.b.default")
+                await events.wait_for(lambda _: "run.submitted" in events.types(fresh["id"]))
+                # Until its worker gives its slot up (CUT_OFF_SECONDS after the cut).
+                run_id = UUID(held["id"])
+                await wait_until(lambda: run_id not in cut._book.active
+                                 or cut._book.active[run_id].slot_lost is not None, timeout=10)
+                cut.set_up.set()
+                await proxy.restore()
+                await events.wait_terminal([held["id"], fresh["id"]], timeout=30)
+                await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:db")]
+                                 == (1, 0), timeout=15)
+    assert most_at_once(intervals(events.events, {held["id"], fresh["id"]})) == 1
+    assert [events.types(r)[-1] for r in (held["id"], fresh["id"])] == ["run.completed"] * 2
+    assert [e.type for e in unique(events.of(held["id"]))].count("mq_worker.run.submitted") == 1
+    assert len(ended_runs(tmp_path)) == 2

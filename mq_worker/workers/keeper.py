@@ -111,6 +111,8 @@ class RunKeeper:
             case Duplicate(run=run, dead_letter=reason) if reason is not None:
                 await self._settler.dead_letter(delivery, reason)
             case Duplicate(run=run):
+                if (held := self.book.active.get(run.id)) is not None:
+                    held.redelivery_taken = True
                 self._log.info("redelivery of a run this worker holds or has ended; "
                                "acknowledged", run_id=str(run.id),
                                outcome=self.book.finished.get(run.id))

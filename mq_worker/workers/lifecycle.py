@@ -30,7 +30,13 @@ from mq_worker.workers.fenced import Fencing
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
-from mq_worker.workers.started import RunInTask, RunStarter, StartedRun, starts_runs_itself
+from mq_worker.workers.started import (
+    RunInTask,
+    RunStarter,
+    StartAbandoned,
+    StartedRun,
+    starts_runs_itself,
+)
 
 # The longest grace a run still gets once the worker is told to stop at once.
 FORCED_GRACE_SECONDS = 5.0
@@ -139,12 +145,18 @@ class RunLife:
             active.log.info("run given back: the worker is stopping")
             await delivery.settle(requeue=True)
             return
+        if active.slot_lost is not None:
+            await self._not_started_without_slot(active)
+            return
         await self._start_and_watch(active, due)
 
     async def _start_and_watch(self, active: ActiveRun, due: float) -> None:
         active.state = RunState.STARTING
         try:
             started = await self._start(active)
+        except StartAbandoned:
+            await self._not_started_without_slot(active)
+            return
         except Exception as exc:
             if is_transient_spawn_error(exc):
                 await self._give_back_for_now(active, exc)
@@ -181,7 +193,12 @@ class RunLife:
         if self._starts_runs_itself:
             assert isinstance(self._type, RunStarter)
             return self._type.start_run(active.run, active.configuration)
-        return await RunInTask.start(self._type, active.run, active.configuration, self._spawn)
+
+        def starting(task: RunInTask) -> None:
+            active.abandon_start = task.abandon
+
+        return await RunInTask.start(self._type, active.run, active.configuration, self._spawn,
+                                     starting=starting)
 
     def _watch_for_stops(self, active: ActiveRun) -> None:
         """What may stop the started run: its timeout, a fence, a cancel during its start.
@@ -197,6 +214,8 @@ class RunLife:
             self.stop_soon(active, FORCED_GRACE_SECONDS)
         elif active.cancel is not None:
             self.stop_soon(active, None)
+        elif active.slot_lost is not None:  # lost as the start was being reported
+            self.stop_soon(active, SLOT_LOST_GRACE_SECONDS)
 
     async def _give_back_for_now(self, active: ActiveRun, exc: Exception) -> None:
         """Resources ran out at spawn: not the run's fault. Give it back, pause intake."""
@@ -210,6 +229,19 @@ class RunLife:
     async def _resume_intake_after(self, delay: float) -> None:
         await anyio.sleep(delay)
         self._around.consumer.resume(_SPAWN_PAUSE)
+
+    async def _not_started_without_slot(self, active: ActiveRun) -> None:
+        """Its slot went back to the broker with its connection before its process started;
+        so did its message, unless a redelivery was taken here as a duplicate."""
+        if active.delivery.lost.is_set() and not active.redelivery_taken:
+            active.log.warning("connection lost before the run started; the broker "
+                               "redelivers it", slot_lost=active.slot_lost)
+            return
+        self.finish(active, EventType.RUN_CRASHED, reason=CrashReason.SLOT_LOST,
+                    message=f"its slot of {active.slot_lost} went back to the broker while "
+                            "its worker was cut off from it, before its process started; "
+                            "not started, to keep the limit")
+        await active.delivery.settle()
 
     def _start_failed(self, active: ActiveRun, exc: Exception) -> None:
         active.log.error("run failed to start", error=str(exc))
@@ -340,6 +372,10 @@ class RunLife:
         active.slot_lost = target
         if active.state is RunState.RUNNING:
             self.stop_soon(active, SLOT_LOST_GRACE_SECONDS)
+        elif active.state is RunState.STARTING and active.abandon_start is not None:
+            active.abandon_start()  # (a start reported meanwhile: see _watch_for_stops)
+        elif active.state is RunState.HELD:
+            active.wake.set()  # held until its start time: not started (see hold_and_run)
 
     def stop_soon(self, active: ActiveRun, grace: float | None) -> None:
         self._spawn.start_soon(self._kill, active, grace)

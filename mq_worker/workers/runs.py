@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -71,8 +72,14 @@ class ActiveRun:
     last_event_id: str | None = None
     policy: RunPolicy = NO_POLICY
     timed_out: bool = False
-    # The limit whose slot it lost while its worker was cut off: it is stopped.
+    # The limit whose slot it lost while its worker was cut off: it is stopped, or not
+    # started.
     slot_lost: str | None = None
+    # While a worker type's `run` hook sets it up: cancels the start if not yet reported.
+    abandon_start: Callable[[], bool] | None = None
+    # A redelivery of its message was acknowledged here as a duplicate: the broker no
+    # longer has it, whatever becomes of its own delivery.
+    redelivery_taken: bool = False
     # Only while a timeout is watched: cancelled when the run ends.
     timeout_timer: anyio.CancelScope | None = None
     # Made when first asked for: most runs never need them, and each costs a look-up of

@@ -8,6 +8,7 @@ cancel scope per run, which is most of what anyio costs a run. Any other worker 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -55,11 +56,17 @@ class RunHook(Protocol):
                   task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...
 
 
+class StartAbandoned(Exception):
+    """The run's start was abandoned (`RunInTask.abandon`) before its hook reported it
+    started: it never ran."""
+
+
 class RunInTask:
     """A worker type's `run` hook in a task of the worker's task group.
 
     An error before `task_status.started` is raised by `start`; one after it, by `wait`.
-    Cancelling `wait` cancels the hook's task.
+    Cancelling `wait` cancels the hook's task; so does `abandon` before the hook reports
+    the run started (`start` then raises StartAbandoned).
     """
 
     def __init__(self) -> None:
@@ -68,20 +75,39 @@ class RunInTask:
         self._done = anyio.Event()
         self._result: WorkerResult | None = None
         self._error: BaseException | None = None
+        self._status: _Reported | None = None
+        self._abandoned = False
 
     @classmethod
     async def start(cls, worker_type: RunHook, run: RunMessage,
-                    configuration: BaseJobConfiguration,
-                    spawn: anyio.abc.TaskGroup) -> RunInTask:
+                    configuration: BaseJobConfiguration, spawn: anyio.abc.TaskGroup, *,
+                    starting: Callable[[RunInTask], None] | None = None) -> RunInTask:
+        """Run the hook until it reports the run started; `starting` is given the
+        RunInTask before that, to abandon the start if need be."""
         started = cls()
-        started.infrastructure_pid = await spawn.start(
-            started._run, worker_type, run, configuration)
+        if starting is not None:
+            starting(started)
+        try:
+            started.infrastructure_pid = await spawn.start(
+                started._run, worker_type, run, configuration)
+        except Exception as exc:
+            if started._abandoned:
+                raise StartAbandoned(str(exc)) from exc
+            raise
         return started
+
+    def abandon(self) -> bool:
+        """Cancel the hook if it has not reported the run started; whether it had not."""
+        if self._status is not None and self._status.reported:
+            return False
+        self._abandoned = True
+        self._scope.cancel()
+        return True
 
     async def _run(self, worker_type: RunHook, run: RunMessage,
                    configuration: BaseJobConfiguration,
                    *, task_status: anyio.abc.TaskStatus[str]) -> None:
-        status = _Reported(task_status)
+        status = self._status = _Reported(task_status)
         try:
             with self._scope:
                 self._result = await worker_type.run(run, configuration, status)

@@ -33,11 +33,11 @@ def worker_settings(url: str | list[str], **overrides: Any) -> WorkerSettings:
 
 @asynccontextmanager
 async def running_worker(
-    url: str | list[str], **overrides: Any
+    url: str | list[str], worker_class: type[ProcessWorker] = ProcessWorker, **overrides: Any
 ) -> AsyncIterator[ProcessWorker]:
     """A worker serving in this test's event loop (with these broker addresses, in order),
     stopped (and drained) at exit."""
-    worker = ProcessWorker(worker_settings(url, **overrides))
+    worker = worker_class(worker_settings(url, **overrides))
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.serve)
         with anyio.fail_after(30):

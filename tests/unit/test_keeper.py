@@ -451,3 +451,77 @@ async def test_an_invalid_message_is_not_run_nor_reported_until_it_is_dead_lette
         await k.keeper.take(bad)
         assert bad.settled and not bad.slot_held and k.worker_type.started == []
         assert EventType.RUN_REJECTED not in [e.type for e in k.outbox._events]
+
+
+class SetsUpFirst(StandInType):
+    """A worker type whose `run` hook sets the run up, until told to go on, before it
+    starts it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setting_up = anyio.Event()
+        self.set_up = anyio.Event()
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.setting_up.set()
+        await self.set_up.wait()
+        return await super().run(run, configuration, task_status)
+
+
+async def test_a_run_whose_slot_is_lost_while_it_is_set_up_is_given_back_not_started() -> None:
+    """Its connection broke: the broker has its message again, and delivers it again."""
+    async with kept(SetsUpFirst()) as k:
+        assert isinstance(k.worker_type, SetsUpFirst)
+        run_id = str(uuid.uuid4())
+        message = delivery(run_id)
+        with anyio.fail_after(5):  # (a run started without its slot would not end)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(k.keeper.take, message)
+                await k.worker_type.setting_up.wait()
+                message.lost.set()
+                k.keeper.life.slot_lost(uuid.UUID(run_id), "key:db")
+                k.worker_type.set_up.set()
+        assert k.worker_type.started == []
+        assert k.events(run_id) == ["pending"]
+        assert not k.keeper.holds(uuid.UUID(run_id))
+        assert not k.keeper.ended_here(uuid.UUID(run_id))
+
+
+async def test_a_run_whose_slot_is_lost_after_its_redelivery_was_taken_here_ends_slot_lost(
+) -> None:
+    """The broker no longer has its message (its redelivery was acknowledged as a
+    duplicate of the run held here): it ends, without starting, as a slot-lost run."""
+    async with kept(SetsUpFirst()) as k:
+        assert isinstance(k.worker_type, SetsUpFirst)
+        run_id = str(uuid.uuid4())
+        message = delivery(run_id)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(k.keeper.take, message)
+                await k.worker_type.setting_up.wait()
+                message.lost.set()
+                again = delivery(run_id, redelivered=True)
+                await k.keeper.take(again)
+                assert again.outcome == "acked"
+                k.keeper.life.slot_lost(uuid.UUID(run_id), "key:db")
+                k.worker_type.set_up.set()
+        assert k.worker_type.started == []
+        assert k.events(run_id) == ["pending", "crashed"]
+        assert k.terminal_data(run_id)["reason"] == "slot-lost"
+
+
+async def test_a_run_held_until_its_start_time_whose_slot_is_lost_is_not_started() -> None:
+    async with kept() as k:
+        run_id = str(uuid.uuid4())
+        due = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+        message = delivery(run_id, run={"scheduled_start_time": due})
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(k.keeper.take, message)
+                await wait_until(lambda: k.events(run_id) == ["pending"])
+                k.keeper.life.slot_lost(uuid.UUID(run_id), "key:db")
+        assert k.worker_type.started == []
+        assert k.events(run_id) == ["pending", "crashed"]
+        assert k.terminal_data(run_id)["reason"] == "slot-lost"
+        assert message.outcome == "acked"

@@ -17,8 +17,11 @@ import aiormq.abc
 import pytest
 from pamqp import commands as spec
 
-from mq_worker.slot_requests import SlotRequests
-from mq_worker.topology import waiting_queue_name
+from mq_worker.limits import ControlState, Limit
+from mq_worker.slot_requests import Lease, SlotRequests
+from mq_worker.slots import SlotGate
+from mq_worker.spares import HeldToken
+from mq_worker.topology import QUEUE_HEADER, waiting_queue_name
 
 TARGET = "key:db"
 
@@ -80,9 +83,82 @@ async def test_a_count_above_zero_is_taken_as_the_declare_gives_it() -> None:
 
 @pytest.mark.anyio
 async def test_a_zero_is_taken_as_it_comes_where_the_caller_needs_no_more() -> None:
-    # A run taking this worker's spare, or a run that ended and wakes others: a get there
-    # would be a Raft round on the path of every run while nobody waits.
+    # A run taking this worker's spare: a get there would be a Raft round on its path
+    # while nobody waits, for a token no cut-off worker can be about to take back.
     channel = WaitingQueueChannel(runs=2, declared=0)
     assert await SlotRequests.waiting(cast(aiormq.abc.AbstractChannel, channel), TARGET,
                                       confirm_none=False) == 0
     assert channel.gets == 0
+
+
+class Broker:
+    """One worker's session as a run's end sees it: the slots channel holding its token,
+    a channel of the gate's own on the same connection (the waiting queue's, whose
+    passive declare answers `declared`), and the confirmed channel it publishes on."""
+
+    def __init__(self, runs: int, declared: int) -> None:
+        self.connection = SimpleNamespace(channel=self._channel)
+        self.slots = SimpleNamespace(connection=self.connection, is_closed=False,
+                                     basic_nack=self._nack)
+        self.publish = SimpleNamespace(basic_publish=self._publish)
+        self.waiting = WaitingQueueChannel(runs=runs, declared=declared)
+        self.waiting_channel = SimpleNamespace(
+            connection=self.connection, is_closed=False,
+            queue_declare=self._declare, basic_get=self._get,
+            basic_ack=self._ack)
+        self.given_back: list[int] = []  # tokens
+        self.sent_back: list[str] = []  # work queues a waiting run was moved to
+        self.acked = 0
+        self.declares = 0
+
+    async def _declare(self, name: str, passive: bool) -> spec.Queue.DeclareOk:
+        self.declares += 1
+        return await self.waiting.queue_declare(name, passive)
+
+    async def _channel(self, publisher_confirms: bool) -> Any:
+        return self.waiting_channel
+
+    async def _nack(self, delivery_tag: int, requeue: bool, wait: bool = True) -> None:
+        assert requeue
+        self.given_back.append(delivery_tag)
+
+    async def _get(self, queue: str, no_ack: bool) -> Any:
+        message = await self.waiting.basic_get(queue, no_ack)
+        if isinstance(message.delivery, spec.Basic.GetOk):
+            self.waiting.runs -= 1
+            message.body = b"{}"
+            message.header = SimpleNamespace(properties=spec.Basic.Properties(
+                headers={QUEUE_HEADER: "mq_worker.p.q"}))
+        return message
+
+    async def _ack(self, delivery_tag: int) -> None:
+        self.acked += 1
+
+    async def _publish(self, body: bytes, *, exchange: str, routing_key: str,
+                       properties: Any, mandatory: bool) -> None:
+        self.sent_back.append(routing_key)
+
+
+async def a_run_ends(broker: Broker) -> None:
+    gate = SlotGate(ControlState(limits={TARGET: Limit(TARGET, 1, ((0, 1, 1),))}))
+    gate.bind(cast(aiormq.abc.AbstractChannel, broker.slots),
+              cast(aiormq.abc.AbstractChannel, broker.publish))
+    await gate.release(Lease(cast(aiormq.abc.AbstractChannel, broker.slots),
+                             [HeldToken(TARGET, 7, 0, 1)], run_id="r"))
+    assert broker.given_back == [7]
+
+
+@pytest.mark.anyio
+async def test_a_run_that_ends_wakes_a_waiting_run_even_when_the_declare_answers_zero() -> None:
+    broker = Broker(runs=2, declared=0)  # the leader could not be asked
+    await a_run_ends(broker)
+    assert broker.sent_back == ["mq_worker.p.q"]  # one slot given back: one run woken
+    assert (broker.waiting.runs, broker.acked) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_a_run_that_ends_while_nobody_waits_asks_the_waiting_queue_once() -> None:
+    broker = Broker(runs=0, declared=0)
+    await a_run_ends(broker)
+    assert broker.sent_back == []
+    assert broker.declares + broker.waiting.gets == 1

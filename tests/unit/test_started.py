@@ -12,7 +12,7 @@ import pytest
 from mq_worker.job_configuration import BaseJobConfiguration
 from mq_worker.messages import RunMessage
 from mq_worker.workers.runs import WorkerResult
-from mq_worker.workers.started import RunInTask
+from mq_worker.workers.started import RunInTask, StartAbandoned
 
 pytestmark = pytest.mark.anyio
 
@@ -22,11 +22,18 @@ class Hook:
         self.fail_before, self.fail_after = fail_before, fail_after
         self.end = anyio.Event()
         self.cancelled = False
+        self.setting_up = anyio.Event()
+        self.set_up = anyio.Event()
+        self.set_up.set()
+        self.started = False
 
     async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
                   task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
         if self.fail_before:
             raise OSError("cannot start")
+        self.setting_up.set()
+        await self.set_up.wait()
+        self.started = True
         task_status.started("host:7")
         try:
             await self.end.wait()
@@ -76,3 +83,30 @@ async def test_cancelling_the_wait_cancels_the_hook_s_task() -> None:
                 await started.wait()
     # The group ended: the hook's task ended too, cancelled rather than left running.
     assert hook.cancelled and not hook.end.is_set()
+
+
+async def test_a_start_abandoned_while_the_hook_sets_the_run_up_never_starts_it() -> None:
+    hook = Hook()
+    hook.set_up = anyio.Event()  # held until the test says
+    tasks: list[RunInTask] = []
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async def abandon_once_set_up_began() -> None:
+                await hook.setting_up.wait()
+                assert tasks[0].abandon()
+                hook.set_up.set()
+
+            tg.start_soon(abandon_once_set_up_began)
+            with pytest.raises(StartAbandoned):
+                await RunInTask.start(hook, _run(), BaseJobConfiguration(), tg,
+                                      starting=tasks.append)
+    assert not hook.started
+
+
+async def test_a_start_already_reported_is_not_abandoned() -> None:
+    hook = Hook()
+    async with anyio.create_task_group() as tg:
+        started = await RunInTask.start(hook, _run(), BaseJobConfiguration(), tg)
+        assert not started.abandon()
+        hook.end.set()
+        assert await started.wait() == WorkerResult("host:7", 3)
