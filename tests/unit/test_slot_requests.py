@@ -21,7 +21,7 @@ from mq_worker.limits import ControlState, Limit
 from mq_worker.slot_requests import Lease, SlotRequests
 from mq_worker.slots import SlotGate
 from mq_worker.spares import HeldToken
-from mq_worker.topology import QUEUE_HEADER, waiting_queue_name
+from mq_worker.topology import QUEUE_HEADER, limit_queue_name, waiting_queue_name
 
 TARGET = "key:db"
 
@@ -98,8 +98,10 @@ class Broker:
 
     def __init__(self, runs: int, declared: int) -> None:
         self.connection = SimpleNamespace(channel=self._channel)
+        # A token is given back acknowledged and published again, in a transaction.
         self.slots = SimpleNamespace(connection=self.connection, is_closed=False,
-                                     basic_nack=self._nack)
+                                     basic_ack=self._give_back, basic_publish=self._republish,
+                                     tx_commit=self._commit)
         self.publish = SimpleNamespace(basic_publish=self._publish)
         self.waiting = WaitingQueueChannel(runs=runs, declared=declared)
         self.waiting_channel = SimpleNamespace(
@@ -107,6 +109,8 @@ class Broker:
             queue_declare=self._declare, basic_get=self._get,
             basic_ack=self._ack)
         self.given_back: list[int] = []  # tokens
+        self.republished: list[str] = []  # their limit queues
+        self.commits = 0
         self.sent_back: list[str] = []  # work queues a waiting run was moved to
         self.acked = 0
         self.declares = 0
@@ -118,9 +122,15 @@ class Broker:
     async def _channel(self, publisher_confirms: bool) -> Any:
         return self.waiting_channel
 
-    async def _nack(self, delivery_tag: int, requeue: bool, wait: bool = True) -> None:
-        assert requeue
+    async def _give_back(self, delivery_tag: int) -> None:
         self.given_back.append(delivery_tag)
+
+    async def _republish(self, body: bytes, *, exchange: str, routing_key: str,
+                         properties: Any) -> None:
+        self.republished.append(routing_key)
+
+    async def _commit(self) -> None:
+        self.commits += 1
 
     async def _get(self, queue: str, no_ack: bool) -> Any:
         message = await self.waiting.basic_get(queue, no_ack)
@@ -145,7 +155,8 @@ async def a_run_ends(broker: Broker) -> None:
               cast(aiormq.abc.AbstractChannel, broker.publish))
     await gate.release(Lease(cast(aiormq.abc.AbstractChannel, broker.slots),
                              [HeldToken(TARGET, 7, 0, 1)], run_id="r"))
-    assert broker.given_back == [7]
+    assert (broker.given_back, broker.republished, broker.commits) == (
+        [7], [limit_queue_name(TARGET)], 1)
 
 
 @pytest.mark.anyio
