@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import builtins
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import anyio.abc
 from pydantic import BaseModel
@@ -78,3 +78,19 @@ class WorkerTypeHooks(abc.ABC):
     def base_environment(self) -> dict[str, str]:
         """The environment runs start from: the worker's, without its own settings."""
         return {k: v for k, v in os.environ.items() if not k.startswith("MQ_WORKER_")}
+
+
+class WorkerType(Protocol):
+    """What the life of a run asks of the worker type: these hooks of BaseWorker, no more."""
+
+    @property
+    def type(self) -> str: ...
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...
+
+    async def kill_infrastructure(self, infrastructure_pid: str,
+                                  configuration: BaseJobConfiguration,
+                                  grace_seconds: float = 30.0) -> int: ...
+
+    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None: ...

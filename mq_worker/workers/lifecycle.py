@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 import anyio
@@ -17,8 +17,6 @@ from mq_worker.consumer import RunConsumer
 from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound
 from mq_worker.events import CrashReason, EventType
 from mq_worker.fencing import HeartbeatLease
-from mq_worker.job_configuration import BaseJobConfiguration
-from mq_worker.messages import RunMessage
 from mq_worker.metrics import WorkerMetrics
 from mq_worker.outbox import Outbox
 from mq_worker.policies import failure_message
@@ -27,6 +25,7 @@ from mq_worker.resources import SpawnBackoff, is_transient_spawn_error
 from mq_worker.signing import Signer
 from mq_worker.workers.attempts import NextAttempts
 from mq_worker.workers.fenced import Fencing
+from mq_worker.workers.hooks import WorkerType
 from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter
 from mq_worker.workers.runs import ActiveRun, RunBook, RunState, Stopping, WorkerResult
@@ -43,22 +42,6 @@ FORCED_GRACE_SECONDS = 5.0
 # A run over its shared limit is stopped this fast: see slots.CUT_OFF_SECONDS.
 SLOT_LOST_GRACE_SECONDS = 0.5
 _SPAWN_PAUSE = "resources exhausted at spawn"
-
-
-class WorkerType(Protocol):
-    """What the life of a run asks of the worker type: these hooks of BaseWorker, no more."""
-
-    @property
-    def type(self) -> str: ...
-
-    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
-                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult: ...
-
-    async def kill_infrastructure(self, infrastructure_pid: str,
-                                  configuration: BaseJobConfiguration,
-                                  grace_seconds: float = 30.0) -> int: ...
-
-    def hurry_infrastructure(self, infrastructure_pid: str, longest: float) -> None: ...
 
 
 @dataclass(frozen=True)
