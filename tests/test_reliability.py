@@ -114,6 +114,9 @@ async def test_lost_worker_is_reported_once_and_its_runs_are_terminated(
     for body in blockers + victims:
         await publish_raw(vhost.url, body)
     await wait_until(lambda: len(started_runs(tmp_path)) == 4, timeout=30)
+    # A process can start before its `submitted` event reaches this subscriber.
+    await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"])
+                                        for b in blockers + victims))
     on_doomed = [b["id"] for b in blockers + victims
                  if any(e.type == "mq_worker.run.submitted" and e.data["worker"] == doomed.name
                         for e in events.of(b["id"]))]
