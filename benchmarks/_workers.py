@@ -82,10 +82,11 @@ class WorkerProcess:
 @contextlib.contextmanager
 def workers(
     url: str, count: int, *, limit: int, prefix: str, loop: str = "auto",
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, tree: Path = ROOT,
 ) -> Iterator[list[WorkerProcess]]:
     started = [
-        WorkerProcess(url, limit=limit, name=f"{prefix}-{i}", loop=loop, env=env).start()
+        WorkerProcess(url, limit=limit, name=f"{prefix}-{i}", loop=loop, env=env,
+                      tree=tree).start()
         for i in range(count)
     ]
     try:
