@@ -80,6 +80,10 @@ class ConsumerStatistics:
     window: WindowStatistics
 
 
+async def _nothing() -> None:
+    pass
+
+
 class RunConsumer:
     """Consumes `queues` with prefetch windows that never exceed the free slots of `limit`."""
 
@@ -279,16 +283,19 @@ class RunConsumer:
 
     # -- deliveries ------------------------------------------------------------
 
-    async def _on_message(
+    def _on_message(
         self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        """Take `message` now, in the loop turn the client hands it over (aiormq calls a
+        consumer's callback there, then runs what it returns in a task of its own, a turn
+        later): its slot is taken and its handler started before this returns."""
         if message.channel is not self._channel or message.channel.is_closed:
             # Its channel closed before this callback ran (a lost connection, a broker
             # node going down): the broker has taken the message back and delivers it
             # again, here or to a peer. Running it now could start the run twice.
             log.info("delivery on a closed channel ignored; the broker delivers it again",
                      queue=consumer.queue)
-            return
+            return _nothing()
         delivery = Delivery(self, message, consumer.queue)
         self._window.delivered(consumer)
         try:
@@ -298,10 +305,10 @@ class RunConsumer:
             # It never reaches the handler, so its slot is never released.
             self._counts["overshoot"] += 1
             log.warning("delivery beyond capacity given back", queue=consumer.queue)
-            await self.settle(delivery, requeue=True)
-            return
+            return self.settle(delivery, requeue=True)
         self._unsettled.add(delivery)
         self._spawn.start_soon(self._handle, delivery)
+        return _nothing()
 
     def _usable(self, delivery: Delivery) -> bool:
         channel = self._channel
