@@ -5,7 +5,9 @@ subscriber's clock on receipt). Every clock is the host's CLOCK_REALTIME."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,6 +28,8 @@ STEPS = (
     ("broker: `submitted` on the wire -> delivered to the subscriber", "event_out", "event_in"),
     ("subscriber: delivered -> its callback", "event_in", "received"),
     ("the whole path: publish called -> received", "called", "received"),
+    ("the same, to the subscriber's socket: publish called -> delivered", "called", "event_in"),
+    ("the worker's part: run delivered -> `submitted` on the wire", "run_in", "event_out"),
 )
 
 
@@ -82,3 +86,26 @@ def breakdown(at: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     both = [p for p in at.values() if "pending_out" in p and "event_out" in p]
     together = sum(1 for p in both if p["pending_out"] == p["event_out"])
     return {"steps": steps, "submitted_with_pending": together, "runs_seen_on_wire": len(both)}
+
+
+# The marks a worker takes with benchmarks/worker_marks on (in the order a run passes them).
+MARKS = ("channel reads the delivery", "handler starts", "pending made", "spawn called",
+         "spawn returned", "submitted queued", "outbox writes the batch", "socket write")
+
+
+def marks_breakdown(path: Path, ids: Iterable[str]) -> dict[str, Any]:
+    """Each hop between two marks inside the worker, and the CPU time from the delivery to
+    the spawn and from the spawn's return to `submitted` queued, over the runs `ids`."""
+    marks: dict[str, dict[str, float]] = orjson.loads(path.read_bytes())
+    runs = [marks[i] for i in ids if i in marks]
+    hops = {f"{a} -> {b}": summarize_ms([r[b] - r[a] for r in runs if a in r and b in r])
+            for a, b in itertools.pairwise(MARKS)}
+    cpu = {
+        "delivery -> spawn called (cpu)": summarize_ms(
+            [r["spawn called (cpu)"] - r["channel reads the delivery (cpu)"] for r in runs
+             if "spawn called (cpu)" in r and "channel reads the delivery (cpu)" in r]),
+        "spawn returned -> submitted queued (cpu)": summarize_ms(
+            [r["submitted queued (cpu)"] - r["spawn returned (cpu)"] for r in runs
+             if "submitted queued (cpu)" in r and "spawn returned (cpu)" in r]),
+    }
+    return {**hops, **cpu}

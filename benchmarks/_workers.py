@@ -38,7 +38,8 @@ class WorkerProcess:
         ]
         self.env = {**os.environ, **(env or {})}
         if tree != ROOT:
-            self.env["PYTHONPATH"] = str(tree)
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                path for path in (str(tree), (env or {}).get("PYTHONPATH")) if path)
         self.log_path = RESULTS / "logs" / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 

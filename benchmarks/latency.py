@@ -13,6 +13,7 @@ aio-pika; their command is the probe (benchmarks/probe.c), which records its own
 
 Publish times are taken just before the publish call; every clock is the same host's.
 
+`--marks` also times the hops inside the worker (benchmarks/worker_marks, a few µs each).
 `--breakdown` (as root) also records the broker's traffic on the loopback (benchmarks._wiretap)
 and splits each paced run's publish -> received into its steps: the publisher, the broker's
 delivery, the worker up to `pending`, the spawn, the worker's outbox, the broker's routing of
@@ -29,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._breakdown import STEPS, breakdown, points
-from benchmarks._paths import ROOT
+from benchmarks._breakdown import STEPS, breakdown, marks_breakdown, points
+from benchmarks._paths import BENCH, ROOT
 from benchmarks._wiretap import Wiretap, messages
 from benchmarks.ceiling import run_ceiling
 from benchmarks.common import (
@@ -141,7 +142,7 @@ class Bench:
 async def measure_latency(
     rates: list[float], seconds: float, burst_count: int = 0, burst_size: int = 0, *,
     limit: int = 8, loop: str = "auto", env: dict[str, str] | None = None,
-    tree: Path = ROOT, tap: bool = False,
+    tree: Path = ROOT, tap: bool = False, marks: bool = False,
 ) -> list[dict[str, Any]]:
     """The phases (paced rates, then bursts) measured on one fresh worker process."""
     command_path = probe_command()
@@ -152,17 +153,22 @@ async def measure_latency(
         probe = ProbeLog(log_path)
         types = [WORKER_STARTED, RUN_PENDING, RUN_SUBMITTED, *FAILURES]
         capture = Path(tmp) / "wire.pickle"
+        marked = Path(tmp) / "marks.json"
+        if marks:
+            env = {**(env or {}), "PYTHONPATH": str(BENCH / "worker_marks"),
+                   "MQ_WORKER_MARKS": str(marked)}
         with contextlib.ExitStack() as stack:
             if tap:
                 stack.enter_context(Wiretap(capture))
             bench = await _measure(host.url, types, probe, command, limit, loop, env, tree,
                                    rates, seconds, burst_count, burst_size, phases)
-        if tap:
-            wire = messages(capture)
-            for phase in phases:
-                sent = bench.paced.get(phase["phase"])
-                if sent is not None:
-                    phase["breakdown"] = breakdown(points(wire, sent, sent, bench.watch.events))
+        for phase in phases:
+            sent = bench.paced.get(phase["phase"])
+            if sent is not None and tap:
+                phase["breakdown"] = breakdown(points(messages(capture), sent, sent,
+                                                      bench.watch.events))
+            if sent is not None and marks and marked.exists():
+                phase["marks"] = marks_breakdown(marked, sent)
     return phases
 
 
@@ -205,7 +211,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     floor = floors(50.0, 500) if args.floors else []
     phases = await measure_latency(args.rates, args.seconds, args.burst_count, args.burst_size,
                                    limit=args.limit, loop=args.loop, env=args.env,
-                                   tree=args.tree, tap=args.breakdown)
+                                   tree=args.tree, tap=args.breakdown, marks=args.marks)
     return {"limit": args.limit, "loop": args.loop, "worker_env": args.env, "floors": floor,
             "tree": str(args.tree),
             "phases": phases, "background_cores_before": background}
@@ -262,6 +268,12 @@ def report(result: dict[str, Any]) -> None:
             print(f"`submitted` in the same socket write as `pending`: "
                   f"{phase['breakdown']['submitted_with_pending']} of "
                   f"{phase['breakdown']['runs_seen_on_wire']} runs")
+        if "marks" in phase:
+            marks = phase["marks"]
+            print_table(f"{phase['phase']}: inside the worker, ms", ["hop", "n", "p50", "p90",
+                                                                     "p99", "max"],
+                        [[hop, s.get("n"), s.get("p50"), s.get("p90"), s.get("p99"),
+                          s.get("max")] for hop, s in marks.items()])
 
 
 def parse_args() -> argparse.Namespace:
@@ -275,6 +287,8 @@ def parse_args() -> argparse.Namespace:
                         help="worker environment, e.g. MQ_WORKER_WINDOW=8 (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each paced run's path into its steps (needs root)")
+    parser.add_argument("--marks", action="store_true",
+                        help="time each hop inside the worker (benchmarks/worker_marks)")
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="the checkout whose mq_worker the worker runs")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
