@@ -84,6 +84,10 @@ async def _nothing() -> None:
     pass
 
 
+async def _raise(exc: Exception) -> None:
+    raise exc
+
+
 class RunConsumer:
     """Consumes `queues` with prefetch windows that never exceed the free slots of `limit`."""
 
@@ -289,6 +293,14 @@ class RunConsumer:
         """Take `message` now, in the loop turn the client hands it over (aiormq calls a
         consumer's callback there, then runs what it returns in a task of its own, a turn
         later): its slot is taken and its handler started before this returns."""
+        try:
+            return self._take(message, consumer)
+        except Exception as exc:  # raised in aiormq's task for it, not in its channel's reader
+            return _raise(exc)
+
+    def _take(
+        self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
+    ) -> Coroutine[Any, Any, None]:
         if message.channel is not self._channel or message.channel.is_closed:
             # Its channel closed before this callback ran (a lost connection, a broker
             # node going down): the broker has taken the message back and delivers it

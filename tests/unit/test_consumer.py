@@ -75,3 +75,30 @@ async def test_a_delivery_takes_its_slot_and_starts_its_handler_when_handed_over
         assert handled == [1]
         await wait_until(lambda: channel.acks == [1])
         tg.cancel_scope.cancel()
+
+
+class ClosedTaskGroup:
+    """A task group that has ended: it starts no task."""
+
+    def start_soon(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("This task group is not active; no new tasks can be started.")
+
+
+async def test_a_delivery_that_cannot_be_taken_fails_in_its_own_task_not_in_the_reader() -> None:
+    """aiormq calls the callback from its channel's reader: an error there would end the
+    channel. It is raised where it was before, in the task aiormq runs for the delivery."""
+
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("never started")
+
+    channel = StandInChannel()
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=2, window=2, ack_grace=1.0, handle=handle,
+                               spawn=ClosedTaskGroup())  # type: ignore[arg-type]
+        tg.start_soon(consumer.run, channel, ["q"])
+        await wait_until(lambda: channel.consumers)
+        [(tag, callback)] = channel.consumers.items()
+        returned = callback(delivered(channel, tag, 1))
+        with pytest.raises(RuntimeError, match="not active"):
+            await returned
+        tg.cancel_scope.cancel()
