@@ -38,7 +38,8 @@ class WorkerProcess:
         ]
         self.env = {**os.environ, **(env or {})}
         if tree != ROOT:
-            self.env["PYTHONPATH"] = str(tree)
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                path for path in (str(tree), (env or {}).get("PYTHONPATH")) if path)
         self.log_path = RESULTS / "logs" / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
@@ -82,10 +83,11 @@ class WorkerProcess:
 @contextlib.contextmanager
 def workers(
     url: str, count: int, *, limit: int, prefix: str, loop: str = "auto",
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, tree: Path = ROOT,
 ) -> Iterator[list[WorkerProcess]]:
     started = [
-        WorkerProcess(url, limit=limit, name=f"{prefix}-{i}", loop=loop, env=env).start()
+        WorkerProcess(url, limit=limit, name=f"{prefix}-{i}", loop=loop, env=env,
+                      tree=tree).start()
         for i in range(count)
     ]
     try:

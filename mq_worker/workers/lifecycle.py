@@ -240,14 +240,19 @@ class RunLife:
     async def _started(self, active: ActiveRun, due: float) -> None:
         active.state = RunState.RUNNING
         active.started_at = time.time()
-        await active.delivery.ack_started()
+        # `submitted` first, as subscribers wait for it: the acknowledgement is decided in the
+        # same loop turn and leaves in the same write; it is made whatever happens here.
+        try:
+            self._report.submitted(active,
+                                   late_by_seconds=round(max(0.0, active.started_at - due), 6))
+        finally:
+            await active.delivery.ack_started()
         published = active.delivery.properties.timestamp
         since = published.timestamp() if isinstance(published, datetime) else None
         if since is not None:
             self._metrics.of(self._pool, active.queue).start_latency.observe(
                 max(0.0, active.started_at - max(since, due)))
         self._metrics.of(self._pool, active.queue).started.inc()
-        self._report.submitted(active, late_by_seconds=round(max(0.0, active.started_at - due), 6))
         active.log.debug("run started", infrastructure_pid=active.infrastructure_pid)
 
     # -- ending --------------------------------------------------------------------

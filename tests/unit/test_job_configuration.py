@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+import mq_worker.job_configuration
 from mq_worker.errors import ConfigurationError, InvalidMessage
 from mq_worker.job_configuration import BaseJobTemplate, RunContext, apply_values, placeholders
 from mq_worker.messages import RunMessage, parse_run
@@ -72,6 +76,45 @@ def test_command_is_split_with_shlex_never_a_shell() -> None:
     assert config.argv() == ["printf", "%s\\n", "a b", "$HOME", ";", "rm", "-rf", "/"]
     with pytest.raises(InvalidMessage, match="cannot be split"):
         ProcessJobConfiguration(command="echo 'unterminated").argv()
+
+
+# Characters where a shell-like split and a plain one could differ: quotes, escapes,
+# whitespace shlex splits at and whitespace it does not, NUL, a comment sign.
+_COMMAND_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab/-=$#;' \"\\ \t\r\n\x0b\x0c\x00\xa0\u2003é")), max_size=30)
+
+
+@given(_COMMAND_TEXT)
+def test_any_command_is_split_as_shlex_splits_it(command: str) -> None:
+    try:
+        expected = shlex.split(command)
+    except ValueError:
+        with pytest.raises(InvalidMessage, match="cannot be split"):
+            ProcessJobConfiguration(command=command).argv()
+        return
+    if not command.strip() or not expected or any("\x00" in arg for arg in expected):
+        with pytest.raises(InvalidMessage):
+            ProcessJobConfiguration(command=command).argv()
+        return
+    assert ProcessJobConfiguration(command=command).argv() == expected
+
+
+def test_a_command_without_quotes_or_escapes_is_split_without_shlex(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    split = shlex.split
+
+    def counted(text: str) -> list[str]:
+        calls.append(text)
+        return split(text)
+
+    monkeypatch.setattr(mq_worker.job_configuration.shlex, "split", counted)
+    config = ProcessJobConfiguration(command=" /usr/bin/probe\t/tmp/run.log  --level=3 \n")
+    assert config.argv() == ["/usr/bin/probe", "/tmp/run.log", "--level=3"]
+    assert calls == []  # shlex costs ~70 µs for a command like this, on each run's start
+    assert ProcessJobConfiguration(command="echo 'a b'").argv() == ["echo", "a b"]
+    assert calls == ["echo 'a b'"]
 
 
 def test_custom_template_from_a_file(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,7 @@ class StandInDelivery:
     outcome: str | None = None  # acked-at-start, acked, requeued
     slot_held: bool = True
     lost: anyio.Event = field(default_factory=anyio.Event)
+    on_ack: Callable[[], None] | None = None
 
     @property
     def properties(self) -> Any:
@@ -66,6 +67,8 @@ class StandInDelivery:
 
     async def ack_started(self) -> None:
         self.settled, self.outcome = True, "acked-at-start"
+        if self.on_ack is not None:
+            self.on_ack()
 
     async def settle(self, *, requeue: bool = False, failed: bool = False) -> None:
         self.settled, self.outcome = True, "requeued" if requeue else "acked"
@@ -305,6 +308,21 @@ async def test_pending_and_submitted_leave_in_one_batch() -> None:
             await wait_until(lambda: len(channel.began) >= 3)
             tg.cancel_scope.cancel()
         assert channel.began == [("pending", 0), ("submitted", 0), ("completed", 2)]
+
+
+async def test_submitted_is_queued_before_the_started_run_is_acknowledged() -> None:
+    """Nothing but the spawn between `pending` and `submitted`: the acknowledgement (and
+    the metrics) come after `submitted` is in the outbox, in the same loop turn."""
+    async with kept(StandInStarter()) as k:
+        run_id = str(uuid.uuid4())
+        at_ack: list[list[str]] = []
+        taken = delivery(run_id, on_ack=lambda: at_ack.append(k.events(run_id)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.keeper.take, taken)
+            await wait_until(lambda: taken.outcome == "acked-at-start")
+            k.worker_type.ends["host:1"].set()
+        assert at_ack == [["pending", "submitted"]]
+        assert k.events(run_id) == ["pending", "submitted", "completed"]
 
 
 class WrappingRun(StandInStarter):

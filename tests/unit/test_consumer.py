@@ -1,0 +1,104 @@
+"""The run consumer against a stand-in channel: what happens when the client hands it a
+delivery (aiormq calls the consumer's callback, then runs what it returns in a task)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiormq.abc
+import anyio
+import pytest
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from mq_worker.consumer import Delivery, RunConsumer
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+class StandInChannel:
+    """What the consumer uses of an aiormq channel; keeps the consumers' callbacks."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.on_consumer_cancel_callbacks: set[Callable[..., Any]] = set()
+        self.consumers: dict[str, Callable[[aiormq.abc.DeliveredMessage], Any]] = {}
+        self.acks: list[int] = []
+
+    async def basic_qos(self, prefetch_count: int) -> None:
+        pass
+
+    async def basic_consume(self, queue: str, callback: Callable[..., Any], *,
+                            consumer_tag: str) -> None:
+        self.consumers[consumer_tag] = callback
+
+    async def basic_cancel(self, consumer_tag: str) -> None:
+        self.consumers.pop(consumer_tag, None)
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False,
+                        wait: bool = True) -> None:
+        self.acks.append(delivery_tag)
+
+
+def delivered(channel: StandInChannel, tag: str, delivery_tag: int) -> Any:
+    return aiormq.abc.DeliveredMessage(
+        delivery=spec.Basic.Deliver(consumer_tag=tag, delivery_tag=delivery_tag,
+                                    exchange="mq_worker.runs", routing_key="run.scheduled.p.q"),
+        header=ContentHeader(properties=spec.Basic.Properties()), body=b"{}",
+        channel=channel)  # type: ignore[arg-type]
+
+
+async def test_a_delivery_takes_its_slot_and_starts_its_handler_when_handed_over() -> None:
+    """No loop turn between the client handing a delivery over and its handler's task:
+    the callback takes the slot and starts the handler before it returns."""
+    handled: list[int] = []
+    done = anyio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        handled.append(delivery.delivery_tag)
+        await delivery.ack_started()
+        done.set()
+
+    channel = StandInChannel()
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=2, window=2, ack_grace=1.0, handle=handle, spawn=tg)
+        tg.start_soon(consumer.run, channel, ["q"])
+        await wait_until(lambda: channel.consumers)
+        [(tag, callback)] = channel.consumers.items()
+        returned = callback(delivered(channel, tag, 1))
+        assert consumer.slots_in_use == 1 and handled == []
+        await returned  # what aiormq's task for the delivery runs: nothing left to do
+        await done.wait()
+        assert handled == [1]
+        await wait_until(lambda: channel.acks == [1])
+        tg.cancel_scope.cancel()
+
+
+class ClosedTaskGroup:
+    """A task group that has ended: it starts no task."""
+
+    def start_soon(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("This task group is not active; no new tasks can be started.")
+
+
+async def test_a_delivery_that_cannot_be_taken_fails_in_its_own_task_not_in_the_reader() -> None:
+    """aiormq calls the callback from its channel's reader: an error there would end the
+    channel. It is raised where it was before, in the task aiormq runs for the delivery."""
+
+    async def handle(delivery: Delivery) -> None:
+        raise AssertionError("never started")
+
+    channel = StandInChannel()
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=2, window=2, ack_grace=1.0, handle=handle,
+                               spawn=ClosedTaskGroup())  # type: ignore[arg-type]
+        tg.start_soon(consumer.run, channel, ["q"])
+        await wait_until(lambda: channel.consumers)
+        [(tag, callback)] = channel.consumers.items()
+        returned = callback(delivered(channel, tag, 1))
+        with pytest.raises(RuntimeError, match="not active"):
+            await returned
+        tg.cancel_scope.cancel()
