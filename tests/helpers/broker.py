@@ -4,6 +4,7 @@ MQ_WORKER_TEST_HOST, _PORT and _MANAGEMENT variables), and publishing as an outs
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any
 
 import aio_pika
@@ -18,7 +19,8 @@ MANAGEMENT = BROKER.management_url
 management = BROKER.management
 
 __all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "consumer_count", "management",
-           "publish_raw", "rabbitmqctl", "ready_counts"]
+           "publish_raw", "queue_exists", "queue_stats", "rabbitmqctl", "ready_counts",
+           "until_no_run_left"]
 
 
 async def publish_raw(
@@ -74,6 +76,28 @@ async def consumer_count(url: str, queue: str) -> int:
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
         return int(declared.declaration_result.consumer_count or 0)
+
+
+async def queue_exists(url: str, queue: str) -> bool:
+    """Whether `queue` exists now (a passive declare)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
+def queue_stats(vhost: VHost, *columns: str) -> dict[str, dict[str, Any]]:
+    """{queue: {column: value}} of every queue of `vhost`, by the management API, which
+    lists the queues that exist now but refreshes their statistics (message counts) only
+    every 5 s or so: a count from here is current only once it has been seen to change.
+    For what a passive declare cannot tell (unacknowledged messages, many queues at once)."""
+    quoted = urllib.parse.quote(vhost.name, safe="")
+    rows = management("GET", f"/queues/{quoted}?columns={','.join(['name', *columns])}")
+    return {row["name"]: row for row in rows}
 
 
 async def until_no_run_left(url: str, queues: list[str], worker: Any,
