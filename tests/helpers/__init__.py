@@ -13,11 +13,13 @@ from tests.helpers.broker import (
     consumer_count,
     management,
     publish_raw,
+    queue_deleted,
     queue_exists,
     queue_stats,
     rabbitmqctl,
     ready_counts,
     until_no_run_left,
+    until_ready,
 )
 from tests.helpers.waiting import wait_until
 from tests.helpers.workers import (
@@ -47,6 +49,7 @@ __all__ = [
     "management",
     "probe",
     "publish_raw",
+    "queue_deleted",
     "queue_exists",
     "queue_stats",
     "rabbitmqctl",
@@ -56,6 +59,7 @@ __all__ = [
     "started_runs",
     "unique",
     "until_no_run_left",
+    "until_ready",
     "wait_until",
     "worker_settings",
 ]

@@ -11,6 +11,7 @@ import aio_pika
 import anyio
 
 from mq_worker.testing import LocalBroker, VHost, rabbitmqctl
+from tests.helpers.waiting import wait_until
 
 BROKER = LocalBroker.from_environment("MQ_WORKER_TEST")
 HOST = BROKER.host
@@ -19,8 +20,8 @@ MANAGEMENT = BROKER.management_url
 management = BROKER.management
 
 __all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "consumer_count", "management",
-           "publish_raw", "queue_exists", "queue_stats", "rabbitmqctl", "ready_counts",
-           "until_no_run_left"]
+           "publish_raw", "queue_deleted", "queue_exists", "queue_stats", "rabbitmqctl",
+           "ready_counts", "until_no_run_left", "until_ready"]
 
 
 async def publish_raw(
@@ -68,6 +69,18 @@ async def ready_counts(url: str, queues: list[str], *, missing_ok: bool = False)
         return counts
 
 
+async def until_ready(url: str, wanted: dict[str, int], *, at_least: bool = False,
+                      timeout: float = 15) -> None:
+    """Until each queue of `wanted` has that many messages ready (or more, `at_least`), by
+    passive declares (a queue not declared yet holds none)."""
+    async def reached() -> bool:
+        counts = await ready_counts(url, list(wanted), missing_ok=True)
+        return all(counts[queue] >= n if at_least else counts[queue] == n
+                   for queue, n in wanted.items())
+
+    await wait_until(reached, timeout=timeout)
+
+
 async def consumer_count(url: str, queue: str) -> int:
     """The consumers of `queue` as the broker has them now, by a passive declare (at once,
     where `rabbitmqctl list_consumers` takes a second or so to start)."""
@@ -88,6 +101,10 @@ async def queue_exists(url: str, queue: str) -> bool:
         except aio_pika.exceptions.ChannelNotFoundEntity:
             return False
         return True
+
+
+async def queue_deleted(url: str, queue: str) -> bool:
+    return not await queue_exists(url, queue)
 
 
 def queue_stats(vhost: VHost, *columns: str) -> dict[str, dict[str, Any]]:
