@@ -18,6 +18,7 @@ from tests.helpers.broker import (
     queue_stats,
     rabbitmqctl,
     ready_counts,
+    until_consumers,
     until_no_run_left,
     until_ready,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "running_worker",
     "started_runs",
     "unique",
+    "until_consumers",
     "until_no_run_left",
     "until_ready",
     "wait_until",

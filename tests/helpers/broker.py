@@ -21,7 +21,7 @@ management = BROKER.management
 
 __all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "consumer_count", "management",
            "publish_raw", "queue_deleted", "queue_exists", "queue_stats", "rabbitmqctl",
-           "ready_counts", "until_no_run_left", "until_ready"]
+           "ready_counts", "until_consumers", "until_no_run_left", "until_ready"]
 
 
 async def publish_raw(
@@ -115,6 +115,14 @@ def queue_stats(vhost: VHost, *columns: str) -> dict[str, dict[str, Any]]:
     quoted = urllib.parse.quote(vhost.name, safe="")
     rows = management("GET", f"/queues/{quoted}?columns={','.join(['name', *columns])}")
     return {row["name"]: row for row in rows}
+
+
+async def until_consumers(url: str, queue: str, count: int, *, timeout: float = 15) -> None:
+    """Until `queue` has `count` consumers (passive declares)."""
+    async def reached() -> bool:
+        return await consumer_count(url, queue) == count
+
+    await wait_until(reached, timeout=timeout)
 
 
 async def until_no_run_left(url: str, queues: list[str], worker: Any,
