@@ -5,6 +5,7 @@ dicts (the hot path); the models below describe them for subscribers and for
 the published JSON Schemas. Next to each model is the one function that builds
 its data, so that a field added to one and not the other fails the contract tests.
 A field a model documents as set only in some cases is left out while it has no value.
+The worker events' models and functions are in `mq_worker.worker_events`, imported here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from mq_worker.envelope import build_event as build_event
 from mq_worker.envelope import extra_routing_keys as extra_routing_keys
 from mq_worker.envelope import worker_source as worker_source
 from mq_worker.topology import JSON_CONTENT_TYPE
+from mq_worker.worker_events import HeartbeatData as HeartbeatData
+from mq_worker.worker_events import HeartbeatRun as HeartbeatRun
+from mq_worker.worker_events import WorkerData as WorkerData
+from mq_worker.worker_events import WorkerLostData as WorkerLostData
+from mq_worker.worker_events import _EventData
+from mq_worker.worker_events import heartbeat_data as heartbeat_data
+from mq_worker.worker_events import worker_data as worker_data
+from mq_worker.worker_events import worker_lost_data as worker_lost_data
 
 
 class EventType(StrEnum):
@@ -73,10 +82,6 @@ TERMINAL_TYPES = frozenset(
 
 
 # Models of what workers send, for subscribers and the JSON Schemas.
-
-
-class _EventData(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 class RelatedResource(BaseModel):
@@ -261,83 +266,6 @@ class RejectedData(RunEventData):
 def rejected_data(run: dict[str, Any], *, reason: str, message_kind: MessageKind
                   ) -> dict[str, Any]:
     return {**run, "reason": reason, "message_kind": message_kind}
-
-
-class WorkerData(_EventData):
-    worker: str
-    pool: str
-    queues: list[str]
-    type: str
-    limit: int
-    hostname: str
-    pid: int
-    version: str
-    heartbeat_seconds: float
-    follows: str | None = None
-    paused: list[str] = Field(
-        default_factory=list,
-        description="Pauses that stop this worker's intake (pool:<pool>, queue:<pool>/<queue>).",
-    )
-    run_events: Literal["all", "outcomes"] = Field(
-        default="all",
-        description="The run events this worker publishes: all, or its runs' outcomes alone "
-        "(no run.pending, no run.submitted).",
-    )
-
-
-def worker_data(
-    *, worker: str, pool: str, queues: list[str], type: str, limit: int, hostname: str,
-    pid: int, version: str, heartbeat_seconds: float, follows: str | None, paused: list[str],
-    run_events: str,
-) -> dict[str, Any]:
-    return {"worker": worker, "pool": pool, "queues": queues, "type": type, "limit": limit,
-            "hostname": hostname, "pid": pid, "version": version,
-            "heartbeat_seconds": heartbeat_seconds, "follows": follows, "paused": paused,
-            "run_events": run_events}
-
-
-class HeartbeatRun(BaseModel):
-    """A run a worker holds, as its heartbeat lists it."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: UUID
-    name: str | None = None
-    queue: str | None = None
-    state: str = Field(description="held, starting, running, or retrying (its next attempt "
-                                   "is being parked).")
-    infrastructure_pid: str | None = None
-    attempt: int = Field(default=1, ge=1, description="Which attempt of the run, from 1.")
-
-
-class HeartbeatData(WorkerData):
-    free_slots: int
-    in_flight: list[UUID] = Field(description="Runs this worker holds: waiting or running.")
-    runs: list[HeartbeatRun] = Field(default_factory=list, description="The same runs, in detail.")
-    outbox_depth: int = 0
-
-
-def heartbeat_data(
-    worker: dict[str, Any], *, free_slots: float, runs: list[dict[str, Any]], outbox_depth: int,
-) -> dict[str, Any]:
-    """`runs` as `HeartbeatRun` fields; `in_flight` is their ids."""
-    return {**worker, "free_slots": free_slots, "in_flight": [r["id"] for r in runs],
-            "runs": runs, "outbox_depth": outbox_depth}
-
-
-class WorkerLostData(_EventData):
-    worker: str
-    pool: str
-    last_seen: datetime
-    in_flight: list[UUID]
-    reported_by: str
-
-
-def worker_lost_data(
-    *, worker: str, pool: str, last_seen: str, in_flight: list[str], reported_by: str,
-) -> dict[str, Any]:
-    return {"worker": worker, "pool": pool, "last_seen": last_seen, "in_flight": in_flight,
-            "reported_by": reported_by}
 
 
 DATA_MODELS: dict[str, type[BaseModel]] = {

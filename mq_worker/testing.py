@@ -12,9 +12,11 @@ and benchmarks), with a broker running locally and its management plugin enabled
             ...  # start a worker and submit runs on vhost.url
             await events.wait_terminal([run.id])
 
-Vhosts are created and deleted through the management API. What must be current (queue
-depths, consumers, connections) is asked of `rabbitmqctl` on the local node: the management
-API's statistics lag by several seconds.
+Vhosts are created and deleted through the management API. Connections are listed and
+closed with `rabbitmqctl` on the local node: the management API lists a new connection only
+once its statistics are collected (every 5 s). For a queue's messages ready and consumers
+now, declare it passively: the counts of `rabbitmqctl list_queues` (and the management API's)
+of a quorum queue lag by seconds.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class VHost:
         return [r for r in rows if queue is None or r["queue_name"] == queue]
 
     def queue_counts(self) -> dict[str, tuple[int, int]]:
-        """{queue: (ready, unacknowledged)} as the broker has them right now."""
+        """{queue: (ready, unacknowledged)} of every queue, as `rabbitmqctl` lists them: those
+        of a quorum queue can be seconds old."""
         out = rabbitmqctl("list_queues", "-p", self.name, "--formatter", "json",
                           "name", "messages_ready", "messages_unacknowledged")
         return {r["name"]: (int(r["messages_ready"]), int(r["messages_unacknowledged"]))
@@ -138,7 +141,11 @@ class VHost:
         return [(pid, props) for vhost, pid, props in rows if vhost == self.name]
 
     def close_connections(self, match: str = "") -> int:
-        """Close this vhost's connections whose client-given name contains `match`."""
+        """Close this vhost's connections whose client-given name contains `match`; their
+        number. The broker has sent them its close; the clients see it next.
+
+        By `rabbitmqctl`, not the management API, which neither lists nor closes (404) a
+        connection opened less than a statistics interval (up to 5 s) ago."""
         closed = 0
         for pid, props in self.connections():
             if '"connection_name","' in props and match in props:

@@ -17,11 +17,15 @@ from tests.helpers import (
     VHost,
     probe,
     publish_raw,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
+    until_no_run_left,
     wait_until,
 )
+
+WORK_QUEUE = "mq_worker.default.default"
 
 pytestmark = pytest.mark.anyio
 
@@ -88,17 +92,18 @@ async def test_run_waiting_for_a_slot_is_cancelled_and_never_runs(
 ) -> None:
     blocker = run_body(probe(tmp_path, sleep=3))
     queued = run_body(probe(tmp_path))
-    async with running_worker(vhost.url, limit=1):
+    async with running_worker(vhost.url, limit=1) as worker:
         await publish_raw(vhost.url, blocker)
         await events.wait_for(lambda _: "run.submitted" in events.types(blocker["id"]))
         await publish_raw(vhost.url, queued)
         await cancel_raw(vhost.url, queued["id"], reason="queued and cancelled")
         await events.wait_terminal([blocker["id"], queued["id"]], timeout=20)
-        counts = vhost.queue_counts()
+        await until_no_run_left(vhost.url, [WORK_QUEUE], worker)
     assert events.types(queued["id"]) == ["run.cancelled"]
     assert events.terminal(queued["id"])[0].data["reason"] == "queued and cancelled"
     assert queued["id"] not in started_runs(tmp_path)
-    assert counts["mq_worker.default.default"] == (0, 0)
+    # The worker's connection is closed: a message it had not acknowledged is ready again.
+    assert await ready_counts(vhost.url, [WORK_QUEUE]) == {WORK_QUEUE: 0}
 
 
 async def test_held_run_waiting_for_its_start_time_is_cancelled(
@@ -113,10 +118,10 @@ async def test_held_run_waiting_for_its_start_time_is_cancelled(
         await cancel_raw(vhost.url, body["id"])
         await events.wait_terminal([body["id"]])
         assert worker.free_slots == 4
-        counts = vhost.queue_counts()
+        await until_no_run_left(vhost.url, [WORK_QUEUE], worker)
     assert events.types(body["id"]) == ["run.pending", "run.cancelled"]
     assert time.time() < due
-    assert counts["mq_worker.default.default"] == (0, 0)
+    assert await ready_counts(vhost.url, [WORK_QUEUE]) == {WORK_QUEUE: 0}
     assert not started_runs(tmp_path)
 
 

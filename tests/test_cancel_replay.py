@@ -30,7 +30,15 @@ from mq_worker.topology import (
     declare_exchanges,
 )
 from mq_worker.workers.process import ProcessWorker
-from tests.helpers import VHost, management, running_worker, wait_until, worker_settings
+from tests.helpers import (
+    VHost,
+    management,
+    queue_deleted,
+    queue_exists,
+    running_worker,
+    wait_until,
+    worker_settings,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -129,7 +137,7 @@ async def test_a_snapshot_of_a_deleted_cancel_stream_is_not_trusted_on_its_succe
     # An operator deletes the cancel stream; it is declared again and fills up again,
     # past the offset the snapshot covers up to.
     management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
-    await wait_until(lambda: CANCELS_STREAM not in vhost.queue_counts())
+    await wait_until(lambda: queue_deleted(vhost.url, CANCELS_STREAM))
     new = [uuid.uuid4() for _ in range(SNAPSHOT_EVERY + 100)]
     await _publish(vhost.url, [(json.dumps({"id": str(r)}).encode(), "run.cancel.default")
                                for r in new])
@@ -193,7 +201,7 @@ async def test_a_cancel_stream_deleted_during_the_replay_is_declared_and_read_ag
         assert calls, "the replay never read a delivery"
         # The session that lost its stream ended; the next one declared it again.
         assert worker.metrics.reconnects._value.get() >= 1  # type: ignore[attr-defined]
-        await wait_until(lambda: CANCELS_STREAM in vhost.queue_counts(), timeout=30)
+        await wait_until(lambda: queue_exists(vhost.url, CANCELS_STREAM), timeout=30)
         late = uuid.uuid4()
         await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
                                     "run.cancel.default")])
@@ -426,7 +434,7 @@ async def test_a_cancel_stream_deleted_while_read_in_ranges_is_declared_and_read
     async with running_worker(vhost.url) as worker:
         assert broken, "the stream was not deleted during the replay"
         assert worker.metrics.reconnects._value.get() >= 1  # type: ignore[attr-defined]
-        await wait_until(lambda: CANCELS_STREAM in vhost.queue_counts(), timeout=30)
+        await wait_until(lambda: queue_exists(vhost.url, CANCELS_STREAM), timeout=30)
         late = uuid.uuid4()
         await _publish(vhost.url, [(json.dumps({"id": str(late)}).encode(),
                                     "run.cancel.default")])

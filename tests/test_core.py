@@ -22,7 +22,7 @@ from tests.helpers import (
     run_body,
     running_worker,
     started_runs,
-    wait_until,
+    until_ready,
 )
 
 pytestmark = pytest.mark.anyio
@@ -298,11 +298,8 @@ async def test_a_busy_worker_does_not_sit_on_runs_an_idle_peer_could_start(
         await events.wait_for(lambda _: "run.submitted" in events.types(long_run["id"]))
         await publish_raw(vhost.url, waiting)
         # The busy worker has no free slot, so the broker keeps the run for someone else.
-        counts = await wait_until(
-            lambda: (c := vhost.queue_counts().get("mq_worker.default.default")) and c[0] == 1
-            and c)
-        assert counts == (1, 0)
-        assert busy.free_slots == 0
+        await until_ready(vhost.url, {"mq_worker.default.default": 1})
+        assert busy.free_slots == 0 and busy.in_flight == [uuid.UUID(long_run["id"])]
         async with running_worker(vhost.url, limit=1, name="idle"):
             await events.wait_terminal([waiting["id"]])
         assert events.terminal(waiting["id"])[0].data["worker"] == "idle"

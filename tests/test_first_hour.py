@@ -22,8 +22,10 @@ from tests.helpers import (
     EventLog,
     VHost,
     probe,
+    queue_stats,
     running_worker,
     started_runs,
+    until_ready,
     wait_until,
 )
 
@@ -49,8 +51,9 @@ async def mq_worker(*args: str, env: dict[str, str] | None = None,
                                timeout=timeout, env=_environment(env)))
 
 
-def work_queues(vhost: VHost) -> dict[str, tuple[int, int]]:
-    return {k: v for k, v in vhost.queue_counts().items() if k.startswith("mq_worker.")}
+def work_queues(vhost: VHost) -> list[str]:
+    """mq_worker's queues that exist in `vhost` now (the management API lists them at once)."""
+    return [name for name in queue_stats(vhost) if name.startswith("mq_worker.")]
 
 
 # -- submit's command line ------------------------------------------------------------
@@ -64,7 +67,7 @@ async def test_a_mistyped_submit_option_is_a_usage_error_that_publishes_nothing(
         assert result.returncode == 2, (typo, result.stdout, result.stderr)
         assert "No such option" in result.stderr and typo[0] in result.stderr
         assert result.stdout == ""
-    assert work_queues(vhost) == {}
+    assert work_queues(vhost) == []
     assert events.events == []
 
 
@@ -103,7 +106,7 @@ async def test_submit_says_when_no_worker_serves_the_pool_and_keeps_waiting(
                               "--timeout", "2", "--", "echo", "hi")
     assert waiting.returncode == 124
     assert "no worker" in waiting.stderr and "'nosuch'" in waiting.stderr
-    await wait_until(lambda: work_queues(vhost).get("mq_worker.nosuch.default") == (2, 0))
+    await until_ready(vhost.url, {"mq_worker.nosuch.default": 2})
 
     async with running_worker(vhost.url):
         served = await mq_worker("submit", "--url", vhost.url, "--", "echo", "hi")
@@ -267,7 +270,7 @@ async def test_durations_are_strict_and_errors_name_the_option(vhost: VHost) -> 
         result = await mq_worker("submit", "--url", vhost.url, "--in", bad, "--", "true")
         assert result.returncode == 2, (bad, result.stderr)
         assert "'--in'" in result.stderr and "not a duration" in result.stderr
-    assert work_queues(vhost) == {}
+    assert work_queues(vhost) == []
     at = await mq_worker("submit", "--url", vhost.url, "--at", "tomorrow", "--", "true")
     assert at.returncode == 2 and "'--at'" in at.stderr
     ok = await mq_worker("submit", "--url", vhost.url, "--in", "1h30m", "--", "true")

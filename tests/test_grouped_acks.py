@@ -19,10 +19,11 @@ from tests.helpers import (
     EventLog,
     VHost,
     probe,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
-    wait_until,
+    until_no_run_left,
 )
 from tests.proxy import AckFrames, link_proxy
 
@@ -69,10 +70,12 @@ async def test_runs_started_together_share_an_acknowledgement(
     frames = AckFrames()
     async with link_proxy(HOST, PORT, tap=frames.feed) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
-        async with running_worker(url, limit=8):
+        async with running_worker(url, limit=8) as worker:
             await events.wait_terminal([b["id"] for b in bodies], timeout=60)
-            await wait_until(lambda: vhost.queue_counts().get(QUEUE) == (0, 0), timeout=30)
+            await until_no_run_left(vhost.url, [QUEUE], worker)
         assert proxy.connections <= 2  # the worker's, and its cancel replay's
+    # Its connection closed, the broker would have made ready again what was not acknowledged.
+    assert await ready_counts(vhost.url, [QUEUE]) == {QUEUE: 0}
 
     assert {events.types(b["id"])[-1] for b in bodies} == {"run.completed"}
     [(tags, ack_frames)] = [v for v in settled_by_channel(frames.acks).values()
@@ -95,13 +98,14 @@ async def test_a_run_waiting_for_its_start_time_is_not_settled_by_a_later_runs_a
     frames = AckFrames()
     async with link_proxy(HOST, PORT, tap=frames.feed) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
-        async with running_worker(url, limit=4, prefetch_seconds=60):  # held, not parked
+        async with running_worker(url, limit=4, prefetch_seconds=60) as worker:  # held
             await events.wait_terminal([b["id"] for b in now], timeout=60)
             before_its_start = list(frames.acks)
             assert held["id"] not in started_runs(tmp_path)
             await events.wait_terminal([held["id"]], timeout=60)
-            await wait_until(lambda: vhost.queue_counts().get(QUEUE) == (0, 0), timeout=30)
+            await until_no_run_left(vhost.url, [QUEUE], worker)
         assert proxy.connections <= 2  # the worker's, and its cancel replay's
+    assert await ready_counts(vhost.url, [QUEUE]) == {QUEUE: 0}
 
     assert [e.type for e in events.terminal(held["id"])] == ["mq_worker.run.completed"]
     assert len(started_runs(tmp_path)) == 1 + len(now)

@@ -20,7 +20,7 @@ from tests.helpers import (
     run_body,
     running_worker,
     unique,
-    wait_until,
+    until_ready,
 )
 from tests.test_limits import cli, intervals, most_at_once
 
@@ -72,8 +72,8 @@ async def test_a_spare_slot_kept_by_an_idle_worker_goes_to_a_run_waiting_on_anot
         assert len(waited & ids) <= 1, waited  # none, if the spare went back idle first
         # The run that waited got the spare while the three others still ran.
         assert most_at_once(intervals(events.events, ids)) == 4
-        # No slot stays with a worker that runs nothing.
-        await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)
+        # No slot stays with a worker that runs nothing: the limit's 4 tokens are all back.
+        await until_ready(vhost.url, {queue: 4}, timeout=10)
 
 
 async def test_with_spares_in_play_runs_start_in_order_of_arrival_and_within_the_limit(
@@ -96,7 +96,7 @@ async def test_with_spares_in_play_runs_start_in_order_of_arrival_and_within_the
             await events.wait_for(lambda _, r=body["id"]: events.of(r))  # arrival order
         ids = [b["id"] for b in burst]
         await events.wait_terminal(ids, timeout=60)
-        await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)
+        await until_ready(vhost.url, {queue: 4}, timeout=10)
     assert all(events.types(r)[-1] == "run.completed" for r in ids)
     assert most_at_once(intervals(events.events, set(ids))) == 4
     starts = {e.subject: e.time for e in events.events if e.type == "mq_worker.run.submitted"}

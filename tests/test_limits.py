@@ -36,6 +36,7 @@ from tests.helpers import (
     running_worker,
     started_runs,
     unique,
+    until_ready,
     wait_until,
 )
 from tests.proxy import link_proxy
@@ -105,8 +106,7 @@ async def test_a_pool_limit_holds_across_three_workers(
         assert waited, "40 runs for 5 slots: some must have waited"
         # None lost, none doubled, none held by a worker with no run (a worker keeps the
         # slot of its last run for a moment while the limit is far from reached: spares).
-        await wait_until(
-            lambda: vhost.queue_counts()[limit_queue_name("pool:etl")] == (5, 0), timeout=10)
+        await until_ready(vhost.url, {limit_queue_name("pool:etl"): 5}, timeout=10)
         usage = await limit_ls(vhost.url)
         assert usage["pool:etl"] == {"target": "pool:etl", "limit": 5, "in_use": 0, "waiting": 0}
 
@@ -176,9 +176,8 @@ async def test_a_run_under_two_limits_holds_a_slot_of_each_and_both_limits_hold(
             await publish_raw(vhost.url, body)
         ids = [b["id"] for b in both + db_only]
         await events.wait_terminal(ids, timeout=60)
-        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:tag:etl")] == (2, 0)
-                         and vhost.queue_counts()[limit_queue_name("key:db")] == (3, 0),
-                         timeout=10)
+        await until_ready(vhost.url, {limit_queue_name("key:tag:etl"): 2,
+                                      limit_queue_name("key:db"): 3}, timeout=10)
     assert all(events.types(r)[-1] == "run.completed" for r in ids)
     assert most_at_once(intervals(events.events, {b["id"] for b in both})) == 2
     assert most_at_once(intervals(events.events, set(ids))) == 3
@@ -221,7 +220,7 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
         await publish_raw(vhost.url, body)
     await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"]) for b in first))
     queue = limit_queue_name("key:deployment:d-9")
-    await wait_until(lambda: vhost.queue_counts()[queue] == (0, 2), timeout=10)
+    await until_ready(vhost.url, {queue: 0}, timeout=10)  # both slots taken
     async with running_worker(vhost.url, limit=4):
         later = [run_body(probe(tmp_path, sleep=0.2), deployment={"id": "d-9"})
                  for _ in range(4)]
@@ -236,7 +235,7 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
                         {b["id"] for b in later})
         assert starts[0] - killed_at < 5, starts[0] - killed_at
         assert most_at_once(intervals(events.events, {b["id"] for b in later})) <= 2
-        await wait_until(lambda: vhost.queue_counts()[queue] == (2, 0), timeout=10)
+        await until_ready(vhost.url, {queue: 2}, timeout=10)
 
 
 @pytest.mark.slow
@@ -257,9 +256,9 @@ async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
         await wait_until(lambda: not worker.connected, timeout=10)
         await wait_until(lambda: worker.connected, timeout=30)
         # The slot is held again by the run still running, not free for the waiting one.
-        await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+        await until_ready(vhost.url, {queue: 0}, timeout=10)
         await events.wait_terminal([running["id"], queued["id"]], timeout=40)
-        await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
+        await until_ready(vhost.url, {queue: 1}, timeout=10)
     assert most_at_once(intervals(events.events, {running["id"], queued["id"]})) == 1
 
 
@@ -278,8 +277,7 @@ async def test_shrinking_a_limit_lets_running_runs_finish_and_then_holds_the_new
         shrunk_at = time.time()
         assert (await limit_ls(vhost.url))["key:report"]["limit"] == 1
         await events.wait_terminal(ids, timeout=60)
-        await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:report")] == (1, 0),
-                         timeout=15)
+        await until_ready(vhost.url, {limit_queue_name("key:report"): 1}, timeout=15)
     spans = intervals(events.events, ids)
     assert all(events.types(r)[-1] == "run.completed" for r in ids)
     # Runs holding the removed slots finish; the runs started under the new limit share
@@ -390,7 +388,7 @@ async def test_a_fresh_run_elsewhere_waits_until_the_run_of_a_cut_off_worker_has
                 await wait_until(lambda: fresh["id"] in started_runs(tmp_path), timeout=15)
                 await proxy.restore()
                 await events.wait_terminal([held["id"], fresh["id"]], timeout=30)
-                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
+                await until_ready(vhost.url, {queue: 1}, timeout=15)
     ending = events.terminal(held["id"])[-1]
     assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
     assert "key:db" in ending.data["message"]

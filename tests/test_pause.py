@@ -10,12 +10,15 @@ from mq_worker.topology import work_queue_name
 from tests.helpers import (
     EventLog,
     VHost,
+    consumer_count,
     probe,
     publish_raw,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
-    wait_until,
+    until_consumers,
+    until_ready,
 )
 from tests.test_cli import mq_worker
 
@@ -39,15 +42,17 @@ async def test_pausing_a_pool_stops_intake_on_every_worker_and_resume_restarts_i
         await events.wait_for(lambda _: "run.submitted" in events.types(long["id"]))
 
         assert "pool:etl: paused" in await cli("pause", "pool:etl", "--url", vhost.url)
-        await wait_until(lambda: not vhost.consumers(queue), timeout=10)
+        await until_consumers(vhost.url, queue, 0, timeout=10)
         waiting = [run_body(probe(tmp_path)) for _ in range(4)]
         for body in waiting:
             await publish_raw(vhost.url, body, routing_key="run.scheduled.etl.default")
-        await wait_until(lambda: vhost.queue_counts()[queue][0] == 4, timeout=10)
+        await until_ready(vhost.url, {queue: 4}, timeout=10)
         # The run already running goes on and completes while the pool is paused.
         await events.wait_for(lambda _: events.terminal(long["id"]), timeout=15)
         assert events.types(long["id"])[-1] == "run.completed"
-        await wait_until(lambda: vhost.queue_counts()[queue] == (4, 0), timeout=10)
+        # Still all there, and with no consumer none can be delivered and unacknowledged.
+        assert await ready_counts(vhost.url, [queue]) == {queue: 4}
+        assert await consumer_count(vhost.url, queue) == 0
         assert not any(body["id"] in started_runs(tmp_path) for body in waiting)
         assert sorted(one.pool_control.paused_targets()) == ["pool:etl"]
         assert sorted(two.pool_control.paused_targets()) == ["pool:etl"]
@@ -66,16 +71,15 @@ async def test_pausing_one_queue_leaves_the_other_queues_of_the_worker_served(
 ) -> None:
     async with running_worker(vhost.url, pool="etl", queue=["high", "low"], limit=2):
         await cli("pause", "queue:etl/low", "--url", vhost.url)
-        await wait_until(lambda: not vhost.consumers(work_queue_name("etl", "low")), timeout=10)
+        low_queue = work_queue_name("etl", "low")
+        await until_consumers(vhost.url, low_queue, 0, timeout=10)
         low = run_body(probe(tmp_path))
         high = run_body(probe(tmp_path))
         await publish_raw(vhost.url, low, routing_key="run.scheduled.etl.low")
         await publish_raw(vhost.url, high, routing_key="run.scheduled.etl.high")
         await events.wait_terminal([high["id"]], timeout=15)
-        # The broker's counts of a quorum queue can lag a moment behind a publish.
-        await wait_until(
-            lambda: vhost.queue_counts()[work_queue_name("etl", "low")] == (1, 0), timeout=10)
-        assert not events.of(low["id"]) and not vhost.consumers(work_queue_name("etl", "low"))
+        assert await ready_counts(vhost.url, [low_queue]) == {low_queue: 1}
+        assert not events.of(low["id"]) and await consumer_count(vhost.url, low_queue) == 0
         await cli("resume", "queue:etl/low", "--url", vhost.url)
         await events.wait_terminal([low["id"]], timeout=15)
 
@@ -89,8 +93,8 @@ async def test_a_worker_started_while_its_pool_is_paused_takes_nothing_until_res
         assert worker.pool_control.paused_targets() == ["pool:late"]
         queue = work_queue_name("late", "default")
         await publish_raw(vhost.url, body, routing_key="run.scheduled.late.default")
-        await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
-        assert not vhost.consumers(queue) and not events.of(body["id"])
+        await until_ready(vhost.url, {queue: 1}, timeout=10)
+        assert await consumer_count(vhost.url, queue) == 0 and not events.of(body["id"])
         await cli("resume", "pool:late", "--url", vhost.url)
         await events.wait_terminal([body["id"]], timeout=15)
 

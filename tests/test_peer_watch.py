@@ -18,8 +18,10 @@ from tests.helpers import (
     management,
     probe,
     publish_raw,
+    queue_exists,
     run_body,
     started_runs,
+    until_ready,
     wait_until,
 )
 
@@ -136,7 +138,7 @@ async def test_old_copied_and_misrouted_worker_events_cause_no_false_report(
         and e.data.get("message_kind") == "worker-event"], timeout=15)
     # Once a second at most, the next saying how many were folded into it.
     assert "s ago" in rejected[0], rejected
-    await wait_until(lambda: vhost.queue_counts()["mq_worker.dead"][0] >= 2, timeout=30)
+    await until_ready(vhost.url, {"mq_worker.dead": 2}, at_least=True, timeout=30)
     assert reporter.process.poll() is None and holder.process.poll() is None
 
 
@@ -150,7 +152,7 @@ async def test_a_deleted_heartbeat_stream_is_declared_again_and_followed_again(
         await events.wait_for(lambda evs, name=worker.name: any(
             e.type == HEARTBEAT and e.subject == name for e in evs), timeout=60)
     management("DELETE", f"/queues/{vhost.name}/{STREAM}")
-    await wait_until(lambda: STREAM in vhost.queue_counts(), timeout=30)
+    await wait_until(lambda: queue_exists(vhost.url, STREAM), timeout=30)
     # Followed again by a reporter (before: nobody declared it again, and the reporter,
     # hearing nobody, reported its live peers lost 3 intervals after the deletion).
     await wait_until(lambda: _stream_consumers(vhost) >= 1, timeout=30)
@@ -194,8 +196,8 @@ async def test_a_peer_killed_just_after_the_heartbeat_stream_was_deleted_is_repo
     # deleted stream, and the reporter, had heard of it (before: nobody reported it).
     victim = next(w for w in workers if w.name != reporter)
     victim.kill()
-    await wait_until(lambda: STREAM in vhost.queue_counts() and _stream_readers(vhost),
-                     timeout=30)
+    await wait_until(lambda: queue_exists(vhost.url, STREAM), timeout=30)
+    await wait_until(lambda: _stream_readers(vhost), timeout=30)
 
     await events.wait_for(lambda _: _lost(events, victim.name), timeout=15)
     # Whatever else was going to be reported by then has been.

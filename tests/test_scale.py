@@ -26,8 +26,10 @@ from tests.helpers import (
     management,
     probe,
     publish_raw,
+    queue_exists,
     run_body,
     started_runs,
+    until_ready,
     wait_until,
 )
 
@@ -332,9 +334,7 @@ async def test_malformed_worker_events_end_no_session_and_crash_no_status(
             and e.data.get("message_kind") == "worker-event"], timeout=15)
         assert "heartbeat_seconds" in rejected[0].data["reason"]
         watch.terminate()
-    assert "mq_worker.dead" in vhost.queue_counts()
-    # The management API's counts are refreshed every few seconds.
-    await wait_until(lambda: vhost.queue_counts()["mq_worker.dead"][0] >= 1)
+    await until_ready(vhost.url, {"mq_worker.dead": 1}, at_least=True)
     assert reporter.process.poll() is None
 
 
@@ -428,7 +428,7 @@ async def _newest_snapshot(vhost: VHost, pool: str = "default", timeout: float =
     """The newest message of the pool's snapshot stream, decoded, once there is one."""
     name = f"mq_worker.cancel-snapshots-{pool}"
     # The reporter declares the stream when it publishes its first snapshot.
-    await wait_until(lambda: name in vhost.queue_counts(), timeout=timeout)
+    await wait_until(lambda: queue_exists(vhost.url, name), timeout=timeout)
     connection = await aio_pika.connect(vhost.url)
     async with connection:
         channel = await connection.channel()

@@ -32,9 +32,14 @@ from tests.helpers import (
     management,
     probe,
     publish_raw,
+    queue_deleted,
+    queue_exists,
+    ready_counts,
     run_body,
     running_worker,
     started_runs,
+    until_no_run_left,
+    until_ready,
     wait_until,
 )
 
@@ -48,6 +53,7 @@ class _FarFuture(datetime):
         return 10.0**15
 
 
+WORK_QUEUE = "mq_worker.default.default"
 POISON_TIME = _FarFuture(2000, 1, 1, tzinfo=UTC)
 
 
@@ -159,10 +165,6 @@ def _due_in(seconds: float) -> str:
     return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat()
 
 
-def queue_exists(vhost: VHost, name: str) -> bool:
-    return name in vhost.queue_counts()
-
-
 async def test_a_run_parked_while_the_ladder_is_deleted_is_not_lost(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
@@ -174,7 +176,7 @@ async def test_a_run_parked_while_the_ladder_is_deleted_is_not_lost(
         # An operator deletes the ladder (as for a TopologyMismatch): the next park is returned.
         for level in range(DELAY_LEVELS):
             management("DELETE", f"/queues/{vhost.name}/{delay_name(level)}")
-        await wait_until(lambda: not queue_exists(vhost, delay_name(DELAY_LEVELS - 1)))
+        await wait_until(lambda: queue_deleted(vhost.url, delay_name(DELAY_LEVELS - 1)))
         second["scheduled_start_time"] = _due_in(5)
         await publish_raw(vhost.url, second)
         await events.wait_terminal([second["id"]], timeout=30)
@@ -187,14 +189,15 @@ async def test_a_message_rejected_while_the_dead_queue_is_deleted_still_reaches_
     vhost: VHost, events: EventLog
 ) -> None:
     bad = {"id": str(uuid.uuid4()), "job_variables": {"undeclared": 1}}
-    async with running_worker(vhost.url):
+    async with running_worker(vhost.url) as worker:
         management("DELETE", f"/queues/{vhost.name}/{DEAD_QUEUE}")
-        await wait_until(lambda: not queue_exists(vhost, DEAD_QUEUE))
+        await wait_until(lambda: queue_deleted(vhost.url, DEAD_QUEUE))
         await publish_raw(vhost.url, bad)
         await events.wait_for(lambda _: events.types(bad["id"]) == ["run.rejected"], timeout=30)
-        await wait_until(lambda: vhost.queue_counts().get(DEAD_QUEUE, (0, 0))[0] == 1,
-                         timeout=15)
-        assert vhost.queue_counts()["mq_worker.default.default"] == (0, 0)
+        await until_ready(vhost.url, {DEAD_QUEUE: 1})
+        await until_no_run_left(vhost.url, [WORK_QUEUE], worker)
+    assert await ready_counts(vhost.url, [WORK_QUEUE, DEAD_QUEUE]) == {WORK_QUEUE: 0,
+                                                                       DEAD_QUEUE: 1}
 
 
 # -- 12. headers near frame_max ----------------------------------------------------------
@@ -241,8 +244,9 @@ async def test_a_message_with_headers_near_the_frame_size_is_rejected_cleanly(
         # (a signing worker rejects it before reading its id)
         await events.wait_for(
             lambda evs: [e for e in evs if e.type == "mq_worker.run.rejected"], timeout=30)
-        await wait_until(lambda: vhost.queue_counts()["mq_worker.default.default"] == (0, 0))
+        await until_no_run_left(vhost.url, [WORK_QUEUE], worker)
         assert reconnects(worker) == 0
+    assert await ready_counts(vhost.url, [WORK_QUEUE]) == {WORK_QUEUE: 0}
     [letter] = await dead_letters(vhost.url)
     assert letter.body == orjson_dumps(bad)
     assert letter.headers["x-mq-worker-reason"]
@@ -381,10 +385,10 @@ async def test_a_deleted_cancel_stream_is_declared_and_followed_again(
         run = await publisher.submit(new_run(probe(tmp_path, sleep=60)))
         await wait_until(lambda: str(run.id) in started_runs(tmp_path), timeout=30)
         management("DELETE", f"/queues/{vhost.name}/{CANCELS_STREAM}")
-        await wait_until(lambda: not queue_exists(vhost, CANCELS_STREAM))
+        await wait_until(lambda: queue_deleted(vhost.url, CANCELS_STREAM))
         # The worker notices that the broker cancelled its consumer, declares the stream
         # again and follows it.
-        await wait_until(lambda: queue_exists(vhost, CANCELS_STREAM), timeout=30)
+        await wait_until(lambda: queue_exists(vhost.url, CANCELS_STREAM), timeout=30)
         await wait_until(lambda: worker.connected, timeout=30)
         await publisher.cancel(run.id, reason="after the stream came back")
         await events.wait_terminal([run.id], timeout=30)
@@ -552,7 +556,7 @@ async def test_a_publisher_parking_into_a_deleted_ladder_hands_the_run_to_its_po
         await events.wait_terminal([first.id], timeout=30)
         for level in range(DELAY_LEVELS):
             management("DELETE", f"/queues/{vhost.name}/{delay_name(level)}")
-        await wait_until(lambda: not queue_exists(vhost, delay_name(DELAY_LEVELS - 1)))
+        await wait_until(lambda: queue_deleted(vhost.url, delay_name(DELAY_LEVELS - 1)))
         due = datetime.now(UTC) + timedelta(seconds=6)
         run = await publisher.submit(new_run(probe(tmp_path), scheduled_start_time=due))
         await events.wait_terminal([run.id], timeout=30)

@@ -13,9 +13,14 @@ from tests.helpers.broker import (
     consumer_count,
     management,
     publish_raw,
+    queue_deleted,
+    queue_exists,
+    queue_stats,
     rabbitmqctl,
     ready_counts,
+    until_consumers,
     until_no_run_left,
+    until_ready,
 )
 from tests.helpers.waiting import wait_until
 from tests.helpers.workers import (
@@ -45,13 +50,18 @@ __all__ = [
     "management",
     "probe",
     "publish_raw",
+    "queue_deleted",
+    "queue_exists",
+    "queue_stats",
     "rabbitmqctl",
     "ready_counts",
     "run_body",
     "running_worker",
     "started_runs",
     "unique",
+    "until_consumers",
     "until_no_run_left",
+    "until_ready",
     "wait_until",
     "worker_settings",
 ]

@@ -4,12 +4,14 @@ MQ_WORKER_TEST_HOST, _PORT and _MANAGEMENT variables), and publishing as an outs
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any
 
 import aio_pika
 import anyio
 
 from mq_worker.testing import LocalBroker, VHost, rabbitmqctl
+from tests.helpers.waiting import wait_until
 
 BROKER = LocalBroker.from_environment("MQ_WORKER_TEST")
 HOST = BROKER.host
@@ -18,7 +20,8 @@ MANAGEMENT = BROKER.management_url
 management = BROKER.management
 
 __all__ = ["BROKER", "HOST", "MANAGEMENT", "PORT", "VHost", "consumer_count", "management",
-           "publish_raw", "rabbitmqctl", "ready_counts"]
+           "publish_raw", "queue_deleted", "queue_exists", "queue_stats", "rabbitmqctl",
+           "ready_counts", "until_consumers", "until_no_run_left", "until_ready"]
 
 
 async def publish_raw(
@@ -66,6 +69,18 @@ async def ready_counts(url: str, queues: list[str], *, missing_ok: bool = False)
         return counts
 
 
+async def until_ready(url: str, wanted: dict[str, int], *, at_least: bool = False,
+                      timeout: float = 15) -> None:
+    """Until each queue of `wanted` has that many messages ready (or more, `at_least`), by
+    passive declares (a queue not declared yet holds none)."""
+    async def reached() -> bool:
+        counts = await ready_counts(url, list(wanted), missing_ok=True)
+        return all(counts[queue] >= n if at_least else counts[queue] == n
+                   for queue, n in wanted.items())
+
+    await wait_until(reached, timeout=timeout)
+
+
 async def consumer_count(url: str, queue: str) -> int:
     """The consumers of `queue` as the broker has them now, by a passive declare (at once,
     where `rabbitmqctl list_consumers` takes a second or so to start)."""
@@ -74,6 +89,40 @@ async def consumer_count(url: str, queue: str) -> int:
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
         return int(declared.declaration_result.consumer_count or 0)
+
+
+async def queue_exists(url: str, queue: str) -> bool:
+    """Whether `queue` exists now (a passive declare)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
+async def queue_deleted(url: str, queue: str) -> bool:
+    return not await queue_exists(url, queue)
+
+
+def queue_stats(vhost: VHost, *columns: str) -> dict[str, dict[str, Any]]:
+    """{queue: {column: value}} of every queue of `vhost`, by the management API, which
+    lists the queues that exist now but refreshes their statistics (message counts) only
+    every 5 s or so: a count from here is current only once it has been seen to change.
+    For what a passive declare cannot tell (unacknowledged messages, many queues at once)."""
+    quoted = urllib.parse.quote(vhost.name, safe="")
+    rows = management("GET", f"/queues/{quoted}?columns={','.join(['name', *columns])}")
+    return {row["name"]: row for row in rows}
+
+
+async def until_consumers(url: str, queue: str, count: int, *, timeout: float = 15) -> None:
+    """Until `queue` has `count` consumers (passive declares)."""
+    async def reached() -> bool:
+        return await consumer_count(url, queue) == count
+
+    await wait_until(reached, timeout=timeout)
 
 
 async def until_no_run_left(url: str, queues: list[str], worker: Any,

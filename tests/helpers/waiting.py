@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,10 +12,13 @@ import anyio
 
 async def wait_until(condition: Callable[[], Any], timeout: float = 15,
                      interval: float = 0.05) -> Any:
-    """Poll an outside condition (a file, the broker's state) until it holds."""
+    """Poll an outside condition (a file, the broker's state) until it holds; `condition`
+    may return an awaitable (`lambda: queue_exists(url, name)`), awaited each time."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
