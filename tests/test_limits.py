@@ -483,15 +483,15 @@ async def test_a_run_cancelled_while_it_holds_a_slot_lost_with_another_worker_ne
             async with running_worker(vhost.url, name="peer"):
                 proxy.cut()
                 await wait_until(lambda: not cut.connected, timeout=10)
-                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=10)
+                await until_ready(vhost.url, {queue: 1}, timeout=10)
                 fresh = run_body(probe(tmp_path), concurrency_key="db")
                 await publish_raw(vhost.url, fresh)
-                await wait_until(lambda: vhost.queue_counts()[queue] == (0, 1), timeout=10)
+                await until_ready(vhost.url, {queue: 0}, timeout=10)  # its one token taken
                 await cancel_raw(vhost.url, fresh["id"], reason="changed my mind")
                 await events.wait_terminal([fresh["id"]], timeout=20)
                 await proxy.restore()
                 await events.wait_terminal([held["id"]], timeout=30)
-                await wait_until(lambda: vhost.queue_counts()[queue] == (1, 0), timeout=15)
+                await until_ready(vhost.url, {queue: 1}, timeout=15)
     assert events.types(fresh["id"])[-1] == "run.cancelled", events.of(fresh["id"])
     assert fresh["id"] not in started_runs(tmp_path)
 
@@ -542,8 +542,7 @@ async def test_a_run_whose_slot_is_lost_while_it_is_being_set_up_is_not_started_
                 cut.set_up.set()
                 await proxy.restore()
                 await events.wait_terminal([held["id"], fresh["id"]], timeout=30)
-                await wait_until(lambda: vhost.queue_counts()[limit_queue_name("key:db")]
-                                 == (1, 0), timeout=15)
+                await until_ready(vhost.url, {limit_queue_name("key:db"): 1}, timeout=15)
     assert most_at_once(intervals(events.events, {held["id"], fresh["id"]})) == 1
     assert [events.types(r)[-1] for r in (held["id"], fresh["id"])] == ["run.completed"] * 2
     assert [e.type for e in unique(events.of(held["id"]))].count("mq_worker.run.submitted") == 1
