@@ -19,11 +19,8 @@ import pytest
 
 from mq_worker import pool_control, slots
 from mq_worker.events import Event
-from mq_worker.job_configuration import BaseJobConfiguration
-from mq_worker.messages import RunMessage
 from mq_worker.topology import limit_queue_name
 from mq_worker.workers.process import ProcessWorker
-from mq_worker.workers.runs import WorkerResult
 from tests.helpers import (
     HOST,
     PORT,
@@ -39,6 +36,7 @@ from tests.helpers import (
     until_ready,
     wait_until,
 )
+from tests.helpers.workers import HeldSetUp
 from tests.proxy import link_proxy
 from tests.test_cancel import cancel_raw
 from tests.test_cli import mq_worker
@@ -496,20 +494,8 @@ async def test_a_run_cancelled_while_it_holds_a_slot_lost_with_another_worker_ne
     assert fresh["id"] not in started_runs(tmp_path)
 
 
-class SetUpWorker(ProcessWorker):
-    """A worker type that sets each run up before its process starts (as one that pulls
-    an image or mounts a volume would), here for as long as the test holds `set_up`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.setting_up = anyio.Event()
-        self.set_up = anyio.Event()
-
-    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
-                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
-        self.setting_up.set()
-        await self.set_up.wait()
-        return await super().run(run, configuration, task_status)
+class SetUpWorker(HeldSetUp, ProcessWorker):
+    """A process worker that sets each run up before its process starts."""
 
 
 async def test_a_run_whose_slot_is_lost_while_it_is_being_set_up_is_not_started_without_it(

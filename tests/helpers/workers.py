@@ -15,12 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
+from mq_worker.job_configuration import BaseJobConfiguration
+from mq_worker.messages import RunMessage
 from mq_worker.settings import WorkerSettings
 from mq_worker.workers.process import ProcessWorker
+from mq_worker.workers.runs import WorkerResult
 
 PROBE = str(Path(__file__).parent / "probe.py")
 PYTHON = sys.executable
+
+
+class HeldSetUp:
+    """Mixed into a worker type: its `run` hook sets each run up before it starts it (as
+    one that pulls an image or mounts a volume would), here until the test sets `set_up`;
+    `setting_up` is set once a run is being set up."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.setting_up = anyio.Event()
+        self.set_up = anyio.Event()
+
+    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
+        self.setting_up.set()
+        await self.set_up.wait()
+        return await super().run(run, configuration, task_status)  # type: ignore[misc]
 
 
 def worker_settings(url: str | list[str], **overrides: Any) -> WorkerSettings:

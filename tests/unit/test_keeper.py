@@ -34,6 +34,7 @@ from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import RunBook, WorkerResult
 from tests.helpers import wait_until
+from tests.helpers.workers import HeldSetUp
 
 pytestmark = pytest.mark.anyio
 
@@ -471,20 +472,9 @@ async def test_an_invalid_message_is_not_run_nor_reported_until_it_is_dead_lette
         assert EventType.RUN_REJECTED not in [e.type for e in k.outbox._events]
 
 
-class SetsUpFirst(StandInType):
+class SetsUpFirst(HeldSetUp, StandInType):
     """A worker type whose `run` hook sets the run up, until told to go on, before it
     starts it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setting_up = anyio.Event()
-        self.set_up = anyio.Event()
-
-    async def run(self, run: RunMessage, configuration: BaseJobConfiguration,
-                  task_status: anyio.abc.TaskStatus[str]) -> WorkerResult:
-        self.setting_up.set()
-        await self.set_up.wait()
-        return await super().run(run, configuration, task_status)
 
 
 async def test_a_run_whose_slot_is_lost_while_it_is_set_up_is_given_back_not_started() -> None:
