@@ -25,11 +25,10 @@ lost. Tokens that came back without a release (their holder died or was cut
 off) are handed on only by a periodic check (pool_control), after a grace that
 lets a holder that was only cut off take them back first (`reclaim`).
 
-Order of arrival: a fresh run joins the waiting queue instead of taking a free
-token when runs of its target wait (a woken run skips that check for the
-target it was woken for). A fresh run arriving while a woken run is on its way
-back to its work queue can still take the slot first; the woken run then waits
-again, at the back.
+Order of arrival: a fresh run joins the waiting queue instead of taking a free token
+when runs of its target wait (a woken run skips that check for the target it was woken
+for). A fresh run arriving while a woken run is on its way back to its work queue can
+still take the slot first; the woken run then waits again, at the back.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from mq_worker.pool_admin import queue_depths, wake_waiting
 from mq_worker.slot_requests import UNKNOWN, Lease, SlotRequests
 from mq_worker.spares import HeldToken, Spares
 from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
+from mq_worker.wire_decoding import header_text
 
 log = structlog.get_logger("mq_worker.slots")
 
@@ -132,9 +132,8 @@ class SlotGate:
         """For the worker's life: after each lost session, stop the runs whose slots have
         not been taken again within CUT_OFF_SECONDS (reported to `on_slot_lost`).
 
-        Their tokens went back to the broker with the connection; from then on only the
-        grace the other workers give returned slots keeps the limit, and a worker that
-        stays cut off longer cannot take them back in time.
+        Their tokens went back to the broker with the connection: a run elsewhere that
+        takes one holds it unused for CUT_OFF_SECONDS and a margin, these runs gone by then.
         """
         while True:
             await self._cut_off.wait()
@@ -167,7 +166,7 @@ class SlotGate:
                 await self._reclaimed.wait()
             if self._slots is not slots or slots.is_closed:
                 return None
-        woken_for = _text(delivery.headers.get(WOKEN_HEADER))
+        woken_for = header_text(delivery.headers.get(WOKEN_HEADER))
         lease = Lease(slots, run_id=run_id)
         # A woken run skips the waiting check for the target it was woken for.
         checked = [target for target in targets if target != woken_for]
@@ -397,10 +396,3 @@ class SlotGate:
             # woke one of them.)
             await self.wake(target, at_most=1)
         return Waiting(target)
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value if isinstance(value, str) else None
-

@@ -240,8 +240,7 @@ class RunLife:
     async def _started(self, active: ActiveRun, due: float) -> None:
         active.state = RunState.RUNNING
         active.started_at = time.time()
-        # `submitted` first, as subscribers wait for it: the acknowledgement is decided in the
-        # same loop turn and leaves in the same write; it is made whatever happens here.
+        # `submitted` first: subscribers wait for it; the ack (made anyway) shares its write.
         try:
             self._report.submitted(active,
                                    late_by_seconds=round(max(0.0, active.started_at - due), 6))
