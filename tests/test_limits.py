@@ -36,7 +36,7 @@ from tests.helpers import (
     until_ready,
     wait_until,
 )
-from tests.helpers.workers import HeldSetUp
+from tests.helpers.workers import HeldSetUp, reconnects
 from tests.proxy import link_proxy
 from tests.test_cancel import cancel_raw
 from tests.test_cli import mq_worker
@@ -251,8 +251,7 @@ async def test_a_worker_that_reconnects_takes_its_running_runs_slots_again(
         await events.wait_for(lambda _: any(e.data.get("waiting_for") == "key:db"
                                             for e in events.of(queued["id"])))
         assert vhost.close_connections("flaky-link") == 1
-        await wait_until(lambda: not worker.connected, timeout=10)
-        await wait_until(lambda: worker.connected, timeout=30)
+        await wait_until(lambda: reconnects(worker) == 1 and worker.connected, timeout=30)
         # The slot is held again by the run still running, not free for the waiting one.
         await until_ready(vhost.url, {queue: 0}, timeout=10)
         await events.wait_terminal([running["id"], queued["id"]], timeout=40)
@@ -342,9 +341,10 @@ async def test_a_worker_cut_off_from_the_broker_does_not_let_others_exceed_a_key
                 [e for e in evs if e.data.get("waiting_for") == "key:db"]) >= 5)
             for _ in range(3):
                 ended = len([r for r in ids if events.terminal(r)])
+                closes = reconnects(cut)
                 assert vhost.close_connections("cut-link") == 1
-                await wait_until(lambda: not cut.connected, timeout=10)
-                await wait_until(lambda: cut.connected, timeout=30)
+                await wait_until(lambda c=closes: reconnects(cut) > c and cut.connected,
+                                 timeout=30)
                 await events.wait_for(
                     lambda _, before=ended: len([r for r in ids if events.terminal(r)])
                     >= before + 2, timeout=30)

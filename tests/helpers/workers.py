@@ -27,6 +27,13 @@ PROBE = str(Path(__file__).parent / "probe.py")
 PYTHON = sys.executable
 
 
+def reconnects(worker: Any) -> float:
+    """How often `worker` (in this process) has connected again: a close is seen by this
+    count, where polling `connected` can miss a reconnect quicker than the poll."""
+    value = worker.metrics.registry.get_sample_value("mq_worker_reconnects_total")
+    return float(value or 0.0)
+
+
 class HeldSetUp:
     """Mixed into a worker type: its `run` hook sets each run up before it starts it (as
     one that pulls an image or mounts a volume would), here until the test sets `set_up`;
