@@ -172,6 +172,8 @@ async def test_a_new_reporter_reports_a_worker_that_died_before_it_started(
     for body in runs:
         await publish_raw(vhost.url, body)
     await wait_until(lambda: len(started_runs(tmp_path)) == 2, timeout=30)
+    # A process can start before its `submitted` event reaches this subscriber.
+    await events.wait_for(lambda _: all("run.submitted" in events.types(b["id"]) for b in runs))
     on_doomed = [b["id"] for b in runs if any(
         e.type == "mq_worker.run.submitted" and e.data["worker"] == doomed.name
         for e in events.of(b["id"]))]
