@@ -1,0 +1,127 @@
+"""A worker back from a lost connection takes back its own slots, not those of others
+cut off after it (see docs/pools.md, "Telling a released token from a lost one")."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mq_worker import slots
+from mq_worker.topology import limit_queue_name
+from mq_worker.workers import session
+from tests.helpers import (
+    HOST,
+    PORT,
+    EventLog,
+    VHost,
+    probe,
+    publish_raw,
+    run_body,
+    running_worker,
+    started_runs,
+    until_ready,
+    wait_until,
+)
+from tests.helpers.workers import reconnects
+from tests.proxy import link_proxy
+from tests.test_limits import cli, most_at_once
+
+pytestmark = pytest.mark.anyio
+
+
+def process_spans(directory: Path, markers: dict[str, Path]) -> dict[str, tuple[float, float]]:
+    """(start, stop) of each run's process, from its probe's records: it stops at its end
+    record or, stopped by its worker, when it wrote its marker on SIGTERM."""
+    spans = {}
+    for run_id, record in started_runs(directory).items():
+        end = directory / f"{run_id}.end"
+        marker = markers.get(run_id)
+        if end.exists():
+            stop = float(json.loads(end.read_text())["t"])
+        elif marker is not None and marker.exists():
+            stop = float(marker.read_text())
+        else:
+            stop = float("inf")
+        spans[run_id] = (float(record["t"]), stop)
+    return spans
+
+
+async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_another_s(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers cut off one after the other: A, then B. A run elsewhere takes A's slot
+    (marked by the broker as lost with a connection) and holds it before it starts. A,
+    back in time, must not take B's slot, free since B was cut off, for its run: B's run,
+    left without a slot, goes on until B's deadline, which is after the run elsewhere
+    has started. A must find its own slot taken and stop its run."""
+    # A's deadline made 4 s (and the hold of a lost slot 5 s with it), so that B can be
+    # cut well after the run elsewhere took A's slot and A still be back in time on a
+    # loaded machine; A retries its connection every 0.2 s, so it is back as soon as its
+    # link is restored.
+    monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 4.0)
+    monkeypatch.setattr(session, "_MAX_BACKOFF_SECONDS", 0.2)
+    await cli("limit", "set", "key:db", "2", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    markers: dict[str, Path] = {}
+
+    def limited(name: str, sleep: float) -> dict[str, object]:
+        body = run_body(concurrency_key="db")
+        markers[str(body["id"])] = tmp_path / f"{name}.term"
+        body["job_variables"] = {"command": probe(
+            tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
+        return body
+
+    # Pools of their own: each worker takes only its own run.
+    async with link_proxy(HOST, PORT) as link_a, link_proxy(HOST, PORT) as link_b:
+        url_a = vhost.url_for("guest", "guest", port=link_a.port)
+        url_b = vhost.url_for("guest", "guest", port=link_b.port)
+        async with (
+            running_worker(url_a, name="a", pool="a") as worker_a,
+            running_worker(url_b, name="b", pool="b") as worker_b,
+            running_worker(vhost.url, name="c", pool="c"),
+        ):
+            run_a, run_b = limited("a", sleep=12), limited("b", sleep=12)
+            await publish_raw(vhost.url, run_a, routing_key="run.scheduled.a.default")
+            await publish_raw(vhost.url, run_b, routing_key="run.scheduled.b.default")
+            await wait_until(lambda: {run_a["id"], run_b["id"]} <= set(started_runs(tmp_path)),
+                             timeout=20)
+            await until_ready(vhost.url, {queue: 0})
+
+            back = reconnects(worker_a)
+            link_a.cut()
+            a_cut_at = time.monotonic()
+            await wait_until(lambda: not worker_a.connected, timeout=10)
+            await until_ready(vhost.url, {queue: 1})  # A's slot, back at the broker
+            run_c = limited("c", sleep=1)
+            await publish_raw(vhost.url, run_c, routing_key="run.scheduled.c.default")
+            await until_ready(vhost.url, {queue: 0})  # taken by C's run, which holds it
+
+            # The scenario's input, not a synchronisation: B is cut off 2 s after A
+            # (more than the margin of the hold, 1 s, after C's run took A's slot), so
+            # that B's run, if B's slot goes to A, runs on past the start of C's run.
+            await anyio.sleep(max(0.0, a_cut_at + 2.0 - time.monotonic()))
+            link_b.cut()
+            await wait_until(lambda: not worker_b.connected, timeout=10)
+            await until_ready(vhost.url, {queue: 1})  # B's slot, back at the broker
+            await link_a.restore()
+            await wait_until(lambda: reconnects(worker_a) > back and worker_a.connected,
+                             timeout=10)
+            a_back_after = time.monotonic() - a_cut_at
+
+            await wait_until(lambda: run_c["id"] in started_runs(tmp_path), timeout=20)
+            await wait_until(lambda: markers[str(run_b["id"])].exists(), timeout=20)
+            await link_b.restore()
+            ids = [str(run["id"]) for run in (run_a, run_b, run_c)]
+            await events.wait_terminal(ids, timeout=60)
+    assert a_back_after < slots.CUT_OFF_SECONDS, a_back_after  # (else not the scenario)
+    spans = process_spans(tmp_path, markers)
+    assert most_at_once(list(spans.values())) <= 2, spans
+    # B's run stopped at its deadline; A's run, whose own slot C's run holds, too.
+    for run in (run_a, run_b):
+        ending = events.terminal(str(run["id"]))[-1]
+        assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
+    assert events.types(str(run_c["id"]))[-1] == "run.completed"
