@@ -6,6 +6,9 @@ in flight at a time)."""
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -25,6 +28,13 @@ log = structlog.get_logger("mq_worker.slots")
 
 UNKNOWN = -1  # a waiting count the broker could not give
 _PERSISTENT = 2
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+# A token of this worker's that `take_back` does not find may be held for a moment by
+# another worker taking its own back likewise (a node loss cuts several off at once):
+# it looks this many times in all, a jittered pause apart, before it gives up on it.
+TAKE_BACK_PASSES = 3
+TAKE_BACK_PAUSE_SECONDS = (0.05, 0.15)
+Mine = tuple[str, int, int]  # a token as its holder knows it: (target, number, version)
 
 
 @dataclass(eq=False)
@@ -203,6 +213,86 @@ class SlotRequests:
                         properties=spec.Basic.Properties(delivery_mode=_PERSISTENT))
             for channel in touched.values():
                 await channel.tx_commit()
+
+    async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease]
+                        ) -> tuple[dict[Mine, HeldToken], Counter[str]]:
+        """After a reconnection: take again, on `channel`, the very tokens the `leases` held
+        (same target, number and version), found by scanning each target's token queue;
+        the tokens found (as the broker gave them: marked), and per target how many free
+        tokens of others were taken and published again (see `scan`).
+
+        Any other token would do for the count, but not for the limit: a free token may
+        be that of another worker cut off after this one, whose runs go on until its own
+        deadline, and only a token this worker held is one no run elsewhere can hold
+        without having waited for this worker's runs to stop (see slots)."""
+        wanted: dict[str, set[tuple[int, int]]] = {}
+        for lease in leases:
+            for token in lease.tokens:
+                if token.target in self.state.limits:  # (removed: nothing to hold)
+                    wanted.setdefault(token.target, set()).add((token.number, token.version))
+        found: dict[Mine, HeldToken] = {}
+        given_back: Counter[str] = Counter()
+        for target, own in sorted(wanted.items()):
+            for attempt in range(TAKE_BACK_PASSES):
+                if attempt:
+                    await anyio.sleep(random.uniform(*TAKE_BACK_PAUSE_SECONDS))
+                taken, fresh = await self.scan(channel, target, own)
+                found.update(((target, *key), token) for key, token in taken.items())
+                if fresh:
+                    given_back[target] += fresh
+                own = own - set(taken)
+                if not own:
+                    break
+        return found, given_back
+
+    async def scan(self, channel: aiormq.abc.AbstractChannel, target: str,
+                   wanted: Collection[tuple[int, int]]) -> tuple[dict[tuple[int, int], HeldToken],
+                                                                 int]:
+        """Take tokens of `target` until those `wanted` ((number, version)) are found or
+        the queue has no more; keep those, put the others back; the tokens kept, and how
+        many put back were free ones (published again: the release that freed one woke a
+        run, which may have found it taken here, so the caller wakes one for each).
+
+        Every token taken is held until the scan ends, so none is seen twice (a quorum
+        queue may hand a token put back straight back). The others are put back as
+        `settle` gives back a token, in one transaction: a free one published again as a
+        new message, one marked redelivered (lost with its holder's connection) put back
+        as it is, still marked, so that its next taker still holds it before its run
+        starts. Tokens no longer valid are destroyed, as `take` does."""
+        queue = topology.limit_queue_name(target)
+        kept: dict[tuple[int, int], HeldToken] = {}
+        others: list[HeldToken] = []
+        stale: list[HeldToken] = []
+        try:
+            while len(kept) < len(wanted):
+                message = await channel.basic_get(queue, no_ack=False)
+                if not isinstance(message.delivery, spec.Basic.GetOk):
+                    break
+                tag = message.delivery.delivery_tag
+                assert tag is not None
+                try:
+                    token = TokenMessage.model_validate_json(message.body)
+                except ValidationError:
+                    stale.append(HeldToken(target, tag, -1, 0))
+                    continue
+                held = HeldToken(target, tag, token.number, token.version,
+                                 returned=bool(message.delivery.redelivered))
+                key = (token.number, token.version)
+                if not self.still_valid(target, *key):
+                    stale.append(held)
+                elif key in wanted and key not in kept:
+                    kept[key] = held
+                else:
+                    others.append(held)
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_CHANNEL_ERRORS):
+                await self.settle(channel, [*others, *kept.values()], stale)
+            raise
+        if stale:
+            log.info("stale slot tokens destroyed", target=target, count=len(stale))
+        if others or stale:
+            await self.settle(channel, others, stale)
+        return kept, sum(1 for token in others if not token.returned)
 
     def still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)

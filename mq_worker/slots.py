@@ -263,36 +263,35 @@ class SlotGate:
         return await queue_depths(await self._requests.channel("checks", slots), target)
 
     async def reclaim(self) -> None:
-        """After a reconnection: take again the slots of runs still running here.
-
-        The broker gave their tokens back when the old connection closed. They come
-        back before any new run of this worker takes a token, and other workers leave
-        tokens that came back without a release alone for a while (pool_control), so
-        this normally succeeds. A run whose slot was taken all the same is over the
-        limit: it is reported to `on_slot_lost`, which stops it.
-        """
+        """After a reconnection: take again the very tokens (SlotRequests.take_back) that
+        the runs still running here held, before any new run here takes one; others leave
+        tokens that came back without a release alone for a while (pool_control), so this
+        normally succeeds. A run whose token is held elsewhere is over the limit: it is
+        reported to `on_slot_lost`, which stops it."""
         channel = self._slots
         if channel is None:
             return
         try:
-            for lease in list(self._leases):
-                if lease.channel is channel:
+            leases = [lease for lease in list(self._leases) if lease.channel is not channel]
+            found, given_back = await self._requests.take_back(channel, leases)
+            for lease in leases:
+                mine = [(t.target, t.number, t.version) for t in lease.tokens
+                        if t.target in self.state.limits]
+                lost = next((key[0] for key in mine if key not in found), None)
+                held = [found.pop(key) for key in mine if key in found]
+                if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile
+                    await self._give_back(Lease(channel, held))  # as they came: marked
                     continue
-                held = Lease(channel, run_id=lease.run_id)
-                lost = None
-                for target in [token.target for token in lease.tokens]:
-                    if not await self._requests.take(target, held):
-                        lost = target
-                        break
-                if lease not in self._leases:  # the run ended meanwhile
-                    await self._give_back(held)
-                    continue
-                lease.channel, lease.tokens = channel, held.tokens
+                # Its own again: no run elsewhere can hold it, it needs no hold before use.
+                lease.channel = channel
+                lease.tokens = [token._replace(returned=False) for token in held]
                 if lost is not None:
                     log.warning("a running run's slot was taken while this worker was cut "
                                 "off; stopping the run", target=lost, run_id=lease.run_id)
                     if self._on_slot_lost is not None:
                         self._on_slot_lost(lease.run_id, lost)
+            for target, count in given_back.items():  # (see SlotRequests.scan)
+                await self._wake_for_released(target, count)
         finally:
             if self._slots is channel:
                 self._reclaimed.set()
