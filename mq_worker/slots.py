@@ -275,9 +275,9 @@ class SlotGate:
             leases = [lease for lease in list(self._leases) if lease.channel is not channel]
             found, given_back = await self._requests.take_back(channel, leases)
             for lease in leases:
-                mine = [(t.target, t.number, t.version) for t in lease.tokens
-                        if t.target in self.state.limits]
-                lost = next((key[0] for key in mine if key not in found), None)
+                mine = [(t.target, t.number, t.version) for t in lease.tokens]
+                lost = next((key[0] for key in mine  # (a removed limit holds nothing)
+                             if key not in found and key[0] in self.state.limits), None)
                 held = [found.pop(key) for key in mine if key in found]
                 if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile
                     await self._give_back(Lease(channel, held))  # as they came: marked

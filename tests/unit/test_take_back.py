@@ -238,3 +238,12 @@ async def test_a_spare_lost_with_the_connection_is_not_taken_back() -> None:
     await gate.reconnect()
     assert [t.number for t in lease.tokens] == [0]
     assert gate.queue.tokens() == [(2, 1, True)]
+
+
+async def test_a_run_of_a_limit_removed_while_cut_off_goes_on_holding_nothing() -> None:
+    gate = Gate(TokenQueue((0, 1, True)))
+    lease = gate.running("a", 0)
+    lease.tokens.append(HeldToken("key:gone", 7, 0, 1))  # `limit rm` meanwhile
+    await gate.reconnect()
+    assert gate.lost == []
+    assert [(t.target, t.number) for t in lease.tokens] == [(TARGET, 0)]
