@@ -18,7 +18,7 @@ import anyio
 from pamqp import commands as spec
 from yarl import URL
 
-from mq_worker import wire_decoding
+from mq_worker import socket_writes, wire_decoding
 from mq_worker.errors import BrokerError, ConfigurationError
 
 wire_decoding.install()
@@ -125,6 +125,8 @@ async def connect(
                 client_properties={"connection_name": name},
                 ssl_context=context if URL(url).scheme == "amqps" else None,
                 timeout=timeout,
+                # Keeps its socket's writer, for events written in the turn they are made.
+                connection_class=socket_writes.KeepingConnection,
             )
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             errors.append(f"{mask_url(url)}: {mask_secrets(str(exc)) or type(exc).__name__}")

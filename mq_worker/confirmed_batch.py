@@ -14,19 +14,25 @@ aiormq has them, else callers publish one message at a time.
 `coalesce_writes` makes the connection's writer take every frame batch queued
 when it wakes (acks on one channel, event batches on another, heartbeats) and
 write them as one: frames stay in the order they were queued.
+
+`publish_now` is `publish` in the caller's loop turn, for the outbox's `send_now`:
+under the channel's lock if it is free, and written straight to the socket when
+nothing is queued ahead (`mq_worker.socket_writes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from aiormq.abc import ChannelFrame
 
+from mq_worker import socket_writes
 from mq_worker.publish_frames import Message, publish_frames
 
-__all__ = ["Message", "coalesce_writes", "publish", "supports"]
+__all__ = ["Message", "coalesce_writes", "publish", "publish_now", "supports"]
 
 _NEEDED = ("lock", "delivery_tag", "confirmations", "create_future", "write_queue", "number",
            "max_content_size", "publisher_confirms")
@@ -89,25 +95,86 @@ async def publish(channel: Any, messages: Sequence[Message]) -> list[asyncio.Fut
     nack, or the channel's error when it closes first. If this is cancelled before
     the write is queued, nothing was sent and the channel's tags are as before.
     """
-    confirmations: list[asyncio.Future[Any]] = []
-    frames: list[bytes] = []
     async with channel.lock:
-        first_tag = channel.delivery_tag + 1
+        confirmations, payload = _registered(channel, messages)
         try:
-            for message in messages:
-                channel.delivery_tag += 1
-                confirmation = channel.create_future()
-                channel.confirmations[channel.delivery_tag] = confirmation
-                confirmations.append(confirmation)
-                frames.append(publish_frames(channel.number, message, channel.max_content_size))
-            await channel.write_queue.put(ChannelFrame(payload=b"".join(frames),
-                                                       should_close=False))
+            await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
         except BaseException:
-            # Not queued: the broker never sees these tags; give them back.
-            for tag in range(first_tag, channel.delivery_tag + 1):
-                channel.confirmations.pop(tag, None)
-            channel.delivery_tag = first_tag - 1
-            for confirmation in confirmations:
-                confirmation.cancel()
+            _unregistered(channel, confirmations)
             raise
     return confirmations
+
+
+def publish_now(channel: Any, messages: Sequence[Message]) -> list[asyncio.Future[Any]] | None:
+    """`publish` without yielding: the frames are written to the socket in the caller's
+    loop turn if nothing is queued ahead of them (`socket_writes`), else queued for the
+    connection's writer. None, and nothing sent, if that would have to wait: the channel's
+    lock is held (another publish may have taken a tag and wait to queue its frames), the
+    channel is closed, or the write queue is full."""
+    lock = channel.lock
+    if channel.write_queue.full() or not _entered_now(lock):
+        return None
+    try:
+        confirmations, payload = _registered(channel, messages)
+        if not socket_writes.write_now(channel, payload):
+            channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+    finally:
+        _exited_now(lock)
+    return confirmations
+
+
+def _entered_now(context: Any) -> bool:
+    """Enter the async context manager `context` (the channel's lock) if that takes no
+    wait: True if it is entered. Its `__aenter__` is stepped once, here, not in a task;
+    one that would wait (the lock is held) or raises (the channel closed) is abandoned."""
+    step = context.__aenter__()
+    try:
+        step.send(None)
+    except StopIteration:
+        return True
+    except Exception:
+        return False
+    # Waiting for the lock: cancelled as a task would be, it leaves the lock's waiters
+    # (closing it instead would leave its waiter queued, and the lock stuck).
+    with contextlib.suppress(asyncio.CancelledError, StopIteration):
+        step.throw(asyncio.CancelledError())
+    return False
+
+
+def _exited_now(context: Any) -> None:
+    """Leave a context entered by `_entered_now` (releasing a lock takes no wait)."""
+    step = context.__aexit__(None, None, None)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError(f"leaving {context!r} would wait")
+
+
+def _registered(channel: Any,
+                messages: Sequence[Message]) -> tuple[list[asyncio.Future[Any]], bytes]:
+    """Each message's delivery tag and confirmation, as `basic_publish` registers them,
+    and the frames of them all."""
+    confirmations: list[asyncio.Future[Any]] = []
+    frames: list[bytes] = []
+    try:
+        for message in messages:
+            frames.append(publish_frames(channel.number, message, channel.max_content_size))
+            channel.delivery_tag += 1
+            confirmation = channel.create_future()
+            channel.confirmations[channel.delivery_tag] = confirmation
+            confirmations.append(confirmation)
+    except BaseException:
+        _unregistered(channel, confirmations)
+        raise
+    return confirmations, b"".join(frames)
+
+
+def _unregistered(channel: Any, confirmations: list[asyncio.Future[Any]]) -> None:
+    """Not queued: the broker never sees these tags; give them back."""
+    first_tag = channel.delivery_tag - len(confirmations) + 1
+    for tag in range(first_tag, channel.delivery_tag + 1):
+        channel.confirmations.pop(tag, None)
+    channel.delivery_tag = first_tag - 1
+    for confirmation in confirmations:
+        confirmation.cancel()

@@ -64,6 +64,11 @@ class Outbox:
         self.published = 0
         # How many events at the head are on the wire, awaiting their confirmation.
         self._in_flight = 0
+        # The channel the outbox's task waits on for events to publish; None while it
+        # publishes, or without a session. Only then may `send_now` publish.
+        self._idle_on: object | None = None
+        # A batch `send_now` put on the wire: its confirmations, for the outbox's task.
+        self._sent: list[asyncio.Future[object]] | None = None
         if self._spool:
             for event in self._spool.load():
                 self._events.append(event)
@@ -134,53 +139,92 @@ class Outbox:
     async def wait_empty(self) -> None:
         await self._empty.wait()
 
+    def send_now(self) -> bool:
+        """Publish the queued events now, in the caller's loop turn, if the outbox's task
+        is idle on a channel that batches (nothing on the wire unconfirmed): that saves
+        the task's turn and, when nothing is queued ahead of them, the turn of the
+        connection's writer (`confirmed_batch.publish_now`). The task then awaits their
+        confirmation as if it had published them. False if left to the task.
+        """
+        channel = self._idle_on
+        if channel is None or self._in_flight or not self._events:
+            return False
+        batch = list(islice(self._events, _BATCH))
+        sent = confirmed_batch.publish_now(channel, self._messages(batch))
+        if sent is None:
+            return False
+        self._in_flight, self._sent, self._idle_on = len(batch), sent, None
+        self._wakeup.set()
+        return True
+
     async def publish_forever(self, channel: object) -> None:
         """Publish queued events on `channel` (confirm mode) until it fails or we are cancelled."""
         batched = confirmed_batch.supports(channel)
         # For the whole connection: what its channels queue in one loop turn (acks, event
         # batches, heartbeats) then goes out in one socket write.
         confirmed_batch.coalesce_writes(channel)
-        while True:
-            if not self._events:
-                await self._wakeup.wait()
-                self._wakeup = anyio.Event()
-                continue
-            batch = list(islice(self._events, _BATCH))
-            self._in_flight = len(batch)
-            try:
-                if batched:
-                    results = await self._publish_batch(channel, batch)
-                else:
-                    results = await asyncio.gather(
-                        *(self._publish(channel, event) for event in batch),
-                        return_exceptions=True)
-            finally:
-                self._in_flight = 0
-            confirmed = 0
-            for result in results:
-                if isinstance(result, BaseException):
-                    break
-                confirmed += 1
-            for _ in range(confirmed):
-                self._events.popleft()
-            self.published += confirmed
-            if self._spool:
-                self._spool.confirmed(confirmed, self._events)
-            if not self._events:
-                self._empty.set()
-            self._check_pressure()
-            if confirmed < len(batch):
-                failure = results[confirmed]
-                assert isinstance(failure, BaseException)
-                raise failure
+        self._in_flight, self._sent = 0, None
+        try:
+            while True:
+                if not self._events and self._sent is None:
+                    self._idle_on = channel if batched else None
+                    await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
+                    continue
+                await self._publish_head(channel, batched)
+        finally:
+            self._idle_on, self._sent, self._in_flight = None, None, 0
+
+    async def _publish_head(self, channel: object, batched: bool) -> None:
+        """Publish the events at the head (or await those `send_now` published); drop
+        those confirmed, raise the first failure."""
+        self._idle_on = None
+        sent, self._sent = self._sent, None
+        batch = list(islice(self._events, self._in_flight if sent is not None else _BATCH))
+        self._in_flight = len(batch)
+        try:
+            if sent is not None:
+                results = await self._confirmed(sent)
+            elif batched:
+                results = await self._publish_batch(channel, batch)
+            else:
+                results = await asyncio.gather(
+                    *(self._publish(channel, event) for event in batch),
+                    return_exceptions=True)
+        finally:
+            self._in_flight = 0
+        confirmed = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                break
+            confirmed += 1
+        for _ in range(confirmed):
+            self._events.popleft()
+        self.published += confirmed
+        if self._spool:
+            self._spool.confirmed(confirmed, self._events)
+        if not self._events:
+            self._empty.set()
+        self._check_pressure()
+        if confirmed < len(batch):
+            failure = results[confirmed]
+            assert isinstance(failure, BaseException)
+            raise failure
 
     async def _publish_batch(self, channel: object,
                              batch: list[OutgoingEvent]) -> list[object | BaseException]:
         """The batch in one socket write; each event's confirmation or why it has none."""
-        confirmations = await confirmed_batch.publish(channel, [
-            confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, CONTENT_TYPE,
-                                    event.id, headers=_headers(event, self._sign))
-            for event in batch])
+        return await self._confirmed(
+            await confirmed_batch.publish(channel, self._messages(batch)))
+
+    def _messages(self, batch: list[OutgoingEvent]) -> list[confirmed_batch.Message]:
+        return [confirmed_batch.Message(EVENTS_EXCHANGE, event.type, event.body, CONTENT_TYPE,
+                                        event.id, headers=_headers(event, self._sign))
+                for event in batch]
+
+    @staticmethod
+    async def _confirmed(
+            confirmations: list[asyncio.Future[object]]) -> list[object | BaseException]:
         # A confirm lost on an open channel must not stall every later event: the
         # TimeoutError ends the session and the unconfirmed events are published again.
         await asyncio.wait(confirmations, timeout=CONFIRM_TIMEOUT)

@@ -8,9 +8,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
+from mq_worker import broker, socket_writes, topology
+from mq_worker.events import build_event
+from mq_worker.outbox import Outbox
 from tests.helpers import PYTHON, VHost
 
 EVENTS = 60
@@ -121,3 +125,40 @@ def test_an_ack_and_the_events_of_the_same_loop_turn_share_one_socket_write(
     sends = [line for line in lines[start + 1:end]
              if re.match(r"(write|sendto|sendmsg|writev)\((?![12],)", line)]
     assert len(sends) == 1
+
+
+@pytest.mark.anyio
+async def test_events_sent_at_once_leave_for_the_socket_in_the_callers_turn_in_order(
+        vhost: VHost) -> None:
+    """On a worker's connection (`broker.connect`), `send_now` writes the events itself:
+    nothing waits in aiormq's write queue for its writer, the socket has taken them, and
+    the broker confirms them and routes them in order."""
+    connection, _ = await broker.connect([vhost.url], name="test")
+    try:
+        channel = await (await connection.channel(publisher_confirms=True)).get_underlay_channel()
+        await topology.declare_exchanges(channel)
+        await channel.queue_declare("seen", durable=True)
+        await channel.queue_bind("seen", topology.EVENTS_EXCHANGE, routing_key="mq_worker.run.#")
+        outbox = Outbox()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outbox.publish_forever, channel)
+            await anyio.wait_all_tasks_blocked()
+            for event_type in ("mq_worker.run.pending", "mq_worker.run.submitted"):
+                outbox.put(build_event(event_type, source="/test", subject="r", data={}))
+
+            assert outbox.send_now()
+            assert channel.write_queue.empty()
+            assert socket_writes.writer_of(channel).transport.get_write_buffer_size() == 0
+
+            with anyio.fail_after(10):
+                await outbox.wait_empty()
+            tg.cancel_scope.cancel()
+        assert outbox.published == 2
+        seen = []
+        while len(seen) < 2:
+            message = await channel.basic_get("seen", no_ack=True)
+            if message.body:
+                seen.append(orjson.loads(message.body)["type"])
+        assert seen == ["mq_worker.run.pending", "mq_worker.run.submitted"]
+    finally:
+        await connection.close()

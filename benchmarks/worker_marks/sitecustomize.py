@@ -107,6 +107,7 @@ def _install() -> None:
     _wrap(reporter.Reporter, "submitted", lambda _s, active, **_: str(active.id),
           "submitted queued", after=True)
     _wrap(confirmed_batch, "publish", batch_key, "")
+    _wrap(confirmed_batch, "publish_now", batch_key, "")
     _wrap(asyncio.StreamWriter, "write", write_key, "")
     atexit.register(_dump)
 

@@ -240,12 +240,13 @@ class RunLife:
     async def _started(self, active: ActiveRun, due: float) -> None:
         active.state = RunState.RUNNING
         active.started_at = time.time()
-        # `submitted` first: subscribers wait for it; the ack (made anyway) shares its write.
+        # `submitted` first: subscribers wait for it. It leaves in this turn (Outbox.send_now).
         try:
             self._report.submitted(active,
                                    late_by_seconds=round(max(0.0, active.started_at - due), 6))
         finally:
             await active.delivery.ack_started()
+            self._around.outbox.send_now()
         published = active.delivery.properties.timestamp
         since = published.timestamp() if isinstance(published, datetime) else None
         if since is not None:
@@ -304,10 +305,8 @@ class RunLife:
                         reason=CrashReason.EXIT_CODE, message=message, infrastructure_pid=pid)
 
     def finish(self, active: ActiveRun, event_type: EventType, **fields: Any) -> bool:
-        """Publish the run's one terminal event; False if it already had one.
-
-        `fields` are those of the event type's data function (see mq_worker.events).
-        """
+        """Publish the run's one terminal event, with `fields` of the event type's data
+        function (see mq_worker.events); False if it already had one."""
         if active.terminal:
             return False
         self.fencing.check_lease()

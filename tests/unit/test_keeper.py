@@ -34,6 +34,7 @@ from mq_worker.workers.link import Link
 from mq_worker.workers.reporter import Reporter, WorkerFacts
 from mq_worker.workers.runs import RunBook, WorkerResult
 from tests.helpers import wait_until
+from tests.helpers.batch_channel import BatchChannel
 from tests.helpers.workers import HeldSetUp
 
 pytestmark = pytest.mark.anyio
@@ -324,6 +325,50 @@ async def test_submitted_is_queued_before_the_started_run_is_acknowledged() -> N
             k.worker_type.ends["host:1"].set()
         assert at_ack == [["pending", "submitted"]]
         assert k.events(run_id) == ["pending", "submitted", "completed"]
+
+
+class WatchedStarter(StandInStarter):
+    """Notes which events the connection holds when the run's watch begins: the first
+    thing the run's task does after reporting the start, before it yields."""
+
+    def __init__(self, channel: BatchChannel) -> None:
+        super().__init__()
+        self.channel = channel
+        self.at_watch: list[list[str]] = []
+
+    def start_run(self, run: RunMessage,
+                  configuration: BaseJobConfiguration) -> StandInStartedRun:
+        started = super().start_run(run, configuration)
+        wait = started.wait
+
+        async def noted() -> WorkerResult:
+            self.at_watch.append(self.channel.queued_event_types())
+            return await wait()
+
+        started.wait = noted  # type: ignore[method-assign]
+        return started
+
+
+async def test_submitted_is_handed_to_the_connection_in_the_turn_its_process_started() -> None:
+    """With nothing on the wire, `pending` and `submitted` are queued for the socket by the
+    run's task itself, in order: not a loop turn later by the outbox's task."""
+    channel = BatchChannel()
+    async with kept(WatchedStarter(channel)) as k:
+        assert isinstance(k.worker_type, WatchedStarter)
+        run_id = str(uuid.uuid4())
+        taken = delivery(run_id)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(k.outbox.publish_forever, channel)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(k.keeper.take, taken)
+            await wait_until(lambda: k.worker_type.at_watch)
+            assert k.worker_type.at_watch == [["pending", "submitted"]]
+            assert taken.outcome == "acked-at-start"
+            channel.confirm_all()
+            await wait_until(lambda: k.outbox.published == 2)
+            k.worker_type.ends["host:1"].set()
+            await wait_until(lambda: channel.queued_event_types()[-1:] == ["completed"])
+            tg.cancel_scope.cancel()
 
 
 class WrappingRun(StandInStarter):

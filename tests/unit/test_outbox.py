@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 
@@ -19,6 +20,7 @@ from mq_worker.fencing import worker_lost_event_id
 from mq_worker.outbox import Outbox
 from mq_worker.spool import Spool
 from mq_worker.topology import EVENTS_EXCHANGE
+from tests.helpers.batch_channel import BatchChannel
 
 RUN = "0b7a1c52-9a8e-4a59-8c0e-3d1c8f0f7a11"
 OTHER = "5d6c2e14-1f0b-4b0e-9a55-7e2a9c3b8d22"
@@ -181,3 +183,122 @@ async def test_events_left_in_the_spool_are_published_first_by_the_next_outbox(
     assert [message_id for _, _, message_id in channel.published] == [
         submitted.id, completed.id, other.id, later.id]
     second.close()
+
+
+# -- handed to the connection in the caller's loop turn (`Outbox.send_now`) ------------
+
+
+async def _idle(outbox: Outbox, channel: BatchChannel, tg: anyio.abc.TaskGroup) -> None:
+    """Start the outbox's task on `channel` and let it reach its wait for events."""
+    tg.start_soon(outbox.publish_forever, channel)
+    await anyio.wait_all_tasks_blocked()
+
+
+@pytest.mark.anyio
+async def test_an_idle_outbox_hands_its_events_to_the_connection_in_the_callers_turn(
+        tmp_path: Path) -> None:
+    outbox = Outbox(spool=Spool(tmp_path / "w1.outbox.jsonl"))
+    channel = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, channel, tg)
+        outbox.put(_run_event(EventType.RUN_PENDING, RUN))
+        outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+
+        assert outbox.send_now()
+        # No turn of the outbox's task in between: both are queued for the socket, once.
+        assert channel.queued_event_types() == ["pending", "submitted"]
+        await anyio.wait_all_tasks_blocked()
+        assert channel.queued_event_types() == ["pending", "submitted"]
+        assert outbox.published == 0 and len(outbox) == 2  # not confirmed yet
+
+        channel.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        assert outbox.published == 2 and channel.delivery_tag == 2
+        assert Spool(tmp_path / "w1.outbox.jsonl").load() == []
+        tg.cancel_scope.cancel()
+    outbox.close()
+
+
+@pytest.mark.anyio
+async def test_events_sent_at_once_wait_for_the_batch_already_on_the_wire() -> None:
+    """One batch on the wire at a time, as the outbox's task sends them."""
+    outbox = Outbox()
+    channel = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, channel, tg)
+        outbox.put(_run_event(EventType.RUN_COMPLETED, OTHER, status_code=0))
+        await anyio.wait_all_tasks_blocked()  # the outbox's task sends it
+        channel.write_queue.get_nowait()
+        outbox.put(_run_event(EventType.RUN_PENDING, RUN))
+
+        assert not outbox.send_now()
+        assert channel.queued_event_types() == []
+
+        channel.confirm_all()
+        await anyio.wait_all_tasks_blocked()
+        assert channel.queued_event_types() == ["pending"]
+        channel.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        assert outbox.published == 2
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_events_sent_at_once_are_sent_again_on_the_next_connection_if_unconfirmed() -> None:
+    outbox = Outbox()
+    lost = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, lost, tg)
+        outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+        assert outbox.send_now()
+        tg.cancel_scope.cancel()  # the session ends before the broker confirmed it
+    assert len(outbox) == 1 and outbox.published == 0
+
+    next_connection = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, next_connection, tg)
+        assert next_connection.queued_event_types() == ["submitted"]
+        next_connection.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        tg.cancel_scope.cancel()
+    assert outbox.published == 1 and next_connection.delivery_tag == 1
+
+
+@pytest.mark.anyio
+async def test_nothing_is_sent_at_once_without_a_connection_or_on_a_plain_channel() -> None:
+    outbox = Outbox()
+    outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+    assert not outbox.send_now()  # no session
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(outbox.publish_forever, ConfirmingChannel())
+        await anyio.wait_all_tasks_blocked()
+        outbox.put(_run_event(EventType.RUN_COMPLETED, RUN, status_code=0))
+        assert not outbox.send_now()  # one publish at a time: left to the outbox's task
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        tg.cancel_scope.cancel()
+    assert outbox.published == 2
+
+
+@pytest.mark.anyio
+async def test_nothing_is_sent_at_once_while_another_publish_holds_the_channels_lock() -> None:
+    """It may have taken a delivery tag and wait to queue its frames: a publish now would
+    reach the broker first, under a later tag."""
+    outbox = Outbox()
+    channel = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, channel, tg)
+        async with channel.lock:
+            outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+            assert not outbox.send_now()
+            assert channel.queued_event_types() == [] and channel.delivery_tag == 0
+        await anyio.wait_all_tasks_blocked()  # the outbox's task publishes it
+        assert channel.queued_event_types() == ["submitted"] and channel.delivery_tag == 1
+        assert not channel.held.locked()
+        channel.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        tg.cancel_scope.cancel()
