@@ -242,7 +242,9 @@ async def test_connection_closed_by_the_broker_loses_no_event(
 async def test_link_cut_by_a_proxy_events_wait_and_flow_in_order(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    bodies = [run_body(probe(tmp_path, sleep=1)) for _ in range(4)]
+    # The runs end once the link is cut, however long the last of them took to start.
+    gate = tmp_path / "cut"
+    bodies = [run_body(probe(tmp_path, extra=f"--gate {gate}")) for _ in range(4)]
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         async with running_worker(url, limit=4) as worker:
@@ -250,6 +252,7 @@ async def test_link_cut_by_a_proxy_events_wait_and_flow_in_order(
                 await publish_raw(vhost.url, body)
             await wait_until(lambda: len(started_runs(tmp_path)) == 4)
             proxy.cut()
+            gate.touch()
             # The runs finish while the worker cannot reach the broker.
             await wait_until(lambda: not worker.in_flight, timeout=15)
             assert not worker.connected
