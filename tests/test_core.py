@@ -364,7 +364,8 @@ async def test_run_output_is_streamed_into_the_worker_log(
     quiet = run_body(f"echo quiet-{marker}", job_variables={
         "command": f"echo quiet-{marker}", "stream_output": False})
     worker = worker_processes(vhost.url)
-    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs))
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs),
+                          timeout=60)
     await publish_raw(vhost.url, body)
     await publish_raw(vhost.url, quiet)
     await events.wait_terminal([body["id"], quiet["id"]])

@@ -212,7 +212,8 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
 ) -> None:
     await cli("limit", "set", "key:deployment:d-9", "2", "--url", vhost.url)
     doomed = worker_processes(vhost.url, "--limit", "4")
-    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs))
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs),
+                          timeout=60)
     first = [run_body(probe(tmp_path, sleep=60), deployment={"id": "d-9"}) for _ in range(2)]
     for body in first:
         await publish_raw(vhost.url, body)
