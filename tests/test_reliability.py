@@ -295,7 +295,8 @@ async def test_outbox_spool_survives_a_worker_restart(
     spool = tmp_path / "spool"
     runs = tmp_path / "runs"
     runs.mkdir()
-    body = run_body(probe(runs, sleep=1))
+    gate = tmp_path / "cut"  # the run ends once the link is cut, never before
+    body = run_body(probe(runs, extra=f"--gate {gate}"))
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         worker = worker_processes(url, "--spool-dir", str(spool), name="spooler")
@@ -303,6 +304,7 @@ async def test_outbox_spool_survives_a_worker_restart(
         await publish_raw(vhost.url, body)
         await wait_until(lambda: body["id"] in started_runs(runs))
         proxy.cut()
+        gate.touch()
         await wait_until(lambda: (runs / f"{body['id']}.end").exists())
         # The completed event can only be in the spool now; kill the worker.
         await wait_until(lambda: "run.completed" in (spool / "spooler.outbox.jsonl").read_text()
