@@ -340,11 +340,15 @@ async def test_worker_started_and_stopped_events(vhost: VHost, events: EventLog)
 async def test_a_run_id_in_flight_is_not_started_twice_by_a_worker(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    body = run_body(probe(tmp_path, sleep=2))
+    # The run goes on until its copy has been turned away.
+    gate = tmp_path / "copy-dead-lettered"
+    body = run_body(probe(tmp_path, extra=f"--gate {gate}"))
     async with running_worker(vhost.url, limit=4):
         await publish_raw(vhost.url, body)
         await events.wait_for(lambda _: "run.submitted" in events.types(body["id"]))
         await publish_raw(vhost.url, body)
+        await until_ready(vhost.url, {DEAD_QUEUE: 1})
+        gate.touch()
         await events.wait_terminal([body["id"]])
     assert events.types(body["id"]) == ["run.pending", "run.submitted", "run.completed"]
     assert len(started_runs(tmp_path)) == 1
