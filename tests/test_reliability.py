@@ -79,8 +79,9 @@ async def test_killed_worker_loses_no_unstarted_run(
 ) -> None:
     first = worker_processes(vhost.url, "--limit", "8", "--prefetch-seconds", "30")
     await started_event(events, first.name)
-    # Due in 4 s: still held, a moment after they are taken, when the first worker dies.
-    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(4)) for _ in range(5)]
+    # Due in 10 s: still held, a moment after they are taken, when the first worker dies
+    # (publishing them and hearing of all five can take seconds on a loaded machine).
+    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(10)) for _ in range(5)]
     for body in held:
         await publish_raw(vhost.url, body)
     await events.wait_for(lambda _: all("run.pending" in events.types(b["id"]) for b in held))
@@ -151,9 +152,9 @@ async def test_sigterm_gives_back_queued_runs_to_a_peer(
     first = worker_processes(vhost.url, "--limit", "1", "--prefetch-seconds", "30")
     await started_event(events, first.name)
     running = run_body(probe(tmp_path, sleep=3))
-    # Due in 4 s: held when the first worker is stopped a moment after taking it, and
-    # started, when due, by the peer it was given back to.
-    held = run_body(probe(tmp_path), scheduled_start_time=_soon(4))
+    # Due in 10 s: held when the first worker is stopped a moment after taking it (four
+    # more runs published first), and started, when due, by the peer it was given back to.
+    held = run_body(probe(tmp_path), scheduled_start_time=_soon(10))
     queued = [run_body(probe(tmp_path)) for _ in range(3)]
     await publish_raw(vhost.url, held)
     await events.wait_for(lambda _: "run.pending" in events.types(held["id"]))
