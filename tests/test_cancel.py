@@ -90,13 +90,17 @@ async def test_process_ignoring_sigterm_is_killed_after_grace(
 async def test_run_waiting_for_a_slot_is_cancelled_and_never_runs(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    blocker = run_body(probe(tmp_path, sleep=3))
+    # The blocker holds the only slot until the worker has the queued run's cancel.
+    gate = tmp_path / "cancel-known"
+    blocker = run_body(probe(tmp_path, extra=f"--gate {gate}"))
     queued = run_body(probe(tmp_path))
     async with running_worker(vhost.url, limit=1) as worker:
         await publish_raw(vhost.url, blocker)
         await events.wait_for(lambda _: "run.submitted" in events.types(blocker["id"]))
         await publish_raw(vhost.url, queued)
         await cancel_raw(vhost.url, queued["id"], reason="queued and cancelled")
+        await wait_until(lambda: worker._registry.get(uuid.UUID(queued["id"])) is not None)
+        gate.touch()
         await events.wait_terminal([blocker["id"], queued["id"]], timeout=20)
         await until_no_run_left(vhost.url, [WORK_QUEUE], worker)
     assert events.types(queued["id"]) == ["run.cancelled"]
@@ -109,9 +113,10 @@ async def test_run_waiting_for_a_slot_is_cancelled_and_never_runs(
 async def test_held_run_waiting_for_its_start_time_is_cancelled(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    due = time.time() + 5
+    # Due far enough ahead for the cancel to come first on a loaded machine; held, not parked.
+    due = time.time() + 30
     body = run_body(probe(tmp_path), scheduled_start_time=_rfc3339(due))
-    async with running_worker(vhost.url, prefetch_seconds=10) as worker:
+    async with running_worker(vhost.url, prefetch_seconds=60) as worker:
         await publish_raw(vhost.url, body)
         await events.wait_for(lambda _: "run.pending" in events.types(body["id"]))
         assert worker.in_flight == [uuid.UUID(body["id"])]

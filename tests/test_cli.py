@@ -30,7 +30,7 @@ async def test_start_from_environment_then_submit_wait_and_sigterm(
                                               "MQ_WORKER_QUEUE": "q1,q2",
                                               "MQ_WORKER_LIMIT": "3"})
     started = await events.wait_for(
-        lambda evs: [e for e in evs if e.type == "mq_worker.worker.started"])
+        lambda evs: [e for e in evs if e.type == "mq_worker.worker.started"], timeout=60)
     assert started[0].data["pool"] == "envpool"
     assert started[0].data["queues"] == ["q1", "q2"] and started[0].data["limit"] == 3
 

@@ -26,12 +26,14 @@ pytestmark = pytest.mark.anyio
 async def test_a_run_ended_while_cut_off_and_reported_lost_has_one_terminal_event(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    # Heartbeats every 1.5 s: the lease breaks about 4.4 s into a silence, after the 2.5 s
-    # run has ended, so its own ending waits in the outbox when the peer reports it. The
-    # report then comes before the cut worker's reconnection attempt 6.2 s into the cut
-    # (its back-off doubles from 0.2 s), not just after it, when the next one is 5 s later.
+    # Heartbeats every 1.5 s: the lease breaks about 4.4 s into a silence, after the short
+    # run has ended (let go as the link is cut), so its own ending waits in the outbox when
+    # the peer reports it. The report then comes before the cut worker's reconnection
+    # attempt 6.2 s into the cut (its back-off doubles from 0.2 s), not just after it, when
+    # the next one is 5 s later.
     busy = run_body(probe(tmp_path, sleep=600))
-    short = run_body(probe(tmp_path, sleep=2.5))
+    gate = tmp_path / "cut"
+    short = run_body(probe(tmp_path, extra=f"--gate {gate}"))
     async with (link_proxy(HOST, PORT) as proxy,
                 running_worker(vhost.url, name="peer", heartbeat_seconds=1.5, limit=1)):
             await publish_raw(vhost.url, busy)
@@ -47,6 +49,7 @@ async def test_a_run_ended_while_cut_off_and_reported_lost_has_one_terminal_even
                 # (a peer reports what the worker's confirmed heartbeat lists).
                 await wait_until(lambda: short["id"] in worker._lease.confirmed_runs)
                 proxy.cut()
+                gate.touch()
                 await wait_until(lambda: (tmp_path / f"{short['id']}.end").exists(), timeout=15)
                 await events.wait_for(lambda evs: any(
                     e.type == "mq_worker.worker.lost" and e.subject == "cut" for e in evs),

@@ -35,6 +35,7 @@ from tests.helpers.ledger import (
     ledger_processes,
     mq_worker,
     output_lines,
+    output_recorded,
     recorded,
     wait_recorded,
 )
@@ -164,6 +165,7 @@ async def test_runs_that_end_while_the_ledger_is_down_are_recorded_when_it_is_ba
     assert recorded(sqlite_url) == {}
     ledgers(sqlite_url)
     await wait_recorded(sqlite_url, {str(r.id): len(unique(events.of(r.id))) for r in runs})
+    await wait_until(lambda: output_recorded(sqlite_url, [str(runs[4].id)]), timeout=30)
     with LedgerStore(sqlite_url) as store:
         assert [line.text for line in store.get_output(str(runs[4].id))] == ["run 4"]
 
@@ -188,6 +190,8 @@ async def test_a_ledger_killed_mid_batch_loses_nothing_and_records_nothing_twice
     await wait_recorded(db_url, expected, timeout=90)
     now = recorded(db_url)
     assert {r: now[r][1] for r in expected} == expected
+    await wait_until(lambda: output_recorded(db_url, [str(r.id) for r in runs[:: 25]]),
+                     timeout=30, interval=0.2)
     with LedgerStore(db_url) as store:
         for run in runs[:: 25]:
             record = store.get_run(str(run.id))
@@ -208,6 +212,8 @@ async def test_two_ledgers_on_one_postgresql_record_each_run_and_event_once(
             await events.wait_terminal([r.id for r in runs], timeout=180)
         expected = {str(r.id): len(unique(events.of(r.id))) for r in runs}
         await wait_recorded(db, expected, timeout=90)
+        await wait_until(lambda: output_recorded(db, [str(r.id) for r in runs]), timeout=60,
+                         interval=0.5)
         import psycopg
 
         with psycopg.connect(db) as connection:

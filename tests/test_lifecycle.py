@@ -261,6 +261,8 @@ async def _two_workers_one_run_each(
         await wait_until(lambda run=run: run["id"] in started_runs(tmp_path))
         workers[role] = worker
     stalled, peer = workers["stalled"], workers["peer"]
+    # A process can start before its `submitted` event reaches this subscriber.
+    await events.wait_for(lambda _: "run.submitted" in events.types(body["id"]))
     assert [e.data["worker"] for e in events.of(body["id"])
             if e.type == "mq_worker.run.submitted"] == [stalled.name]
     # Each has seen the other's heartbeats, and the last ones list the run.

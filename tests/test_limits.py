@@ -212,7 +212,8 @@ async def test_a_worker_killed_with_slots_gives_them_back_within_seconds(
 ) -> None:
     await cli("limit", "set", "key:deployment:d-9", "2", "--url", vhost.url)
     doomed = worker_processes(vhost.url, "--limit", "4")
-    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs))
+    await events.wait_for(lambda evs: any(e.type == "mq_worker.worker.started" for e in evs),
+                          timeout=60)
     first = [run_body(probe(tmp_path, sleep=60), deployment={"id": "d-9"}) for _ in range(2)]
     for body in first:
         await publish_raw(vhost.url, body)
@@ -376,6 +377,9 @@ async def test_a_fresh_run_elsewhere_waits_until_the_run_of_a_cut_off_worker_has
                             concurrency_key="db")
             await publish_raw(vhost.url, held)
             await wait_until(lambda: held["id"] in started_runs(tmp_path), timeout=15)
+            # Its start is acknowledged with its submitted event: cut before that, the
+            # broker would give its message back and another worker would take it.
+            await events.wait_for(lambda _: "run.submitted" in events.types(held["id"]))
             async with running_worker(vhost.url, name="peer"):
                 proxy.cut()
                 await wait_until(lambda: not cut.connected, timeout=10)

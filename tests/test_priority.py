@@ -39,7 +39,7 @@ async def test_a_worker_with_fewer_slots_than_queues_takes_runs_from_every_queue
         for queue in reversed(queues):  # each queue alone while the others are empty
             body = run_body(probe(tmp_path), name=queue)
             await publish_raw(vhost.url, body, routing_key=f"run.scheduled.default.{queue}")
-            await events.wait_for(lambda _, run=body["id"]: events.terminal(run), timeout=10)
+            await events.wait_for(lambda _, run=body["id"]: events.terminal(run), timeout=30)
             assert events.types(body["id"])[-1] == "run.completed"
 
 

@@ -79,8 +79,9 @@ async def test_killed_worker_loses_no_unstarted_run(
 ) -> None:
     first = worker_processes(vhost.url, "--limit", "8", "--prefetch-seconds", "30")
     await started_event(events, first.name)
-    # Due in 4 s: still held, a moment after they are taken, when the first worker dies.
-    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(4)) for _ in range(5)]
+    # Due in 10 s: still held, a moment after they are taken, when the first worker dies
+    # (publishing them and hearing of all five can take seconds on a loaded machine).
+    held = [run_body(probe(tmp_path), scheduled_start_time=_soon(10)) for _ in range(5)]
     for body in held:
         await publish_raw(vhost.url, body)
     await events.wait_for(lambda _: all("run.pending" in events.types(b["id"]) for b in held))
@@ -151,9 +152,9 @@ async def test_sigterm_gives_back_queued_runs_to_a_peer(
     first = worker_processes(vhost.url, "--limit", "1", "--prefetch-seconds", "30")
     await started_event(events, first.name)
     running = run_body(probe(tmp_path, sleep=3))
-    # Due in 4 s: held when the first worker is stopped a moment after taking it, and
-    # started, when due, by the peer it was given back to.
-    held = run_body(probe(tmp_path), scheduled_start_time=_soon(4))
+    # Due in 10 s: held when the first worker is stopped a moment after taking it (four
+    # more runs published first), and started, when due, by the peer it was given back to.
+    held = run_body(probe(tmp_path), scheduled_start_time=_soon(10))
     queued = [run_body(probe(tmp_path)) for _ in range(3)]
     await publish_raw(vhost.url, held)
     await events.wait_for(lambda _: "run.pending" in events.types(held["id"]))
@@ -242,7 +243,9 @@ async def test_connection_closed_by_the_broker_loses_no_event(
 async def test_link_cut_by_a_proxy_events_wait_and_flow_in_order(
     vhost: VHost, events: EventLog, tmp_path: Path
 ) -> None:
-    bodies = [run_body(probe(tmp_path, sleep=1)) for _ in range(4)]
+    # The runs end once the link is cut, however long the last of them took to start.
+    gate = tmp_path / "cut"
+    bodies = [run_body(probe(tmp_path, extra=f"--gate {gate}")) for _ in range(4)]
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         async with running_worker(url, limit=4) as worker:
@@ -250,6 +253,7 @@ async def test_link_cut_by_a_proxy_events_wait_and_flow_in_order(
                 await publish_raw(vhost.url, body)
             await wait_until(lambda: len(started_runs(tmp_path)) == 4)
             proxy.cut()
+            gate.touch()
             # The runs finish while the worker cannot reach the broker.
             await wait_until(lambda: not worker.in_flight, timeout=15)
             assert not worker.connected
@@ -292,7 +296,8 @@ async def test_outbox_spool_survives_a_worker_restart(
     spool = tmp_path / "spool"
     runs = tmp_path / "runs"
     runs.mkdir()
-    body = run_body(probe(runs, sleep=1))
+    gate = tmp_path / "cut"  # the run ends once the link is cut, never before
+    body = run_body(probe(runs, extra=f"--gate {gate}"))
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         worker = worker_processes(url, "--spool-dir", str(spool), name="spooler")
@@ -300,6 +305,7 @@ async def test_outbox_spool_survives_a_worker_restart(
         await publish_raw(vhost.url, body)
         await wait_until(lambda: body["id"] in started_runs(runs))
         proxy.cut()
+        gate.touch()
         await wait_until(lambda: (runs / f"{body['id']}.end").exists())
         # The completed event can only be in the spool now; kill the worker.
         await wait_until(lambda: "run.completed" in (spool / "spooler.outbox.jsonl").read_text()

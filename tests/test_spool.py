@@ -78,7 +78,8 @@ async def test_a_restarted_worker_with_the_default_name_publishes_the_spooled_ev
 ) -> None:
     spool, runs = tmp_path / "spool", tmp_path / "runs"
     runs.mkdir()
-    body = run_body(probe(runs, sleep=1))
+    gate = tmp_path / "cut"  # the run ends once the link is cut, never before
+    body = run_body(probe(runs, extra=f"--gate {gate}"))
     async with link_proxy(HOST, PORT) as proxy:
         url = vhost.url_for("guest", "guest", port=proxy.port)
         first = UnnamedWorker(url, "--spool-dir", str(spool), log=tmp_path / "first.log")
@@ -87,6 +88,7 @@ async def test_a_restarted_worker_with_the_default_name_publishes_the_spooled_ev
         await publish_raw(vhost.url, body)
         await wait_until(lambda: body["id"] in started_runs(runs))
         proxy.cut()
+        gate.touch()
         await wait_until(lambda: (runs / f"{body['id']}.end").exists())
         # The completed event can only be in the spool now; kill the worker.
         await wait_until(lambda: any("run.completed" in f.read_text()

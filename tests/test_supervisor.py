@@ -135,13 +135,18 @@ async def test_n_processes_consume_and_share_the_runs(
 
 
 async def test_a_killed_process_is_restarted_and_its_run_redelivered(
-    vhost: VHost, events: EventLog, supervised, tmp_path: Path  # type: ignore[no-untyped-def]
+    vhost: VHost, events: EventLog, supervised, tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # At full capacity a started run's acknowledgement waits (ack_grace) until a slot
+    # frees: here until the run ends, not 1 s, which the run's own start can take on a
+    # loaded machine (the process would then die with the run acknowledged).
+    monkeypatch.setenv("MQ_WORKER_ACK_GRACE", "60")
     supervisor = supervised("--processes", "2", "--limit", "2", "--name", "sup")
     await events.wait_for(lambda _: started(events, "sup-0") and started(events, "sup-1"), 60)
-    # Killed within the second its acknowledgement waits at full capacity (ack_grace), the
-    # process leaves the run to be redelivered; the run lasts beyond that second.
-    body = run_body(probe(tmp_path, sleep=1.5))
+    # Killed while its acknowledgement waits, the process leaves the run to be
+    # redelivered; the run lasts well beyond the kill.
+    body = run_body(probe(tmp_path, sleep=5))
     await publish_raw(vhost.url, body)
     await wait_until(lambda: body["id"] in started_runs(tmp_path), 30)
     holder = started_runs(tmp_path)[body["id"]]["env"]["MQ_WORKER_WORKER"]

@@ -473,7 +473,8 @@ async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_conne
     # The 15 s it waits for a confirm in production, shortened so the test waits less.
     monkeypatch.setattr("mq_worker.outbox.CONFIRM_TIMEOUT", 3.0)
 
-    body = run_body(probe(tmp_path, sleep=2))
+    gate = tmp_path / "frozen"  # the run ends once the link is frozen, never before
+    body = run_body(probe(tmp_path, extra=f"--gate {gate}"))
     async with link_proxy(HOST, PORT) as proxy:
         # AMQP heartbeats far apart: only a confirm timeout can notice the silence.
         url = vhost.url_for("guest", "guest", port=proxy.port) + "?heartbeat=600"
@@ -481,6 +482,7 @@ async def test_events_whose_confirms_are_lost_are_published_again_on_a_new_conne
             await publish_raw(vhost.url, body)
             await wait_until(lambda: body["id"] in started_runs(tmp_path), timeout=30)
             proxy.freeze()  # the broker still receives, the worker hears nothing back
+            gate.touch()
             await events.wait_terminal([body["id"]], timeout=30)
             await wait_until(lambda: len(worker._outbox) == 0, timeout=60)
             assert reconnects(worker) >= 1

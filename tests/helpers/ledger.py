@@ -112,6 +112,14 @@ def recorded(db: str) -> dict[str, Any]:
                 for r in store.list_runs(limit=100_000).runs}
 
 
+def output_recorded(db: str, run_ids: list[str]) -> bool:
+    """Whether the ledger has output of every run of `run_ids`. Output comes on a stream of
+    its own (`mq_worker.output`, published on another channel than the events), in no
+    order with the run's events: a run recorded as ended may not have its output yet."""
+    with LedgerStore(db) as store:
+        return all(store.get_output(run_id) for run_id in run_ids)
+
+
 def output_lines(db: str, run_id: str) -> int:
     with LedgerStore(db) as store:
         record = store.get_run(run_id)

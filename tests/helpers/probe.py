@@ -1,9 +1,11 @@
 """A run command for tests: records its start and end, sleeps, exits with a given code.
 
-    probe.py DIR [--sleep S] [--exit N] [--ignore-term] [--term-marker FILE]
+    probe.py DIR [--sleep S] [--exit N] [--ignore-term] [--term-marker FILE] [--gate FILE]
 
 Writes DIR/<run id>.start (with its pid, start time and environment) and
 DIR/<run id>.end, so tests can see which runs really ran, when, and with what.
+With --gate, it waits (at most 120 s) until FILE exists before it sleeps: a test
+then decides when the run ends, whatever the time its peers took to start.
 """
 
 import json
@@ -32,6 +34,11 @@ def main() -> None:
     run_id = os.environ.get("MQ_WORKER_RUN_ID", "unknown")
     _write(os.path.join(directory, f"{run_id}.start"),
            {"pid": os.getpid(), "t": time.time(), "cwd": os.getcwd(), "env": dict(os.environ)})
+    if "--gate" in args:
+        gate = args[args.index("--gate") + 1]
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
     time.sleep(sleep)
     _write(os.path.join(directory, f"{run_id}.end"), {"t": time.time()})
     sys.exit(code)

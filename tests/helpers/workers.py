@@ -104,8 +104,11 @@ class WorkerProcess:
     def __init__(self, url: str, *args: str, name: str | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.name = name or f"p-{uuid.uuid4().hex[:6]}"
-        self.log_path = Path(tempfile.gettempdir()) / f"mq_worker-test-{self.name}.log"
-        self._log_file = self.log_path.open("w")
+        # A file of its own: names like "fatal" are fixed, and tests run in parallel
+        # checkouts on one machine (and a test may start a worker of the same name again).
+        descriptor, path = tempfile.mkstemp(prefix=f"mq_worker-test-{self.name}-", suffix=".log")
+        self.log_path = Path(path)
+        self._log_file = os.fdopen(descriptor, "w")
         self.process = subprocess.Popen(
             [PYTHON, "-m", "mq_worker", "start", "--url", url, "--name", self.name,
              "--log-format", "json", *args],
