@@ -15,6 +15,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+from mq_worker import confirmed_batch, socket_writes
 from mq_worker.events import EventType, OutgoingEvent, build_event
 from mq_worker.fencing import worker_lost_event_id
 from mq_worker.outbox import Outbox
@@ -302,3 +303,25 @@ async def test_nothing_is_sent_at_once_while_another_publish_holds_the_channels_
         with anyio.fail_after(5):
             await outbox.wait_empty()
         tg.cancel_scope.cancel()
+
+
+def _failing_write(channel: object, payload: bytes) -> bool:
+    raise OSError("the write failed")
+
+
+@pytest.mark.anyio
+async def test_a_failed_write_now_gives_back_its_tags_and_the_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `publish` when its frames are not queued: the broker never sees these tags, so
+    the next publish must take them, or the broker's confirms go to the wrong events."""
+    channel = BatchChannel()
+    monkeypatch.setattr(socket_writes, "write_now", _failing_write)
+    message = confirmed_batch.Message(EVENTS_EXCHANGE, "mq_worker.run.submitted", b"{}",
+                                      "application/json", "id-1")
+
+    with pytest.raises(OSError):
+        confirmed_batch.publish_now(channel, [message])
+
+    assert channel.delivery_tag == 0 and channel.confirmations == {}
+    assert not channel.held.locked()
+
