@@ -325,3 +325,26 @@ async def test_a_failed_write_now_gives_back_its_tags_and_the_lock(
     assert channel.delivery_tag == 0 and channel.confirmations == {}
     assert not channel.held.locked()
 
+
+@pytest.mark.anyio
+async def test_a_failure_to_send_now_is_left_to_the_outbox_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run whose start called `send_now` is not hurt by it: its events go out as the
+    outbox's task publishes them."""
+    outbox = Outbox()
+    channel = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, channel, tg)
+        monkeypatch.setattr(socket_writes, "write_now", _failing_write)
+        outbox.put(_run_event(EventType.RUN_PENDING, RUN))
+        outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+
+        assert not outbox.send_now()
+
+        await anyio.wait_all_tasks_blocked()
+        assert channel.queued_event_types() == ["pending", "submitted"]
+        channel.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        assert outbox.published == 2 and channel.delivery_tag == 2
+        tg.cancel_scope.cancel()
