@@ -110,14 +110,20 @@ def publish_now(channel: Any, messages: Sequence[Message]) -> list[asyncio.Futur
     loop turn if nothing is queued ahead of them (`socket_writes`), else queued for the
     connection's writer. None, and nothing sent, if that would have to wait: the channel's
     lock is held (another publish may have taken a tag and wait to queue its frames), the
-    channel is closed, or the write queue is full."""
+    channel is closed, or the write queue is full. If the write raises, nothing was sent and
+    the channel's tags are as before, as with `publish`."""
     lock = channel.lock
     if channel.write_queue.full() or not _entered_now(lock):
         return None
     try:
         confirmations, payload = _registered(channel, messages)
-        if not socket_writes.write_now(channel, payload):
-            channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+        try:
+            if not socket_writes.write_now(channel, payload):
+                channel.write_queue.put_nowait(ChannelFrame(payload=payload,
+                                                            should_close=False))
+        except BaseException:
+            _unregistered(channel, confirmations)
+            raise
     finally:
         _exited_now(lock)
     return confirmations

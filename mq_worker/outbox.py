@@ -144,13 +144,20 @@ class Outbox:
         is idle on a channel that batches (nothing on the wire unconfirmed): that saves
         the task's turn and, when nothing is queued ahead of them, the turn of the
         connection's writer (`confirmed_batch.publish_now`). The task then awaits their
-        confirmation as if it had published them. False if left to the task.
+        confirmation as if it had published them. False if left to the task, as on any
+        error: it never raises.
         """
         channel = self._idle_on
         if channel is None or self._in_flight or not self._events:
             return False
         batch = list(islice(self._events, _BATCH))
-        sent = confirmed_batch.publish_now(channel, self._messages(batch))
+        try:
+            sent = confirmed_batch.publish_now(channel, self._messages(batch))
+        except Exception as exc:
+            # Not the caller's failure (a run's start): the outbox's task publishes them,
+            # and a failure it meets ends the session as any other.
+            log.warning("events not sent at once; left to the outbox's task", error=str(exc))
+            return False
         if sent is None:
             return False
         self._in_flight, self._sent, self._idle_on = len(batch), sent, None

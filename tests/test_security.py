@@ -28,10 +28,21 @@ import anyio
 import pytest
 import structlog
 
-from mq_worker import EventSubscriber, EventType, Publisher, logs, new_run
+from mq_worker import (
+    EventSubscriber,
+    EventType,
+    Publisher,
+    broker,
+    logs,
+    new_run,
+    socket_writes,
+    topology,
+)
 from mq_worker.broker import TlsOptions, mask_secrets, mask_url
 from mq_worker.errors import BrokerError, ConfigurationError, InvalidMessage
+from mq_worker.events import build_event
 from mq_worker.job_configuration import BaseJobTemplate
+from mq_worker.outbox import Outbox
 from mq_worker.signing import SIGNATURE_HEADER, SIGNATURE_V2_HEADER, Signer
 from mq_worker.topology import DEAD_QUEUE
 from mq_worker.workers.process import ProcessJobConfiguration, ProcessWorker
@@ -287,6 +298,44 @@ async def test_worker_publisher_and_subscriber_work_over_mutual_tls(
     assert worker["ssl"] is True and "CN=client" in worker["peer_cert_subject"]
     assert len(ours) >= 3 and all(c["ssl"] is True for c in ours)
 
+
+
+async def test_events_sent_at_once_are_written_to_the_tls_socket_in_order(
+    rabbitmq_tls: TlsNode  # noqa: F811
+) -> None:
+    """`Outbox.send_now` writes to a TLS connection's stream itself, as to a plain one:
+    nothing left in aiormq's write queue, every event confirmed and routed in order."""
+    node, seen = rabbitmq_tls, f"seen-{uuid.uuid4().hex[:8]}"
+    tls = TlsOptions(node.pki.ca, node.pki.client_cert, node.pki.client_key)
+    connection, _ = await broker.connect([node.amqps_url()], name="test", tls=tls)
+    try:
+        channel = await (await connection.channel()).get_underlay_channel()
+        writer = socket_writes.writer_of(channel)
+        assert writer is not None and writer.get_extra_info("sslcontext") is not None
+        await topology.declare_exchanges(channel)
+        await channel.queue_declare(seen, exclusive=True)
+        await channel.queue_bind(seen, topology.EVENTS_EXCHANGE, routing_key="mq_worker.run.#")
+        outbox = Outbox()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outbox.publish_forever, channel)
+            for run in range(5):
+                await anyio.wait_all_tasks_blocked()
+                for event_type in (EventType.RUN_PENDING, EventType.RUN_SUBMITTED):
+                    outbox.put(build_event(event_type, source="/test", subject=str(run), data={}))
+                assert outbox.send_now()
+                assert channel.write_queue.empty()
+                with anyio.fail_after(10):
+                    await outbox.wait_empty()
+            tg.cancel_scope.cancel()
+        assert outbox.published == 10
+        routed: list[str] = []
+        while len(routed) < 10:
+            message = await channel.basic_get(seen, no_ack=True)
+            if message.body:
+                routed.append(json.loads(message.body)["type"])
+        assert routed == [EventType.RUN_PENDING, EventType.RUN_SUBMITTED] * 5
+    finally:
+        await connection.close()
 
 async def test_cli_start_and_submit_over_tls(
     rabbitmq_tls: TlsNode, worker_processes: Any, tmp_path: Path  # noqa: F811

@@ -15,6 +15,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+from mq_worker import confirmed_batch, socket_writes
 from mq_worker.events import EventType, OutgoingEvent, build_event
 from mq_worker.fencing import worker_lost_event_id
 from mq_worker.outbox import Outbox
@@ -301,4 +302,49 @@ async def test_nothing_is_sent_at_once_while_another_publish_holds_the_channels_
         channel.confirm_all()
         with anyio.fail_after(5):
             await outbox.wait_empty()
+        tg.cancel_scope.cancel()
+
+
+def _failing_write(channel: object, payload: bytes) -> bool:
+    raise OSError("the write failed")
+
+
+@pytest.mark.anyio
+async def test_a_failed_write_now_gives_back_its_tags_and_the_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `publish` when its frames are not queued: the broker never sees these tags, so
+    the next publish must take them, or the broker's confirms go to the wrong events."""
+    channel = BatchChannel()
+    monkeypatch.setattr(socket_writes, "write_now", _failing_write)
+    message = confirmed_batch.Message(EVENTS_EXCHANGE, "mq_worker.run.submitted", b"{}",
+                                      "application/json", "id-1")
+
+    with pytest.raises(OSError):
+        confirmed_batch.publish_now(channel, [message])
+
+    assert channel.delivery_tag == 0 and channel.confirmations == {}
+    assert not channel.held.locked()
+
+
+@pytest.mark.anyio
+async def test_a_failure_to_send_now_is_left_to_the_outbox_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run whose start called `send_now` is not hurt by it: its events go out as the
+    outbox's task publishes them."""
+    outbox = Outbox()
+    channel = BatchChannel()
+    async with anyio.create_task_group() as tg:
+        await _idle(outbox, channel, tg)
+        monkeypatch.setattr(socket_writes, "write_now", _failing_write)
+        outbox.put(_run_event(EventType.RUN_PENDING, RUN))
+        outbox.put(_run_event(EventType.RUN_SUBMITTED, RUN))
+
+        assert not outbox.send_now()
+
+        await anyio.wait_all_tasks_blocked()
+        assert channel.queued_event_types() == ["pending", "submitted"]
+        channel.confirm_all()
+        with anyio.fail_after(5):
+            await outbox.wait_empty()
+        assert outbox.published == 2 and channel.delivery_tag == 2
         tg.cancel_scope.cancel()
