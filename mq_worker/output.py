@@ -193,6 +193,7 @@ class OutputShipper:
         self._pending: deque[_Batch] = deque()
         self._pending_bytes = 0
         self._ready = anyio.Event()
+        self._emptied = anyio.Event()
         self._refused = False
         self._counts = {"shipped": 0, "dropped": 0, "truncated": 0}
         self._counter: Counter | None = None
@@ -207,6 +208,25 @@ class OutputShipper:
     def stats(self) -> OutputStats:
         return OutputStats(self._counts["shipped"], self._counts["dropped"],
                            self._counts["truncated"], self._pending_bytes)
+
+    async def flush(self) -> None:
+        """Wait until every sealed batch has been written to the broker's connection.
+
+        A stopping worker calls it once its runs have ended (their `eof` batches are
+        sealed) and before it closes its connection; the caller bounds the wait.
+        """
+        while self._pending:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
+
+    def abandon(self) -> tuple[int, int]:
+        """Drop the batches not yet shipped, counting their lines as dropped: (batches, lines)."""
+        batches, lines = len(self._pending), sum(len(b.lines) for b in self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._count("dropped", lines)
+        self._emptied.set()
+        return batches, lines
 
     def _count(self, outcome: str, lines: int) -> None:
         self._counts[outcome] += lines
@@ -236,6 +256,7 @@ class OutputShipper:
         Without publisher confirms: output is best effort, and a confirm wait
         would only slow the next batch. A lost connection loses at most the
         batch being written; the rest waits (bounded) for the next connection.
+        A stopping worker waits (bounded) for the queue to empty (`flush`).
         """
         channel = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
         try:
@@ -247,6 +268,7 @@ class OutputShipper:
             self._refused = True
             self._pending.clear()
             self._pending_bytes = 0
+            self._emptied.set()
             return
         properties = spec.Basic.Properties(content_type=JSON_CONTENT_TYPE, delivery_mode=2)
         while True:
@@ -258,6 +280,10 @@ class OutputShipper:
                 batch.body(), exchange=OUTPUT_EXCHANGE,
                 routing_key=output_routing_key(self.pool, batch.run.run_id),
                 properties=properties)
+            if not self._pending or self._pending[0] is not batch:
+                continue  # abandoned meanwhile (see `abandon`): already counted
             self._pending.popleft()
             self._pending_bytes -= batch.size
             self._count("shipped", len(batch.lines))
+            if not self._pending:
+                self._emptied.set()

@@ -19,8 +19,10 @@ import psutil
 import pytest
 
 from mq_worker.ledger import LedgerStore
+from mq_worker.output import OutputShipper
 from mq_worker.publisher import Publisher, new_run
 from mq_worker.topology import OUTPUT_EXCHANGE
+from mq_worker.workers.process import ProcessWorker
 from tests.contract import committed_document, message_for_routing_key, payload_validator
 from tests.helpers import (
     HOST,
@@ -32,6 +34,7 @@ from tests.helpers import (
     running_worker,
     unique,
     wait_until,
+    worker_settings,
 )
 from tests.helpers.ledger import (
     LedgerProcess,
@@ -141,6 +144,72 @@ async def test_output_batches_on_the_wire_follow_the_contract(
     assert texts == [f"line {i} {'x' * 40}" for i in range(shipped)]
     assert 0 < sum(len(t) for t in texts) <= 100_000 < 3000 * 48  # capped, in order
     assert all(b["first_line"] <= shipped for b in bodies)
+
+
+class _ShipsOnlyAfterTheEvents(OutputShipper):
+    """Output that reaches the broker later than events: it is held until `go` is set."""
+
+    go: anyio.Event
+
+    async def ship_forever(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        await self.go.wait()
+        await super().ship_forever(connection)
+
+
+@pytest.mark.parametrize("stopped_at_drain", [False, True], ids=["ended", "cancelled"])
+async def test_output_of_a_run_that_ended_just_before_a_graceful_stop_is_delivered(
+    vhost: VHost, events: EventLog, tmp_path: Path, stopped_at_drain: bool,
+) -> None:
+    """The worker is stopped (gracefully) right after its run's terminal event, or while the
+    run runs (then it is cancelled at the drain timeout and prints as it goes), with the
+    run's output still queued: output ships on a channel of its own, without order against
+    the events, and here is held until the worker's last events are out. The worker flushes
+    it before closing its connection: a subscriber gets every line and the `eof` batch."""
+    worker = ProcessWorker(worker_settings(vhost.url, drain_timeout=0))
+    shipper = _ShipsOnlyAfterTheEvents(pool=worker.pool, worker=worker.name)
+    shipper.go = anyio.Event()
+    worker.output = shipper
+    events_out = worker._outbox.wait_empty
+
+    async def wait_empty() -> None:  # the outbox is emptied once stopping: output may go
+        await events_out()
+        shipper.go.set()
+
+    worker._outbox.wait_empty = wait_empty  # type: ignore[method-assign]
+    received: list[aio_pika.abc.AbstractIncomingMessage] = []
+    running = tmp_path / "running"
+    script = "for i in range(500):\n    print('line', i)\n"
+    if stopped_at_drain:
+        script += ("import os, signal, sys, time\n"
+                   "def bye(*_):\n    print('line 500', flush=True)\n    sys.exit(0)\n"
+                   "signal.signal(signal.SIGTERM, bye)\n"
+                   f"open({str(running)!r}, 'w').close()\n"
+                   "while True:\n    time.sleep(1)\n")
+    expected = [f"line {i}" for i in range(501 if stopped_at_drain else 500)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(collect_output, vhost.url, received)
+        async with anyio.create_task_group() as serving:
+            serving.start_soon(worker.serve)
+            with anyio.fail_after(30):
+                await worker.ready.wait()
+            async with Publisher(vhost.url) as publisher:
+                run = await publisher.submit(new_run(shlex.join([PYTHON, "-c", script])))
+            if stopped_at_drain:
+                await wait_until(running.exists, timeout=60)
+            else:
+                await events.wait_terminal([run.id], timeout=60)
+            worker.stop()
+        assert shipper.go.is_set()  # held until the stop
+        # serve() has returned: what it shipped is at the broker, on its way to the subscriber.
+        await wait_until(lambda: any(json.loads(m.body)["eof"] for m in received), timeout=30)
+        tg.cancel_scope.cancel()
+    outcome = "cancelled" if stopped_at_drain else "completed"
+    assert [e.type for e in events.terminal(run.id)] == [f"mq_worker.run.{outcome}"]
+    bodies = [json.loads(m.body) for m in received]
+    assert [b["sequence"] for b in bodies] == list(range(len(bodies)))
+    assert [line["text"] for b in bodies for line in b["lines"]] == expected
+    assert bodies[-1]["dropped_lines"] == 0
+    assert shipper.stats().shipped_lines == len(expected)
 
 
 def _rss(pid: int) -> int:

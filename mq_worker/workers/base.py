@@ -256,11 +256,19 @@ class BaseWorker(WorkerTypeHooks):
         await serving.keeper.drain(timeout=self.settings.drain_timeout,
                                    cancel_reason=self._cancel_reason)
         self._report.worker_stopped()
+        # The runs have ended, their output's last batches are sealed: events and output
+        # leave before the connection closes (output on its own channel, in parallel).
         with anyio.move_on_after(10 if self.connected else 2):
-            await self._outbox.wait_empty()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._outbox.wait_empty)
+                tg.start_soon(self.output.flush)
         if len(self._outbox):
             self.log.error("events not yet published when stopping", count=len(self._outbox),
                            spooled=self.settings.spool_dir is not None)
+        batches, lines = self.output.abandon()
+        if batches:
+            self.log.error("run output not shipped when stopping: dropped", batches=batches,
+                           lines=lines)
         self.log.info("stopped")
 
     def _cancel_reason(self) -> str:
