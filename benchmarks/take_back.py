@@ -41,6 +41,7 @@ from benchmarks._runner import command_line, run_benchmark
 from mq_worker.control import TokenMessage, encode
 from mq_worker.limits import ControlState, Limit
 from mq_worker.slot_requests import Lease, SlotRequests
+from mq_worker.slots import CUT_OFF_SECONDS
 from mq_worker.spares import HeldToken
 from mq_worker.topology import limit_queue_name
 
@@ -130,13 +131,14 @@ async def lost_together(url: str, requests: SlotRequests, size: int, workers: in
             channel.basic_get = counted_get  # type: ignore[method-assign]
         for holder in holders:
             await holder.close()
+        until = time.monotonic() + CUT_OFF_SECONDS  # (their loss: the closes)
         missed = 0
         slowest = 0.0
 
         async def take_back(channel: aiormq.abc.AbstractChannel, lease: Lease) -> None:
             nonlocal missed, slowest
             began = time.perf_counter()
-            found, _ = await requests.take_back(channel, [lease])
+            found, _ = await requests.take_back(channel, [lease], until=until)
             slowest = max(slowest, time.perf_counter() - began)
             missed += len(lease.tokens) - len(found)
 

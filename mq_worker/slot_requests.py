@@ -7,7 +7,9 @@ in flight at a time)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
+import time
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ _PERSISTENT = 2
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # A token of this worker's that `take_back` does not find may be held for a moment by
 # another worker taking its own back likewise (a node loss cuts several off at once):
-# it looks this many times in all, a jittered pause apart, before it gives up on it.
+# it looks this many times in all, a jittered pause apart, and on until its deadline,
+# before it gives up on it.
 TAKE_BACK_PASSES = 3
 TAKE_BACK_PAUSE_SECONDS = (0.05, 0.15)
 Mine = tuple[str, int, int]  # a token as its holder knows it: (target, number, version)
@@ -214,12 +217,19 @@ class SlotRequests:
             for channel in touched.values():
                 await channel.tx_commit()
 
-    async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease]
-                        ) -> tuple[dict[Mine, HeldToken], Counter[str]]:
+    async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease],
+                        until: float = 0.0) -> tuple[dict[Mine, HeldToken], Counter[str]]:
         """After a reconnection: take again, on `channel`, the very tokens the `leases` held
         (same target, number and version), found by scanning each target's token queue;
         the tokens found (as the broker gave them: marked), and per target how many free
-        tokens of others were taken and published again (see `scan`).
+        tokens of others were taken and published again (see `scan`). A token not found
+        is looked for again, TAKE_BACK_PASSES times in all and then for as long as the
+        next pass can start before `until` (time.monotonic(): the runs' deadline).
+
+        Several workers cut off together scan at once, each holding what it takes until
+        its pass ends: with a few tokens each, a worker's token was held by another's
+        scan pass after pass, and half the runs were stopped though all were back in
+        time (`benchmarks.take_back`).
 
         Any other token would do for the count, but not for the limit: a free token may
         be that of another worker cut off after this one, whose runs go on until its own
@@ -233,9 +243,12 @@ class SlotRequests:
         found: dict[Mine, HeldToken] = {}
         given_back: Counter[str] = Counter()
         for target, own in sorted(wanted.items()):
-            for attempt in range(TAKE_BACK_PASSES):
+            for attempt in itertools.count():
                 if attempt:
-                    await anyio.sleep(random.uniform(*TAKE_BACK_PAUSE_SECONDS))
+                    pause = random.uniform(*TAKE_BACK_PAUSE_SECONDS)
+                    if attempt >= TAKE_BACK_PASSES and time.monotonic() + pause >= until:
+                        break
+                    await anyio.sleep(pause)
                 taken, fresh = await self.scan(channel, target, own)
                 found.update(((target, *key), token) for key, token in taken.items())
                 if fresh:

@@ -101,6 +101,7 @@ class SlotGate:
         self._cut_off = anyio.Event()  # set when a session ends
         self._sessions = 0
         self._fresh_runs_wait_until = 0.0  # monotonic: see BACK_FROM_A_LOST_CONNECTION_SECONDS
+        self._lost_at = 0.0  # monotonic: when the last session ended
         self._requests = SlotRequests(state)
         # Held on the slots channel.
         self.spares = Spares(self._requests.still_valid, self._requests.settle)
@@ -120,6 +121,7 @@ class SlotGate:
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
             self._reclaimed = anyio.Event()
+            self._lost_at = time.monotonic()
             self._cut_off.set()
 
     async def end_session_if_tokens_lost(self) -> None:
@@ -273,7 +275,8 @@ class SlotGate:
             return
         try:
             leases = [lease for lease in list(self._leases) if lease.channel is not channel]
-            found, given_back = await self._requests.take_back(channel, leases)
+            found, given_back = await self._requests.take_back(
+                channel, leases, until=self._lost_at + CUT_OFF_SECONDS)
             for lease in leases:
                 mine = [(t.target, t.number, t.version) for t in lease.tokens]
                 lost = next((key[0] for key in mine  # (a removed limit holds nothing)

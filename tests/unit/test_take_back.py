@@ -12,6 +12,7 @@ and a token put back unacknowledged comes first again, marked redelivered.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, cast
@@ -45,6 +46,7 @@ class TokenQueue:
         self.is_closed = False
         self.connection = SimpleNamespace(channel=self._channel)
         self.later: list[tuple[int, int, bool]] = []  # back once the queue first runs dry
+        self.dry_before_later = 1  # ... or runs dry this many times
 
     @staticmethod
     def body(number: int, version: int) -> bytes:
@@ -61,6 +63,9 @@ class TokenQueue:
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
         assert queue == limit_queue_name(TARGET) and not no_ack
         self.gets += 1
+        if not self.ready and self.later and self.dry_before_later > 1:
+            self.dry_before_later -= 1
+            return SimpleNamespace(delivery=spec.Basic.GetEmpty())
         if not self.ready and self.later:
             self.ready.extend((self.body(n, v), m) for n, v, m in self.later)
             self.later = []
@@ -183,6 +188,30 @@ async def test_a_token_held_by_another_worker_s_scan_is_found_on_a_later_pass(
     found, given_back = await requests().take_back(cast(aiormq.abc.AbstractChannel, queue),
                                                    [lease])
     assert list(found) == [(TARGET, 0, 1)] and not given_back
+
+
+async def test_a_token_held_by_other_scans_for_longer_is_looked_for_until_the_deadline(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several workers cut off together scan the queue at once, each holding what it
+    # took until its pass ends: a worker's token can be held elsewhere pass after pass.
+    # Its run goes on if the token is found before its deadline, however many passes.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    queue = TokenQueue((1, 1, True))
+    queue.later, queue.dry_before_later = [(0, 1, True)], slot_requests.TAKE_BACK_PASSES + 2
+    lease = Lease(None, [HeldToken(TARGET, 5, 0, 1)])
+    found, _ = await requests().take_back(cast(aiormq.abc.AbstractChannel, queue), [lease],
+                                          until=time.monotonic() + 60)
+    assert list(found) == [(TARGET, 0, 1)]
+
+
+async def test_past_its_deadline_a_worker_stops_looking_after_the_passes() -> None:
+    queue = TokenQueue((1, 1, True))
+    queue.later, queue.dry_before_later = [(0, 1, True)], 100
+    lease = Lease(None, [HeldToken(TARGET, 5, 0, 1)])
+    found, _ = await requests().take_back(cast(aiormq.abc.AbstractChannel, queue), [lease],
+                                          until=time.monotonic())
+    assert found == {} and queue.gets == 2 * slot_requests.TAKE_BACK_PASSES
 
 
 class Gate:
