@@ -7,10 +7,15 @@ import json
 import time
 from pathlib import Path
 
+import aio_pika
 import anyio
 import pytest
+from pamqp import commands as spec
 
 from mq_worker import pool_control, slots
+from mq_worker.control import TokenMessage, encode
+from mq_worker.limits import ControlState, Limit
+from mq_worker.slot_requests import SlotRequests
 from mq_worker.topology import limit_queue_name, waiting_queue_name
 from mq_worker.workers import session
 from tests.helpers import (
@@ -187,3 +192,45 @@ async def test_two_workers_back_at_the_same_moment_each_take_back_their_own_slot
             str(run["id"]))
     spans = process_spans(tmp_path, markers)
     assert most_at_once(list(spans.values())) <= 2, spans
+
+
+async def test_a_scan_takes_its_own_tokens_from_anywhere_in_a_large_queue_and_puts_back_the_rest(
+    vhost: VHost,
+) -> None:
+    """The scan on a real token queue of 200 tokens: its own tokens are found wherever
+    they are (here the first and the last), every other token is back exactly once, a
+    free one as a new message, one lost with a connection still marked."""
+    target = "key:db"
+    queue = limit_queue_name(target)
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await (await connection.channel(publisher_confirms=False)
+                         ).get_underlay_channel()
+        await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.tx_select()
+        for number in range(200):
+            await channel.basic_publish(
+                encode(TokenMessage(target=target, number=number, version=1)),
+                exchange="", routing_key=queue)
+        await channel.tx_commit()
+        holder = await aio_pika.connect(vhost.url)
+        held = await (await holder.channel()).get_underlay_channel()
+        for _ in range(2):  # tokens 0 and 1, lost with the holder's connection
+            assert isinstance((await held.basic_get(queue)).delivery, spec.Basic.GetOk)
+        await holder.close()
+
+        requests = SlotRequests(ControlState(limits={target: Limit(target, 200,
+                                                                   ((0, 200, 1),))}))
+        kept, fresh = await requests.scan(channel, target, {(0, 1), (199, 1)})
+        assert sorted(kept) == [(0, 1), (199, 1)] and kept[(0, 1)].returned
+        assert fresh == 197
+
+        other = await (await connection.channel()).get_underlay_channel()
+        seen: list[tuple[int, bool]] = []
+        while isinstance((message := await other.basic_get(queue)).delivery, spec.Basic.GetOk):
+            token = TokenMessage.model_validate_json(message.body)
+            seen.append((token.number, bool(message.delivery.redelivered)))
+    finally:
+        await connection.close()
+    assert sorted(number for number, _ in seen) == list(range(1, 199))
+    assert [number for number, marked in seen if marked] == [1]

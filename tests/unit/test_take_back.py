@@ -77,7 +77,7 @@ class TokenQueue:
         self.held[self.tags] = (body, marked)
         return SimpleNamespace(body=body, delivery=spec.Basic.GetOk(
             delivery_tag=self.tags, redelivered=marked, exchange="", routing_key=queue,
-            message_count=len(self.ready)))
+            message_count=0))  # (so the scan gets every token: see `SlotRequests._sweep`)
 
     async def basic_ack(self, delivery_tag: int) -> None:
         self.pending.append(("ack", delivery_tag))
