@@ -43,6 +43,10 @@ SWEEP_IDLE_SECONDS = 0.05  # see `SlotRequests._sweep`
 Mine = tuple[str, int, int]  # a token as its holder knows it: (target, number, version)
 
 
+def key_of(token: HeldToken) -> Mine:
+    return token.target, token.number, token.version
+
+
 @dataclass(eq=False)
 class Lease:
     """The tokens a run holds, on the channel that holds them."""

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import aiormq.abc
+import anyio
 import pytest
 from pamqp import commands as spec
 
@@ -47,6 +48,7 @@ class TokenQueue:
         self.connection = SimpleNamespace(channel=self._channel)
         self.later: list[tuple[int, int, bool]] = []  # back once the queue first runs dry
         self.dry_before_later = 1  # ... or runs dry this many times
+        self.get_seconds = 0.0  # how long a get takes (a round trip)
 
     @staticmethod
     def body(number: int, version: int) -> bytes:
@@ -63,6 +65,8 @@ class TokenQueue:
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
         assert queue == limit_queue_name(TARGET) and not no_ack
         self.gets += 1
+        if self.get_seconds:
+            await anyio.sleep(self.get_seconds)
         if not self.ready and self.later and self.dry_before_later > 1:
             self.dry_before_later -= 1
             return SimpleNamespace(delivery=spec.Basic.GetEmpty())
@@ -276,3 +280,22 @@ async def test_a_run_of_a_limit_removed_while_cut_off_goes_on_holding_nothing() 
     await gate.reconnect()
     assert gate.lost == []
     assert [(t.target, t.number) for t in lease.tokens] == [(TARGET, 0)]
+
+
+async def test_a_run_whose_token_is_found_goes_on_while_another_s_is_looked_for(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Token 0 is back at once; token 1 never is. Looking for token 1 until the deadline
+    # must not keep the run of token 0 from being taken back: at the deadline, the runs
+    # not taken back are stopped, and only the run of token 1 may be.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.01, 0.01))
+    gate = Gate(TokenQueue((0, 1, True)))
+    gate.queue.get_seconds = 0.05  # (a pass that starts before the deadline ends after it)
+    first, _ = gate.running("a", 0), gate.running("b", 1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gate.gate.stop_runs_cut_off)
+        gate.gate.bind(None, None)  # the connection is lost
+        await gate.reconnect()  # (back at once: the deadline is 1 s after the loss)
+        tg.cancel_scope.cancel()
+    assert gate.lost == [("b", TARGET)]
+    assert first.channel is gate.queue and [t.number for t in first.tokens] == [0]
