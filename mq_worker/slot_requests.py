@@ -72,21 +72,32 @@ class SlotRequests:
     async def take(self, target: str, lease: Lease,
                    channel: aiormq.abc.AbstractChannel | None = None) -> bool:
         """Take a token of `target` for `lease`, on `channel` (default: the lease's);
-        False if none is free. Tokens no longer valid are destroyed on the way."""
+        False if none is free. Tokens no longer valid are destroyed on the way.
+
+        A token the broker marks redelivered came back with a lost connection, whose
+        worker may be back in a moment to take it back (it takes back only its own:
+        `take_back`), and RabbitMQ hands such a token first. So one behind it is taken
+        instead if the next token is a free one; the marked one is put back, still
+        marked, and taken only if no free one follows."""
         queue = topology.limit_queue_name(target)
         channel = channel or lease.channel
         assert channel is not None
         held_on = None if channel is lease.channel else channel
+        marked: HeldToken | None = None  # passed over once, in `lease` meanwhile
         while True:
             message = await channel.basic_get(queue, no_ack=False)
             if not isinstance(message.delivery, spec.Basic.GetOk):
-                return False
+                return marked is not None
             tag = message.delivery.delivery_tag
             assert tag is not None
             limit = self.state.limits.get(target)
             if limit is None:  # removed since: nothing to hold
-                await channel.basic_nack(tag, requeue=True, wait=False)
-                await channel.tx_commit()
+                with anyio.CancelScope(shield=True):
+                    for unused in ([tag, marked.tag] if marked is not None else [tag]):
+                        await channel.basic_nack(unused, requeue=True, wait=False)
+                    if marked is not None:
+                        lease.tokens.remove(marked)
+                    await channel.tx_commit()
                 return True
             try:
                 token = TokenMessage.model_validate_json(message.body)
@@ -94,9 +105,22 @@ class SlotRequests:
                 token = None
             if token is not None and self.still_valid(target, token.number, token.version):
                 # Redelivered: it came back with a lost connection, or unused (see `settle`).
-                lease.tokens.append(HeldToken(target, tag, token.number, token.version,
-                                              channel=held_on,
-                                              returned=bool(message.delivery.redelivered)))
+                held = HeldToken(target, tag, token.number, token.version, channel=held_on,
+                                 returned=bool(message.delivery.redelivered))
+                if marked is None and held.returned:
+                    marked = held
+                    lease.tokens.append(held)
+                    continue
+                if marked is not None:
+                    back = held if held.returned else marked
+                    with anyio.CancelScope(shield=True):
+                        if back is marked:
+                            lease.tokens.remove(marked)
+                            lease.tokens.append(held)
+                        await channel.basic_nack(back.tag, requeue=True, wait=False)
+                        await channel.tx_commit()
+                    return True
+                lease.tokens.append(held)
                 return True
             # Left over from an earlier, larger limit (or not a token at all): destroy it.
             log.info("stale slot token destroyed", target=target,

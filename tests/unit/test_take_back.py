@@ -299,3 +299,22 @@ async def test_a_run_whose_token_is_found_goes_on_while_another_s_is_looked_for(
         tg.cancel_scope.cancel()
     assert gate.lost == [("b", TARGET)]
     assert first.channel is gate.queue and [t.number for t in first.tokens] == [0]
+
+
+async def test_a_run_takes_the_free_token_behind_a_lost_one_and_leaves_the_lost_one() -> None:
+    # Token 0 came back with its worker's connection (RabbitMQ hands it first); that
+    # worker, back in a moment, takes back only token 0: a run elsewhere takes token 1.
+    queue = TokenQueue((0, 1, True), (1, 1, False))
+    lease = Lease(cast(aiormq.abc.AbstractChannel, queue))
+    assert await requests().take(TARGET, lease)
+    assert [(t.number, t.returned) for t in lease.tokens] == [(1, False)]
+    assert queue.tokens() == [(0, 1, True)] and len(queue.held) == 1
+
+
+async def test_with_no_free_token_behind_it_a_lost_token_is_taken_marked() -> None:
+    for tokens in [((0, 1, True),), ((0, 1, True), (1, 1, True))]:
+        queue = TokenQueue(*tokens)
+        lease = Lease(cast(aiormq.abc.AbstractChannel, queue))
+        assert await requests().take(TARGET, lease)
+        assert [(t.number, t.returned) for t in lease.tokens] == [(0, True)]  # held first
+        assert queue.tokens() == [(n, v, m) for n, v, m in tokens[1:]]
