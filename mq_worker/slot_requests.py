@@ -7,14 +7,18 @@ in flight at a time)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import random
+import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import aiormq.abc
 import aiormq.exceptions
 import anyio
+import anyio.lowlevel
 import structlog
 from pamqp import commands as spec
 from pydantic import ValidationError
@@ -31,10 +35,16 @@ _PERSISTENT = 2
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # A token of this worker's that `take_back` does not find may be held for a moment by
 # another worker taking its own back likewise (a node loss cuts several off at once):
-# it looks this many times in all, a jittered pause apart, before it gives up on it.
+# it looks this many times in all, a jittered pause apart, and on until its deadline,
+# before it gives up on it.
 TAKE_BACK_PASSES = 3
 TAKE_BACK_PAUSE_SECONDS = (0.05, 0.15)
+SWEEP_IDLE_SECONDS = 0.05  # see `SlotRequests._sweep`
 Mine = tuple[str, int, int]  # a token as its holder knows it: (target, number, version)
+
+
+def key_of(token: HeldToken) -> Mine:
+    return token.target, token.number, token.version
 
 
 @dataclass(eq=False)
@@ -62,21 +72,32 @@ class SlotRequests:
     async def take(self, target: str, lease: Lease,
                    channel: aiormq.abc.AbstractChannel | None = None) -> bool:
         """Take a token of `target` for `lease`, on `channel` (default: the lease's);
-        False if none is free. Tokens no longer valid are destroyed on the way."""
+        False if none is free. Tokens no longer valid are destroyed on the way.
+
+        A token the broker marks redelivered came back with a lost connection, whose
+        worker may be back in a moment to take it back (it takes back only its own:
+        `take_back`), and RabbitMQ hands such a token first. So one behind it is taken
+        instead if the next token is a free one; the marked one is put back, still
+        marked, and taken only if no free one follows."""
         queue = topology.limit_queue_name(target)
         channel = channel or lease.channel
         assert channel is not None
         held_on = None if channel is lease.channel else channel
+        marked: HeldToken | None = None  # passed over once, in `lease` meanwhile
         while True:
             message = await channel.basic_get(queue, no_ack=False)
             if not isinstance(message.delivery, spec.Basic.GetOk):
-                return False
+                return marked is not None
             tag = message.delivery.delivery_tag
             assert tag is not None
             limit = self.state.limits.get(target)
             if limit is None:  # removed since: nothing to hold
-                await channel.basic_nack(tag, requeue=True, wait=False)
-                await channel.tx_commit()
+                with anyio.CancelScope(shield=True):
+                    for unused in ([tag, marked.tag] if marked is not None else [tag]):
+                        await channel.basic_nack(unused, requeue=True, wait=False)
+                    if marked is not None:
+                        lease.tokens.remove(marked)
+                    await channel.tx_commit()
                 return True
             try:
                 token = TokenMessage.model_validate_json(message.body)
@@ -84,9 +105,22 @@ class SlotRequests:
                 token = None
             if token is not None and self.still_valid(target, token.number, token.version):
                 # Redelivered: it came back with a lost connection, or unused (see `settle`).
-                lease.tokens.append(HeldToken(target, tag, token.number, token.version,
-                                              channel=held_on,
-                                              returned=bool(message.delivery.redelivered)))
+                held = HeldToken(target, tag, token.number, token.version, channel=held_on,
+                                 returned=bool(message.delivery.redelivered))
+                if marked is None and held.returned:
+                    marked = held
+                    lease.tokens.append(held)
+                    continue
+                if marked is not None:
+                    back = held if held.returned else marked
+                    with anyio.CancelScope(shield=True):
+                        if back is marked:
+                            lease.tokens.remove(marked)
+                            lease.tokens.append(held)
+                        await channel.basic_nack(back.tag, requeue=True, wait=False)
+                        await channel.tx_commit()
+                    return True
+                lease.tokens.append(held)
                 return True
             # Left over from an earlier, larger limit (or not a token at all): destroy it.
             log.info("stale slot token destroyed", target=target,
@@ -214,12 +248,19 @@ class SlotRequests:
             for channel in touched.values():
                 await channel.tx_commit()
 
-    async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease]
-                        ) -> tuple[dict[Mine, HeldToken], Counter[str]]:
+    async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease],
+                        until: float = 0.0) -> tuple[dict[Mine, HeldToken], Counter[str]]:
         """After a reconnection: take again, on `channel`, the very tokens the `leases` held
         (same target, number and version), found by scanning each target's token queue;
         the tokens found (as the broker gave them: marked), and per target how many free
-        tokens of others were taken and published again (see `scan`).
+        tokens of others were taken and published again (see `scan`). A token not found
+        is looked for again, TAKE_BACK_PASSES times in all and then for as long as the
+        next pass can start before `until` (time.monotonic(): the runs' deadline).
+
+        Several workers cut off together scan at once, each holding what it takes until
+        its pass ends: with a few tokens each, a worker's token was held by another's
+        scan pass after pass, and half the runs were stopped though all were back in
+        time (`benchmarks.take_back`).
 
         Any other token would do for the count, but not for the limit: a free token may
         be that of another worker cut off after this one, whose runs go on until its own
@@ -233,9 +274,12 @@ class SlotRequests:
         found: dict[Mine, HeldToken] = {}
         given_back: Counter[str] = Counter()
         for target, own in sorted(wanted.items()):
-            for attempt in range(TAKE_BACK_PASSES):
+            for attempt in itertools.count():
                 if attempt:
-                    await anyio.sleep(random.uniform(*TAKE_BACK_PAUSE_SECONDS))
+                    pause = random.uniform(*TAKE_BACK_PAUSE_SECONDS)
+                    if attempt >= TAKE_BACK_PASSES and time.monotonic() + pause >= until:
+                        break
+                    await anyio.sleep(pause)
                 taken, fresh = await self.scan(channel, target, own)
                 found.update(((target, *key), token) for key, token in taken.items())
                 if fresh:
@@ -263,27 +307,38 @@ class SlotRequests:
         kept: dict[tuple[int, int], HeldToken] = {}
         others: list[HeldToken] = []
         stale: list[HeldToken] = []
+
+        def sort(message: aiormq.abc.DeliveredMessage) -> None:
+            delivery = message.delivery
+            assert isinstance(delivery, spec.Basic.GetOk | spec.Basic.Deliver)
+            tag = delivery.delivery_tag
+            assert tag is not None
+            try:
+                token = TokenMessage.model_validate_json(message.body)
+            except ValidationError:
+                stale.append(HeldToken(target, tag, -1, 0))
+                return
+            held = HeldToken(target, tag, token.number, token.version,
+                             returned=bool(delivery.redelivered))
+            key = (token.number, token.version)
+            if not self.still_valid(target, *key):
+                stale.append(held)
+            elif key in wanted and key not in kept:
+                kept[key] = held
+            else:
+                others.append(held)
+
         try:
+            swept = False
             while len(kept) < len(wanted):
                 message = await channel.basic_get(queue, no_ack=False)
                 if not isinstance(message.delivery, spec.Basic.GetOk):
                     break
-                tag = message.delivery.delivery_tag
-                assert tag is not None
-                try:
-                    token = TokenMessage.model_validate_json(message.body)
-                except ValidationError:
-                    stale.append(HeldToken(target, tag, -1, 0))
-                    continue
-                held = HeldToken(target, tag, token.number, token.version,
-                                 returned=bool(message.delivery.redelivered))
-                key = (token.number, token.version)
-                if not self.still_valid(target, *key):
-                    stale.append(held)
-                elif key in wanted and key not in kept:
-                    kept[key] = held
-                else:
-                    others.append(held)
+                sort(message)
+                if not swept and len(kept) < len(wanted):  # (its own is often first)
+                    swept = True
+                    await self._sweep(channel, queue, int(message.delivery.message_count or 0),
+                                      sort, lambda: len(kept) >= len(wanted))
         except BaseException:
             with anyio.CancelScope(shield=True), contextlib.suppress(*_CHANNEL_ERRORS):
                 await self.settle(channel, [*others, *kept.values()], stale)
@@ -293,6 +348,46 @@ class SlotRequests:
         if others or stale:
             await self.settle(channel, others, stale)
         return kept, sum(1 for token in others if not token.returned)
+
+    @staticmethod
+    async def _sweep(channel: aiormq.abc.AbstractChannel, queue: str, expected: int,
+                     sort: Callable[[aiormq.abc.DeliveredMessage], None],
+                     done: Callable[[], bool]) -> None:
+        """The bulk of a scan: take the `expected` tokens the queue holds (as its first
+        get said) with a consumer, as fast as the broker sends them (a `basic.get` is a
+        round trip each: about 0.5 s for 1000 tokens on a loaded machine, see
+        `benchmarks.take_back`), each held like a got one, until `done`, `expected`
+        received, or none for SWEEP_IDLE_SECONDS. The scan goes on with gets until the
+        queue is empty, so a sweep that ends early only leaves more to the gets."""
+        if expected < 2:
+            return
+        send, receive = anyio.create_memory_object_stream[aiormq.abc.DeliveredMessage](
+            math.inf)
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            send.send_nowait(message)
+
+        consuming = await channel.basic_consume(queue, on_message, no_ack=False)
+        received = 0
+        try:
+            while received < expected and not done():
+                with anyio.move_on_after(SWEEP_IDLE_SECONDS):
+                    sort(await receive.receive())
+                    received += 1
+                    continue
+                break
+        finally:
+            with anyio.CancelScope(shield=True):
+                assert consuming.consumer_tag is not None
+                with contextlib.suppress(*_CHANNEL_ERRORS):
+                    await channel.basic_cancel(consuming.consumer_tag)
+                # Deliveries before the cancel's reply reached `on_message` before it.
+                await anyio.lowlevel.checkpoint()
+                while True:
+                    try:
+                        sort(receive.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
 
     def still_valid(self, target: str, number: int, version: int) -> bool:
         limit = self.state.limits.get(target)

@@ -49,7 +49,7 @@ from mq_worker import topology
 from mq_worker.consumer import Delivery
 from mq_worker.limits import ControlState
 from mq_worker.pool_admin import queue_depths, wake_waiting
-from mq_worker.slot_requests import UNKNOWN, Lease, SlotRequests
+from mq_worker.slot_requests import UNKNOWN, Lease, Mine, SlotRequests, key_of
 from mq_worker.spares import HeldToken, Spares
 from mq_worker.topology import QUEUE_HEADER, WOKEN_HEADER
 from mq_worker.wire_decoding import header_text
@@ -101,6 +101,7 @@ class SlotGate:
         self._cut_off = anyio.Event()  # set when a session ends
         self._sessions = 0
         self._fresh_runs_wait_until = 0.0  # monotonic: see BACK_FROM_A_LOST_CONNECTION_SECONDS
+        self._lost_at = 0.0  # monotonic: when the last session ended
         self._requests = SlotRequests(state)
         # Held on the slots channel.
         self.spares = Spares(self._requests.still_valid, self._requests.settle)
@@ -120,6 +121,7 @@ class SlotGate:
         if slots is None:
             self._reclaimed.set()  # runs waiting for the reclaim give up with the session
             self._reclaimed = anyio.Event()
+            self._lost_at = time.monotonic()
             self._cut_off.set()
 
     async def end_session_if_tokens_lost(self) -> None:
@@ -264,37 +266,55 @@ class SlotGate:
 
     async def reclaim(self) -> None:
         """After a reconnection: take again the very tokens (SlotRequests.take_back) that
-        the runs still running here held, before any new run here takes one; others leave
-        tokens that came back without a release alone for a while (pool_control), so this
-        normally succeeds. A run whose token is held elsewhere is over the limit: it is
-        reported to `on_slot_lost`, which stops it."""
+        the runs still running here held, before any new run here takes one (others leave
+        tokens that came back without a release alone a while: pool_control). The runs
+        whose tokens are all found go on at once; the others' are looked for until their
+        deadline. A run whose token is held elsewhere is over the limit: it is reported
+        to `on_slot_lost`, which stops it."""
         channel = self._slots
         if channel is None:
             return
         try:
             leases = [lease for lease in list(self._leases) if lease.channel is not channel]
             found, given_back = await self._requests.take_back(channel, leases)
-            for lease in leases:
-                mine = [(t.target, t.number, t.version) for t in lease.tokens]
-                lost = next((key[0] for key in mine  # (a removed limit holds nothing)
-                             if key not in found and key[0] in self.state.limits), None)
-                held = [found.pop(key) for key in mine if key in found]
-                if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile
-                    await self._give_back(Lease(channel, held))  # as they came: marked
-                    continue
-                # Its own again: no run elsewhere can hold it, it needs no hold before use.
-                lease.channel = channel
-                lease.tokens = [token._replace(returned=False) for token in held]
-                if lost is not None:
-                    log.warning("a running run's slot was taken while this worker was cut "
-                                "off; stopping the run", target=lost, run_id=lease.run_id)
-                    if self._on_slot_lost is not None:
-                        self._on_slot_lost(lease.run_id, lost)
+            for final in (False, True):
+                missing = [lease for lease in leases
+                           if not await self._take_again(lease, found, channel, final)]
+                if not missing or final:
+                    break
+                more, more_given_back = await self._requests.take_back(
+                    channel, [Lease(None, [t for t in lease.tokens if key_of(t) not in found])
+                              for lease in missing], until=self._lost_at + CUT_OFF_SECONDS)
+                found.update(more)
+                given_back.update(more_given_back)
+                leases = missing
             for target, count in given_back.items():  # (see SlotRequests.scan)
                 await self._wake_for_released(target, count)
         finally:
             if self._slots is channel:
                 self._reclaimed.set()
+
+    async def _take_again(self, lease: Lease, found: dict[Mine, HeldToken],
+                          channel: aiormq.abc.AbstractChannel, final: bool) -> bool:
+        """Give `lease` its tokens `found`; False if one is missing and not `final`."""
+        mine = [key_of(t) for t in lease.tokens]
+        lost = next((key[0] for key in mine  # (a removed limit holds nothing)
+                     if key not in found and key[0] in self.state.limits), None)
+        if lost is not None and not final and lease in self._leases:
+            return False
+        held = [found.pop(key) for key in mine if key in found]
+        if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile
+            await self._give_back(Lease(channel, held))  # as they came: marked
+            return True
+        # Its own again: no run elsewhere can hold it, it needs no hold before use.
+        lease.channel = channel
+        lease.tokens = [token._replace(returned=False) for token in held]
+        if lost is not None:
+            log.warning("a running run's slot was taken while this worker was cut "
+                        "off; stopping the run", target=lost, run_id=lease.run_id)
+            if self._on_slot_lost is not None:
+                self._on_slot_lost(lease.run_id, lost)
+        return True
 
     async def _give_back(self, lease: Lease) -> None:
         assert lease.channel is not None

@@ -7,11 +7,16 @@ import json
 import time
 from pathlib import Path
 
+import aio_pika
 import anyio
 import pytest
+from pamqp import commands as spec
 
-from mq_worker import slots
-from mq_worker.topology import limit_queue_name
+from mq_worker import pool_control, slots
+from mq_worker.control import TokenMessage, encode
+from mq_worker.limits import ControlState, Limit
+from mq_worker.slot_requests import SlotRequests
+from mq_worker.topology import limit_queue_name, waiting_queue_name
 from mq_worker.workers import session
 from tests.helpers import (
     HOST,
@@ -125,3 +130,107 @@ async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_
         ending = events.terminal(str(run["id"]))[-1]
         assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
     assert events.types(str(run_c["id"]))[-1] == "run.completed"
+
+
+async def test_two_workers_back_at_the_same_moment_each_take_back_their_own_slot(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers cut off and back at the same moment look for their own slots in the
+    same token queue at once; each may take the other's first and hold it while it scans
+    (it looks again if it missed its own). Both runs go on, and a run waiting elsewhere
+    starts only once one of them has ended: never more runs at once than the limit."""
+    # The deadline, and the grace before a waiting run is handed a slot that came back
+    # without a release, made 3 s, so that a loaded machine's slow reconnection does not
+    # hand the waiting run a slot that either worker takes back in time.
+    monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 3.0)
+    monkeypatch.setattr(pool_control, "RETURNED_SLOT_GRACE_SECONDS", 3.0)
+    monkeypatch.setattr(session, "_MAX_BACKOFF_SECONDS", 0.2)
+    await cli("limit", "set", "key:db", "2", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    markers: dict[str, Path] = {}
+
+    def limited(name: str, sleep: float) -> dict[str, object]:
+        body = run_body(concurrency_key="db")
+        markers[str(body["id"])] = tmp_path / f"{name}.term"
+        body["job_variables"] = {"command": probe(
+            tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
+        return body
+
+    # Pools of their own: each worker takes only its own run. A and B share one link,
+    # so that one cut closes both connections.
+    async with link_proxy(HOST, PORT) as link:
+        url = vhost.url_for("guest", "guest", port=link.port)
+        async with (
+            running_worker(url, name="a", pool="a") as worker_a,
+            running_worker(url, name="b", pool="b") as worker_b,
+            running_worker(vhost.url, name="c", pool="c"),
+        ):
+            run_a, run_b = limited("a", sleep=8), limited("b", sleep=8)
+            await publish_raw(vhost.url, run_a, routing_key="run.scheduled.a.default")
+            await publish_raw(vhost.url, run_b, routing_key="run.scheduled.b.default")
+            await wait_until(lambda: {run_a["id"], run_b["id"]} <= set(started_runs(tmp_path)),
+                             timeout=20)
+            await until_ready(vhost.url, {queue: 0})
+            run_c = limited("c", sleep=1)
+            await publish_raw(vhost.url, run_c, routing_key="run.scheduled.c.default")
+            await until_ready(vhost.url, {waiting_queue_name("key:db"): 1})
+
+            back_a, back_b = reconnects(worker_a), reconnects(worker_b)
+            link.cut()
+            cut_at = time.monotonic()
+            await wait_until(lambda: not (worker_a.connected or worker_b.connected), timeout=10)
+            await link.restore()
+            await wait_until(lambda: reconnects(worker_a) > back_a and worker_a.connected
+                             and reconnects(worker_b) > back_b and worker_b.connected,
+                             timeout=10)
+            back_after = time.monotonic() - cut_at
+            ids = [str(run["id"]) for run in (run_a, run_b, run_c)]
+            await events.wait_terminal(ids, timeout=60)
+    assert back_after < slots.CUT_OFF_SECONDS, back_after  # (else not the scenario)
+    for run in (run_a, run_b, run_c):
+        assert events.types(str(run["id"]))[-1] == "run.completed", events.terminal(
+            str(run["id"]))
+    spans = process_spans(tmp_path, markers)
+    assert most_at_once(list(spans.values())) <= 2, spans
+
+
+async def test_a_scan_takes_its_own_tokens_from_anywhere_in_a_large_queue_and_puts_back_the_rest(
+    vhost: VHost,
+) -> None:
+    """The scan on a real token queue of 200 tokens: its own tokens are found wherever
+    they are (here the first and the last), every other token is back exactly once, a
+    free one as a new message, one lost with a connection still marked."""
+    target = "key:db"
+    queue = limit_queue_name(target)
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await (await connection.channel(publisher_confirms=False)
+                         ).get_underlay_channel()
+        await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.tx_select()
+        for number in range(200):
+            await channel.basic_publish(
+                encode(TokenMessage(target=target, number=number, version=1)),
+                exchange="", routing_key=queue)
+        await channel.tx_commit()
+        holder = await aio_pika.connect(vhost.url)
+        held = await (await holder.channel()).get_underlay_channel()
+        for _ in range(2):  # tokens 0 and 1, lost with the holder's connection
+            assert isinstance((await held.basic_get(queue)).delivery, spec.Basic.GetOk)
+        await holder.close()
+
+        requests = SlotRequests(ControlState(limits={target: Limit(target, 200,
+                                                                   ((0, 200, 1),))}))
+        kept, fresh = await requests.scan(channel, target, {(0, 1), (199, 1)})
+        assert sorted(kept) == [(0, 1), (199, 1)] and kept[(0, 1)].returned
+        assert fresh == 197
+
+        other = await (await connection.channel()).get_underlay_channel()
+        seen: list[tuple[int, bool]] = []
+        while isinstance((message := await other.basic_get(queue)).delivery, spec.Basic.GetOk):
+            token = TokenMessage.model_validate_json(message.body)
+            seen.append((token.number, bool(message.delivery.redelivered)))
+    finally:
+        await connection.close()
+    assert sorted(number for number, _ in seen) == list(range(1, 199))
+    assert [number for number, marked in seen if marked] == [1]

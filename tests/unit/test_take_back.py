@@ -12,11 +12,13 @@ and a token put back unacknowledged comes first again, marked redelivered.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, cast
 
 import aiormq.abc
+import anyio
 import pytest
 from pamqp import commands as spec
 
@@ -45,6 +47,8 @@ class TokenQueue:
         self.is_closed = False
         self.connection = SimpleNamespace(channel=self._channel)
         self.later: list[tuple[int, int, bool]] = []  # back once the queue first runs dry
+        self.dry_before_later = 1  # ... or runs dry this many times
+        self.get_seconds = 0.0  # how long a get takes (a round trip)
 
     @staticmethod
     def body(number: int, version: int) -> bytes:
@@ -61,6 +65,11 @@ class TokenQueue:
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
         assert queue == limit_queue_name(TARGET) and not no_ack
         self.gets += 1
+        if self.get_seconds:
+            await anyio.sleep(self.get_seconds)
+        if not self.ready and self.later and self.dry_before_later > 1:
+            self.dry_before_later -= 1
+            return SimpleNamespace(delivery=spec.Basic.GetEmpty())
         if not self.ready and self.later:
             self.ready.extend((self.body(n, v), m) for n, v, m in self.later)
             self.later = []
@@ -72,7 +81,7 @@ class TokenQueue:
         self.held[self.tags] = (body, marked)
         return SimpleNamespace(body=body, delivery=spec.Basic.GetOk(
             delivery_tag=self.tags, redelivered=marked, exchange="", routing_key=queue,
-            message_count=len(self.ready)))
+            message_count=0))  # (so the scan gets every token: see `SlotRequests._sweep`)
 
     async def basic_ack(self, delivery_tag: int) -> None:
         self.pending.append(("ack", delivery_tag))
@@ -185,6 +194,30 @@ async def test_a_token_held_by_another_worker_s_scan_is_found_on_a_later_pass(
     assert list(found) == [(TARGET, 0, 1)] and not given_back
 
 
+async def test_a_token_held_by_other_scans_for_longer_is_looked_for_until_the_deadline(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several workers cut off together scan the queue at once, each holding what it
+    # took until its pass ends: a worker's token can be held elsewhere pass after pass.
+    # Its run goes on if the token is found before its deadline, however many passes.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    queue = TokenQueue((1, 1, True))
+    queue.later, queue.dry_before_later = [(0, 1, True)], slot_requests.TAKE_BACK_PASSES + 2
+    lease = Lease(None, [HeldToken(TARGET, 5, 0, 1)])
+    found, _ = await requests().take_back(cast(aiormq.abc.AbstractChannel, queue), [lease],
+                                          until=time.monotonic() + 60)
+    assert list(found) == [(TARGET, 0, 1)]
+
+
+async def test_past_its_deadline_a_worker_stops_looking_after_the_passes() -> None:
+    queue = TokenQueue((1, 1, True))
+    queue.later, queue.dry_before_later = [(0, 1, True)], 100
+    lease = Lease(None, [HeldToken(TARGET, 5, 0, 1)])
+    found, _ = await requests().take_back(cast(aiormq.abc.AbstractChannel, queue), [lease],
+                                          until=time.monotonic())
+    assert found == {} and queue.gets == 2 * slot_requests.TAKE_BACK_PASSES
+
+
 class Gate:
     """A worker's slot gate back from a lost connection, with runs that held tokens."""
 
@@ -247,3 +280,41 @@ async def test_a_run_of_a_limit_removed_while_cut_off_goes_on_holding_nothing() 
     await gate.reconnect()
     assert gate.lost == []
     assert [(t.target, t.number) for t in lease.tokens] == [(TARGET, 0)]
+
+
+async def test_a_run_whose_token_is_found_goes_on_while_another_s_is_looked_for(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Token 0 is back at once; token 1 never is. Looking for token 1 until the deadline
+    # must not keep the run of token 0 from being taken back: at the deadline, the runs
+    # not taken back are stopped, and only the run of token 1 may be.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.01, 0.01))
+    gate = Gate(TokenQueue((0, 1, True)))
+    gate.queue.get_seconds = 0.05  # (a pass that starts before the deadline ends after it)
+    first, _ = gate.running("a", 0), gate.running("b", 1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gate.gate.stop_runs_cut_off)
+        gate.gate.bind(None, None)  # the connection is lost
+        await gate.reconnect()  # (back at once: the deadline is 1 s after the loss)
+        tg.cancel_scope.cancel()
+    assert gate.lost == [("b", TARGET)]
+    assert first.channel is gate.queue and [t.number for t in first.tokens] == [0]
+
+
+async def test_a_run_takes_the_free_token_behind_a_lost_one_and_leaves_the_lost_one() -> None:
+    # Token 0 came back with its worker's connection (RabbitMQ hands it first); that
+    # worker, back in a moment, takes back only token 0: a run elsewhere takes token 1.
+    queue = TokenQueue((0, 1, True), (1, 1, False))
+    lease = Lease(cast(aiormq.abc.AbstractChannel, queue))
+    assert await requests().take(TARGET, lease)
+    assert [(t.number, t.returned) for t in lease.tokens] == [(1, False)]
+    assert queue.tokens() == [(0, 1, True)] and len(queue.held) == 1
+
+
+async def test_with_no_free_token_behind_it_a_lost_token_is_taken_marked() -> None:
+    for tokens in [((0, 1, True),), ((0, 1, True), (1, 1, True))]:
+        queue = TokenQueue(*tokens)
+        lease = Lease(cast(aiormq.abc.AbstractChannel, queue))
+        assert await requests().take(TARGET, lease)
+        assert [(t.number, t.returned) for t in lease.tokens] == [(0, True)]  # held first
+        assert queue.tokens() == [(n, v, m) for n, v, m in tokens[1:]]
