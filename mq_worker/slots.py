@@ -26,9 +26,7 @@ off) are handed on only by a periodic check (pool_control), after a grace that
 lets a holder that was only cut off take them back first (`reclaim`).
 
 Order of arrival: a fresh run joins the waiting queue instead of taking a free token
-when runs of its target wait (a woken run skips that check for the target it was woken
-for). A fresh run arriving while a woken run is on its way back to its work queue can
-still take the slot first; the woken run then waits again, at the back.
+when runs of its target wait (docs/pools.md says where this order can give way).
 """
 
 from __future__ import annotations
@@ -75,9 +73,7 @@ BACK_FROM_A_LOST_CONNECTION_SECONDS = 2.0
 # noticing the loss, plus their stop's grace (lifecycle.SLOT_LOST_GRACE_SECONDS).
 RETURNED_TOKEN_HOLD_MARGIN_SECONDS = 1.0
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
-# How often a run tries, half a second apart, while its waiting queue cannot be found
-# (a node being lost), before it is given back.
-_LOOKUP_ATTEMPTS = 60
+_LOOKUP_ATTEMPTS = 60  # half a second apart, for a waiting queue not found (a node lost)
 
 
 @dataclass(frozen=True)
@@ -103,8 +99,8 @@ class SlotGate:
         self._fresh_runs_wait_until = 0.0  # monotonic: see BACK_FROM_A_LOST_CONNECTION_SECONDS
         self._lost_at = 0.0  # monotonic: when the last session ended
         self._requests = SlotRequests(state)
-        # Held on the slots channel.
-        self.spares = Spares(self._requests.still_valid, self._requests.settle)
+        self.spares = Spares(self._requests.still_valid,  # held on the slots channel
+                             self._requests.settle)
 
     def bind(self, slots: aiormq.abc.AbstractChannel | None,
              publish: aiormq.abc.AbstractChannel | None) -> None:
@@ -265,12 +261,10 @@ class SlotGate:
         return await queue_depths(await self._requests.channel("checks", slots), target)
 
     async def reclaim(self) -> None:
-        """After a reconnection: take again the very tokens (SlotRequests.take_back) that
-        the runs still running here held, before any new run here takes one (others leave
-        tokens that came back without a release alone a while: pool_control). The runs
-        whose tokens are all found go on at once; the others' are looked for until their
-        deadline. A run whose token is held elsewhere is over the limit: it is reported
-        to `on_slot_lost`, which stops it."""
+        """After a reconnection: take again the very tokens the runs still running here
+        held (SlotRequests.take_back), before any new run here takes one. Runs whose
+        tokens are all found go on at once; the others' are looked for until their
+        deadline, then reported to `on_slot_lost`, which stops them (over the limit)."""
         channel = self._slots
         if channel is None:
             return
@@ -353,45 +347,35 @@ class SlotGate:
     async def wake(self, target: str, at_most: int) -> None:
         """Move up to `at_most` runs waiting for `target` back to their work queues, no more
         than there are free tokens."""
+        await self._wake(target, at_most, counted=True)
+
+    async def _wake_for_released(self, target: str, count: int) -> None:
+        # No count first: a passive declare can answer 0 for want of an answer (see
+        # SlotRequests.waiting), which woke nobody until the periodic check handed the
+        # slot on seconds later. A get goes through the queue's leader, and one that
+        # finds a run moves it, so it keeps its place (unlike a get that only makes
+        # sure, and gives back what it finds).
+        await self._wake(target, count, counted=False)
+
+    async def wake_all(self, target: str) -> None:
+        """The limit is gone: send every run waiting for it back to its work queue."""
+        await self._wake(target, None, counted=False)
+
+    async def _wake(self, target: str, count: int | None, *, counted: bool) -> None:
         slots, publish = self._slots, self._publish
         if slots is None or publish is None or slots.is_closed:
             return
         try:
             channel = await self._requests.channel("wakes", slots)
-            free, waiting = await queue_depths(channel, target)
-            if free and waiting:
-                count = min(free, waiting, at_most)
-                moved = await wake_waiting(channel, target, count, publisher=publish)
-                log.debug("woke waiting runs", target=target, count=moved)
+            if counted:
+                free, waiting = await queue_depths(channel, target)
+                count = min(free, waiting, count or 0)
+                if not count:
+                    return
+            moved = await wake_waiting(channel, target, count, publisher=publish)
+            log.debug("woke waiting runs", target=target, count=moved)
         except _CHANNEL_ERRORS as exc:
             log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
-
-    async def _wake_for_released(self, target: str, count: int) -> None:
-        slots, publish = self._slots, self._publish
-        if slots is None or publish is None or slots.is_closed:
-            return
-        try:
-            # No count first: a passive declare can answer 0 for want of an answer (see
-            # SlotRequests.waiting), which woke nobody until the periodic check handed
-            # the slot on seconds later. A get goes through the queue's leader, and one
-            # that finds a run moves it, so it keeps its place (unlike a get that only
-            # makes sure, and gives back what it finds).
-            await wake_waiting(await self._requests.channel("wakes", slots), target, count,
-                               publisher=publish)
-        except _CHANNEL_ERRORS as exc:
-            log.warning("could not wake runs waiting for a slot", target=target, error=str(exc))
-
-    async def wake_all(self, target: str) -> None:
-        """The limit is gone: send every run waiting for it back to its work queue."""
-        slots, publish = self._slots, self._publish
-        if slots is None or publish is None or slots.is_closed:
-            return
-        try:
-            await wake_waiting(await self._requests.channel("wakes", slots), target, None,
-                               publisher=publish)
-        except _CHANNEL_ERRORS as exc:
-            log.warning("could not send back runs waiting for a removed limit",
-                        target=target, error=str(exc))
 
     async def _wait(self, target: str, delivery: Delivery, lease: Lease,
                     publish: aiormq.abc.AbstractChannel, wake: bool) -> Waiting | None:
@@ -410,8 +394,7 @@ class SlotGate:
         )
         await delivery.settle()
         if wake:
-            # A slot given back while this run was on its way here found no run waiting
-            # and woke nobody: wake this one. (With runs waiting before it, such a slot
-            # woke one of them.)
+            # A slot given back while this run was on its way here woke nobody (or, with
+            # runs waiting before it, one of them): wake this one.
             await self.wake(target, at_most=1)
         return Waiting(target)
