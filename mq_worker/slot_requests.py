@@ -24,14 +24,14 @@ from pamqp import commands as spec
 from pydantic import ValidationError
 
 from mq_worker import topology
-from mq_worker.control import TokenMessage, encode
+from mq_worker.control import TokenMessage
 from mq_worker.limits import ControlState
 from mq_worker.spares import HeldToken
+from mq_worker.token_channels import settle_on, transaction
 
 log = structlog.get_logger("mq_worker.slots")
 
 UNKNOWN = -1  # a waiting count the broker could not give
-_PERSISTENT = 2
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 # A token of this worker's that `take_back` does not find may be held for a moment by
 # another worker taking its own back likewise (a node loss cuts several off at once):
@@ -93,11 +93,12 @@ class SlotRequests:
             limit = self.state.limits.get(target)
             if limit is None:  # removed since: nothing to hold
                 with anyio.CancelScope(shield=True):
-                    for unused in ([tag, marked.tag] if marked is not None else [tag]):
-                        await channel.basic_nack(unused, requeue=True, wait=False)
-                    if marked is not None:
-                        lease.tokens.remove(marked)
-                    await channel.tx_commit()
+                    async with transaction(channel):
+                        for unused in ([tag, marked.tag] if marked is not None else [tag]):
+                            await channel.basic_nack(unused, requeue=True, wait=False)
+                        if marked is not None:
+                            lease.tokens.remove(marked)
+                        await channel.tx_commit()
                 return True
             try:
                 token = TokenMessage.model_validate_json(message.body)
@@ -117,16 +118,18 @@ class SlotRequests:
                         if back is marked:
                             lease.tokens.remove(marked)
                             lease.tokens.append(held)
-                        await channel.basic_nack(back.tag, requeue=True, wait=False)
-                        await channel.tx_commit()
+                        async with transaction(channel):
+                            await channel.basic_nack(back.tag, requeue=True, wait=False)
+                            await channel.tx_commit()
                     return True
                 lease.tokens.append(held)
                 return True
             # Left over from an earlier, larger limit (or not a token at all): destroy it.
             log.info("stale slot token destroyed", target=target,
                      token=message.body[:200].decode(errors="replace"))
-            await channel.basic_ack(tag)
-            await channel.tx_commit()
+            async with transaction(channel):
+                await channel.basic_ack(tag)
+                await channel.tx_commit()
 
     async def take_each(self, targets: list[str], lease: Lease) -> str | None:
         """Take a token of each target, all at once (a channel each: a channel has one
@@ -227,26 +230,16 @@ class SlotRequests:
         it unused first (see slots.RETURNED_TOKEN_HOLD_MARGIN_SECONDS). A `returned` token
         given back unused is put back as it is, still marked, since its hold is not over.
         """
-        touched: dict[int, aiormq.abc.AbstractChannel] = {}
+        held_on: dict[int, tuple[aiormq.abc.AbstractChannel, list[HeldToken]]] = {}
+        for token in [*give_back, *destroy]:
+            channel = token.channel or default
+            held_on.setdefault(id(channel), (channel, []))[1].append(token)
         # Not cancelled half way: an acknowledgement left without its publish on a channel
         # that lives on would be committed by the next commit there, and the slot lost.
+        # Nor interleaved with another transaction on the channel (see token_channels).
         with anyio.CancelScope(shield=True):
-            for token in [*give_back, *destroy]:
-                channel = token.channel or default
-                touched[id(channel)] = channel
-                if token in destroy:
-                    await channel.basic_ack(token.tag)
-                elif token.returned:
-                    await channel.basic_nack(token.tag, requeue=True, wait=False)
-                else:
-                    await channel.basic_ack(token.tag)
-                    await channel.basic_publish(
-                        encode(TokenMessage(target=token.target, number=token.number,
-                                            version=token.version)),
-                        exchange="", routing_key=topology.limit_queue_name(token.target),
-                        properties=spec.Basic.Properties(delivery_mode=_PERSISTENT))
-            for channel in touched.values():
-                await channel.tx_commit()
+            for channel, tokens in held_on.values():
+                await settle_on(channel, tokens, destroy)
 
     async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease],
                         until: float = 0.0) -> tuple[dict[Mine, HeldToken], Counter[str]]:
