@@ -3,6 +3,7 @@ cut off after it (see docs/pools.md, "Telling a released token from a lost one")
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,16 @@ def process_spans(directory: Path, markers: dict[str, Path]) -> dict[str, tuple[
     return spans
 
 
+
+def limited_run(tmp_path: Path, markers: dict[str, Path], name: str,
+                sleep: float) -> dict[str, object]:
+    """A run of key:db whose probe leaves a marker file (kept in `markers`) on SIGTERM."""
+    body = run_body(concurrency_key="db")
+    markers[str(body["id"])] = tmp_path / f"{name}.term"
+    body["job_variables"] = {"command": probe(
+        tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
+    return body
+
 async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_another_s(
     vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,13 +83,7 @@ async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_
     await cli("limit", "set", "key:db", "2", "--url", vhost.url)
     queue = limit_queue_name("key:db")
     markers: dict[str, Path] = {}
-
-    def limited(name: str, sleep: float) -> dict[str, object]:
-        body = run_body(concurrency_key="db")
-        markers[str(body["id"])] = tmp_path / f"{name}.term"
-        body["job_variables"] = {"command": probe(
-            tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
-        return body
+    limited = functools.partial(limited_run, tmp_path, markers)
 
     # Pools of their own: each worker takes only its own run.
     async with link_proxy(HOST, PORT) as link_a, link_proxy(HOST, PORT) as link_b:
@@ -148,13 +153,7 @@ async def test_two_workers_back_at_the_same_moment_each_take_back_their_own_slot
     await cli("limit", "set", "key:db", "2", "--url", vhost.url)
     queue = limit_queue_name("key:db")
     markers: dict[str, Path] = {}
-
-    def limited(name: str, sleep: float) -> dict[str, object]:
-        body = run_body(concurrency_key="db")
-        markers[str(body["id"])] = tmp_path / f"{name}.term"
-        body["job_variables"] = {"command": probe(
-            tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
-        return body
+    limited = functools.partial(limited_run, tmp_path, markers)
 
     # Pools of their own: each worker takes only its own run. A and B share one link,
     # so that one cut closes both connections.
