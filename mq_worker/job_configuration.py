@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Self
 import jsonschema
 import jsonschema.exceptions
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mq_worker.errors import ConfigurationError, InvalidMessage
 from mq_worker.messages import RunMessage
@@ -192,7 +192,6 @@ class BaseJobConfiguration(BaseModel):
 
     # Fields that are not variables in the default template.
     template_exclude: ClassVar[frozenset[str]] = frozenset()
-    _argv: tuple[str, list[str]] | None = PrivateAttr(default=None)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -243,7 +242,7 @@ class BaseJobConfiguration(BaseModel):
     def prepare_for_run(self, run: RunMessage, context: RunContext) -> None:
         """Fill in what depends on the run: environment, labels, name."""
         run_env = {
-            "MQ_WORKER_RUN_ID": str(run.id),
+            "MQ_WORKER_RUN_ID": run.id_text,
             "MQ_WORKER_RUN_NAME": run.display_name,
             "MQ_WORKER_RUN_ATTEMPT": str(run.attempt),
             "MQ_WORKER_POOL": context.pool,
@@ -253,7 +252,7 @@ class BaseJobConfiguration(BaseModel):
         }
         env: dict[str, str | None] = {**context.base_env, **self.env, **run_env}
         self.env = {k: v for k, v in env.items() if v is not None}
-        labels = {"mq_worker.run-id": str(run.id), "mq_worker.run-name": run.display_name}
+        labels = {"mq_worker.run-id": run.id_text, "mq_worker.run-name": run.display_name}
         if run.flow:
             labels.update(_labels("flow", run.flow.id, run.flow.name))
         if run.deployment:
@@ -265,8 +264,6 @@ class BaseJobConfiguration(BaseModel):
         """The command split into arguments, never through a shell."""
         if self.command is None:
             raise InvalidMessage("the job has no command")
-        if self._argv is not None and self._argv[0] == self.command:
-            return list(self._argv[1])
         try:
             argv = _split(self.command)
         except ValueError as exc:
@@ -275,8 +272,7 @@ class BaseJobConfiguration(BaseModel):
             raise InvalidMessage("the job has no command")
         if any("\x00" in arg for arg in argv):
             raise InvalidMessage("command contains a NUL byte")
-        self._argv = (self.command, argv)
-        return list(argv)
+        return argv
 
 
 # Without quotes or escapes, shlex.split splits at these four characters and nowhere else;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
@@ -140,9 +141,15 @@ class RunMessage(_WireModel):
         base = self.deployment.job_variables if self.deployment else {}
         return {**base, **self.job_variables}
 
+    @cached_property
+    def id_text(self) -> str:
+        """`str(id)`, made once: a run's start and end use it a dozen times. Not a field:
+        it is in neither the run's JSON nor its equality."""
+        return str(self.id)
+
     @property
     def display_name(self) -> str:
-        return self.name or str(self.id)
+        return self.name or self.id_text
 
 
 class CancelMessage(_WireModel):

@@ -155,7 +155,7 @@ class RunKeeper:
             delivery=delivery,
             queue=queue,
             configuration=configuration,
-            log=self._log.bind(run_id=str(run.id), queue=queue),
+            log=self._log.bind(run_id=run.id_text, queue=queue),
             related=related(run, self._around.pool, queue),
             policy=RunPolicy.from_configuration(configuration),
         )

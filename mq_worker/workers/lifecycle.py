@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import anyio
@@ -174,8 +174,8 @@ class RunLife:
     async def _start(self, active: ActiveRun) -> StartedRun:
         """Start the run: in this task when the worker type can, else in a task of its own."""
         if self._starts_runs_itself:
-            assert isinstance(self._type, RunStarter)
-            return self._type.start_run(active.run, active.configuration)
+            # Checked once (`starts_runs_itself`): a runtime Protocol check costs ~8 µs a run.
+            return cast(RunStarter, self._type).start_run(active.run, active.configuration)
 
         def starting(task: RunInTask) -> None:
             active.abandon_start = task.abandon

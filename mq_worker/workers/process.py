@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import anyio
 import anyio.abc
@@ -70,15 +70,15 @@ class ProcessWorker(BaseWorker):
         await anyio.to_thread.run_sync(self._guardian.stop)
 
     def check_configuration(self, configuration: BaseJobConfiguration) -> None:
-        self._allowed_executable(configuration)
+        self._allowed_executable(configuration, configuration.argv())
 
-    def _allowed_executable(self, configuration: BaseJobConfiguration) -> str | None:
+    def _allowed_executable(self, configuration: BaseJobConfiguration,
+                            argv: list[str]) -> str | None:
         """The file the allow-list admits for this run (None without an allow-list).
 
         That exact file is executed: exec must not go on to the next PATH entry
         when the checked file cannot be executed (no shebang, a missing interpreter).
         """
-        argv = configuration.argv()
         if not self._allowed:
             return None
         assert isinstance(configuration, ProcessJobConfiguration)
@@ -106,10 +106,14 @@ class ProcessWorker(BaseWorker):
     def start_run(self, run: RunMessage, configuration: BaseJobConfiguration) -> ProcessRun:
         """Start the run's process in the caller's task, which then awaits its `wait()`."""
         assert isinstance(configuration, ProcessJobConfiguration)
+        argv = configuration.argv()
+        env = configuration.env  # prepare_for_run has taken out the unset ones, unless bypassed
+        if None in env.values():
+            env = {k: v for k, v in env.items() if v is not None}
         handle = start_process(
-            configuration.argv(),
-            executable=self._allowed_executable(configuration),
-            env={k: v for k, v in configuration.env.items() if v is not None},
+            argv,
+            executable=self._allowed_executable(configuration, argv),
+            env=cast(dict[str, str], env),
             cwd=configuration.working_dir,
             capture_output=configuration.stream_output,
         )
@@ -119,11 +123,11 @@ class ProcessWorker(BaseWorker):
 
     async def _watch(self, run: RunMessage, configuration: ProcessJobConfiguration,
                      handle: ProcessHandle, identifier: str) -> WorkerResult:
-        logger = self.log.bind(run_id=str(run.id), infrastructure_pid=identifier)
+        logger = self.log.bind(run_id=run.id_text, infrastructure_pid=identifier)
         empty = False
         try:
             if configuration.stream_output:
-                output = self.output.open(str(run.id), configuration.env.get("MQ_WORKER_QUEUE"))
+                output = self.output.open(run.id_text, configuration.env.get("MQ_WORKER_QUEUE"))
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(stream_output, handle, logger, output.line)

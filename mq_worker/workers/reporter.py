@@ -62,7 +62,7 @@ class Reporter:
                follows: str | None) -> dict[str, Any]:
         """The fields every event of `run` starts with."""
         return events.run_event_data(
-            run_id=str(run.id), run_name=run.name, pool=self.facts.pool, queue=queue,
+            run_id=run.id_text, run_name=run.name, pool=self.facts.pool, queue=queue,
             worker=self.facts.worker, related=resources, tags=run.tags, follows=follows,
             attempt=run.attempt,
         )
@@ -71,7 +71,7 @@ class Reporter:
         return self.fields(active.run, active.queue, active.related, active.last_event_id)
 
     def _run_event(self, active: ActiveRun, event_type: EventType, data: dict[str, Any]) -> None:
-        event = build_event(event_type, source=self.source, subject=str(active.id), data=data,
+        event = build_event(event_type, source=self.source, subject=active.run.id_text, data=data,
                             traceparent=active.run.traceparent)
         active.last_event_id = event.id
         self._put(event)
@@ -99,7 +99,7 @@ class Reporter:
             scheduled_start_time=run.scheduled_start_time,
             late_by_seconds=round(max(0.0, time.time() - due), 6), waiting_for=target,
         )
-        self._put(build_event(EventType.RUN_PENDING, source=self.source, subject=str(run.id),
+        self._put(build_event(EventType.RUN_PENDING, source=self.source, subject=run.id_text,
                               data=data))
 
     def submitted(self, active: ActiveRun, *, late_by_seconds: float) -> None:

@@ -143,7 +143,7 @@ class RunBook:
             self.finished.popitem(last=False)
 
     def remember_pid(self, active: ActiveRun) -> None:
-        self.ended_pids[str(active.id)] = active.infrastructure_pid
+        self.ended_pids[active.run.id_text] = active.infrastructure_pid
         while len(self.ended_pids) > self.MEMORY:
             self.ended_pids.popitem(last=False)
 
