@@ -19,9 +19,10 @@ change it), from the pre-loaded queue to the last completion.
 medians: on a shared machine, only figures measured side by side compare. Celery lives
 in benchmarks/.venv-celery (created by benchmarks.compare_celery when missing). Workers
 log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows what the
-default level (INFO: two lines per run) costs, `mq-1x8-window-8` a prefetch window of the
-whole limit instead of the default quarter, `mq-1x8-outcomes` and `mq-2x8-outcomes` workers
-that publish only each run's outcome (`--run-events outcomes`).
+default level (INFO: one line per run) costs, `mq-1x8-window-8` a prefetch window of the
+whole limit instead of the default quarter, `mq-1x8-asyncio` asyncio's own loop (what
+`pip install mq-worker` without the `speed` extra runs on), `mq-1x8-outcomes` and
+`mq-2x8-outcomes` workers that publish only each run's outcome (`--run-events outcomes`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ens
 TRUE = "/bin/true"
 SAMPLE_SECONDS = 0.05
 CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
-              "mq-1x8-info", "mq-1x8-window-8", "mq-1x8-outcomes", "mq-2x8-outcomes")
+              "mq-1x8-info", "mq-1x8-window-8", "mq-1x8-asyncio", "mq-1x8-outcomes",
+              "mq-2x8-outcomes")
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ def contender(name: str, runs: int, bin_dir: Path | None,
           "mq-processes-2": [["--limit", "16", "--processes", "2"]],
           "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]],
           "mq-1x8-window-8": [["--limit", "8", "--window", "8"]],
+          "mq-1x8-asyncio": [["--limit", "8", "--loop", "asyncio"]],
           "mq-1x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]],
           "mq-2x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]] * 2}
     if name in mq:
@@ -286,6 +289,7 @@ LABELS = {
     "mq-processes-2": "mq_worker, --processes 2 --limit 16",
     "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
     "mq-1x8-window-8": "mq_worker, 1 worker, limit 8, --window 8",
+    "mq-1x8-asyncio": "mq_worker, 1 worker, limit 8, --loop asyncio",
     "mq-1x8-outcomes": "mq_worker, 1 worker, limit 8, --run-events outcomes",
     "mq-2x8-outcomes": "mq_worker, 2 workers, limit 8 each, --run-events outcomes",
     "celery-events": "Celery prefork c=8, events on (-E)",
