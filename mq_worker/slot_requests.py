@@ -242,23 +242,26 @@ class SlotRequests:
                 await settle_on(channel, tokens, destroy)
 
     async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease],
-                        until: float = 0.0) -> tuple[dict[Mine, HeldToken], Counter[str]]:
+                        until: float = 0.0, stand_ins: bool = False
+                        ) -> tuple[dict[Mine, HeldToken], Counter[str]]:
         """After a reconnection: take again, on `channel`, the very tokens the `leases` held
         (same target, number and version), found by scanning each target's token queue;
         the tokens found (as the broker gave them: marked), and per target how many free
         tokens of others were taken and published again (see `scan`). A token not found
         is looked for again, TAKE_BACK_PASSES times in all and then for as long as the
-        next pass can start before `until` (time.monotonic(): the runs' deadline).
+        next pass can start before `until` (time.monotonic(): the runs' deadline). With
+        `stand_ins`, from the second pass on, a released token serves for one not found.
 
         Several workers cut off together scan at once, each holding what it takes until
         its pass ends: with a few tokens each, a worker's token was held by another's
         scan pass after pass, and half the runs were stopped though all were back in
         time (`benchmarks.take_back`).
 
-        Any other token would do for the count, but not for the limit: a free token may
-        be that of another worker cut off after this one, whose runs go on until its own
-        deadline, and only a token this worker held is one no run elsewhere can hold
-        without having waited for this worker's runs to stop (see slots)."""
+        Not any other token: a marked one may be that of another worker cut off after
+        this one, whose runs go on until its own deadline; only a token this worker held,
+        or one no run holds (given back by a run that ended, never marked), is one no run
+        elsewhere can use without having waited for this worker's runs to stop (see
+        slots)."""
         wanted: dict[str, set[tuple[int, int]]] = {}
         for lease in leases:
             for token in lease.tokens:
@@ -273,7 +276,8 @@ class SlotRequests:
                     if attempt >= TAKE_BACK_PASSES and time.monotonic() + pause >= until:
                         break
                     await anyio.sleep(pause)
-                taken, fresh = await self.scan(channel, target, own)
+                taken, fresh = await self.scan(channel, target, own,
+                                               stand_ins=stand_ins and attempt > 0)
                 found.update(((target, *key), token) for key, token in taken.items())
                 if fresh:
                     given_back[target] += fresh
@@ -283,12 +287,14 @@ class SlotRequests:
         return found, given_back
 
     async def scan(self, channel: aiormq.abc.AbstractChannel, target: str,
-                   wanted: Collection[tuple[int, int]]) -> tuple[dict[tuple[int, int], HeldToken],
-                                                                 int]:
+                   wanted: Collection[tuple[int, int]], *, stand_ins: bool = False
+                   ) -> tuple[dict[tuple[int, int], HeldToken], int]:
         """Take tokens of `target` until those `wanted` ((number, version)) are found or
         the queue has no more; keep those, put the others back; the tokens kept, and how
         many put back were free ones (published again: the release that freed one woke a
         run, which may have found it taken here, so the caller wakes one for each).
+        With `stand_ins`, a wanted token not found is kept as a free token taken on the
+        way, if there is one (never a marked one), under the wanted key.
 
         Every token taken is held until the scan ends, so none is seen twice (a quorum
         queue may hand a token put back straight back). The others are put back as
@@ -332,6 +338,11 @@ class SlotRequests:
                     swept = True
                     await self._sweep(channel, queue, int(message.delivery.message_count or 0),
                                       sort, lambda: len(kept) >= len(wanted))
+            if stand_ins:
+                free = [token for token in others if not token.returned]
+                for key in [key for key in wanted if key not in kept][:len(free)]:
+                    kept[key] = free.pop(0)
+                    others.remove(kept[key])
         except BaseException:
             with anyio.CancelScope(shield=True), contextlib.suppress(*_CHANNEL_ERRORS):
                 await self.settle(channel, [*others, *kept.values()], stale)

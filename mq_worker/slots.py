@@ -264,7 +264,8 @@ class SlotGate:
         """After a reconnection: take again the very tokens the runs still running here
         held (SlotRequests.take_back), before any new run here takes one. Runs whose
         tokens are all found go on at once; the others' are looked for until their
-        deadline, then reported to `on_slot_lost`, which stops them (over the limit)."""
+        deadline (a released token may stand in for one), then reported to
+        `on_slot_lost`, which stops them (over the limit)."""
         channel = self._slots
         if channel is None:
             return
@@ -276,9 +277,9 @@ class SlotGate:
                            if not await self._take_again(lease, found, channel, final)]
                 if not missing or final:
                     break
-                more, more_given_back = await self._requests.take_back(
-                    channel, [Lease(None, [t for t in lease.tokens if key_of(t) not in found])
-                              for lease in missing], until=self._lost_at + CUT_OFF_SECONDS)
+                more, more_given_back = await self._requests.take_back(channel, [
+                    Lease(None, [t for t in lease.tokens if key_of(t) not in found])
+                    for lease in missing], until=self._lost_at + CUT_OFF_SECONDS, stand_ins=True)
                 found.update(more)
                 given_back.update(more_given_back)
                 leases = missing

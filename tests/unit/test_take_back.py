@@ -121,10 +121,10 @@ def requests(limit: int = 3, ranges: tuple[tuple[int, int, int], ...] = ((0, 3, 
     return SlotRequests(ControlState(limits={TARGET: Limit(TARGET, limit, ranges)}))
 
 
-async def scan(queue: TokenQueue, wanted: set[tuple[int, int]], **limit: Any
-               ) -> tuple[dict[tuple[int, int], HeldToken], int]:
+async def scan(queue: TokenQueue, wanted: set[tuple[int, int]], *, stand_ins: bool = False,
+               **limit: Any) -> tuple[dict[tuple[int, int], HeldToken], int]:
     return await requests(**limit).scan(cast(aiormq.abc.AbstractChannel, queue), TARGET,
-                                        wanted)
+                                        wanted, stand_ins=stand_ins)
 
 
 async def test_its_own_token_is_kept_and_another_worker_s_is_put_back_still_marked() -> None:
@@ -318,3 +318,45 @@ async def test_with_no_free_token_behind_it_a_lost_token_is_taken_marked() -> No
         assert await requests().take(TARGET, lease)
         assert [(t.number, t.returned) for t in lease.tokens] == [(0, True)]  # held first
         assert queue.tokens() == [(n, v, m) for n, v, m in tokens[1:]]
+
+
+async def test_a_run_whose_own_token_was_taken_goes_on_with_a_released_one_in_its_stead(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Token 0 was taken by a run elsewhere (which holds it before starting); token 1, lost
+    # with another worker's connection, is marked; token 2 was given back by a run that
+    # ended: no run can be using it, so the run of token 0 goes on holding it instead.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    gate = Gate(TokenQueue((1, 1, True), (2, 1, False)))
+    lease = gate.running("a", 0)
+    await gate.reconnect()
+    assert gate.lost == []
+    assert [(t.number, t.returned) for t in lease.tokens] == [(2, False)]
+    assert lease.channel is gate.queue
+    assert gate.queue.tokens() == [(1, 1, True)]  # the marked one left as it was
+
+
+async def test_a_released_token_stands_in_only_once_its_own_is_not_found_in_time(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its own token comes back (from another worker's scan) within the passes: it takes
+    # that one and leaves the released one to others.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    queue = TokenQueue((2, 1, False))
+    queue.later, queue.dry_before_later = [(0, 1, True)], 2
+    gate = Gate(queue)
+    lease = gate.running("a", 0)
+    await gate.reconnect()
+    assert [t.number for t in lease.tokens] == [0]
+    assert gate.queue.tokens() == [(2, 1, False)]
+
+
+async def test_a_stand_in_is_never_a_marked_token_nor_one_of_another_version() -> None:
+    queue = TokenQueue((1, 1, True), (1, 5, False))
+    kept, fresh = await scan(queue, {(0, 1)}, stand_ins=True, limit=2,
+                             ranges=((0, 1, 1), (1, 2, 5)))
+    assert [(t.number, t.version) for t in kept.values()] == [(1, 5)]  # a valid one
+    assert fresh == 0
+    queue = TokenQueue((1, 1, True))
+    assert await scan(queue, {(0, 1)}, stand_ins=True) == ({}, 0)
+    assert queue.tokens() == [(1, 1, True)]
