@@ -58,12 +58,12 @@ def process_spans(directory: Path, markers: dict[str, Path]) -> dict[str, tuple[
 
 
 def limited_run(tmp_path: Path, markers: dict[str, Path], name: str,
-                sleep: float) -> dict[str, object]:
+                sleep: float, extra: str = "") -> dict[str, object]:
     """A run of key:db whose probe leaves a marker file (kept in `markers`) on SIGTERM."""
     body = run_body(concurrency_key="db")
     markers[str(body["id"])] = tmp_path / f"{name}.term"
     body["job_variables"] = {"command": probe(
-        tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]}")}
+        tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]} {extra}")}
     return body
 
 async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_another_s(
@@ -135,6 +135,58 @@ async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_
         ending = events.terminal(str(run["id"]))[-1]
         assert (ending.type, ending.data["reason"]) == ("mq_worker.run.crashed", "slot-lost")
     assert events.types(str(run_c["id"]))[-1] == "run.completed"
+
+
+async def test_a_worker_whose_own_slot_was_taken_goes_on_with_one_a_run_released(
+    vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A is cut off; a run elsewhere takes A's slot (marked as lost with a connection)
+    and holds it before it starts; then another run elsewhere ends and releases its
+    slot. A, back in time, does not find its own slot, but the released one is a slot no
+    run holds: A's run goes on with it instead of being stopped, and the limit holds."""
+    monkeypatch.setattr(slots, "CUT_OFF_SECONDS", 4.0)  # (as above: room for the steps)
+    monkeypatch.setattr(session, "_MAX_BACKOFF_SECONDS", 0.2)
+    await cli("limit", "set", "key:db", "2", "--url", vhost.url)
+    queue = limit_queue_name("key:db")
+    markers: dict[str, Path] = {}
+    limited = functools.partial(limited_run, tmp_path, markers)
+    gate = tmp_path / "first-c-run.gate"
+
+    async with link_proxy(HOST, PORT) as link_a:
+        url_a = vhost.url_for("guest", "guest", port=link_a.port)
+        async with (
+            running_worker(url_a, name="a", pool="a") as worker_a,
+            running_worker(vhost.url, name="c", pool="c"),
+        ):
+            run_a, first_c = limited("a", sleep=8), limited("c1", sleep=0, extra=f"--gate {gate}")
+            await publish_raw(vhost.url, run_a, routing_key="run.scheduled.a.default")
+            await publish_raw(vhost.url, first_c, routing_key="run.scheduled.c.default")
+            await wait_until(lambda: {run_a["id"], first_c["id"]} <= set(started_runs(tmp_path)),
+                             timeout=20)
+            await until_ready(vhost.url, {queue: 0})
+
+            back = reconnects(worker_a)
+            link_a.cut()
+            a_cut_at = time.monotonic()
+            await wait_until(lambda: not worker_a.connected, timeout=10)
+            await until_ready(vhost.url, {queue: 1})  # A's slot, back at the broker
+            second_c = limited("c2", sleep=0.5)
+            await publish_raw(vhost.url, second_c, routing_key="run.scheduled.c.default")
+            await until_ready(vhost.url, {queue: 0})  # taken by C's run, which holds it
+            gate.touch()
+            await until_ready(vhost.url, {queue: 1})  # released by C's first run
+            await link_a.restore()
+            await wait_until(lambda: reconnects(worker_a) > back and worker_a.connected,
+                             timeout=10)
+            a_back_after = time.monotonic() - a_cut_at
+            ids = [str(run["id"]) for run in (run_a, first_c, second_c)]
+            await events.wait_terminal(ids, timeout=60)
+    assert a_back_after < slots.CUT_OFF_SECONDS, a_back_after  # (else not the scenario)
+    for run in (run_a, first_c, second_c):
+        assert events.types(str(run["id"]))[-1] == "run.completed", events.terminal(
+            str(run["id"]))
+    spans = process_spans(tmp_path, markers)
+    assert most_at_once(list(spans.values())) <= 2, spans
 
 
 async def test_two_workers_back_at_the_same_moment_each_take_back_their_own_slot(
