@@ -22,7 +22,8 @@ log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows wha
 default level (INFO: one line per run) costs, `mq-1x8-window-8` a prefetch window of the
 whole limit instead of the default quarter, `mq-1x8-asyncio` asyncio's own loop (what
 `pip install mq-worker` without the `speed` extra runs on), `mq-1x8-outcomes` and
-`mq-2x8-outcomes` workers that publish only each run's outcome (`--run-events outcomes`).
+`mq-2x8-outcomes` workers that publish only each run's outcome (`--run-events outcomes`),
+`mq-2x4-window-2` two workers of limit 4 with a window of 2 (a tree before that default).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ TRUE = "/bin/true"
 SAMPLE_SECONDS = 0.05
 CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
               "mq-1x8-info", "mq-1x8-window-8", "mq-1x8-asyncio", "mq-1x8-outcomes",
-              "mq-2x8-outcomes")
+              "mq-2x8-outcomes", "mq-2x4-window-2")
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ def contender(name: str, runs: int, bin_dir: Path | None,
           "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]],
           "mq-1x8-window-8": [["--limit", "8", "--window", "8"]],
           "mq-1x8-asyncio": [["--limit", "8", "--loop", "asyncio"]],
+          "mq-2x4-window-2": [["--limit", "4", "--window", "2"]] * 2,
           "mq-1x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]],
           "mq-2x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]] * 2}
     if name in mq:
@@ -290,6 +292,7 @@ LABELS = {
     "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
     "mq-1x8-window-8": "mq_worker, 1 worker, limit 8, --window 8",
     "mq-1x8-asyncio": "mq_worker, 1 worker, limit 8, --loop asyncio",
+    "mq-2x4-window-2": "mq_worker, 2 workers, limit 4 each, --window 2",
     "mq-1x8-outcomes": "mq_worker, 1 worker, limit 8, --run-events outcomes",
     "mq-2x8-outcomes": "mq_worker, 2 workers, limit 8 each, --run-events outcomes",
     "celery-events": "Celery prefork c=8, events on (-E)",

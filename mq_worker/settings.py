@@ -138,7 +138,7 @@ class WorkerSettings(BaseSettings):
     )
     window: int | None = Field(
         default=None, ge=1, description="Largest prefetch per queue.",
-        json_schema_extra={"shown_default": "limit / 4, at least 1"},
+        json_schema_extra={"shown_default": "limit / 4, at least 2 (or the limit)"},
     )
     run_events: Literal["all", "outcomes"] = Field(
         default="all",
@@ -222,7 +222,9 @@ class WorkerSettings(BaseSettings):
     @model_validator(mode="after")
     def _window(self) -> WorkerSettings:
         if self.window is None:
-            self.window = max(1, self.limit // 4)
+            # Two at least: with one, a small limit's runs each wait for the one before to
+            # be acknowledged, and no two acknowledgements can be grouped (docs/benchmarks.md).
+            self.window = max(min(2, self.limit), self.limit // 4)
         return self
 
     @property

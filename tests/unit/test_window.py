@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 
 from mq_worker.consumer import ConsumerStatistics, Delivery, RunConsumer
 from mq_worker.priority import allocate_windows
+from mq_worker.settings import WorkerSettings
 from mq_worker.window import (
     Ack,
     Cancel,
@@ -430,3 +431,16 @@ def test_one_acknowledgement_covers_the_tags_due_below_the_first_delivery_in_han
     assert grouped_acks([1, 2, 3, 5, 6], 4) == (3, [5, 6])
     assert grouped_acks([5, 6], 4) == (None, [5, 6])
     assert grouped_acks([], 1) == (None, [])
+
+
+@pytest.mark.parametrize(("limit", "window"), [(1, 1), (2, 2), (3, 2), (4, 2), (8, 2),
+                                               (12, 3), (16, 4), (100, 25)])
+def test_the_default_window_is_a_quarter_of_the_limit_and_at_least_two(
+    limit: int, window: int
+) -> None:
+    # A window of one makes each run of a small limit wait for the acknowledgement of the
+    # one before it to reopen the window (an extra Raft credit round per run), and its
+    # acknowledgements cannot be grouped: a pair costs the broker a third less per run.
+    assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit).window == window
+    assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit,
+                          window=1).window == 1
