@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import re
 import time
 from typing import Any
 
@@ -55,9 +56,7 @@ async def profile_runs(runs: int) -> tuple[pstats.Stats, float]:
 
 def _where(key: tuple[str, int, str]) -> str:
     filename, line, function = key
-    for marker in ("/site-packages/", "/lib/python3."):
-        if marker in filename:
-            filename = filename.split(marker, 1)[1]
+    filename = re.sub(r"^.*/(site-packages|lib/python3\.\d+)/", "", filename)
     if "/mq_worker/" in filename:
         filename = "mq_worker/" + filename.split("/mq_worker/", 1)[1]
     return f"{function} ({filename}:{line})"
