@@ -19,6 +19,7 @@ from mq_worker.limits import ControlState, Limit
 from mq_worker.slot_requests import SlotRequests
 from mq_worker.topology import limit_queue_name, waiting_queue_name
 from mq_worker.workers import session
+from mq_worker.workers.process import ProcessWorker
 from tests.helpers import (
     HOST,
     PORT,
@@ -33,7 +34,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.helpers.workers import reconnects
-from tests.proxy import link_proxy
+from tests.proxy import LinkProxy, link_proxy
 from tests.test_limits import cli, most_at_once
 
 pytestmark = pytest.mark.anyio
@@ -66,6 +67,31 @@ def limited_run(tmp_path: Path, markers: dict[str, Path], name: str,
         tmp_path, sleep=sleep, extra=f"--term-marker {markers[str(body['id'])]} {extra}")}
     return body
 
+async def start_limited(vhost: VHost, tmp_path: Path, queue: str,
+                        runs: dict[str, dict[str, object]]) -> None:
+    """Publish each run to its pool and wait until all have started and hold every slot."""
+    for pool, run in runs.items():
+        await publish_raw(vhost.url, run, routing_key=f"run.scheduled.{pool}.default")
+    await wait_until(lambda: {run["id"] for run in runs.values()} <= set(started_runs(tmp_path)),
+                     timeout=20)
+    await until_ready(vhost.url, {queue: 0})
+
+
+async def cut_off_while_c_takes_its_slot(vhost: VHost, link: LinkProxy, worker: ProcessWorker,
+                                         queue: str, run_c: dict[str, object]
+                                         ) -> tuple[int, float]:
+    """Cut `worker` off; once its slot is back at the broker, a run of pool c takes it
+    (and holds it before it starts). Its reconnections before, and when it was cut."""
+    back = reconnects(worker)
+    link.cut()
+    cut_at = time.monotonic()
+    await wait_until(lambda: not worker.connected, timeout=10)
+    await until_ready(vhost.url, {queue: 1})  # its slot, back at the broker
+    await publish_raw(vhost.url, run_c, routing_key="run.scheduled.c.default")
+    await until_ready(vhost.url, {queue: 0})  # taken by C's run, which holds it
+    return back, cut_at
+
+
 async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_another_s(
     vhost: VHost, events: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,20 +121,10 @@ async def test_a_worker_back_from_a_lost_connection_takes_back_its_own_slot_not_
             running_worker(vhost.url, name="c", pool="c"),
         ):
             run_a, run_b = limited("a", sleep=12), limited("b", sleep=12)
-            await publish_raw(vhost.url, run_a, routing_key="run.scheduled.a.default")
-            await publish_raw(vhost.url, run_b, routing_key="run.scheduled.b.default")
-            await wait_until(lambda: {run_a["id"], run_b["id"]} <= set(started_runs(tmp_path)),
-                             timeout=20)
-            await until_ready(vhost.url, {queue: 0})
-
-            back = reconnects(worker_a)
-            link_a.cut()
-            a_cut_at = time.monotonic()
-            await wait_until(lambda: not worker_a.connected, timeout=10)
-            await until_ready(vhost.url, {queue: 1})  # A's slot, back at the broker
+            await start_limited(vhost, tmp_path, queue, {"a": run_a, "b": run_b})
             run_c = limited("c", sleep=1)
-            await publish_raw(vhost.url, run_c, routing_key="run.scheduled.c.default")
-            await until_ready(vhost.url, {queue: 0})  # taken by C's run, which holds it
+            back, a_cut_at = await cut_off_while_c_takes_its_slot(vhost, link_a, worker_a,
+                                                                  queue, run_c)
 
             # The scenario's input, not a synchronisation: B is cut off 2 s after A
             # (more than the margin of the hold, 1 s, after C's run took A's slot), so
@@ -159,20 +175,10 @@ async def test_a_worker_whose_own_slot_was_taken_goes_on_with_one_a_run_released
             running_worker(vhost.url, name="c", pool="c"),
         ):
             run_a, first_c = limited("a", sleep=8), limited("c1", sleep=0, extra=f"--gate {gate}")
-            await publish_raw(vhost.url, run_a, routing_key="run.scheduled.a.default")
-            await publish_raw(vhost.url, first_c, routing_key="run.scheduled.c.default")
-            await wait_until(lambda: {run_a["id"], first_c["id"]} <= set(started_runs(tmp_path)),
-                             timeout=20)
-            await until_ready(vhost.url, {queue: 0})
-
-            back = reconnects(worker_a)
-            link_a.cut()
-            a_cut_at = time.monotonic()
-            await wait_until(lambda: not worker_a.connected, timeout=10)
-            await until_ready(vhost.url, {queue: 1})  # A's slot, back at the broker
+            await start_limited(vhost, tmp_path, queue, {"a": run_a, "c": first_c})
             second_c = limited("c2", sleep=0.5)
-            await publish_raw(vhost.url, second_c, routing_key="run.scheduled.c.default")
-            await until_ready(vhost.url, {queue: 0})  # taken by C's run, which holds it
+            back, a_cut_at = await cut_off_while_c_takes_its_slot(vhost, link_a, worker_a,
+                                                                  queue, second_c)
             gate.touch()
             await until_ready(vhost.url, {queue: 1})  # released by C's first run
             await link_a.restore()
