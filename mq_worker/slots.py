@@ -262,10 +262,9 @@ class SlotGate:
 
     async def reclaim(self) -> None:
         """After a reconnection: take again the very tokens the runs still running here
-        held (SlotRequests.take_back), before any new run here takes one. Runs whose
-        tokens are all found go on at once; the others' are looked for until their
-        deadline (a released token may stand in for one), then reported to
-        `on_slot_lost`, which stops them (over the limit)."""
+        held (SlotRequests.take_back), before any new run here takes one. Runs whose tokens
+        are all found go on at once; the others' are looked for until their deadline (a
+        released one may stand in), then reported to `on_slot_lost`, which stops them."""
         channel = self._slots
         if channel is None:
             return
