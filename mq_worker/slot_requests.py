@@ -11,7 +11,6 @@ import itertools
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -243,11 +242,11 @@ class SlotRequests:
 
     async def take_back(self, channel: aiormq.abc.AbstractChannel, leases: Collection[Lease],
                         until: float = 0.0, stand_ins: bool = False
-                        ) -> tuple[dict[Mine, HeldToken], Counter[str]]:
+                        ) -> tuple[dict[Mine, HeldToken], set[Mine]]:
         """After a reconnection: take again, on `channel`, the very tokens the `leases` held
         (same target, number and version), found by scanning each target's token queue;
-        the tokens found (as the broker gave them: marked), and per target how many free
-        tokens of others were taken and published again (see `scan`). A token not found
+        the tokens found (as the broker gave them: marked), and the free tokens of others
+        taken and published again (see `scan`), each once. A token not found
         is looked for again, TAKE_BACK_PASSES times in all and then for as long as the
         next pass can start before `until` (time.monotonic(): the runs' deadline). With
         `stand_ins`, from the second pass on, a released token serves for one not found.
@@ -268,7 +267,7 @@ class SlotRequests:
                 if token.target in self.state.limits:  # (removed: nothing to hold)
                     wanted.setdefault(token.target, set()).add((token.number, token.version))
         found: dict[Mine, HeldToken] = {}
-        given_back: Counter[str] = Counter()
+        released: set[Mine] = set()
         for target, own in sorted(wanted.items()):
             for attempt in itertools.count():
                 if attempt:
@@ -279,20 +278,19 @@ class SlotRequests:
                 taken, fresh = await self.scan(channel, target, own,
                                                stand_ins=stand_ins and attempt > 0)
                 found.update(((target, *key), token) for key, token in taken.items())
-                if fresh:
-                    given_back[target] += fresh
+                released.update((target, *key) for key in fresh)
                 own = own - set(taken)
                 if not own:
                     break
-        return found, given_back
+        return found, released - {key_of(token) for token in found.values()}
 
     async def scan(self, channel: aiormq.abc.AbstractChannel, target: str,
                    wanted: Collection[tuple[int, int]], *, stand_ins: bool = False
-                   ) -> tuple[dict[tuple[int, int], HeldToken], int]:
+                   ) -> tuple[dict[tuple[int, int], HeldToken], set[tuple[int, int]]]:
         """Take tokens of `target` until those `wanted` ((number, version)) are found or
-        the queue has no more; keep those, put the others back; the tokens kept, and how
-        many put back were free ones (published again: the release that freed one woke a
-        run, which may have found it taken here, so the caller wakes one for each).
+        the queue has no more; keep those, put the others back; the tokens kept, and those
+        put back free ((number, version): published again; the release that freed one woke
+        a run, which may have found it taken here, so the caller wakes one for each).
         With `stand_ins`, a wanted token not found is kept as a free token taken on the
         way, if there is one (never a marked one), under the wanted key.
 
@@ -351,7 +349,7 @@ class SlotRequests:
             log.info("stale slot tokens destroyed", target=target, count=len(stale))
         if others or stale:
             await self.settle(channel, others, stale)
-        return kept, sum(1 for token in others if not token.returned)
+        return kept, {(token.number, token.version) for token in others if not token.returned}
 
     @staticmethod
     async def _sweep(channel: aiormq.abc.AbstractChannel, queue: str, expected: int,

@@ -1,29 +1,27 @@
 """Shared limits on a worker: slot tokens taken before a run starts, returned when it ends.
 
 A limit of N on a target is N token messages in the quorum queue
-`mq_worker.limit-<digest>`. A worker that takes a run counting against limited
-targets takes one token of each (basic.get, all at once: a get never waits for a
-token, so no two workers can wait on each other), and keeps them
-*unacknowledged* on its session's slots channel (a second target's on a channel
-of its own next to it: see slot_requests) while the run holds its worker slot. When the run ends
-it gives them back (acknowledged and published again in one transaction: see
-SlotRequests.settle). If the worker dies or its connection closes, the broker
-puts its tokens back by itself, so a slot never leaks; and since a token is a
-single message that the broker hands to one consumer at a time, a slot is never
-usable twice. A token the broker puts back so comes marked redelivered, which a
-token given back never is: the run that takes it holds it unused first, for as
+`mq_worker.limit-<digest>`. A worker that takes a run counting against limited targets
+takes one token of each (basic.get, all at once: a get never waits for a token, so no
+two workers can wait on each other), and keeps them *unacknowledged* on its session's
+slots channel (a second target's on a channel of its own next to it: see slot_requests)
+while the run holds its worker slot. When the run ends it gives them back (acknowledged
+and published again in one transaction: see SlotRequests.settle). If the worker dies or
+its connection closes, the broker puts its tokens back by itself, so a slot never leaks;
+and since a token is a single message that the broker hands to one consumer at a time, a
+slot is never usable twice. A token the broker puts back so comes marked redelivered,
+which a token given back never is: the run that takes it holds it unused first, for as
 long as its cut-off holder may take to stop the runs it held it for.
 
-A run that finds no token does not wait on the worker: it is moved (confirmed
-publish, then acknowledgement) to `mq_worker.waiting-<digest>`, a FIFO queue of
-the runs waiting for that target, which frees its worker slot and lets the
-worker take other runs of the same queue. A run that ends moves as many of the
-oldest waiting runs back to their work queues ("wakes" them) as it gave tokens
-back; a run that found no token and no run waiting before it wakes one if a
-token came free meanwhile: each check follows the other's step, so no wakeup is
-lost. Tokens that came back without a release (their holder died or was cut
-off) are handed on only by a periodic check (pool_control), after a grace that
-lets a holder that was only cut off take them back first (`reclaim`).
+A run that finds no token does not wait on the worker: it is moved (confirmed publish,
+then acknowledgement) to `mq_worker.waiting-<digest>`, a FIFO queue of the runs waiting
+for that target, which frees its worker slot and lets the worker take other runs of the
+same queue. A run that ends moves as many of the oldest waiting runs back to their work
+queues ("wakes" them) as it gave tokens back; a run that found no token and no run
+waiting before it wakes one if a token came free meanwhile: each check follows the
+other's step, so no wakeup is lost. Tokens that came back without a release (their
+holder died or was cut off) are handed on only by a periodic check (pool_control), after
+a grace that lets a holder that was only cut off take them back first (`reclaim`).
 
 Order of arrival: a fresh run joins the waiting queue instead of taking a free token
 when runs of its target wait (docs/pools.md says where this order can give way).
@@ -54,8 +52,7 @@ from mq_worker.wire_decoding import header_text
 
 log = structlog.get_logger("mq_worker.slots")
 
-# How long a run waits, after a reconnection, for the slots of the runs still running
-# here to be taken again before it takes one itself.
+# How long a fresh run after a reconnection waits for the runs here to take theirs back.
 RECLAIM_WAIT_SECONDS = 10.0
 # A run whose slots went back to the broker with a lost connection, and were not taken
 # again within this long, is stopped: a run elsewhere that takes such a slot holds it
@@ -261,29 +258,32 @@ class SlotGate:
         return await queue_depths(await self._requests.channel("checks", slots), target)
 
     async def reclaim(self) -> None:
-        """After a reconnection: take again the very tokens the runs still running here
-        held (SlotRequests.take_back), before any new run here takes one. Runs whose tokens
-        are all found go on at once; the others' are looked for until their deadline (a
-        released one may stand in), then reported to `on_slot_lost`, which stops them."""
+        """After a reconnection, before any new run here takes a token: take again those the
+        runs still running here held (SlotRequests.take_back; a released one may stand in),
+        until their deadline; report the runs left without to `on_slot_lost` (stopped)."""
         channel = self._slots
         if channel is None:
             return
         try:
             leases = [lease for lease in list(self._leases) if lease.channel is not channel]
-            found, given_back = await self._requests.take_back(channel, leases)
+            found, released = await self._requests.take_back(channel, leases)
             for final in (False, True):
                 missing = [lease for lease in leases
                            if not await self._take_again(lease, found, channel, final)]
                 if not missing or final:
                     break
-                more, more_given_back = await self._requests.take_back(channel, [
+                more, more_released = await self._requests.take_back(channel, [
                     Lease(None, [t for t in lease.tokens if key_of(t) not in found])
                     for lease in missing], until=self._lost_at + CUT_OFF_SECONDS, stand_ins=True)
                 found.update(more)
-                given_back.update(more_given_back)
+                released |= more_released
                 leases = missing
-            for target, count in given_back.items():  # (see SlotRequests.scan)
-                await self._wake_for_released(target, count)
+            if found:  # kept for runs that ended meanwhile: nobody's now, back as they came
+                await self._give_back(Lease(channel, list(found.values())))
+            released |= {key_of(token) for token in found.values() if not token.returned}
+            released -= {key_of(token) for lease in self._leases for token in lease.tokens}
+            for target, count in Counter(key[0] for key in released).items():
+                await self._wake_for_released(target, count)  # (see SlotRequests.scan)
         finally:
             if self._slots is channel:
                 self._reclaimed.set()

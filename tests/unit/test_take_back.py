@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -49,6 +50,7 @@ class TokenQueue:
         self.later: list[tuple[int, int, bool]] = []  # back once the queue first runs dry
         self.dry_before_later = 1  # ... or runs dry this many times
         self.get_seconds = 0.0  # how long a get takes (a round trip)
+        self.on_first_get: Callable[[], Awaitable[None]] | None = None  # e.g. a run ends
 
     @staticmethod
     def body(number: int, version: int) -> bytes:
@@ -65,6 +67,8 @@ class TokenQueue:
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
         assert queue == limit_queue_name(TARGET) and not no_ack
         self.gets += 1
+        if self.gets == 1 and self.on_first_get is not None:
+            await self.on_first_get()
         if self.get_seconds:
             await anyio.sleep(self.get_seconds)
         if not self.ready and self.later and self.dry_before_later > 1:
@@ -132,7 +136,7 @@ async def test_its_own_token_is_kept_and_another_worker_s_is_put_back_still_mark
     queue = TokenQueue((1, 1, True), (0, 1, True))
     kept, fresh = await scan(queue, {(0, 1)})
     assert [(t.number, t.version) for t in kept.values()] == [(0, 1)]
-    assert fresh == 0
+    assert fresh == set()
     assert queue.tokens() == [(1, 1, True)]  # its next taker still holds it first
     assert list(queue.held) == [2] and queue.commits == 1
 
@@ -140,7 +144,7 @@ async def test_its_own_token_is_kept_and_another_worker_s_is_put_back_still_mark
 async def test_a_free_token_taken_on_the_way_is_given_back_as_a_new_message() -> None:
     queue = TokenQueue((2, 1, False), (0, 1, True))
     kept, fresh = await scan(queue, {(0, 1)})
-    assert list(kept) == [(0, 1)] and fresh == 1
+    assert list(kept) == [(0, 1)] and fresh == {(2, 1)}
     assert queue.tokens() == [(2, 1, False)]  # given back as a release gives it: unmarked
 
 
@@ -153,7 +157,7 @@ async def test_the_scan_stops_as_soon_as_every_own_token_is_found() -> None:
 
 async def test_an_empty_queue_finds_nothing_and_puts_nothing_back() -> None:
     queue = TokenQueue()
-    assert await scan(queue, {(0, 1)}) == ({}, 0)
+    assert await scan(queue, {(0, 1)}) == ({}, set())
     assert queue.commits == 0
 
 
@@ -161,7 +165,7 @@ async def test_a_partial_find_keeps_what_it_found_and_puts_every_other_token_bac
     queue = TokenQueue((1, 1, True), (0, 1, True), (2, 1, False))
     kept, fresh = await scan(queue, {(0, 1), (2, 1), (1, 9)})
     assert sorted(kept) == [(0, 1), (2, 1)]
-    assert fresh == 0
+    assert fresh == set()
     assert queue.tokens() == [(1, 1, True)]  # number 1, but not the version it held
 
 
@@ -170,7 +174,7 @@ async def test_a_token_recreated_under_a_new_version_while_cut_off_is_not_its_ow
     # version 1 was destroyed, and token 1 of version 5 is another slot.
     queue = TokenQueue((1, 5, False))
     kept, fresh = await scan(queue, {(1, 1)}, limit=2, ranges=((0, 1, 1), (1, 2, 5)))
-    assert kept == {} and fresh == 1
+    assert kept == {} and fresh == {(1, 5)}
     assert queue.tokens() == [(1, 5, False)]
 
 
@@ -356,7 +360,56 @@ async def test_a_stand_in_is_never_a_marked_token_nor_one_of_another_version() -
     kept, fresh = await scan(queue, {(0, 1)}, stand_ins=True, limit=2,
                              ranges=((0, 1, 1), (1, 2, 5)))
     assert [(t.number, t.version) for t in kept.values()] == [(1, 5)]  # a valid one
-    assert fresh == 0
+    assert fresh == set()
     queue = TokenQueue((1, 1, True))
-    assert await scan(queue, {(0, 1)}, stand_ins=True) == ({}, 0)
+    assert await scan(queue, {(0, 1)}, stand_ins=True) == ({}, set())
     assert queue.tokens() == [(1, 1, True)]
+
+
+async def test_a_token_taken_back_for_a_run_that_ended_meanwhile_is_given_back() -> None:
+    # The run ends while its worker looks for its token: what the scan kept for it is
+    # nobody's, and must go back to the queue (as it came: marked), not stay held.
+    gate = Gate(TokenQueue((0, 1, True), (1, 1, False)))
+    lease = gate.running("a", 0)
+
+    async def run_ends() -> None:
+        await gate.gate.release(lease)
+
+    gate.queue.on_first_get = run_ends
+    await gate.reconnect()
+    assert sorted(gate.queue.tokens()) == [(0, 1, True), (1, 1, False)]
+    assert gate.queue.held == {}
+
+
+class Wakes:
+    """The waiting runs a gate wakes for tokens put back free, by target."""
+
+    def __init__(self, gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: list[tuple[str, int]] = []
+
+        async def wake(target: str, count: int) -> None:
+            self.counts.append((target, count))
+
+        monkeypatch.setattr(gate.gate, "_wake_for_released", wake)
+
+
+async def test_a_stand_in_wakes_nobody_and_a_free_token_put_back_wakes_one_however_often(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each free token a scan held may have been the one a release woke a run for: one wake
+    # for each such token, not one for each pass that held it, and none for a token kept.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    gate = Gate(TokenQueue((1, 1, True), (2, 1, False)))
+    wakes = Wakes(gate, monkeypatch)
+    gate.running("a", 0)
+    await gate.reconnect()
+    assert wakes.counts == []  # token 2 stands in for token 0: nothing is free
+
+    queue = TokenQueue((2, 1, False))
+    queue.later, queue.dry_before_later = [(0, 1, True)], 4  # back after four passes
+    gate = Gate(queue)
+    wakes = Wakes(gate, monkeypatch)
+    lease = gate.running("a", 0)
+    await gate.reconnect()
+    assert [t.number for t in lease.tokens] == [0]
+    assert wakes.counts == [(TARGET, 1)]
