@@ -269,7 +269,7 @@ class SlotGate:
             found, released = await self._requests.take_back(channel, leases)
             for final in (False, True):
                 missing = [lease for lease in leases
-                           if not await self._take_again(lease, found, channel, final)]
+                           if not self._take_again(lease, found, channel, final)]
                 if not missing or final:
                     break
                 more, more_released = await self._requests.take_back(channel, [
@@ -278,7 +278,7 @@ class SlotGate:
                 found.update(more)
                 released |= more_released
                 leases = missing
-            if found:  # kept for runs that ended meanwhile: nobody's now, back as they came
+            if found:  # found for runs that ended or were stopped: back as they came
                 await self._give_back(Lease(channel, list(found.values())))
             released |= {key_of(token) for token in found.values() if not token.returned}
             released -= {key_of(token) for lease in self._leases for token in lease.tokens}
@@ -288,18 +288,17 @@ class SlotGate:
             if self._slots is channel:
                 self._reclaimed.set()
 
-    async def _take_again(self, lease: Lease, found: dict[Mine, HeldToken],
-                          channel: aiormq.abc.AbstractChannel, final: bool) -> bool:
+    def _take_again(self, lease: Lease, found: dict[Mine, HeldToken],
+                    channel: aiormq.abc.AbstractChannel, final: bool) -> bool:
         """Give `lease` its tokens `found`; False if one is missing and not `final`."""
         mine = [key_of(t) for t in lease.tokens]
         lost = next((key[0] for key in mine  # (a removed limit holds nothing)
                      if key not in found and key[0] in self.state.limits), None)
         if lost is not None and not final and lease in self._leases:
             return False
+        if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile:
+            return True  # what was found for it goes back once all are done (`reclaim`)
         held = [found.pop(key) for key in mine if key in found]
-        if lease not in self._leases:  # ended, or stopped at its deadline, meanwhile
-            await self._give_back(Lease(channel, held))  # as they came: marked
-            return True
         # Its own again: no run elsewhere can hold it, it needs no hold before use.
         lease.channel = channel
         lease.tokens = [token._replace(returned=False) for token in held]

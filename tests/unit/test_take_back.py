@@ -50,7 +50,8 @@ class TokenQueue:
         self.later: list[tuple[int, int, bool]] = []  # back once the queue first runs dry
         self.dry_before_later = 1  # ... or runs dry this many times
         self.get_seconds = 0.0  # how long a get takes (a round trip)
-        self.on_first_get: Callable[[], Awaitable[None]] | None = None  # e.g. a run ends
+        self.on_get: tuple[int, Callable[[], Awaitable[None]]] | None = None  # (get number,
+        # what happens then: a run ends or is stopped)
 
     @staticmethod
     def body(number: int, version: int) -> bytes:
@@ -67,8 +68,8 @@ class TokenQueue:
     async def basic_get(self, queue: str, no_ack: bool) -> Any:
         assert queue == limit_queue_name(TARGET) and not no_ack
         self.gets += 1
-        if self.gets == 1 and self.on_first_get is not None:
-            await self.on_first_get()
+        if self.on_get is not None and self.gets == self.on_get[0]:
+            await self.on_get[1]()
         if self.get_seconds:
             await anyio.sleep(self.get_seconds)
         if not self.ready and self.later and self.dry_before_later > 1:
@@ -375,7 +376,7 @@ async def test_a_token_taken_back_for_a_run_that_ended_meanwhile_is_given_back()
     async def run_ends() -> None:
         await gate.gate.release(lease)
 
-    gate.queue.on_first_get = run_ends
+    gate.queue.on_get = (1, run_ends)
     await gate.reconnect()
     assert sorted(gate.queue.tokens()) == [(0, 1, True), (1, 1, False)]
     assert gate.queue.held == {}
@@ -412,4 +413,29 @@ async def test_a_stand_in_wakes_nobody_and_a_free_token_put_back_wakes_one_howev
     lease = gate.running("a", 0)
     await gate.reconnect()
     assert [t.number for t in lease.tokens] == [0]
+    assert wakes.counts == [(TARGET, 1)]
+
+
+async def test_a_stand_in_taken_for_a_run_stopped_meanwhile_is_given_back_and_woken_for(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run elsewhere releases token 2 (waking a waiting run) during the take-back's final
+    # round, whose next pass takes it in the stead of token 0; the run is stopped at its
+    # deadline meanwhile (its lease dropped, its tokens kept). Token 2 goes back free, and
+    # a waiting run is woken for it: the one its release woke may have found it taken.
+    monkeypatch.setattr(slot_requests, "TAKE_BACK_PAUSE_SECONDS", (0.0, 0.0))
+    passes_before = slot_requests.TAKE_BACK_PASSES + 1  # the first round's, the final's first
+    queue = TokenQueue((1, 1, True))
+    queue.later, queue.dry_before_later = [(2, 1, False)], passes_before
+    gate = Gate(queue)
+    wakes = Wakes(gate, monkeypatch)
+    lease = gate.running("a", 0)
+
+    async def run_stopped() -> None:
+        gate.gate._leases.discard(lease)
+
+    queue.on_get = (2 * passes_before + 1, run_stopped)  # (two gets a pass until then)
+    await gate.reconnect()
+    assert sorted(gate.queue.tokens()) == [(1, 1, True), (2, 1, False)]
+    assert gate.queue.held == {}
     assert wakes.counts == [(TARGET, 1)]
