@@ -55,12 +55,14 @@ from mq_worker.concurrency import TaskPool
 from mq_worker.delivery import Delivery
 from mq_worker.priority import PROBE_SECONDS, ReadyCounts
 from mq_worker.window import (
+    ACK_GROUP_WAIT,
     Ack,
     Cancel,
     ConsumerWindow,
     Step,
     Window,
     WindowStatistics,
+    ack_group,
 )
 
 log = structlog.get_logger("mq_worker.consumer")
@@ -103,7 +105,9 @@ class RunConsumer:
         redeclare: Callable[[aiormq.abc.AbstractChannel, str], Awaitable[None]] | None = None,
     ) -> None:
         self._slots = anyio.CapacityLimiter(limit)
-        self._window: Window[Delivery] = Window(self._slots, max_window=window)
+        self._window: Window[Delivery] = Window(
+            self._slots, max_window=window, ack_group=ack_group(window),
+            group_wait=ACK_GROUP_WAIT)
         self._ack_grace = ack_grace
         # Each delivery is handled in a task of `spawn`, reused from delivery to delivery.
         self._handlers = TaskPool(spawn, handle, keep=limit)
@@ -347,7 +351,7 @@ class RunConsumer:
         """Acknowledge `delivery`, whose run has started: now, or once a slot frees."""
         if not self._usable(delivery):
             return
-        if self._window.may_ack_started(delivery.consumer_tag):
+        if self._window.may_ack_new(delivery.consumer_tag):
             await self._ack(delivery)
         else:
             deadline = time.monotonic() + self._ack_grace

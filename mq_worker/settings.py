@@ -138,7 +138,7 @@ class WorkerSettings(BaseSettings):
     )
     window: int | None = Field(
         default=None, ge=1, description="Largest prefetch per queue.",
-        json_schema_extra={"shown_default": "limit / 4, at least 2 (or the limit)"},
+        json_schema_extra={"shown_default": "limit / 2, at least 2 (or the limit)"},
     )
     run_events: Literal["all", "outcomes"] = Field(
         default="all",
@@ -222,9 +222,12 @@ class WorkerSettings(BaseSettings):
     @model_validator(mode="after")
     def _window(self) -> WorkerSettings:
         if self.window is None:
-            # Two at least: with one, a small limit's runs each wait for the one before to
-            # be acknowledged, and no two acknowledgements can be grouped (docs/benchmarks.md).
-            self.window = max(min(2, self.limit), self.limit // 4)
+            # Half the limit: while fewer runs than that run, a run is acknowledged as soon
+            # as it starts; beyond, its acknowledgement waits for a free slot and goes with
+            # others in one frame, which the quorum queue settles for about the cost of one.
+            # Two at least: with one, no two acknowledgements can go together
+            # (docs/benchmarks.md).
+            self.window = max(min(2, self.limit), self.limit // 2)
         return self
 
     @property

@@ -58,6 +58,16 @@ class ConsumerWindow:
 
 K = TypeVar("K")
 
+# How long a deferred acknowledgement that fits waits for others to fit with it. Near
+# capacity runs end every few milliseconds when they are short; when they are long, a
+# free slot stays empty this long at most.
+ACK_GROUP_WAIT = 0.002
+
+
+def ack_group(max_window: int) -> int:
+    """How many deferred acknowledgements go together: half the window."""
+    return max(1, max_window // 2)
+
 
 @dataclass(frozen=True)
 class Ack(Generic[K]):
@@ -100,11 +110,17 @@ class WindowStatistics:
 class Window(Generic[K]):
     """The consumers of one channel and what they let the broker push, against `slots`."""
 
-    def __init__(self, slots: SlotCount, max_window: int) -> None:
+    def __init__(self, slots: SlotCount, max_window: int, *, ack_group: int = 1,
+                 group_wait: float = 0.0) -> None:
         self._slots = slots
         self.max_window = max(1, max_window)
         self._consumers: dict[str, ConsumerWindow] = {}
         self._deferred: dict[K, tuple[str, float]] = {}  # delivery: (consumer tag, deadline)
+        # Deferred acknowledgements that fit go `ack_group` at a time (one frame, one
+        # settlement on the queue), each waiting at most `group_wait` seconds for the rest.
+        self._ack_group = max(1, ack_group)
+        self._group_wait = group_wait
+        self._fits_since: float | None = None
 
     # -- figures -------------------------------------------------------------------
 
@@ -193,6 +209,14 @@ class Window(Generic[K]):
         consumer = self._consumers.get(tag)
         return consumer is None or not consumer.active or self.fits_one_more()
 
+    def may_ack_new(self, tag: str) -> bool:
+        """Whether a run just started on `tag` can be acknowledged now: it fits, and
+        no acknowledgement waits before it (in order, a group settles with one frame)."""
+        if self._deferred and self._ack_group > 1:
+            consumer = self._consumers.get(tag)
+            return consumer is None or not consumer.active
+        return self.may_ack_started(tag)
+
     def defer_ack(self, delivery: K, tag: str, deadline: float) -> None:
         """Acknowledge `delivery` (of consumer `tag`) once it fits; after `deadline`
         cancel its consumer instead, which lets it go at once."""
@@ -203,11 +227,15 @@ class Window(Generic[K]):
         self._deferred.pop(delivery, None)
 
     def next_deadline(self) -> float | None:
-        return min((deadline for _, deadline in self._deferred.values()), default=None)
+        deadlines = [deadline for _, deadline in self._deferred.values()]
+        if self._fits_since is not None:
+            deadlines.append(self._fits_since + self._group_wait)
+        return min(deadlines, default=None)
 
     def clear(self) -> None:
         self._consumers.clear()
         self._deferred.clear()
+        self._fits_since = None
 
     # -- what to do ----------------------------------------------------------------
 
@@ -229,12 +257,12 @@ class Window(Generic[K]):
         listed first; with several, `ready` holds their ready counts, read while
         `free` slots were free (None when there were none).
         """
-        yield from self._due_acks()
+        yield from self._due_acks(now)
         overdue = {tag for tag, deadline in self._deferred.values() if deadline <= now}
         for tag in overdue:
             if (consumer := self._consumers.get(tag)) is not None:
                 yield Cancel(consumer)
-        yield from self._due_acks()
+        yield from self._due_acks(now)
         if stopped or not serving:
             for consumer in self.consumers():
                 yield Cancel(consumer)
@@ -242,21 +270,45 @@ class Window(Generic[K]):
             for queue in list(paused_queues):
                 if (consumer := self.active_on(queue)) is not None:
                     yield Cancel(consumer)
-            yield from self._due_acks()
+            yield from self._due_acks(now)
             if len(serving) > 1:
                 if ready is not None and free > 0:
                     yield from self.plan_by_priority(serving, ready, free)
             else:
                 yield from self.plan_single(serving[0])
         # A cancelled consumer reopens nothing: what waited on it goes now, not at its deadline.
-        yield from self._due_acks()
+        yield from self._due_acks(now)
 
-    def _due_acks(self) -> Iterator[Ack[K]]:
+    def _due_acks(self, now: float) -> Iterator[Ack[K]]:
+        if not self._gathered(now):
+            return
         for delivery in list(self._deferred):
             entry = self._deferred.get(delivery)
             if entry is not None and self.may_ack_started(entry[0]):
                 del self._deferred[delivery]
                 yield Ack(delivery)
+
+    def _gathered(self, now: float) -> bool:
+        """Whether the deferred acknowledgements that fit may go: a group fits, one is
+        of a cancelled consumer (it reopens nothing), or the first has waited enough."""
+        if self._ack_group == 1 or not self._deferred:
+            self._fits_since = None
+            return True
+        room = self.room()
+        if room >= min(self._ack_group, len(self._deferred)) or any(
+                self._consumers.get(tag) is None or not self._consumers[tag].active
+                for tag, _ in self._deferred.values()):
+            self._fits_since = None
+            return True
+        if room <= 0:
+            self._fits_since = None
+            return False
+        if self._fits_since is None:
+            self._fits_since = now
+        if now - self._fits_since < self._group_wait:
+            return False
+        self._fits_since = None
+        return True
 
     def plan_single(self, queue: str) -> Iterator[Cancel | Consume]:
         """Steps that give `queue`, served alone, a window of up to `max_window`."""

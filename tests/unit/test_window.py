@@ -50,6 +50,7 @@ from mq_worker.window import (
 )
 
 QUEUES = ["high", "middle", "low"]
+GROUP_WAIT = 0.5  # of the machine's clock, which `time_passes` moves on by 1
 pick = st.integers(min_value=0, max_value=1000)
 
 
@@ -84,10 +85,13 @@ class WindowMachine(RuleBasedStateMachine):
         limit=st.integers(min_value=1, max_value=6),
         max_window=st.integers(min_value=1, max_value=4),
         queue_count=st.integers(min_value=1, max_value=3),
+        ack_group=st.integers(min_value=1, max_value=3),
     )
-    def start(self, limit: int, max_window: int, queue_count: int) -> None:
+    def start(self, limit: int, max_window: int, queue_count: int, ack_group: int) -> None:
         self.slots = Slots(limit)
-        self.window: Window[Message] = Window(self.slots, max_window=max_window)
+        self.ack_group = ack_group
+        self.window: Window[Message] = Window(self.slots, max_window=max_window,
+                                              ack_group=ack_group, group_wait=GROUP_WAIT)
         self.queues = QUEUES[:queue_count]
         self.paused: set[str] = set()
         self.stopped = False  # the whole consumer paused (outbox full, stopping)
@@ -157,7 +161,7 @@ class WindowMachine(RuleBasedStateMachine):
         candidates = [m for m in self.messages if not m.settled and not m.started]
         message = candidates[which % len(candidates)]
         message.started = True
-        if self.window.may_ack_started(message.tag):
+        if self.window.may_ack_new(message.tag):
             self._acknowledge(message)
         else:
             message.deferred = True
@@ -250,8 +254,12 @@ class WindowMachine(RuleBasedStateMachine):
         if self.stopped or not serving:
             assert self.window.outstanding() == 0
             return
-        # No started run waits for its acknowledgement when it could be acknowledged.
-        assert not any(self.window.may_ack_started(m.tag) for m in self._where("deferred"))
+        # No started run waits for its acknowledgement when it could be acknowledged,
+        # unless for others to go with it, and then not longer than the group's wait.
+        if any(self.window.may_ack_started(m.tag) for m in self._where("deferred")):
+            deadline = self.window.next_deadline()
+            assert self.ack_group > 1
+            assert deadline is not None and deadline <= self.clock + GROUP_WAIT
         # A free slot is offered to some queue (once the runs being handled have moved
         # on: until then a single queue keeps its consumer, whose window they reopen).
         if free > 0 and (len(serving) > 1 or not self._where("in_handling")):
@@ -433,14 +441,85 @@ def test_one_acknowledgement_covers_the_tags_due_below_the_first_delivery_in_han
     assert grouped_acks([], 1) == (None, [])
 
 
-@pytest.mark.parametrize(("limit", "window"), [(1, 1), (2, 2), (3, 2), (4, 2), (8, 2),
-                                               (12, 3), (16, 4), (100, 25)])
-def test_the_default_window_is_a_quarter_of_the_limit_and_at_least_two(
-    limit: int, window: int
-) -> None:
-    # A window of one makes each run of a small limit wait for the acknowledgement of the
-    # one before it to reopen the window (an extra Raft credit round per run), and its
-    # acknowledgements cannot be grouped: a pair costs the broker a third less per run.
+@pytest.mark.parametrize(("limit", "window"), [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2), (6, 3),
+                                               (8, 4), (16, 8), (100, 50)])
+def test_the_default_window_is_half_the_limit_and_at_least_two(limit: int, window: int) -> None:
+    # Up to half the limit busy, a started run is acknowledged at once (the broker could
+    # otherwise push a run beyond the free slots); beyond it, acknowledgements wait for
+    # free slots and go in groups of half the window, one settlement on the quorum queue
+    # for several runs (docs/benchmarks.md). With one, no two acknowledgements go together.
     assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit).window == window
     assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit,
                           window=1).window == 1
+
+
+def _at_capacity(ack_group: int) -> tuple[Slots, Window[str], ConsumerWindow]:
+    """Limit 4, window 4: four runs started, each acknowledgement deferred (no room)."""
+    slots = Slots(4)
+    window: Window[str] = Window(slots, max_window=4, ack_group=ack_group, group_wait=0.5)
+    consumer = window.opened("q", "t1", 4)
+    for run in "abcd":
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+        assert not window.may_ack_new("t1")
+        window.defer_ack(run, "t1", deadline=10.0)
+    return slots, window, consumer
+
+
+def _acks(window: Window[str], now: float) -> list[Step[str]]:
+    """One reconciliation's steps, each carried out before the next is decided."""
+    steps: list[Step[str]] = []
+    for step in window.reconcile(now=now, stopped=False, serving=["q"], paused_queues=set(),
+                                 ready=None, free=window.free_slots()):
+        steps.append(step)
+        if isinstance(step, Ack):
+            window.acknowledged("t1", was_held=False)
+    return steps
+
+
+def test_deferred_acknowledgements_wait_briefly_to_go_as_a_group() -> None:
+    # Each acknowledgement is a settlement the quorum queue replicates; one `multiple`
+    # frame for several costs it about what one for a single delivery does.
+    slots, window, _ = _at_capacity(ack_group=2)
+    slots.borrowed_tokens -= 1  # one run ends: one acknowledgement fits
+    assert _acks(window, now=0.0) == []
+    assert window.next_deadline() == 0.5  # it waits for a second one that long at most
+    slots.borrowed_tokens -= 1  # another ends: both go together, oldest first
+    assert _acks(window, now=0.1) == [Ack("a"), Ack("b")]
+    assert window.next_deadline() == 10.0
+
+
+def test_a_deferred_acknowledgement_goes_alone_once_the_group_wait_is_over() -> None:
+    slots, window, _ = _at_capacity(ack_group=2)
+    slots.borrowed_tokens -= 1
+    assert _acks(window, now=0.0) == []
+    assert _acks(window, now=0.5) == [Ack("a")]
+    assert window.next_deadline() == 10.0
+
+
+def test_without_a_group_a_deferred_acknowledgement_goes_as_soon_as_it_fits() -> None:
+    slots, window, _ = _at_capacity(ack_group=1)
+    slots.borrowed_tokens -= 1
+    assert _acks(window, now=0.0) == [Ack("a")]
+
+
+def test_a_started_run_is_acknowledged_after_those_already_waiting() -> None:
+    # In order, so that one `multiple` covers them all: acknowledging a later delivery
+    # first would leave the waiting ones below it to frames of their own.
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    consumer = window.opened("q", "t1", 4)
+    for _ in range(2):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    window.defer_ack("waiting", "t1", deadline=10.0)
+    assert window.fits_one_more()
+    assert not window.may_ack_new("t1")  # it would fit, but one waits before it
+    assert _acks(window, now=0.0) == [Ack("waiting")]  # a group fits: no wait
+    assert window.may_ack_new("t1")
+
+
+def test_deferred_acknowledgements_of_a_cancelled_consumer_go_at_once() -> None:
+    _, window, consumer = _at_capacity(ack_group=4)
+    window.retire(consumer)
+    assert _acks(window, now=0.0)[:4] == [Ack("a"), Ack("b"), Ack("c"), Ack("d")]
