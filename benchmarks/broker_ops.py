@@ -153,6 +153,12 @@ OPERATIONS: dict[str, tuple[str, Operation]] = {
                                     Events(TRANSIENT, False, True)),
     "event-unrouted-confirmed": ("event bound to no queue: persistent, confirmed, 3 a write",
                                  Events(PERSISTENT, True, False)),
+    "event-unrouted-transient-confirmed": ("event bound to no queue: transient, confirmed, "
+                                           "3 a write",
+                                           Events(TRANSIENT, True, False)),
+    "event-unrouted-unconfirmed": ("event bound to no queue: transient, unconfirmed, a write "
+                                   "each (Celery -E with no monitor)",
+                                   Events(TRANSIENT, False, False)),
 }
 
 

@@ -57,9 +57,10 @@ from benchmarks.compare_celery import SIDE, TaskLog, celery_version, client, ens
 
 TRUE = "/bin/true"
 SAMPLE_SECONDS = 0.05
-CONTENDERS = ("mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery",
-              "mq-1x8-info", "mq-1x8-window-8", "mq-1x8-asyncio", "mq-1x8-outcomes",
-              "mq-2x8-outcomes", "mq-2x4-window-2")
+CONTENDERS = (
+    "mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery", "mq-1x8-info",
+    "mq-1x8-window-8", "mq-1x8-window-3", "mq-2x8-window-8", "mq-2x8-window-4", "mq-1x8-window-4",
+    "mq-1x8-asyncio", "mq-1x8-outcomes", "mq-2x8-outcomes", "mq-2x4-window-2")
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,10 @@ def contender(name: str, runs: int, bin_dir: Path | None,
           "mq-processes-2": [["--limit", "16", "--processes", "2"]],
           "mq-1x8-info": [["--limit", "8", "--log-level", "INFO"]],
           "mq-1x8-window-8": [["--limit", "8", "--window", "8"]],
+          "mq-1x8-window-3": [["--limit", "8", "--window", "3"]],
+          "mq-2x8-window-8": [["--limit", "8", "--window", "8"]] * 2,
+          "mq-2x8-window-4": [["--limit", "8", "--window", "4"]] * 2,
+          "mq-1x8-window-4": [["--limit", "8", "--window", "4"]],
           "mq-1x8-asyncio": [["--limit", "8", "--loop", "asyncio"]],
           "mq-2x4-window-2": [["--limit", "4", "--window", "2"]] * 2,
           "mq-1x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]],
@@ -291,6 +296,10 @@ LABELS = {
     "mq-processes-2": "mq_worker, --processes 2 --limit 16",
     "mq-1x8-info": "mq_worker, 1 worker, limit 8, --log-level INFO",
     "mq-1x8-window-8": "mq_worker, 1 worker, limit 8, --window 8",
+    "mq-1x8-window-3": "mq_worker, 1 worker, limit 8, --window 3",
+    "mq-2x8-window-8": "mq_worker, 2 workers, limit 8 each, --window 8",
+    "mq-2x8-window-4": "mq_worker, 2 workers, limit 8 each, --window 4",
+    "mq-1x8-window-4": "mq_worker, 1 worker, limit 8, --window 4",
     "mq-1x8-asyncio": "mq_worker, 1 worker, limit 8, --loop asyncio",
     "mq-2x4-window-2": "mq_worker, 2 workers, limit 4 each, --window 2",
     "mq-1x8-outcomes": "mq_worker, 1 worker, limit 8, --run-events outcomes",
