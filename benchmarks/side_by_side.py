@@ -19,8 +19,9 @@ change it), from the pre-loaded queue to the last completion.
 medians: on a shared machine, only figures measured side by side compare. Celery lives
 in benchmarks/.venv-celery (created by benchmarks.compare_celery when missing). Workers
 log at WARNING, like Celery's worker here; the contender `mq-1x8-info` shows what the
-default level (INFO: one line per run) costs, `mq-1x8-window-8` a prefetch window of the
-whole limit instead of the default quarter, `mq-1x8-asyncio` asyncio's own loop (what
+default level (INFO: one line per run) costs; `mq-1x8-window-N` (N of 3, 4, 8) and
+`mq-2x8-window-N` (4, 8) prefetch windows other than the default half of the limit (a tree before
+that default had a quarter); `mq-1x8-asyncio` asyncio's own loop (what
 `pip install mq-worker` without the `speed` extra runs on), `mq-1x8-outcomes` and
 `mq-2x8-outcomes` workers that publish only each run's outcome (`--run-events outcomes`),
 `mq-2x4-window-2` two workers of limit 4 with a window of 2 (a tree before that default).
