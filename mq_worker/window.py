@@ -209,13 +209,26 @@ class Window(Generic[K]):
         consumer = self._consumers.get(tag)
         return consumer is None or not consumer.active or self.fits_one_more()
 
+    @property
+    def gathering(self) -> bool:
+        """Acknowledgements that fit wait (at most `group_wait`) for others to go with them;
+        until then no window is opened or grown: the room is theirs."""
+        return self._fits_since is not None
+
     def may_ack_new(self, tag: str) -> bool:
-        """Whether a run just started on `tag` can be acknowledged now: it fits, and
-        no acknowledgement waits before it (in order, a group settles with one frame)."""
-        if self._deferred and self._ack_group > 1:
+        """Whether a run just started on `tag` can be acknowledged now: it fits, no
+        acknowledgement waits before it and no run delivered with it is being started (in
+        order and together, a group settles with one frame)."""
+        if self._ack_group > 1 and (self._deferred or self._in_handling() > 1):
             consumer = self._consumers.get(tag)
             return consumer is None or not consumer.active
         return self.may_ack_started(tag)
+
+    def _in_handling(self) -> int:
+        """Deliveries being handled now (a run starting, say): neither held for their start
+        time nor waiting for their acknowledgement."""
+        in_hand = sum(c.unacked - c.held for c in self._consumers.values())
+        return max(0, in_hand - len(self._deferred))
 
     def defer_ack(self, delivery: K, tag: str, deadline: float) -> None:
         """Acknowledge `delivery` (of consumer `tag`) once it fits; after `deadline`
@@ -271,7 +284,9 @@ class Window(Generic[K]):
                 if (consumer := self.active_on(queue)) is not None:
                     yield Cancel(consumer)
             yield from self._due_acks(now)
-            if len(serving) > 1:
+            if self.gathering:
+                pass
+            elif len(serving) > 1:
                 if ready is not None and free > 0:
                     yield from self.plan_by_priority(serving, ready, free)
             else:
@@ -289,13 +304,16 @@ class Window(Generic[K]):
                 yield Ack(delivery)
 
     def _gathered(self, now: float) -> bool:
-        """Whether the deferred acknowledgements that fit may go: a group fits, one is
-        of a cancelled consumer (it reopens nothing), or the first has waited enough."""
+        """Whether the deferred acknowledgements that fit may go: a group fits, or all fit
+        and no run is being started, or one is of a cancelled consumer (it reopens
+        nothing), or the first has waited `group_wait`."""
         if self._ack_group == 1 or not self._deferred:
             self._fits_since = None
             return True
         room = self.room()
-        if room >= min(self._ack_group, len(self._deferred)) or any(
+        fits = min(room, len(self._deferred))
+        if fits >= self._ack_group or (
+                fits == len(self._deferred) and self._in_handling() == 0) or any(
                 self._consumers.get(tag) is None or not self._consumers[tag].active
                 for tag, _ in self._deferred.values()):
             self._fits_since = None

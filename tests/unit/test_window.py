@@ -255,11 +255,13 @@ class WindowMachine(RuleBasedStateMachine):
             assert self.window.outstanding() == 0
             return
         # No started run waits for its acknowledgement when it could be acknowledged,
-        # unless for others to go with it, and then not longer than the group's wait.
+        # unless for others to go with it, and then not longer than the group's wait;
+        # meanwhile no window is opened or grown (the room is theirs).
         if any(self.window.may_ack_started(m.tag) for m in self._where("deferred")):
             deadline = self.window.next_deadline()
-            assert self.ack_group > 1
+            assert self.ack_group > 1 and self.window.gathering
             assert deadline is not None and deadline <= self.clock + GROUP_WAIT
+            return
         # A free slot is offered to some queue (once the runs being handled have moved
         # on: until then a single queue keeps its consumer, whose window they reopen).
         if free > 0 and (len(serving) > 1 or not self._where("in_handling")):
@@ -515,7 +517,8 @@ def test_a_started_run_is_acknowledged_after_those_already_waiting() -> None:
     window.defer_ack("waiting", "t1", deadline=10.0)
     assert window.fits_one_more()
     assert not window.may_ack_new("t1")  # it would fit, but one waits before it
-    assert _acks(window, now=0.0) == [Ack("waiting")]  # a group fits: no wait
+    window.defer_ack("second", "t1", deadline=10.0)
+    assert _acks(window, now=0.0) == [Ack("waiting"), Ack("second")]  # a group fits
     assert window.may_ack_new("t1")
 
 
@@ -523,3 +526,58 @@ def test_deferred_acknowledgements_of_a_cancelled_consumer_go_at_once() -> None:
     _, window, consumer = _at_capacity(ack_group=4)
     window.retire(consumer)
     assert _acks(window, now=0.0)[:4] == [Ack("a"), Ack("b"), Ack("c"), Ack("d")]
+
+
+def test_a_new_window_does_not_take_the_room_acknowledgements_gather_for() -> None:
+    # Limit 6, window 4 (groups of 2), queues high and low. Three started runs of high wait
+    # for room; one slot frees: their group waits for a second, and a window opened on
+    # low meanwhile must not take that room, or they would wait for --ack-grace instead.
+    slots = Slots(6, borrowed_tokens=1)  # a run of a consumer gone since
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    high = window.opened("high", "h", 4)
+    low = window.opened("low", "l", 1)
+    window.delivered(low)
+    slots.borrowed_tokens += 1
+    window.held("l")  # low's run waits for its start time: its window is closed
+    for run in "abc":
+        window.delivered(high)
+        slots.borrowed_tokens += 1
+        window.defer_ack(run, "h", deadline=10.0)
+    assert window.room() == 0
+    slots.borrowed_tokens -= 1  # that run ends: one acknowledgement fits
+
+    def reconcile(now: float) -> list[Step[str]]:
+        steps: list[Step[str]] = []
+        for step in window.reconcile(now=now, stopped=False, serving=["high", "low"],
+                                     paused_queues=set(), ready=[1, 3],
+                                     free=window.free_slots()):
+            steps.append(step)
+            if isinstance(step, Ack):
+                window.acknowledged("h", was_held=False)
+            elif isinstance(step, Cancel):
+                window.retire(step.consumer)
+            elif isinstance(step, Consume):
+                window.opened(step.queue, f"t{len(steps)}", step.prefetch)
+        return steps
+
+    assert not [s for s in reconcile(0.0) if isinstance(s, Ack | Consume)]
+    assert reconcile(0.5)[0] == Ack("a")  # the group's wait is over: the one that fits goes
+
+
+def test_a_started_run_waits_for_the_runs_delivered_with_it_to_start() -> None:
+    # The broker pushes several runs at once; acknowledged together once all have
+    # started, one frame settles them all.
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    consumer = window.opened("q", "t1", 4)
+    for _ in range(3):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    assert window.fits_one_more()
+    assert not window.may_ack_new("t1")  # two more are being started
+    window.defer_ack("a", "t1", deadline=10.0)
+    assert _acks(window, now=0.0) == []
+    assert not window.may_ack_new("t1")  # one more is being started
+    window.defer_ack("b", "t1", deadline=10.0)
+    assert _acks(window, now=0.0) == [Ack("a"), Ack("b")]  # a group fits
+    assert window.may_ack_new("t1")  # the last one: nothing waits before it, none after
