@@ -351,11 +351,11 @@ class RunConsumer:
         """Acknowledge `delivery`, whose run has started: now, or once a slot frees."""
         if not self._usable(delivery):
             return
-        if self._window.may_ack_new(delivery.consumer_tag):
+        if self._window.may_ack_new(delivery.consumer_tag, held=delivery.held):
             await self._ack(delivery)
         else:
             deadline = time.monotonic() + self._ack_grace
-            self._window.defer_ack(delivery, delivery.consumer_tag, deadline)
+            self._window.defer_ack(delivery, delivery.consumer_tag, deadline, held=delivery.held)
             self._counts["deferred_acks"] += 1
             self.wake()
 

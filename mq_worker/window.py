@@ -115,7 +115,8 @@ class Window(Generic[K]):
         self._slots = slots
         self.max_window = max(1, max_window)
         self._consumers: dict[str, ConsumerWindow] = {}
-        self._deferred: dict[K, tuple[str, float]] = {}  # delivery: (consumer tag, deadline)
+        # delivery: (consumer tag, deadline, whether it was held for its start time)
+        self._deferred: dict[K, tuple[str, float, bool]] = {}
         # Deferred acknowledgements that fit go `ack_group` at a time (one frame, one
         # settlement on the queue), each waiting at most `group_wait` seconds for the rest.
         self._ack_group = max(1, ack_group)
@@ -211,15 +212,22 @@ class Window(Generic[K]):
 
     @property
     def gathering(self) -> bool:
-        """Acknowledgements that fit wait (at most `group_wait`) for others to go with them;
-        until then no window is opened or grown: the room is theirs."""
+        """Acknowledgements that fit wait (at most `group_wait`) for others to go with them."""
         return self._fits_since is not None
 
-    def may_ack_new(self, tag: str) -> bool:
+    def _room_for_windows(self) -> int:
+        """The room a window may be opened or grown in: what acknowledgements waiting on
+        active consumers need is theirs, or a new window would keep them waiting."""
+        waiting = sum(1 for tag, *_ in self._deferred.values()
+                      if (c := self._consumers.get(tag)) is not None and c.active)
+        return max(0, self.room() - waiting)
+
+    def may_ack_new(self, tag: str, *, held: bool = False) -> bool:
         """Whether a run just started on `tag` can be acknowledged now: it fits, no
         acknowledgement waits before it and no run delivered with it is being started (in
         order and together, a group settles with one frame)."""
-        if self._ack_group > 1 and (self._deferred or self._in_handling() > 1):
+        others = self._in_handling() - (0 if held else 1)  # a held run was not counted
+        if self._ack_group > 1 and (self._deferred or others > 0):
             consumer = self._consumers.get(tag)
             return consumer is None or not consumer.active
         return self.may_ack_started(tag)
@@ -228,19 +236,20 @@ class Window(Generic[K]):
         """Deliveries being handled now (a run starting, say): neither held for their start
         time nor waiting for their acknowledgement."""
         in_hand = sum(c.unacked - c.held for c in self._consumers.values())
-        return max(0, in_hand - len(self._deferred))
+        return max(0, in_hand - sum(1 for *_, held in self._deferred.values() if not held))
 
-    def defer_ack(self, delivery: K, tag: str, deadline: float) -> None:
-        """Acknowledge `delivery` (of consumer `tag`) once it fits; after `deadline`
-        cancel its consumer instead, which lets it go at once."""
-        self._deferred[delivery] = (tag, deadline)
+    def defer_ack(self, delivery: K, tag: str, deadline: float, *, held: bool = False) -> None:
+        """Acknowledge `delivery` (of consumer `tag`; `held`: it was held for its start
+        time) once it fits; after `deadline` cancel its consumer instead, which lets it
+        go at once."""
+        self._deferred[delivery] = (tag, deadline, held)
 
     def drop_deferred(self, delivery: K) -> None:
         """`delivery` was settled otherwise (or its channel is gone)."""
         self._deferred.pop(delivery, None)
 
     def next_deadline(self) -> float | None:
-        deadlines = [deadline for _, deadline in self._deferred.values()]
+        deadlines = [deadline for _, deadline, _ in self._deferred.values()]
         if self._fits_since is not None:
             deadlines.append(self._fits_since + self._group_wait)
         return min(deadlines, default=None)
@@ -271,7 +280,7 @@ class Window(Generic[K]):
         `free` slots were free (None when there were none).
         """
         yield from self._due_acks(now)
-        overdue = {tag for tag, deadline in self._deferred.values() if deadline <= now}
+        overdue = {tag for tag, deadline, _ in self._deferred.values() if deadline <= now}
         for tag in overdue:
             if (consumer := self._consumers.get(tag)) is not None:
                 yield Cancel(consumer)
@@ -284,9 +293,7 @@ class Window(Generic[K]):
                 if (consumer := self.active_on(queue)) is not None:
                     yield Cancel(consumer)
             yield from self._due_acks(now)
-            if self.gathering:
-                pass
-            elif len(serving) > 1:
+            if len(serving) > 1:
                 if ready is not None and free > 0:
                     yield from self.plan_by_priority(serving, ready, free)
             else:
@@ -315,7 +322,7 @@ class Window(Generic[K]):
         if fits >= self._ack_group or (
                 fits == len(self._deferred) and self._in_handling() == 0) or any(
                 self._consumers.get(tag) is None or not self._consumers[tag].active
-                for tag, _ in self._deferred.values()):
+                for tag, *_ in self._deferred.values()):
             self._fits_since = None
             return True
         if room <= 0:
@@ -330,7 +337,7 @@ class Window(Generic[K]):
 
     def plan_single(self, queue: str) -> Iterator[Cancel | Consume]:
         """Steps that give `queue`, served alone, a window of up to `max_window`."""
-        room = self.room()
+        room = self._room_for_windows()
         if room <= 0:
             return
         current = self.active_on(queue)
@@ -344,7 +351,7 @@ class Window(Generic[K]):
                 return
             else:
                 yield Cancel(current)  # grow a window shrunk by a capacity crunch
-            room = self.room()
+            room = self._room_for_windows()
             if room <= 0:
                 return
         yield Consume(queue, min(share, room))
@@ -369,7 +376,7 @@ class Window(Generic[K]):
                 if current.open >= target:
                     continue
                 yield Cancel(current)  # grow it: more runs wait than its window
-            room = self.room()
+            room = self._room_for_windows()
             if room <= 0:
                 return
             yield Consume(queue, min(target, room))

@@ -161,11 +161,12 @@ class WindowMachine(RuleBasedStateMachine):
         candidates = [m for m in self.messages if not m.settled and not m.started]
         message = candidates[which % len(candidates)]
         message.started = True
-        if self.window.may_ack_new(message.tag):
+        if self.window.may_ack_new(message.tag, held=message.held):
             self._acknowledge(message)
         else:
             message.deferred = True
-            self.window.defer_ack(message, message.tag, deadline=self.clock + 1)
+            self.window.defer_ack(message, message.tag, deadline=self.clock + 1,
+                                  held=message.held)
 
     @precondition(lambda self: any(not m.settled and not m.started for m in self.messages))
     @rule(which=pick, requeue=st.booleans())
@@ -581,3 +582,62 @@ def test_a_started_run_waits_for_the_runs_delivered_with_it_to_start() -> None:
     window.defer_ack("b", "t1", deadline=10.0)
     assert _acks(window, now=0.0) == [Ack("a"), Ack("b")]  # a group fits
     assert window.may_ack_new("t1")  # the last one: nothing waits before it, none after
+
+
+def test_runs_starting_during_a_reallocation_keep_the_room_for_their_acknowledgements() -> None:
+    # Limit 8, window 4 (groups of 2), queues high and low. While the worker waits for
+    # the broker to cancel low's consumer, two runs of high pushed together start: their
+    # acknowledgements wait for each other, and the window then opened on low must leave
+    # them their room, or they would wait for --ack-grace (and a consumer re-size).
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    high = window.opened("high", "h", 3)
+    low = window.opened("low", "l", 1)
+    for _ in range(2):
+        window.delivered(high)
+        slots.borrowed_tokens += 1
+    window.delivered(low)
+    slots.borrowed_tokens += 1
+    window.held("l")
+    acknowledged: list[str] = []
+
+    def reconcile(now: float) -> list[Step[str]]:
+        steps: list[Step[str]] = []
+        for step in window.reconcile(now=now, stopped=False, serving=["high", "low"],
+                                     paused_queues=set(), ready=[1, 10],
+                                     free=window.free_slots()):
+            steps.append(step)
+            if isinstance(step, Ack):
+                acknowledged.append(step.delivery)
+                window.acknowledged("h", was_held=False)
+            elif isinstance(step, Cancel):
+                window.retire(step.consumer)
+                if step.consumer is low:
+                    for run in "ab":  # awaiting cancel-ok, high's two runs start
+                        assert not window.may_ack_new("h") or run == "b"
+                        window.defer_ack(run, "h", deadline=now + 10.0)
+            elif isinstance(step, Consume):
+                window.opened(step.queue, f"t{len(steps)}", step.prefetch)
+        return steps
+
+    reconcile(0.0)
+    reconcile(0.01)
+    assert acknowledged == ["a", "b"]
+
+
+def test_a_held_run_waiting_for_its_acknowledgement_is_counted_once() -> None:
+    # Window 6 (groups of 3): x was held for its start time, y and z pushed with it.
+    # With x and y waiting, z is still being started: the group waits for it.
+    slots = Slots(12)
+    window: Window[str] = Window(slots, max_window=6, ack_group=3, group_wait=0.5)
+    consumer = window.opened("q", "t1", 6)
+    for _ in "xyz":
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    window.held("t1")
+    assert not window.may_ack_new("t1", held=True)  # y and z are being started
+    window.defer_ack("x", "t1", deadline=10.0, held=True)
+    window.defer_ack("y", "t1", deadline=10.0)
+    assert _acks(window, now=0.0) == []
+    window.defer_ack("z", "t1", deadline=10.0)
+    assert _acks(window, now=0.0) == [Ack("x"), Ack("y"), Ack("z")]
