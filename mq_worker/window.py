@@ -120,6 +120,7 @@ class Window(Generic[K]):
         # Deferred acknowledgements that fit go `ack_group` at a time (one frame, one
         # settlement on the queue), each waiting at most `group_wait` seconds for the rest.
         self._ack_group = max(1, ack_group)
+        self._grouping = True  # only while one queue is served (see reconcile)
         self._group_wait = group_wait
         self._fits_since: float | None = None
 
@@ -215,19 +216,12 @@ class Window(Generic[K]):
         """Acknowledgements that fit wait (at most `group_wait`) for others to go with them."""
         return self._fits_since is not None
 
-    def _room_for_windows(self) -> int:
-        """The room a window may be opened or grown in: what acknowledgements waiting on
-        active consumers need is theirs, or a new window would keep them waiting."""
-        waiting = sum(1 for tag, *_ in self._deferred.values()
-                      if (c := self._consumers.get(tag)) is not None and c.active)
-        return max(0, self.room() - waiting)
-
     def may_ack_new(self, tag: str, *, held: bool = False) -> bool:
         """Whether a run just started on `tag` can be acknowledged now: it fits, no
         acknowledgement waits before it and no run delivered with it is being started (in
         order and together, a group settles with one frame)."""
         others = self._in_handling() - (0 if held else 1)  # a held run was not counted
-        if self._ack_group > 1 and (self._deferred or others > 0):
+        if self._grouping and self._ack_group > 1 and (self._deferred or others > 0):
             consumer = self._consumers.get(tag)
             return consumer is None or not consumer.active
         return self.may_ack_started(tag)
@@ -279,6 +273,11 @@ class Window(Generic[K]):
         listed first; with several, `ready` holds their ready counts, read while
         `free` slots were free (None when there were none).
         """
+        # Acknowledgements wait for others only while one queue is served. With several,
+        # those that fit go before the windows are shared out by priority, as before: a
+        # window planned while they waited could take the room they need, and one they
+        # reopen later could go to a lower queue (docs/pools.md).
+        self._grouping = len(serving) <= 1
         yield from self._due_acks(now)
         overdue = {tag for tag, deadline, _ in self._deferred.values() if deadline <= now}
         for tag in overdue:
@@ -314,7 +313,7 @@ class Window(Generic[K]):
         """Whether the deferred acknowledgements that fit may go: a group fits, or all fit
         and no run is being started, or one is of a cancelled consumer (it reopens
         nothing), or the first has waited `group_wait`."""
-        if self._ack_group == 1 or not self._deferred:
+        if not self._grouping or self._ack_group == 1 or not self._deferred:
             self._fits_since = None
             return True
         room = self.room()
@@ -337,7 +336,7 @@ class Window(Generic[K]):
 
     def plan_single(self, queue: str) -> Iterator[Cancel | Consume]:
         """Steps that give `queue`, served alone, a window of up to `max_window`."""
-        room = self._room_for_windows()
+        room = self.room()
         if room <= 0:
             return
         current = self.active_on(queue)
@@ -351,7 +350,7 @@ class Window(Generic[K]):
                 return
             else:
                 yield Cancel(current)  # grow a window shrunk by a capacity crunch
-            room = self._room_for_windows()
+            room = self.room()
             if room <= 0:
                 return
         yield Consume(queue, min(share, room))
@@ -376,7 +375,7 @@ class Window(Generic[K]):
                 if current.open >= target:
                     continue
                 yield Cancel(current)  # grow it: more runs wait than its window
-            room = self._room_for_windows()
+            room = self.room()
             if room <= 0:
                 return
             yield Consume(queue, min(target, room))

@@ -529,10 +529,11 @@ def test_deferred_acknowledgements_of_a_cancelled_consumer_go_at_once() -> None:
     assert _acks(window, now=0.0)[:4] == [Ack("a"), Ack("b"), Ack("c"), Ack("d")]
 
 
-def test_a_new_window_does_not_take_the_room_acknowledgements_gather_for() -> None:
-    # Limit 6, window 4 (groups of 2), queues high and low. Three started runs of high wait
-    # for room; one slot frees: their group waits for a second, and a window opened on
-    # low meanwhile must not take that room, or they would wait for --ack-grace instead.
+def test_with_several_queues_acknowledgements_that_fit_go_before_windows_are_shared() -> None:
+    # Limit 6, window 4 (groups of 2), queues high and low. Three started runs of high
+    # wait for room; one slot frees. Waiting for a second would let a window opened on
+    # low meanwhile take that room (they would then wait for --ack-grace): with several
+    # queues an acknowledgement that fits goes at once, before the plan.
     slots = Slots(6, borrowed_tokens=1)  # a run of a consumer gone since
     window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
     high = window.opened("high", "h", 4)
@@ -546,23 +547,17 @@ def test_a_new_window_does_not_take_the_room_acknowledgements_gather_for() -> No
         window.defer_ack(run, "h", deadline=10.0)
     assert window.room() == 0
     slots.borrowed_tokens -= 1  # that run ends: one acknowledgement fits
-
-    def reconcile(now: float) -> list[Step[str]]:
-        steps: list[Step[str]] = []
-        for step in window.reconcile(now=now, stopped=False, serving=["high", "low"],
-                                     paused_queues=set(), ready=[1, 3],
-                                     free=window.free_slots()):
-            steps.append(step)
-            if isinstance(step, Ack):
-                window.acknowledged("h", was_held=False)
-            elif isinstance(step, Cancel):
-                window.retire(step.consumer)
-            elif isinstance(step, Consume):
-                window.opened(step.queue, f"t{len(steps)}", step.prefetch)
-        return steps
-
-    assert not [s for s in reconcile(0.0) if isinstance(s, Ack | Consume)]
-    assert reconcile(0.5)[0] == Ack("a")  # the group's wait is over: the one that fits goes
+    steps: list[Step[str]] = []
+    for step in window.reconcile(now=0.0, stopped=False, serving=["high", "low"],
+                                 paused_queues=set(), ready=[1, 3], free=window.free_slots()):
+        steps.append(step)
+        if isinstance(step, Ack):
+            window.acknowledged("h", was_held=False)
+        elif isinstance(step, Cancel):
+            window.retire(step.consumer)
+        elif isinstance(step, Consume):
+            window.opened(step.queue, f"t{len(steps)}", step.prefetch)
+    assert steps[0] == Ack("a")
 
 
 def test_a_started_run_waits_for_the_runs_delivered_with_it_to_start() -> None:
@@ -614,8 +609,11 @@ def test_runs_starting_during_a_reallocation_keep_the_room_for_their_acknowledge
                 window.retire(step.consumer)
                 if step.consumer is low:
                     for run in "ab":  # awaiting cancel-ok, high's two runs start
-                        assert not window.may_ack_new("h") or run == "b"
-                        window.defer_ack(run, "h", deadline=now + 10.0)
+                        if window.may_ack_new("h"):
+                            acknowledged.append(run)
+                            window.acknowledged("h", was_held=False)
+                        else:
+                            window.defer_ack(run, "h", deadline=now + 10.0)
             elif isinstance(step, Consume):
                 window.opened(step.queue, f"t{len(steps)}", step.prefetch)
         return steps
@@ -641,3 +639,29 @@ def test_a_held_run_waiting_for_its_acknowledgement_is_counted_once() -> None:
     assert _acks(window, now=0.0) == []
     window.defer_ack("z", "t1", deadline=10.0)
     assert _acks(window, now=0.0) == [Ack("x"), Ack("y"), Ack("z")]
+
+
+def test_growing_a_higher_queues_window_comes_before_a_lower_queues_acknowledgements() -> None:
+    # Limit 8, window 4, queues high, middle and low; middle's three started runs wait
+    # for room. Runs wait in high only: high gets its windows, middle one, low none.
+    slots = Slots(8, borrowed_tokens=2)
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    window.opened("high", "h", 1)
+    middle = window.opened("middle", "m", 3)
+    window.opened("low", "l", 2)
+    for run in "abc":
+        window.delivered(middle)
+        slots.borrowed_tokens += 1
+        window.defer_ack(run, "m", deadline=10.0)
+    assert window.room() == 0
+    for step in window.reconcile(now=0.0, stopped=False, serving=["high", "middle", "low"],
+                                 paused_queues=set(), ready=[2, 0, 0], free=3):
+        if isinstance(step, Ack):
+            window.acknowledged("m", was_held=False)
+        elif isinstance(step, Cancel):
+            window.retire(step.consumer)
+            window.forget_if_drained(step.consumer)
+        else:
+            window.opened(step.queue, f"t-{step.queue}", step.prefetch)
+    queues = ["high", "middle", "low"]
+    assert [c.open if (c := window.active_on(q)) else 0 for q in queues] == [2, 1, 0]
