@@ -469,6 +469,17 @@ def _at_capacity(ack_group: int) -> tuple[Slots, Window[str], ConsumerWindow]:
     return slots, window, consumer
 
 
+def _pushed(runs: int) -> Window[str]:
+    """Limit 8, window 4 (groups of 2): `runs` runs pushed together, all being started."""
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
+    consumer = window.opened("q", "t1", 4)
+    for _ in range(runs):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    return window
+
+
 def _acks(window: Window[str], now: float) -> list[Step[str]]:
     """One reconciliation's steps, each carried out before the next is decided."""
     steps: list[Step[str]] = []
@@ -509,12 +520,7 @@ def test_without_a_group_a_deferred_acknowledgement_goes_as_soon_as_it_fits() ->
 def test_a_started_run_is_acknowledged_after_those_already_waiting() -> None:
     # In order, so that one `multiple` covers them all: acknowledging a later delivery
     # first would leave the waiting ones below it to frames of their own.
-    slots = Slots(8)
-    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
-    consumer = window.opened("q", "t1", 4)
-    for _ in range(2):
-        window.delivered(consumer)
-        slots.borrowed_tokens += 1
+    window = _pushed(2)
     window.defer_ack("waiting", "t1", deadline=10.0)
     assert window.fits_one_more()
     assert not window.may_ack_new("t1")  # it would fit, but one waits before it
@@ -563,12 +569,7 @@ def test_with_several_queues_acknowledgements_that_fit_go_before_windows_are_sha
 def test_a_started_run_waits_for_the_runs_delivered_with_it_to_start() -> None:
     # The broker pushes several runs at once; acknowledged together once all have
     # started, one frame settles them all.
-    slots = Slots(8)
-    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
-    consumer = window.opened("q", "t1", 4)
-    for _ in range(3):
-        window.delivered(consumer)
-        slots.borrowed_tokens += 1
+    window = _pushed(3)
     assert window.fits_one_more()
     assert not window.may_ack_new("t1")  # two more are being started
     window.defer_ack("a", "t1", deadline=10.0)
