@@ -220,8 +220,8 @@ class Window(Generic[K]):
         """Whether a run just started on `tag` can be acknowledged now: it fits, no
         acknowledgement waits before it and no run delivered with it is being started (in
         order and together, a group settles with one frame)."""
-        others = self._in_handling() - (0 if held else 1)  # a held run was not counted
-        if self._grouping and self._ack_group > 1 and (self._deferred or others > 0):
+        if self._grouping and self._ack_group > 1 and (
+                self._deferred or self._in_handling() > (0 if held else 1)):  # held: uncounted
             consumer = self._consumers.get(tag)
             return consumer is None or not consumer.active
         return self.may_ack_started(tag)
