@@ -10,7 +10,7 @@ may send fewer messages than counted, never more. A reject or give-back of a
 lower tag is written before the group that follows it, so `multiple` never
 settles it.
 
-The arithmetic of the group is `mq_worker.window.grouped_acks`, which has no I/O.
+The arithmetic of the group is `grouped_acks`, which has no I/O.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import aiormq.abc
 import anyio
 
 from mq_worker.delivery import Delivery
-from mq_worker.window import grouped_acks
 
-__all__ = ["AckWriter"]
+__all__ = ["AckWriter", "grouped_acks"]
 
 
 class AckWriter:
@@ -96,3 +95,11 @@ class AckWriter:
         """The lowest tag on `channel` a grouped acknowledgement must not reach."""
         in_hand = itertools.chain(self._unsettled, self._giving_back)
         return min((d.delivery_tag for d in in_hand if d.channel is channel), default=math.inf)
+
+
+def grouped_acks(due: list[int], lowest_unsettled: float) -> tuple[int | None, list[int]]:
+    """The acknowledgements that settle the sorted tags `due`: the highest tag below
+    `lowest_unsettled` with `multiple` (None if there is none), and the tags above it
+    one by one, since `multiple` there would settle a delivery still in hand."""
+    below = [tag for tag in due if tag < lowest_unsettled]
+    return (below[-1] if below else None), due[len(below):]

@@ -282,11 +282,13 @@ class RunConsumer:
     async def _cancel(self, consumer: ConsumerWindow) -> None:
         if self._channel is None:
             return
-        self._window.retire(consumer)
         if consumer.tag in getattr(self._channel, "consumers", {}):
+            # aiormq writes the cancel a turn later, yet before any acknowledgement decided
+            # from now on (those wait for the end of their turn, `AckWriter`).
+            self._window.cancelling(consumer)
             await self._channel.basic_cancel(consumer.tag)
             self._counts["cancels"] += 1
-        self._window.forget_if_drained(consumer)
+        self._window.retire(consumer)
 
     def _on_server_cancel(self, frame: Any) -> None:
         consumer = self._window.consumer(frame.consumer_tag)

@@ -10,11 +10,11 @@ The invariant (see mq_worker.consumer for why):
     slots in use + messages the broker may still send us  <=  limit
 
 "Messages the broker may still send" (`outstanding`) is, summed over the
-active consumers, their prefetch minus their unacknowledged deliveries; a
-cancelled consumer may send nothing more. `room` is what the limit leaves
-once both are counted: a new consumer may be opened with at most that prefetch,
-and an acknowledgement that reopens a window without freeing a slot needs
-`fits_one_more` (until then it is deferred, here).
+active consumers, their prefetch minus their unacknowledged deliveries; plus,
+for one we cancelled, what was in flight until cancel-ok. `room` is what the
+limit leaves once both are counted: a new consumer may be opened with at most
+that prefetch, and an acknowledgement that reopens a window without freeing a
+slot needs `fits_one_more` (until then it is deferred, here).
 
 Slots are counted by the consumer's limiter; the window only reads them.
 Deliveries are opaque keys to it.
@@ -49,11 +49,12 @@ class ConsumerWindow:
     unacked: int = 0
     held: int = 0  # of `unacked`, those whose run waits for its start time
     active: bool = True
+    in_flight: int = 0  # once cancelled by us, until cancel-ok: what may still arrive
 
     @property
     def open(self) -> int:
         """Deliveries the broker may still push on this consumer."""
-        return self.prefetch - self.unacked if self.active else 0
+        return self.prefetch - self.unacked if self.active else self.in_flight
 
 
 K = TypeVar("K")
@@ -78,7 +79,7 @@ class Ack(Generic[K]):
 
 @dataclass(frozen=True)
 class Cancel:
-    """Cancel this consumer (it is already counted as closed)."""
+    """Cancel this consumer: `Window.cancelling`, basic.cancel, then `Window.retire`."""
 
     consumer: ConsumerWindow
 
@@ -174,17 +175,27 @@ class Window(Generic[K]):
         self._consumers[tag] = consumer
         return consumer
 
-    def retire(self, consumer: ConsumerWindow) -> None:
-        """The consumer is being cancelled (by us or the broker): its window is closed."""
+    def cancelling(self, consumer: ConsumerWindow) -> None:
+        """Our basic.cancel is on its way: what the broker pushed before it arrives until
+        cancel-ok. Acknowledgements decided from now on follow the cancel: they reopen nothing."""
+        consumer.in_flight = consumer.open
         consumer.active = False
 
-    def forget_if_drained(self, consumer: ConsumerWindow) -> None:
-        if not consumer.active and consumer.unacked == 0:
+    def retire(self, consumer: ConsumerWindow) -> None:
+        """Cancel-ok arrived, or the broker cancelled the consumer: it pushes nothing more."""
+        consumer.active = False
+        consumer.in_flight = 0
+        self.forget_if_drained(consumer)
+
+    def forget_if_drained(self, consumer: ConsumerWindow) -> None:  # nothing more to count
+        if not consumer.active and consumer.unacked == 0 and consumer.in_flight == 0:
             self._consumers.pop(consumer.tag, None)
 
     def delivered(self, consumer: ConsumerWindow) -> None:
         """The broker pushed one message on `consumer` (it has taken a slot)."""
         consumer.unacked += 1
+        if not consumer.active:
+            consumer.in_flight = max(0, consumer.in_flight - 1)
 
     def held(self, tag: str) -> None:
         """A delivery of `tag` will stay unacknowledged until its run's start time."""
@@ -227,8 +238,7 @@ class Window(Generic[K]):
         return self.may_ack_started(tag)
 
     def _in_handling(self) -> int:
-        """Deliveries being handled now (a run starting, say): neither held for their start
-        time nor waiting for their acknowledgement."""
+        """Deliveries being handled (a run starting): not held, not waiting for their ack."""
         in_hand = sum(c.unacked - c.held for c in self._consumers.values())
         return max(0, in_hand - sum(1 for *_, held in self._deferred.values() if not held))
 
@@ -388,10 +398,3 @@ class Window(Generic[K]):
             and any(self.active_on(q) is None for q in serving)
         )
 
-
-def grouped_acks(due: list[int], lowest_unsettled: float) -> tuple[int | None, list[int]]:
-    """The acknowledgements that settle the sorted tags `due`: the highest tag below
-    `lowest_unsettled` with `multiple` (None if there is none), and the tags above it
-    one by one, since `multiple` there would settle a delivery still in hand."""
-    below = [tag for tag in due if tag < lowest_unsettled]
-    return (below[-1] if below else None), due[len(below):]

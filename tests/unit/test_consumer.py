@@ -102,3 +102,72 @@ async def test_a_delivery_that_cannot_be_taken_fails_in_its_own_task_not_in_the_
         with pytest.raises(RuntimeError, match="not active"):
             await returned
         tg.cancel_scope.cancel()
+
+
+class SlowCancelChannel(StandInChannel):
+    """Two queues with runs ready; cancel-ok comes only when the test says so (what the
+    broker pushed before it saw the cancel still arrives meanwhile)."""
+
+    def __init__(self, ready: dict[str, int]) -> None:
+        super().__init__()
+        self.ready = ready
+        self.queue_of: dict[str, str] = {}
+        self.cancelling: list[str] = []
+        self.callbacks: dict[str, Callable[..., Any]] = {}
+        self.cancel_ok = anyio.Event()
+
+    async def queue_declare(self, queue: str, passive: bool) -> spec.Queue.DeclareOk:
+        return spec.Queue.DeclareOk(queue, message_count=self.ready[queue], consumer_count=0)
+
+    async def basic_consume(self, queue: str, callback: Callable[..., Any], *,
+                            consumer_tag: str) -> None:
+        await super().basic_consume(queue, callback, consumer_tag=consumer_tag)
+        self.queue_of[consumer_tag] = queue
+        self.callbacks[consumer_tag] = callback  # kept after the cancel: late deliveries
+
+    async def push(self, consumer_tag: str, delivery_tag: int) -> None:
+        """Hand a delivery over as aiormq does: the callback, then what it returns."""
+        await self.callbacks[consumer_tag](delivered(self, consumer_tag, delivery_tag))
+
+    async def basic_cancel(self, consumer_tag: str) -> None:
+        self.cancelling.append(consumer_tag)
+        await self.cancel_ok.wait()
+        await super().basic_cancel(consumer_tag)
+
+
+async def test_a_consumer_being_cancelled_counts_what_the_broker_may_still_push_on_it() -> None:
+    """Until cancel-ok, runs the broker pushed on a cancelled consumer still arrive: an
+    acknowledgement decided meanwhile must not hand their room to another window."""
+    start_first = anyio.Event()
+    first_started = anyio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        if delivery.delivery_tag == 1:
+            await start_first.wait()
+            await delivery.ack_started()
+            first_started.set()
+        await anyio.sleep_forever()  # every run goes on, holding its slot
+
+    channel = SlowCancelChannel({"a": 2, "b": 2})
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=4, window=2, ack_grace=60.0, handle=handle, spawn=tg)
+        tg.start_soon(consumer.run, channel, ["a", "b"])
+        await wait_until(lambda: sorted(channel.queue_of.values()) == ["a", "b"])
+        on = {queue: tag for tag, queue in channel.queue_of.items()}
+        await channel.push(on["a"], 1)
+        consumer.pause_queues({"b"})
+        await wait_until(lambda: channel.cancelling == [on["b"]])
+        start_first.set()
+        await first_started.wait()
+        # b's window was open for 2 when the cancel went: both arrive before cancel-ok.
+        await channel.push(on["b"], 2)
+        await channel.push(on["b"], 3)
+        await wait_until(lambda: consumer.statistics().ack_frames == len(channel.acks))
+        # The broker pushes on a as far as a's window, as the acknowledgements written
+        # so far reopened it.
+        for tag in range(4, 4 + 2 - (1 - len(channel.acks))):
+            await channel.push(on["a"], tag)
+        assert consumer.statistics().overshoot == 0
+        assert consumer.slots_in_use <= 4
+        channel.cancel_ok.set()
+        tg.cancel_scope.cancel()

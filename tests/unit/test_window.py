@@ -10,8 +10,10 @@ broker cancels consumers on its own; time passes. Reconciliations
 (`Window.reconcile`) are carried out one step at a time, with anything else
 happening between two steps.
 
-The model treats basic.consume and basic.cancel as taking effect at once;
-`RunConsumer` counts a consumer before it registers it and waits for cancel-ok.
+The model treats basic.consume as taking effect at once (`RunConsumer` counts a
+consumer before it registers it). A basic.cancel goes out at once, but until
+cancel-ok the broker may still push what it had in flight on that consumer, and
+the reconciliation waits for cancel-ok before its next step.
 Acknowledgements reach the broker later, grouped as `RunConsumer` writes them
 (`grouped_acks`); gives-back reach it at once.
 """
@@ -35,6 +37,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from mq_worker.acks import grouped_acks
 from mq_worker.consumer import ConsumerStatistics, Delivery, RunConsumer
 from mq_worker.priority import allocate_windows
 from mq_worker.settings import WorkerSettings
@@ -46,7 +49,6 @@ from mq_worker.window import (
     Step,
     Window,
     WindowStatistics,
-    grouped_acks,
 )
 
 QUEUES = ["high", "middle", "low"]
@@ -98,6 +100,9 @@ class WindowMachine(RuleBasedStateMachine):
         self.clock = 0.0
         self.ready = dict.fromkeys(self.queues, 0)
         self.registered: dict[str, ConsumerWindow] = {}  # consumers the broker pushes on
+        # Cancelled, cancel-ok not yet received: what the broker may still push on each.
+        self.cancelling: dict[str, tuple[ConsumerWindow, int]] = {}
+        self.awaiting_cancel_ok: str | None = None
         self.broker_unacked: dict[str, int] = {}
         self.messages: list[Message] = []
         self.acks_due: list[Message] = []  # acknowledged by the worker, not yet written
@@ -117,7 +122,8 @@ class WindowMachine(RuleBasedStateMachine):
 
     def _pushable(self) -> list[ConsumerWindow]:
         return [c for c in self.registered.values()
-                if self.ready[c.queue] and c.prefetch - self.broker_unacked[c.tag] > 0]
+                if self.ready[c.queue] and c.prefetch - self.broker_unacked[c.tag] > 0] + [
+                c for c, in_flight in self.cancelling.values() if self.ready[c.queue] and in_flight]
 
     @precondition(lambda self: bool(self._pushable()))
     @rule(which=pick)
@@ -131,6 +137,8 @@ class WindowMachine(RuleBasedStateMachine):
             assert self.lower_runs <= self.freed_slots, (
                 "a lower queue got more runs than slots freed while a higher one had runs left")
         self.slots.borrowed_tokens += 1
+        if consumer.tag in self.cancelling:
+            self.cancelling[consumer.tag] = (consumer, self.cancelling[consumer.tag][1] - 1)
         self.window.delivered(consumer)
         self.broker_unacked[consumer.tag] += 1
         self.ready[consumer.queue] -= 1
@@ -142,6 +150,15 @@ class WindowMachine(RuleBasedStateMachine):
         consumer = list(self.registered.values())[which % len(self.registered)]
         self.window.retire(consumer)
         del self.registered[consumer.tag]
+
+    @precondition(lambda self: self.awaiting_cancel_ok is not None)
+    @rule()
+    def cancel_ok(self) -> None:
+        """Everything the broker pushed on the consumer before the cancel has arrived."""
+        assert self.awaiting_cancel_ok is not None
+        consumer, _ = self.cancelling.pop(self.awaiting_cancel_ok)
+        self.awaiting_cancel_ok = None
+        self.window.retire(consumer)
 
     # -- the worker's runs ------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class WindowMachine(RuleBasedStateMachine):
 
     # -- reconciling ------------------------------------------------------------------
 
+    @precondition(lambda self: self.awaiting_cancel_ok is None)
     @rule()
     def reconcile_one_step(self) -> None:
         if self.plan is None:
@@ -229,13 +247,15 @@ class WindowMachine(RuleBasedStateMachine):
 
     @rule()
     def reconcile_with_nothing_in_between(self) -> None:
+        if self.awaiting_cancel_ok is not None:
+            self.cancel_ok()
         if self.plan is not None:
             for step in self.plan:
-                self._carry_out(step)
+                self._carry_out(step, confirmed=True)
         free = self.window.free_slots()
         ready = [self.ready[q] for q in self._serving()]
         for step in self._begin_reconciliation():
-            self._carry_out(step)
+            self._carry_out(step, confirmed=True)
         self.plan = None
         self._check_a_settled_window(free, ready)
 
@@ -283,13 +303,23 @@ class WindowMachine(RuleBasedStateMachine):
 
     # -- the consumer's side effects ------------------------------------------------
 
-    def _carry_out(self, step: Step[Message]) -> None:
+    def _carry_out(self, step: Step[Message], *, confirmed: bool = False) -> None:
+        """`confirmed`: a cancel's cancel-ok arrives before anything else happens."""
         if isinstance(step, Ack):
             self._acknowledge(step.delivery)
         elif isinstance(step, Cancel):
-            self.window.retire(step.consumer)
-            self.registered.pop(step.consumer.tag, None)
-            self.window.forget_if_drained(step.consumer)
+            consumer = step.consumer
+            if self.registered.pop(consumer.tag, None) is None:
+                self.window.retire(consumer)  # the broker had cancelled it already
+                return
+            # The acknowledgements not yet written may reach the broker before the cancel.
+            not_written = sum(1 for m in self.acks_due if m.tag == consumer.tag)
+            self.window.cancelling(consumer)
+            self.cancelling[consumer.tag] = (
+                consumer, consumer.prefetch - self.broker_unacked[consumer.tag] + not_written)
+            self.awaiting_cancel_ok = consumer.tag
+            if confirmed:
+                self.cancel_ok()
         else:
             self.tags += 1
             tag = f"mq_worker.{self.tags}"
@@ -332,6 +362,7 @@ class WindowMachine(RuleBasedStateMachine):
     @invariant()
     def the_window_counts_what_the_broker_may_really_send(self) -> None:
         may_send = sum(c.prefetch - self.broker_unacked[c.tag] for c in self.registered.values())
+        may_send += sum(in_flight for _, in_flight in self.cancelling.values())
         # An acknowledgement is counted when decided: until written the broker may send less.
         not_written = sum(1 for m in self.acks_due if m.tag in self.registered)
         assert self.window.outstanding() == may_send + not_written
