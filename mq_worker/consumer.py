@@ -14,10 +14,11 @@ invariant. Settling a message whose run will not run here (rejected, parked,
 cancelled, given back) frees a slot and reopens a window: it keeps it too.
 Acknowledging a *started* run reopens a window without freeing a slot; when
 that would break the invariant the acknowledgement waits (at most
-`ack_grace` seconds) for a slot to free, and after that the consumer is
-cancelled, which closes its window, and consumed again with a smaller one.
-Near full capacity a run can therefore stay unacknowledged up to `ack_grace`
-seconds after its start; everywhere else it is acknowledged at once.
+`ack_grace` seconds, 50 ms while the window is wide: `mq_worker.window_width`)
+for a slot to free, and after that the consumer is cancelled, which closes its
+window, and consumed again with a smaller one. Near full capacity a run can
+therefore stay unacknowledged that long after its start; everywhere else it is
+acknowledged at once.
 
 Acknowledgements are written once per loop turn, grouped with `multiple` where
 no delivery still in hand is covered (`mq_worker.acks`). The window counts an
@@ -54,16 +55,8 @@ from mq_worker.acks import AckWriter
 from mq_worker.concurrency import TaskPool
 from mq_worker.delivery import Delivery
 from mq_worker.priority import PROBE_SECONDS, ReadyCounts
-from mq_worker.window import (
-    ACK_GROUP_WAIT,
-    Ack,
-    Cancel,
-    ConsumerWindow,
-    Step,
-    Window,
-    WindowStatistics,
-    ack_group,
-)
+from mq_worker.window import Ack, Cancel, ConsumerWindow, Step, Window, WindowStatistics
+from mq_worker.window_width import ACK_GROUP_WAIT, WindowWidth, ack_group
 
 log = structlog.get_logger("mq_worker.consumer")
 
@@ -99,15 +92,18 @@ class RunConsumer:
         *,
         limit: int,
         window: int,
+        wide_window: int | None = None,
         ack_grace: float,
         handle: Handler,
         spawn: anyio.abc.TaskGroup,
         redeclare: Callable[[aiormq.abc.AbstractChannel, str], Awaitable[None]] | None = None,
     ) -> None:
         self._slots = anyio.CapacityLimiter(limit)
+        # `window` at least; `wide_window` while runs are short (mq_worker.window_width).
+        self._width = WindowWidth(window, wide_window or window)
+        width = self._width.width
         self._window: Window[Delivery] = Window(
-            self._slots, max_window=window, ack_group=ack_group(window),
-            group_wait=ACK_GROUP_WAIT)
+            self._slots, max_window=width, ack_group=ack_group(width), group_wait=ACK_GROUP_WAIT)
         self._ack_grace = ack_grace
         # Each delivery is handled in a task of `spawn`, reused from delivery to delivery.
         self._handlers = TaskPool(spawn, handle, keep=limit)
@@ -229,6 +225,8 @@ class RunConsumer:
             return
         serving = self._serving()
         stopped = bool(self._paused)
+        if self._window.overdue(time.monotonic()) and self._width.acknowledgement_overdue():
+            self._resize()
         free = self._window.free_slots()
         ready = None
         if not stopped and len(serving) > 1 and free > 0:
@@ -356,7 +354,7 @@ class RunConsumer:
         if self._window.may_ack_new(delivery.consumer_tag, held=delivery.held):
             await self._ack(delivery)
         else:
-            deadline = time.monotonic() + self._ack_grace
+            deadline = time.monotonic() + self._width.ack_grace(self._ack_grace)
             self._window.defer_ack(delivery, delivery.consumer_tag, deadline, held=delivery.held)
             self._counts["deferred_acks"] += 1
             self.wake()
@@ -393,5 +391,12 @@ class RunConsumer:
     def release_slot(self, delivery: Delivery) -> None:
         """The slot of `delivery` is free again (its run ended, or it was settled)."""
         self._slots.release_on_behalf_of(delivery)
+        if self._width.run_ended(time.monotonic() - delivery.received_at):
+            self._resize()
         self.wake()
+
+    def _resize(self) -> None:
+        width = self._width.width
+        log.info("consumer window re-sized", window=width)
+        self._window.resize(width, ack_group(width))
 

@@ -138,7 +138,8 @@ class WorkerSettings(BaseSettings):
     )
     window: int | None = Field(
         default=None, ge=1, description="Largest prefetch per queue.",
-        json_schema_extra={"shown_default": "limit / 2, at least 2 (or the limit)"},
+        json_schema_extra={"shown_default": "the limit while runs last milliseconds, else "
+                           "limit / 2, at least 2"},
     )
     run_events: Literal["all", "outcomes"] = Field(
         default="all",
@@ -219,16 +220,19 @@ class WorkerSettings(BaseSettings):
                              "processes a run slot: raise --limit or lower --processes")
         return self
 
-    @model_validator(mode="after")
-    def _window(self) -> WorkerSettings:
-        if self.window is None:
-            # Half the limit: while fewer runs than that run, a run is acknowledged as soon
-            # as it starts; beyond, its acknowledgement waits for a free slot and goes with
-            # others in one frame, which the quorum queue settles for about the cost of one.
-            # Two at least: with one, no two acknowledgements can go together
-            # (docs/benchmarks.md).
-            self.window = max(min(2, self.limit), self.limit // 2)
-        return self
+    @property
+    def narrow_window(self) -> int:
+        """The window, or while runs are not short, when --window is not given: half the
+        limit. While fewer runs than that run, a run is acknowledged as soon as it starts;
+        beyond, its acknowledgement waits for a free slot and goes with others in one
+        frame, which the quorum queue settles for about the cost of one. Two at least: with
+        one, no two acknowledgements can go together (docs/benchmarks.md)."""
+        return self.window or max(min(2, self.limit), self.limit // 2)
+
+    @property
+    def wide_window(self) -> int:
+        """The window while runs are short (mq_worker.window_width): the limit, or --window."""
+        return self.window or self.limit
 
     @property
     def tls(self) -> TlsOptions:

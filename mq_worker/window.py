@@ -59,17 +59,6 @@ class ConsumerWindow:
 
 K = TypeVar("K")
 
-# How long a deferred acknowledgement that fits waits for others to fit with it. Near
-# capacity runs end every few milliseconds when they are short; when they are long, a
-# free slot stays empty this long at most.
-ACK_GROUP_WAIT = 0.002
-
-
-def ack_group(max_window: int) -> int:
-    """How many deferred acknowledgements go together: half the window."""
-    return max(1, max_window // 2)
-
-
 @dataclass(frozen=True)
 class Ack(Generic[K]):
     """Acknowledge this started run, whose acknowledgement was deferred: it fits now."""
@@ -251,6 +240,15 @@ class Window(Generic[K]):
     def drop_deferred(self, delivery: K) -> None:
         """`delivery` was settled otherwise (or its channel is gone)."""
         self._deferred.pop(delivery, None)
+
+    def overdue(self, now: float) -> bool:
+        """Whether an acknowledgement has waited out its deadline (its consumer is cancelled)."""
+        return any(deadline <= now for _, deadline, _ in self._deferred.values())
+
+    def resize(self, max_window: int, ack_group: int) -> None:
+        """Windows opened from now on are at most `max_window`; acknowledgements go
+        `ack_group` at a time."""
+        self.max_window, self._ack_group = max(1, max_window), max(1, ack_group)
 
     def next_deadline(self) -> float | None:
         deadlines = [deadline for _, deadline, _ in self._deferred.values()]

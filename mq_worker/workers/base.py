@@ -197,7 +197,8 @@ class BaseWorker(WorkerTypeHooks):
 
         consumer = RunConsumer(
             limit=s.limit,
-            window=s.window or 1,
+            window=s.narrow_window,
+            wide_window=s.wide_window,
             ack_grace=s.ack_grace,
             handle=take,
             spawn=tg,

@@ -232,6 +232,13 @@ class WindowMachine(RuleBasedStateMachine):
     def stop_or_go_on_taking_runs(self, stop: bool) -> None:
         self.stopped = stop
 
+    @rule(max_window=st.integers(min_value=1, max_value=4),
+          ack_group=st.integers(min_value=1, max_value=3))
+    def the_window_is_resized(self, max_window: int, ack_group: int) -> None:
+        """Runs turned long or short (mq_worker.window_width)."""
+        self.window.resize(max_window, ack_group)
+        self.ack_group = ack_group
+
     # -- reconciling ------------------------------------------------------------------
 
     @precondition(lambda self: self.awaiting_cancel_ok is None)
@@ -477,12 +484,16 @@ def test_one_acknowledgement_covers_the_tags_due_below_the_first_delivery_in_han
 
 @pytest.mark.parametrize(("limit", "window"), [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2), (6, 3),
                                                (8, 4), (16, 8), (100, 50)])
-def test_the_default_window_is_half_the_limit_and_at_least_two(limit: int, window: int) -> None:
+def test_the_narrow_default_window_is_half_the_limit_and_at_least_two(limit: int,
+                                                                      window: int) -> None:
     # Up to half the limit busy, a started run is acknowledged at once (the broker could
     # otherwise push a run beyond the free slots); beyond it, acknowledgements wait for
     # free slots and go in groups of half the window, one settlement on the quorum queue
     # for several runs (docs/benchmarks.md). With one, no two acknowledgements go together.
-    assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit).window == window
+    settings = WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit)
+    assert (settings.narrow_window, settings.wide_window) == (window, limit)
+    given = WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit, window=3)
+    assert (given.narrow_window, given.wide_window) == (3, 3)
     assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit,
                           window=1).window == 1
 

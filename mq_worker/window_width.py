@@ -1,0 +1,70 @@
+"""How wide the consumer's window is: the whole limit while runs are short, half otherwise.
+
+A window of the whole limit lets the broker push a run into every slot that frees, and
+settles acknowledgements in groups of half the limit, which the quorum queue settles for
+about the cost of one (docs/benchmarks.md): the fastest for runs of milliseconds. Its price
+is that once half the slots are busy, a started run's acknowledgement waits for a slot to
+free. While runs end within milliseconds that wait is short. One that has waited
+`WIDE_GRACE` tells that they do not: the consumer is re-sized to the narrow window (half the
+limit), where acknowledgements wait only near full capacity (up to `--ack-grace`), and it
+widens again after runs that each freed their slot within `WIDE_GRACE` of their delivery,
+`WIDEN_AFTER` times the limit of them in a row, once the room for the wider window is free.
+
+Given `--window`, the width is fixed.
+"""
+
+from __future__ import annotations
+
+# Longest wait of a started run's acknowledgement while the window is wide, and the
+# longest a run may hold its slot to count as short.
+WIDE_GRACE = 0.05
+WIDEN_AFTER = 4  # times the limit: short runs in a row before the window widens again
+# How long a deferred acknowledgement that fits waits for others to fit with it. Near
+# capacity runs end every few milliseconds when they are short; when they are long, a
+# free slot stays empty this long at most.
+ACK_GROUP_WAIT = 0.002
+
+
+def ack_group(width: int) -> int:
+    """How many deferred acknowledgements go together: half the window."""
+    return max(1, width // 2)
+
+
+class WindowWidth:
+    """The width of one consumer's window, `wide` while runs are short, else `narrow`."""
+
+    def __init__(self, narrow: int, wide: int) -> None:
+        self.narrow = narrow
+        self.wide = max(narrow, wide)
+        self.is_wide = True
+        self._short_in_a_row = 0
+
+    @property
+    def width(self) -> int:
+        return self.wide if self.is_wide else self.narrow
+
+    def ack_grace(self, configured: float) -> float:
+        """How long a started run's acknowledgement may wait for a free slot."""
+        return min(configured, WIDE_GRACE) if self.wide > self.narrow and self.is_wide \
+            else configured
+
+    def run_ended(self, seconds: float) -> bool:
+        """A run freed its slot `seconds` after its delivery. True: the window widens now."""
+        if self.is_wide:
+            return False
+        if seconds > WIDE_GRACE:
+            self._short_in_a_row = 0
+            return False
+        self._short_in_a_row += 1
+        if self._short_in_a_row < WIDEN_AFTER * self.wide:
+            return False
+        self.is_wide = True
+        return True
+
+    def acknowledgement_overdue(self) -> bool:
+        """An acknowledgement waited its grace for a free slot. True: the window narrows now."""
+        if not self.is_wide or self.wide == self.narrow:
+            return False
+        self.is_wide = False
+        self._short_in_a_row = 0
+        return True
