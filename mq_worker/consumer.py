@@ -16,9 +16,9 @@ Acknowledging a *started* run reopens a window without freeing a slot; when
 that would break the invariant the acknowledgement waits (at most
 `ack_grace` seconds, 50 ms while the window is wide: `mq_worker.window_width`)
 for a slot to free, and after that the consumer is cancelled, which closes its
-window, and consumed again with a smaller one. Near full capacity a run can
-therefore stay unacknowledged that long after its start; everywhere else it is
-acknowledged at once.
+window, and consumed again with a smaller one. Near full capacity (with a wide
+window, whenever no run has just ended) a run can therefore stay unacknowledged
+that long after its start; everywhere else it is acknowledged at once.
 
 Acknowledgements are written once per loop turn, grouped with `multiple` where
 no delivery still in hand is covered (`mq_worker.acks`). The window counts an
@@ -391,7 +391,7 @@ class RunConsumer:
     def release_slot(self, delivery: Delivery) -> None:
         """The slot of `delivery` is free again (its run ended, or it was settled)."""
         self._slots.release_on_behalf_of(delivery)
-        if self._width.run_ended(time.monotonic() - delivery.received_at):
+        if delivery.started and self._width.run_ended(time.monotonic() - delivery.received_at):
             self._resize()
         self.wake()
 

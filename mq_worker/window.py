@@ -16,8 +16,7 @@ limit leaves once both are counted: a new consumer may be opened with at most
 that prefetch, and an acknowledgement that reopens a window without freeing a
 slot needs `fits_one_more` (until then it is deferred, here).
 
-Slots are counted by the consumer's limiter; the window only reads them.
-Deliveries are opaque keys to it.
+The consumer's limiter counts the slots, read here; deliveries are opaque keys.
 """
 
 from __future__ import annotations
@@ -49,12 +48,18 @@ class ConsumerWindow:
     unacked: int = 0
     held: int = 0  # of `unacked`, those whose run waits for its start time
     active: bool = True
-    in_flight: int = 0  # once cancelled by us, until cancel-ok: what may still arrive
+    cancelling: bool = False  # cancelled by us, cancel-ok not yet received
+    in_flight: int = 0  # while cancelling: what the broker may still push
 
     @property
     def open(self) -> int:
         """Deliveries the broker may still push on this consumer."""
         return self.prefetch - self.unacked if self.active else self.in_flight
+
+    @property
+    def closed(self) -> bool:
+        """It pushes nothing more, whatever is settled: cancelled and confirmed, or gone."""
+        return not (self.active or self.cancelling)
 
 
 K = TypeVar("K")
@@ -165,25 +170,25 @@ class Window(Generic[K]):
         return consumer
 
     def cancelling(self, consumer: ConsumerWindow) -> None:
-        """Our basic.cancel is on its way: what the broker pushed before it arrives until
-        cancel-ok. Acknowledgements decided from now on follow the cancel: they reopen nothing."""
+        """Our basic.cancel is on its way (aiormq writes it a loop turn later): what the
+        broker pushed before it arrives until cancel-ok."""
         consumer.in_flight = consumer.open
-        consumer.active = False
+        consumer.active, consumer.cancelling = False, True
 
     def retire(self, consumer: ConsumerWindow) -> None:
         """Cancel-ok arrived, or the broker cancelled the consumer: it pushes nothing more."""
-        consumer.active = False
+        consumer.active = consumer.cancelling = False
         consumer.in_flight = 0
         self.forget_if_drained(consumer)
 
     def forget_if_drained(self, consumer: ConsumerWindow) -> None:  # nothing more to count
-        if not consumer.active and consumer.unacked == 0 and consumer.in_flight == 0:
+        if consumer.closed and consumer.unacked == 0:
             self._consumers.pop(consumer.tag, None)
 
     def delivered(self, consumer: ConsumerWindow) -> None:
         """The broker pushed one message on `consumer` (it has taken a slot)."""
         consumer.unacked += 1
-        if not consumer.active:
+        if consumer.cancelling:
             consumer.in_flight = max(0, consumer.in_flight - 1)
 
     def held(self, tag: str) -> None:
@@ -200,20 +205,21 @@ class Window(Generic[K]):
         consumer.unacked -= 1
         if was_held:
             consumer.held -= 1
+        if consumer.cancelling:  # written before the cancel, it lets the broker push one more
+            consumer.in_flight += 1
         self.forget_if_drained(consumer)
 
     def may_ack_started(self, tag: str) -> bool:
         """Whether a started run delivered on `tag` can be acknowledged now.
 
         Acknowledging reopens its consumer's window without freeing a slot; on a
-        cancelled (or forgotten) consumer it reopens nothing.
+        closed (or forgotten) consumer it reopens nothing.
         """
         consumer = self._consumers.get(tag)
-        return consumer is None or not consumer.active or self.fits_one_more()
+        return consumer is None or consumer.closed or self.fits_one_more()
 
     @property
-    def gathering(self) -> bool:
-        """Acknowledgements that fit wait (at most `group_wait`) for others to go with them."""
+    def gathering(self) -> bool:  # acknowledgements that fit wait for others to go with them
         return self._fits_since is not None
 
     def may_ack_new(self, tag: str, *, held: bool = False) -> bool:
@@ -223,7 +229,7 @@ class Window(Generic[K]):
         if self._grouping and self._ack_group > 1 and (
                 self._deferred or self._in_handling() > (0 if held else 1)):  # held: uncounted
             consumer = self._consumers.get(tag)
-            return consumer is None or not consumer.active
+            return consumer is None or consumer.closed
         return self.may_ack_started(tag)
 
     def _in_handling(self) -> int:
@@ -232,9 +238,8 @@ class Window(Generic[K]):
         return max(0, in_hand - sum(1 for *_, held in self._deferred.values() if not held))
 
     def defer_ack(self, delivery: K, tag: str, deadline: float, *, held: bool = False) -> None:
-        """Acknowledge `delivery` (of consumer `tag`; `held`: it was held for its start
-        time) once it fits; after `deadline` cancel its consumer instead, which lets it
-        go at once."""
+        """Acknowledge `delivery` (of consumer `tag`; `held`: held for its start time) once
+        it fits; after `deadline` cancel its consumer instead, which lets it go at once."""
         self._deferred[delivery] = (tag, deadline, held)
 
     def drop_deferred(self, delivery: K) -> None:
@@ -246,8 +251,7 @@ class Window(Generic[K]):
         return any(deadline <= now for _, deadline, _ in self._deferred.values())
 
     def resize(self, max_window: int, ack_group: int) -> None:
-        """Windows opened from now on are at most `max_window`; acknowledgements go
-        `ack_group` at a time."""
+        """Windows from now on: at most `max_window`; acknowledgements `ack_group` at a time."""
         self.max_window, self._ack_group = max(1, max_window), max(1, ack_group)
 
     def next_deadline(self) -> float | None:
@@ -282,9 +286,8 @@ class Window(Generic[K]):
         `free` slots were free (None when there were none).
         """
         # Acknowledgements wait for others only while one queue is served. With several,
-        # those that fit go before the windows are shared out by priority, as before: a
-        # window planned while they waited could take the room they need, and one they
-        # reopen later could go to a lower queue (docs/pools.md).
+        # those that fit go before the windows are shared out by priority: a window planned
+        # while they waited could take their room, or go to a lower queue (docs/pools.md).
         self._grouping = len(serving) <= 1
         yield from self._due_acks(now)
         overdue = {tag for tag, deadline, _ in self._deferred.values() if deadline <= now}
@@ -328,7 +331,7 @@ class Window(Generic[K]):
         fits = min(room, len(self._deferred))
         if fits >= self._ack_group or (
                 fits == len(self._deferred) and self._in_handling() == 0) or any(
-                self._consumers.get(tag) is None or not self._consumers[tag].active
+                self._consumers.get(tag) is None or self._consumers[tag].closed
                 for tag, *_ in self._deferred.values()):
             self._fits_since = None
             return True
@@ -344,11 +347,14 @@ class Window(Generic[K]):
 
     def plan_single(self, queue: str) -> Iterator[Cancel | Consume]:
         """Steps that give `queue`, served alone, a window of up to `max_window`."""
+        current = self.active_on(queue)
+        share = self.max_window
+        if current is not None and current.prefetch > share:
+            yield Cancel(current)  # the window was narrowed (mq_worker.window_width)
+            current = None
         room = self.room()
         if room <= 0:
             return
-        current = self.active_on(queue)
-        share = self.max_window
         if current is not None:
             if current.open == 0 and current.held:
                 # Its window is closed by runs waiting for their start time: retire it

@@ -4,11 +4,17 @@ A window of the whole limit lets the broker push a run into every slot that free
 settles acknowledgements in groups of half the limit, which the quorum queue settles for
 about the cost of one (docs/benchmarks.md): the fastest for runs of milliseconds. Its price
 is that once half the slots are busy, a started run's acknowledgement waits for a slot to
-free. While runs end within milliseconds that wait is short. One that has waited
-`WIDE_GRACE` tells that they do not: the consumer is re-sized to the narrow window (half the
-limit), where acknowledgements wait only near full capacity (up to `--ack-grace`), and it
-widens again after runs that each freed their slot within `WIDE_GRACE` of their delivery,
-`WIDEN_AFTER` times the limit of them in a row, once the room for the wider window is free.
+free: with one consumer whose prefetch is the whole limit, every started run's
+acknowledgement waits until some run ends. While runs end within milliseconds that wait is
+short. One that has waited `WIDE_GRACE` tells that they do not: the consumer is re-sized to
+the narrow window (half the limit), where acknowledgements wait only near full capacity (up
+to `--ack-grace`). It widens again after runs that started and freed their slot within
+`WIDE_GRACE` of their delivery, `WIDEN_AFTER` times the limit of them in a row (runs handed
+on without starting do not count), once the room for the wider window is free.
+
+The window starts wide: a window of half the limit hardly ever finds the room to grow
+while runs wait in the queue. The price is that the first run to outlast `WIDE_GRACE`
+while the window is wide waits that long for its acknowledgement, and a consumer re-size.
 
 Given `--window`, the width is fixed.
 """

@@ -75,6 +75,9 @@ class Message:
     settled: bool = False  # acknowledged, rejected or given back by the worker
     on_broker: bool = True  # unacknowledged on the broker (its acknowledgement not written)
     has_slot: bool = True
+    # Settled while its consumer's cancel was on its way: the settlement may reach the
+    # broker first and let it push one more.
+    settled_while_cancelling: bool = False
 
     @property
     def in_handling(self) -> bool:
@@ -335,6 +338,7 @@ class WindowMachine(RuleBasedStateMachine):
 
     def _acknowledge(self, message: Message, *, written: bool = False) -> None:
         message.settled, message.deferred = True, False
+        message.settled_while_cancelling = message.tag in self.cancelling
         self.window.acknowledged(message.tag, was_held=message.held)
         if written:
             self._broker_settles(message)
@@ -344,6 +348,9 @@ class WindowMachine(RuleBasedStateMachine):
     def _broker_settles(self, message: Message) -> None:
         message.on_broker = False
         self.broker_unacked[message.tag] -= 1
+        if message.settled_while_cancelling and message.tag in self.cancelling:
+            consumer, in_flight = self.cancelling[message.tag]
+            self.cancelling[message.tag] = (consumer, in_flight + 1)
 
     def _release(self, message: Message) -> None:
         if message.has_slot:
@@ -370,6 +377,8 @@ class WindowMachine(RuleBasedStateMachine):
     def the_window_counts_what_the_broker_may_really_send(self) -> None:
         may_send = sum(c.prefetch - self.broker_unacked[c.tag] for c in self.registered.values())
         may_send += sum(in_flight for _, in_flight in self.cancelling.values())
+        may_send += sum(1 for m in self.acks_due
+                        if m.settled_while_cancelling and m.tag in self.cancelling)
         # An acknowledgement is counted when decided: until written the broker may send less.
         not_written = sum(1 for m in self.acks_due if m.tag in self.registered)
         assert self.window.outstanding() == may_send + not_written
@@ -708,3 +717,36 @@ def test_growing_a_higher_queues_window_comes_before_a_lower_queues_acknowledgem
             window.opened(step.queue, f"t-{step.queue}", step.prefetch)
     queues = ["high", "middle", "low"]
     assert [c.open if (c := window.active_on(q)) else 0 for q in queues] == [2, 1, 0]
+
+
+def test_a_settlement_while_the_cancel_is_on_its_way_may_let_the_broker_push_one_more() -> None:
+    """aiormq writes a cancel a loop turn later: a settlement decided meanwhile may reach
+    the broker first, which then may push one more on that consumer."""
+    slots = Slots(4)
+    window: Window[str] = Window(slots, max_window=4)
+    consumer = window.opened("q", "t1", 4)
+    for _ in range(3):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    window.cancelling(consumer)
+    assert window.outstanding() == 1
+    assert not window.may_ack_started("t1")  # it would reopen the window: no room for that
+    window.acknowledged("t1", was_held=False)  # a run given back, its slot freed
+    slots.borrowed_tokens -= 1
+    assert (window.outstanding(), window.room()) == (2, 0)
+    window.retire(consumer)  # cancel-ok: it pushes nothing more
+    assert window.may_ack_started("t1") and window.room() == 2
+
+
+def test_a_narrowed_window_replaces_a_consumer_wider_than_it() -> None:
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=8)
+    consumer = window.opened("q", "t1", 8)
+    window.delivered(consumer)
+    slots.borrowed_tokens += 1
+    window.resize(4, 2)
+    plan = window.plan_single("q")
+    assert next(plan) == Cancel(consumer)
+    window.retire(consumer)
+    assert list(plan) == [Consume("q", 4)]
+

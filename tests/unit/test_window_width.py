@@ -105,3 +105,48 @@ async def test_long_runs_that_fill_a_wide_window_are_acknowledged_and_the_window
         await wait_until(lambda: len(channel.prefetch) == 3)
         assert max(channel.prefetch[t] for t in channel.prefetch if t != wide) == 2
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_only_runs_that_started_and_ended_quickly_widen_the_window_again() -> None:
+    ends = {tag: anyio.Event() for tag in (1, 2)}
+
+    async def handle(delivery: Delivery) -> None:
+        tag = delivery.delivery_tag
+        if tag <= 2:  # long runs
+            await delivery.ack_started()
+            await ends[tag].wait()
+            delivery.release_slot()
+        elif tag <= 2 + WIDEN_AFTER * 2:  # handed on without running (parked, rejected)
+            await delivery.settle()
+        else:  # short runs
+            await delivery.ack_started()
+            delivery.release_slot()
+
+    channel = QosChannel()
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=2, window=1, wide_window=2, ack_grace=60.0,
+                               handle=handle, spawn=tg)
+        tg.start_soon(consumer.run, channel, ["q"])
+        await wait_until(lambda: channel.consumers)
+        [(wide, callback)] = channel.consumers.items()
+        for tag in (1, 2):
+            await callback(delivered(channel, wide, tag))
+        await wait_until(lambda: not channel.consumers)  # narrowed: its acks waited 50 ms
+        for event in ends.values():
+            event.set()
+        await wait_until(lambda: bool(channel.consumers))
+        [(narrow, callback)] = channel.consumers.items()
+        assert channel.prefetch[narrow] == 1
+        tags = iter(range(3, 3 + WIDEN_AFTER * 4))
+        for _ in range(WIDEN_AFTER * 2):
+            await callback(delivered(channel, narrow, next(tags)))
+            await wait_until(lambda: consumer.slots_in_use == 0)
+        assert list(channel.consumers) == [narrow]
+        for _ in range(WIDEN_AFTER * 2):
+            await callback(delivered(channel, narrow, next(tags)))
+            await wait_until(lambda: consumer.slots_in_use == 0)
+        await wait_until(lambda: narrow not in channel.consumers and bool(channel.consumers))
+        [widened] = channel.consumers
+        assert channel.prefetch[widened] == 2
+        tg.cancel_scope.cancel()
