@@ -225,8 +225,6 @@ class RunConsumer:
             return
         serving = self._serving()
         stopped = bool(self._paused)
-        if self._window.overdue(time.monotonic()) and self._width.acknowledgement_overdue():
-            self._resize()
         free = self._window.free_slots()
         ready = None
         if not stopped and len(serving) > 1 and free > 0:
@@ -249,6 +247,8 @@ class RunConsumer:
                 if self._usable(step.delivery):
                     await self._ack(step.delivery)
             elif isinstance(step, Cancel):
+                if step.overdue and self._width.acknowledgement_overdue():
+                    self._resize()  # before the steps that open the next window
                 await self._cancel(step.consumer)
             else:
                 await self._consume(step.queue, step.prefetch)
@@ -391,7 +391,8 @@ class RunConsumer:
     def release_slot(self, delivery: Delivery) -> None:
         """The slot of `delivery` is free again (its run ended, or it was settled)."""
         self._slots.release_on_behalf_of(delivery)
-        if delivery.started and self._width.run_ended(time.monotonic() - delivery.received_at):
+        started = delivery.started_at
+        if started is not None and self._width.run_ended(time.monotonic() - started):
             self._resize()
         self.wake()
 

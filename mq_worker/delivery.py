@@ -46,7 +46,7 @@ class Delivery:
         "redelivered",
         "routing_key",
         "settled",
-        "started",
+        "started_at",
     )
 
     def __init__(
@@ -65,7 +65,7 @@ class Delivery:
         self.headers: dict[str, Any] = dict(self.properties.headers or {})
         self.received_at = time.monotonic()
         self.settled = False
-        self.started = False  # its run's process started (`ack_started`)
+        self.started_at: float | None = None  # when its run's process started
         self.lost = anyio.Event()
         self._slot_held = True
         self._held = False
@@ -90,7 +90,7 @@ class Delivery:
 
     async def ack_started(self) -> None:
         """Acknowledge a run whose process has started; it keeps its slot."""
-        self.started = True
+        self.started_at = time.monotonic()
         await self._owner.ack_started(self)
 
     async def settle(self, *, requeue: bool = False, failed: bool = False) -> None:

@@ -135,7 +135,7 @@ class WorkerSettings(BaseSettings):
         default=1.0, ge=0, le=60,
         description="Near full capacity, seconds a started run's acknowledgement may wait for a "
         "free slot before the consumer is re-sized (0.05 at most while the window is the "
-        "whole limit, without --window).",
+        "whole limit: without --window, limit 3 or more).",
     )
     window: int | None = Field(
         default=None, ge=1, description="Largest prefetch per queue.",

@@ -73,9 +73,11 @@ class Ack(Generic[K]):
 
 @dataclass(frozen=True)
 class Cancel:
-    """Cancel this consumer: `Window.cancelling`, basic.cancel, then `Window.retire`."""
+    """Cancel this consumer: `Window.cancelling`, basic.cancel, then `Window.retire`.
+    `overdue`: an acknowledgement on it waited out its deadline for room."""
 
     consumer: ConsumerWindow
+    overdue: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,10 +248,6 @@ class Window(Generic[K]):
         """`delivery` was settled otherwise (or its channel is gone)."""
         self._deferred.pop(delivery, None)
 
-    def overdue(self, now: float) -> bool:
-        """Whether an acknowledgement has waited out its deadline (its consumer is cancelled)."""
-        return any(deadline <= now for _, deadline, _ in self._deferred.values())
-
     def resize(self, max_window: int, ack_group: int) -> None:
         """Windows from now on: at most `max_window`; acknowledgements `ack_group` at a time."""
         self.max_window, self._ack_group = max(1, max_window), max(1, ack_group)
@@ -293,7 +291,7 @@ class Window(Generic[K]):
         overdue = {tag for tag, deadline, _ in self._deferred.values() if deadline <= now}
         for tag in overdue:
             if (consumer := self._consumers.get(tag)) is not None:
-                yield Cancel(consumer)
+                yield Cancel(consumer, overdue=True)
         yield from self._due_acks(now)
         if stopped or not serving:
             for consumer in self.consumers():
@@ -360,8 +358,8 @@ class Window(Generic[K]):
                 # Its window is closed by runs waiting for their start time: retire it
                 # (they stay unacknowledged on the channel) and open a new one.
                 yield Cancel(current)
-            elif current.prefetch >= share or room < share - current.prefetch:
-                return
+            elif current.prefetch >= share or room + current.open < share:
+                return  # its runs in hand keep their slots: a successor would be no wider
             else:
                 yield Cancel(current)  # grow a window shrunk by a capacity crunch
             room = self.room()

@@ -8,21 +8,22 @@ free: with one consumer whose prefetch is the whole limit, every started run's
 acknowledgement waits until some run ends. While runs end within milliseconds that wait is
 short. One that has waited `WIDE_GRACE` tells that they do not: the consumer is re-sized to
 the narrow window (half the limit), where acknowledgements wait only near full capacity (up
-to `--ack-grace`). It widens again after runs that started and freed their slot within
-`WIDE_GRACE` of their delivery, `WIDEN_AFTER` times the limit of them in a row (runs handed
-on without starting do not count), once the room for the wider window is free.
+to `--ack-grace`). It widens again after runs that freed their slot within `WIDE_GRACE` of
+their start, `WIDEN_AFTER` times the limit of them in a row (runs handed on without starting
+do not count), once every slot is free (a consumer is only replaced by a wider one).
 
 The window starts wide: a window of half the limit hardly ever finds the room to grow
 while runs wait in the queue. The price is that the first run to outlast `WIDE_GRACE`
 while the window is wide waits that long for its acknowledgement, and a consumer re-size.
 
-Given `--window`, the width is fixed.
+Given `--window`, or with a limit of 2 or less (half of it is no narrower), the width is
+fixed.
 """
 
 from __future__ import annotations
 
 # Longest wait of a started run's acknowledgement while the window is wide, and the
-# longest a run may hold its slot to count as short.
+# longest a run may last to count as short.
 WIDE_GRACE = 0.05
 WIDEN_AFTER = 4  # times the limit: short runs in a row before the window widens again
 # How long a deferred acknowledgement that fits waits for others to fit with it. Near
@@ -55,7 +56,7 @@ class WindowWidth:
             else configured
 
     def run_ended(self, seconds: float) -> bool:
-        """A run freed its slot `seconds` after its delivery. True: the window widens now."""
+        """A run freed its slot `seconds` after it started. True: the window widens now."""
         if self.is_wide:
             return False
         if seconds > WIDE_GRACE:

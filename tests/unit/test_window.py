@@ -750,3 +750,57 @@ def test_a_narrowed_window_replaces_a_consumer_wider_than_it() -> None:
     window.retire(consumer)
     assert list(plan) == [Consume("q", 4)]
 
+
+
+def _carry_out_cancels(window: Window[str], plan: Iterator[Step[str]]) -> list[Step[str]]:
+    steps = []
+    for step in plan:
+        steps.append(step)
+        if isinstance(step, Cancel):
+            window.cancelling(step.consumer)
+            window.retire(step.consumer)
+    return steps
+
+
+def test_a_window_grows_only_when_its_replacement_gets_the_whole_width() -> None:
+    """Cancelling a consumer whose runs are still in hand frees no room for its successor:
+    growing then would re-register it at the same width, or narrower."""
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=8, ack_group=4)
+    slots.borrowed_tokens = 2  # two older runs
+    assert list(window.plan_single("q")) == [Consume("q", 6)]
+    prefetch = 6
+    consumer = window.opened("q", "t1", prefetch)
+    for _ in range(6):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    slots.borrowed_tokens -= 2  # the older runs end; the six are in hand
+    assert _carry_out_cancels(window, window.plan_single("q")) == []
+    for _ in range(6):
+        window.acknowledged("t1", was_held=False)
+        slots.borrowed_tokens -= 1
+    assert _carry_out_cancels(window, window.plan_single("q")) == [Cancel(consumer),
+                                                                  Consume("q", 8)]
+
+
+def test_a_cancel_for_an_acknowledgement_that_waited_too_long_says_so() -> None:
+    slots = Slots(2)
+    window: Window[str] = Window(slots, max_window=2)
+    consumer = window.opened("q", "t1", 2)
+    for _ in range(2):
+        window.delivered(consumer)
+        slots.borrowed_tokens += 1
+    window.defer_ack("run", "t1", deadline=1.0)
+    plan = window.reconcile(now=1.0, stopped=False, serving=["q"], paused_queues=(), ready=None,
+                            free=0)
+    assert next(plan) == Cancel(consumer, overdue=True)
+
+
+def test_a_narrowed_window_replaces_a_wider_consumer_of_several_queues_too() -> None:
+    slots = Slots(8)
+    window: Window[str] = Window(slots, max_window=4)
+    high = window.opened("high", "t1", 4)
+    window.resize(2, 1)
+    steps = _carry_out_cancels(window, window.plan_by_priority(["high", "low"], [9, 9], 8))
+    assert steps[0] == Cancel(high)
+    assert max(s.prefetch for s in steps if isinstance(s, Consume)) == 2
