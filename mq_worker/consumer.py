@@ -14,7 +14,7 @@ invariant. Settling a message whose run will not run here (rejected, parked,
 cancelled, given back) frees a slot and reopens a window: it keeps it too.
 Acknowledging a *started* run reopens a window without freeing a slot; when
 that would break the invariant the acknowledgement waits (at most
-`ack_grace` seconds, 50 ms while the window is wide: `mq_worker.window_width`)
+`ack_grace` seconds, 250 ms while the window is wide: `mq_worker.window_width`)
 for a slot to free, and after that the consumer is cancelled, which closes its
 window, and consumed again with a smaller one. Near full capacity (with a wide
 window, whenever no run has just ended) a run can therefore stay unacknowledged

@@ -134,7 +134,7 @@ class WorkerSettings(BaseSettings):
     ack_grace: float = Field(
         default=1.0, ge=0, le=60,
         description="Near full capacity, seconds a started run's acknowledgement may wait for a "
-        "free slot before the consumer is re-sized (0.05 at most while the window is the "
+        "free slot before the consumer is re-sized (0.25 at most while the window is the "
         "whole limit: without --window, limit 3 or more).",
     )
     window: int | None = Field(

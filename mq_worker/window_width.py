@@ -8,7 +8,7 @@ free: with one consumer whose prefetch is the whole limit, every started run's
 acknowledgement waits until some run ends. While runs end within milliseconds that wait is
 short. One that has waited `WIDE_GRACE` tells that they do not: the consumer is re-sized to
 the narrow window (half the limit), where acknowledgements wait only near full capacity (up
-to `--ack-grace`). It widens again after runs that freed their slot within `WIDE_GRACE` of
+to `--ack-grace`). It widens again after runs that freed their slot within `SHORT_RUN` of
 their start, `WIDEN_AFTER` times the limit of them in a row (runs handed on without starting
 do not count), once every slot is free (a consumer is only replaced by a wider one).
 
@@ -22,9 +22,11 @@ fixed.
 
 from __future__ import annotations
 
-# Longest wait of a started run's acknowledgement while the window is wide, and the
-# longest a run may last to count as short.
-WIDE_GRACE = 0.05
+# Longest wait of a started run's acknowledgement while the window is wide: well above
+# what runs of milliseconds take on a loaded host, where a narrowing would only cost a
+# consumer re-size (and the broker returns what it had in flight on the consumer).
+WIDE_GRACE = 0.25
+SHORT_RUN = 0.05  # the longest a run may last to count as short (towards widening)
 WIDEN_AFTER = 4  # times the limit: short runs in a row before the window widens again
 # How long a deferred acknowledgement that fits waits for others to fit with it. Near
 # capacity runs end every few milliseconds when they are short; when they are long, a
@@ -59,7 +61,7 @@ class WindowWidth:
         """A run freed its slot `seconds` after it started. True: the window widens now."""
         if self.is_wide:
             return False
-        if seconds > WIDE_GRACE:
+        if seconds > SHORT_RUN:
             self._short_in_a_row = 0
             return False
         self._short_in_a_row += 1

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from mq_worker.consumer import Delivery, RunConsumer
-from mq_worker.window_width import WIDE_GRACE, WIDEN_AFTER, WindowWidth
+from mq_worker.window_width import SHORT_RUN, WIDE_GRACE, WIDEN_AFTER, WindowWidth
 from tests.helpers import wait_until
 from tests.unit.test_consumer import StandInChannel, delivered
 
@@ -25,7 +25,7 @@ def test_a_window_starts_wide_and_narrows_once_an_acknowledgement_waited_its_gra
 def test_a_narrow_window_widens_after_short_runs_in_a_row_only() -> None:
     width = WindowWidth(narrow=4, wide=8)
     width.acknowledgement_overdue()
-    short, long = WIDE_GRACE / 2, WIDE_GRACE * 2
+    short, long = SHORT_RUN / 2, SHORT_RUN * 2
     for _ in range(WIDEN_AFTER * 8 - 1):
         assert not width.run_ended(short)
     assert not width.run_ended(long)  # a long one starts the count again
@@ -132,7 +132,7 @@ async def test_only_runs_that_started_and_ended_quickly_widen_the_window_again()
         [(wide, callback)] = channel.consumers.items()
         for tag in (1, 2):
             await callback(delivered(channel, wide, tag))
-        await wait_until(lambda: not channel.consumers)  # narrowed: its acks waited 50 ms
+        await wait_until(lambda: not channel.consumers)  # narrowed: its acks waited WIDE_GRACE
         for event in ends.values():
             event.set()
         await wait_until(lambda: bool(channel.consumers))
