@@ -520,15 +520,22 @@ def _at_capacity(ack_group: int) -> tuple[Slots, Window[str], ConsumerWindow]:
     return slots, window, consumer
 
 
-def _pushed(runs: int) -> Window[str]:
-    """Limit 8, window 4 (groups of 2): `runs` runs pushed together, all being started."""
-    slots = Slots(8)
-    window: Window[str] = Window(slots, max_window=4, ack_group=2, group_wait=0.5)
-    consumer = window.opened("q", "t1", 4)
+def _delivered(limit: int, prefetch: int, runs: int, *, ack_group: int = 1
+               ) -> tuple[Slots, Window[str], ConsumerWindow]:
+    """One consumer "t1" of `prefetch` on "q", `runs` runs pushed on it, each in its slot."""
+    slots = Slots(limit)
+    window: Window[str] = Window(slots, max_window=prefetch, ack_group=ack_group,
+                                 group_wait=0.5)
+    consumer = window.opened("q", "t1", prefetch)
     for _ in range(runs):
         window.delivered(consumer)
         slots.borrowed_tokens += 1
-    return window
+    return slots, window, consumer
+
+
+def _pushed(runs: int) -> Window[str]:
+    """Limit 8, window 4 (groups of 2): `runs` runs pushed together, all being started."""
+    return _delivered(8, 4, runs, ack_group=2)[1]
 
 
 def _acks(window: Window[str], now: float) -> list[Step[str]]:
@@ -722,12 +729,7 @@ def test_growing_a_higher_queues_window_comes_before_a_lower_queues_acknowledgem
 def test_a_settlement_while_the_cancel_is_on_its_way_may_let_the_broker_push_one_more() -> None:
     """aiormq writes a cancel a loop turn later: a settlement decided meanwhile may reach
     the broker first, which then may push one more on that consumer."""
-    slots = Slots(4)
-    window: Window[str] = Window(slots, max_window=4)
-    consumer = window.opened("q", "t1", 4)
-    for _ in range(3):
-        window.delivered(consumer)
-        slots.borrowed_tokens += 1
+    slots, window, consumer = _delivered(4, 4, 3)
     window.cancelling(consumer)
     assert window.outstanding() == 1
     assert not window.may_ack_started("t1")  # it would reopen the window: no room for that
@@ -739,11 +741,7 @@ def test_a_settlement_while_the_cancel_is_on_its_way_may_let_the_broker_push_one
 
 
 def test_a_narrowed_window_replaces_a_consumer_wider_than_it() -> None:
-    slots = Slots(8)
-    window: Window[str] = Window(slots, max_window=8)
-    consumer = window.opened("q", "t1", 8)
-    window.delivered(consumer)
-    slots.borrowed_tokens += 1
+    _, window, consumer = _delivered(8, 8, 1)
     window.resize(4, 2)
     plan = window.plan_single("q")
     assert next(plan) == Cancel(consumer)
@@ -784,12 +782,7 @@ def test_a_window_grows_only_when_its_replacement_gets_the_whole_width() -> None
 
 
 def test_a_cancel_for_an_acknowledgement_that_waited_too_long_says_so() -> None:
-    slots = Slots(2)
-    window: Window[str] = Window(slots, max_window=2)
-    consumer = window.opened("q", "t1", 2)
-    for _ in range(2):
-        window.delivered(consumer)
-        slots.borrowed_tokens += 1
+    _, window, consumer = _delivered(2, 2, 2)
     window.defer_ack("run", "t1", deadline=1.0)
     plan = window.reconcile(now=1.0, stopped=False, serving=["q"], paused_queues=(), ready=None,
                             free=0)

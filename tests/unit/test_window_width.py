@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from mq_worker.consumer import Delivery, RunConsumer
@@ -41,6 +42,19 @@ def test_a_window_given_keeps_its_width_and_grace() -> None:
     width = WindowWidth(narrow=8, wide=8)
     assert not width.acknowledgement_overdue()
     assert (width.width, width.ack_grace(1.0)) == (8, 1.0)
+
+
+async def wide_consumer(channel: QosChannel, handle: Any, tg: anyio.abc.TaskGroup, *,
+                        limit: int) -> tuple[RunConsumer, str, Callable[..., Any]]:
+    """A consumer of `limit` serving "q" on `channel`, narrow at half the limit; its
+    consumer's tag and callback once it consumes."""
+    consumer = RunConsumer(limit=limit, window=limit // 2, wide_window=limit, ack_grace=60.0,
+                           handle=handle, spawn=tg)
+    tg.start_soon(consumer.run, channel, ["q"])
+    await wait_until(lambda: channel.consumers)
+    [(tag, callback)] = channel.consumers.items()
+    assert channel.prefetch[tag] == limit
+    return consumer, tag, callback
 
 
 class QosChannel(StandInChannel):
@@ -85,12 +99,7 @@ async def test_long_runs_that_fill_a_wide_window_are_acknowledged_and_the_window
 
     channel = QosChannel()
     async with anyio.create_task_group() as tg:
-        consumer = RunConsumer(limit=4, window=2, wide_window=4, ack_grace=60.0,
-                               handle=handle, spawn=tg)
-        tg.start_soon(consumer.run, channel, ["q"])
-        await wait_until(lambda: channel.consumers)
-        [(wide, callback)] = channel.consumers.items()
-        assert channel.prefetch[wide] == 4
+        consumer, wide, callback = await wide_consumer(channel, handle, tg, limit=4)
         for delivery_tag in range(1, 5):
             await callback(delivered(channel, wide, delivery_tag))
         with anyio.fail_after(5):  # far less than --ack-grace
@@ -125,11 +134,7 @@ async def test_only_runs_that_started_and_ended_quickly_widen_the_window_again()
 
     channel = QosChannel()
     async with anyio.create_task_group() as tg:
-        consumer = RunConsumer(limit=2, window=1, wide_window=2, ack_grace=60.0,
-                               handle=handle, spawn=tg)
-        tg.start_soon(consumer.run, channel, ["q"])
-        await wait_until(lambda: channel.consumers)
-        [(wide, callback)] = channel.consumers.items()
+        consumer, wide, callback = await wide_consumer(channel, handle, tg, limit=2)
         for tag in (1, 2):
             await callback(delivered(channel, wide, tag))
         await wait_until(lambda: not channel.consumers)  # narrowed: its acks waited WIDE_GRACE
