@@ -354,7 +354,9 @@ class RunConsumer:
         if self._window.may_ack_new(delivery.consumer_tag, held=delivery.held):
             await self._ack(delivery)
         else:
-            deadline = time.monotonic() + self._width.ack_grace(self._ack_grace)
+            consumer = self._window.consumer(delivery.consumer_tag)
+            prefetch = consumer.prefetch if consumer is not None else 0
+            deadline = time.monotonic() + self._width.ack_grace(self._ack_grace, prefetch)
             self._window.defer_ack(delivery, delivery.consumer_tag, deadline, held=delivery.held)
             self._counts["deferred_acks"] += 1
             self.wake()

@@ -134,13 +134,12 @@ class WorkerSettings(BaseSettings):
     ack_grace: float = Field(
         default=1.0, ge=0, le=60,
         description="Near full capacity, seconds a started run's acknowledgement may wait for a "
-        "free slot before the consumer is re-sized (0.25 at most while the window is the "
-        "whole limit: without --window, limit 3 or more).",
+        "free slot before the consumer is re-sized (0.25 at most while a --window of the "
+        "limit is wide: limit 3 or more).",
     )
     window: int | None = Field(
         default=None, ge=1, description="Largest prefetch per queue.",
-        json_schema_extra={"shown_default": "the limit while runs last milliseconds, else "
-                           "limit / 2, at least 2"},
+        json_schema_extra={"shown_default": "limit / 2, at least 2 (at most the limit)"},
     )
     run_events: Literal["all", "outcomes"] = Field(
         default="all",
@@ -223,17 +222,21 @@ class WorkerSettings(BaseSettings):
 
     @property
     def narrow_window(self) -> int:
-        """The window, or while runs are not short, when --window is not given: half the
-        limit. While fewer runs than that run, a run is acknowledged as soon as it starts;
-        beyond, its acknowledgement waits for a free slot and goes with others in one
-        frame, which the quorum queue settles for about the cost of one. Two at least: with
-        one, no two acknowledgements can go together (docs/benchmarks.md)."""
-        return self.window or max(min(2, self.limit), self.limit // 2)
+        """The window: --window, or half the limit. While fewer runs than that run, a run is
+        acknowledged as soon as it starts; beyond, its acknowledgement waits for a free slot
+        and goes with others in one frame, which the quorum queue settles for about the cost
+        of one. Two at least: with one, no two acknowledgements can go together
+        (docs/benchmarks.md). With --window at the limit or above, this is the window while
+        runs are not short (mq_worker.window_width)."""
+        half = max(min(2, self.limit), self.limit // 2)
+        return half if self.window is None or self.window >= self.limit else self.window
 
     @property
     def wide_window(self) -> int:
-        """The window while runs are short (mq_worker.window_width): the limit, or --window."""
-        return self.window or self.limit
+        """The window while runs are short: --window, or without it the narrow one (a window
+        of the whole limit makes every started run's acknowledgement wait for a run to end,
+        so it is asked for, not the default: docs/operations.md)."""
+        return self.window or self.narrow_window
 
     @property
     def tls(self) -> TlsOptions:

@@ -98,6 +98,7 @@ class WindowStatistics:
     outstanding: int
     active_consumers: int
     waiting_acks: int  # of started runs, deferred until they fit
+    max_window: int = 0  # the widest a window opened now may be
 
     @property
     def room(self) -> int:
@@ -146,6 +147,7 @@ class Window(Generic[K]):
             outstanding=self.outstanding(),
             active_consumers=self.active_consumers(),
             waiting_acks=len(self._deferred),
+            max_window=self.max_window,
         )
 
     def active_consumers(self) -> int:
@@ -321,7 +323,7 @@ class Window(Generic[K]):
     def _gathered(self, now: float) -> bool:
         """Whether the deferred acknowledgements that fit may go: a group fits, or all fit
         and no run is being started, or one is of a cancelled consumer (it reopens
-        nothing), or the first has waited `group_wait`."""
+        nothing) or overdue, or the first has waited `group_wait`."""
         if not self._grouping or self._ack_group == 1 or not self._deferred:
             self._fits_since = None
             return True
@@ -330,7 +332,7 @@ class Window(Generic[K]):
         if fits >= self._ack_group or (
                 fits == len(self._deferred) and self._in_handling() == 0) or any(
                 self._consumers.get(tag) is None or self._consumers[tag].closed
-                for tag, *_ in self._deferred.values()):
+                or deadline <= now for tag, deadline, _ in self._deferred.values()):
             self._fits_since = None
             return True
         if room <= 0:
@@ -358,7 +360,7 @@ class Window(Generic[K]):
                 # Its window is closed by runs waiting for their start time: retire it
                 # (they stay unacknowledged on the channel) and open a new one.
                 yield Cancel(current)
-            elif current.prefetch >= share or room + current.open < share:
+            elif min(share, room + current.open) <= current.prefetch:
                 return  # its runs in hand keep their slots: a successor would be no wider
             else:
                 yield Cancel(current)  # grow a window shrunk by a capacity crunch

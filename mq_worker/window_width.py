@@ -1,4 +1,5 @@
-"""How wide the consumer's window is: the whole limit while runs are short, half otherwise.
+"""How wide the consumer's window is, given `--window` at the limit: the whole limit while
+runs are short, half of it otherwise.
 
 A window of the whole limit lets the broker push a run into every slot that frees, and
 settles acknowledgements in groups of half the limit, which the quorum queue settles for
@@ -10,14 +11,15 @@ short. One that has waited `WIDE_GRACE` tells that they do not: the consumer is 
 the narrow window (half the limit), where acknowledgements wait only near full capacity (up
 to `--ack-grace`). It widens again after runs that freed their slot within `SHORT_RUN` of
 their start, `WIDEN_AFTER` times the limit of them in a row (runs handed on without starting
-do not count), once every slot is free (a consumer is only replaced by a wider one).
+do not count), as soon as its consumer can be replaced by a wider one.
 
 The window starts wide: a window of half the limit hardly ever finds the room to grow
 while runs wait in the queue. The price is that the first run to outlast `WIDE_GRACE`
 while the window is wide waits that long for its acknowledgement, and a consumer re-size.
 
-Given `--window`, or with a limit of 2 or less (half of it is no narrower), the width is
-fixed.
+Without `--window`, with another width, or with a limit of 2 or less (half of it is no
+narrower), the width is fixed: a wide window delays the acknowledgement of every run that
+starts, even on an idle worker (docs/operations.md "Consumer timeout").
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ class WindowWidth:
     def width(self) -> int:
         return self.wide if self.is_wide else self.narrow
 
-    def ack_grace(self, configured: float) -> float:
-        """How long a started run's acknowledgement may wait for a free slot."""
-        return min(configured, WIDE_GRACE) if self.wide > self.narrow and self.is_wide \
-            else configured
+    def ack_grace(self, configured: float, prefetch: int) -> float:
+        """How long a started run's acknowledgement, on a consumer of `prefetch`, may wait
+        for a free slot: `WIDE_GRACE` on one wider than the narrow window."""
+        return min(configured, WIDE_GRACE) if prefetch > self.narrow else configured
 
     def run_ended(self, seconds: float) -> bool:
         """A run freed its slot `seconds` after it started. True: the window widens now."""

@@ -405,7 +405,8 @@ def test_a_delivery_uses_the_window_it_came_through_and_takes_a_slot() -> None:
     slots.borrowed_tokens += 1
     assert (window.outstanding(), window.room()) == (1, 1)
     assert window.statistics() == WindowStatistics(
-        limit=3, slots_in_use=1, outstanding=1, active_consumers=1, waiting_acks=0)
+        limit=3, slots_in_use=1, outstanding=1, active_consumers=1, waiting_acks=0,
+        max_window=2)
 
 
 def test_acknowledging_a_started_run_waits_when_it_would_reopen_beyond_the_limit() -> None:
@@ -478,7 +479,7 @@ async def test_the_consumer_owns_the_slots_of_its_limit_and_reports_them_frozen(
         assert statistics == ConsumerStatistics(
             consumes=0, cancels=0, deferred_acks=0, overshoot=0, ack_frames=0,
             window=WindowStatistics(limit=3, slots_in_use=0, outstanding=0, active_consumers=0,
-                                    waiting_acks=0))
+                                    waiting_acks=0, max_window=2))
         with pytest.raises(dataclasses.FrozenInstanceError):
             statistics.consumes = 1  # type: ignore[misc]
 
@@ -500,9 +501,12 @@ def test_the_narrow_default_window_is_half_the_limit_and_at_least_two(limit: int
     # free slots and go in groups of half the window, one settlement on the quorum queue
     # for several runs (docs/benchmarks.md). With one, no two acknowledgements go together.
     settings = WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit)
-    assert (settings.narrow_window, settings.wide_window) == (window, limit)
+    assert (settings.narrow_window, settings.wide_window) == (window, window)  # fixed
     given = WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit, window=3)
-    assert (given.narrow_window, given.wide_window) == (3, 3)
+    assert (given.narrow_window, given.wide_window) == (min(window, 3) if limit <= 3 else 3, 3)
+    # The whole limit asked for: wide while runs are short (mq_worker.window_width).
+    whole = WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit, window=limit)
+    assert (whole.narrow_window, whole.wide_window) == (window, limit)
     assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit,
                           window=1).window == 1
 
@@ -760,7 +764,7 @@ def _carry_out_cancels(window: Window[str], plan: Iterator[Step[str]]) -> list[S
     return steps
 
 
-def test_a_window_grows_only_when_its_replacement_gets_the_whole_width() -> None:
+def test_a_window_grows_only_when_its_replacement_is_wider() -> None:
     """Cancelling a consumer whose runs are still in hand frees no room for its successor:
     growing then would re-register it at the same width, or narrower."""
     slots = Slots(8)
@@ -797,3 +801,14 @@ def test_a_narrowed_window_replaces_a_wider_consumer_of_several_queues_too() -> 
     steps = _carry_out_cancels(window, window.plan_by_priority(["high", "low"], [9, 9], 8))
     assert steps[0] == Cancel(high)
     assert max(s.prefetch for s in steps if isinstance(s, Consume)) == 2
+
+
+def test_acknowledgements_that_fit_at_their_deadline_go_rather_than_cancel_the_consumer() -> None:
+    """Held back for a group (others are still being started) until their deadline: they
+    fit, so they go; a cancel would tell the width its runs are long."""
+    slots, window, _ = _delivered(8, 8, 8, ack_group=4)
+    for run in ("a", "b"):
+        window.defer_ack(run, "t1", deadline=1.0)
+    slots.borrowed_tokens -= 2  # both runs have ended; six others are still being started
+    assert _acks(window, now=0.9) == []  # gathering: fewer fit than a group
+    assert _acks(window, now=1.0) == [Ack("a"), Ack("b")]

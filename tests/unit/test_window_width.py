@@ -17,9 +17,10 @@ from tests.unit.test_consumer import StandInChannel, delivered
 
 def test_a_window_starts_wide_and_narrows_once_an_acknowledgement_waited_its_grace() -> None:
     width = WindowWidth(narrow=4, wide=8)
-    assert (width.width, width.ack_grace(1.0)) == (8, WIDE_GRACE)
+    assert (width.width, width.ack_grace(1.0, width.width)) == (8, WIDE_GRACE)
     assert width.acknowledgement_overdue()
-    assert (width.width, width.ack_grace(1.0)) == (4, 1.0)
+    assert (width.width, width.ack_grace(1.0, width.width)) == (4, 1.0)
+    assert width.ack_grace(1.0, 8) == WIDE_GRACE  # a consumer still that wide
     assert not width.acknowledgement_overdue()  # narrow already: nothing to re-size
 
 
@@ -34,14 +35,14 @@ def test_a_narrow_window_widens_after_short_runs_in_a_row_only() -> None:
         assert not width.run_ended(short)
     assert width.width == 4
     assert width.run_ended(short)
-    assert (width.width, width.ack_grace(1.0)) == (8, WIDE_GRACE)
+    assert (width.width, width.ack_grace(1.0, width.width)) == (8, WIDE_GRACE)
     assert not width.run_ended(short)  # wide already
 
 
 def test_a_window_given_keeps_its_width_and_grace() -> None:
     width = WindowWidth(narrow=8, wide=8)
     assert not width.acknowledgement_overdue()
-    assert (width.width, width.ack_grace(1.0)) == (8, 1.0)
+    assert (width.width, width.ack_grace(1.0, 8)) == (8, 1.0)
 
 
 async def wide_consumer(channel: QosChannel, handle: Any, tg: anyio.abc.TaskGroup, *,
@@ -147,10 +148,11 @@ async def test_only_runs_that_started_and_ended_quickly_widen_the_window_again()
         for _ in range(WIDEN_AFTER * 2):
             await callback(delivered(channel, narrow, next(tags)))
             await wait_until(lambda: consumer.slots_in_use == 0)
-        assert list(channel.consumers) == [narrow]
+        assert consumer.statistics().window.max_window == 1
         for _ in range(WIDEN_AFTER * 2):
             await callback(delivered(channel, narrow, next(tags)))
             await wait_until(lambda: consumer.slots_in_use == 0)
+        assert consumer.statistics().window.max_window == 2
         await wait_until(lambda: narrow not in channel.consumers and bool(channel.consumers))
         [widened] = channel.consumers
         assert channel.prefetch[widened] == 2
