@@ -281,8 +281,8 @@ class RunConsumer:
         if self._channel is None:
             return
         if consumer.tag in getattr(self._channel, "consumers", {}):
-            # aiormq writes the cancel a turn later, yet before any acknowledgement decided
-            # from now on (those wait for the end of their turn, `AckWriter`).
+            # aiormq writes the cancel a turn later: a settlement decided meanwhile may reach
+            # the broker first, which the window counts (`Window.acknowledged`).
             self._window.cancelling(consumer)
             await self._channel.basic_cancel(consumer.tag)
             self._counts["cancels"] += 1
