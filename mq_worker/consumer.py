@@ -14,11 +14,10 @@ invariant. Settling a message whose run will not run here (rejected, parked,
 cancelled, given back) frees a slot and reopens a window: it keeps it too.
 Acknowledging a *started* run reopens a window without freeing a slot; when
 that would break the invariant the acknowledgement waits (at most
-`ack_grace` seconds, 250 ms while the window is wide: `mq_worker.window_width`)
-for a slot to free, and after that the consumer is cancelled, which closes its
-window, and consumed again with a smaller one. Near full capacity (with a wide
-window, whenever no run has just ended) a run can therefore stay unacknowledged
-that long after its start; everywhere else it is acknowledged at once.
+`ack_grace`; 250 ms while a window is wide, `mq_worker.window_width`) for a
+slot to free, then the consumer is cancelled and consumed again with a smaller
+window. Near full capacity (with a wide window, until a run ends) a run can stay
+unacknowledged that long after its start; elsewhere it is acknowledged at once.
 
 Acknowledgements are written once per loop turn, grouped with `multiple` where
 no delivery still in hand is covered (`mq_worker.acks`). The window counts an
@@ -80,7 +79,7 @@ async def _nothing() -> None:
     pass
 
 
-async def _raise(exc: Exception) -> None:
+async def _raise(exc: Exception) -> None:  # in aiormq's task for the delivery
     raise exc
 
 
@@ -99,8 +98,7 @@ class RunConsumer:
         redeclare: Callable[[aiormq.abc.AbstractChannel, str], Awaitable[None]] | None = None,
     ) -> None:
         self._slots = anyio.CapacityLimiter(limit)
-        # `window` at least; `wide_window` while runs are short (mq_worker.window_width).
-        self._width = WindowWidth(window, wide_window or window)
+        self._width = WindowWidth(window, wide_window or window)  # wide while runs are short
         width = self._width.width
         self._window: Window[Delivery] = Window(
             self._slots, max_window=width, ack_group=ack_group(width), group_wait=ACK_GROUP_WAIT)
@@ -303,9 +301,8 @@ class RunConsumer:
     def _on_message(
         self, message: aiormq.abc.DeliveredMessage, consumer: ConsumerWindow
     ) -> Coroutine[Any, Any, None]:
-        """Take `message` now, in the loop turn the client hands it over (aiormq calls a
-        consumer's callback there, then runs what it returns in a task of its own, a turn
-        later): its slot is taken and its handler started before this returns."""
+        """Take `message` as soon as the client hands it over, before anything it returns
+        runs: its slot is taken and its handler started before this returns."""
         try:
             return self._take(message, consumer)
         except Exception as exc:  # raised in aiormq's task for it, not in its channel's reader
@@ -366,10 +363,8 @@ class RunConsumer:
         self._acks.ack(delivery)
 
     async def settle(self, delivery: Delivery, *, requeue: bool, failed: bool = False) -> None:
-        """Acknowledge or give back `delivery`, whose run will not run here.
-
-        Its slot is the delivery's to release (`Delivery.settle` does both).
-        """
+        """Acknowledge or give back `delivery`, whose run will not run here; its slot is the
+        delivery's to release (`Delivery.settle` does both)."""
         if not self._usable(delivery):
             return
         self._window.drop_deferred(delivery)

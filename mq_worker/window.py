@@ -1,9 +1,8 @@
 """The consumer's window: how many runs the broker may still push, against the free slots.
 
-Pure bookkeeping, no I/O. `RunConsumer` tells the window what happened (a
-consumer opened or cancelled, a delivery arrived, was held or acknowledged)
-and asks it what to do next (acknowledge now or wait, which consumers to
-cancel and which to open with what prefetch); it then does that on the channel.
+Pure bookkeeping, no I/O. `RunConsumer` tells the window what happened (a consumer
+opened or cancelled, a delivery arrived, was held or acknowledged) and asks it what to
+do next (acknowledge or wait, which consumers to cancel and open with what prefetch).
 
 The invariant (see mq_worker.consumer for why):
 
@@ -214,11 +213,8 @@ class Window(Generic[K]):
         self.forget_if_drained(consumer)
 
     def may_ack_started(self, tag: str) -> bool:
-        """Whether a started run delivered on `tag` can be acknowledged now.
-
-        Acknowledging reopens its consumer's window without freeing a slot; on a
-        closed (or forgotten) consumer it reopens nothing.
-        """
+        """Whether a started run delivered on `tag` can be acknowledged now: acknowledging
+        reopens its consumer's window without freeing a slot (nothing on a closed one)."""
         consumer = self._consumers.get(tag)
         return consumer is None or consumer.closed or self.fits_one_more()
 
@@ -277,9 +273,8 @@ class Window(Generic[K]):
         ready: Sequence[int] | None,
         free: int,
     ) -> Iterator[Step[K]]:
-        """Every step of one reconciliation of the windows with the free slots.
-
-        A generator: each step is decided after the previous one was carried out,
+        """Every step of one reconciliation of the windows with the free slots. A
+        generator: each step is decided after the previous one was carried out,
         against the window as it is then. `stopped`: take no runs at all (the
         consumer is paused). `serving`: the queues to take runs from, first
         listed first; with several, `ready` holds their ready counts, read while
