@@ -71,6 +71,7 @@ class Sample:
     broker_cpu: float
     main_cpu: float  # the started processes alone (without a guardian or pool processes)
     worker_rss: int
+    main_waits: int = 0  # the started processes' voluntary context switches (they slept)
 
 
 def _tree(roots: list[psutil.Process]) -> list[psutil.Process]:
@@ -93,7 +94,7 @@ class Sampler:
 
     def sample(self) -> Sample:
         cpu = main = 0.0
-        rss = 0
+        rss = waits = 0
         for member in _tree(self.roots):
             with contextlib.suppress(psutil.Error):
                 if member.name() == "true":
@@ -102,13 +103,14 @@ class Sampler:
                 cpu += times.user + times.system
                 if member in self.roots:
                     main += times.user + times.system
+                    waits += member.num_ctx_switches().voluntary
                 rss += member.memory_info().rss
         broker = 0.0
         if self.broker is not None:
             with contextlib.suppress(psutil.Error):
                 times = self.broker.cpu_times()
                 broker = times.user + times.system
-        return Sample(time.time(), cpu, broker, main, rss)
+        return Sample(time.time(), cpu, broker, main, rss, waits)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -123,28 +125,30 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def window(self, first: float, last: float) -> tuple[float, float, float, int]:
-        """(worker CPU s, broker CPU s, main processes' CPU s, largest RSS) between the
-        samples around first/last."""
+    def window(self, first: float, last: float) -> tuple[float, float, float, int, int]:
+        """(worker CPU s, broker CPU s, main processes' CPU s, largest RSS, main processes'
+        sleeps) between the samples around first/last."""
         before = [s for s in self.samples if s.at <= first] or self.samples[:1]
         after = [s for s in self.samples if s.at >= last] or self.samples[-1:]
         start, end = before[-1], after[0]
         inside = [s.worker_rss for s in self.samples if start.at <= s.at <= end.at]
         return (end.worker_cpu - start.worker_cpu, end.broker_cpu - start.broker_cpu,
-                end.main_cpu - start.main_cpu, max(inside or [end.worker_rss]))
+                end.main_cpu - start.main_cpu, max(inside or [end.worker_rss]),
+                end.main_waits - start.main_waits)
 
 
 def result_row(label: str, runs: int, completions: list[float], sampler: Sampler,
                processes: int) -> dict[str, Any]:
     completions.sort()
     first, last = completions[0], completions[-1]
-    worker_cpu, broker_cpu, main_cpu, rss = sampler.window(first, last)
+    worker_cpu, broker_cpu, main_cpu, rss, waits = sampler.window(first, last)
     return {
         "contender": label, "runs": runs, "completed": len(completions),
         "rate": round((len(completions) - 1) / (last - first), 1),
         "worker_cpu_ms_per_run": round(worker_cpu * 1000 / runs, 3),
         "broker_cpu_ms_per_run": round(broker_cpu * 1000 / runs, 3),
         "main_cpu_ms_per_run": round(main_cpu * 1000 / runs, 3),
+        "main_sleeps_per_run": round(waits / runs, 2),
         "worker_rss_mb": round(rss / 2**20, 1), "processes": processes,
     }
 
@@ -321,7 +325,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row = contender(name, args.runs, bin_dir, trees)()
             rows[name].append(row)
             print(f"  {name}: {row['rate']} runs/s, worker {row['worker_cpu_ms_per_run']} ms "
-                  f"(main processes {row['main_cpu_ms_per_run']} ms), "
+                  f"(main processes {row['main_cpu_ms_per_run']} ms, "
+                  f"{row['main_sleeps_per_run']} sleeps), "
                   f"broker {row['broker_cpu_ms_per_run']} ms "
                   f"({row.get('broker_kreductions_per_run')} k reductions) per run", flush=True)
     load_after = background_load()

@@ -18,10 +18,11 @@ import anyio
 from pamqp import commands as spec
 from yarl import URL
 
-from mq_worker import socket_writes, wire_decoding
+from mq_worker import frame_reading, socket_writes, wire_decoding
 from mq_worker.errors import BrokerError, ConfigurationError
 
 wire_decoding.install()
+frame_reading.install()
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 # Seconds between AMQP heartbeats; a silent peer is declared dead after about two.
