@@ -8,7 +8,9 @@ reads whatever the socket has (up to `READ_SIZE`) and cuts every whole frame out
 without awaiting; it awaits only when no whole frame is left. The frames and their order
 are the same; so are its errors: a connection that ends mid-frame, or a frame pamqp cannot
 decode, raise what aiormq's raise, and a connection that ended between frames ends the
-iteration.
+iteration. One difference: frames already read are handed out before a socket error that
+came after them (aiormq's receiver raised it at once), so a `Connection.Close` the broker
+sent before a reset is seen.
 
 `install()` makes aiormq use it for every connection (aiormq builds its receiver from the
 module's name when it connects); it is idempotent and called when `mq_worker.broker` is
@@ -40,7 +42,7 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
-        self._data = b""
+        self._data: bytes | bytearray = b""
         self._offset = 0
 
     async def get_frame(self) -> aiormq.connection.ReceivedFrame:
@@ -73,12 +75,13 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             if method is not None:
                 return end - start, int.from_bytes(data[start + 1:start + 3], "big"), method
         try:
-            return pamqp.frame.unmarshal(data[start:end])
+            return pamqp.frame.unmarshal(bytes(data[start:end]))
         except PAMQPException as e:
             raise InvalidFrameError(str(e)) from e
 
     async def _refill(self) -> None:
-        """Read what the socket has, keeping the part of a frame left over."""
+        """Read what the socket has, after the part of a frame left over (kept in a
+        bytearray that grows, so a large frame arriving in pieces is copied once)."""
         try:
             chunk = await self.reader.read(READ_SIZE)
         except ConnectionRefusedError as e:
@@ -89,24 +92,32 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
             raise AMQPConnectionError(f"Server connection error: {e!r}") from e
         except OSError as e:
             raise AMQPConnectionError(f"Server communication error: {e!r}") from e
-        rest = self._data[self._offset:]
+        data, offset = self._data, self._offset
         if not chunk:
+            read, expected = _aiormqs_shortfall(data[offset:])
             raise AMQPConnectionError(
-                f"Server connection unexpectedly closed. Read {len(rest)} bytes but "
-                f"{self._expected(rest)} bytes expected")
-        self._data = rest + chunk if rest else chunk
+                "Server connection unexpectedly closed. "
+                f"Read {read} bytes but {expected} bytes expected")
+        if offset == len(data):
+            self._data = chunk
+        elif offset == 0 and isinstance(data, bytearray):
+            data += chunk
+        else:
+            self._data = bytearray(data[offset:]) + chunk
         self._offset = 0
 
-    @staticmethod
-    def _expected(rest: bytes) -> int:
-        if not rest:
-            return 1  # as aiormq says it: it reads a frame's first byte alone
-        if len(rest) < _HEAD:
-            return _HEAD
-        return _HEAD + int.from_bytes(rest[3:_HEAD], "big") + 1
+
+def _aiormqs_shortfall(rest: bytes | bytearray) -> tuple[int, int]:
+    """What aiormq says it had read and expected of the frame a connection ended in: it
+    reads a frame's type alone, then its channel and size, then its payload and end."""
+    if not rest:
+        return 0, 1
+    if len(rest) < _HEAD:
+        return len(rest) - 1, _HEAD - 1
+    return len(rest) - _HEAD, int.from_bytes(rest[3:_HEAD], "big") + 1
 
 
-def _common_method(data: bytes, start: int, end: int) -> base.Frame | None:
+def _common_method(data: bytes | bytearray, start: int, end: int) -> base.Frame | None:
     """`Basic.Ack` (a publisher confirm) or `Basic.Deliver` decoded from `data[start:end]`
     as pamqp decodes them (short strings as `wire_decoding` does), at a fifth of pamqp's
     cost; None for any other method, or one that does not fill its frame exactly (pamqp
@@ -132,7 +143,7 @@ def _common_method(data: bytes, start: int, end: int) -> base.Frame | None:
     return None
 
 
-def _short_string(data: bytes, at: int) -> tuple[str, int]:
+def _short_string(data: bytes | bytearray, at: int) -> tuple[str, int]:
     length = data[at]
     return data[at + 1:at + 1 + length].decode("utf-8", errors="replace"), at + 1 + length
 

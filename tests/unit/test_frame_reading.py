@@ -105,12 +105,66 @@ def test_a_connection_that_ends_while_waiting_is_an_error_as_aiormqs_is() -> Non
         asyncio.run(ends_while_waiting(AIORMQS))
 
 
-def test_a_connection_that_ends_mid_frame_is_an_error_as_aiormqs_is() -> None:
-    for cut in (3, len(STREAM) - 1, len(STREAM) - 20):
-        frames, ended = read(BufferedFrameReceiver, STREAM[:cut], 5)
-        assert isinstance(ended, AMQPConnectionError)
-        assert "unexpectedly closed" in str(ended)
-        assert len(frames) < len(FRAMES)
+@pytest.mark.parametrize("cut", [1, 3, 7, 10, len(STREAM) - 1, len(STREAM) - 20])
+def test_a_connection_that_ends_mid_frame_is_the_error_aiormq_raises(cut: int) -> None:
+    ours, ours_ended = read(BufferedFrameReceiver, STREAM[:cut], 5)
+    theirs, theirs_ended = read(AIORMQS, STREAM[:cut], 5)
+    assert isinstance(ours_ended, AMQPConnectionError)
+    assert "unexpectedly closed" in str(ours_ended)
+    assert (ours, str(ours_ended)) == (theirs, str(theirs_ended))
+    assert len(ours) < len(FRAMES)
+
+
+def test_deliveries_and_confirms_skip_pamqps_generic_decoding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[type] = []
+    unmarshal = pamqp.frame.unmarshal
+
+    def recording(data: bytes) -> Any:
+        result = unmarshal(data)
+        decoded.append(type(result[2]))
+        return result
+
+    monkeypatch.setattr(pamqp.frame, "unmarshal", recording)
+    frames, _ = read(BufferedFrameReceiver, STREAM, 64)
+    assert len(frames) == len(FRAMES)
+    assert spec.Basic.Deliver not in decoded and spec.Basic.Ack not in decoded
+    assert spec.Basic.Nack in decoded and ContentHeader in decoded
+
+
+def test_a_delivery_whose_strings_run_past_its_frame_reads_nothing_of_the_next() -> None:
+    """A routing key's length byte too large: the shortcut would read the next frame's
+    bytes; pamqp decodes the frame alone, as aiormq's receiver does."""
+    good = pamqp.frame.marshal(spec.Basic.Deliver("c", 1, False, "x", "key"), 1)
+    bad = good.replace(b"\x03key", b"\x09key")
+    data = bad + pamqp.frame.marshal(spec.Basic.Ack(5, False), 1)
+    ours, ours_ended = read(BufferedFrameReceiver, data, 64)
+    theirs, theirs_ended = read(AIORMQS, data, 64)
+    assert ours == theirs and len(ours) == 2
+    assert ours_ended is None and theirs_ended is None
+
+
+def test_two_readers_waiting_each_get_a_frame() -> None:
+    """The lock: a second caller waiting while the first reads takes the frame after."""
+    async def two_waiting() -> list[tuple[Any, ...]]:
+        reader = asyncio.StreamReader()
+        receiver = BufferedFrameReceiver(reader)
+        first = asyncio.create_task(receiver.get_frame())
+        second = asyncio.create_task(receiver.get_frame())
+        await asyncio.sleep(0)
+        reader.feed_data(STREAM)
+        async with asyncio.timeout(5):
+            return [fields(frame) for _, _, frame in await asyncio.gather(first, second)]
+
+    assert asyncio.run(two_waiting()) == [fields(frame) for _, frame in FRAMES[:2]]
+
+
+def test_a_large_frame_in_small_pieces_is_read_whole() -> None:
+    body = bytes(range(256)) * 512  # 128 KiB, RabbitMQ's default frame_max
+    data = pamqp.frame.marshal(ContentBody(body), 1) + pamqp.frame.marshal(Heartbeat(), 0)
+    frames, ended = read(BufferedFrameReceiver, data, 1448)
+    assert ended is None
+    assert [frame[2] for frame in frames] == [fields(ContentBody(body)), fields(Heartbeat())]
 
 
 def test_a_frame_without_its_end_byte_is_invalid() -> None:
