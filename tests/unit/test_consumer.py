@@ -172,3 +172,35 @@ async def test_a_consumer_being_cancelled_counts_what_the_broker_may_still_push_
         assert consumer.slots_in_use <= 4
         channel.cancel_ok.set()
         tg.cancel_scope.cancel()
+
+
+async def test_a_run_held_for_its_start_time_counts_its_length_from_its_start() -> None:
+    """A run held before it starts, then ending at once, is a short run towards widening
+    the window: its length runs from its process's start, not from its delivery."""
+    lengths: list[float] = []
+    ended = anyio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        delivery.received_at -= 30.0  # delivered half a minute before its start time
+        await delivery.ack_started()
+        delivery.release_slot()  # the run ended at once
+        ended.set()
+
+    channel = StandInChannel()
+    async with anyio.create_task_group() as tg:
+        consumer = RunConsumer(limit=4, window=2, wide_window=4, ack_grace=1.0,
+                               handle=handle, spawn=tg)
+        run_ended = consumer._width.run_ended
+
+        def recording(seconds: float) -> bool:
+            lengths.append(seconds)
+            return run_ended(seconds)
+
+        consumer._width.run_ended = recording  # type: ignore[method-assign]
+        tg.start_soon(consumer.run, channel, ["q"])
+        await wait_until(lambda: channel.consumers)
+        [(tag, callback)] = channel.consumers.items()
+        await callback(delivered(channel, tag, 1))
+        await ended.wait()
+        assert len(lengths) == 1 and lengths[0] < 5.0
+        tg.cancel_scope.cancel()
