@@ -17,6 +17,7 @@ ASYNCIO_EDGE = {
     "outbox.py": "gathers aiormq's publisher-confirmation futures",
     "confirmed_batch.py": "aiormq's write queue and its confirmation futures",
     "socket_writes.py": "the asyncio stream writer of aiormq's connection, written to directly",
+    "frame_reading.py": "the asyncio stream reader of aiormq's connection, read in chunks",
     "cli/common.py": "the event loop's exception handler",
     "output.py": "a timer set from synchronous code (call_later)",
     "infrastructure.py": "a run's exit awaited on its pidfd with the loop's add_reader",
