@@ -11,9 +11,11 @@ time, written by the task). CPU of each party is sampled from /proc every 50 ms 
 over that same window: the worker (every process of its tree, without the CPU of the runs
 it reaped: a process's own user+system time never includes its reaped children's) and the
 broker (the Erlang VM). RSS is the largest sum over the worker's processes (runs excluded)
-seen in the window. The broker's work for the contender's vhost alone is also counted in
-Erlang reductions (`benchmarks._reductions`: other clients and a loaded machine do not
-change it), from the pre-loaded queue to the last completion.
+seen in the window: a process counts once it was there in the sample before, which leaves
+out a run between its spawn and its exec (a vfork child shares its parent's memory, and
+counting it doubled the worker's RSS). The broker's work for the contender's vhost alone is
+also counted in Erlang reductions (`benchmarks._reductions`: other clients and a loaded
+machine do not change it), from the pre-loaded queue to the last completion.
 
 `--rounds N` repeats every contender N times, interleaved (A B C A B C ...), and reports
 medians: on a shared machine, only figures measured side by side compare. Celery lives
@@ -89,13 +91,15 @@ class Sampler:
         self.roots = roots
         self.broker = broker_process()
         self.samples: list[Sample] = []
+        self._before: set[psutil.Process] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> Sample:
         cpu = main = 0.0
         rss = waits = 0
-        for member in _tree(self.roots):
+        members = _tree(self.roots)
+        for member in members:
             with contextlib.suppress(psutil.Error):
                 if member.name() == "true":
                     continue
@@ -104,7 +108,9 @@ class Sampler:
                 if member in self.roots:
                     main += times.user + times.system
                     waits += member.num_ctx_switches().voluntary
-                rss += member.memory_info().rss
+                if member in self.roots or member in self._before:
+                    rss += member.memory_info().rss
+        self._before = set(members)
         broker = 0.0
         if self.broker is not None:
             with contextlib.suppress(psutil.Error):
