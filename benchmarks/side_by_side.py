@@ -26,7 +26,9 @@ default level (INFO: one line per run) costs; `mq-1x8-window-N` (N of 3, 4, 8) a
 that default had a quarter); `mq-1x8-asyncio` asyncio's own loop (what
 `pip install mq-worker` without the `speed` extra runs on), `mq-1x8-outcomes` and
 `mq-2x8-outcomes` workers that publish only each run's outcome (`--run-events outcomes`),
-`mq-2x4-window-2` two workers of limit 4 with a window of 2 (a tree before that default).
+`mq-2x4-window-2` two workers of limit 4 with a window of 2 (a tree before that default),
+`mq-1x8-output` and `mq-2x8-output` runs that leave `stream_output` at the job template's
+default (on: each run's stdout and stderr piped, logged and shipped); the others turn it off.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ SAMPLE_SECONDS = 0.05
 CONTENDERS = (
     "mq-1x8", "mq-2x4", "mq-2x8", "mq-processes-2", "celery-events", "celery", "mq-1x8-info",
     "mq-1x8-window-8", "mq-1x8-window-3", "mq-2x8-window-8", "mq-2x8-window-4", "mq-1x8-window-4",
-    "mq-1x8-asyncio", "mq-1x8-outcomes", "mq-2x8-outcomes", "mq-2x4-window-2")
+    "mq-1x8-asyncio", "mq-1x8-outcomes", "mq-2x8-outcomes", "mq-2x4-window-2", "mq-1x8-output",
+    "mq-2x8-output")
 
 
 @dataclass(frozen=True)
@@ -201,12 +204,13 @@ async def declare(url: str) -> None:
 
 
 async def measure_mq(label: str, specs: list[list[str]], runs: int,
-                     tree: Path = ROOT) -> dict[str, Any]:
+                     tree: Path = ROOT, stream_output: bool = False) -> dict[str, Any]:
     with vhost(label) as host:
         await declare(host.url)
         async with EventWatch(host.url, [RUN_COMPLETED]) as watch, \
                 Publisher(host.url) as publisher:
-            await publisher.publish_many(run_body(new_id(), TRUE) for _ in range(runs))
+            await publisher.publish_many(run_body(new_id(), TRUE, stream_output=stream_output)
+                                         for _ in range(runs))
             completions: list[float] = []
             watch.on_event = lambda seen: completions.append(seen.received)
             loaded = vhost_reductions(host.name)
@@ -292,10 +296,13 @@ def contender(name: str, runs: int, bin_dir: Path | None,
           "mq-1x8-asyncio": [["--limit", "8", "--loop", "asyncio"]],
           "mq-2x4-window-2": [["--limit", "4", "--window", "2"]] * 2,
           "mq-1x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]],
-          "mq-2x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]] * 2}
+          "mq-2x8-outcomes": [["--limit", "8", "--run-events", "outcomes"]] * 2,
+          "mq-1x8-output": [["--limit", "8"]], "mq-2x8-output": [["--limit", "8"]] * 2}
     if name in mq:
         label = f"{name}@{tree}" if tree else name
-        return lambda: asyncio.run(measure_mq(label, mq[name], runs, trees.get(tree, ROOT)))
+        output = name.endswith("-output")
+        return lambda: asyncio.run(measure_mq(label, mq[name], runs, trees.get(tree, ROOT),
+                                              stream_output=output))
     assert bin_dir is not None
     return lambda: measure_celery(bin_dir, name, name == "celery-events", runs)
 
@@ -315,6 +322,8 @@ LABELS = {
     "mq-2x4-window-2": "mq_worker, 2 workers, limit 4 each, --window 2",
     "mq-1x8-outcomes": "mq_worker, 1 worker, limit 8, --run-events outcomes",
     "mq-2x8-outcomes": "mq_worker, 2 workers, limit 8 each, --run-events outcomes",
+    "mq-1x8-output": "mq_worker, 1 worker, limit 8, runs' output streamed (the default)",
+    "mq-2x8-output": "mq_worker, 2 workers, limit 8 each, runs' output streamed (the default)",
     "celery-events": "Celery prefork c=8, events on (-E)",
     "celery": "Celery prefork c=8, events off",
 }

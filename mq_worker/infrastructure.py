@@ -24,8 +24,8 @@ from mq_worker.guardian import Guardian
 from mq_worker.process_stop import stop_leftovers, terminate
 from mq_worker.spawn import RunProcess, spawn
 
-__all__ = ["Guardian", "ProcessHandle", "start_process", "stop_leftovers", "stream_output",
-           "terminate"]
+__all__ = ["Guardian", "OutputReader", "ProcessHandle", "read_output", "start_process",
+           "stop_leftovers", "stream_output", "terminate"]
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 # How long output may still arrive after the process exited (a background child
@@ -46,6 +46,11 @@ class ProcessHandle:
     # The most a grace period may still last, once the worker was told to stop at once.
     _hurried: float | None = None
     _graces: list[anyio.CancelScope] = field(default_factory=list)
+    _on_exit: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (it must not block) when `wait` sees the process exit."""
+        self._on_exit.append(callback)
 
     def hurry(self, longest: float) -> None:
         """Shorten the grace this run gets before SIGKILL, now and later, to `longest` seconds."""
@@ -115,6 +120,9 @@ class ProcessHandle:
         self.exit_seen = True
         if self._exited is not None:
             self._exited.set()
+        for callback in self._on_exit:
+            callback()
+        self._on_exit.clear()
         assert self.popen.returncode is not None
         return self.popen.returncode
 
@@ -182,62 +190,106 @@ async def stream_output(
 
     `on_line(stream, text)` also gets each line; it must not block.
     """
-    pipes = [(p, name) for p, name in ((handle.popen.stdout, "stdout"),
-                                       (handle.popen.stderr, "stderr")) if p is not None]
-    if not pipes:
-        return
-    async with anyio.create_task_group() as tg:
-        for pipe, name in pipes:
-            tg.start_soon(_pump, pipe, name, logger, handle, on_line)
+    reader = read_output(handle, logger, on_line)
+    try:
+        await reader.closed()
+    finally:
+        reader.close()
+
+
+def read_output(handle: ProcessHandle, logger: Any,
+                on_line: Callable[[str, str], None] | None = None) -> OutputReader:
+    """Start reading the process's pipes at once, in the loop's reader callbacks."""
+    return OutputReader(handle, logger, on_line)
 
 
 _MAX_LINE_BYTES = 65536
 
 
-async def _pump(pipe: IO[bytes], name: str, logger: Any, handle: ProcessHandle,
-                on_line: Callable[[str, str], None] | None) -> None:
-    fd = pipe.fileno()
-    os.set_blocking(fd, False)
-    pending = b""
-    try:
-        while True:
-            if handle.exit_seen:
-                with anyio.move_on_after(_OUTPUT_DRAIN_SECONDS) as scope:
-                    await anyio.wait_readable(fd)
-                if scope.cancelled_caught:
-                    break
-            else:
-                async with anyio.create_task_group() as race:
-                    async def _until_exit() -> None:
-                        await handle.exited()
-                        race.cancel_scope.cancel()
+class OutputReader:
+    """A run's stdout and stderr, read in the loop's add_reader callbacks as they come.
 
-                    async def _until_readable() -> None:
-                        await anyio.wait_readable(fd)
-                        race.cancel_scope.cancel()
+    No task per pipe: a run that writes nothing costs two registrations and two empty
+    reads. Reading ends at each pipe's end of file or, once the process has exited,
+    after _OUTPUT_DRAIN_SECONDS without output (a child it left may hold a pipe open).
+    """
 
-                    race.start_soon(_until_exit)
-                    race.start_soon(_until_readable)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            if len(pending) >= _MAX_LINE_BYTES:  # output without newlines must not grow memory
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                text = line.decode(errors="replace").rstrip("\r")
-                logger.info("run output", line=text, stream=name)
-                if on_line is not None:
-                    on_line(name, text)
-    finally:
-        if pending:
-            text = pending.decode(errors="replace")
-            logger.info("run output", line=text, stream=name)
-            if on_line is not None:
-                on_line(name, text)
-        pipe.close()
+    def __init__(self, handle: ProcessHandle, logger: Any,
+                 on_line: Callable[[str, str], None] | None) -> None:
+        self._logger = logger
+        self._on_line = on_line
+        self._loop = asyncio.get_running_loop()
+        self._pipes: dict[int, tuple[IO[bytes], str]] = {}
+        self._pending: dict[int, bytes] = {}
+        self._done = self._loop.create_future()
+        self._drain: asyncio.TimerHandle | None = None
+        for pipe, name in ((handle.popen.stdout, "stdout"), (handle.popen.stderr, "stderr")):
+            if pipe is not None:
+                fd = pipe.fileno()
+                os.set_blocking(fd, False)
+                self._pipes[fd] = (pipe, name)
+                self._pending[fd] = b""
+                self._loop.add_reader(fd, self._readable, fd)
+        if not self._pipes:
+            self._done.set_result(None)
+        elif handle.exit_seen:
+            self._exited()
+        else:
+            handle.on_exit(self._exited)
+
+    async def closed(self) -> None:
+        """Wait until every pipe is read to its end (or given up on)."""
+        await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """Stop reading: the partial lines are shipped, the pipes closed."""
+        if self._drain is not None:
+            self._drain.cancel()
+        for fd in list(self._pipes):
+            self._end(fd)
+
+    def _exited(self) -> None:
+        if self._pipes and self._drain is None:
+            self._drain = self._loop.call_later(_OUTPUT_DRAIN_SECONDS, self.close)
+
+    def _readable(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._end(fd)
+            return
+        if self._drain is not None:  # output after the exit: wait another while
+            self._drain.cancel()
+            self._drain = self._loop.call_later(_OUTPUT_DRAIN_SECONDS, self.close)
+        *lines, pending = (self._pending[fd] + chunk).split(b"\n")
+        if len(pending) >= _MAX_LINE_BYTES:  # output without newlines must not grow memory
+            lines.append(pending)
+            pending = b""
+        self._pending[fd] = pending
+        name = self._pipes[fd][1]
+        for line in lines:
+            self._ship(name, line.decode(errors="replace").rstrip("\r"))
+
+    def _end(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        pipe, name = self._pipes.pop(fd)
+        pending = self._pending.pop(fd)
+        try:
+            if pending:
+                self._ship(name, pending.decode(errors="replace"))
+        finally:
+            pipe.close()
+            if not self._pipes:
+                if self._drain is not None:
+                    self._drain.cancel()
+                if not self._done.done():
+                    self._done.set_result(None)
+
+    def _ship(self, name: str, text: str) -> None:
+        self._logger.info("run output", line=text, stream=name)
+        if self._on_line is not None:
+            self._on_line(name, text)

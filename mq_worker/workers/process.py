@@ -15,9 +15,9 @@ from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound,
 from mq_worker.infrastructure import (
     Guardian,
     ProcessHandle,
+    read_output,
     start_process,
     stop_leftovers,
-    stream_output,
     terminate,
 )
 from mq_worker.job_configuration import BaseJobConfiguration
@@ -128,12 +128,13 @@ class ProcessWorker(BaseWorker):
         try:
             if configuration.stream_output:
                 output = self.output.open(run.id_text, configuration.env.get("MQ_WORKER_QUEUE"))
+                reader = read_output(handle, logger, output.line)
                 try:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(stream_output, handle, logger, output.line)
-                        status = await handle.wait()
-                        empty = await self._stop_leftovers(handle, configuration, logger)
+                    status = await handle.wait()
+                    empty = await self._stop_leftovers(handle, configuration, logger)
+                    await reader.closed()
                 finally:
+                    reader.close()
                     output.close()
             else:  # no task of its own: waited for here
                 status = await handle.wait()

@@ -20,7 +20,7 @@ ASYNCIO_EDGE = {
     "frame_reading.py": "the asyncio stream reader of aiormq's connection, read in chunks",
     "cli/common.py": "the event loop's exception handler",
     "output.py": "a timer set from synchronous code (call_later)",
-    "infrastructure.py": "a run's exit awaited on its pidfd with the loop's add_reader",
+    "infrastructure.py": "a run's exit awaited on its pidfd, its output read, with add_reader",
     "concurrency.py": "an idle handler task waits for its next delivery on a future (TaskPool)",
 }
 
