@@ -47,14 +47,15 @@ MADE_WHERE = {"Event.__new__", "TaskGroup.start_soon", "TaskGroup.start", "Cance
 
 # -- counted -------------------------------------------------------------------------------
 
-async def _publish(url: str, count: int) -> None:
+async def _publish(url: str, count: int, stream_output: bool = False) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("mq_worker.runs", ensure=True)
         for _ in range(count):
             body = orjson.dumps({"id": str(uuid.uuid4()),
-                                 "job_variables": {"command": TRUE, "stream_output": False}})
+                                 "job_variables": {"command": TRUE,
+                                                   "stream_output": stream_output}})
             await exchange.publish(aio_pika.Message(body, delivery_mode=2),
                                    routing_key="run.scheduled.default.default")
 

@@ -1,13 +1,14 @@
 """Where a run's Python work goes: a worker's calls per run, by function, under cProfile.
 
-    .venv/bin/python -m benchmarks.calls [--runs 2000] [--top 40]
+    .venv/bin/python -m benchmarks.calls [--runs 2000] [--top 40] [--stream-output]
 
 A ProcessWorker serves in this process (limit 8, asyncio's loop, a vhost of its own): a
 first worker declares the topology and stops, `runs` runs of /bin/true are published and
 confirmed, then a second worker is started under cProfile and takes them all. Printed per
 run: each function's calls and its own and cumulative time. cProfile makes every call
 several times dearer, so the times rank functions, they do not price them; the calls are
-exact. `benchmarks.hotpath` times single steps without it.
+exact. `benchmarks.hotpath` times single steps without it. The runs turn `stream_output`
+off, unless `--stream-output` leaves it on (the job template's default).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mq_worker.testing import LocalBroker
 from mq_worker.workers.process import ProcessWorker
 
 
-async def profile_runs(runs: int) -> tuple[pstats.Stats, float]:
+async def profile_runs(runs: int, stream_output: bool = False) -> tuple[pstats.Stats, float]:
     """The profile of a worker taking `runs` pre-loaded runs, and its CPU seconds."""
     logs.configure("json", "WARNING")
     profile = cProfile.Profile()
@@ -39,7 +40,7 @@ async def profile_runs(runs: int) -> tuple[pstats.Stats, float]:
             worker = ProcessWorker(WorkerSettings(url=[vhost.url], name="calls", limit=8,
                                                   heartbeat_seconds=30.0))
             if measured:
-                await _publish(vhost.url, runs)
+                await _publish(vhost.url, runs, stream_output)
             async with anyio.create_task_group() as tg:
                 began = time.process_time()
                 if measured:
@@ -66,9 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--stream-output", action="store_true",
+                        help="leave the runs' stream_output on (the default of the template)")
     args = parser.parse_args()
     banner("calls")
-    stats, cpu = anyio.run(profile_runs, args.runs, backend="asyncio")
+    stats, cpu = anyio.run(profile_runs, args.runs, args.stream_output, backend="asyncio")
     entries: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
     rows = sorted(((own, calls, total, _where(key))
                    for key, (_, calls, own, total, _) in entries.items()), reverse=True)

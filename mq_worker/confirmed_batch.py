@@ -15,6 +15,8 @@ aiormq has them, else callers publish one message at a time.
 when it wakes (acks on one channel, event batches on another, heartbeats) and
 write them as one: frames stay in the order they were queued.
 
+`publish_unconfirmed` is the same write for a channel without confirms (run output).
+
 `publish_now` is `publish` in the caller's loop turn, for the outbox's `send_now`:
 under the channel's lock if it is free, and written straight to the socket when
 nothing is queued ahead (`mq_worker.socket_writes`).
@@ -32,10 +34,13 @@ from aiormq.abc import ChannelFrame
 from mq_worker import socket_writes
 from mq_worker.publish_frames import Message, publish_frames
 
-__all__ = ["Message", "coalesce_writes", "publish", "publish_now", "supports"]
+__all__ = ["Message", "coalesce_writes", "publish", "publish_now", "publish_unconfirmed",
+           "supports", "supports_unconfirmed"]
 
 _NEEDED = ("lock", "delivery_tag", "confirmations", "create_future", "write_queue", "number",
            "max_content_size", "publisher_confirms")
+_NEEDED_UNCONFIRMED = ("lock", "create_future", "write_queue", "number", "max_content_size",
+                       "publisher_confirms")
 
 
 def coalesce_writes(channel: Any) -> bool:
@@ -86,6 +91,24 @@ def _joined(batches: list[ChannelFrame]) -> ChannelFrame:
 def supports(channel: Any) -> bool:
     """True if `channel` is a confirm-mode aiormq channel this module can publish on."""
     return all(hasattr(channel, name) for name in _NEEDED) and bool(channel.publisher_confirms)
+
+
+def supports_unconfirmed(channel: Any) -> bool:
+    """True if `channel` is an aiormq channel without confirms this module can publish on."""
+    return (all(hasattr(channel, name) for name in _NEEDED_UNCONFIRMED)
+            and not channel.publisher_confirms)
+
+
+async def publish_unconfirmed(channel: Any, messages: Sequence[Message]) -> None:
+    """Write `messages` in one write, queued under the channel's lock (which raises if the
+    channel is closed), as `basic_publish` does; return once the writer has written them."""
+    payload = b"".join(publish_frames(channel.number, message, channel.max_content_size)
+                       for message in messages)
+    written = channel.create_future()  # the channel's: ends with an error if it closes first
+    async with channel.lock:
+        await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False,
+                                                   drain_future=written))
+    await written
 
 
 async def publish(channel: Any, messages: Sequence[Message]) -> list[asyncio.Future[Any]]:
