@@ -104,8 +104,8 @@ async def publish_unconfirmed(channel: Any, messages: Sequence[Message]) -> None
     channel is closed), as `basic_publish` does; return once the writer has written them."""
     payload = b"".join(publish_frames(channel.number, message, channel.max_content_size)
                        for message in messages)
-    written = channel.create_future()  # the channel's: ends with an error if it closes first
     async with channel.lock:
+        written = channel.create_future()  # the channel's: ends with an error if it closes
         await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False,
                                                    drain_future=written))
     await written
