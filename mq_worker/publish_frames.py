@@ -1,10 +1,11 @@
-"""The AMQP frames of one `basic.publish` of an event, written straight to bytes.
+"""The AMQP frames of one `basic.publish` of an event or a run output batch, written
+straight to bytes.
 
 pamqp builds a method object, a properties object, a content header object and a body
 object per message and marshals each through its generic encoder: for the few small
 events a worker publishes per run, that was most of what a publish cost the worker.
-Here the method frame of each (exchange, routing key) is encoded once and kept, and
-the content header is packed from the only properties events carry.
+Here the method frame and the content header are packed directly, from the only
+properties events and output batches carry.
 `tests/unit/test_publish_frames.py` checks the bytes against pamqp's.
 """
 
@@ -12,19 +13,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-from pamqp import commands as spec
-from pamqp import encode, frame
+from pamqp import encode
 
 _FRAME_END = b"\xce"
-_HEADER_FRAME, _BODY_FRAME = 2, 3
+_METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME = 1, 2, 3
 _BASIC_CLASS = 60
 # Property flags of the basic class's content header, in the order the values follow.
 _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
 _FRAME_START = struct.Struct(">BHI")
 _HEADER_START = struct.Struct(">HHQH")
+# basic.publish: class 60, method 40, then its reserved short (ticket) 0.
+_PUBLISH = struct.pack(">HHH", 60, 40, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +57,13 @@ def publish_frames(channel: int, message: Message, max_content_size: int) -> byt
     return b"".join(parts)
 
 
-@lru_cache(maxsize=256)
 def _method_frame(channel: int, exchange: str, routing_key: str) -> bytes:
-    return frame.marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key),
-                         channel)
+    # Packed here: run output has a routing key per run, so a cache of pamqp's encoding
+    # missed once per run. Mandatory and immediate are off (the flags' byte is 0).
+    payload = b"".join((_PUBLISH, encode.short_string(exchange),
+                        encode.short_string(routing_key), b"\x00"))
+    return b"".join((_FRAME_START.pack(_METHOD_FRAME, channel, len(payload)), payload,
+                     _FRAME_END))
 
 
 def _header_payload(message: Message) -> bytes:

@@ -55,3 +55,16 @@ def test_a_small_frame_max_splits_the_body_as_aiormq_does() -> None:
 def test_too_long_a_message_id_is_refused_not_cut() -> None:
     with pytest.raises(TypeError):  # as pamqp's encoder refuses it
         publish_frames(1, Message("e", "k", b"", "a/b", "x" * 256), MAX_CONTENT)
+
+
+def test_a_routing_key_per_message_is_encoded_as_pamqp_does() -> None:
+    # Run output has a routing key per run: nothing cached may stand in for another's.
+    for i in range(600):
+        message = Message("mq_worker.output", f"output.pool.run-{i}", b"{}", "a/b", f"id-{i}")
+        assert publish_frames(i % 3 + 1, message, MAX_CONTENT) == pamqp_frames(
+            i % 3 + 1, message, MAX_CONTENT)
+
+
+def test_too_long_a_routing_key_is_refused_as_pamqp_refuses_it() -> None:
+    with pytest.raises(TypeError):
+        publish_frames(1, Message("e", "k" * 256, b"", "a/b", "id"), MAX_CONTENT)
