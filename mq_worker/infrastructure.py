@@ -223,13 +223,22 @@ class OutputReader:
         self._pending: dict[int, bytes] = {}
         self._done = self._loop.create_future()
         self._drain: asyncio.TimerHandle | None = None
-        for pipe, name in ((handle.popen.stdout, "stdout"), (handle.popen.stderr, "stderr")):
-            if pipe is not None:
-                fd = pipe.fileno()
-                os.set_blocking(fd, False)
-                self._pipes[fd] = (pipe, name)
-                self._pending[fd] = b""
-                self._loop.add_reader(fd, self._readable, fd)
+        self._last_read = 0.0  # loop time of the last output read after the exit
+        pipes = ((handle.popen.stdout, "stdout"), (handle.popen.stderr, "stderr"))
+        try:
+            for pipe, name in pipes:
+                if pipe is not None:
+                    fd = pipe.fileno()
+                    os.set_blocking(fd, False)
+                    self._pipes[fd] = (pipe, name)
+                    self._pending[fd] = b""
+                    self._loop.add_reader(fd, self._readable, fd)
+        except BaseException:
+            self.close()
+            for pipe, _ in pipes:
+                if pipe is not None:
+                    pipe.close()
+            raise
         if not self._pipes:
             self._done.set_result(None)
         elif handle.exit_seen:
@@ -250,7 +259,16 @@ class OutputReader:
 
     def _exited(self) -> None:
         if self._pipes and self._drain is None:
-            self._drain = self._loop.call_later(_OUTPUT_DRAIN_SECONDS, self.close)
+            self._last_read = self._loop.time()
+            self._drain = self._loop.call_later(_OUTPUT_DRAIN_SECONDS, self._drained)
+
+    def _drained(self) -> None:
+        """No output for _OUTPUT_DRAIN_SECONDS since the exit or the last read: stop."""
+        left = self._last_read + _OUTPUT_DRAIN_SECONDS - self._loop.time()
+        if left > 0:
+            self._drain = self._loop.call_later(left, self._drained)
+        else:
+            self.close()
 
     def _readable(self, fd: int) -> None:
         try:
@@ -263,8 +281,7 @@ class OutputReader:
             self._end(fd)
             return
         if self._drain is not None:  # output after the exit: wait another while
-            self._drain.cancel()
-            self._drain = self._loop.call_later(_OUTPUT_DRAIN_SECONDS, self.close)
+            self._last_read = self._loop.time()
         *lines, pending = (self._pending[fd] + chunk).split(b"\n")
         if len(pending) >= _MAX_LINE_BYTES:  # output without newlines must not grow memory
             lines.append(pending)
@@ -290,6 +307,12 @@ class OutputReader:
                     self._done.set_result(None)
 
     def _ship(self, name: str, text: str) -> None:
-        self._logger.info("run output", line=text, stream=name)
-        if self._on_line is not None:
-            self._on_line(name, text)
+        # Never raises: in a reader callback, an error would cost the chunk's other lines.
+        try:
+            self._logger.info("run output", line=text, stream=name)
+            if self._on_line is not None:
+                self._on_line(name, text)
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": "a run's output line could not be logged or shipped",
+                "exception": exc})

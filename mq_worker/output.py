@@ -46,7 +46,9 @@ DEFAULT_MAX_PENDING_BYTES = 8 * 1024 * 1024
 # Room for the small batches that must not be dropped (eof, truncation marker).
 _CONTROL_ROOM = 1024 * 1024
 _LINE_OVERHEAD = 32  # JSON around one line's text
-_WRITE_BYTES = 256 * 1024  # sealed batches written together (a lost connection loses them)
+# Sealed batches written together (a lost connection loses them): bodies, messages.
+_WRITE_BYTES = 256 * 1024
+_WRITE_MESSAGES = 64
 
 
 class OutputLineModel(BaseModel):
@@ -277,23 +279,20 @@ class OutputShipper:
             self._emptied.set()
             return
         batched = confirmed_batch.supports_unconfirmed(channel)
-        properties = spec.Basic.Properties(content_type=JSON_CONTENT_TYPE, delivery_mode=2)
         while True:
             while not self._pending:
                 self._ready = anyio.Event()
                 await self._ready.wait()
-            batches = self._next_write() if batched else [self._pending[0]]
+            batches, messages = self._next_write(_WRITE_MESSAGES if batched else 1)
             if batched:
-                await confirmed_batch.publish_unconfirmed(channel, [
-                    confirmed_batch.Message(OUTPUT_EXCHANGE,
-                                            output_routing_key(self.pool, b.run.run_id),
-                                            b.body(), JSON_CONTENT_TYPE, _message_id())
-                    for b in batches])
+                await confirmed_batch.publish_unconfirmed(channel, messages)
             else:
                 await channel.basic_publish(
-                    batches[0].body(), exchange=OUTPUT_EXCHANGE,
-                    routing_key=output_routing_key(self.pool, batches[0].run.run_id),
-                    properties=properties)
+                    messages[0].body, exchange=OUTPUT_EXCHANGE,
+                    routing_key=messages[0].routing_key,
+                    properties=spec.Basic.Properties(content_type=JSON_CONTENT_TYPE,
+                                                     delivery_mode=2,
+                                                     message_id=messages[0].message_id))
             if not self._pending or self._pending[0] is not batches[0]:
                 continue  # abandoned meanwhile (see `abandon`): already counted
             for batch in batches:
@@ -303,18 +302,23 @@ class OutputShipper:
             if not self._pending:
                 self._emptied.set()
 
-    def _next_write(self) -> list[_Batch]:
-        """The sealed batches at the head of the queue that go in one socket write: the
-        eof batches of runs that ended in one loop turn, say; at most _WRITE_BYTES of
-        lines unless the first alone is more."""
-        batches = [self._pending[0]]
-        size = batches[0].size
-        for batch in itertools.islice(self._pending, 1, None):
-            size += batch.size
-            if size > _WRITE_BYTES:
+    def _next_write(self, most: int) -> tuple[list[_Batch], list[confirmed_batch.Message]]:
+        """The sealed batches at the head of the queue that go in one socket write (the
+        eof batches of runs that ended in one loop turn, say), and their messages: at
+        most `most` of them and _WRITE_BYTES of bodies, unless the first alone is more."""
+        batches: list[_Batch] = []
+        messages: list[confirmed_batch.Message] = []
+        size = 0
+        for batch in itertools.islice(self._pending, most):
+            body = batch.body()
+            size += len(body)
+            if batches and size > _WRITE_BYTES:
                 break
             batches.append(batch)
-        return batches
+            messages.append(confirmed_batch.Message(
+                OUTPUT_EXCHANGE, output_routing_key(self.pool, batch.run.run_id), body,
+                JSON_CONTENT_TYPE, _message_id()))
+        return batches, messages
 
 
 def _message_id() -> str:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from mq_worker.errors import InfrastructureNotAvailable, InfrastructureNotFound, InvalidMessage
 from mq_worker.infrastructure import (
     Guardian,
+    OutputReader,
     ProcessHandle,
     read_output,
     start_process,
@@ -128,13 +129,15 @@ class ProcessWorker(BaseWorker):
         try:
             if configuration.stream_output:
                 output = self.output.open(run.id_text, configuration.env.get("MQ_WORKER_QUEUE"))
-                reader = read_output(handle, logger, output.line)
+                reader: OutputReader | None = None
                 try:
+                    reader = read_output(handle, logger, output.line)
                     status = await handle.wait()
                     empty = await self._stop_leftovers(handle, configuration, logger)
                     await reader.closed()
                 finally:
-                    reader.close()
+                    if reader is not None:
+                        reader.close()
                     output.close()
             else:  # no task of its own: waited for here
                 status = await handle.wait()

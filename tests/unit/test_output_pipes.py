@@ -6,6 +6,7 @@ awaited beside it as the process worker does.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -148,3 +149,55 @@ async def test_reading_started_after_the_exit_still_reads_everything() -> None:
     lines = Lines()
     await stream_output(handle, lines, lines.on_line)
     assert lines.seen == [("stdout", "early")]
+
+
+async def test_output_after_the_exit_keeps_reading_while_it_comes() -> None:
+    # A child writes a line every 0.6 s for 2.4 s after the run exits: each resets the
+    # second of grace, so every line arrives (a fixed second from the exit would end at ~1 s).
+    handle = _python(
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time\\n"
+        "for i in range(4):\\n time.sleep(0.6); print(i, flush=True)\\n"
+        "time.sleep(30)'])\n")
+    lines = Lines()
+    try:
+        with anyio.fail_after(15):
+            await _run(handle, lines)
+        assert lines.seen == [("stdout", str(i)) for i in range(4)]
+    finally:
+        handle.signal_group(9)
+
+
+async def test_a_reader_made_after_the_exit_gives_up_on_a_pipe_a_child_holds() -> None:
+    handle = _python("import subprocess, sys\n"
+                     "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n")
+    try:
+        await handle.wait()
+        lines = Lines()
+        with anyio.fail_after(10):
+            await stream_output(handle, lines, lines.on_line)
+        assert lines.seen == []
+    finally:
+        handle.signal_group(9)
+
+
+async def test_a_line_that_cannot_be_shipped_costs_that_line_only() -> None:
+    handle = _python("print('a\\nboom\\nc', flush=True)")
+    lines = Lines()
+    errors: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: errors.append(context["exception"]))
+
+    def on_line(stream: str, text: str) -> None:
+        if text == "boom":
+            raise RuntimeError("cannot ship")
+        lines.on_line(stream, text)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream_output, handle, lines, on_line)
+            await handle.wait()
+    finally:
+        loop.set_exception_handler(None)
+    assert lines.seen == [("stdout", "a"), ("stdout", "c")]
+    assert [str(e) for e in errors] == ["cannot ship"]
