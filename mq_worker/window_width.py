@@ -37,8 +37,9 @@ ACK_GROUP_WAIT = 0.002
 
 
 def ack_group(width: int) -> int:
-    """How many deferred acknowledgements go together: half the window."""
-    return max(1, width // 2)
+    """How many deferred acknowledgements go together: half the window, both of a window
+    of two."""
+    return width if width <= 2 else width // 2
 
 
 class WindowWidth:
