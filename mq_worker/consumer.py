@@ -101,7 +101,8 @@ class RunConsumer:
         self._width = WindowWidth(window, wide_window or window)  # wide while runs are short
         width = self._width.width
         self._window: Window[Delivery] = Window(
-            self._slots, max_window=width, ack_group=ack_group(width), group_wait=ACK_GROUP_WAIT)
+            self._slots, max_window=width, ack_group=ack_group(width, limit),
+            group_wait=ACK_GROUP_WAIT)
         self._ack_grace = ack_grace
         # Each delivery is handled in a task of `spawn`, reused from delivery to delivery.
         self._handlers = TaskPool(spawn, handle, keep=limit)
@@ -396,5 +397,5 @@ class RunConsumer:
     def _resize(self) -> None:
         width = self._width.width
         log.info("consumer window re-sized", window=width)
-        self._window.resize(width, ack_group(width))
+        self._window.resize(width, ack_group(width, self.limit))
 

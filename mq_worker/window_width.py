@@ -36,10 +36,13 @@ WIDEN_AFTER = 4  # times the limit: short runs in a row before the window widens
 ACK_GROUP_WAIT = 0.002
 
 
-def ack_group(width: int) -> int:
-    """How many deferred acknowledgements go together: half the window, both of a window
-    of two."""
-    return width if width <= 2 else width // 2
+def ack_group(width: int, limit: int) -> int:
+    """How many deferred acknowledgements go together: half the window; both of a window
+    of two when the limit has room for them to fit at once (twice the window), else a
+    first acknowledgement would wait ACK_GROUP_WAIT for a second that cannot join it."""
+    if width == 2 and limit >= 2 * width:
+        return 2
+    return max(1, width // 2)
 
 
 class WindowWidth:

@@ -50,6 +50,7 @@ from mq_worker.window import (
     Window,
     WindowStatistics,
 )
+from mq_worker.window_width import ack_group
 
 QUEUES = ["high", "middle", "low"]
 GROUP_WAIT = 0.5  # of the machine's clock, which `time_passes` moves on by 1
@@ -509,6 +510,23 @@ def test_the_narrow_default_window_is_half_the_limit_and_at_least_two(limit: int
     assert (whole.narrow_window, whole.wide_window) == (window, limit)
     assert WorkerSettings(url=["amqp://guest:guest@127.0.0.1/"], limit=limit,
                           window=1).window == 1
+
+
+@pytest.mark.parametrize(("limit", "paired"), [(3, False), (4, True), (6, True)])
+def test_a_window_of_two_pairs_its_acknowledgements_only_where_a_pair_can_fit(
+        limit: int, paired: bool) -> None:
+    # Two runs pushed together and started. With room for both (limit 4 or more) they are
+    # acknowledged together; at limit 3 room comes one at a time, and a first
+    # acknowledgement held back for a second would only wait (and keep the broker waiting).
+    _, window, _ = _delivered(limit, 2, 2, ack_group=ack_group(2, limit))
+    window.defer_ack("a", "t1", deadline=10.0)  # started first, its partner being started
+    assert window.may_ack_new("t1") is not paired  # the second: at once, or with "a"
+    if paired:
+        window.defer_ack("b", "t1", deadline=10.0)
+        assert _acks(window, now=0.0) == [Ack("a"), Ack("b")]
+    else:
+        assert _acks(window, now=0.0) == [Ack("a")]
+        assert window.next_deadline() is None  # nothing waits for a group
 
 
 def _at_capacity(ack_group: int) -> tuple[Slots, Window[str], ConsumerWindow]:
