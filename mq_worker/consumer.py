@@ -99,10 +99,9 @@ class RunConsumer:
     ) -> None:
         self._slots = anyio.CapacityLimiter(limit)
         self._width = WindowWidth(window, wide_window or window)  # wide while runs are short
-        width = self._width.width
         self._window: Window[Delivery] = Window(
-            self._slots, max_window=width, ack_group=ack_group(width, limit),
-            group_wait=ACK_GROUP_WAIT)
+            self._slots, max_window=(width := self._width.width),
+            ack_group=ack_group(width, limit), group_wait=ACK_GROUP_WAIT)
         self._ack_grace = ack_grace
         # Each delivery is handled in a task of `spawn`, reused from delivery to delivery.
         self._handlers = TaskPool(spawn, handle, keep=limit)
